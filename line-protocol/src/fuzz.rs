@@ -61,10 +61,7 @@ pub fn meter_secure(data: &[u8]) {
         let n = usize::from(u16::from_le_bytes([rest[1], rest[2]])).min(rest.len() - 3);
         let payload = &rest[3..3 + n];
         rest = &rest[3 + n..];
-        let Ok(m) = Message::decode(t, payload) else {
-            continue;
-        };
-        if let Ok((_, bytes)) = pair.host.request(&m) {
+        if let Ok((_, bytes)) = pair.host.request_raw(t, payload.to_vec()) {
             let _ = pair.exchange(&bytes);
         }
     }

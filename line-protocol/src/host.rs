@@ -466,14 +466,20 @@ impl HostSession {
 
     /// Encodes a request on the secure channel; returns its seq and the frame bytes.
     pub fn request(&mut self, msg: &Message) -> Result<(u32, Vec<u8>), HostError> {
+        let mut payload = Vec::with_capacity(64);
+        msg.encode(&mut payload);
+        self.request_raw(msg.msg_type(), payload)
+    }
+
+    /// Encodes any payload as a request of type `msg_type` on the secure channel, whether or not
+    /// it decodes: for conformance tests of meter implementations and for fuzzing.
+    pub fn request_raw(&mut self, msg_type: u8, payload: Vec<u8>) -> Result<(u32, Vec<u8>), HostError> {
         if !self.is_secure() {
             return Err(HostError::WrongPhase(self.phase.name()));
         }
-        let mut payload = Vec::with_capacity(64);
-        msg.encode(&mut payload);
         self.check_size(payload.len())?;
         let mut out = Vec::with_capacity(payload.len() + 64);
-        let seq = self.ep.encode_payload(msg.msg_type(), payload, None, true, &mut out);
+        let seq = self.ep.encode_payload(msg_type, payload, None, true, &mut out);
         Ok((seq, out))
     }
 

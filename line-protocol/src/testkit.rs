@@ -13,7 +13,6 @@ use p256::elliptic_curve::Generate;
 use p256::ecdsa::signature::Signer;
 use p256::ecdsa::{DerSignature, SigningKey};
 use p256::{PublicKey, SecretKey};
-use p256::pkcs8::DecodePrivateKey;
 use rand_core::{TryCryptoRng, TryRng};
 use sha2::{Digest, Sha256};
 
@@ -90,8 +89,8 @@ pub const PROVISIONING_ROOT_DER: &[u8] = include_bytes!("../../schemas/vectors/p
 pub const STATION_DER: &[u8] = include_bytes!("../../schemas/vectors/station.der");
 /// The same station key certified by a foreign root.
 pub const STATION_FOREIGN_DER: &[u8] = include_bytes!("../../schemas/vectors/station-foreign.der");
-/// The station identity private key, PKCS#8 DER (test PKI only).
-pub const STATION_KEY_PKCS8: &[u8] = include_bytes!("../../schemas/vectors/station.key.der");
+/// The station identity private key as a raw 32-byte scalar (test PKI only).
+pub const STATION_KEY_RAW: &[u8; 32] = include_bytes!("../../schemas/vectors/station.key.raw");
 
 /// The provisioning root public key.
 pub fn provisioning_root() -> PublicKey {
@@ -101,7 +100,7 @@ pub fn provisioning_root() -> PublicKey {
 
 /// The station's signing key.
 pub fn station_key() -> SigningKey {
-    SigningKey::from_pkcs8_der(STATION_KEY_PKCS8).unwrap_or_else(|_| panic!("bad test station key"))
+    SigningKey::from_slice(STATION_KEY_RAW).unwrap_or_else(|_| panic!("bad test station key"))
 }
 
 /// Signs `msg` with the station key (DER).

@@ -1,0 +1,129 @@
+//! The async host driver against the plain meter loop, over an in-memory pipe and over a real
+//! pseudo-terminal opened through tokio-serial.
+
+use std::sync::Arc;
+
+use line_protocol::crypto;
+use line_protocol::firmware::{PlanParams, TransferPlan};
+use line_protocol::host::HostConfig;
+use line_protocol::io::{self, HostLink, LinkError, PortAddr, TranscriptSigner};
+use line_protocol::meter::MeterSession;
+use line_protocol::msg::{Identity, Message};
+use line_protocol::testkit::{MemMeter, STATION_DER, SeededRng, station_sign};
+use line_protocol::timing::LinkTiming;
+use p256::elliptic_curve::Generate;
+
+struct SoftSigner;
+
+impl TranscriptSigner for SoftSigner {
+    async fn sign(&self, message: &[u8]) -> Result<Vec<u8>, String> {
+        Ok(station_sign(message))
+    }
+}
+
+fn image(n: usize) -> Vec<u8> {
+    let mut rng = SeededRng::new(7);
+    let mut v = vec![0u8; n];
+    rand_core::Rng::fill_bytes(&mut rng, &mut v);
+    v
+}
+
+async fn provision(link: &mut HostLink, img: &[u8]) -> MeterSummary {
+    let ack = link.hello().await.unwrap();
+    let kt = p256::SecretKey::generate_from_rng(&mut SeededRng::new(1));
+    let mut kt_pub = [0u8; 65];
+    kt_pub.copy_from_slice(&kt.public_key().to_sec1_bytes());
+    link.open_channel(kt_pub, vec![STATION_DER.to_vec()], &SoftSigner).await.unwrap();
+    let id = Identity {
+        serial: "S1".into(),
+        system_title: [1; 8],
+        ldn: "L1".into(),
+    };
+    assert_eq!(link.call(&Message::Identity(id)).await.unwrap(), Message::Ack);
+    let neg = link.session().negotiated().unwrap();
+    let plan = TransferPlan::new(
+        img,
+        PlanParams {
+            max_payload: neg.max_payload,
+            max_block: neg.max_block,
+            compress: neg.compression,
+        },
+    );
+    let have = match link
+        .call(&Message::FwBegin { size: plan.size, sha256: plan.sha256, compression: u8::from(neg.compression) })
+        .await
+        .unwrap()
+    {
+        Message::FwBeginRsp { have } => have,
+        other => panic!("{other:?}"),
+    };
+    let mut last = 0;
+    link.send_firmware(Arc::clone(&plan), have, &mut |done, _| last = done).await.unwrap();
+    assert_eq!(last, img.len() as u64, "progress reaches the whole image");
+    let result = match link.call_sized(&Message::FwEnd, plan.size).await.unwrap() {
+        Message::FwResult(r) => r,
+        other => panic!("{other:?}"),
+    };
+    MeterSummary {
+        uid: ack.uid,
+        status: result.status,
+        sha: result.sha256,
+    }
+}
+
+struct MeterSummary {
+    uid: Vec<u8>,
+    status: u16,
+    sha: [u8; 32],
+}
+
+#[tokio::test]
+async fn host_link_over_memory() {
+    let (a, b) = io::memory_pair(64 * 1024);
+    let meter = tokio::spawn(async move {
+        let mut session = MeterSession::new(8192);
+        let mut app = MemMeter::new(&[9; 8]);
+        io::serve_meter(b, &mut session, &mut app).await.unwrap();
+        app
+    });
+    let mut link = HostLink::new(a, HostConfig::default(), LinkTiming { baud: 921_600, latency_ms: 0 });
+    let img = image(256 * 1024);
+    let s = provision(&mut link, &img).await;
+    assert_eq!(s.uid, vec![9; 8]);
+    assert_eq!(s.status, 0);
+    assert_eq!(s.sha, crypto::sha256(&img));
+    drop(link);
+    let app = meter.await.unwrap();
+    assert_eq!(app.staging, img);
+}
+
+#[tokio::test]
+async fn host_link_over_a_pseudo_terminal() {
+    let (master, _slave, path) = io::pty_pair().unwrap();
+    let meter = tokio::spawn(async move {
+        let mut session = MeterSession::new(8192);
+        let mut app = MemMeter::new(&[7; 8]);
+        let _ = io::serve_meter(master, &mut session, &mut app).await;
+        app
+    });
+    let port = io::open(&PortAddr::parse(&path).unwrap(), 115_200).await.unwrap();
+    let mut link = HostLink::new(port, HostConfig::default(), LinkTiming { baud: 115_200, latency_ms: 4 });
+    let img = image(64 * 1024);
+    let s = provision(&mut link, &img).await;
+    assert_eq!(s.status, 0);
+    assert_eq!(s.sha, crypto::sha256(&img));
+    assert_eq!(link.frame_stats().dropped(), 0);
+    meter.abort();
+}
+
+#[tokio::test]
+async fn silent_meter_times_out_with_the_request_named() {
+    let (a, _b) = io::memory_pair(1024);
+    let mut link = HostLink::new(a, HostConfig::default(), LinkTiming { baud: 921_600, latency_ms: 0 });
+    tokio::time::pause();
+    match link.hello().await {
+        Err(LinkError::Timeout { what: "HELLO", .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(link.stats().retries, 2);
+}

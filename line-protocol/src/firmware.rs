@@ -68,11 +68,28 @@ pub struct TransferPlan {
     pub blocks: Vec<Block>,
     /// The parameters it was made for.
     pub params: PlanParams,
+    /// The image itself, kept so that the plan can be cut again with smaller blocks.
+    pub image: Arc<Vec<u8>>,
 }
 
 impl TransferPlan {
     /// Cuts `image` into blocks for `params`.
     pub fn new(image: &[u8], params: PlanParams) -> Arc<TransferPlan> {
+        Self::cut(Arc::new(image.to_vec()), params)
+    }
+
+    /// The same image cut for frames of at most `max_payload` bytes (a noisy line loses fewer
+    /// bytes to each damaged frame when frames are short).
+    pub fn replan(&self, max_payload: usize) -> Arc<TransferPlan> {
+        let params = PlanParams {
+            max_payload,
+            ..self.params
+        };
+        Self::cut(Arc::clone(&self.image), params)
+    }
+
+    fn cut(image_arc: Arc<Vec<u8>>, params: PlanParams) -> Arc<TransferPlan> {
+        let image: &[u8] = &image_arc;
         let max_data = params.max_data().max(1);
         let max_block = (params.max_block as usize).max(max_data);
         let n = image.len();
@@ -120,6 +137,7 @@ impl TransferPlan {
             sha256: sha256(image),
             blocks,
             params,
+            image: Arc::clone(&image_arc),
         })
     }
 
@@ -271,6 +289,15 @@ impl FirmwareSender {
     /// Every block acknowledged?
     pub fn is_complete(&self) -> bool {
         self.state.iter().all(|s| *s == BlockState::Acked)
+    }
+
+    /// Every byte below this offset is acknowledged.
+    pub fn contiguous_acked(&self) -> u32 {
+        let first_open = self.state.iter().position(|s| *s != BlockState::Acked);
+        match first_open {
+            Some(i) => self.plan.blocks[i].offset,
+            None => self.plan.size,
+        }
     }
 
     /// Decoded bytes acknowledged so far.

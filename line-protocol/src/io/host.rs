@@ -354,18 +354,38 @@ impl HostLink {
             .session
             .negotiated()
             .ok_or(LinkError::Session(HostError::WrongPhase("no negotiation")))?;
-        let rto = self.timing.rto_ms(neg.window, neg.max_payload);
+        let mut plan = plan;
+        let mut rto = self.timing.rto_ms(neg.window, plan.params.max_payload);
         let mut tx = FirmwareSender::new(plan.clone(), have, neg.window, rto);
         let total = u64::from(plan.size);
         progress(tx.acked_bytes(), total);
         // Give up when nothing is acknowledged across several retransmission timeouts.
-        let stall_ms = rto * 4;
         let mut last_progress = self.now_ms();
         let mut last_acked = tx.acked_bytes();
         let mut batch = Vec::with_capacity(64 * 1024);
+        let mut totals = SenderStats::default();
+        let mut window_mark = SenderStats::default();
         while !tx.is_complete() {
             let now = self.now_ms();
             tx.on_timer(now);
+            // A lossy line: cut the rest of the image into shorter frames.
+            let st = tx.stats();
+            let sent = st.frames_sent - window_mark.frames_sent;
+            if sent >= LOSS_WINDOW {
+                let lost = (st.fast_retransmits + st.timeout_retransmits)
+                    - (window_mark.fast_retransmits + window_mark.timeout_retransmits);
+                window_mark = st;
+                let payload = plan.params.max_payload;
+                if lost * 4 > sent && payload / 2 >= MIN_ADAPTIVE_PAYLOAD {
+                    let resume = tx.contiguous_acked();
+                    totals = add_stats(totals, st);
+                    plan = plan.replan(payload / 2);
+                    rto = self.timing.rto_ms(neg.window, plan.params.max_payload);
+                    tx = FirmwareSender::new(plan.clone(), resume, neg.window, rto);
+                    window_mark = SenderStats::default();
+                    tracing::debug!(payload = payload / 2, lost, sent, "lossy line: shorter frames");
+                }
+            }
             batch.clear();
             while let Some(i) = tx.next_to_send() {
                 let seq = self.session.encode_block(&plan.blocks[i], &mut batch)?;
@@ -375,6 +395,7 @@ impl HostLink {
                 let bytes = std::mem::replace(&mut batch, Vec::with_capacity(64 * 1024));
                 self.send(bytes).await?;
             }
+            let stall_ms = rto * 4;
             let wake = tx.next_deadline().unwrap_or(now + rto).min(last_progress + stall_ms);
             let deadline = self.epoch + Duration::from_millis(wake.max(now + 1));
             let got = self.pump(deadline).await?;
@@ -400,7 +421,22 @@ impl HostLink {
                 });
             }
         }
-        self.stats.firmware = tx.stats();
-        Ok(tx.stats())
+        let totals = add_stats(totals, tx.stats());
+        self.stats.firmware = totals;
+        Ok(totals)
     }
 }
+
+/// Frames between two looks at the loss rate.
+const LOSS_WINDOW: u64 = 16;
+/// Frames are never cut below this payload.
+const MIN_ADAPTIVE_PAYLOAD: usize = 1024;
+
+fn add_stats(a: SenderStats, b: SenderStats) -> SenderStats {
+    SenderStats {
+        frames_sent: a.frames_sent + b.frames_sent,
+        fast_retransmits: a.fast_retransmits + b.fast_retransmits,
+        timeout_retransmits: a.timeout_retransmits + b.timeout_retransmits,
+    }
+}
+

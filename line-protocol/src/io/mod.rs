@@ -16,6 +16,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 pub use host::{HostLink, LinkError, LinkStats, TranscriptSigner};
 pub use meter::serve_meter;
+/// The slave side of a pseudo-terminal made by [`pty_pair`], kept open by its creator.
+pub use tokio_serial::SerialStream as PtySlave;
 
 /// A bidirectional byte stream.
 pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -105,7 +107,7 @@ pub fn memory_pair(buffer: usize) -> (Transport, Transport) {
 /// A pseudo-terminal pair: the master side as a transport, and the path of the slave side that a
 /// station opens as if it were a serial port. The slave is returned too: keep it open so that the
 /// terminal survives the station closing and re-opening it.
-pub fn pty_pair() -> io::Result<(Transport, tokio_serial::SerialStream, String)> {
+pub fn pty_pair() -> io::Result<(Transport, PtySlave, String)> {
     use tokio_serial::SerialPort;
     let (master, slave) = tokio_serial::SerialStream::pair()
         .map_err(|e| io::Error::new(io::ErrorKind::Other, format!("cannot create a pseudo-terminal: {e}")))?;

@@ -1,0 +1,336 @@
+//! `cargo xtask`: the project's own set-up and entry points, so that a fresh Debian machine with
+//! only the Rust toolchain can run everything.
+//!
+//! Each command first installs what it needs when it is missing (Debian packages through
+//! `apt-get`, `imgtool` from PyPI into a virtual environment under `target/`, `cargo-nextest`
+//! from crates.io), idempotently and without questions, then builds and runs. It depends on the
+//! standard library only, so it compiles in seconds.
+
+use std::env;
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+
+const USAGE: &str = "\
+usage: cargo xtask <command> [args]
+
+commands:
+  demo [ARGS...]        install what is missing, build, and run `station demo ARGS...`
+                        (a whole batch on emulated meters with a real software HSM)
+  test                  install what is missing, then fmt check, clippy, and every test
+                        (cargo nextest) — what CI runs
+  bench <what>          print benchmark figures as JSON lines; <what> is one of:
+                        link, hsm, station, manifest, gui, all
+  screenshot [OUT.png]  start the touch console in demo mode under Xvfb and save a picture
+  fuzz [TARGET] [SECS]  run a fuzz target for SECS seconds (needs a nightly toolchain)
+  deps                  only install what is missing
+";
+
+/// Debian packages every command needs.
+const BASE_PACKAGES: &[&str] = &[
+    "gcc",
+    "libc6-dev",
+    "softhsm2",
+    "opensc",
+    "openssl",
+    "python3",
+    "python3-venv",
+];
+
+/// Debian packages the console's tests and screenshot need (software rendering, a display).
+const GUI_PACKAGES: &[&str] = &[
+    "xvfb",
+    "xauth",
+    "libgl1-mesa-dri",
+    "libegl1",
+    "libgl1",
+    "libxkbcommon-x11-0",
+    "libx11-xcb1",
+    "libxcursor1",
+    "libxrandr2",
+    "libxi6",
+    "imagemagick",
+    "matchbox-window-manager",
+];
+
+/// The MCUboot signing tool the tests use as an independent peer.
+const IMGTOOL: &str = "imgtool==2.5.0";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("demo") => demo(&args[1..]),
+        Some("test") => test(),
+        Some("bench") => bench(args.get(1).map(String::as_str).unwrap_or("all")),
+        Some("screenshot") => screenshot(args.get(1).map(String::as_str)),
+        Some("fuzz") => fuzz(args.get(1).map(String::as_str), args.get(2).map(String::as_str)),
+        Some("deps") => deps(true).map(|_| ()),
+        Some("-h" | "--help" | "help") | None => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => Err(format!("unknown command {other:?}\n\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    // xtask lives one level below the workspace root.
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn target_dir() -> PathBuf {
+    env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn run(cmd: &mut Command) -> Result<(), String> {
+    eprintln!("xtask: running {}", describe(cmd));
+    let status = cmd.status().map_err(|e| format!("cannot start {}: {e}", describe(cmd)))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{} failed ({status})", describe(cmd)))
+    }
+}
+
+fn describe(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+fn have_command(name: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn package_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// Installs the missing Debian packages among `pkgs`.
+fn ensure_packages(pkgs: &[&str]) -> Result<(), String> {
+    if !have_command("dpkg-query") {
+        return Err("this set-up needs a Debian-based system (dpkg-query not found); install \
+                    softhsm2, opensc, openssl, python3 and python3-venv by hand"
+            .into());
+    }
+    let missing: Vec<&str> = pkgs.iter().copied().filter(|p| !package_installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing Debian packages: {}", missing.join(" "));
+    let sudo: &[&str] = if is_root() {
+        &[]
+    } else if Command::new("sudo").args(["-n", "true"]).status().map(|s| s.success()).unwrap_or(false) {
+        &["sudo", "-n"]
+    } else {
+        return Err(format!(
+            "missing Debian packages and no root: run `sudo apt-get install -y {}`",
+            missing.join(" ")
+        ));
+    };
+    let apt = |args: &[&str]| {
+        let mut all: Vec<&str> = sudo.to_vec();
+        all.push("apt-get");
+        all.extend_from_slice(args);
+        let mut c = Command::new(all[0]);
+        c.args(&all[1..]).env("DEBIAN_FRONTEND", "noninteractive").stdin(Stdio::null());
+        c
+    };
+    run(&mut apt(&["update", "-qq"]))?;
+    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    args.extend_from_slice(&missing);
+    run(&mut apt(&args))
+}
+
+/// `imgtool` in a virtual environment under `target/xtask/venv`; returns its path.
+fn ensure_imgtool() -> Result<PathBuf, String> {
+    let venv = target_dir().join("xtask").join("venv");
+    let imgtool = venv.join("bin").join("imgtool");
+    if imgtool.exists() {
+        return Ok(imgtool);
+    }
+    eprintln!("xtask: installing {IMGTOOL} from PyPI into {}", venv.display());
+    run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    run(Command::new(venv.join("bin").join("pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check", IMGTOOL])
+        .stdin(Stdio::null()))?;
+    if imgtool.exists() {
+        Ok(imgtool)
+    } else {
+        Err(format!("{IMGTOOL} installed but {} is missing", imgtool.display()))
+    }
+}
+
+fn ensure_nextest() -> Result<(), String> {
+    let ok = cargo()
+        .args(["nextest", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if ok {
+        return Ok(());
+    }
+    eprintln!("xtask: installing cargo-nextest from crates.io");
+    run(cargo().args(["install", "--locked", "cargo-nextest"]))
+}
+
+/// Everything the tests and the demo need; returns the imgtool path.
+fn deps(gui: bool) -> Result<PathBuf, String> {
+    let mut pkgs: Vec<&str> = BASE_PACKAGES.to_vec();
+    if gui {
+        pkgs.extend_from_slice(GUI_PACKAGES);
+    }
+    ensure_packages(&pkgs)?;
+    ensure_imgtool()
+}
+
+/// Environment for every test and benchmark run.
+fn with_tool_env(cmd: &mut Command, imgtool: &Path) {
+    cmd.env("IMGTOOL", imgtool);
+    if let Some(dir) = imgtool.parent() {
+        let path = env::var_os("PATH").unwrap_or_default();
+        let mut paths = vec![dir.to_path_buf()];
+        paths.extend(env::split_paths(&path));
+        if let Ok(joined) = env::join_paths(paths) {
+            cmd.env("PATH", joined);
+        }
+    }
+}
+
+fn test() -> Result<(), String> {
+    let imgtool = deps(true)?;
+    ensure_nextest()?;
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo().args(["clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings"]))?;
+    let mut nextest = cargo();
+    nextest.args(["nextest", "run", "--workspace", "--all-targets", "--locked", "--no-fail-fast"]);
+    if env::var("CI").is_ok_and(|v| v == "true") {
+        nextest.args(["--profile", "ci"]);
+    }
+    with_tool_env(&mut nextest, &imgtool);
+    run(&mut nextest)?;
+    let mut doc = cargo();
+    doc.args(["test", "--workspace", "--doc", "--locked"]);
+    with_tool_env(&mut doc, &imgtool);
+    run(&mut doc)
+}
+
+fn demo(args: &[String]) -> Result<(), String> {
+    let imgtool = deps(false)?;
+    run(cargo().args(["build", "--release", "--locked", "-p", "station"]))?;
+    let mut station = Command::new(target_dir().join("release").join("station"));
+    station.arg("demo").args(args).current_dir(root());
+    with_tool_env(&mut station, &imgtool);
+    run(&mut station)
+}
+
+fn bench(what: &str) -> Result<(), String> {
+    let imgtool = deps(what == "gui" || what == "all")?;
+    let all = ["link", "hsm", "station", "manifest", "gui"];
+    let list: Vec<&str> = if what == "all" { all.to_vec() } else { vec![what] };
+    for w in list {
+        let (pkg, example) = match w {
+            "link" => ("meter-sim", "link-bench"),
+            "hsm" => ("hsm", "hsm-bench"),
+            "station" => ("station", "station-bench"),
+            "manifest" => ("station", "manifest-bench"),
+            "gui" => ("gui", "gui-bench"),
+            other => return Err(format!("unknown benchmark {other:?}: link, hsm, station, manifest, gui or all")),
+        };
+        let mut c = cargo();
+        c.args(["run", "--quiet", "--release", "--locked", "-p", pkg, "--example", example]);
+        with_tool_env(&mut c, &imgtool);
+        if w == "gui" {
+            c.env("XTASK_GUI_BENCH", "1");
+        }
+        run(&mut c)?;
+    }
+    Ok(())
+}
+
+fn screenshot(out: Option<&str>) -> Result<(), String> {
+    deps(true)?;
+    let out = out.map(PathBuf::from).unwrap_or_else(|| root().join("docs").join("console.png"));
+    run(cargo().args(["build", "--release", "--locked", "-p", "gui"]))?;
+    let gui = target_dir().join("release").join("station-gui");
+    let script = format!(
+        "matchbox-window-manager -use_titlebar no >/dev/null 2>&1 & \
+         WORK=$(mktemp -d); \
+         {gui} --demo --kiosk --demo-out \"$WORK\" >\"$WORK/gui.log\" 2>&1 & PID=$!; \
+         sleep 25; import -window root {out}; kill $PID; wait $PID 2>/dev/null; rm -rf \"$WORK\"",
+        gui = gui.display(),
+        out = out.display()
+    );
+    run(Command::new("xvfb-run")
+        .args(["-a", "-s", "-screen 0 1280x800x24", "sh", "-c", &script])
+        .current_dir(root()))?;
+    eprintln!("xtask: saved {}", out.display());
+    Ok(())
+}
+
+fn fuzz(target: Option<&str>, secs: Option<&str>) -> Result<(), String> {
+    let target = target.unwrap_or("frame_decoder");
+    let secs = secs.unwrap_or("60");
+    let nightly = Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !nightly {
+        return Err("fuzzing with libFuzzer needs a nightly toolchain (`rustup toolchain install nightly`); \
+                    the test suite runs the same entry points as a bounded property run"
+            .into());
+    }
+    if !have_command("cargo-fuzz") {
+        run(cargo().args(["install", "--locked", "cargo-fuzz"]))?;
+    }
+    run(Command::new("cargo")
+        .args(["+nightly", "fuzz", "run", target, "--", &format!("-max_total_time={secs}")])
+        .current_dir(root().join("fuzz"))
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO")
+        .env("PATH", env::var_os("PATH").unwrap_or_else(|| OsStr::new("/usr/bin").to_os_string())))
+}

@@ -243,6 +243,14 @@ impl HostLink {
         }
     }
 
+    /// A session ended by a violation refuses everything after it, naming the violation.
+    fn check_alive(&self) -> Result<(), LinkError> {
+        match self.session.violation() {
+            Some(v) => Err(LinkError::Security(v)),
+            None => Ok(()),
+        }
+    }
+
     /// Discards whatever is queued (before starting a new session on the same line).
     fn flush_inbox(&mut self) {
         self.inbox.clear();
@@ -257,7 +265,10 @@ impl HostLink {
             let mut nonce = [0u8; 16];
             rand_core::Rng::fill_bytes(&mut system_rng(), &mut nonce);
             refs.push(self.session.next_seq());
-            let bytes = self.session.hello(nonce);
+            // A leading delimiter ends whatever partial frame an earlier connection left on the
+            // line, so that the meter hears this HELLO whole.
+            let mut bytes = vec![crate::frame::DELIMITER];
+            bytes.extend(self.session.hello(nonce));
             self.send(bytes).await?;
             let deadline = Instant::now() + Duration::from_millis(ms);
             // Only the latest HELLO's answer counts; the session ignores earlier ones.
@@ -317,6 +328,7 @@ impl HostLink {
 
     /// As [`HostLink::call`], with the image size that scales FW_END's deadline.
     pub async fn call_sized(&mut self, msg: &Message, size: u32) -> Result<Message, LinkError> {
+        self.check_alive()?;
         let what = msg.name();
         let mut refs = Vec::new();
         let mut ms = 0;
@@ -350,6 +362,7 @@ impl HostLink {
         have: u32,
         progress: &mut (dyn FnMut(u64, u64) + Send),
     ) -> Result<SenderStats, LinkError> {
+        self.check_alive()?;
         let neg = self
             .session
             .negotiated()

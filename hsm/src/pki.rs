@@ -1,0 +1,1 @@
+//! PKI set-up (stub).

@@ -1,0 +1,459 @@
+//! The session pool: [`Hsm`], the handle the rest of the station holds.
+//!
+//! A fixed number of PKCS#11 sessions (configured) serve every caller. Blocking PKCS#11 calls
+//! run on tokio's blocking threads ([`Hsm::run`]), never on the runtime's workers, and a
+//! semaphore keeps the number of such threads at the pool size. Synchronous callers (the CLI, a
+//! CMS builder driving [`crate::HsmSigner`]) use [`Hsm::with_session`] directly.
+//!
+//! Recovery: when a call fails because its session was lost, the user was logged out or the
+//! library was finalised, the pool repairs what is broken (re-initialise, re-open the anchor
+//! session, log in again, forget cached object handles) and retries the whole operation, a
+//! bounded number of times with a growing pause. One *anchor* session stays open for the life of
+//! the pool because closing a token's last session logs the user out.
+//!
+//! Each repair that may have invalidated handles starts a new *generation*. Token objects are
+//! found again by label; session objects of a lost session are gone, and using their handles
+//! gives [`Error::SessionObjectLost`] instead of touching whatever object now has that number.
+//!
+//! Sessions that may be invalid are never closed, only forgotten: after a re-initialisation a
+//! new session can carry the number of an old one, and closing the old one would close it.
+//!
+//! This module does not implement operations; [`crate::session`] does.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use cryptoki::context::Pkcs11;
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::object::ObjectHandle;
+use cryptoki::session::{Session, SessionState, UserType};
+use cryptoki::slot::Slot;
+use secrecy::SecretString;
+use tokio::sync::Semaphore;
+
+use crate::config::HsmConfig;
+use crate::context;
+use crate::error::{CkResultExt, Error, Fault, Result};
+use crate::mechanisms::Mechanisms;
+use crate::session::{HsmSession, probe_mechanisms};
+use crate::sync::lock;
+
+/// Identity of the token a pool is bound to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenIdentity {
+    /// CKA label of the token.
+    pub label: String,
+    /// Manufacturer.
+    pub manufacturer: String,
+    /// Model.
+    pub model: String,
+    /// Serial number.
+    pub serial: String,
+}
+
+/// A handle on one token through a pool of logged-in sessions. Cheap to clone.
+#[derive(Clone)]
+pub struct Hsm {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Hsm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hsm")
+            .field("token", &self.inner.token.label)
+            .field("pool_size", &self.inner.pool_size)
+            .field("generation", &self.inner.generation.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) struct Inner {
+    ctx: Pkcs11,
+    pin: SecretString,
+    pool_size: usize,
+    max_retries: u32,
+    backoff: Duration,
+    pub(crate) token: TokenIdentity,
+    pub(crate) mechanisms: Mechanisms,
+    /// Slot, anchor session and generation. Held while repairing, so that one thread repairs and
+    /// the others wait for it.
+    live: Mutex<Live>,
+    /// Copy of `live.generation` for lock-free checks on every operation.
+    generation: AtomicU64,
+    /// Idle pool entries; `None` is a slot whose session must be opened (again).
+    idle: Mutex<Vec<Option<Pooled>>>,
+    returned: Condvar,
+    /// Bounds the blocking threads used by the async API to the pool size.
+    gate: Arc<Semaphore>,
+    /// Ids of the pooled sessions known to be open (session objects are valid only while the
+    /// session that created them is).
+    alive: Mutex<HashSet<u64>>,
+    next_id: AtomicU64,
+    /// The one lock behind which objects are created, destroyed and found (SoftHSM 2.6.1 races
+    /// between C_FindObjects and object creation), together with the handle cache it protects.
+    pub(crate) objects: Mutex<ObjectCache>,
+}
+
+struct Live {
+    generation: u64,
+    slot: Slot,
+    anchor: Option<Session>,
+}
+
+pub(crate) struct Pooled {
+    session: Session,
+    id: u64,
+    generation: u64,
+}
+
+/// Cached handles of token objects, by (class, label). Cleared with each generation.
+#[derive(Default)]
+pub(crate) struct ObjectCache {
+    pub(crate) handles: HashMap<(u64, String), ObjectHandle>,
+}
+
+impl Hsm {
+    /// Opens the token named in `config`: loads the module (once per process), finds the token by
+    /// label, reads the PIN from its source, logs in, probes mechanisms and opens the pool.
+    ///
+    /// This blocks (PKCS#11 calls, maybe a PIN prompt): call it before starting the runtime or
+    /// inside `spawn_blocking`.
+    pub fn open(config: &HsmConfig) -> Result<Hsm> {
+        if config.pool_size == 0 {
+            return Err(Error::InvalidInput(
+                "the hsm pool size must be at least 1".into(),
+            ));
+        }
+        let ctx = context::shared(&config.module)?;
+        let pin = config.pin.read()?;
+        let slot = find_slot(&ctx, &config.token_label)?;
+        let info = ctx.get_token_info(slot).ck("read token information")?;
+        if info.user_pin_locked() {
+            return Err(Error::PinLocked {
+                label: config.token_label.clone(),
+            });
+        }
+        let token = TokenIdentity {
+            label: config.token_label.clone(),
+            manufacturer: info.manufacturer_id().trim().to_owned(),
+            model: info.model().trim().to_owned(),
+            serial: info.serial_number().trim().to_owned(),
+        };
+        let anchor = ctx.open_rw_session(slot).ck("open a session")?;
+        login(&anchor, &config.token_label, &pin)?;
+        let objects = Mutex::new(ObjectCache::default());
+        let mechanisms = probe_mechanisms(&ctx, slot, &anchor)?;
+        for (name, purpose) in crate::mechanisms::REQUIRED {
+            if !mechanisms.has_required(name) {
+                return Err(Error::MechanismMissing {
+                    mechanism: name,
+                    purpose,
+                });
+            }
+        }
+        tracing::info!(
+            token = %token.label,
+            model = %token.model,
+            pool = config.pool_size,
+            chosen = %mechanisms.chosen(),
+            "hsm opened"
+        );
+        let inner = Inner {
+            ctx,
+            pin,
+            pool_size: config.pool_size,
+            max_retries: config.max_retries,
+            backoff: config.retry_backoff,
+            token,
+            mechanisms,
+            live: Mutex::new(Live {
+                generation: 0,
+                slot,
+                anchor: Some(anchor),
+            }),
+            generation: AtomicU64::new(0),
+            idle: Mutex::new(Vec::with_capacity(config.pool_size)),
+            returned: Condvar::new(),
+            gate: Arc::new(Semaphore::new(config.pool_size)),
+            alive: Mutex::new(HashSet::new()),
+            next_id: AtomicU64::new(1),
+            objects,
+        };
+        {
+            let mut idle = lock(&inner.idle);
+            for _ in 0..config.pool_size {
+                let pooled = inner.open_pooled()?;
+                idle.push(Some(pooled));
+            }
+        }
+        Ok(Hsm {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// The token this pool is bound to.
+    pub fn token(&self) -> &TokenIdentity {
+        &self.inner.token
+    }
+
+    /// What the token offers and what was chosen (record it in what you produce).
+    pub fn mechanisms(&self) -> &Mechanisms {
+        &self.inner.mechanisms
+    }
+
+    /// Number of sessions in the pool.
+    pub fn pool_size(&self) -> usize {
+        self.inner.pool_size
+    }
+
+    /// Current generation: it grows each time the pool had to re-initialise or re-open its
+    /// anchor session. Useful in logs and tests.
+    pub fn generation(&self) -> u64 {
+        self.inner.generation.load(Ordering::Acquire)
+    }
+
+    /// Runs `f` on a pooled session on a blocking thread, with recovery and bounded retries.
+    ///
+    /// `f` may run more than once (after a lost session it is retried on a fresh one), so it must
+    /// not have effects outside the HSM that cannot be repeated.
+    pub async fn run<T, F>(&self, f: F) -> Result<T>
+    where
+        F: Fn(&HsmSession<'_>) -> Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let permit = Arc::clone(&self.inner.gate)
+            .acquire_owned()
+            .await
+            .map_err(|e| Error::Task(e.to_string()))?;
+        let hsm = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            hsm.with_session(f)
+        })
+        .await
+        .map_err(|e| Error::Task(e.to_string()))?
+    }
+
+    /// Runs `f` on a pooled session on the calling thread (which blocks), with recovery and
+    /// bounded retries. Do not call it from an async task's thread; use [`Hsm::run`] there.
+    pub fn with_session<T>(&self, f: impl Fn(&HsmSession<'_>) -> Result<T>) -> Result<T> {
+        let inner = &*self.inner;
+        let mut attempt: u32 = 0;
+        loop {
+            let observed = inner.generation.load(Ordering::Acquire);
+            let mut lease = inner.lease();
+            let result = match lease.ensure(inner) {
+                Ok(p) => f(&HsmSession::new(self, &p.session, p.id, p.generation)),
+                Err(e) => Err(e),
+            };
+            let err = match result {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            let Some(fault) = err.fault() else {
+                return Err(err);
+            };
+            if fault == Fault::SessionLost || fault == Fault::LibraryLost {
+                lease.discard(inner);
+            }
+            drop(lease);
+            if attempt >= inner.max_retries || (fault == Fault::StaleHandle && attempt >= 1) {
+                if fault == Fault::StaleHandle {
+                    return Err(err);
+                }
+                return Err(Error::HsmUnavailable {
+                    attempts: attempt + 1,
+                    last: err.to_string(),
+                });
+            }
+            attempt += 1;
+            tracing::warn!(token = %inner.token.label, ?fault, attempt, error = %err, "hsm fault; recovering");
+            if let Err(e) = inner.recover(fault, observed) {
+                if matches!(e, Error::PinIncorrect { .. } | Error::PinLocked { .. }) {
+                    return Err(e);
+                }
+                tracing::warn!(token = %inner.token.label, error = %e, "hsm recovery failed; will retry");
+                std::thread::sleep(inner.backoff * attempt);
+            }
+        }
+    }
+}
+
+impl Inner {
+    pub(crate) fn current_generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn is_alive(&self, id: u64) -> bool {
+        lock(&self.alive).contains(&id)
+    }
+
+    fn open_pooled(&self) -> Result<Pooled> {
+        let live = lock(&self.live);
+        if live.anchor.is_none() {
+            return Err(Error::Pkcs11 {
+                function: "C_OpenSession".into(),
+                rv: RvError::SessionHandleInvalid,
+                hint: "the hsm session was lost; the operation can be retried",
+            });
+        }
+        let session = self.ctx.open_rw_session(live.slot).ck("open a session")?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        lock(&self.alive).insert(id);
+        Ok(Pooled {
+            session,
+            id,
+            generation: live.generation,
+        })
+    }
+
+    fn lease(&self) -> Lease<'_> {
+        let mut idle = lock(&self.idle);
+        loop {
+            if let Some(slot) = idle.pop() {
+                return Lease { inner: self, slot };
+            }
+            idle = self
+                .returned
+                .wait(idle)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+    }
+
+    /// Repairs what `fault` says is broken, unless another thread already did (the generation
+    /// moved on since `observed`).
+    fn recover(&self, fault: Fault, observed: u64) -> Result<()> {
+        let mut live = lock(&self.live);
+        if live.generation != observed {
+            return Ok(());
+        }
+        let anchor_ok = fault != Fault::LibraryLost
+            && live
+                .anchor
+                .as_ref()
+                .is_some_and(|a| anchor_healthy(a, live.slot));
+        if !anchor_ok {
+            return self.reset(&mut live);
+        }
+        match fault {
+            Fault::LoginLost => {
+                if let Some(anchor) = &live.anchor {
+                    login(anchor, &self.token.label, &self.pin)?;
+                }
+                Ok(())
+            }
+            Fault::StaleHandle => {
+                lock(&self.objects).handles.clear();
+                Ok(())
+            }
+            // One session was lost and already retired by its lease; the rest is fine.
+            Fault::SessionLost | Fault::LibraryLost => Ok(()),
+        }
+    }
+
+    /// Starts a new generation: forgets every session and handle, (re-)initialises the library,
+    /// finds the token again by label, opens a new anchor and logs in.
+    fn reset(&self, live: &mut Live) -> Result<()> {
+        tracing::warn!(token = %self.token.label, generation = live.generation + 1, "re-initialising the hsm connection");
+        if let Some(anchor) = live.anchor.take() {
+            std::mem::forget(anchor);
+        }
+        lock(&self.alive).clear();
+        lock(&self.objects).handles.clear();
+        live.generation += 1;
+        self.generation.store(live.generation, Ordering::Release);
+        context::initialize(&self.ctx)?;
+        let slot = find_slot(&self.ctx, &self.token.label)?;
+        let anchor = self.ctx.open_rw_session(slot).ck("open a session")?;
+        login(&anchor, &self.token.label, &self.pin)?;
+        live.slot = slot;
+        live.anchor = Some(anchor);
+        Ok(())
+    }
+}
+
+/// One checked-out pool entry; goes back to the pool when dropped.
+struct Lease<'a> {
+    inner: &'a Inner,
+    slot: Option<Pooled>,
+}
+
+impl Lease<'_> {
+    /// The leased session, opened anew if the entry is empty or from an older generation.
+    fn ensure(&mut self, inner: &Inner) -> Result<&Pooled> {
+        let current = inner.current_generation();
+        let usable = self
+            .slot
+            .as_ref()
+            .is_some_and(|p| p.generation == current && inner.is_alive(p.id));
+        if !usable {
+            self.discard(inner);
+            self.slot = Some(inner.open_pooled()?);
+        }
+        // Just filled above when it was empty.
+        self.slot
+            .as_ref()
+            .ok_or_else(|| Error::Task("empty pool entry".into()))
+    }
+
+    /// Forgets the leased session (it is or may be invalid).
+    fn discard(&mut self, inner: &Inner) {
+        if let Some(p) = self.slot.take() {
+            lock(&inner.alive).remove(&p.id);
+            std::mem::forget(p.session);
+        }
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        let mut idle = lock(&self.inner.idle);
+        idle.push(self.slot.take());
+        self.inner.returned.notify_one();
+    }
+}
+
+/// Finds the slot whose token carries `label` (never by slot number: modules renumber).
+pub(crate) fn find_slot(ctx: &Pkcs11, label: &str) -> Result<Slot> {
+    let slots = ctx.get_slots_with_token().ck("list slots")?;
+    let mut seen = Vec::new();
+    for slot in slots {
+        let Ok(info) = ctx.get_token_info(slot) else {
+            continue;
+        };
+        let l = info.label().trim_end();
+        if l == label {
+            return Ok(slot);
+        }
+        if info.token_initialized() {
+            seen.push(l.to_owned());
+        }
+    }
+    Err(Error::TokenNotFound {
+        label: label.to_owned(),
+        available: seen,
+    })
+}
+
+/// Logs the user in on `session`; an existing login of this process is fine.
+pub(crate) fn login(session: &Session, label: &str, pin: &SecretString) -> Result<()> {
+    match session.login(UserType::User, Some(pin)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
+        Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => Err(Error::PinIncorrect {
+            label: label.to_owned(),
+        }),
+        Err(CkError::Pkcs11(RvError::PinLocked, _)) => Err(Error::PinLocked {
+            label: label.to_owned(),
+        }),
+        Err(e) => Err(Error::ck("log in", e)),
+    }
+}
+
+fn anchor_healthy(anchor: &Session, slot: Slot) -> bool {
+    match anchor.get_session_info() {
+        Ok(info) => info.slot_id() == slot && info.session_state() == SessionState::RwUser,
+        Err(_) => false,
+    }
+}

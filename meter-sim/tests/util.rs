@@ -123,7 +123,8 @@ pub struct MeterSim {
 impl MeterSim {
     pub fn spawn(nests: u32, extra: &[&str]) -> MeterSim {
         let state = tempfile::tempdir().unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_meter-sim"))
+        let exe = option_env!("CARGO_BIN_EXE_meter-sim").expect("meter-sim binary (integration tests only)");
+        let mut child = Command::new(exe)
             .arg("--nests")
             .arg(nests.to_string())
             .arg("--state-dir")

@@ -518,3 +518,21 @@ pub(crate) fn to_pem(label: &str, der: &[u8]) -> String {
     // Encoding fails only for labels with invalid characters; ours are constants.
     der::pem::encode_string(label, der::pem::LineEnding::LF, der).unwrap_or_default()
 }
+
+/// DER SubjectPublicKeyInfo of an EC public key.
+pub fn ec_spki_der(curve: Curve, point: &[u8]) -> Result<Vec<u8>> {
+    let enc = |e: der::Error| Error::Encoding(e.to_string());
+    let spki = SubjectPublicKeyInfoOwned {
+        algorithm: spki::AlgorithmIdentifierOwned {
+            oid: ID_EC_PUBLIC_KEY,
+            parameters: Some(Any::encode_from(&curve.oid()).map_err(enc)?),
+        },
+        subject_public_key: der::asn1::BitString::from_bytes(point).map_err(enc)?,
+    };
+    spki.to_der().map_err(enc)
+}
+
+/// PEM ("PUBLIC KEY") of an EC public key, as `openssl pkey -pubin` reads it.
+pub fn ec_public_key_pem(curve: Curve, point: &[u8]) -> Result<String> {
+    Ok(to_pem("PUBLIC KEY", &ec_spki_der(curve, point)?))
+}

@@ -366,15 +366,22 @@ pub(crate) enum Class {
 }
 
 impl ObjectPolicy {
-    /// The PKCS#11 attributes of this policy for an object of `class`.
-    pub(crate) fn attributes(&self, class: Class) -> Vec<Attribute> {
+    /// The template of an object of `class` under this policy: `extra` (class, key type,
+    /// label...) first, then the policy's attributes, CKA_MODIFIABLE last. The order matters
+    /// on some tokens (SoftHSM 2.6.1): once CKA_MODIFIABLE=false is applied during
+    /// C_UnwrapKey/C_DeriveKey, every later attribute is refused as read-only.
+    pub(crate) fn template(
+        &self,
+        class: Class,
+        extra: impl IntoIterator<Item = Attribute>,
+    ) -> Vec<Attribute> {
         let u = self.usage;
-        let mut t = vec![
+        let mut t: Vec<Attribute> = extra.into_iter().collect();
+        t.extend([
             Attribute::Token(self.token),
             Attribute::Private(self.private),
-            Attribute::Modifiable(self.modifiable),
             Attribute::Derive(u.derive),
-        ];
+        ]);
         match class {
             Class::Secret => t.extend([
                 Attribute::Sensitive(self.sensitive),
@@ -399,6 +406,7 @@ impl ObjectPolicy {
                 Attribute::Encrypt(u.encrypt),
             ]),
         }
+        t.push(Attribute::Modifiable(self.modifiable));
         t
     }
 }

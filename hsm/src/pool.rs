@@ -439,7 +439,12 @@ pub(crate) fn find_slot(ctx: &Pkcs11, label: &str) -> Result<Slot> {
 
 /// Logs the user in on `session`; an existing login of this process is fine.
 pub(crate) fn login(session: &Session, label: &str, pin: &SecretString) -> Result<()> {
-    match session.login(UserType::User, Some(pin)) {
+    login_outcome(session.login(UserType::User, Some(pin)), label)
+}
+
+/// Maps the outcome of `C_Login` to this crate's errors.
+fn login_outcome(r: std::result::Result<(), CkError>, label: &str) -> Result<()> {
+    match r {
         Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
         Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => Err(Error::PinIncorrect {
             label: label.to_owned(),
@@ -455,5 +460,39 @@ fn anchor_healthy(anchor: &Session, slot: Slot) -> bool {
     match anchor.get_session_info() {
         Ok(info) => info.slot_id() == slot && info.session_state() == SessionState::RwUser,
         Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cryptoki::context::Function;
+
+    /// SoftHSM 2.6.1 never locks its user PIN (it only raises CKF_USER_PIN_COUNT_LOW), so the
+    /// locked case cannot be provoked against it; the mapping is checked here instead.
+    #[test]
+    fn login_outcomes_map_to_distinct_errors() {
+        let rv = |rv| Err(CkError::Pkcs11(rv, Function::Login));
+        assert!(login_outcome(Ok(()), "t").is_ok());
+        assert!(login_outcome(rv(RvError::UserAlreadyLoggedIn), "t").is_ok());
+        let e = login_outcome(rv(RvError::PinIncorrect), "t").unwrap_err();
+        assert!(matches!(e, Error::PinIncorrect { .. }), "{e}");
+        let e = login_outcome(rv(RvError::PinLocked), "t").unwrap_err();
+        assert!(matches!(e, Error::PinLocked { .. }), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "the user pin of token \"t\" is locked after too many failures; the security officer must unlock or reset it"
+        );
+        let e = login_outcome(rv(RvError::DeviceError), "t").unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Pkcs11 {
+                    rv: RvError::DeviceError,
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 }

@@ -489,17 +489,25 @@ impl<'a> HsmSession<'a> {
         } else {
             Vec::new()
         };
-        let mut pub_t = public_policy.attributes(Class::Public);
-        pub_t.push(Attribute::KeyType(KeyType::EC));
-        pub_t.push(Attribute::EcParams(curve.ec_params().to_vec()));
-        let mut priv_t = row.key.attributes(Class::Private);
-        priv_t.push(Attribute::KeyType(KeyType::EC));
-        if let Some(l) = label {
-            for t in [&mut pub_t, &mut priv_t] {
-                t.push(Attribute::Label(l.as_bytes().to_vec()));
-                t.push(Attribute::Id(id.clone()));
-            }
-        }
+        let naming = |label: Option<&str>| -> Vec<Attribute> {
+            label
+                .map(|l| {
+                    vec![
+                        Attribute::Label(l.as_bytes().to_vec()),
+                        Attribute::Id(id.clone()),
+                    ]
+                })
+                .unwrap_or_default()
+        };
+        let mut pub_extra = vec![
+            Attribute::KeyType(KeyType::EC),
+            Attribute::EcParams(curve.ec_params().to_vec()),
+        ];
+        pub_extra.extend(naming(label));
+        let pub_t = public_policy.template(Class::Public, pub_extra);
+        let mut priv_extra = vec![Attribute::KeyType(KeyType::EC)];
+        priv_extra.extend(naming(label));
+        let priv_t = row.key.template(Class::Private, priv_extra);
         let mut cache = lock(&self.inner().objects);
         if let Some(l) = label
             && self
@@ -581,14 +589,16 @@ impl<'a> HsmSession<'a> {
             }
             (false, _) => None,
         };
-        let mut t = row.key.attributes(Class::Secret);
-        t.push(Attribute::Class(ObjectClass::SECRET_KEY));
-        t.push(Attribute::KeyType(KeyType::AES));
-        t.push(Attribute::ValueLen((size.bytes() as u64).into()));
+        let mut extra = vec![
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::ValueLen((size.bytes() as u64).into()),
+        ];
         if let Some(l) = label {
-            t.push(Attribute::Label(l.as_bytes().to_vec()));
-            t.push(Attribute::Id(self.random(16)?));
+            extra.push(Attribute::Label(l.as_bytes().to_vec()));
+            extra.push(Attribute::Id(self.random(16)?));
         }
+        let t = row.key.template(Class::Secret, extra);
         let kind = KeyKind::Aes(size.bytes());
         let mut cache = lock(&self.inner().objects);
         if let Some(l) = label
@@ -623,20 +633,24 @@ impl<'a> HsmSession<'a> {
             .public
             .ok_or_else(|| Error::InvalidInput("policy row without a public half".into()))?;
         let id = self.random(16)?;
-        let mut pub_t = public_policy.attributes(Class::Public);
-        pub_t.extend([
-            Attribute::KeyType(KeyType::RSA),
-            Attribute::ModulusBits(u64::from(bits).into()),
-            Attribute::PublicExponent(vec![1, 0, 1]),
-            Attribute::Label(label.as_bytes().to_vec()),
-            Attribute::Id(id.clone()),
-        ]);
-        let mut priv_t = row.key.attributes(Class::Private);
-        priv_t.extend([
-            Attribute::KeyType(KeyType::RSA),
-            Attribute::Label(label.as_bytes().to_vec()),
-            Attribute::Id(id),
-        ]);
+        let pub_t = public_policy.template(
+            Class::Public,
+            [
+                Attribute::KeyType(KeyType::RSA),
+                Attribute::ModulusBits(u64::from(bits).into()),
+                Attribute::PublicExponent(vec![1, 0, 1]),
+                Attribute::Label(label.as_bytes().to_vec()),
+                Attribute::Id(id.clone()),
+            ],
+        );
+        let priv_t = row.key.template(
+            Class::Private,
+            [
+                Attribute::KeyType(KeyType::RSA),
+                Attribute::Label(label.as_bytes().to_vec()),
+                Attribute::Id(id),
+            ],
+        );
         let mut cache = lock(&self.inner().objects);
         if self
             .find_one_locked(&mut cache, KeyKind::RsaPrivate, label)?
@@ -768,12 +782,14 @@ impl<'a> HsmSession<'a> {
             )));
         }
         let base = self.resolve(private)?;
-        let mut t = row.key.attributes(Class::Secret);
-        t.extend([
-            Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::KeyType(KeyType::AES),
-            Attribute::ValueLen((size.bytes() as u64).into()),
-        ]);
+        let t = row.key.template(
+            Class::Secret,
+            [
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::ValueLen((size.bytes() as u64).into()),
+            ],
+        );
         let params = Ecdh1DeriveParams::new(EcKdf::null(), peer_point);
         let _guard = lock(&self.inner().objects);
         let h = self
@@ -791,12 +807,14 @@ impl<'a> HsmSession<'a> {
     ) -> Result<KeyHandle> {
         let row = policy::policy(role);
         let base_h = self.resolve(base)?;
-        let mut t = row.key.attributes(Class::Secret);
-        t.extend([
-            Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::KeyType(KeyType::AES),
-            Attribute::ValueLen(32u64.into()),
-        ]);
+        let t = row.key.template(
+            Class::Secret,
+            [
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::ValueLen(32u64.into()),
+            ],
+        );
         let params = KeyDerivationStringData::new(data);
         let _guard = lock(&self.inner().objects);
         let h = self
@@ -906,15 +924,15 @@ impl<'a> HsmSession<'a> {
             None
         };
         let u = self.resolve(unwrapping)?;
-        let mut t = row.key.attributes(Class::Secret);
-        t.extend([
+        let mut extra = vec![
             Attribute::Class(ObjectClass::SECRET_KEY),
             Attribute::KeyType(KeyType::AES),
-        ]);
+        ];
         if let Some(l) = label {
-            t.push(Attribute::Label(l.as_bytes().to_vec()));
-            t.push(Attribute::Id(self.random(16)?));
+            extra.push(Attribute::Label(l.as_bytes().to_vec()));
+            extra.push(Attribute::Id(self.random(16)?));
         }
+        let t = row.key.template(Class::Secret, extra);
         let kind = KeyKind::Aes(size.bytes());
         let guard = lock(&self.inner().objects);
         let h = self
@@ -923,6 +941,8 @@ impl<'a> HsmSession<'a> {
             .ck("unwrap a key")?;
         drop(guard);
         let key = self.handle_for(h, kind, Some(role), label);
+        // Some tokens (SoftHSM 2.6.1) leave CKA_VALUE_LEN at 0 after an unwrap; a length they do
+        // report must match.
         let len = self
             .session
             .get_attributes(h, &[AttributeType::ValueLen])
@@ -933,11 +953,12 @@ impl<'a> HsmSession<'a> {
                     Attribute::ValueLen(n) => Some(u64::from(n)),
                     _ => None,
                 })
-            });
-        if len != Some(size.bytes() as u64) {
+            })
+            .unwrap_or(0);
+        if len != 0 && len != size.bytes() as u64 {
             let _ = self.destroy(&key);
             return Err(Error::InvalidInput(format!(
-                "the unwrapped key has {len:?} bytes, expected {}",
+                "the unwrapped key has {len} bytes, expected {}",
                 size.bytes()
             )));
         }
@@ -1072,15 +1093,17 @@ impl<'a> HsmSession<'a> {
         .map_err(|e| Error::InvalidInput(format!("malformed rsa public key: {e}")))?;
         let row = policy::policy(KeyRole::CustomerTransport);
         let label = format!("{}/{name}", row.label.unwrap_or("customer-transport"));
-        let mut t = row.key.attributes(Class::Public);
-        t.extend([
-            Attribute::Class(ObjectClass::PUBLIC_KEY),
-            Attribute::KeyType(KeyType::RSA),
-            Attribute::Modulus(key.modulus.as_bytes().to_vec()),
-            Attribute::PublicExponent(key.public_exponent.as_bytes().to_vec()),
-            Attribute::Label(label.as_bytes().to_vec()),
-            Attribute::Id(sha2::Sha256::digest(cert_der)[..16].to_vec()),
-        ]);
+        let t = row.key.template(
+            Class::Public,
+            [
+                Attribute::Class(ObjectClass::PUBLIC_KEY),
+                Attribute::KeyType(KeyType::RSA),
+                Attribute::Modulus(key.modulus.as_bytes().to_vec()),
+                Attribute::PublicExponent(key.public_exponent.as_bytes().to_vec()),
+                Attribute::Label(label.as_bytes().to_vec()),
+                Attribute::Id(sha2::Sha256::digest(cert_der)[..16].to_vec()),
+            ],
+        );
         let mut cache = lock(&self.inner().objects);
         if self
             .find_one_locked(&mut cache, KeyKind::RsaPublic, &label)?

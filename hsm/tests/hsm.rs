@@ -1,0 +1,9 @@
+//! Integration tests of the `hsm` crate against real SoftHSM2 tokens (no mocks), with `openssl`
+//! as the independent peer.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod util;
+
+mod certs;
+mod ops;
+mod pki;

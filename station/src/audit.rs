@@ -1,0 +1,601 @@
+//! The tamper-evident audit log.
+//!
+//! Each entry carries a sequence number (1, 2, 3… without gaps), a timestamp, its source, kind,
+//! severity, actor and details (a JSON object). Entries are chained: `hash_n = SHA-256(domain ‖
+//! hash_{n−1} ‖ entry_n)`, and each is signed by the audit key in the HSM over its sequence number
+//! and chain hash. A separately signed *head* names the newest entry, so that deleting the newest
+//! entries shows. Every `checkpoint_interval` entries, at shut-down and at every export, a
+//! checkpoint is written as a C2SP signed note (signature type 0x02, ECDSA P-256), the form a
+//! utility or an auditor can keep outside the cell.
+//!
+//! An entry is appended inside the caller's transaction, so an event and the state change it
+//! records commit together or not at all. Kinds listed as critical in the configuration also raise
+//! an alarm, which only a supervisor can acknowledge.
+//!
+//! Verification ([`verify`]) finds a modified, deleted, reordered or truncated entry and names the
+//! first bad sequence number. What it cannot see is a whole-file rollback to an earlier state: the
+//! checkpoints exported with every manifest are the defence against that.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use p256::ecdsa::signature::Verifier;
+use p256::ecdsa::{Signature, VerifyingKey};
+use rusqlite::{OptionalExtension, Transaction, params};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::db::{DbError, now_ms};
+
+/// Domain of the chain hash.
+const CHAIN_DOMAIN: &[u8] = b"cell-audit-chain-v1";
+/// Domain of an entry signature.
+const ENTRY_DOMAIN: &[u8] = b"cell-audit-entry-v1";
+/// Domain of the head signature.
+const HEAD_DOMAIN: &[u8] = b"cell-audit-head-v1";
+
+/// How serious an event is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// Routine.
+    Info,
+    /// Worth noticing.
+    Notice,
+    /// Something went wrong.
+    Warning,
+    /// Security-relevant failure.
+    Critical,
+}
+
+impl Severity {
+    /// Lower-case name, as stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Info => "info",
+            Severity::Notice => "notice",
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        }
+    }
+}
+
+/// An event to append.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    /// What produced it: "station", "nest 3", "cli", "gui".
+    pub source: String,
+    /// Dotted kind, e.g. "meter.provisioned", "auth.failure".
+    pub kind: String,
+    /// Severity.
+    pub severity: Severity,
+    /// Who: a user name, or "system".
+    pub actor: String,
+    /// Details.
+    pub details: serde_json::Value,
+    /// The nest concerned, for alarms.
+    pub nest: Option<u32>,
+}
+
+impl NewEvent {
+    /// An event with no nest.
+    pub fn new(source: &str, kind: &str, severity: Severity, actor: &str, details: serde_json::Value) -> Self {
+        NewEvent {
+            source: source.into(),
+            kind: kind.into(),
+            severity,
+            actor: actor.into(),
+            details,
+            nest: None,
+        }
+    }
+}
+
+/// Signs audit material with the audit key (the HSM in the station, software in unit tests).
+pub trait AuditSigner: Send + Sync {
+    /// DER ECDSA P-256/SHA-256 over `msg`.
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, String>;
+    /// The public key as DER SubjectPublicKeyInfo.
+    fn spki_der(&self) -> Vec<u8>;
+}
+
+/// Audit failures.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// The journal refused.
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// The audit key could not sign: the event is not recorded and neither is what it describes.
+    #[error("the audit key could not sign ({0}); check the HSM — nothing was recorded")]
+    Sign(String),
+}
+
+impl From<rusqlite::Error> for AuditError {
+    fn from(e: rusqlite::Error) -> Self {
+        AuditError::Db(e.into())
+    }
+}
+
+/// What an append produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// Sequence number.
+    pub seq: i64,
+    /// The alarm it raised, if its kind is critical.
+    pub alarm: Option<i64>,
+    /// The checkpoint it triggered, if any.
+    pub checkpoint: Option<i64>,
+}
+
+/// The log writer.
+#[derive(Clone)]
+pub struct Audit {
+    signer: Arc<dyn AuditSigner>,
+    origin: String,
+    interval: u64,
+    critical: BTreeSet<String>,
+}
+
+impl std::fmt::Debug for Audit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Audit").field("origin", &self.origin).field("interval", &self.interval).finish()
+    }
+}
+
+fn put(h: &mut Sha256, s: &[u8]) {
+    h.update((s.len() as u32).to_be_bytes());
+    h.update(s);
+}
+
+/// The chain hash of an entry.
+#[allow(clippy::too_many_arguments)]
+pub fn chain_hash(prev: &[u8], seq: i64, ts: i64, source: &str, kind: &str, severity: &str, actor: &str, details: &str) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(CHAIN_DOMAIN);
+    put(&mut h, prev);
+    h.update(seq.to_be_bytes());
+    h.update(ts.to_be_bytes());
+    for s in [source, kind, severity, actor, details] {
+        put(&mut h, s.as_bytes());
+    }
+    h.finalize().into()
+}
+
+fn signed_message(domain: &[u8], seq: i64, hash: &[u8]) -> Vec<u8> {
+    [domain, &seq.to_be_bytes(), hash].concat()
+}
+
+/// The C2SP key ID for an ECDSA key (signature type 0x02): SHA-256 of its DER
+/// SubjectPublicKeyInfo, first 4 bytes.
+pub fn note_key_id(spki_der: &[u8]) -> [u8; 4] {
+    let d = Sha256::digest(spki_der);
+    [d[0], d[1], d[2], d[3]]
+}
+
+/// The note text of a checkpoint (C2SP tlog-checkpoint layout; the "root" is the chain head).
+pub fn checkpoint_text(origin: &str, seq: i64, hash: &[u8]) -> String {
+    format!(
+        "{origin}\n{seq}\n{}\nchain sha256 cell-audit-chain-v1\n",
+        base64::engine::general_purpose::STANDARD.encode(hash)
+    )
+}
+
+impl Audit {
+    /// A writer signing with `signer`; `origin` names the log (the station id).
+    pub fn new(signer: Arc<dyn AuditSigner>, station_id: &str, interval: u64, critical: BTreeSet<String>) -> Self {
+        Audit {
+            signer,
+            origin: format!("{station_id}/audit"),
+            interval: interval.max(1),
+            critical,
+        }
+    }
+
+    /// The key name in signed notes.
+    pub fn key_name(&self) -> String {
+        format!("{}-key", self.origin)
+    }
+
+    /// Is `kind` critical (raises an alarm)?
+    pub fn is_critical(&self, kind: &str) -> bool {
+        self.critical.contains(kind)
+    }
+
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, AuditError> {
+        self.signer.sign(msg).map_err(AuditError::Sign)
+    }
+
+    /// Appends `e` inside `tx`.
+    pub fn append(&self, tx: &Transaction<'_>, e: &NewEvent) -> Result<Appended, AuditError> {
+        let head: Option<(i64, Vec<u8>)> = tx
+            .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let (prev_seq, prev_hash) = head.unwrap_or((0, vec![0u8; 32]));
+        let seq = prev_seq + 1;
+        let ts = now_ms();
+        let details = serde_json::to_string(&e.details).unwrap_or_else(|_| "{}".into());
+        let sev = e.severity.as_str();
+        let hash = chain_hash(&prev_hash, seq, ts, &e.source, &e.kind, sev, &e.actor, &details);
+        let sig = self.sign(&signed_message(ENTRY_DOMAIN, seq, &hash))?;
+        tx.execute(
+            "INSERT INTO audit (seq, ts, source, kind, severity, actor, details, hash, sig) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![seq, ts, e.source, e.kind, sev, e.actor, details, hash.to_vec(), sig],
+        )?;
+        let head_sig = self.sign(&signed_message(HEAD_DOMAIN, seq, &hash))?;
+        tx.execute(
+            "INSERT INTO audit_head (id, seq, hash, signature) VALUES (1, ?1, ?2, ?3)
+             ON CONFLICT(id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, signature = excluded.signature",
+            params![seq, hash.to_vec(), head_sig],
+        )?;
+        let alarm = if self.is_critical(&e.kind) {
+            let message = e
+                .details
+                .get("message")
+                .and_then(|m| m.as_str())
+                .map(str::to_string)
+                .unwrap_or_else(|| e.kind.clone());
+            tx.execute(
+                "INSERT INTO alarms (audit_seq, kind, message, nest, raised_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![seq, e.kind, message, e.nest, ts],
+            )?;
+            Some(tx.last_insert_rowid())
+        } else {
+            None
+        };
+        let checkpoint = if seq as u64 % self.interval == 0 {
+            Some(self.write_checkpoint(tx, seq, &hash, "interval")?)
+        } else {
+            None
+        };
+        Ok(Appended { seq, alarm, checkpoint })
+    }
+
+    fn write_checkpoint(&self, tx: &Transaction<'_>, seq: i64, hash: &[u8], reason: &str) -> Result<i64, AuditError> {
+        let text = checkpoint_text(&self.origin, seq, hash);
+        let sig = self.sign(text.as_bytes())?;
+        let mut blob = note_key_id(&self.signer.spki_der()).to_vec();
+        blob.extend_from_slice(&sig);
+        let note = format!(
+            "{text}\n\u{2014} {} {}\n",
+            self.key_name(),
+            base64::engine::general_purpose::STANDARD.encode(blob)
+        );
+        tx.execute(
+            "INSERT INTO audit_checkpoints (seq, hash, note, reason, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![seq, hash.to_vec(), note, reason, now_ms()],
+        )?;
+        Ok(tx.last_insert_rowid())
+    }
+
+    /// Writes a checkpoint of the current head (at shut-down, at export); returns its id and note.
+    pub fn checkpoint(&self, tx: &Transaction<'_>, reason: &str) -> Result<(i64, String), AuditError> {
+        let (seq, hash): (i64, Vec<u8>) = tx
+            .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?
+            .unwrap_or((0, vec![0u8; 32]));
+        let id = self.write_checkpoint(tx, seq, &hash, reason)?;
+        let note: String = tx.query_row("SELECT note FROM audit_checkpoints WHERE id = ?1", [id], |r| r.get(0))?;
+        Ok((id, note))
+    }
+}
+
+/// One entry as stored.
+#[derive(Debug, Clone, Serialize)]
+pub struct Entry {
+    /// Sequence number.
+    pub seq: i64,
+    /// RFC 3339 time.
+    pub time: String,
+    /// Unix milliseconds.
+    pub ts: i64,
+    /// Source.
+    pub source: String,
+    /// Kind.
+    pub kind: String,
+    /// Severity.
+    pub severity: String,
+    /// Actor.
+    pub actor: String,
+    /// Details.
+    pub details: serde_json::Value,
+}
+
+/// Reads entries with `seq > after`, at most `limit`, ascending.
+pub fn read(conn: &rusqlite::Connection, after: i64, limit: i64) -> Result<Vec<Entry>, DbError> {
+    let mut stmt = conn.prepare(
+        "SELECT seq, ts, source, kind, severity, actor, details FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(params![after, limit], |r| {
+        let ts: i64 = r.get(1)?;
+        let details: String = r.get(6)?;
+        Ok(Entry {
+            seq: r.get(0)?,
+            time: crate::db::rfc3339(ts),
+            ts,
+            source: r.get(2)?,
+            kind: r.get(3)?,
+            severity: r.get(4)?,
+            actor: r.get(5)?,
+            details: serde_json::from_str(&details).unwrap_or(serde_json::Value::String(details)),
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// The newest `n` entries, ascending.
+pub fn tail(conn: &rusqlite::Connection, n: i64) -> Result<Vec<Entry>, DbError> {
+    let last: i64 = conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM audit", [], |r| r.get(0))?;
+    read(conn, (last - n).max(0), n)
+}
+
+/// The result of [`verify`].
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Verification {
+    /// Entries checked.
+    pub entries: i64,
+    /// Checkpoints checked.
+    pub checkpoints: i64,
+    /// The first bad sequence number and what is wrong with it.
+    pub first_bad: Option<(i64, String)>,
+}
+
+impl Verification {
+    /// Did everything verify?
+    pub fn ok(&self) -> bool {
+        self.first_bad.is_none()
+    }
+}
+
+fn sig_ok(key: &VerifyingKey, msg: &[u8], der: &[u8]) -> bool {
+    Signature::from_der(der).map(|s| key.verify(msg, &s).is_ok()).unwrap_or(false)
+}
+
+/// Checks the whole log against the audit public key.
+pub fn verify(conn: &rusqlite::Connection, key: &VerifyingKey) -> Result<Verification, DbError> {
+    let mut first_bad: Option<(i64, String)> = None;
+    let mut note = |seq: i64, why: String| {
+        if first_bad.as_ref().is_none_or(|(s, _)| seq < *s) {
+            first_bad = Some((seq, why));
+        }
+    };
+    let mut stmt = conn.prepare("SELECT seq, ts, source, kind, severity, actor, details, hash, sig FROM audit ORDER BY seq")?;
+    let mut rows = stmt.query([])?;
+    let mut prev_seq = 0i64;
+    let mut prev_hash = vec![0u8; 32];
+    let mut chain: Vec<(i64, Vec<u8>)> = Vec::new();
+    let mut broken = false;
+    while let Some(r) = rows.next()? {
+        let seq: i64 = r.get(0)?;
+        let ts: i64 = r.get(1)?;
+        let (source, kind, severity, actor, details): (String, String, String, String, String) =
+            (r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?);
+        let hash: Vec<u8> = r.get(7)?;
+        let sig: Vec<u8> = r.get(8)?;
+        if broken {
+            // After the first break every later entry is suspect; report only the first.
+            continue;
+        }
+        if seq != prev_seq + 1 {
+            note(prev_seq + 1, format!("entry {} is missing (deleted)", prev_seq + 1));
+            broken = true;
+            continue;
+        }
+        let expect = chain_hash(&prev_hash, seq, ts, &source, &kind, &severity, &actor, &details);
+        if expect.as_slice() != hash.as_slice() {
+            note(seq, format!("entry {seq} was modified or moved (its chain hash does not match)"));
+            broken = true;
+            continue;
+        }
+        if !sig_ok(key, &signed_message(ENTRY_DOMAIN, seq, &hash), &sig) {
+            note(seq, format!("entry {seq} is not signed by the audit key (rewritten)"));
+            broken = true;
+            continue;
+        }
+        chain.push((seq, hash.clone()));
+        prev_seq = seq;
+        prev_hash = hash;
+    }
+    let entries = prev_seq;
+    let head: Option<(i64, Vec<u8>, Vec<u8>)> = conn
+        .query_row("SELECT seq, hash, signature FROM audit_head WHERE id = 1", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    match head {
+        None if entries > 0 => note(1, "the signed head of the log is missing".into()),
+        None => {}
+        Some((hseq, hhash, hsig)) => {
+            if !sig_ok(key, &signed_message(HEAD_DOMAIN, hseq, &hhash), &hsig) {
+                note(hseq.min(entries + 1).max(1), "the signed head of the log is not signed by the audit key".into());
+            } else if hseq > entries && !broken {
+                note(entries + 1, format!("entries {} to {hseq} were removed from the end (truncated)", entries + 1));
+            } else if let Some((_, h)) = chain.iter().find(|(s, _)| *s == hseq) {
+                if *h != hhash {
+                    note(hseq, format!("entry {hseq} does not match the signed head"));
+                }
+                if hseq < entries {
+                    note(hseq + 1, format!("entries after {hseq} were added without the audit key"));
+                }
+            }
+        }
+    }
+    let spki = spki::EncodePublicKey::to_public_key_der(key).map(|d| d.as_bytes().to_vec()).unwrap_or_default();
+    let key_id = note_key_id(&spki);
+    let mut stmt = conn.prepare("SELECT seq, hash, note FROM audit_checkpoints ORDER BY id")?;
+    let cps = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, String>(2)?)))?;
+    let mut checkpoints = 0;
+    for cp in cps {
+        let (seq, hash, text) = cp?;
+        checkpoints += 1;
+        if !verify_note(&text, key, &key_id) {
+            note(seq.max(1), format!("checkpoint at entry {seq} is not signed by the audit key"));
+            continue;
+        }
+        if seq == 0 {
+            continue;
+        }
+        match chain.iter().find(|(s, _)| *s == seq) {
+            Some((_, h)) if *h == hash => {}
+            Some(_) => note(seq, format!("entry {seq} does not match its signed checkpoint")),
+            None if !broken && seq > entries => {
+                note(entries + 1, format!("entries {} to {seq} were removed (a checkpoint covers them)", entries + 1))
+            }
+            None => {}
+        }
+    }
+    Ok(Verification { entries, checkpoints, first_bad })
+}
+
+/// Verifies a C2SP signed note made by [`Audit::checkpoint`].
+pub fn verify_note(note: &str, key: &VerifyingKey, key_id: &[u8; 4]) -> bool {
+    let Some((text, sigs)) = note.split_once("\n\n") else {
+        return false;
+    };
+    let text = format!("{text}\n");
+    sigs.lines().any(|line| {
+        let Some(rest) = line.strip_prefix("\u{2014} ") else {
+            return false;
+        };
+        let Some((_, b64)) = rest.rsplit_once(' ') else {
+            return false;
+        };
+        let Ok(blob) = base64::engine::general_purpose::STANDARD.decode(b64) else {
+            return false;
+        };
+        blob.len() > 4 && &blob[..4] == key_id && sig_ok(key, text.as_bytes(), &blob[4..])
+    })
+}
+
+/// The alarms not yet acknowledged.
+pub fn open_alarms(conn: &rusqlite::Connection) -> Result<Vec<Alarm>, DbError> {
+    let mut stmt = conn.prepare("SELECT id, audit_seq, kind, message, nest, raised_at FROM alarms WHERE acked_at IS NULL ORDER BY id")?;
+    let rows = stmt.query_map([], |r| {
+        Ok(Alarm {
+            id: r.get(0)?,
+            audit_seq: r.get(1)?,
+            kind: r.get(2)?,
+            message: r.get(3)?,
+            nest: r.get(4)?,
+            raised_at: crate::db::rfc3339(r.get(5)?),
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// An alarm.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Alarm {
+    /// Id.
+    pub id: i64,
+    /// The entry that raised it.
+    pub audit_seq: i64,
+    /// Kind.
+    pub kind: String,
+    /// Message.
+    pub message: String,
+    /// Nest.
+    pub nest: Option<u32>,
+    /// When.
+    pub raised_at: String,
+}
+
+/// A software signer for tests and tools.
+pub struct SoftSigner(pub p256::ecdsa::SigningKey);
+
+impl std::fmt::Debug for SoftSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SoftSigner(<redacted>)")
+    }
+}
+
+impl AuditSigner for SoftSigner {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, String> {
+        use p256::ecdsa::signature::Signer;
+        let s: p256::ecdsa::DerSignature = self.0.sign(msg);
+        Ok(s.as_bytes().to_vec())
+    }
+    fn spki_der(&self) -> Vec<u8> {
+        spki::EncodePublicKey::to_public_key_der(self.0.verifying_key())
+            .map(|d| d.as_bytes().to_vec())
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use p256::elliptic_curve::Generate;
+
+    fn setup() -> (tempfile::TempDir, crate::db::Db, Audit, VerifyingKey) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::db::Db::open(&dir.path().join("a.db")).unwrap();
+        let key = p256::ecdsa::SigningKey::generate_from_rng(&mut line_protocol::io::system_rng());
+        let vk = *key.verifying_key();
+        let audit = Audit::new(Arc::new(SoftSigner(key)), "cell-t", 5, ["security.replay".to_string()].into());
+        (dir, db, audit, vk)
+    }
+
+    fn add(db: &crate::db::Db, audit: &Audit, n: usize) {
+        db.with(|c| {
+            for i in 0..n {
+                let tx = c.transaction().unwrap();
+                audit
+                    .append(&tx, &NewEvent::new("test", if i == 3 { "security.replay" } else { "meter.provisioned" }, Severity::Info, "op", serde_json::json!({"i": i})))
+                    .unwrap();
+                tx.commit().unwrap();
+            }
+        });
+    }
+
+    fn verify_db(db: &crate::db::Db, vk: &VerifyingKey) -> Verification {
+        db.with(|c| verify(c, vk).unwrap())
+    }
+
+    #[test]
+    fn a_clean_log_verifies_with_checkpoints_and_alarms() {
+        let (_d, db, audit, vk) = setup();
+        add(&db, &audit, 12);
+        let v = verify_db(&db, &vk);
+        assert!(v.ok(), "{v:?}");
+        assert_eq!(v.entries, 12);
+        assert_eq!(v.checkpoints, 2);
+        assert_eq!(db.with(|c| open_alarms(c).unwrap()).len(), 1);
+        let note: String = db.with(|c| c.query_row("SELECT note FROM audit_checkpoints LIMIT 1", [], |r| r.get(0)).unwrap());
+        assert!(note.starts_with("cell-t/audit\n5\n"), "{note}");
+        assert!(note.contains("\n\n\u{2014} cell-t/audit-key "), "{note}");
+    }
+
+    #[test]
+    fn tampering_is_found_at_the_first_bad_entry() {
+        for (what, sql, bad) in [
+            ("modified", "UPDATE audit SET actor = 'mallory' WHERE seq = 7", 7),
+            ("deleted", "DELETE FROM audit WHERE seq = 4", 4),
+            ("reordered", "UPDATE audit SET seq = -1 WHERE seq = 6; UPDATE audit SET seq = 6 WHERE seq = 8; UPDATE audit SET seq = 8 WHERE seq = -1", 6),
+            ("truncated", "DELETE FROM audit WHERE seq > 9", 10),
+            ("details rewritten with a fixed-up hash chain", "", 3),
+        ] {
+            let (_d, db, audit, vk) = setup();
+            add(&db, &audit, 12);
+            if sql.is_empty() {
+                // Rewrite entry 3 and recompute every later chain hash: only the signatures tell.
+                db.with(|c| {
+                    c.execute("UPDATE audit SET details = '{\"i\":99}' WHERE seq = 3", []).unwrap();
+                    let rows: Vec<(i64, i64, String, String, String, String, String)> = c
+                        .prepare("SELECT seq, ts, source, kind, severity, actor, details FROM audit ORDER BY seq").unwrap()
+                        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))).unwrap()
+                        .map(|r| r.unwrap()).collect();
+                    let mut prev = vec![0u8; 32];
+                    for (seq, ts, s, k, sev, a, d) in rows {
+                        let h = chain_hash(&prev, seq, ts, &s, &k, &sev, &a, &d);
+                        c.execute("UPDATE audit SET hash = ?1 WHERE seq = ?2", params![h.to_vec(), seq]).unwrap();
+                        prev = h.to_vec();
+                    }
+                });
+            } else {
+                // Someone editing the file directly is not held back by foreign keys.
+                db.with(|c| c.execute_batch(&format!("PRAGMA foreign_keys=OFF; {sql}")).unwrap());
+            }
+            let v = verify_db(&db, &vk);
+            assert_eq!(v.first_bad.as_ref().map(|b| b.0), Some(bad), "{what}: {v:?}");
+        }
+    }
+}

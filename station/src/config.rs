@@ -1,0 +1,585 @@
+//! The station configuration: one TOML file, described by `schemas/config.schema.json`.
+//!
+//! Unknown keys and bad values are refused with the file, the line and the reason. Relative paths
+//! are resolved against the directory of the configuration file, so a cell directory can be moved
+//! as a whole. Nothing secret is ever in this file: the HSM PIN is named by its source (a prompt,
+//! an environment variable or an owner-only file), never written here.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}:{line}: {reason}")]
+pub struct ConfigError {
+    /// The file.
+    pub file: String,
+    /// 1-based line (0 when the file could not be read).
+    pub line: usize,
+    /// What is wrong and what to do.
+    pub reason: String,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where it was read from.
+    pub path: PathBuf,
+    /// Station identity, as it appears in manifests and audit entries.
+    pub station_id: String,
+    /// The manufacturer.
+    pub manufacturer: Manufacturer,
+    /// The SQLite journal.
+    pub database: PathBuf,
+    /// The HSM.
+    pub hsm: HsmSettings,
+    /// Line-wide settings.
+    pub line: LineSettings,
+    /// The nests, in order (nest numbers start at 1).
+    pub nests: Vec<NestSettings>,
+    /// Meter models this cell provisions.
+    pub models: Vec<ModelSettings>,
+    /// Audit log settings.
+    pub audit: AuditSettings,
+    /// Users, PINs, sessions.
+    pub access: AccessSettings,
+}
+
+/// The manufacturer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manufacturer {
+    /// Name (certificate O, manifest).
+    pub name: String,
+    /// DLMS FLAG ID: three upper-case letters.
+    pub flag_id: String,
+}
+
+/// Where the HSM PIN comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PinSourceSetting {
+    /// Asked on the terminal.
+    Prompt,
+    /// An environment variable.
+    Env(String),
+    /// A file readable by its owner only.
+    File(PathBuf),
+}
+
+/// HSM settings.
+#[derive(Debug, Clone)]
+pub struct HsmSettings {
+    /// PKCS#11 module.
+    pub module: PathBuf,
+    /// Token label.
+    pub token: String,
+    /// PIN source.
+    pub pin: PinSourceSetting,
+    /// Sessions in the pool.
+    pub pool_size: usize,
+    /// `SOFTHSM2_CONF` for this process (software tokens only).
+    pub softhsm_conf: Option<PathBuf>,
+}
+
+/// Line settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LineSettings {
+    /// One-way latency allowance of the adapters, milliseconds.
+    pub latency_ms: u32,
+    /// Largest frame payload the station offers.
+    pub max_payload: u16,
+    /// Frames in flight the station offers.
+    pub window: u8,
+    /// How often an empty nest is polled, milliseconds.
+    pub poll_ms: u64,
+}
+
+/// One nest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NestSettings {
+    /// Name shown to operators.
+    pub name: String,
+    /// `/dev/serial/by-path/...`, a device path, or `tcp://host:port`.
+    pub port: String,
+    /// Baud rate.
+    pub baud: u32,
+}
+
+/// How a model gets its key pairs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keygen {
+    /// On the meter (its TRNG); the station certifies the request.
+    Meter,
+    /// In the HSM; the private key travels wrapped under the key-transport key.
+    Hsm,
+}
+
+/// A meter model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelSettings {
+    /// Model name, as the meter reports it.
+    pub name: String,
+    /// DLMS/COSEM security suite: 0 and 1 use AES-128 and P-256, 2 uses AES-256 and P-384.
+    pub suite: u8,
+    /// Where key pairs are generated.
+    pub keygen: Keygen,
+    /// Also issue a key-agreement certificate.
+    pub key_agreement: bool,
+    /// Extra trust anchors (utility CA and client certificates), PEM files.
+    pub anchors: Vec<PathBuf>,
+    /// Certificate end of validity (RFC 3339); none means 9999-12-31T23:59:59Z.
+    pub not_after: Option<String>,
+}
+
+impl ModelSettings {
+    /// AES key length of the suite.
+    pub fn aes_bytes(&self) -> usize {
+        if self.suite == 2 { 32 } else { 16 }
+    }
+
+    /// Curve of the suite.
+    pub fn curve(&self) -> line_protocol::msg::Curve {
+        if self.suite == 2 {
+            line_protocol::msg::Curve::P384
+        } else {
+            line_protocol::msg::Curve::P256
+        }
+    }
+}
+
+/// Audit settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditSettings {
+    /// A signed checkpoint every this many entries.
+    pub checkpoint_interval: u64,
+    /// Event kinds that raise an alarm a supervisor must acknowledge.
+    pub critical: BTreeSet<String>,
+}
+
+/// Access-control settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AccessSettings {
+    /// Wrong PINs before lock-out.
+    pub max_failed_pins: u32,
+    /// Lock-out duration, minutes.
+    pub lockout_minutes: u64,
+    /// Sessions end after this much inactivity, minutes.
+    pub session_idle_minutes: u64,
+    /// Shortest PIN accepted.
+    pub min_pin_length: usize,
+}
+
+/// The critical kinds when the configuration names none.
+pub const DEFAULT_CRITICAL: &[&str] = &[
+    "security.replay",
+    "security.tamper",
+    "security.downgrade",
+    "security.bad_certificate_request",
+    "meter.duplicate_uid",
+    "meter.unknown_lifecycle",
+    "auth.lockout",
+    "firmware.rejected",
+    "audit.verification_failed",
+    "hsm.unavailable",
+];
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    station_id: Spanned<String>,
+    database: Spanned<String>,
+    manufacturer: RawManufacturer,
+    hsm: RawHsm,
+    #[serde(default)]
+    line: RawLine,
+    #[serde(default)]
+    nests: Vec<RawNest>,
+    #[serde(default)]
+    models: Vec<RawModel>,
+    #[serde(default)]
+    audit: RawAudit,
+    #[serde(default)]
+    access: RawAccess,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawManufacturer {
+    name: Spanned<String>,
+    flag_id: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+enum RawPin {
+    Prompt,
+    Env(String),
+    File(String),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHsm {
+    module: Spanned<String>,
+    token: Spanned<String>,
+    pin: Spanned<RawPin>,
+    #[serde(default = "default_pool")]
+    pool_size: Spanned<u32>,
+    softhsm_conf: Option<String>,
+}
+
+fn default_pool() -> Spanned<u32> {
+    Spanned::new(0..0, 4)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLine {
+    latency_ms: u32,
+    max_payload: Spanned<u32>,
+    window: Spanned<u32>,
+    poll_ms: u64,
+}
+
+impl Default for RawLine {
+    fn default() -> Self {
+        RawLine {
+            latency_ms: 4,
+            max_payload: Spanned::new(0..0, 16384),
+            window: Spanned::new(0..0, 16),
+            poll_ms: 250,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNest {
+    name: Spanned<String>,
+    port: Spanned<String>,
+    #[serde(default = "default_baud")]
+    baud: Spanned<u32>,
+}
+
+fn default_baud() -> Spanned<u32> {
+    Spanned::new(0..0, 115_200)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    name: Spanned<String>,
+    suite: Spanned<u8>,
+    #[serde(default = "default_keygen")]
+    keygen: Spanned<String>,
+    #[serde(default = "yes")]
+    key_agreement: bool,
+    #[serde(default)]
+    anchors: Vec<String>,
+    not_after: Option<Spanned<String>>,
+}
+
+fn default_keygen() -> Spanned<String> {
+    Spanned::new(0..0, "meter".into())
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawAudit {
+    checkpoint_interval: Spanned<u64>,
+    critical: Option<Vec<String>>,
+}
+
+impl Default for RawAudit {
+    fn default() -> Self {
+        RawAudit {
+            checkpoint_interval: Spanned::new(0..0, 100),
+            critical: None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawAccess {
+    max_failed_pins: Spanned<u32>,
+    lockout_minutes: u64,
+    session_idle_minutes: Spanned<u64>,
+    min_pin_length: Spanned<usize>,
+}
+
+impl Default for RawAccess {
+    fn default() -> Self {
+        RawAccess {
+            max_failed_pins: Spanned::new(0..0, 5),
+            lockout_minutes: 15,
+            session_idle_minutes: Spanned::new(0..0, 15),
+            min_pin_length: Spanned::new(0..0, 6),
+        }
+    }
+}
+
+struct Ctx<'a> {
+    file: &'a str,
+    text: &'a str,
+}
+
+impl Ctx<'_> {
+    fn line_of(&self, offset: usize) -> usize {
+        self.text[..offset.min(self.text.len())].matches('\n').count() + 1
+    }
+
+    fn err<T>(&self, span: std::ops::Range<usize>, reason: impl Into<String>) -> Result<T, ConfigError> {
+        Err(ConfigError {
+            file: self.file.to_string(),
+            line: if span.is_empty() && span.start == 0 { 1 } else { self.line_of(span.start) },
+            reason: reason.into(),
+        })
+    }
+}
+
+impl Config {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.display().to_string(),
+            line: 0,
+            reason: format!("cannot read the configuration: {e}; pass --config FILE or create ./station.toml"),
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Parses `text` as if read from `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let cx = Ctx { file: &file, text };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| cx.line_of(s.start)).unwrap_or(1);
+            ConfigError {
+                file: file.clone(),
+                line,
+                reason: e.message().trim().to_string(),
+            }
+        })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let resolve = |p: &str| {
+            let p = PathBuf::from(p);
+            if p.is_absolute() { p } else { base.join(p) }
+        };
+
+        let station_id = raw.station_id.get_ref().trim().to_string();
+        if station_id.is_empty() || station_id.len() > 64 || !station_id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            return cx.err(raw.station_id.span(), "station_id must be 1..64 characters of letters, digits, '-', '_' or '.'");
+        }
+        let flag = raw.manufacturer.flag_id.get_ref();
+        if flag.len() != 3 || !flag.chars().all(|c| c.is_ascii_uppercase()) {
+            return cx.err(raw.manufacturer.flag_id.span(), "manufacturer.flag_id must be three upper-case letters (the DLMS FLAG ID)");
+        }
+        if raw.manufacturer.name.get_ref().trim().is_empty() {
+            return cx.err(raw.manufacturer.name.span(), "manufacturer.name must not be empty");
+        }
+        if raw.database.get_ref().trim().is_empty() {
+            return cx.err(raw.database.span(), "database must name a file");
+        }
+        let pin = match raw.hsm.pin.get_ref() {
+            RawPin::Prompt => PinSourceSetting::Prompt,
+            RawPin::Env(v) if !v.is_empty() => PinSourceSetting::Env(v.clone()),
+            RawPin::File(f) if !f.is_empty() => PinSourceSetting::File(resolve(f)),
+            _ => return cx.err(raw.hsm.pin.span(), "hsm.pin needs a variable name or a file"),
+        };
+        let pool = *raw.hsm.pool_size.get_ref();
+        if !(1..=64).contains(&pool) {
+            return cx.err(raw.hsm.pool_size.span(), "hsm.pool_size must be between 1 and 64");
+        }
+        if raw.hsm.token.get_ref().is_empty() || raw.hsm.token.get_ref().len() > 32 {
+            return cx.err(raw.hsm.token.span(), "hsm.token must be a token label of 1..32 characters");
+        }
+        if raw.hsm.module.get_ref().is_empty() {
+            return cx.err(raw.hsm.module.span(), "hsm.module must name a PKCS#11 library");
+        }
+        let mp = *raw.line.max_payload.get_ref();
+        if !(2048..=32768).contains(&mp) {
+            return cx.err(raw.line.max_payload.span(), "line.max_payload must be between 2048 and 32768");
+        }
+        let win = *raw.line.window.get_ref();
+        if !(1..=32).contains(&win) {
+            return cx.err(raw.line.window.span(), "line.window must be between 1 and 32");
+        }
+        let mut nests = Vec::new();
+        let mut names = BTreeSet::new();
+        let mut ports = BTreeSet::new();
+        for n in &raw.nests {
+            if n.name.get_ref().trim().is_empty() || !names.insert(n.name.get_ref().clone()) {
+                return cx.err(n.name.span(), format!("nest name {:?} is empty or used twice", n.name.get_ref()));
+            }
+            if let Err(e) = line_protocol::io::PortAddr::parse(n.port.get_ref()) {
+                return cx.err(n.port.span(), e.to_string());
+            }
+            if !ports.insert(n.port.get_ref().clone()) {
+                return cx.err(n.port.span(), format!("port {} is used by two nests", n.port.get_ref()));
+            }
+            let baud = *n.baud.get_ref();
+            if !(300..=12_000_000).contains(&baud) {
+                return cx.err(n.baud.span(), "baud must be between 300 and 12000000");
+            }
+            nests.push(NestSettings {
+                name: n.name.get_ref().clone(),
+                port: n.port.get_ref().clone(),
+                baud,
+            });
+        }
+        let mut models = Vec::new();
+        let mut model_names = BTreeSet::new();
+        for m in &raw.models {
+            if m.name.get_ref().is_empty() || m.name.get_ref().len() > 32 || !model_names.insert(m.name.get_ref().clone()) {
+                return cx.err(m.name.span(), format!("model name {:?} is empty, too long or used twice", m.name.get_ref()));
+            }
+            if *m.suite.get_ref() > 2 {
+                return cx.err(m.suite.span(), "suite must be 0, 1 or 2 (DLMS/COSEM security suites)");
+            }
+            let keygen = match m.keygen.get_ref().as_str() {
+                "meter" => Keygen::Meter,
+                "hsm" => Keygen::Hsm,
+                other => return cx.err(m.keygen.span(), format!("keygen must be \"meter\" or \"hsm\", not {other:?}")),
+            };
+            if let Some(na) = &m.not_after {
+                if time::OffsetDateTime::parse(na.get_ref(), &time::format_description::well_known::Rfc3339).is_err() {
+                    return cx.err(na.span(), "not_after must be an RFC 3339 time such as 2045-12-31T23:59:59Z");
+                }
+            }
+            models.push(ModelSettings {
+                name: m.name.get_ref().clone(),
+                suite: *m.suite.get_ref(),
+                keygen,
+                key_agreement: m.key_agreement,
+                anchors: m.anchors.iter().map(|a| resolve(a)).collect(),
+                not_after: m.not_after.as_ref().map(|s| s.get_ref().clone()),
+            });
+        }
+        let interval = *raw.audit.checkpoint_interval.get_ref();
+        if !(1..=100_000).contains(&interval) {
+            return cx.err(raw.audit.checkpoint_interval.span(), "audit.checkpoint_interval must be between 1 and 100000");
+        }
+        let critical = match raw.audit.critical {
+            Some(list) => list.into_iter().collect(),
+            None => DEFAULT_CRITICAL.iter().map(|s| s.to_string()).collect(),
+        };
+        let access = AccessSettings {
+            max_failed_pins: *raw.access.max_failed_pins.get_ref(),
+            lockout_minutes: raw.access.lockout_minutes,
+            session_idle_minutes: *raw.access.session_idle_minutes.get_ref(),
+            min_pin_length: *raw.access.min_pin_length.get_ref(),
+        };
+        if access.max_failed_pins == 0 {
+            return cx.err(raw.access.max_failed_pins.span(), "access.max_failed_pins must be at least 1");
+        }
+        if access.session_idle_minutes == 0 {
+            return cx.err(raw.access.session_idle_minutes.span(), "access.session_idle_minutes must be at least 1");
+        }
+        if !(4..=64).contains(&access.min_pin_length) {
+            return cx.err(raw.access.min_pin_length.span(), "access.min_pin_length must be between 4 and 64");
+        }
+        Ok(Config {
+            path: path.to_path_buf(),
+            station_id,
+            manufacturer: Manufacturer {
+                name: raw.manufacturer.name.get_ref().trim().to_string(),
+                flag_id: flag.clone(),
+            },
+            database: resolve(raw.database.get_ref()),
+            hsm: HsmSettings {
+                module: resolve(raw.hsm.module.get_ref()),
+                token: raw.hsm.token.get_ref().clone(),
+                pin,
+                pool_size: pool as usize,
+                softhsm_conf: raw.hsm.softhsm_conf.as_deref().map(resolve),
+            },
+            line: LineSettings {
+                latency_ms: raw.line.latency_ms,
+                max_payload: mp as u16,
+                window: win as u8,
+                poll_ms: raw.line.poll_ms.max(10),
+            },
+            nests,
+            models,
+            audit: AuditSettings {
+                checkpoint_interval: interval,
+                critical,
+            },
+            access,
+        })
+    }
+
+    /// The model called `name`.
+    pub fn model(&self, name: &str) -> Option<&ModelSettings> {
+        self.models.iter().find(|m| m.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) const EXAMPLE: &str = r#"
+station_id = "cell-01"
+database = "station.db"
+
+[manufacturer]
+name = "Example Meters"
+flag_id = "EXM"
+
+[hsm]
+module = "/usr/lib/softhsm/libsofthsm2.so"
+token = "cell-01"
+pin = { file = "hsm-pin" }
+
+[[nests]]
+name = "N1"
+port = "/dev/pts/3"
+baud = 921600
+
+[[models]]
+name = "EM-300"
+suite = 1
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/cell/station.toml"), text)
+    }
+
+    #[test]
+    fn example_parses_with_defaults_and_resolved_paths() {
+        let c = parse(EXAMPLE).unwrap();
+        assert_eq!(c.database, PathBuf::from("/cell/station.db"));
+        assert_eq!(c.hsm.pin, PinSourceSetting::File(PathBuf::from("/cell/hsm-pin")));
+        assert_eq!(c.nests[0].baud, 921_600);
+        assert_eq!(c.models[0].keygen, Keygen::Meter);
+        assert!(c.audit.critical.contains("security.replay"));
+        assert_eq!(c.access.max_failed_pins, 5);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_line() {
+        let cases = [
+            (EXAMPLE.replace("baud = 921600", "baud = 921600\nspeed = 3"), 18, "unknown field `speed`"),
+            (EXAMPLE.replace("baud = 921600", "baud = 12"), 17, "baud must be between"),
+            (EXAMPLE.replace("flag_id = \"EXM\"", "flag_id = \"exm1\""), 7, "three upper-case letters"),
+            (EXAMPLE.replace("suite = 1", "suite = 7"), 21, "suite must be 0, 1 or 2"),
+            (EXAMPLE.replace("port = \"/dev/pts/3\"", "port = \"udp://x:1\""), 16, "only tcp:// is supported"),
+            (EXAMPLE.replace("pin = { file = \"hsm-pin\" }", "pin = { file = \"hsm-pin\", env = \"X\" }"), 12, ""),
+            (EXAMPLE.replace("suite = 1", "suite = \"one\""), 21, "invalid type"),
+        ];
+        for (text, line, reason) in cases {
+            let e = parse(&text).unwrap_err();
+            assert_eq!(e.line, line, "{e}");
+            assert!(e.reason.contains(reason), "{e}");
+            assert!(e.to_string().starts_with(&format!("/cell/station.toml:{line}: ")), "{e}");
+        }
+    }
+}

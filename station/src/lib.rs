@@ -1,0 +1,10 @@
+//! The provisioning station: the engine that runs every nest of the cell, the journal and audit
+//! log that let a factory and an auditor trust it, and the commands the CLI and the touch console
+//! are built on.
+
+#![forbid(unsafe_code)]
+
+pub mod audit;
+pub mod auth;
+pub mod config;
+pub mod db;

@@ -160,8 +160,61 @@ pub fn issue_meter_certificate(
     csr_der: &[u8],
     profile: &MeterProfile,
 ) -> Result<IssuedCertificate> {
-    let point = check_csr(csr_der, profile.curve)?;
-    let params = meter_params(session, profile, &point)?;
+    let serial = random_serial(session)?;
+    issue_with_serial(
+        session,
+        ca,
+        &Subject::Csr(csr_der.to_vec()),
+        profile,
+        &serial,
+    )
+}
+
+/// Whose key a meter certificate certifies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Subject {
+    /// The key of a PKCS#10 request (checked: proof of possession, curve, no CA flag or unknown
+    /// extension).
+    Csr(Vec<u8>),
+    /// A key pair the HSM generated for a meter without a key generator.
+    Key {
+        /// Its curve (must be the profile's).
+        curve: Curve,
+        /// Its uncompressed public point.
+        point: Vec<u8>,
+    },
+}
+
+/// Issues a meter certificate with a serial chosen (and committed to a journal) beforehand, so
+/// that a crash between signing and recording leaves a known serial to void.
+pub fn issue_with_serial(
+    session: &HsmSession<'_>,
+    ca: &Issuer,
+    subject: &Subject,
+    profile: &MeterProfile,
+    serial: &[u8; 16],
+) -> Result<IssuedCertificate> {
+    if serial[0] == 0 || serial[0] & 0x80 != 0 {
+        return Err(Error::InvalidInput(
+            "a certificate serial must be 16 bytes, positive, with a non-zero first byte".into(),
+        ));
+    }
+    let point = match subject {
+        Subject::Csr(csr) => check_csr(csr, profile.curve)?,
+        Subject::Key { curve, point } => {
+            if *curve != profile.curve {
+                return Err(Error::Profile(format!(
+                    "the key is on {} but the model requires {}",
+                    curve.name(),
+                    profile.curve.name()
+                )));
+            }
+            curve.check_point(point)?;
+            point.clone()
+        }
+    };
+    let mut params = meter_params(profile, &point)?;
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(serial));
     let subject = SubjectKey {
         point,
         curve: profile.curve,
@@ -173,11 +226,13 @@ pub fn issue_meter_certificate(
     parse_and_verify(cert.der(), ca.key.curve, &ca.key.point)
 }
 
-fn meter_params(
-    session: &HsmSession<'_>,
-    profile: &MeterProfile,
-    point: &[u8],
-) -> Result<rcgen::CertificateParams> {
+/// The subject public point of a certificate (DER).
+pub fn subject_point(der: &[u8]) -> Result<Vec<u8>> {
+    let cert = parse_der(der)?;
+    Ok(ec_key_of(cert.tbs_certificate().subject_public_key_info())?.1)
+}
+
+fn meter_params(profile: &MeterProfile, point: &[u8]) -> Result<rcgen::CertificateParams> {
     use rcgen::{DnType, DnValue};
     let serial = &profile.meter_serial;
     if serial.is_empty() || serial.len() > 64 {
@@ -220,7 +275,6 @@ fn meter_params(
     params.distinguished_name = dn;
     params.not_before = not_before;
     params.not_after = not_after;
-    params.serial_number = Some(rcgen::SerialNumber::from_slice(&random_serial(session)?));
     params.is_ca = rcgen::IsCa::ExplicitNoCa;
     params.key_usages = vec![match profile.usage {
         MeterKeyUsage::DigitalSignature => rcgen::KeyUsagePurpose::DigitalSignature,

@@ -1,8 +1,9 @@
 //! The session pool: [`Hsm`], the handle the rest of the station holds.
 //!
 //! A fixed number of PKCS#11 sessions (configured) serve every caller. Blocking PKCS#11 calls
-//! run on tokio's blocking threads ([`Hsm::run`]), never on the runtime's workers, and a
-//! semaphore keeps the number of such threads at the pool size. Synchronous callers (the CLI, a
+//! never stall the runtime ([`Hsm::run`]): on a multi-thread runtime they run under
+//! `block_in_place` (the worker's other tasks move to another thread), elsewhere on tokio's
+//! blocking threads; a semaphore keeps the number of threads inside the HSM at the pool size. Synchronous callers (the CLI, a
 //! CMS builder driving [`crate::HsmSigner`]) use [`Hsm::with_session`] directly.
 //!
 //! Recovery: when a call fails because its session was lost, the user was logged out or the
@@ -214,7 +215,10 @@ impl Hsm {
         self.inner.generation.load(Ordering::Acquire)
     }
 
-    /// Runs `f` on a pooled session on a blocking thread, with recovery and bounded retries.
+    /// Runs `f` on a pooled session without stalling the runtime, with recovery and bounded
+    /// retries. On a multi-thread runtime `f` runs on the calling worker under `block_in_place`,
+    /// so other futures polled by the *same task* (e.g. inside one `join!`) wait for it; spawn
+    /// separate tasks for concurrent HSM work.
     ///
     /// `f` may run more than once (after a lost session it is retried on a fresh one), so it must
     /// not have effects outside the HSM that cannot be repeated.
@@ -227,6 +231,16 @@ impl Hsm {
             .acquire_owned()
             .await
             .map_err(|e| Error::Task(e.to_string()))?;
+        // On a multi-thread runtime the call runs right here: `block_in_place` hands this
+        // worker's other tasks to another thread, so nothing waits for a thread hand-off (two
+        // cross-thread wake-ups per call cost as much as a signature on small machines).
+        // Elsewhere (a current-thread runtime) it goes to the blocking pool.
+        if tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+        {
+            let _permit = permit;
+            return tokio::task::block_in_place(|| self.with_session(f));
+        }
         let hsm = self.clone();
         tokio::task::spawn_blocking(move || {
             let _permit = permit;

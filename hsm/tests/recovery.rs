@@ -51,13 +51,20 @@ fn pool_recovers_after_the_library_is_reinitialised() {
     let meter_key = hsm
         .with_session(|s| s.generate_aes_key(KeyRole::MeterGuek, AesKeySize::Aes128, None))
         .unwrap();
-    assert!(verifies(&pair.point, b"before", &hsm.with_session(|s| s.sign(&pair.private, b"before")).unwrap()));
+    assert!(verifies(
+        &pair.point,
+        b"before",
+        &hsm.with_session(|s| s.sign(&pair.private, b"before"))
+            .unwrap()
+    ));
 
     finalize();
     initialize();
 
     // The token key is found again by label; the pool re-opened and logged in.
-    let sig = hsm.with_session(|s| s.sign(&pair.private, b"after")).unwrap();
+    let sig = hsm
+        .with_session(|s| s.sign(&pair.private, b"after"))
+        .unwrap();
     assert!(verifies(&pair.point, b"after", &sig));
     assert!(hsm.generation() >= 1, "a new generation began");
     // The session object died with its session, and says so.
@@ -93,7 +100,11 @@ fn pool_logs_in_again_after_a_logout_behind_its_back() {
     hsm.with_session(|s| {
         let raw = s.raw_session_for_tests();
         raw.logout().unwrap();
-        let refused = raw.sign(&cryptoki::mechanism::Mechanism::Ecdsa, pair.private.raw_handle_for_tests(), &[1u8; 32]);
+        let refused = raw.sign(
+            &cryptoki::mechanism::Mechanism::Ecdsa,
+            pair.private.raw_handle_for_tests(),
+            &[1u8; 32],
+        );
         assert!(refused.is_err(), "the logout took effect");
         Ok(())
     })
@@ -118,7 +129,12 @@ async fn signing_tasks_survive_a_reinitialisation_mid_run() {
     let resume = Arc::new(tokio::sync::Barrier::new(TASKS + 1));
     let mut tasks = Vec::new();
     for t in 0..TASKS {
-        let (hsm, key, halfway, resume) = (hsm.clone(), pair.private.clone(), halfway.clone(), resume.clone());
+        let (hsm, key, halfway, resume) = (
+            hsm.clone(),
+            pair.private.clone(),
+            halfway.clone(),
+            resume.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let mut out = Vec::new();
             for i in 0..SIGNS {

@@ -4,6 +4,8 @@
 //! `{"op": ..., "tasks": N, "ops_per_s": F}` for `sign` (ECDSA P-256), `keygen` (session key
 //! pair), `issue_cert` (request check + build + HSM signature + parse back and verify) and
 //! `secret_key` (AES key generation + AES-KW under a KTK + AES-KW under a batch transport key).
+//! `issue_cert` lines say where signatures were verified (`"verify": "software"` or `"token"`,
+//! see `hsm::cert::Verification`).
 //! The `sign` lines also carry `overhead_ratio`: the rate of the same loop written directly on
 //! `cryptoki` (one session per thread), measured in the same run, divided by ours.
 //!
@@ -15,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, ObjectClass};
-use hsm::cert::{Issuer, MeterKeyUsage, MeterProfile, issue_meter_certificate};
+use hsm::cert::{Issuer, MeterKeyUsage, MeterProfile, Verification, issue_meter_certificate};
 use hsm::{AesKeySize, Curve, Hsm, KeyRole, WrapAlg};
 use p256::elliptic_curve::sec1::ToSec1Point;
 use sha2::Digest;
@@ -182,7 +184,13 @@ async fn main() {
         curve: Curve::P256,
         not_after: None,
     });
-    for tasks in [1, POOL] {
+    for (verification, tasks) in [
+        (Verification::Software, 1),
+        (Verification::Software, POOL),
+        (Verification::Token, 1),
+        (Verification::Token, POOL),
+    ] {
+        let ca = Arc::new((*ca).clone().with_verification(verification));
         let (h, ca, csr, profile) = (hsm.clone(), ca.clone(), csr.clone(), profile.clone());
         let rate = measure(tasks, move |_| {
             let (h, ca, csr, profile) = (h.clone(), ca.clone(), csr.clone(), profile.clone());
@@ -193,7 +201,13 @@ async fn main() {
             }
         })
         .await;
-        line("issue_cert", tasks, rate, None);
+        let name = match verification {
+            Verification::Software => "software",
+            Verification::Token => "token",
+        };
+        println!(
+            r#"{{"op": "issue_cert", "tasks": {tasks}, "ops_per_s": {rate:.0}, "verify": "{name}"}}"#
+        );
     }
 
     // secret_key: generate + AES-KW under the KTK + AES-KW under the batch transport key

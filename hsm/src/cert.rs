@@ -103,7 +103,23 @@ pub struct Issuer {
     pub key: KeyPairHandle,
     /// The CA's certificate, DER.
     pub cert_der: Vec<u8>,
+    /// Where issuance verifies signatures.
+    pub verification: Verification,
     params: rcgen::CertificateParams,
+}
+
+/// Where issuance verifies signatures: the request's proof of possession and the issued
+/// certificate's signature (both are always verified; this only says by whom).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Verification {
+    /// In software (RustCrypto): scales with the station's CPUs and spends no HSM capacity.
+    /// The right choice for a hardware HSM shared by many nests.
+    #[default]
+    Software,
+    /// In the token (`C_Verify` with `CKM_ECDSA`; the request's key is imported as a session
+    /// object for the call). Faster where the token computes in-process and faster than
+    /// RustCrypto, as SoftHSM does on small machines.
+    Token,
 }
 
 impl Issuer {
@@ -124,8 +140,15 @@ impl Issuer {
         Ok(Issuer {
             key,
             cert_der,
+            verification: Verification::Software,
             params,
         })
+    }
+
+    /// The same issuer, verifying signatures as `verification` says.
+    pub fn with_verification(mut self, verification: Verification) -> Self {
+        self.verification = verification;
+        self
     }
 
     /// Loads the key pair and certificate labelled `label` from the token.
@@ -200,7 +223,12 @@ pub fn issue_with_serial(
         ));
     }
     let point = match subject {
-        Subject::Csr(csr) => check_csr(csr, profile.curve)?,
+        Subject::Csr(csr) => match ca.verification {
+            Verification::Software => check_csr(csr, profile.curve)?,
+            Verification::Token => check_csr_with(csr, profile.curve, |curve, point, msg, sig| {
+                session.verify_with_point(curve, point, msg, sig)
+            })?,
+        },
         Subject::Key { curve, point } => {
             if *curve != profile.curve {
                 return Err(Error::Profile(format!(
@@ -223,7 +251,12 @@ pub fn issue_with_serial(
     let cert = params
         .signed_by(&subject, &issuer)
         .map_err(|e| Error::Encoding(e.to_string()))?;
-    parse_and_verify(cert.der(), ca.key.curve, &ca.key.point)
+    match ca.verification {
+        Verification::Software => parse_and_verify(cert.der(), ca.key.curve, &ca.key.point),
+        Verification::Token => parse_and_verify_with(cert.der(), ca.key.curve, |msg, sig| {
+            session.verify(&ca.key.public, msg, sig)
+        }),
+    }
 }
 
 /// The subject public point of a certificate (DER).
@@ -339,6 +372,21 @@ impl rcgen::PublicKeyData for SubjectKey {
 
 /// Checks a PKCS#10 request for a meter key on `curve`; returns its public point.
 pub fn check_csr(csr_der: &[u8], curve: Curve) -> Result<Vec<u8>, CsrError> {
+    check_csr_with(csr_der, curve, |curve, point, msg, sig| {
+        Ok(verify_ecdsa(curve, point, msg, sig))
+    })
+    .map_err(|e| match e {
+        Error::Csr(e) => e,
+        other => CsrError::Malformed(other.to_string()),
+    })
+}
+
+/// [`check_csr`] with the signature check done by `verify(curve, point, msg, sig_der)`.
+pub(crate) fn check_csr_with(
+    csr_der: &[u8],
+    curve: Curve,
+    verify: impl FnOnce(Curve, &[u8], &[u8], &[u8]) -> Result<bool>,
+) -> Result<Vec<u8>> {
     let req = CertReq::from_der(csr_der).map_err(|e| CsrError::Malformed(e.to_string()))?;
     let (found, point) = ec_key_of(&req.info.public_key).map_err(|e| match e {
         Error::Cert(CertError::WrongCurve { found, .. }) => CsrError::WrongCurve {
@@ -350,9 +398,7 @@ pub fn check_csr(csr_der: &[u8], curve: Curve) -> Result<Vec<u8>, CsrError> {
     // Proof of possession first, with the curve the request claims.
     let expected_alg = signature_oid(found);
     if req.algorithm.oid != expected_alg {
-        return Err(CsrError::UnsupportedSignatureAlgorithm(
-            req.algorithm.oid.to_string(),
-        ));
+        return Err(CsrError::UnsupportedSignatureAlgorithm(req.algorithm.oid.to_string()).into());
     }
     let tbs = req
         .info
@@ -361,20 +407,22 @@ pub fn check_csr(csr_der: &[u8], curve: Curve) -> Result<Vec<u8>, CsrError> {
     let sig = req.signature.as_bytes().ok_or_else(|| {
         CsrError::Malformed("the signature bit string is not octet-aligned".into())
     })?;
-    if !verify_ecdsa(found, &point, &tbs, sig) {
-        return Err(CsrError::BadSignature);
+    if !verify(found, &point, &tbs, sig)? {
+        return Err(CsrError::BadSignature.into());
     }
     if found != curve {
         return Err(CsrError::WrongCurve {
             expected: curve.name(),
             found: found.name().to_owned(),
-        });
+        }
+        .into());
     }
     for attr in req.info.attributes.iter() {
         if attr.oid != ID_EXTENSION_REQ {
             return Err(CsrError::UnexpectedAttribute {
                 oid: attr.oid.to_string(),
-            });
+            }
+            .into());
         }
         for value in attr.values.iter() {
             let bytes = value
@@ -486,8 +534,19 @@ pub(crate) fn parse_and_verify(
     issuer_curve: Curve,
     issuer_point: &[u8],
 ) -> Result<IssuedCertificate> {
+    parse_and_verify_with(der, issuer_curve, |msg, sig| {
+        Ok(verify_ecdsa(issuer_curve, issuer_point, msg, sig))
+    })
+}
+
+/// [`parse_and_verify`] with the signature check done by `verify(tbs, sig_der)`.
+fn parse_and_verify_with(
+    der: &[u8],
+    issuer_curve: Curve,
+    verify: impl FnOnce(&[u8], &[u8]) -> Result<bool>,
+) -> Result<IssuedCertificate> {
     let cert = parse_der(der)?;
-    verify_signed_by(&cert, issuer_curve, issuer_point)?;
+    check_signature(&cert, issuer_curve, verify)?;
     Ok(IssuedCertificate {
         der: der.to_vec(),
         serial: cert.tbs_certificate().serial_number().as_bytes().to_vec(),
@@ -497,6 +556,16 @@ pub(crate) fn parse_and_verify(
 
 /// Checks that `cert` is signed by the EC key `point` on `curve`.
 pub(crate) fn verify_signed_by(cert: &Certificate, curve: Curve, point: &[u8]) -> Result<()> {
+    check_signature(cert, curve, |msg, sig| {
+        Ok(verify_ecdsa(curve, point, msg, sig))
+    })
+}
+
+fn check_signature(
+    cert: &Certificate,
+    curve: Curve,
+    verify: impl FnOnce(&[u8], &[u8]) -> Result<bool>,
+) -> Result<()> {
     let subject = cert.tbs_certificate().subject().to_string();
     let alg = cert.signature_algorithm().oid;
     if alg != ECDSA_WITH_SHA256 && alg != ECDSA_WITH_SHA384 {
@@ -508,7 +577,7 @@ pub(crate) fn verify_signed_by(cert: &Certificate, curve: Curve, point: &[u8]) -
         .map_err(|e| Error::Encoding(e.to_string()))?;
     let sig = cert.signature().as_bytes().unwrap_or_default();
     // The digest follows the signature algorithm; p256 verifies SHA-256, p384 SHA-384.
-    let ok = alg == signature_oid(curve) && verify_ecdsa(curve, point, &tbs, sig);
+    let ok = alg == signature_oid(curve) && verify(&tbs, sig)?;
     if ok {
         Ok(())
     } else {

@@ -24,10 +24,11 @@ pub mod policy;
 pub mod pool;
 pub mod session;
 pub mod signer;
+pub mod softhsm;
 mod sync;
 pub mod testkit;
 
-pub use cert::{IssuedCertificate, Issuer, MeterKeyUsage, MeterProfile};
+pub use cert::{IssuedCertificate, Issuer, MeterKeyUsage, MeterProfile, Verification};
 pub use config::{HsmConfig, PinSource, SOFTHSM_MODULE};
 pub use error::{CertError, CsrError, Error, Result};
 pub use mechanisms::{Mechanisms, OaepHash};

@@ -487,10 +487,9 @@ impl fmt::Display for CsrOutput {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "# {} key {} ({}), id {}",
+            "# {} key {} (generated in the hsm), id {}",
             self.label,
             self.curve.name(),
-            "generated in the hsm",
             hex::encode(&self.key_id)
         )?;
         f.write_str(&self.pem)

@@ -478,6 +478,7 @@ fn anchor_healthy(anchor: &Session, slot: Slot) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use cryptoki::context::Function;

@@ -867,6 +867,59 @@ impl<'a> HsmSession<'a> {
         Ok(der)
     }
 
+    /// Verifies a DER ECDSA signature over `msg` (hashed in software as in [`Self::sign`])
+    /// with an EC public key object. A signature that does not verify is `Ok(false)`.
+    pub fn verify(&self, public: &KeyHandle, msg: &[u8], sig_der: &[u8]) -> Result<bool> {
+        let curve = match public.kind {
+            KeyKind::EcPublic(c) => c,
+            _ => {
+                return Err(Error::InvalidInput(
+                    "ecdsa verification needs an ec public key".into(),
+                ));
+            }
+        };
+        let h = self.resolve(public)?;
+        let (digest, raw) = match curve {
+            Curve::P256 => (
+                sha2::Sha256::digest(msg).to_vec(),
+                p256::ecdsa::Signature::from_der(sig_der).map(|s| s.to_bytes().to_vec()),
+            ),
+            Curve::P384 => (
+                sha2::Sha384::digest(msg).to_vec(),
+                p384::ecdsa::Signature::from_der(sig_der).map(|s| s.to_bytes().to_vec()),
+            ),
+        };
+        let Ok(raw) = raw else {
+            return Ok(false);
+        };
+        match self.session.verify(&Mechanism::Ecdsa, h, &digest, &raw) {
+            Ok(()) => Ok(true),
+            Err(cryptoki::error::Error::Pkcs11(
+                cryptoki::error::RvError::SignatureInvalid
+                | cryptoki::error::RvError::SignatureLenRange,
+                _,
+            )) => Ok(false),
+            Err(e) => Err(Error::ck("verify", e)),
+        }
+    }
+
+    /// [`Self::verify`] with a public key given by value: imported as a verify-only session
+    /// object for the call and destroyed afterwards.
+    pub fn verify_with_point(
+        &self,
+        curve: Curve,
+        point: &[u8],
+        msg: &[u8],
+        sig_der: &[u8],
+    ) -> Result<bool> {
+        let key = self.import_ec_public_key(curve, point)?;
+        let result = self.verify(&key, msg, sig_der);
+        let destroyed = self.destroy(&key);
+        let ok = result?;
+        destroyed?;
+        Ok(ok)
+    }
+
     // ----- wrapping ------------------------------------------------------------------------
 
     fn wrap_mechanism(&self, alg: WrapAlg) -> Result<Mechanism<'static>> {

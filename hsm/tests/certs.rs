@@ -1,7 +1,9 @@
 //! The device-CA meter certificate profile and the signers.
 
 use der::{Decode, Encode};
-use hsm::cert::{Issuer, MeterKeyUsage, MeterProfile, check_csr, issue_meter_certificate};
+use hsm::cert::{
+    Issuer, MeterKeyUsage, MeterProfile, Verification, check_csr, issue_meter_certificate,
+};
 use hsm::{CertError, CsrError, Curve, Error, KeyRole};
 use x509_cert::Certificate;
 use x509_cert::ext::pkix::{
@@ -53,10 +55,33 @@ fn ext<'a, T: Decode<'a, Error = der::Error>>(c: &'a Certificate, oid: &str) -> 
 #[test]
 fn meter_certificates_follow_the_profile_and_openssl_verifies_them() {
     let (hsm, ca, dir) = demo();
-    for (curve, usage, seed) in [
-        (Curve::P256, MeterKeyUsage::DigitalSignature, "m1"),
-        (Curve::P384, MeterKeyUsage::KeyAgreement, "m2"),
+    for (curve, usage, seed, verification) in [
+        (
+            Curve::P256,
+            MeterKeyUsage::DigitalSignature,
+            "m1",
+            Verification::Software,
+        ),
+        (
+            Curve::P384,
+            MeterKeyUsage::KeyAgreement,
+            "m2",
+            Verification::Software,
+        ),
+        (
+            Curve::P256,
+            MeterKeyUsage::KeyAgreement,
+            "m3",
+            Verification::Token,
+        ),
+        (
+            Curve::P384,
+            MeterKeyUsage::DigitalSignature,
+            "m4",
+            Verification::Token,
+        ),
     ] {
+        let ca = ca.clone().with_verification(verification);
         let key = SoftKey::new(curve, seed);
         // The request asks for another name and another usage: the profile decides.
         let mut req = rcgen::CertificateParams::default();
@@ -190,8 +215,14 @@ fn serials_are_unique_and_a_caller_can_choose_the_end_of_validity() {
 #[test]
 fn bad_requests_are_refused_each_with_its_own_error() {
     let (hsm, ca, _dir) = demo();
+    for verification in [Verification::Software, Verification::Token] {
+        bad_requests_are_refused(&hsm, &ca.clone().with_verification(verification));
+    }
+}
+
+fn bad_requests_are_refused(hsm: &hsm::Hsm, ca: &Issuer) {
     let p = profile(Curve::P256, MeterKeyUsage::DigitalSignature);
-    let issue = |csr: &[u8]| hsm.with_session(|s| issue_meter_certificate(s, &ca, csr, &p));
+    let issue = |csr: &[u8]| hsm.with_session(|s| issue_meter_certificate(s, ca, csr, &p));
     let csr_err = |r: hsm::Result<hsm::IssuedCertificate>| match r {
         Err(Error::Csr(e)) => e,
         other => panic!("expected a request refusal, got {other:?}"),
@@ -299,7 +330,7 @@ fn bad_requests_are_refused_each_with_its_own_error() {
     let mut bad = p.clone();
     bad.meter_serial = "serial_with_underscore".into();
     let e = hsm
-        .with_session(|s| issue_meter_certificate(s, &ca, &good, &bad))
+        .with_session(|s| issue_meter_certificate(s, ca, &good, &bad))
         .unwrap_err();
     assert!(matches!(e, Error::Profile(_)), "{e}");
 
@@ -368,4 +399,35 @@ fn hsm_signer_serves_the_signature_traits() {
         .verifying_key()
         .verify(b"checkpoint", &sig)
         .unwrap();
+}
+
+#[test]
+fn the_token_verifies_signatures_too() {
+    let (_t, hsm) = token("verify", 1);
+    for curve in [Curve::P256, Curve::P384] {
+        let pair = hsm
+            .with_session(|s| s.generate_ec_keypair(KeyRole::MeterKeyPair, curve, None))
+            .unwrap();
+        let meter = SoftKey::new(curve, "verifier");
+        let sig = rcgen::SigningKey::sign(&meter, b"body").unwrap();
+        hsm.with_session(|s| {
+            assert!(s.verify_with_point(curve, &meter.point(), b"body", &sig)?);
+            assert!(!s.verify_with_point(curve, &meter.point(), b"other", &sig)?);
+            assert!(
+                !s.verify_with_point(curve, &pair.point, b"body", &sig)?,
+                "another key"
+            );
+            assert!(!s.verify(&pair.public, b"body", b"not der")?);
+            Ok(())
+        })
+        .unwrap();
+    }
+    // The imported keys were destroyed again.
+    let publics = hsm::pki::info(&hsm)
+        .unwrap()
+        .objects
+        .iter()
+        .filter(|o| o.class == "public key")
+        .count();
+    assert_eq!(publics, 2, "only the two generated public keys remain");
 }

@@ -183,7 +183,7 @@ fn ktk_equals_software_derivation_and_wrapped_meter_keys_unwrap() {
         .filter(|o| o.class == "secret key")
         .collect();
     assert_eq!(secrets.len(), 1, "{secrets:?}");
-    assert_eq!(secrets[0].flags.as_ref().unwrap().wrap, true);
+    assert!(secrets[0].flags.as_ref().unwrap().wrap);
 
     // Another transcript gives another key: the software KTK of `th` no longer unwraps.
     let other = crypto::ktk_derivation_data(&sha2::Sha256::digest(b"other").into());

@@ -306,7 +306,7 @@ fn production_csr_and_import_through_an_offline_root() {
         "{e}"
     );
     // A certificate for another key (another request's) does not match the HSM key.
-    write(d, "other.csr", &pki_other_csr(d));
+    write(d, "other.csr", pki_other_csr(d));
     sign_csr(d, "root", "other.csr", "other.pem", CA_EXT);
     let e = refuse(
         &std::fs::read_to_string(d.join("other.pem")).unwrap(),
@@ -317,7 +317,7 @@ fn production_csr_and_import_through_an_offline_root() {
         "{e}"
     );
     // A key of the wrong curve.
-    write(d, "p384.csr", &pki_other_csr_curve(d, "P-384"));
+    write(d, "p384.csr", pki_other_csr_curve(d, "P-384"));
     sign_csr(d, "root", "p384.csr", "p384.pem", CA_EXT);
     let e = refuse(
         &std::fs::read_to_string(d.join("p384.pem")).unwrap(),

@@ -115,6 +115,9 @@ fn pool_logs_in_again_after_a_logout_behind_its_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// The guard serialises whole tests (they finalise the library); holding it across awaits is the
+// point, and no other task of this test takes it.
+#[allow(clippy::await_holding_lock)]
 async fn signing_tasks_survive_a_reinitialisation_mid_run() {
     let _g = serial();
     let (_t, hsm) = util::token("load", 4);

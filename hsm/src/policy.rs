@@ -343,6 +343,29 @@ pub fn policy(role: KeyRole) -> &'static KeyPolicy {
 }
 
 impl KeyRole {
+    /// Every role, in table order.
+    pub const ALL: [KeyRole; 19] = [
+        KeyRole::ManufacturerRoot,
+        KeyRole::DeviceCa,
+        KeyRole::ManifestSigner,
+        KeyRole::AuditSigner,
+        KeyRole::ProvisioningRoot,
+        KeyRole::StationIdentity,
+        KeyRole::BatchTransport,
+        KeyRole::CustomerTransport,
+        KeyRole::KeyTransportAgreement,
+        KeyRole::KeyTransportSecret,
+        KeyRole::KeyTransport,
+        KeyRole::MeterGuek,
+        KeyRole::MeterGbek,
+        KeyRole::MeterAk,
+        KeyRole::MeterKek,
+        KeyRole::MeterKeyPair,
+        KeyRole::UtilityTransportPair,
+        KeyRole::UtilityBatchTransport,
+        KeyRole::UtilityMeterKey,
+    ];
+
     /// The label of this role's token objects, if it has any.
     pub fn label(self) -> Option<&'static str> {
         policy(self).label
@@ -415,8 +438,46 @@ impl ObjectPolicy {
 mod tests {
     use super::*;
 
+    /// Fails to compile when a role is added without being listed in `KeyRole::ALL`.
+    fn listed(role: KeyRole) -> bool {
+        match role {
+            KeyRole::ManufacturerRoot
+            | KeyRole::DeviceCa
+            | KeyRole::ManifestSigner
+            | KeyRole::AuditSigner
+            | KeyRole::ProvisioningRoot
+            | KeyRole::StationIdentity
+            | KeyRole::BatchTransport
+            | KeyRole::CustomerTransport
+            | KeyRole::KeyTransportAgreement
+            | KeyRole::KeyTransportSecret
+            | KeyRole::KeyTransport
+            | KeyRole::MeterGuek
+            | KeyRole::MeterGbek
+            | KeyRole::MeterAk
+            | KeyRole::MeterKek
+            | KeyRole::MeterKeyPair
+            | KeyRole::UtilityTransportPair
+            | KeyRole::UtilityBatchTransport
+            | KeyRole::UtilityMeterKey => KeyRole::ALL.contains(&role),
+        }
+    }
+
     #[test]
     fn every_role_has_exactly_one_row() {
+        assert_eq!(
+            POLICY[9].role,
+            KeyRole::KeyTransportSecret,
+            "the fallback row"
+        );
+        for role in KeyRole::ALL {
+            assert!(listed(role));
+            assert_eq!(
+                POLICY.iter().filter(|p| p.role == role).count(),
+                1,
+                "{role:?}"
+            );
+        }
         for row in &POLICY {
             assert_eq!(
                 POLICY.iter().filter(|p| p.role == row.role).count(),

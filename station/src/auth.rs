@@ -94,6 +94,30 @@ pub enum Action {
     ExportAudit,
 }
 
+impl Action {
+    /// What the action is, in words.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Action::ViewLine => "view the line",
+            Action::RunLine => "start or stop the line",
+            Action::ClearNest => "clear a nest",
+            Action::OpenBatch => "open a batch",
+            Action::CloseBatch => "close a batch",
+            Action::Rework => "approve a rework",
+            Action::AckAlarm => "acknowledge alarms",
+            Action::ImportFirmware => "import firmware",
+            Action::ImportCustomer => "import customers",
+            Action::ManageUsers => "manage users",
+            Action::ExportManifest => "export manifests",
+            Action::ManagePki => "change the PKI",
+            Action::ViewHsm => "view the HSM",
+            Action::ViewAudit => "read the audit log",
+            Action::VerifyAudit => "verify the audit log",
+            Action::ExportAudit => "export the audit log",
+        }
+    }
+}
+
 /// The permission table: who may do what. The single place this is decided.
 pub const PERMISSIONS: &[(Action, &[Role])] = &[
     (Action::ViewLine, &[Role::Operator, Role::Supervisor, Role::SecurityOfficer, Role::Auditor]),
@@ -162,7 +186,7 @@ pub enum AuthError {
     #[error("the session expired after inactivity; log in again")]
     Expired,
     /// Not allowed.
-    #[error("{user} ({}) may not {action:?}; this needs one of: {}", role.as_str(), who_may(*action))]
+    #[error("{user} ({}) may not {}; this needs one of: {}", role.as_str(), action.describe(), who_may(*action))]
     Forbidden {
         /// Who tried.
         user: String,

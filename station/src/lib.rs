@@ -8,3 +8,9 @@ pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod db;
+pub mod demo;
+pub mod engine;
+pub mod records;
+pub mod run;
+
+pub use engine::{Command, Engine, Error, Event, LineView, OpenOptions, Reply, Session};

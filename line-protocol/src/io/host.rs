@@ -103,6 +103,8 @@ pub struct HostLink {
     rbuf: Vec<u8>,
     epoch: Instant,
     stats: LinkStats,
+    closed: bool,
+    writer_awaited: bool,
 }
 
 impl std::fmt::Debug for HostLink {
@@ -155,6 +157,8 @@ impl HostLink {
             rbuf: vec![0u8; 16 * 1024],
             epoch: Instant::now(),
             stats: LinkStats::default(),
+            closed: false,
+            writer_awaited: false,
         }
     }
 
@@ -166,6 +170,11 @@ impl HostLink {
     /// The link's timing.
     pub fn timing(&self) -> LinkTiming {
         self.timing
+    }
+
+    /// Has the transport closed or failed (reopen the port before using this link again)?
+    pub fn is_closed(&self) -> bool {
+        self.closed || self.writer.is_finished()
     }
 
     /// Counters.
@@ -185,12 +194,17 @@ impl HostLink {
     async fn send(&mut self, bytes: Vec<u8>) -> Result<(), LinkError> {
         self.stats.bytes_out += bytes.len() as u64;
         if self.tx.send(bytes).await.is_err() {
+            self.closed = true;
             return Err(self.writer_error().await);
         }
         Ok(())
     }
 
     async fn writer_error(&mut self) -> LinkError {
+        // A JoinHandle may be awaited once; later failures just report the link closed.
+        if std::mem::replace(&mut self.writer_awaited, true) {
+            return LinkError::Closed;
+        }
         match (&mut self.writer).await {
             Ok(Err(e)) => LinkError::Io(e),
             _ => LinkError::Closed,
@@ -202,8 +216,14 @@ impl HostLink {
         let read = tokio::time::timeout_at(deadline, self.reader.read(&mut self.rbuf)).await;
         match read {
             Err(_) => Ok(false),
-            Ok(Err(e)) => Err(LinkError::Io(e)),
-            Ok(Ok(0)) => Err(LinkError::Closed),
+            Ok(Err(e)) => {
+                self.closed = true;
+                Err(LinkError::Io(e))
+            }
+            Ok(Ok(0)) => {
+                self.closed = true;
+                Err(LinkError::Closed)
+            }
             Ok(Ok(n)) => {
                 let events = self.session.receive(&self.rbuf[..n]);
                 self.inbox.extend(events);
@@ -258,10 +278,16 @@ impl HostLink {
 
     /// HELLO, retried; returns the meter's identity and capabilities.
     pub async fn hello(&mut self) -> Result<HelloAck, LinkError> {
+        self.hello_attempts(ATTEMPTS).await
+    }
+
+    /// HELLO with at most `attempts` tries (1 to probe an empty nest quickly).
+    pub async fn hello_attempts(&mut self, attempts: u32) -> Result<HelloAck, LinkError> {
         self.flush_inbox();
+        let attempts = attempts.max(1);
         let ms = self.timing.request_timeout_ms(ty::HELLO, 32, 200, 0);
         let mut refs = Vec::new();
-        for attempt in 0..ATTEMPTS {
+        for attempt in 0..attempts {
             let mut nonce = [0u8; 16];
             rand_core::Rng::fill_bytes(&mut system_rng(), &mut nonce);
             refs.push(self.session.next_seq());
@@ -279,7 +305,7 @@ impl HostLink {
                 }
                 Some(other) => return Err(LinkError::Protocol(format!("{} in answer to HELLO", other.name()))),
                 None => {
-                    if attempt + 1 < ATTEMPTS {
+                    if attempt + 1 < attempts {
                         self.stats.retries += 1;
                     }
                 }

@@ -161,3 +161,12 @@ CREATE TABLE exports (
     created_at      INTEGER NOT NULL,
     created_by      TEXT NOT NULL
 );
+
+-- Supervisor approvals to provision a failed meter again (one use each).
+CREATE TABLE reworks (
+    id              INTEGER PRIMARY KEY,
+    uid             TEXT NOT NULL,
+    approved_by     TEXT NOT NULL,
+    approved_at     INTEGER NOT NULL,
+    used_at         INTEGER
+);

@@ -1,0 +1,1038 @@
+//! The engine: one per cell. It owns the journal, the HSM pool, the audit log and one task per
+//! nest, and exposes exactly two things to front ends: [`Engine::execute`], through which every
+//! command passes the permission table, and an event stream plus snapshot of the line.
+//!
+//! The nest tasks ([`nest`]) run meters through the steps of the design ([`provision`]); the
+//! administrative commands (batches, firmware, customers, users) are in [`admin`]; start-up
+//! recovery is in [`recovery`].
+
+mod admin;
+mod keys;
+pub mod nest;
+mod provision;
+mod recovery;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::{broadcast, watch};
+use tokio::task::JoinHandle;
+
+pub use admin::{BatchSpec, ExportOutcome};
+pub use keys::{CellKeys, open_hsm};
+use line_protocol::firmware::{PlanParams, TransferPlan};
+
+use crate::audit::{self, Alarm, Audit, NewEvent, Severity, Verification};
+use crate::auth::{self, Action, AuthError, LoginOutcome, Role, SessionToken, User};
+use crate::config::Config;
+use crate::db::{Db, DbError, now_ms};
+use crate::records::{self, BatchRow, CustomerRow, FirmwareRow};
+
+/// Everything that can go wrong, with a message an operator can act on.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Authentication or authorisation.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// The journal.
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// The HSM.
+    #[error("hsm: {0}")]
+    Hsm(#[from] hsm::Error),
+    /// The audit log could not record (and so nothing was done).
+    #[error(transparent)]
+    Audit(#[from] audit::AuditError),
+    /// Bad input from the user.
+    #[error("{0}")]
+    Invalid(String),
+    /// Something named does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request conflicts with the current state.
+    #[error("{0}")]
+    Conflict(String),
+    /// The cell is not set up.
+    #[error("{0}")]
+    Setup(String),
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Self {
+        Error::Db(e.into())
+    }
+}
+
+/// Result of engine operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A logged-in user.
+#[derive(Debug, Clone)]
+pub struct Session {
+    token: SessionToken,
+    /// User name.
+    pub user: String,
+    /// Role.
+    pub role: Role,
+}
+
+/// Where a nest is.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum NestState {
+    /// The port cannot be opened.
+    Offline,
+    /// Waiting for a meter (or for the line to start).
+    Idle,
+    /// A meter is being provisioned.
+    Busy,
+    /// The last meter passed.
+    Pass,
+    /// The last meter failed.
+    Fail,
+    /// Disabled by an operator, or the line is stopped.
+    Stopped,
+}
+
+impl NestState {
+    /// Upper-case word for displays.
+    pub fn word(self) -> &'static str {
+        match self {
+            NestState::Offline => "OFFLINE",
+            NestState::Idle => "IDLE",
+            NestState::Busy => "BUSY",
+            NestState::Pass => "PASS",
+            NestState::Fail => "FAIL",
+            NestState::Stopped => "STOPPED",
+        }
+    }
+}
+
+/// The steps of one meter.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Step {
+    /// Identify.
+    Hello,
+    /// Secure channel.
+    Channel,
+    /// Model, UID and lifecycle checks.
+    Check,
+    /// Serial number, system title.
+    Assign,
+    /// Key pairs, certificates, secret keys.
+    Keys,
+    /// Trust anchors.
+    Anchors,
+    /// Firmware.
+    Firmware,
+    /// Seal.
+    Seal,
+    /// Attestation.
+    Attest,
+    /// Release from the nest.
+    Release,
+}
+
+impl Step {
+    /// Word for displays.
+    pub fn word(self) -> &'static str {
+        match self {
+            Step::Hello => "identify",
+            Step::Channel => "secure channel",
+            Step::Check => "check",
+            Step::Assign => "assign",
+            Step::Keys => "keys",
+            Step::Anchors => "trust anchors",
+            Step::Firmware => "firmware",
+            Step::Seal => "seal",
+            Step::Attest => "attest",
+            Step::Release => "release",
+        }
+    }
+}
+
+/// One nest as a display sees it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct NestView {
+    /// Number, from 1.
+    pub nest: u32,
+    /// Name.
+    pub name: String,
+    /// Port.
+    pub port: String,
+    /// Taking meters when the line runs.
+    pub enabled: bool,
+    /// State.
+    pub state: NestState,
+    /// Meter UID, hex.
+    pub uid: Option<String>,
+    /// Meter serial.
+    pub serial: Option<String>,
+    /// Current step.
+    pub step: Option<Step>,
+    /// Progress of a long step, 0..1.
+    pub progress: Option<f32>,
+    /// Failure reason, or what the nest waits for.
+    pub message: Option<String>,
+    /// Port open.
+    pub port_open: bool,
+    /// Cycle time of the last meter, ms.
+    pub last_cycle_ms: Option<u64>,
+}
+
+/// Health of the cell's parts.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, Default)]
+pub struct Health {
+    /// HSM reachable and logged in.
+    pub hsm: bool,
+    /// Token label and detail.
+    pub hsm_detail: String,
+    /// Journal writable.
+    pub database: bool,
+}
+
+/// The line at a glance.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LineView {
+    /// Station id.
+    pub station: String,
+    /// Line started.
+    pub running: bool,
+    /// Who started it.
+    pub operator: Option<String>,
+    /// The open batch.
+    pub batch: Option<BatchRow>,
+    /// Nests.
+    pub nests: Vec<NestView>,
+    /// Unacknowledged alarms.
+    pub alarms: Vec<Alarm>,
+    /// Health.
+    pub health: Health,
+    /// Last cycle time, ms.
+    pub last_cycle_ms: Option<u64>,
+    /// Average cycle time, ms.
+    pub avg_cycle_ms: Option<u64>,
+}
+
+/// What the engine tells its front ends.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub enum Event {
+    /// A nest changed.
+    Nest(NestView),
+    /// The open batch changed (counts, opened, closed).
+    Batch(Option<BatchRow>),
+    /// An alarm was raised.
+    Alarm(Alarm),
+    /// An alarm was acknowledged.
+    AlarmAcked {
+        /// Id.
+        id: i64,
+        /// By.
+        by: String,
+    },
+    /// The line was started or stopped.
+    Line {
+        /// Running.
+        running: bool,
+    },
+    /// Health changed.
+    Health(Health),
+    /// A meter finished.
+    MeterFinished {
+        /// Nest.
+        nest: u32,
+        /// UID.
+        uid: String,
+        /// Serial, if assigned.
+        serial: Option<String>,
+        /// Passed.
+        ok: bool,
+        /// Failure reason.
+        reason: Option<String>,
+        /// Cycle time, ms.
+        cycle_ms: u64,
+    },
+}
+
+/// A command from a front end. Each maps to one [`Action`] of the permission table.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Command {
+    /// Start the line.
+    StartLine,
+    /// Stop the line after the meters in progress.
+    StopLine,
+    /// Enable or disable one nest.
+    EnableNest {
+        /// Nest number.
+        nest: u32,
+        /// Enabled.
+        enabled: bool,
+    },
+    /// Clear a failed nest's display.
+    ClearNest {
+        /// Nest number.
+        nest: u32,
+    },
+    /// Open a batch.
+    OpenBatch(BatchSpec),
+    /// Close a batch.
+    CloseBatch {
+        /// Batch id.
+        id: i64,
+    },
+    /// Let a failed meter be provisioned again.
+    Rework {
+        /// UID, hex.
+        uid: String,
+    },
+    /// Acknowledge an alarm.
+    AckAlarm {
+        /// Alarm id.
+        id: i64,
+    },
+    /// Import a firmware release.
+    ImportFirmware {
+        /// File name, for the log.
+        name: String,
+        /// Image bytes.
+        image: Vec<u8>,
+    },
+    /// Import a utility's certificate.
+    ImportCustomer {
+        /// Customer name.
+        name: String,
+        /// Certificate, PEM or DER.
+        cert: Vec<u8>,
+    },
+    /// Add a user.
+    AddUser {
+        /// Name.
+        name: String,
+        /// Role.
+        role: Role,
+        /// PIN.
+        pin: zeroize::Zeroizing<String>,
+    },
+    /// Disable a user.
+    DisableUser {
+        /// Name.
+        name: String,
+    },
+    /// Set a user's PIN.
+    ResetPin {
+        /// Name.
+        name: String,
+        /// New PIN.
+        pin: zeroize::Zeroizing<String>,
+    },
+    /// List users.
+    ListUsers,
+    /// List batches.
+    ListBatches,
+    /// One batch.
+    BatchStatus {
+        /// Batch id (the open one when absent).
+        id: Option<i64>,
+    },
+    /// List firmware releases.
+    ListFirmware,
+    /// List customers.
+    ListCustomers,
+    /// Verify the audit log.
+    AuditVerify,
+    /// The newest audit entries.
+    AuditTail {
+        /// How many.
+        n: i64,
+    },
+    /// Entries after a sequence number (for following the log).
+    AuditSince {
+        /// After this.
+        after: i64,
+    },
+    /// The whole audit log with checkpoints.
+    AuditExport,
+    /// Unacknowledged alarms.
+    ListAlarms,
+    /// HSM information.
+    HsmInfo,
+}
+
+impl Command {
+    /// The action this command needs.
+    pub fn action(&self) -> Action {
+        match self {
+            Command::StartLine | Command::StopLine | Command::EnableNest { .. } => Action::RunLine,
+            Command::ClearNest { .. } => Action::ClearNest,
+            Command::OpenBatch(_) => Action::OpenBatch,
+            Command::CloseBatch { .. } => Action::CloseBatch,
+            Command::Rework { .. } => Action::Rework,
+            Command::AckAlarm { .. } => Action::AckAlarm,
+            Command::ImportFirmware { .. } => Action::ImportFirmware,
+            Command::ImportCustomer { .. } => Action::ImportCustomer,
+            Command::AddUser { .. } | Command::DisableUser { .. } | Command::ResetPin { .. } | Command::ListUsers => Action::ManageUsers,
+            Command::ListBatches | Command::BatchStatus { .. } | Command::ListFirmware | Command::ListCustomers | Command::ListAlarms => {
+                Action::ViewLine
+            }
+            Command::AuditVerify => Action::VerifyAudit,
+            Command::AuditTail { .. } | Command::AuditSince { .. } => Action::ViewAudit,
+            Command::AuditExport => Action::ExportAudit,
+            Command::HsmInfo => Action::ViewHsm,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Command::StartLine => "start line",
+            Command::StopLine => "stop line",
+            Command::EnableNest { .. } => "enable nest",
+            Command::ClearNest { .. } => "clear nest",
+            Command::OpenBatch(_) => "open batch",
+            Command::CloseBatch { .. } => "close batch",
+            Command::Rework { .. } => "rework",
+            Command::AckAlarm { .. } => "acknowledge alarm",
+            Command::ImportFirmware { .. } => "import firmware",
+            Command::ImportCustomer { .. } => "import customer",
+            Command::AddUser { .. } => "add user",
+            Command::DisableUser { .. } => "disable user",
+            Command::ResetPin { .. } => "reset pin",
+            Command::ListUsers => "list users",
+            Command::ListBatches => "list batches",
+            Command::BatchStatus { .. } => "batch status",
+            Command::ListFirmware => "list firmware",
+            Command::ListCustomers => "list customers",
+            Command::AuditVerify => "verify audit log",
+            Command::AuditTail { .. } | Command::AuditSince { .. } => "read audit log",
+            Command::AuditExport => "export audit log",
+            Command::ListAlarms => "list alarms",
+            Command::HsmInfo => "hsm info",
+        }
+    }
+}
+
+/// What a command returns.
+#[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
+pub enum Reply {
+    /// Done, nothing to show.
+    Done,
+    /// A batch.
+    Batch(BatchRow),
+    /// Batches.
+    Batches(Vec<BatchRow>),
+    /// A firmware release.
+    Firmware(FirmwareRow),
+    /// Firmware releases.
+    Firmwares(Vec<FirmwareRow>),
+    /// A customer.
+    Customer(CustomerRow),
+    /// Customers.
+    Customers(Vec<CustomerRow>),
+    /// A user.
+    User(User),
+    /// Users.
+    Users(Vec<User>),
+    /// Audit verification.
+    Verification(Verification),
+    /// Audit entries.
+    Entries(Vec<audit::Entry>),
+    /// The audit log and its checkpoints.
+    AuditExport {
+        /// Entries.
+        entries: Vec<audit::Entry>,
+        /// Checkpoint notes.
+        checkpoints: Vec<String>,
+        /// Verification of what was exported.
+        verification: Verification,
+    },
+    /// Alarms.
+    Alarms(Vec<Alarm>),
+    /// Text.
+    Text(String),
+    /// An export.
+    Export(ExportOutcome),
+}
+
+/// How the engine is opened.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// Who opens it: "cli", "gui", "demo" (audit source).
+    pub source: String,
+    /// Start the nest tasks (a one-shot CLI command needs none).
+    pub nests: bool,
+}
+
+struct State {
+    running: bool,
+    operator: Option<String>,
+    enabled: Vec<bool>,
+    nests: Vec<NestView>,
+    cycles: Vec<u64>,
+    health: Health,
+}
+
+pub(crate) struct Inner {
+    pub(crate) cfg: Config,
+    pub(crate) db: Db,
+    pub(crate) hsm: hsm::Hsm,
+    pub(crate) audit: Audit,
+    pub(crate) keys: CellKeys,
+    pub(crate) source: String,
+    events: broadcast::Sender<Event>,
+    state: Mutex<State>,
+    wake: watch::Sender<u64>,
+    stop: watch::Sender<bool>,
+    plans: Mutex<HashMap<(String, PlanParams), Arc<TransferPlan>>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// The engine. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("station", &self.inner.cfg.station_id).finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The state behind these locks stays consistent across a panic (plain values, replaced whole).
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Engine {
+    /// Opens the cell: journal, HSM, keys, recovery of meters left in flight, start-up event.
+    pub async fn open(cfg: Config, opts: OpenOptions) -> Result<Engine> {
+        // A software token's configuration (`hsm.softhsm_conf`) must be in the environment before
+        // the module loads: the binary sets it first thing, before any thread starts.
+        let db = Db::open(&cfg.database)?;
+        let hsm = open_hsm(&cfg)?;
+        let keys = CellKeys::load(&hsm).await?;
+        let audit = Audit::new(Arc::new(keys.audit_signer(&hsm)), &cfg.station_id, cfg.audit.checkpoint_interval, cfg.audit.critical.clone());
+        let (events, _) = broadcast::channel(4096);
+        let nests = cfg
+            .nests
+            .iter()
+            .enumerate()
+            .map(|(i, n)| NestView {
+                nest: i as u32 + 1,
+                name: n.name.clone(),
+                port: n.port.clone(),
+                enabled: true,
+                state: NestState::Stopped,
+                uid: None,
+                serial: None,
+                step: None,
+                progress: None,
+                message: None,
+                port_open: false,
+                last_cycle_ms: None,
+            })
+            .collect();
+        let inner = Arc::new(Inner {
+            state: Mutex::new(State {
+                running: false,
+                operator: None,
+                enabled: vec![true; cfg.nests.len()],
+                nests,
+                cycles: Vec::new(),
+                health: Health {
+                    hsm: true,
+                    hsm_detail: hsm.token().label.clone(),
+                    database: true,
+                },
+            }),
+            cfg,
+            db,
+            hsm,
+            audit,
+            keys,
+            source: opts.source.clone(),
+            events,
+            wake: watch::channel(0).0,
+            stop: watch::channel(false).0,
+            plans: Mutex::new(HashMap::new()),
+            tasks: Mutex::new(Vec::new()),
+        });
+        let engine = Engine { inner };
+        engine.startup_events().await?;
+        if opts.nests {
+            engine.spawn_tasks();
+        }
+        Ok(engine)
+    }
+}
+
+impl Engine {
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.inner.cfg
+    }
+
+    async fn startup_events(&self) -> Result<()> {
+        let inner = Arc::clone(&self.inner);
+        let source = inner.source.clone();
+        let recovered = recovery::recover(&inner).await?;
+        let station = inner.cfg.station_id.clone();
+        let token = inner.hsm.token().label.clone();
+        let mechanisms = match inner.hsm.mechanisms().rsa_oaep {
+            Some(h) => format!("{h:?}").to_lowercase(),
+            None => "none".into(),
+        };
+        inner
+            .record(NewEvent::new(
+                &source,
+                "station.start",
+                Severity::Notice,
+                "system",
+                serde_json::json!({
+                    "station": station,
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "token": token,
+                    "oaep": mechanisms,
+                    "recovered_meters": recovered,
+                }),
+            ))
+            .await?;
+        Ok(())
+    }
+
+    fn spawn_tasks(&self) {
+        let mut tasks = lock(&self.inner.tasks);
+        for i in 0..self.inner.cfg.nests.len() {
+            let inner = Arc::clone(&self.inner);
+            tasks.push(tokio::spawn(nest::run(inner, i)));
+        }
+        let inner = Arc::clone(&self.inner);
+        tasks.push(tokio::spawn(watchdog(inner)));
+    }
+
+    /// Logs a user in (audited either way).
+    pub async fn login(&self, user: &str, pin: &str) -> Result<Session> {
+        let inner = Arc::clone(&self.inner);
+        let (name, pin) = (user.to_string(), zeroize::Zeroizing::new(pin.to_string()));
+        let access = inner.cfg.access;
+        let source = inner.source.clone();
+        let audit = inner.audit.clone();
+        let outcome = inner
+            .db
+            .call(move |c| -> Result<(LoginOutcome, Option<SessionToken>, Option<i64>)> {
+                let now = now_ms();
+                let tx = c.transaction()?;
+                let outcome = auth::login(&tx, &name, &pin, &access, now)?;
+                let (token, alarm) = match &outcome {
+                    LoginOutcome::Success(u) => {
+                        let t = auth::start_session(&tx, u, now)?;
+                        audit.append(&tx, &NewEvent::new(&source, "auth.success", Severity::Info, &u.name, serde_json::json!({"role": u.role.as_str()})))?;
+                        (Some(t), None)
+                    }
+                    LoginOutcome::Refused { error, locked_now } => {
+                        let (kind, sev) = if *locked_now { ("auth.lockout", Severity::Critical) } else { ("auth.failure", Severity::Warning) };
+                        let message = match error {
+                            AuthError::BadCredentials { .. } => format!("wrong PIN or unknown user for {name:?}"),
+                            other => other.to_string(),
+                        };
+                        let a = audit.append(&tx, &NewEvent::new(&source, kind, sev, &name, serde_json::json!({"message": message})))?;
+                        (None, a.alarm)
+                    }
+                };
+                tx.commit()?;
+                Ok((outcome, token, alarm))
+            })
+            .await?;
+        match outcome {
+            (LoginOutcome::Success(u), Some(token), _) => Ok(Session {
+                token,
+                user: u.name,
+                role: u.role,
+            }),
+            (LoginOutcome::Refused { error, .. }, _, alarm) => {
+                if let Some(id) = alarm {
+                    self.inner.publish_alarm(id).await;
+                }
+                Err(Error::Auth(error))
+            }
+            _ => Err(Error::Invalid("login failed".into())),
+        }
+    }
+
+    /// Creates the first security officer of a new cell. Refused once any user exists.
+    pub async fn bootstrap_admin(&self, name: &str, pin: &str) -> Result<User> {
+        let inner = Arc::clone(&self.inner);
+        let (name, pin) = (name.to_string(), zeroize::Zeroizing::new(pin.to_string()));
+        let access = inner.cfg.access;
+        let source = inner.source.clone();
+        let audit = inner.audit.clone();
+        inner
+            .db
+            .call(move |c| -> Result<User> {
+                let tx = c.transaction()?;
+                let n: i64 = tx.query_row("SELECT count(*) FROM users", [], |r| r.get(0))?;
+                if n > 0 {
+                    return Err(Error::Conflict("the cell already has users; a security officer adds more with `station user add`".into()));
+                }
+                let u = auth::add_user(&tx, &name, Role::SecurityOfficer, &pin, &access, now_ms())?;
+                audit.append(&tx, &NewEvent::new(&source, "user.added", Severity::Notice, "bootstrap", serde_json::json!({"user": name, "role": "security_officer", "message": "first security officer of the cell"})))?;
+                tx.commit()?;
+                Ok(u)
+            })
+            .await
+    }
+
+    /// Does the cell have any user yet?
+    pub async fn has_users(&self) -> Result<bool> {
+        self.inner
+            .db
+            .call(|c| -> Result<bool> { Ok(c.query_row("SELECT count(*) FROM users", [], |r| r.get::<_, i64>(0))? > 0) })
+            .await
+    }
+
+    /// Ends a session.
+    pub async fn logout(&self, s: &Session) -> Result<()> {
+        let token = s.token.clone();
+        let user = s.user.clone();
+        let inner = Arc::clone(&self.inner);
+        let source = inner.source.clone();
+        let audit = inner.audit.clone();
+        inner
+            .db
+            .call(move |c| -> Result<()> {
+                let tx = c.transaction()?;
+                auth::end_session(&tx, &token, now_ms())?;
+                audit.append(&tx, &NewEvent::new(&source, "auth.logout", Severity::Info, &user, serde_json::json!({})))?;
+                tx.commit()?;
+                Ok(())
+            })
+            .await
+    }
+
+    /// Checks the session and the permission table for `action`; refusals are audited.
+    pub async fn authorize(&self, s: &Session, action: Action) -> Result<User> {
+        let inner = Arc::clone(&self.inner);
+        let token = s.token.clone();
+        let access = inner.cfg.access;
+        let source = inner.source.clone();
+        let audit = inner.audit.clone();
+        let who = s.user.clone();
+        let (result, alarm) = inner
+            .db
+            .call(move |c| -> Result<(Result<User, AuthError>, Option<i64>)> {
+                let now = now_ms();
+                let tx = c.transaction()?;
+                let r = match auth::check_session(&tx, &token, &access, now) {
+                    Ok(user) if auth::allowed(user.role, action) => Ok(user),
+                    Ok(user) => Err(AuthError::Forbidden {
+                        user: user.name,
+                        role: user.role,
+                        action,
+                    }),
+                    Err(e) => Err(e),
+                };
+                let mut alarm = None;
+                if let Err(e) = &r {
+                    let kind = if matches!(e, AuthError::Expired) { "auth.session_expired" } else { "auth.forbidden" };
+                    alarm = audit
+                        .append(&tx, &NewEvent::new(&source, kind, Severity::Warning, &who, serde_json::json!({"action": action, "message": e.to_string()})))?
+                        .alarm;
+                }
+                tx.commit()?;
+                Ok((r, alarm))
+            })
+            .await?;
+        if let Some(id) = alarm {
+            self.inner.publish_alarm(id).await;
+        }
+        Ok(result?)
+    }
+
+    /// Runs a command for a session: permission first, then the command.
+    pub async fn execute(&self, s: &Session, cmd: Command) -> Result<Reply> {
+        let user = self.authorize(s, cmd.action()).await?;
+        tracing::debug!(user = %user.name, command = cmd.name(), "command");
+        admin::execute(self, &user, cmd).await
+    }
+
+    /// Events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.inner.events.subscribe()
+    }
+
+    /// The line now.
+    pub fn snapshot(&self) -> LineView {
+        self.inner.snapshot()
+    }
+
+    /// Stops the line, waits for the nests, writes the shut-down event and a checkpoint.
+    pub async fn shutdown(&self) -> Result<()> {
+        let _ = self.inner.stop.send(true);
+        self.inner.bump();
+        let tasks: Vec<_> = lock(&self.inner.tasks).drain(..).collect();
+        for t in tasks {
+            let _ = t.await;
+        }
+        let inner = Arc::clone(&self.inner);
+        let source = inner.source.clone();
+        let audit = inner.audit.clone();
+        inner
+            .db
+            .call(move |c| -> Result<()> {
+                let tx = c.transaction()?;
+                audit.append(&tx, &NewEvent::new(&source, "station.stop", Severity::Notice, "system", serde_json::json!({})))?;
+                audit.checkpoint(&tx, "shutdown")?;
+                tx.commit()?;
+                Ok(())
+            })
+            .await
+    }
+
+    /// Waits until the open batch has all its meters, the line stops, or `stop` resolves.
+    pub async fn wait_batch_complete(&self, stop: impl Future<Output = ()>) -> bool {
+        let mut events = self.subscribe();
+        tokio::pin!(stop);
+        loop {
+            if let Some(b) = self.snapshot().batch {
+                if b.remaining() == 0 && b.in_flight == 0 {
+                    return true;
+                }
+            }
+            if !self.snapshot().running {
+                return false;
+            }
+            tokio::select! {
+                _ = &mut stop => return false,
+                ev = events.recv() => {
+                    if let Err(broadcast::error::RecvError::Closed) = ev {
+                        return false;
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    }
+
+    /// The HSM.
+    pub fn hsm(&self) -> &hsm::Hsm {
+        &self.inner.hsm
+    }
+
+    /// The journal.
+    pub fn db(&self) -> &Db {
+        &self.inner.db
+    }
+
+    /// The cell's keys and certificates.
+    pub fn keys(&self) -> &CellKeys {
+        &self.inner.keys
+    }
+}
+
+impl Inner {
+    /// Appends an audit event in its own transaction and publishes any alarm it raises.
+    pub(crate) async fn record(self: &Arc<Self>, e: NewEvent) -> Result<audit::Appended> {
+        let audit = self.audit.clone();
+        let a = self
+            .db
+            .call(move |c| -> Result<audit::Appended> {
+                let tx = c.transaction()?;
+                let a = audit.append(&tx, &e)?;
+                tx.commit()?;
+                Ok(a)
+            })
+            .await?;
+        if let Some(id) = a.alarm {
+            self.publish_alarm(id).await;
+        }
+        Ok(a)
+    }
+
+    pub(crate) async fn publish_alarm(self: &Arc<Self>, id: i64) {
+        let alarms = self.db.call(|c| audit::open_alarms(c).map_err(Error::from)).await.unwrap_or_default();
+        if let Some(a) = alarms.into_iter().find(|a| a.id == id) {
+            let _ = self.events.send(Event::Alarm(a));
+        }
+    }
+
+    pub(crate) fn emit(&self, e: Event) {
+        let _ = self.events.send(e);
+    }
+
+    /// Wakes every nest task (state changed).
+    pub(crate) fn bump(&self) {
+        self.wake.send_modify(|v| *v += 1);
+    }
+
+    pub(crate) fn wake_rx(&self) -> watch::Receiver<u64> {
+        self.wake.subscribe()
+    }
+
+    pub(crate) fn stop_rx(&self) -> watch::Receiver<bool> {
+        self.stop.subscribe()
+    }
+
+    pub(crate) fn stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    pub(crate) fn running(&self) -> (bool, Option<String>) {
+        let st = lock(&self.state);
+        (st.running, st.operator.clone())
+    }
+
+    pub(crate) fn nest_enabled(&self, i: usize) -> bool {
+        lock(&self.state).enabled.get(i).copied().unwrap_or(false)
+    }
+
+    pub(crate) fn set_running(&self, running: bool, operator: Option<String>) {
+        {
+            let mut st = lock(&self.state);
+            st.running = running;
+            st.operator = operator;
+        }
+        self.emit(Event::Line { running });
+        self.bump();
+    }
+
+    pub(crate) fn set_enabled(&self, i: usize, enabled: bool) {
+        let view = {
+            let mut st = lock(&self.state);
+            if let Some(e) = st.enabled.get_mut(i) {
+                *e = enabled;
+            }
+            st.nests.get_mut(i).map(|n| {
+                n.enabled = enabled;
+                n.clone()
+            })
+        };
+        if let Some(v) = view {
+            self.emit(Event::Nest(v));
+        }
+        self.bump();
+    }
+
+    /// Updates one nest's view and publishes it.
+    pub(crate) fn update_nest(&self, i: usize, f: impl FnOnce(&mut NestView)) {
+        let view = {
+            let mut st = lock(&self.state);
+            match st.nests.get_mut(i) {
+                Some(n) => {
+                    f(n);
+                    Some(n.clone())
+                }
+                None => None,
+            }
+        };
+        if let Some(v) = view {
+            self.emit(Event::Nest(v));
+        }
+    }
+
+    pub(crate) fn add_cycle(&self, ms: u64) {
+        lock(&self.state).cycles.push(ms);
+    }
+
+    pub(crate) fn set_health(&self, h: Health) {
+        let changed = {
+            let mut st = lock(&self.state);
+            let changed = st.health != h;
+            st.health = h.clone();
+            changed
+        };
+        if changed {
+            self.emit(Event::Health(h));
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> LineView {
+        let batch = self.db.with(|c| records::open_batch(c).ok().flatten());
+        let alarms = self.db.with(|c| audit::open_alarms(c).unwrap_or_default());
+        let st = lock(&self.state);
+        let avg = (!st.cycles.is_empty()).then(|| st.cycles.iter().sum::<u64>() / st.cycles.len() as u64);
+        LineView {
+            station: self.cfg.station_id.clone(),
+            running: st.running,
+            operator: st.operator.clone(),
+            batch,
+            nests: st.nests.clone(),
+            alarms,
+            health: st.health.clone(),
+            last_cycle_ms: st.cycles.last().copied(),
+            avg_cycle_ms: avg,
+        }
+    }
+
+    /// Publishes the open batch's counts.
+    pub(crate) async fn publish_batch(self: &Arc<Self>) {
+        let b = self.db.call(|c| records::open_batch(c).map_err(Error::from)).await.ok().flatten();
+        self.emit(Event::Batch(b));
+    }
+
+    /// The transfer plan of an image for negotiated parameters, computed once.
+    pub(crate) fn plan(&self, sha: &str, image: impl FnOnce() -> Result<Vec<u8>>, params: PlanParams) -> Result<Arc<TransferPlan>> {
+        let key = (sha.to_string(), params);
+        if let Some(p) = lock(&self.plans).get(&key) {
+            return Ok(Arc::clone(p));
+        }
+        let plan = TransferPlan::new(&image()?, params);
+        lock(&self.plans).insert(key, Arc::clone(&plan));
+        Ok(plan)
+    }
+
+}
+
+/// Health checks and clock-change detection, every few seconds.
+async fn watchdog(inner: Arc<Inner>) {
+    let mut stop = inner.stop_rx();
+    let mut last_wall = now_ms();
+    let mut last_mono = std::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(Duration::from_secs(3)) => {}
+        }
+        let hsm_ok = inner.hsm.run(|s| s.random(1).map(|_| ())).await.is_ok();
+        let db_ok = {
+            let db = inner.db.clone();
+            tokio::task::spawn_blocking(move || db.writable()).await.unwrap_or(false)
+        };
+        let was_ok = lock(&inner.state).health.hsm;
+        inner.set_health(Health {
+            hsm: hsm_ok,
+            hsm_detail: inner.hsm.token().label.clone(),
+            database: db_ok,
+        });
+        if was_ok && !hsm_ok {
+            let _ = inner
+                .record(NewEvent::new(&inner.source, "hsm.unavailable", Severity::Critical, "system", serde_json::json!({"message": "the HSM does not answer"})))
+                .await;
+        }
+        let wall = now_ms();
+        let mono = last_mono.elapsed().as_millis() as i64;
+        let drift = (wall - last_wall) - mono;
+        if drift.abs() > 2_000 {
+            let _ = inner
+                .record(NewEvent::new(
+                    &inner.source,
+                    "time.changed",
+                    Severity::Warning,
+                    "system",
+                    serde_json::json!({"message": format!("the system clock jumped by {} s", drift / 1000), "jump_ms": drift}),
+                ))
+                .await;
+        }
+        last_wall = wall;
+        last_mono = std::time::Instant::now();
+    }
+}

@@ -1,0 +1,190 @@
+//! One task per nest: open the port, poll for a meter, run it, release it, wait for the next.
+//!
+//! A nest never affects another: its port, its link and its meter are its own; a failing meter,
+//! jig or link ends in this nest's state and the audit log. The task idles while the line is
+//! stopped, the nest is disabled or the batch has all its meters, and it is woken by any change.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use line_protocol::host::HostConfig;
+use line_protocol::io::{self, HostLink, LinkError, PortAddr};
+use line_protocol::timing::LinkTiming;
+
+use super::provision::{Ctx, Outcome};
+use super::{Event, Inner, NestState};
+
+/// How long an empty nest waits for an answer to one HELLO.
+const PROBE_ATTEMPTS: u32 = 1;
+
+/// Opens the nest's port.
+pub(super) async fn connect(inner: &Inner, i: usize) -> Result<HostLink, String> {
+    let n = &inner.cfg.nests[i];
+    let addr = PortAddr::parse(&n.port).map_err(|e| e.to_string())?;
+    let port = io::open(&addr, n.baud).await.map_err(|e| e.to_string())?;
+    let cfg = HostConfig {
+        max_payload: inner.cfg.line.max_payload,
+        window: inner.cfg.line.window,
+        ..HostConfig::default()
+    };
+    Ok(HostLink::new(port, cfg, LinkTiming { baud: n.baud, latency_ms: inner.cfg.line.latency_ms }))
+}
+
+/// Reopens the port if the link has closed (used when resuming a transfer).
+pub(super) async fn reconnect_if_closed(inner: &Arc<Inner>, i: usize, link: &mut HostLink) -> Result<(), String> {
+    // A closed link shows on the next read; a fresh one costs little, so always reopen after an
+    // i/o failure and keep the link otherwise.
+    if link.is_closed() {
+        *link = connect(inner, i).await?;
+    }
+    Ok(())
+}
+
+/// The nest task.
+pub(super) async fn run(inner: Arc<Inner>, i: usize) {
+    let nest = i as u32 + 1;
+    let mut wake = inner.wake_rx();
+    let mut stop = inner.stop_rx();
+    let mut link: Option<HostLink> = None;
+    // The UID this nest released last: until it leaves, the same meter is not started again.
+    let mut released: Option<Vec<u8>> = None;
+    loop {
+        if inner.stopping() {
+            return;
+        }
+        let (running, operator) = inner.running();
+        if !running || !inner.nest_enabled(i) {
+            inner.update_nest(i, |n| {
+                if n.state != NestState::Pass && n.state != NestState::Fail {
+                    n.state = NestState::Stopped;
+                    n.step = None;
+                    n.progress = None;
+                }
+            });
+            tokio::select! {
+                _ = wake.changed() => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        }
+        let operator = operator.unwrap_or_else(|| "system".into());
+        if link.is_none() {
+            match connect(&inner, i).await {
+                Ok(l) => {
+                    link = Some(l);
+                    inner.update_nest(i, |n| n.port_open = true);
+                }
+                Err(e) => {
+                    inner.update_nest(i, |n| {
+                        n.state = NestState::Offline;
+                        n.port_open = false;
+                        n.message = Some(format!("port unavailable: {e}"));
+                    });
+                    sleep_or_wake(&mut wake, &mut stop, Duration::from_secs(2)).await;
+                    continue;
+                }
+            }
+        }
+        let Some(l) = link.as_mut() else { continue };
+        let ack = match l.hello_attempts(PROBE_ATTEMPTS).await {
+            Ok(ack) => ack,
+            Err(LinkError::Timeout { .. }) => {
+                released = None;
+                inner.update_nest(i, |n| {
+                    if n.state != NestState::Pass && n.state != NestState::Fail {
+                        n.state = NestState::Idle;
+                        n.message = Some("waiting for a meter".into());
+                    }
+                });
+                sleep_or_wake(&mut wake, &mut stop, Duration::from_millis(inner.cfg.line.poll_ms)).await;
+                continue;
+            }
+            Err(e @ (LinkError::Io(_) | LinkError::Closed)) => {
+                link = None;
+                inner.update_nest(i, |n| {
+                    n.state = NestState::Offline;
+                    n.port_open = false;
+                    n.message = Some(format!("link lost: {e}"));
+                });
+                sleep_or_wake(&mut wake, &mut stop, Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(e) => {
+                inner.update_nest(i, |n| n.message = Some(format!("meter answered badly: {e}")));
+                sleep_or_wake(&mut wake, &mut stop, Duration::from_millis(inner.cfg.line.poll_ms)).await;
+                continue;
+            }
+        };
+        if released.as_deref() == Some(ack.uid.as_slice()) {
+            inner.update_nest(i, |n| n.message = Some("remove the finished meter".into()));
+            sleep_or_wake(&mut wake, &mut stop, Duration::from_millis(inner.cfg.line.poll_ms)).await;
+            continue;
+        }
+        inner.update_nest(i, |n| {
+            n.state = NestState::Busy;
+            n.uid = Some(hex::encode(&ack.uid));
+            n.serial = None;
+            n.message = None;
+            n.progress = None;
+        });
+        let ctx = Ctx {
+            inner: &inner,
+            nest: i,
+            operator,
+        };
+        let uid = ack.uid.clone();
+        let outcome = ctx.provision(l, ack).await;
+        if l.is_closed() {
+            link = None;
+        }
+        match outcome {
+            Outcome::Done { serial, cycle_ms } => {
+                released = Some(uid.clone());
+                inner.add_cycle(cycle_ms);
+                inner.update_nest(i, |n| {
+                    n.state = NestState::Pass;
+                    n.step = None;
+                    n.progress = None;
+                    n.message = None;
+                    n.last_cycle_ms = Some(cycle_ms);
+                });
+                inner.emit(Event::MeterFinished { nest, uid: hex::encode(&uid), serial: Some(serial), ok: true, reason: None, cycle_ms });
+            }
+            Outcome::Failed { serial, reason } => {
+                released = Some(uid.clone());
+                inner.update_nest(i, |n| {
+                    n.state = NestState::Fail;
+                    n.progress = None;
+                    n.message = Some(reason.clone());
+                });
+                inner.emit(Event::MeterFinished { nest, uid: hex::encode(&uid), serial, ok: false, reason: Some(reason), cycle_ms: 0 });
+            }
+            Outcome::Refused { reason } => {
+                released = Some(uid.clone());
+                inner.update_nest(i, |n| {
+                    n.state = NestState::Fail;
+                    n.progress = None;
+                    n.message = Some(reason.clone());
+                });
+                inner.emit(Event::MeterFinished { nest, uid: hex::encode(&uid), serial: None, ok: false, reason: Some(reason), cycle_ms: 0 });
+            }
+            Outcome::NoRoom { reason } => {
+                inner.update_nest(i, |n| {
+                    n.state = NestState::Idle;
+                    n.uid = None;
+                    n.message = Some(reason);
+                });
+                sleep_or_wake(&mut wake, &mut stop, Duration::from_secs(1)).await;
+            }
+        }
+        inner.publish_batch().await;
+    }
+}
+
+async fn sleep_or_wake(wake: &mut tokio::sync::watch::Receiver<u64>, stop: &mut tokio::sync::watch::Receiver<bool>, d: Duration) {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => {}
+        _ = wake.changed() => {}
+        _ = stop.changed() => {}
+    }
+}

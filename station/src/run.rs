@@ -1,0 +1,230 @@
+//! Running the line headless (`station run`, and the demo): start every nest, show a progress
+//! bar per nest, stop cleanly on Ctrl-C or when the batch is complete, print a summary.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+use zeroize::Zeroizing;
+
+use crate::config::Config;
+use crate::engine::{Command, Engine, Event, NestState, NestView, OpenOptions, Session};
+
+/// What `station run` needs.
+#[derive(Debug)]
+pub struct RunOptions {
+    config: PathBuf,
+    user: String,
+    pin: Zeroizing<String>,
+    keep_running: bool,
+    plain: bool,
+}
+
+impl RunOptions {
+    /// From the command line.
+    pub fn from_cli(config: &Path, (user, pin): (String, Zeroizing<String>), keep_running: bool, plain: bool) -> Self {
+        RunOptions {
+            config: config.to_path_buf(),
+            user,
+            pin,
+            keep_running,
+            plain,
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Summary {
+    /// Meters done in this run.
+    pub done: i64,
+    /// Meters failed in this run.
+    pub failed: i64,
+    /// Meters refused (not taken into the batch).
+    pub refused: i64,
+    /// Wall time, seconds.
+    pub elapsed_s: f64,
+    /// Average cycle time of the meters done, ms.
+    pub avg_cycle_ms: Option<u64>,
+    /// Meters per hour over the run.
+    pub meters_per_hour: f64,
+    /// The batch is complete.
+    pub batch_complete: bool,
+    /// Failure reasons seen, with counts.
+    pub failures: Vec<(String, u32)>,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "meters done: {}   failed: {}   refused: {}", self.done, self.failed, self.refused)?;
+        if let Some(c) = self.avg_cycle_ms {
+            writeln!(f, "average cycle time: {:.2} s", c as f64 / 1000.0)?;
+        }
+        writeln!(f, "throughput: {:.0} meters/hour over {:.1} s", self.meters_per_hour, self.elapsed_s)?;
+        for (reason, n) in &self.failures {
+            writeln!(f, "  {n} × {reason}")?;
+        }
+        write!(f, "batch {}", if self.batch_complete { "complete" } else { "not complete" })
+    }
+}
+
+/// `station run`: log in, run until the batch is complete (or Ctrl-C), print the summary.
+pub async fn run(opts: RunOptions) -> anyhow::Result<bool> {
+    let cfg = Config::load(&opts.config)?;
+    let engine = Engine::open(cfg, OpenOptions { source: "cli".into(), nests: true }).await?;
+    let session = engine.login(&opts.user, &opts.pin).await?;
+    let summary = run_line(&engine, &session, opts.keep_running, opts.plain).await;
+    let _ = engine.logout(&session).await;
+    engine.shutdown().await?;
+    let summary = summary?;
+    println!("{summary}");
+    Ok(summary.batch_complete)
+}
+
+fn describe(n: &NestView) -> String {
+    let mut s = format!("{:<7}", n.state.word());
+    if let Some(serial) = &n.serial {
+        s.push_str(&format!(" {serial}"));
+    }
+    if n.state == NestState::Busy {
+        if let Some(step) = n.step {
+            s.push_str(&format!(" {}", step.word()));
+        }
+    }
+    if let Some(m) = &n.message {
+        s.push_str(&format!(" — {m}"));
+    }
+    s
+}
+
+/// Starts the line, follows it until the batch is complete (or Ctrl-C, unless `keep_running`
+/// keeps it going until Ctrl-C only), stops it cleanly and sums up.
+pub async fn run_line(engine: &Engine, session: &Session, keep_running: bool, plain: bool) -> anyhow::Result<Summary> {
+    let mut events = engine.subscribe();
+    let before = engine.snapshot().batch.map(|b| (b.done, b.failed)).unwrap_or((0, 0));
+    engine.execute(session, Command::StartLine).await?;
+    let started = Instant::now();
+    let bars = !plain && std::io::stderr().is_terminal();
+    let multi = MultiProgress::with_draw_target(if bars { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
+    let style = ProgressStyle::with_template("{prefix:>6} [{bar:24}] {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    let snapshot = engine.snapshot();
+    let pbs: Vec<ProgressBar> = snapshot
+        .nests
+        .iter()
+        .map(|n| {
+            let pb = multi.add(ProgressBar::new(100));
+            pb.set_style(style.clone());
+            pb.set_prefix(n.name.clone());
+            pb.set_message(describe(n));
+            pb
+        })
+        .collect();
+    let mut summary = Summary {
+        done: 0,
+        failed: 0,
+        refused: 0,
+        elapsed_s: 0.0,
+        avg_cycle_ms: None,
+        meters_per_hour: 0.0,
+        batch_complete: false,
+        failures: Vec::new(),
+    };
+    let mut cycles = Vec::new();
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        if !keep_running {
+            if let Some(b) = engine.snapshot().batch {
+                if b.remaining() == 0 && b.in_flight == 0 {
+                    summary.batch_complete = true;
+                    break;
+                }
+            } else {
+                break;
+            }
+        }
+        tokio::select! {
+            _ = &mut ctrl_c => {
+                let _ = multi.println("stopping: the meters in progress finish first");
+                break;
+            }
+            ev = events.recv() => match ev {
+                Ok(Event::Nest(n)) => {
+                    if let Some(pb) = pbs.get(n.nest as usize - 1) {
+                        pb.set_position((n.progress.unwrap_or(if n.state == NestState::Pass { 1.0 } else { 0.0 }) * 100.0) as u64);
+                        pb.set_message(describe(&n));
+                    }
+                }
+                Ok(Event::MeterFinished { nest, serial, ok, reason, cycle_ms, uid }) => {
+                    if ok {
+                        summary.done += 1;
+                        cycles.push(cycle_ms);
+                    } else if serial.is_some() {
+                        summary.failed += 1;
+                    } else {
+                        summary.refused += 1;
+                    }
+                    if let Some(r) = &reason {
+                        match summary.failures.iter_mut().find(|(x, _)| x == r) {
+                            Some((_, n)) => *n += 1,
+                            None => summary.failures.push((r.clone(), 1)),
+                        }
+                    }
+                    if !bars {
+                        match (ok, reason) {
+                            (true, _) => println!("nest {nest}: PASS {} ({uid}) in {:.2} s", serial.unwrap_or_default(), cycle_ms as f64 / 1000.0),
+                            (false, Some(r)) => println!("nest {nest}: FAIL {uid}: {r}"),
+                            (false, None) => println!("nest {nest}: FAIL {uid}"),
+                        }
+                    }
+                }
+                Ok(Event::Alarm(a)) => {
+                    let _ = multi.println(format!("ALARM {}: {} — a supervisor must acknowledge it", a.kind, a.message));
+                }
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            },
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+    engine.execute(session, Command::StopLine).await?;
+    // The nests finish the meters they have.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while engine.snapshot().nests.iter().any(|n| n.state == NestState::Busy) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Whatever finished while stopping still gets its line.
+    while let Ok(ev) = events.try_recv() {
+        if let Event::MeterFinished { nest, serial, ok, reason, cycle_ms, uid } = ev {
+            if ok {
+                cycles.push(cycle_ms);
+            }
+            if !bars {
+                match (ok, reason) {
+                    (true, _) => println!("nest {nest}: PASS {} ({uid}) in {:.2} s", serial.unwrap_or_default(), cycle_ms as f64 / 1000.0),
+                    (false, r) => println!("nest {nest}: FAIL {uid}: {}", r.unwrap_or_default()),
+                }
+            }
+        }
+    }
+    for pb in &pbs {
+        pb.finish();
+    }
+    // Counts come from the journal, which is the truth.
+    if let Some(b) = engine.snapshot().batch {
+        summary.done = b.done - before.0;
+        summary.failed = b.failed - before.1;
+    }
+    summary.elapsed_s = started.elapsed().as_secs_f64();
+    summary.avg_cycle_ms = (!cycles.is_empty()).then(|| cycles.iter().sum::<u64>() / cycles.len() as u64);
+    summary.meters_per_hour = if summary.elapsed_s > 0.0 { summary.done as f64 * 3600.0 / summary.elapsed_s } else { 0.0 };
+    if let Some(b) = engine.snapshot().batch {
+        summary.batch_complete = b.remaining() == 0;
+    }
+    Ok(summary)
+}

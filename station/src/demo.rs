@@ -48,6 +48,58 @@ pub struct DemoArgs {
     /// Firmware payload size in KiB.
     #[arg(long, default_value_t = 96)]
     pub firmware_kib: usize,
+    /// Use the well-known demo PINs (oper 111111, super 222222, officer 333333, audit 444444)
+    /// instead of random ones, so that a person can log in to the console. Demo cells only.
+    #[arg(long)]
+    pub known_pins: bool,
+    /// Milliseconds the emulated operator takes to put the next meter into a nest.
+    #[arg(long, default_value_t = 200)]
+    pub insert_delay_ms: u64,
+}
+
+impl Default for DemoArgs {
+    fn default() -> Self {
+        DemoArgs {
+            meters: 20,
+            nests: 4,
+            baud: 115_200,
+            out: PathBuf::from("demo-out"),
+            force: false,
+            plain: false,
+            firmware_kib: 96,
+            known_pins: false,
+            insert_delay_ms: 200,
+        }
+    }
+}
+
+/// A demo cell, set up and running, with its batch open and the line stopped.
+pub struct DemoCell {
+    /// The engine.
+    pub engine: Engine,
+    /// The cell directory.
+    pub dir: PathBuf,
+    /// The open batch.
+    pub batch: crate::records::BatchRow,
+    // The slave sides of the pseudo-terminals: the emulated lines live as long as these.
+    _lines: Vec<line_protocol::io::PtySlave>,
+}
+
+impl std::fmt::Debug for DemoCell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DemoCell").field("dir", &self.dir).finish_non_exhaustive()
+    }
+}
+
+/// The PIN of a demo user with `--known-pins`.
+pub fn known_pin(user: &str) -> Option<&'static str> {
+    Some(match user {
+        "oper" => "111111",
+        "super" => "222222",
+        "officer" => "333333",
+        "audit" => "444444",
+        _ => return None,
+    })
 }
 
 const MARKER: &str = ".station-demo";
@@ -193,8 +245,11 @@ fn config_text(dir: &Path, ports: &[String], baud: u32) -> String {
     t
 }
 
-async fn user(engine: &Engine, officer: &Session, dir: &Path, name: &str, role: Role) -> Result<()> {
-    let pin = random_digits(8);
+async fn user(engine: &Engine, officer: &Session, dir: &Path, name: &str, role: Role, known: bool) -> Result<()> {
+    let pin = match known_pin(name).filter(|_| known) {
+        Some(p) => Zeroizing::new(p.to_string()),
+        None => random_digits(8),
+    };
     write_secret(&dir.join("pins").join(format!("{name}.pin")), &pin)?;
     engine.execute(officer, Command::AddUser { name: name.into(), role, pin }).await?;
     Ok(())
@@ -205,15 +260,15 @@ async fn login(engine: &Engine, dir: &Path, name: &str) -> Result<Session> {
     Ok(engine.login(name, pin.trim()).await?)
 }
 
-/// `station demo`.
-pub async fn run(args: DemoArgs) -> Result<()> {
+/// Sets a demo cell up: token and PKI, firmware, utility, emulated meters behind linksim, the
+/// configuration, the engine, users, imports and an open batch. The line is left stopped.
+pub async fn build(args: &DemoArgs) -> Result<DemoCell> {
     let dir = std::fs::canonicalize(&args.out)?;
-    println!("station demo: {} meters, {} nests at {} baud, cell in {}", args.meters, args.nests, args.baud, dir.display());
 
     // 1. Token and PKI.
-    let pki_text = init_dev_token(&dir, TOKEN_LABEL, Some(&dir.join("pki"))).await?;
+    init_dev_token(&dir, TOKEN_LABEL, Some(&dir.join("pki"))).await?;
     std::fs::copy(dir.join("pki/root-ca.pem"), dir.join("root-ca.pem"))?;
-    println!("  HSM: SoftHSM token {TOKEN_LABEL} with the demo PKI ({} certificates)", pki_text.matches("BEGIN").count().max(7));
+    println!("  HSM: SoftHSM token {TOKEN_LABEL} with the demo PKI (certificates in {}/pki)", dir.display());
 
     // 2. Firmware release, signed as the release process would.
     let fw_key_pem = std::fs::read_to_string(dir.join("pki/firmware-signing-key.pem"))?;
@@ -239,10 +294,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let root = meter_sim::load_root(&dir.join("pki/provisioning-root.pem")).map_err(anyhow::Error::msg)?;
     let meters_dir = dir.join("meters");
     let mut ports = Vec::new();
-    let mut keep = Vec::new();
+    let mut lines = Vec::new();
     for n in 0..args.nests {
         let (master, slave, meter_path) = line_protocol::io::pty_pair()?;
-        keep.push(slave);
+        lines.push(slave);
         let cfg = NestConfig {
             nest: n + 1,
             state_dir: meters_dir.clone(),
@@ -251,14 +306,14 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             faults: Faults::default(),
             fault_scope: FaultScope::All,
             meters: None,
-            insert_delay: Duration::from_millis(200),
+            insert_delay: Duration::from_millis(args.insert_delay_ms),
             seed: None,
             flash_bytes_per_s: None,
         };
         tokio::spawn(meter_sim::nest::run_nest(master, cfg));
         let meter = line_protocol::io::open(&line_protocol::io::PortAddr::parse(&meter_path)?, args.baud).await?;
         let (station_side, slave2, station_path) = line_protocol::io::pty_pair()?;
-        keep.push(slave2);
+        lines.push(slave2);
         let params = LinkParams { baud: args.baud, latency: Duration::from_millis(4), ..LinkParams::default() };
         let _ = linksim::spawn(station_side, meter, params);
         ports.push(station_path);
@@ -270,22 +325,37 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     std::fs::write(&config_path, config_text(&dir, &ports, args.baud))?;
     let cfg = Config::load(&config_path)?;
     let engine = Engine::open(cfg, OpenOptions { source: "demo".into(), nests: true }).await?;
-    let result = drive(&engine, &dir, &args, &fw_path, &utility_cert).await;
-    let shutdown = engine.shutdown().await;
-    drop(keep);
+    match setup_cell(&engine, &dir, args, &fw_path, &utility_cert).await {
+        Ok(batch) => Ok(DemoCell { engine, dir, batch, _lines: lines }),
+        Err(e) => {
+            let _ = engine.shutdown().await;
+            Err(e)
+        }
+    }
+}
+
+/// `station demo`.
+pub async fn run(args: DemoArgs) -> Result<()> {
+    println!("station demo: {} meters, {} nests at {} baud, cell in {}", args.meters, args.nests, args.baud, args.out.display());
+    let cell = build(&args).await?;
+    let result = drive(&cell, &args).await;
+    let shutdown = cell.engine.shutdown().await;
     result?;
     shutdown?;
     Ok(())
 }
 
-async fn drive(engine: &Engine, dir: &Path, args: &DemoArgs, fw_path: &Path, utility_cert: &Path) -> Result<()> {
-    let officer_pin = random_digits(8);
+async fn setup_cell(engine: &Engine, dir: &Path, args: &DemoArgs, fw_path: &Path, utility_cert: &Path) -> Result<crate::records::BatchRow> {
+    let officer_pin = match known_pin("officer").filter(|_| args.known_pins) {
+        Some(p) => Zeroizing::new(p.to_string()),
+        None => random_digits(8),
+    };
     write_secret(&dir.join("pins/officer.pin"), &officer_pin)?;
     engine.bootstrap_admin("officer", &officer_pin).await?;
     let officer = login(engine, dir, "officer").await?;
-    user(engine, &officer, dir, "super", Role::Supervisor).await?;
-    user(engine, &officer, dir, "oper", Role::Operator).await?;
-    user(engine, &officer, dir, "audit", Role::Auditor).await?;
+    user(engine, &officer, dir, "super", Role::Supervisor, args.known_pins).await?;
+    user(engine, &officer, dir, "oper", Role::Operator, args.known_pins).await?;
+    user(engine, &officer, dir, "audit", Role::Auditor, args.known_pins).await?;
     println!("  users: officer, super, oper, audit (PINs in {}/pins, owner-only)", dir.display());
 
     let image = std::fs::read(fw_path)?;
@@ -318,11 +388,19 @@ async fn drive(engine: &Engine, dir: &Path, args: &DemoArgs, fw_path: &Path, uti
         _ => bail!("batch open answered unexpectedly"),
     };
     println!("  batch {} opened: {} × {}, firmware {}, customer demo-utility\n", batch.work_order, quantity, MODEL, fw.version);
+    for s in [officer, supervisor] {
+        let _ = engine.logout(&s).await;
+    }
+    Ok(batch)
+}
 
+async fn drive(cell: &DemoCell, args: &DemoArgs) -> Result<()> {
+    let (engine, dir) = (&cell.engine, cell.dir.as_path());
     let operator = login(engine, dir, "oper").await?;
     let summary = crate::run::run_line(engine, &operator, false, args.plain).await?;
     println!("\n{summary}");
-    engine.execute(&supervisor, Command::CloseBatch { id: batch.id }).await?;
+    let supervisor = login(engine, dir, "super").await?;
+    engine.execute(&supervisor, Command::CloseBatch { id: cell.batch.id }).await?;
 
     let auditor = login(engine, dir, "audit").await?;
     let verification = match engine.execute(&auditor, Command::AuditVerify).await? {
@@ -339,9 +417,9 @@ async fn drive(engine: &Engine, dir: &Path, args: &DemoArgs, fw_path: &Path, uti
     println!("\nThe cell is left in {}. Try:", dir.display());
     let c = format!("station --config {}/station.toml", dir.display());
     println!("  {c} --user audit --pin-file {}/pins/audit.pin audit verify", dir.display());
-    println!("  {c} --user super --pin-file {}/pins/super.pin batch status {}", dir.display(), batch.id);
+    println!("  {c} --user super --pin-file {}/pins/super.pin batch status {}", dir.display(), cell.batch.id);
     println!("  {c} --user audit --pin-file {}/pins/audit.pin audit tail -n 10", dir.display());
-    for s in [officer, supervisor, operator, auditor] {
+    for s in [operator, supervisor, auditor] {
         let _ = engine.logout(&s).await;
     }
     Ok(())

@@ -177,6 +177,8 @@ pub const DEFAULT_CRITICAL: &[&str] = &[
     "security.tamper",
     "security.downgrade",
     "security.bad_certificate_request",
+    "security.firmware_mismatch",
+    "security.attestation_failed",
     "meter.duplicate_uid",
     "meter.unknown_lifecycle",
     "auth.lockout",

@@ -55,6 +55,10 @@ pub struct DemoArgs {
     /// Milliseconds the emulated operator takes to put the next meter into a nest.
     #[arg(long, default_value_t = 200)]
     pub insert_delay_ms: u64,
+    /// A fault for the first meter of one nest, as meter-sim takes it: "2:wrong-hash"
+    /// (see `meter-sim --help` for the catalogue). Repeatable.
+    #[arg(long = "fault")]
+    pub faults: Vec<String>,
 }
 
 impl Default for DemoArgs {
@@ -69,6 +73,7 @@ impl Default for DemoArgs {
             firmware_kib: 96,
             known_pins: false,
             insert_delay_ms: 200,
+            faults: Vec::new(),
         }
     }
 }
@@ -295,6 +300,15 @@ pub async fn build(args: &DemoArgs) -> Result<DemoCell> {
     let meters_dir = dir.join("meters");
     let mut ports = Vec::new();
     let mut lines = Vec::new();
+    let mut faults = vec![Faults::default(); args.nests as usize];
+    for spec in &args.faults {
+        let (n, f) = spec
+            .split_once(':')
+            .and_then(|(n, f)| Some((n.parse::<usize>().ok()?, f)))
+            .filter(|(n, _)| (1..=args.nests as usize).contains(n))
+            .ok_or_else(|| anyhow::anyhow!("--fault takes NEST:FAULT with a nest from 1 to {}", args.nests))?;
+        faults[n - 1].add(f).map_err(anyhow::Error::msg)?;
+    }
     for n in 0..args.nests {
         let (master, slave, meter_path) = line_protocol::io::pty_pair()?;
         lines.push(slave);
@@ -303,8 +317,8 @@ pub async fn build(args: &DemoArgs) -> Result<DemoCell> {
             state_dir: meters_dir.clone(),
             caps: Capabilities { model: MODEL.into(), ..Capabilities::default() },
             root,
-            faults: Faults::default(),
-            fault_scope: FaultScope::All,
+            faults: faults[n as usize].clone(),
+            fault_scope: FaultScope::First(1),
             meters: None,
             insert_delay: Duration::from_millis(args.insert_delay_ms),
             seed: None,

@@ -40,10 +40,14 @@ pub enum ChainError {
 impl std::fmt::Display for ChainError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ChainError::Length => write!(f, "chain must hold 1 to {} certificates", limits::MAX_CHAIN),
+            ChainError::Length => {
+                write!(f, "chain must hold 1 to {} certificates", limits::MAX_CHAIN)
+            }
             ChainError::Parse(i) => write!(f, "certificate {i} is not valid DER X.509"),
             ChainError::Algorithm(i) => write!(f, "certificate {i} is not ECDSA P-256/SHA-256"),
-            ChainError::IssuerMismatch(i) => write!(f, "certificate {i} issuer does not match the next subject"),
+            ChainError::IssuerMismatch(i) => {
+                write!(f, "certificate {i} issuer does not match the next subject")
+            }
             ChainError::NotCa(i) => write!(f, "certificate {i} is not a CA"),
             ChainError::LeafKeyUsage => write!(f, "leaf certificate lacks digitalSignature"),
             ChainError::Signature(i) => write!(f, "certificate {i} signature does not verify"),
@@ -57,7 +61,12 @@ pub fn p256_key(cert: &Certificate) -> Option<PublicKey> {
     if spki.algorithm.oid.to_string() != EC_PUBLIC_KEY {
         return None;
     }
-    let curve = spki.algorithm.parameters.as_ref()?.decode_as::<der::asn1::ObjectIdentifier>().ok()?;
+    let curve = spki
+        .algorithm
+        .parameters
+        .as_ref()?
+        .decode_as::<der::asn1::ObjectIdentifier>()
+        .ok()?;
     if curve.to_string() != PRIME256V1 {
         return None;
     }
@@ -92,17 +101,25 @@ pub fn verify_chain(chain: &[Vec<u8>], root: &PublicKey) -> Result<PublicKey, Ch
         certs.push((cert, key));
     }
     let (leaf, leaf_key) = &certs[0];
-    if let Ok(Some((_, ku))) = leaf.tbs_certificate().get_extension::<KeyUsage>() {
-        if !ku.digital_signature() {
-            return Err(ChainError::LeafKeyUsage);
-        }
+    if let Ok(Some((_, ku))) = leaf.tbs_certificate().get_extension::<KeyUsage>()
+        && !ku.digital_signature()
+    {
+        return Err(ChainError::LeafKeyUsage);
     }
     for i in 0..certs.len() {
         let (cert, _) = &certs[i];
         let issuer_key = match certs.get(i + 1) {
             Some((next, next_key)) => {
-                let issuer = cert.tbs_certificate().issuer().to_der().map_err(|_| ChainError::Parse(i))?;
-                let subject = next.tbs_certificate().subject().to_der().map_err(|_| ChainError::Parse(i + 1))?;
+                let issuer = cert
+                    .tbs_certificate()
+                    .issuer()
+                    .to_der()
+                    .map_err(|_| ChainError::Parse(i))?;
+                let subject = next
+                    .tbs_certificate()
+                    .subject()
+                    .to_der()
+                    .map_err(|_| ChainError::Parse(i + 1))?;
                 if issuer != subject {
                     return Err(ChainError::IssuerMismatch(i));
                 }

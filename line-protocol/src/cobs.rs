@@ -118,8 +118,14 @@ mod tests {
     #[test]
     fn rejects_zero_and_overrun() {
         let mut out = Vec::new();
-        assert_eq!(decode_into(&[0x03, 0x11], &mut out), Err(CobsError::Invalid));
-        assert_eq!(decode_into(&[0x02, 0x00], &mut out), Err(CobsError::Invalid));
+        assert_eq!(
+            decode_into(&[0x03, 0x11], &mut out),
+            Err(CobsError::Invalid)
+        );
+        assert_eq!(
+            decode_into(&[0x02, 0x00], &mut out),
+            Err(CobsError::Invalid)
+        );
         assert_eq!(decode_into(&[0x00], &mut out), Err(CobsError::Invalid));
     }
 

@@ -115,7 +115,11 @@ pub fn ecdh_x(secret: &NonZeroScalar, public: &PublicKey) -> Zeroizing<[u8; 32]>
 }
 
 /// The meter's key-transport key from its ephemeral secret and the host's `kt_pub`.
-pub fn meter_ktk(meter_eph: &NonZeroScalar, kt_pub: &PublicKey, th: &[u8; 32]) -> Zeroizing<[u8; 32]> {
+pub fn meter_ktk(
+    meter_eph: &NonZeroScalar,
+    kt_pub: &PublicKey,
+    th: &[u8; 32],
+) -> Zeroizing<[u8; 32]> {
     ktk_from_shared(&ecdh_x(meter_eph, kt_pub), th)
 }
 
@@ -186,8 +190,12 @@ impl Aead {
 pub fn kcv_aes(key: &[u8]) -> Option<[u8; 3]> {
     let mut block = [0u8; 16];
     match key.len() {
-        16 => aes::Aes128::new_from_slice(key).ok()?.encrypt_block((&mut block).into()),
-        32 => Aes256::new_from_slice(key).ok()?.encrypt_block((&mut block).into()),
+        16 => aes::Aes128::new_from_slice(key)
+            .ok()?
+            .encrypt_block((&mut block).into()),
+        32 => Aes256::new_from_slice(key)
+            .ok()?
+            .encrypt_block((&mut block).into()),
         _ => return None,
     }
     Some([block[0], block[1], block[2]])
@@ -211,7 +219,7 @@ pub fn clear_key_len(key_type: KeyType) -> Option<usize> {
 
 /// Unwraps `wrapped` under `ktk` with `alg`. `None` when the integrity check fails.
 pub fn unwrap_key(ktk: &[u8; 32], alg: WrapAlg, wrapped: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
-    if wrapped.len() < 16 || wrapped.len() % 8 != 0 || wrapped.len() > 4096 {
+    if wrapped.len() < 16 || !wrapped.len().is_multiple_of(8) || wrapped.len() > 4096 {
         return None;
     }
     let mut buf = Zeroizing::new(vec![0u8; wrapped.len()]);
@@ -253,12 +261,11 @@ mod tests {
     #[test]
     fn aes_kw_rfc3394_vector_4_6() {
         // RFC 3394 §4.6: 256-bit key data with a 256-bit KEK.
-        let kek: [u8; 32] = hex::decode(
-            "000102030405060708090A0B0C0D0E0F101112131415161718191A1B1C1D1E1F",
-        )
-        .unwrap()
-        .try_into()
-        .unwrap();
+        let kek: [u8; 32] =
+            hex::decode("000102030405060708090A0B0C0D0E0F101112131415161718191A1B1C1D1E1F")
+                .unwrap()
+                .try_into()
+                .unwrap();
         let key = hex::decode("00112233445566778899AABBCCDDEEFF000102030405060708090A0B0C0D0E0F")
             .unwrap();
         let expected = hex::decode(

@@ -33,7 +33,10 @@ impl std::fmt::Display for Violation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Violation::Replay { seq, last } => {
-                write!(f, "replayed or reordered frame (counter {seq} after {last})")
+                write!(
+                    f,
+                    "replayed or reordered frame (counter {seq} after {last})"
+                )
             }
             Violation::AuthFailed { seq } => {
                 write!(f, "frame {seq} failed authentication (tampered)")
@@ -166,10 +169,10 @@ impl Endpoint {
         let Some(plain) = recv.open(h.seq, &h.to_bytes(), &f.payload) else {
             return Opened::Violation(Violation::AuthFailed { seq: h.seq });
         };
-        if let Some(last) = self.rx_last {
-            if h.seq <= last {
-                return Opened::Violation(Violation::Replay { seq: h.seq, last });
-            }
+        if let Some(last) = self.rx_last
+            && h.seq <= last
+        {
+            return Opened::Violation(Violation::Replay { seq: h.seq, last });
         }
         self.rx_last = Some(h.seq);
         Opened::Decrypted(h, plain)

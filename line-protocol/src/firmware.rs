@@ -263,13 +263,13 @@ impl FirmwareSender {
     pub fn on_timer(&mut self, now: u64) -> bool {
         let mut any = false;
         for s in self.state.iter_mut() {
-            if let BlockState::InFlight { sent_at, .. } = *s {
-                if sent_at + self.rto_ms <= now {
-                    *s = BlockState::Pending;
-                    self.in_flight -= 1;
-                    self.stats.timeout_retransmits += 1;
-                    any = true;
-                }
+            if let BlockState::InFlight { sent_at, .. } = *s
+                && sent_at + self.rto_ms <= now
+            {
+                *s = BlockState::Pending;
+                self.in_flight -= 1;
+                self.stats.timeout_retransmits += 1;
+                any = true;
             }
         }
         any
@@ -331,7 +331,11 @@ pub const MAX_TRACKED_RANGES: usize = 64;
 impl FirmwareReceiver {
     /// A receiver for an image of `size` bytes holding `[0, have)` already.
     pub fn new(size: u32, sha256: [u8; 32], compression: bool, max_block: u32, have: u32) -> Self {
-        let ranges = if have > 0 { vec![(0, have.min(size))] } else { Vec::new() };
+        let ranges = if have > 0 {
+            vec![(0, have.min(size))]
+        } else {
+            Vec::new()
+        };
         FirmwareReceiver {
             size,
             sha256,
@@ -382,11 +386,9 @@ impl FirmwareReceiver {
                 if !self.compression {
                     return Err(ErrorCode::Unexpected);
                 }
-                let out = miniz_oxide::inflate::decompress_to_vec_with_limit(
-                    &d.data,
-                    d.raw_len as usize,
-                )
-                .map_err(|_| ErrorCode::FwDecompress)?;
+                let out =
+                    miniz_oxide::inflate::decompress_to_vec_with_limit(&d.data, d.raw_len as usize)
+                        .map_err(|_| ErrorCode::FwDecompress)?;
                 if out.len() != d.raw_len as usize {
                     return Err(ErrorCode::FwDecompress);
                 }
@@ -469,7 +471,9 @@ mod tests {
 
     #[test]
     fn plan_covers_the_image_exactly_and_compresses_padding() {
-        let mut image: Vec<u8> = (0..20_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let mut image: Vec<u8> = (0..20_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
         image.extend(std::iter::repeat_n(0xFF, 30_000));
         for compress in [false, true] {
             let plan = TransferPlan::new(&image, params(compress));
@@ -482,7 +486,11 @@ mod tests {
             assert_eq!(off as usize, image.len());
             assert_eq!(reassemble(&plan), image);
             if compress {
-                assert!(plan.data_bytes() < 22_000, "padding must compress: {}", plan.data_bytes());
+                assert!(
+                    plan.data_bytes() < 22_000,
+                    "padding must compress: {}",
+                    plan.data_bytes()
+                );
             } else {
                 assert_eq!(plan.data_bytes(), image.len());
             }
@@ -545,17 +553,35 @@ mod tests {
             encoding: Encoding::Raw,
             data,
         };
-        assert_eq!(rx.decode(&d(900, 200, vec![0; 200])), Err(ErrorCode::FwOutOfRange));
-        assert_eq!(rx.decode(&d(u32::MAX, 2, vec![0; 2])), Err(ErrorCode::FwOutOfRange));
+        assert_eq!(
+            rx.decode(&d(900, 200, vec![0; 200])),
+            Err(ErrorCode::FwOutOfRange)
+        );
+        assert_eq!(
+            rx.decode(&d(u32::MAX, 2, vec![0; 2])),
+            Err(ErrorCode::FwOutOfRange)
+        );
         assert_eq!(rx.decode(&d(0, 10, vec![0; 9])), Err(ErrorCode::Malformed));
         assert!(rx.decode(&d(0, 10, vec![0; 10])).unwrap().is_some());
         rx.insert(0, 10);
         assert_eq!(rx.decode(&d(0, 10, vec![0; 10])), Ok(None));
         rx.insert(20, 10);
         rx.insert(40, 10);
-        assert_eq!(rx.ack(), FwAck { have: 10, ranges: vec![(20, 30), (40, 50)] });
+        assert_eq!(
+            rx.ack(),
+            FwAck {
+                have: 10,
+                ranges: vec![(20, 30), (40, 50)]
+            }
+        );
         rx.insert(10, 10);
-        assert_eq!(rx.ack(), FwAck { have: 30, ranges: vec![(40, 50)] });
+        assert_eq!(
+            rx.ack(),
+            FwAck {
+                have: 30,
+                ranges: vec![(40, 50)]
+            }
+        );
         let bomb = FwData {
             offset: 0,
             raw_len: 500,
@@ -573,6 +599,9 @@ mod tests {
             assert!(rx.insert(10 + i * 20, 10));
         }
         assert!(!rx.insert(5000, 10));
-        assert!(rx.insert(0, 10), "extending an existing range is always possible");
+        assert!(
+            rx.insert(0, 10),
+            "extending an existing range is always possible"
+        );
     }
 }

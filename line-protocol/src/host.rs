@@ -11,7 +11,9 @@ use p256::elliptic_curve::Generate;
 use p256::{PublicKey, SecretKey};
 use rand_core::CryptoRng;
 
-use crate::crypto::{self, channel_signed_message, parse_p256_point, session_keys, transcript_hash};
+use crate::crypto::{
+    self, channel_signed_message, parse_p256_point, session_keys, transcript_hash,
+};
 use crate::endpoint::{Endpoint, Opened, Violation};
 use crate::firmware::Block;
 use crate::frame::{Decoded, FrameError, FrameStats};
@@ -210,7 +212,9 @@ impl HostSession {
     /// The transcript hash once CHANNEL_OPEN was drafted.
     pub fn transcript_hash(&self) -> Option<[u8; 32]> {
         match &self.phase {
-            Phase::Drafted { th, .. } | Phase::OpenSent { th, .. } | Phase::Secure { th } => Some(*th),
+            Phase::Drafted { th, .. } | Phase::OpenSent { th, .. } | Phase::Secure { th } => {
+                Some(*th)
+            }
             _ => None,
         }
     }
@@ -338,8 +342,18 @@ impl HostSession {
         })
     }
 
-    fn on_hello_ack(&mut self, reference: u32, ack: HelloAck, payload: Vec<u8>, seq: u32) -> Option<Inbound> {
-        let Phase::HelloSent { hello, seq: hello_seq } = &self.phase else {
+    fn on_hello_ack(
+        &mut self,
+        reference: u32,
+        ack: HelloAck,
+        payload: Vec<u8>,
+        seq: u32,
+    ) -> Option<Inbound> {
+        let Phase::HelloSent {
+            hello,
+            seq: hello_seq,
+        } = &self.phase
+        else {
             return Some(Inbound::Ignored {
                 msg_type: ty::HELLO_ACK,
                 reason: "no HELLO outstanding",
@@ -388,13 +402,18 @@ impl HostSession {
         kt_pub: [u8; 65],
         chain: Vec<Vec<u8>>,
     ) -> Result<OpenDraft, HostError> {
-        let Phase::HelloDone { hello, ack, meter_eph } = &self.phase else {
+        let Phase::HelloDone {
+            hello,
+            ack,
+            meter_eph,
+        } = &self.phase
+        else {
             return Err(HostError::WrongPhase(self.phase.name()));
         };
-        if let Some(m) = &self.meter {
-            if m.version != PROTOCOL_VERSION {
-                return Err(HostError::Version(m.version));
-            }
+        if let Some(m) = &self.meter
+            && m.version != PROTOCOL_VERSION
+        {
+            return Err(HostError::Version(m.version));
         }
         let eph = SecretKey::generate_from_rng(rng);
         let mut eph_pub = [0u8; 65];
@@ -417,7 +436,12 @@ impl HostSession {
     /// Completes CHANNEL_OPEN with the DER signature; returns the frame bytes.
     pub fn finish_open(&mut self, signature: Vec<u8>) -> Result<Vec<u8>, HostError> {
         let phase = std::mem::replace(&mut self.phase, Phase::Idle);
-        let Phase::Drafted { th, mut draft, keys } = phase else {
+        let Phase::Drafted {
+            th,
+            mut draft,
+            keys,
+        } = phase
+        else {
             let name = phase.name();
             self.phase = phase;
             return Err(HostError::WrongPhase(name));
@@ -473,13 +497,19 @@ impl HostSession {
 
     /// Encodes any payload as a request of type `msg_type` on the secure channel, whether or not
     /// it decodes: for conformance tests of meter implementations and for fuzzing.
-    pub fn request_raw(&mut self, msg_type: u8, payload: Vec<u8>) -> Result<(u32, Vec<u8>), HostError> {
+    pub fn request_raw(
+        &mut self,
+        msg_type: u8,
+        payload: Vec<u8>,
+    ) -> Result<(u32, Vec<u8>), HostError> {
         if !self.is_secure() {
             return Err(HostError::WrongPhase(self.phase.name()));
         }
         self.check_size(payload.len())?;
         let mut out = Vec::with_capacity(payload.len() + 64);
-        let seq = self.ep.encode_payload(msg_type, payload, None, true, &mut out);
+        let seq = self
+            .ep
+            .encode_payload(msg_type, payload, None, true, &mut out);
         Ok((seq, out))
     }
 
@@ -488,13 +518,16 @@ impl HostSession {
         if !self.is_secure() {
             return Err(HostError::WrongPhase(self.phase.name()));
         }
-        let mut payload = Vec::with_capacity(crate::firmware::FW_DATA_OVERHEAD + block.data.len() + 16);
+        let mut payload =
+            Vec::with_capacity(crate::firmware::FW_DATA_OVERHEAD + block.data.len() + 16);
         payload.extend_from_slice(&block.offset.to_le_bytes());
         payload.extend_from_slice(&block.raw_len.to_le_bytes());
         payload.push(block.encoding as u8);
         payload.extend_from_slice(&block.data);
         self.check_size(payload.len())?;
-        Ok(self.ep.encode_payload(ty::FW_DATA, payload, None, true, out))
+        Ok(self
+            .ep
+            .encode_payload(ty::FW_DATA, payload, None, true, out))
     }
 
     fn check_size(&self, plain_len: usize) -> Result<(), HostError> {

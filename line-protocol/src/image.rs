@@ -268,10 +268,10 @@ pub fn key_hash(key: &PublicKey) -> [u8; 32] {
 /// Parses `image` and verifies its signature against `key`.
 pub fn verify(image: &[u8], key: &PublicKey) -> Result<ImageInfo, ImageError> {
     let info = parse(image)?;
-    if let Some(kh) = info.key_hash {
-        if kh != key_hash(key) {
-            return Err(ImageError::WrongKey);
-        }
+    if let Some(kh) = info.key_hash
+        && kh != key_hash(key)
+    {
+        return Err(ImageError::WrongKey);
     }
     let sig = info.signature.as_ref().ok_or(ImageError::Unsigned)?;
     let sig = Signature::from_der(sig).map_err(|_| ImageError::BadSignature)?;
@@ -282,7 +282,12 @@ pub fn verify(image: &[u8], key: &PublicKey) -> Result<ImageInfo, ImageError> {
 }
 
 /// The 32-byte header for an image (used by the image builder in `meter-sim`).
-pub fn header_bytes(load_addr: u32, hdr_size: u16, img_size: u32, version: ImageVersion) -> [u8; 32] {
+pub fn header_bytes(
+    load_addr: u32,
+    hdr_size: u16,
+    img_size: u32,
+    version: ImageVersion,
+) -> [u8; 32] {
     let mut h = [0u8; 32];
     h[0..4].copy_from_slice(&IMAGE_MAGIC.to_le_bytes());
     h[4..8].copy_from_slice(&load_addr.to_le_bytes());

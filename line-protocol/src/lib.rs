@@ -35,9 +35,9 @@ pub mod image;
 pub mod meter;
 pub mod msg;
 pub mod receipt;
-pub mod timing;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
+pub mod timing;
 
 #[cfg(feature = "io")]
 pub mod io;

@@ -6,15 +6,17 @@
 //! what is stored in flash, key generation, image verification and activation, sealing. A
 //! C bootloader would be split the same way.
 
-use p256::elliptic_curve::Generate;
 use p256::SecretKey;
 use p256::ecdsa::signature::Verifier;
 use p256::ecdsa::{Signature, VerifyingKey};
+use p256::elliptic_curve::Generate;
 use rand_core::CryptoRng;
 use zeroize::Zeroizing;
 
 use crate::chain::verify_chain;
-use crate::crypto::{self, channel_signed_message, parse_p256_point, session_keys, transcript_hash};
+use crate::crypto::{
+    self, channel_signed_message, parse_p256_point, session_keys, transcript_hash,
+};
 use crate::endpoint::{Endpoint, Opened, Violation};
 use crate::firmware::FirmwareReceiver;
 use crate::frame::{Decoded, FrameError, FrameStats};
@@ -82,13 +84,24 @@ pub trait MeterApp {
     /// KEYGEN: generate a key pair for `slot` and return a PKCS#10 request signed with it.
     /// Within one channel session (`session` is its transcript hash) a repeated request for the
     /// same slot returns the same request.
-    fn keygen(&mut self, slot: CertSlot, curve: Curve, session: &[u8; 32]) -> Result<Vec<u8>, Refusal>;
+    fn keygen(
+        &mut self,
+        slot: CertSlot,
+        curve: Curve,
+        session: &[u8; 32],
+    ) -> Result<Vec<u8>, Refusal>;
     /// PUT_CERT.
     fn put_cert(&mut self, slot: CertSlot, der: &[u8]) -> Result<(), Refusal>;
     /// PUT_ANCHOR.
     fn put_anchor(&mut self, kind: AnchorKind, index: u8, der: &[u8]) -> Result<(), Refusal>;
     /// PUT_KEY, already unwrapped (and, for AES keys, checked against its KCV).
-    fn put_key(&mut self, key_id: KeyId, key_type: KeyType, clear: &[u8], kcv: [u8; 3]) -> Result<(), Refusal>;
+    fn put_key(
+        &mut self,
+        key_id: KeyId,
+        key_type: KeyType,
+        clear: &[u8],
+        kcv: [u8; 3],
+    ) -> Result<(), Refusal>;
     /// FW_BEGIN: prepare to receive; return how many leading bytes of this exact image are held.
     fn fw_begin(&mut self, size: u32, sha256: &[u8; 32]) -> Result<u32, Refusal>;
     /// Store a decoded block.
@@ -184,7 +197,8 @@ pub struct MeterSession {
 impl MeterSession {
     /// A session for a meter that accepts payloads up to `max_payload` bytes.
     pub fn new(max_payload: u16) -> Self {
-        let max_payload = usize::from(max_payload).clamp(limits::MIN_MAX_PAYLOAD, limits::MAX_PAYLOAD);
+        let max_payload =
+            usize::from(max_payload).clamp(limits::MIN_MAX_PAYLOAD, limits::MAX_PAYLOAD);
         MeterSession {
             ep: Endpoint::new(max_payload.max(limits::INITIAL_MAX_PAYLOAD)),
             phase: Phase::Idle,
@@ -235,7 +249,13 @@ impl MeterSession {
         self.ep.encode(msg, Some(reference), secure, &mut out.bytes);
     }
 
-    fn reply_plain_error(&mut self, code: ErrorCode, detail: &str, reference: u32, out: &mut MeterOutput) {
+    fn reply_plain_error(
+        &mut self,
+        code: ErrorCode,
+        detail: &str,
+        reference: u32,
+        out: &mut MeterOutput,
+    ) {
         let msg = Message::Error {
             code,
             detail: detail.into(),
@@ -249,7 +269,13 @@ impl MeterSession {
         self.fw = None;
     }
 
-    fn on_frame(&mut self, f: crate::frame::Frame, app: &mut dyn MeterApp, rng: &mut dyn CryptoRng, out: &mut MeterOutput) {
+    fn on_frame(
+        &mut self,
+        f: crate::frame::Frame,
+        app: &mut dyn MeterApp,
+        rng: &mut dyn CryptoRng,
+        out: &mut MeterOutput,
+    ) {
         let seq = f.header.seq;
         let msg_type = f.header.msg_type;
         let (payload, encrypted) = match self.ep.open(f) {
@@ -277,7 +303,12 @@ impl MeterSession {
         if self.is_secure() && !encrypted && msg_type != ty::HELLO {
             let v = Violation::Downgrade { msg_type };
             self.drop_channel();
-            self.reply_plain_error(ErrorCode::Unexpected, "plaintext on secure channel", seq, out);
+            self.reply_plain_error(
+                ErrorCode::Unexpected,
+                "plaintext on secure channel",
+                seq,
+                out,
+            );
             out.events.push(MeterEvent::Violation(v));
             return;
         }
@@ -307,7 +338,10 @@ impl MeterSession {
                 if self.is_secure() {
                     self.on_secure(other, seq, app, out)
                 } else {
-                    Err(Refusal::new(ErrorCode::NoChannel, "secure channel required"))
+                    Err(Refusal::new(
+                        ErrorCode::NoChannel,
+                        "secure channel required",
+                    ))
                 }
             }
         };
@@ -341,7 +375,10 @@ impl MeterSession {
         self.drop_channel();
         self.ep.restart_tx();
         if !(h.version_min..=h.version_max).contains(&PROTOCOL_VERSION) {
-            return Err(Refusal::new(ErrorCode::UnsupportedVersion, "meter speaks version 1"));
+            return Err(Refusal::new(
+                ErrorCode::UnsupportedVersion,
+                "meter speaks version 1",
+            ));
         }
         let info = app.info();
         let eph = SecretKey::generate_from_rng(rng);
@@ -378,7 +415,13 @@ impl MeterSession {
         Ok(())
     }
 
-    fn on_open(&mut self, o: ChannelOpen, seq: u32, app: &mut dyn MeterApp, out: &mut MeterOutput) -> Result<(), Refusal> {
+    fn on_open(
+        &mut self,
+        o: ChannelOpen,
+        seq: u32,
+        app: &mut dyn MeterApp,
+        out: &mut MeterOutput,
+    ) -> Result<(), Refusal> {
         let phase = std::mem::replace(&mut self.phase, Phase::Idle);
         let Phase::HelloDone {
             hello,
@@ -389,7 +432,10 @@ impl MeterSession {
         } = phase
         else {
             self.drop_channel();
-            return Err(Refusal::new(ErrorCode::Unexpected, "CHANNEL_OPEN without HELLO"));
+            return Err(Refusal::new(
+                ErrorCode::Unexpected,
+                "CHANNEL_OPEN without HELLO",
+            ));
         };
         let leaf = verify_chain(&o.chain, &app.provisioning_root())
             .map_err(|e| Refusal::new(ErrorCode::BadCertChain, e.to_string()))?;
@@ -422,7 +468,13 @@ impl MeterSession {
         Ok(())
     }
 
-    fn on_secure(&mut self, msg: Message, seq: u32, app: &mut dyn MeterApp, out: &mut MeterOutput) -> Result<(), Refusal> {
+    fn on_secure(
+        &mut self,
+        msg: Message,
+        seq: u32,
+        app: &mut dyn MeterApp,
+        out: &mut MeterOutput,
+    ) -> Result<(), Refusal> {
         let Phase::Secure {
             th,
             ktk,
@@ -431,7 +483,10 @@ impl MeterSession {
             slot_size,
         } = &self.phase
         else {
-            return Err(Refusal::new(ErrorCode::NoChannel, "secure channel required"));
+            return Err(Refusal::new(
+                ErrorCode::NoChannel,
+                "secure channel required",
+            ));
         };
         let (th, compression, max_block, slot_size) = (*th, *compression, *max_block, *slot_size);
         let sealed = app.lifecycle() == Lifecycle::Sealed;
@@ -454,7 +509,10 @@ impl MeterSession {
             }
             Message::KeyGen { slot, curve } => {
                 if slot == CertSlot::DeviceCa {
-                    return Err(Refusal::new(ErrorCode::Malformed, "no key pair for the CA slot"));
+                    return Err(Refusal::new(
+                        ErrorCode::Malformed,
+                        "no key pair for the CA slot",
+                    ));
                 }
                 Message::KeyGenRsp {
                     slot,
@@ -480,13 +538,25 @@ impl MeterSession {
                 compression: want,
             } => {
                 if size == 0 || size > slot_size {
-                    return Err(Refusal::new(ErrorCode::FwTooLarge, "image does not fit the slot"));
+                    return Err(Refusal::new(
+                        ErrorCode::FwTooLarge,
+                        "image does not fit the slot",
+                    ));
                 }
                 if want > 1 || (want == 1 && !compression) {
-                    return Err(Refusal::new(ErrorCode::Unexpected, "compression not negotiated"));
+                    return Err(Refusal::new(
+                        ErrorCode::Unexpected,
+                        "compression not negotiated",
+                    ));
                 }
                 let have = app.fw_begin(size, &sha256)?.min(size);
-                self.fw = Some(FirmwareReceiver::new(size, sha256, want == 1, max_block, have));
+                self.fw = Some(FirmwareReceiver::new(
+                    size,
+                    sha256,
+                    want == 1,
+                    max_block,
+                    have,
+                ));
                 Message::FwBeginRsp { have }
             }
             Message::FwData(d) => {
@@ -531,7 +601,10 @@ impl MeterSession {
                     return Err(Refusal::new(ErrorCode::Malformed, "unknown interface bits"));
                 }
                 let (lifecycle, disabled) = app.seal(disable | msg::iface::PROVISIONING)?;
-                Message::SealRsp { lifecycle, disabled }
+                Message::SealRsp {
+                    lifecycle,
+                    disabled,
+                }
             }
             Message::Attest { nonce } => {
                 let (receipt, signature) = app.attest(&nonce)?;
@@ -556,10 +629,16 @@ fn unwrap_checked(ktk: &Zeroizing<[u8; 32]>, k: &PutKey) -> Result<Zeroizing<Vec
         .ok_or_else(|| Refusal::new(ErrorCode::UnwrapFailed, "integrity check failed"))?;
     if let Some(len) = crypto::clear_key_len(k.key_type) {
         if clear.len() != len {
-            return Err(Refusal::new(ErrorCode::UnwrapFailed, "key length does not match its type"));
+            return Err(Refusal::new(
+                ErrorCode::UnwrapFailed,
+                "key length does not match its type",
+            ));
         }
         if crypto::kcv_aes(&clear) != Some(k.kcv) {
-            return Err(Refusal::new(ErrorCode::KcvMismatch, "key check value mismatch"));
+            return Err(Refusal::new(
+                ErrorCode::KcvMismatch,
+                "key check value mismatch",
+            ));
         }
     }
     Ok(clear)

@@ -498,7 +498,11 @@ impl<'a> Reader<'a> {
         Ok(a)
     }
 
-    pub(crate) fn bytes8(&mut self, max: usize, field: &'static str) -> Result<Vec<u8>, DecodeError> {
+    pub(crate) fn bytes8(
+        &mut self,
+        max: usize,
+        field: &'static str,
+    ) -> Result<Vec<u8>, DecodeError> {
         let n = self.u8(field)? as usize;
         if n > max {
             return Err(DecodeError::TooLong(field));
@@ -626,7 +630,8 @@ pub struct ChannelOpen {
 impl ChannelOpen {
     /// The signed part of the payload: everything before the signature.
     pub fn body_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(256 + self.chain.iter().map(|c| c.len() + 2).sum::<usize>());
+        let mut out =
+            Vec::with_capacity(256 + self.chain.iter().map(|c| c.len() + 2).sum::<usize>());
         out.extend_from_slice(&self.eph_pub);
         out.extend_from_slice(&self.kt_pub);
         out.push(self.chain.len() as u8);
@@ -1336,13 +1341,19 @@ mod tests {
 
     #[test]
     fn unknown_type_and_bad_enum() {
-        assert_eq!(Message::decode(0x55, &[]), Err(DecodeError::UnknownType(0x55)));
+        assert_eq!(
+            Message::decode(0x55, &[]),
+            Err(DecodeError::UnknownType(0x55))
+        );
         assert_eq!(
             Message::decode(ty::KEYGEN, &[9, 1]),
             Err(DecodeError::BadValue("slot"))
         );
         assert_eq!(
-            Message::decode(ty::IDENTITY, &[2, b'A', 0x07, 0, 0, 0, 0, 0, 0, 0, 0, 1, b'x']),
+            Message::decode(
+                ty::IDENTITY,
+                &[2, b'A', 0x07, 0, 0, 0, 0, 0, 0, 0, 0, 1, b'x']
+            ),
             Err(DecodeError::BadValue("serial"))
         );
     }

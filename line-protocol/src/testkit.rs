@@ -9,9 +9,9 @@
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 
-use p256::elliptic_curve::Generate;
 use p256::ecdsa::signature::Signer;
 use p256::ecdsa::{DerSignature, SigningKey};
+use p256::elliptic_curve::Generate;
 use p256::{PublicKey, SecretKey};
 use rand_core::{TryCryptoRng, TryRng};
 use sha2::{Digest, Sha256};
@@ -82,9 +82,11 @@ impl TryRng for SeededRng {
 impl TryCryptoRng for SeededRng {}
 
 /// The provisioning root's SEC1 public key (test PKI).
-pub const PROVISIONING_ROOT_PUB: &[u8; 65] = include_bytes!("../../schemas/vectors/provisioning-root.pub");
+pub const PROVISIONING_ROOT_PUB: &[u8; 65] =
+    include_bytes!("../../schemas/vectors/provisioning-root.pub");
 /// The provisioning root certificate (test PKI).
-pub const PROVISIONING_ROOT_DER: &[u8] = include_bytes!("../../schemas/vectors/provisioning-root.der");
+pub const PROVISIONING_ROOT_DER: &[u8] =
+    include_bytes!("../../schemas/vectors/provisioning-root.der");
 /// The station identity certificate issued by the provisioning root (test PKI).
 pub const STATION_DER: &[u8] = include_bytes!("../../schemas/vectors/station.der");
 /// The same station key certified by a foreign root.
@@ -95,7 +97,8 @@ pub const STATION_KEY_RAW: &[u8; 32] = include_bytes!("../../schemas/vectors/sta
 /// The provisioning root public key.
 pub fn provisioning_root() -> PublicKey {
     // The test vector file is a valid point; a broken checkout fails every test loudly.
-    PublicKey::from_sec1_bytes(PROVISIONING_ROOT_PUB).unwrap_or_else(|_| panic!("bad test root key"))
+    PublicKey::from_sec1_bytes(PROVISIONING_ROOT_PUB)
+        .unwrap_or_else(|_| panic!("bad test root key"))
 }
 
 /// The station's signing key.
@@ -151,7 +154,9 @@ impl MemMeter {
                 lifecycle: Lifecycle::Blank,
                 max_payload: 8192,
                 window: 8,
-                features: msg::FEATURE_DEFLATE | msg::FEATURE_KEYGEN_P256 | msg::FEATURE_KEYGEN_P384,
+                features: msg::FEATURE_DEFLATE
+                    | msg::FEATURE_KEYGEN_P256
+                    | msg::FEATURE_KEYGEN_P384,
                 max_block: 32768,
                 slot_size: 1 << 20,
             },
@@ -188,9 +193,16 @@ impl MeterApp for MemMeter {
             lifecycle: self.lifecycle as u8,
             identity: u8::from(self.identity.is_some()),
             certs: self.certs.keys().fold(0, |a, s| a | 1 << (s - 1)),
-            keys: self.secrets.keys().fold(0, |a, k| a | 1 << ((k - 1) & 0x0F)),
+            keys: self
+                .secrets
+                .keys()
+                .fold(0, |a, k| a | 1 << ((k - 1) & 0x0F)),
             anchors: self.anchors.len() as u8,
-            fw_state: if self.active.is_some() { 2 } else { u8::from(self.staging_id.is_some()) },
+            fw_state: if self.active.is_some() {
+                2
+            } else {
+                u8::from(self.staging_id.is_some())
+            },
             fw_size: self.staging_id.map(|s| s.0).unwrap_or(0),
             fw_have: self.have,
             fw_sha256: self.staging_id.map(|s| s.1).unwrap_or([0; 32]),
@@ -198,7 +210,10 @@ impl MeterApp for MemMeter {
     }
     fn set_identity(&mut self, id: &Identity) -> Result<(), Refusal> {
         match &self.identity {
-            Some(old) if old != id => Err(Refusal::new(ErrorCode::IdentityMismatch, "identity differs")),
+            Some(old) if old != id => Err(Refusal::new(
+                ErrorCode::IdentityMismatch,
+                "identity differs",
+            )),
             _ => {
                 self.identity = Some(id.clone());
                 self.lifecycle = Lifecycle::Personalized;
@@ -206,15 +221,26 @@ impl MeterApp for MemMeter {
             }
         }
     }
-    fn keygen(&mut self, slot: CertSlot, curve: Curve, session: &[u8; 32]) -> Result<Vec<u8>, Refusal> {
+    fn keygen(
+        &mut self,
+        slot: CertSlot,
+        curve: Curve,
+        session: &[u8; 32],
+    ) -> Result<Vec<u8>, Refusal> {
         if curve != Curve::P256 {
             return Err(Refusal::new(ErrorCode::UnsupportedCurve, "P-256 only"));
         }
-        let entry = self.keys.get(&(slot as u8)).filter(|(_, s)| s == session).cloned();
+        let entry = self
+            .keys
+            .get(&(slot as u8))
+            .filter(|(_, s)| s == session)
+            .cloned();
         let key = match entry {
             Some((k, _)) => k,
             None => {
-                let k = SecretKey::generate_from_rng(&mut SeededRng::new(u64::from(session[0]) + slot as u64));
+                let k = SecretKey::generate_from_rng(&mut SeededRng::new(
+                    u64::from(session[0]) + slot as u64,
+                ));
                 self.keys.insert(slot as u8, (k.clone(), *session));
                 k
             }
@@ -229,7 +255,13 @@ impl MeterApp for MemMeter {
         self.anchors.insert((kind as u8, index), der.to_vec());
         Ok(())
     }
-    fn put_key(&mut self, key_id: KeyId, _key_type: KeyType, clear: &[u8], _kcv: [u8; 3]) -> Result<(), Refusal> {
+    fn put_key(
+        &mut self,
+        key_id: KeyId,
+        _key_type: KeyType,
+        clear: &[u8],
+        _kcv: [u8; 3],
+    ) -> Result<(), Refusal> {
         self.secrets.insert(key_id as u8, clear.to_vec());
         Ok(())
     }
@@ -316,24 +348,57 @@ impl Pair {
     pub fn open(&mut self) {
         let hello = self.host.hello([1; 16]);
         let ev = self.exchange(&hello);
-        assert!(matches!(ev.as_slice(), [Inbound::Message { msg: Message::HelloAck(_), .. }]), "{ev:?}");
+        assert!(
+            matches!(
+                ev.as_slice(),
+                [Inbound::Message {
+                    msg: Message::HelloAck(_),
+                    ..
+                }]
+            ),
+            "{ev:?}"
+        );
         let mut kt_pub = [0u8; 65];
         kt_pub.copy_from_slice(&self.kt_secret.public_key().to_sec1_bytes());
         let draft = self
             .host
             .prepare_open(&mut self.rng, kt_pub, vec![STATION_DER.to_vec()])
             .unwrap_or_else(|e| panic!("{e}"));
-        let open = self.host.finish_open(station_sign(&draft.to_sign)).unwrap_or_else(|e| panic!("{e}"));
+        let open = self
+            .host
+            .finish_open(station_sign(&draft.to_sign))
+            .unwrap_or_else(|e| panic!("{e}"));
         let ev = self.exchange(&open);
-        assert!(matches!(ev.as_slice(), [Inbound::Message { msg: Message::ChannelReady { .. }, .. }]), "{ev:?}");
+        assert!(
+            matches!(
+                ev.as_slice(),
+                [Inbound::Message {
+                    msg: Message::ChannelReady { .. },
+                    ..
+                }]
+            ),
+            "{ev:?}"
+        );
     }
 
     /// The key-transport key as the host's HSM would derive it.
     pub fn host_ktk(&self) -> zeroize::Zeroizing<[u8; 32]> {
-        let th = self.host.transcript_hash().unwrap_or_else(|| panic!("no channel"));
-        let meter_eph = crypto::parse_p256_point(&self.host.meter().unwrap_or_else(|| panic!("no hello")).eph_pub)
-            .unwrap_or_else(|| panic!("bad meter key"));
-        crypto::ktk_from_shared(&crypto::ecdh_x(&self.kt_secret.to_nonzero_scalar(), &meter_eph), &th)
+        let th = self
+            .host
+            .transcript_hash()
+            .unwrap_or_else(|| panic!("no channel"));
+        let meter_eph = crypto::parse_p256_point(
+            &self
+                .host
+                .meter()
+                .unwrap_or_else(|| panic!("no hello"))
+                .eph_pub,
+        )
+        .unwrap_or_else(|| panic!("bad meter key"));
+        crypto::ktk_from_shared(
+            &crypto::ecdh_x(&self.kt_secret.to_nonzero_scalar(), &meter_eph),
+            &th,
+        )
     }
 
     /// Sends a request and returns the single message answering it.

@@ -52,16 +52,28 @@ impl LinkTiming {
     }
 
     /// The deadline for a request: `2·(wire(req) + wire(rsp)) + 2·latency + margin + allowance`.
-    pub fn request_timeout_ms(&self, msg_type: u8, req_payload: usize, max_rsp_payload: usize, size: u32) -> u64 {
+    pub fn request_timeout_ms(
+        &self,
+        msg_type: u8,
+        req_payload: usize,
+        max_rsp_payload: usize,
+        size: u32,
+    ) -> u64 {
         let wire = self.wire_ms(wire_bytes(req_payload, true) + wire_bytes(max_rsp_payload, true));
-        2 * wire + 2 * u64::from(self.latency_ms) + MARGIN_MS + processing_allowance_ms(msg_type, size)
+        2 * wire
+            + 2 * u64::from(self.latency_ms)
+            + MARGIN_MS
+            + processing_allowance_ms(msg_type, size)
     }
 
     /// Retransmission timeout for firmware blocks with `window` frames of `payload` bytes in flight:
     /// the whole window's wire time plus the same latency, margin and per-frame allowance.
     pub fn rto_ms(&self, window: usize, payload: usize) -> u64 {
         let wire = self.wire_ms(window * wire_bytes(payload, true));
-        2 * wire + 2 * u64::from(self.latency_ms) + MARGIN_MS + processing_allowance_ms(ty::FW_DATA, 0)
+        2 * wire
+            + 2 * u64::from(self.latency_ms)
+            + MARGIN_MS
+            + processing_allowance_ms(ty::FW_DATA, 0)
     }
 }
 
@@ -71,11 +83,26 @@ mod tests {
 
     #[test]
     fn timeouts_scale_with_size_and_speed() {
-        let slow = LinkTiming { baud: 9600, latency_ms: 4 };
-        let fast = LinkTiming { baud: 921_600, latency_ms: 4 };
+        let slow = LinkTiming {
+            baud: 9600,
+            latency_ms: 4,
+        };
+        let fast = LinkTiming {
+            baud: 921_600,
+            latency_ms: 4,
+        };
         assert_eq!(slow.wire_ms(960), 1000);
-        assert!(slow.request_timeout_ms(ty::PUT_CERT, 1000, 0, 0) > fast.request_timeout_ms(ty::PUT_CERT, 1000, 0, 0));
-        assert!(fast.request_timeout_ms(ty::PUT_CERT, 2000, 0, 0) > fast.request_timeout_ms(ty::PUT_CERT, 100, 0, 0));
-        assert!(fast.request_timeout_ms(ty::FW_END, 0, 64, 1 << 20) > fast.request_timeout_ms(ty::FW_END, 0, 64, 1 << 10));
+        assert!(
+            slow.request_timeout_ms(ty::PUT_CERT, 1000, 0, 0)
+                > fast.request_timeout_ms(ty::PUT_CERT, 1000, 0, 0)
+        );
+        assert!(
+            fast.request_timeout_ms(ty::PUT_CERT, 2000, 0, 0)
+                > fast.request_timeout_ms(ty::PUT_CERT, 100, 0, 0)
+        );
+        assert!(
+            fast.request_timeout_ms(ty::FW_END, 0, 64, 1 << 20)
+                > fast.request_timeout_ms(ty::FW_END, 0, 64, 1 << 10)
+        );
     }
 }

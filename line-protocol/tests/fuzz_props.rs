@@ -2,9 +2,11 @@
 //! with random mutations. Each entry point must return for every input; a panic fails the test.
 //! The same functions are the bodies of the `fuzz/` targets for longer coverage-guided runs.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failure is a test failure
+
+use line_protocol::Message;
 use line_protocol::fuzz;
 use line_protocol::testkit::Pair;
-use line_protocol::Message;
 use proptest::prelude::*;
 
 /// Valid line traffic to mutate: a whole handshake and a few requests, both directions.
@@ -20,14 +22,25 @@ fn corpus() -> Vec<Vec<u8>> {
     kt.copy_from_slice(&p.kt_secret.public_key().to_sec1_bytes());
     let d = p
         .host
-        .prepare_open(&mut p.rng, kt, vec![line_protocol::testkit::STATION_DER.to_vec()])
+        .prepare_open(
+            &mut p.rng,
+            kt,
+            vec![line_protocol::testkit::STATION_DER.to_vec()],
+        )
         .unwrap();
-    let open = p.host.finish_open(line_protocol::testkit::station_sign(&d.to_sign)).unwrap();
+    let open = p
+        .host
+        .finish_open(line_protocol::testkit::station_sign(&d.to_sign))
+        .unwrap();
     frames.push(open.clone());
     let out = p.meter.receive(&open, &mut p.app, &mut p.rng);
     frames.push(out.bytes.clone());
     p.host.receive(&out.bytes);
-    for m in [Message::Status, Message::FwEnd, Message::Attest { nonce: [1; 16] }] {
+    for m in [
+        Message::Status,
+        Message::FwEnd,
+        Message::Attest { nonce: [1; 16] },
+    ] {
         let (_, f) = p.host.request(&m).unwrap();
         frames.push(f.clone());
         frames.push(p.meter.receive(&f, &mut p.app, &mut p.rng).bytes);

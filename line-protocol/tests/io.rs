@@ -1,6 +1,8 @@
 //! The async host driver against the plain meter loop, over an in-memory pipe and over a real
 //! pseudo-terminal opened through tokio-serial.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failure is a test failure
+
 use std::sync::Arc;
 
 use line_protocol::crypto;
@@ -33,13 +35,18 @@ async fn provision(link: &mut HostLink, img: &[u8]) -> MeterSummary {
     let kt = p256::SecretKey::generate_from_rng(&mut SeededRng::new(1));
     let mut kt_pub = [0u8; 65];
     kt_pub.copy_from_slice(&kt.public_key().to_sec1_bytes());
-    link.open_channel(kt_pub, vec![STATION_DER.to_vec()], &SoftSigner).await.unwrap();
+    link.open_channel(kt_pub, vec![STATION_DER.to_vec()], &SoftSigner)
+        .await
+        .unwrap();
     let id = Identity {
         serial: "S1".into(),
         system_title: [1; 8],
         ldn: "L1".into(),
     };
-    assert_eq!(link.call(&Message::Identity(id)).await.unwrap(), Message::Ack);
+    assert_eq!(
+        link.call(&Message::Identity(id)).await.unwrap(),
+        Message::Ack
+    );
     let neg = link.session().negotiated().unwrap();
     let plan = TransferPlan::new(
         img,
@@ -50,7 +57,11 @@ async fn provision(link: &mut HostLink, img: &[u8]) -> MeterSummary {
         },
     );
     let have = match link
-        .call(&Message::FwBegin { size: plan.size, sha256: plan.sha256, compression: u8::from(neg.compression) })
+        .call(&Message::FwBegin {
+            size: plan.size,
+            sha256: plan.sha256,
+            compression: u8::from(neg.compression),
+        })
         .await
         .unwrap()
     {
@@ -58,7 +69,9 @@ async fn provision(link: &mut HostLink, img: &[u8]) -> MeterSummary {
         other => panic!("{other:?}"),
     };
     let mut last = 0;
-    link.send_firmware(Arc::clone(&plan), have, &mut |done, _| last = done).await.unwrap();
+    link.send_firmware(Arc::clone(&plan), have, &mut |done, _| last = done)
+        .await
+        .unwrap();
     assert_eq!(last, img.len() as u64, "progress reaches the whole image");
     let result = match link.call_sized(&Message::FwEnd, plan.size).await.unwrap() {
         Message::FwResult(r) => r,
@@ -86,7 +99,14 @@ async fn host_link_over_memory() {
         io::serve_meter(b, &mut session, &mut app).await.unwrap();
         app
     });
-    let mut link = HostLink::new(a, HostConfig::default(), LinkTiming { baud: 921_600, latency_ms: 0 });
+    let mut link = HostLink::new(
+        a,
+        HostConfig::default(),
+        LinkTiming {
+            baud: 921_600,
+            latency_ms: 0,
+        },
+    );
     let img = image(256 * 1024);
     let s = provision(&mut link, &img).await;
     assert_eq!(s.uid, vec![9; 8]);
@@ -106,8 +126,17 @@ async fn host_link_over_a_pseudo_terminal() {
         let _ = io::serve_meter(master, &mut session, &mut app).await;
         app
     });
-    let port = io::open(&PortAddr::parse(&path).unwrap(), 115_200).await.unwrap();
-    let mut link = HostLink::new(port, HostConfig::default(), LinkTiming { baud: 115_200, latency_ms: 4 });
+    let port = io::open(&PortAddr::parse(&path).unwrap(), 115_200)
+        .await
+        .unwrap();
+    let mut link = HostLink::new(
+        port,
+        HostConfig::default(),
+        LinkTiming {
+            baud: 115_200,
+            latency_ms: 4,
+        },
+    );
     let img = image(64 * 1024);
     let s = provision(&mut link, &img).await;
     assert_eq!(s.status, 0);
@@ -119,7 +148,14 @@ async fn host_link_over_a_pseudo_terminal() {
 #[tokio::test]
 async fn silent_meter_times_out_with_the_request_named() {
     let (a, _b) = io::memory_pair(1024);
-    let mut link = HostLink::new(a, HostConfig::default(), LinkTiming { baud: 921_600, latency_ms: 0 });
+    let mut link = HostLink::new(
+        a,
+        HostConfig::default(),
+        LinkTiming {
+            baud: 921_600,
+            latency_ms: 0,
+        },
+    );
     tokio::time::pause();
     match link.hello().await {
         Err(LinkError::Timeout { what: "HELLO", .. }) => {}

@@ -1,6 +1,9 @@
 //! Host and meter sessions against each other in memory: the whole message set over the secure
 //! channel, and what each kind of bad input produces.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failure is a test failure
+
+use line_protocol::Violation;
 use line_protocol::crypto::{self, kcv_aes, wrap_key};
 use line_protocol::firmware::{FirmwareSender, PlanParams, TransferPlan};
 use line_protocol::host::{HostConfig, HostSession, Inbound};
@@ -10,7 +13,6 @@ use line_protocol::msg::{
     ResetMode, WrapAlg, iface,
 };
 use line_protocol::testkit::{self, Pair, STATION_DER, STATION_FOREIGN_DER, station_sign};
-use line_protocol::Violation;
 
 fn error_code(m: &Message) -> ErrorCode {
     match m {
@@ -33,18 +35,40 @@ fn full_provisioning_exchange_in_memory() {
     assert_eq!(p.call(&Message::Identity(id.clone())), Message::Ack);
     assert_eq!(p.app.identity.as_ref(), Some(&id));
 
-    let csr = match p.call(&Message::KeyGen { slot: CertSlot::Sign, curve: Curve::P256 }) {
-        Message::KeyGenRsp { slot: CertSlot::Sign, csr } => csr,
+    let csr = match p.call(&Message::KeyGen {
+        slot: CertSlot::Sign,
+        curve: Curve::P256,
+    }) {
+        Message::KeyGenRsp {
+            slot: CertSlot::Sign,
+            csr,
+        } => csr,
         other => panic!("{other:?}"),
     };
     // Idempotent within a session: asking again gives the same request.
     assert_eq!(
-        p.call(&Message::KeyGen { slot: CertSlot::Sign, curve: Curve::P256 }),
-        Message::KeyGenRsp { slot: CertSlot::Sign, csr }
+        p.call(&Message::KeyGen {
+            slot: CertSlot::Sign,
+            curve: Curve::P256
+        }),
+        Message::KeyGenRsp {
+            slot: CertSlot::Sign,
+            csr
+        }
     );
-    assert_eq!(p.call(&Message::PutCert { slot: CertSlot::Sign, der: vec![0x30, 3, 1, 2, 3] }), Message::Ack);
     assert_eq!(
-        p.call(&Message::PutAnchor { kind: AnchorKind::FirmwareVerification, index: 0, der: vec![0x30, 0] }),
+        p.call(&Message::PutCert {
+            slot: CertSlot::Sign,
+            der: vec![0x30, 3, 1, 2, 3]
+        }),
+        Message::Ack
+    );
+    assert_eq!(
+        p.call(&Message::PutAnchor {
+            kind: AnchorKind::FirmwareVerification,
+            index: 0,
+            der: vec![0x30, 0]
+        }),
         Message::Ack
     );
 
@@ -60,27 +84,47 @@ fn full_provisioning_exchange_in_memory() {
         wrapped: wrapped.clone(),
     };
     assert_eq!(p.call(&Message::PutKey(put.clone())), Message::Ack);
-    assert_eq!(p.app.secrets.get(&(KeyId::Guek as u8)), Some(&guek.to_vec()));
+    assert_eq!(
+        p.app.secrets.get(&(KeyId::Guek as u8)),
+        Some(&guek.to_vec())
+    );
 
     // Wrong KCV, wrong wrapping, wrong length for the type.
     let mut bad_kcv = put.clone();
     bad_kcv.kcv[0] ^= 1;
-    assert_eq!(error_code(&p.call(&Message::PutKey(bad_kcv))), ErrorCode::KcvMismatch);
+    assert_eq!(
+        error_code(&p.call(&Message::PutKey(bad_kcv))),
+        ErrorCode::KcvMismatch
+    );
     let mut bad_wrap = put.clone();
     bad_wrap.wrapped[3] ^= 1;
-    assert_eq!(error_code(&p.call(&Message::PutKey(bad_wrap))), ErrorCode::UnwrapFailed);
+    assert_eq!(
+        error_code(&p.call(&Message::PutKey(bad_wrap))),
+        ErrorCode::UnwrapFailed
+    );
     let mut bad_type = put.clone();
     bad_type.key_type = KeyType::Aes256;
-    assert_eq!(error_code(&p.call(&Message::PutKey(bad_type))), ErrorCode::UnwrapFailed);
+    assert_eq!(
+        error_code(&p.call(&Message::PutKey(bad_type))),
+        ErrorCode::UnwrapFailed
+    );
 
     // Firmware, then seal, attest, release.
     let image: Vec<u8> = (0..70_000u32).map(|i| (i * 7 + i / 300) as u8).collect();
     let neg = p.host.negotiated().unwrap();
     let plan = TransferPlan::new(
         &image,
-        PlanParams { max_payload: neg.max_payload, max_block: neg.max_block, compress: neg.compression },
+        PlanParams {
+            max_payload: neg.max_payload,
+            max_block: neg.max_block,
+            compress: neg.compression,
+        },
     );
-    let have = match p.call(&Message::FwBegin { size: plan.size, sha256: plan.sha256, compression: 1 }) {
+    let have = match p.call(&Message::FwBegin {
+        size: plan.size,
+        sha256: plan.sha256,
+        compression: 1,
+    }) {
         Message::FwBeginRsp { have } => have,
         other => panic!("{other:?}"),
     };
@@ -99,7 +143,11 @@ fn full_provisioning_exchange_in_memory() {
         }
         for ev in p.exchange(&wire) {
             match ev {
-                Inbound::Message { reference, msg: Message::FwAck(a), .. } => tx.on_ack(&a, reference),
+                Inbound::Message {
+                    reference,
+                    msg: Message::FwAck(a),
+                    ..
+                } => tx.on_ack(&a, reference),
                 other => panic!("{other:?}"),
             }
         }
@@ -113,19 +161,44 @@ fn full_provisioning_exchange_in_memory() {
     }
     assert_eq!(p.app.staging, image);
 
-    match p.call(&Message::Seal { disable: iface::DEBUG }) {
-        Message::SealRsp { lifecycle, disabled } => {
+    match p.call(&Message::Seal {
+        disable: iface::DEBUG,
+    }) {
+        Message::SealRsp {
+            lifecycle,
+            disabled,
+        } => {
             assert_eq!(lifecycle, Lifecycle::Sealed);
-            assert_eq!(disabled, iface::DEBUG | iface::PROVISIONING, "the jig port is always locked");
+            assert_eq!(
+                disabled,
+                iface::DEBUG | iface::PROVISIONING,
+                "the jig port is always locked"
+            );
         }
         other => panic!("{other:?}"),
     }
     // Sealed: provisioning messages are refused, status and attestation still answer.
-    assert_eq!(error_code(&p.call(&Message::Identity(id))), ErrorCode::Locked);
-    assert_eq!(error_code(&p.call(&Message::PutKey(put))), ErrorCode::Locked);
-    assert!(matches!(p.call(&Message::Status), Message::StatusRsp(s) if s.lifecycle == Lifecycle::Sealed as u8));
-    assert!(matches!(p.call(&Message::Attest { nonce: [5; 16] }), Message::AttestRsp { .. }));
-    assert_eq!(p.call(&Message::Reset { mode: ResetMode::Release }), Message::Ack);
+    assert_eq!(
+        error_code(&p.call(&Message::Identity(id))),
+        ErrorCode::Locked
+    );
+    assert_eq!(
+        error_code(&p.call(&Message::PutKey(put))),
+        ErrorCode::Locked
+    );
+    assert!(
+        matches!(p.call(&Message::Status), Message::StatusRsp(s) if s.lifecycle == Lifecycle::Sealed as u8)
+    );
+    assert!(matches!(
+        p.call(&Message::Attest { nonce: [5; 16] }),
+        Message::AttestRsp { .. }
+    ));
+    assert_eq!(
+        p.call(&Message::Reset {
+            mode: ResetMode::Release
+        }),
+        Message::Ack
+    );
     assert_eq!(p.app.resets, vec![ResetMode::Release]);
     assert!(!p.meter.is_secure(), "the channel ends with a reset");
 }
@@ -135,11 +208,23 @@ fn chain_from_a_foreign_root_is_refused_and_the_meter_stays_usable() {
     let mut p = Pair::new(11);
     let hello = p.host.hello([2; 16]);
     p.exchange(&hello);
-    let draft = p.host.prepare_open(&mut p.rng, [4; 65], vec![STATION_FOREIGN_DER.to_vec()]).unwrap();
+    let draft = p
+        .host
+        .prepare_open(&mut p.rng, [4; 65], vec![STATION_FOREIGN_DER.to_vec()])
+        .unwrap();
     let open = p.host.finish_open(station_sign(&draft.to_sign)).unwrap();
     let ev = p.exchange(&open);
     assert!(
-        matches!(&ev[..], [Inbound::Message { msg: Message::Error { code: ErrorCode::BadCertChain, .. }, .. }]),
+        matches!(
+            &ev[..],
+            [Inbound::Message {
+                msg: Message::Error {
+                    code: ErrorCode::BadCertChain,
+                    ..
+                },
+                ..
+            }]
+        ),
         "{ev:?}"
     );
     // A correct handshake afterwards works.
@@ -153,11 +238,23 @@ fn wrong_transcript_signature_is_refused() {
     p.exchange(&hello);
     let mut kt = [0u8; 65];
     kt.copy_from_slice(&p.kt_secret.public_key().to_sec1_bytes());
-    let _draft = p.host.prepare_open(&mut p.rng, kt, vec![STATION_DER.to_vec()]).unwrap();
+    let _draft = p
+        .host
+        .prepare_open(&mut p.rng, kt, vec![STATION_DER.to_vec()])
+        .unwrap();
     let open = p.host.finish_open(station_sign(b"something else")).unwrap();
     let ev = p.exchange(&open);
     assert!(
-        matches!(&ev[..], [Inbound::Message { msg: Message::Error { code: ErrorCode::BadSignature, .. }, .. }]),
+        matches!(
+            &ev[..],
+            [Inbound::Message {
+                msg: Message::Error {
+                    code: ErrorCode::BadSignature,
+                    ..
+                },
+                ..
+            }]
+        ),
         "{ev:?}"
     );
 }
@@ -170,11 +267,26 @@ fn replayed_host_frame_aborts_the_meter_channel() {
     let out = p.meter.receive(&frame, &mut p.app, &mut p.rng);
     assert!(!out.bytes.is_empty());
     let out = p.meter.receive(&frame, &mut p.app, &mut p.rng);
-    assert!(out.events.iter().any(|e| matches!(e, MeterEvent::Violation(Violation::Replay { .. }))), "{:?}", out.events);
+    assert!(
+        out.events
+            .iter()
+            .any(|e| matches!(e, MeterEvent::Violation(Violation::Replay { .. }))),
+        "{:?}",
+        out.events
+    );
     assert!(!p.meter.is_secure());
     // The host sees a plaintext ERROR: the channel is lost.
     let ev = p.host.receive(&out.bytes);
-    assert!(matches!(&ev[..], [Inbound::ChannelLost { code: ErrorCode::Replay, .. }]), "{ev:?}");
+    assert!(
+        matches!(
+            &ev[..],
+            [Inbound::ChannelLost {
+                code: ErrorCode::Replay,
+                ..
+            }]
+        ),
+        "{ev:?}"
+    );
 }
 
 #[test]
@@ -184,11 +296,23 @@ fn replayed_meter_frame_is_a_violation_at_the_host() {
     let (_, req) = p.host.request(&Message::Status).unwrap();
     let out = p.meter.receive(&req, &mut p.app, &mut p.rng);
     let first = p.host.receive(&out.bytes);
-    assert!(matches!(&first[..], [Inbound::Message { msg: Message::StatusRsp(_), .. }]));
+    assert!(matches!(
+        &first[..],
+        [Inbound::Message {
+            msg: Message::StatusRsp(_),
+            ..
+        }]
+    ));
     let again = p.host.receive(&out.bytes);
-    assert!(matches!(&again[..], [Inbound::Violation(Violation::Replay { .. })]), "{again:?}");
+    assert!(
+        matches!(&again[..], [Inbound::Violation(Violation::Replay { .. })]),
+        "{again:?}"
+    );
     assert!(p.host.violation().is_some());
-    assert!(p.host.request(&Message::Status).is_err(), "a failed session sends nothing more");
+    assert!(
+        p.host.request(&Message::Status).is_err(),
+        "a failed session sends nothing more"
+    );
 }
 
 #[test]
@@ -200,12 +324,18 @@ fn tampered_ciphertext_with_good_crc_is_a_violation() {
     let mut dec = line_protocol::frame::FrameDecoder::new(8192);
     let mut out = Vec::new();
     dec.push(&req, &mut out);
-    let line_protocol::frame::Decoded::Frame(mut f) = out.remove(0) else { panic!() };
+    let line_protocol::frame::Decoded::Frame(mut f) = out.remove(0) else {
+        panic!()
+    };
     f.payload[0] ^= 0x80;
     let mut forged = Vec::new();
     line_protocol::frame::encode(&f.header, &f.payload, &mut forged);
     let out = p.meter.receive(&forged, &mut p.app, &mut p.rng);
-    assert!(out.events.iter().any(|e| matches!(e, MeterEvent::Violation(Violation::AuthFailed { .. }))));
+    assert!(
+        out.events
+            .iter()
+            .any(|e| matches!(e, MeterEvent::Violation(Violation::AuthFailed { .. })))
+    );
 }
 
 #[test]
@@ -215,10 +345,22 @@ fn requests_without_a_channel_get_no_channel() {
     p.exchange(&hello);
     // Forge a plaintext STATUS: the meter must refuse it.
     let mut frame = Vec::new();
-    let header = line_protocol::frame::Header { msg_type: 0x10, flags: 0, seq: 9, reference: 0, len: 0 };
+    let header = line_protocol::frame::Header {
+        msg_type: 0x10,
+        flags: 0,
+        seq: 9,
+        reference: 0,
+        len: 0,
+    };
     line_protocol::frame::encode(&header, &[], &mut frame);
     let out = p.meter.receive(&frame, &mut p.app, &mut p.rng);
-    assert!(out.events.iter().any(|e| matches!(e, MeterEvent::Handled { error: Some(ErrorCode::NoChannel), .. })));
+    assert!(out.events.iter().any(|e| matches!(
+        e,
+        MeterEvent::Handled {
+            error: Some(ErrorCode::NoChannel),
+            ..
+        }
+    )));
 }
 
 #[test]
@@ -234,11 +376,19 @@ fn malformed_and_unknown_messages_get_error_codes_on_the_channel() {
         let frame = raw_request(&mut p.host, t, payload);
         let ev = p.exchange(&frame);
         match &ev[..] {
-            [Inbound::Message { msg: Message::Error { code, .. }, .. }] => assert_eq!(*code, want),
+            [
+                Inbound::Message {
+                    msg: Message::Error { code, .. },
+                    ..
+                },
+            ] => assert_eq!(*code, want),
             other => panic!("{other:?}"),
         }
     }
-    assert!(p.meter.is_secure(), "a malformed message does not end the channel");
+    assert!(
+        p.meter.is_secure(),
+        "a malformed message does not end the channel"
+    );
 }
 
 fn raw_request(host: &mut HostSession, t: u8, payload: Vec<u8>) -> Vec<u8> {
@@ -249,21 +399,38 @@ fn raw_request(host: &mut HostSession, t: u8, payload: Vec<u8>) -> Vec<u8> {
 fn firmware_errors_have_their_codes() {
     let mut p = Pair::new(18);
     p.open();
-    assert_eq!(error_code(&p.call(&Message::FwEnd)), ErrorCode::FwNotStarted);
     assert_eq!(
-        error_code(&p.call(&Message::FwBegin { size: 2 << 20, sha256: [0; 32], compression: 0 })),
+        error_code(&p.call(&Message::FwEnd)),
+        ErrorCode::FwNotStarted
+    );
+    assert_eq!(
+        error_code(&p.call(&Message::FwBegin {
+            size: 2 << 20,
+            sha256: [0; 32],
+            compression: 0
+        })),
         ErrorCode::FwTooLarge
     );
     let image = vec![7u8; 5000];
     let sha = crypto::sha256(&image);
-    assert!(matches!(p.call(&Message::FwBegin { size: 5000, sha256: sha, compression: 0 }), Message::FwBeginRsp { have: 0 }));
+    assert!(matches!(
+        p.call(&Message::FwBegin {
+            size: 5000,
+            sha256: sha,
+            compression: 0
+        }),
+        Message::FwBeginRsp { have: 0 }
+    ));
     let d = line_protocol::msg::FwData {
         offset: 4990,
         raw_len: 20,
         encoding: line_protocol::msg::Encoding::Raw,
         data: vec![0; 20],
     };
-    assert_eq!(error_code(&p.call(&Message::FwData(d))), ErrorCode::FwOutOfRange);
+    assert_eq!(
+        error_code(&p.call(&Message::FwData(d))),
+        ErrorCode::FwOutOfRange
+    );
     match p.call(&Message::FwEnd) {
         Message::FwResult(r) => assert_eq!(r.status, ErrorCode::FwIncomplete.code()),
         other => panic!("{other:?}"),
@@ -275,8 +442,22 @@ fn resume_after_reboot_continues_from_have() {
     let mut p = Pair::new(19);
     p.open();
     let image: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
-    let plan = TransferPlan::new(&image, PlanParams { max_payload: 8192, max_block: 8192, compress: false });
-    assert!(matches!(p.call(&Message::FwBegin { size: plan.size, sha256: plan.sha256, compression: 0 }), Message::FwBeginRsp { have: 0 }));
+    let plan = TransferPlan::new(
+        &image,
+        PlanParams {
+            max_payload: 8192,
+            max_block: 8192,
+            compress: false,
+        },
+    );
+    assert!(matches!(
+        p.call(&Message::FwBegin {
+            size: plan.size,
+            sha256: plan.sha256,
+            compression: 0
+        }),
+        Message::FwBeginRsp { have: 0 }
+    ));
     // Send the first two blocks, then the meter reboots.
     for b in &plan.blocks[..2] {
         let mut wire = Vec::new();
@@ -288,9 +469,22 @@ fn resume_after_reboot_continues_from_have() {
     // The host notices on its next request (plaintext NO_CHANNEL), then re-opens and resumes.
     let (_, frame) = p.host.request(&Message::Status).unwrap();
     let ev = p.exchange(&frame);
-    assert!(matches!(&ev[..], [Inbound::ChannelLost { code: ErrorCode::NoChannel, .. }]), "{ev:?}");
+    assert!(
+        matches!(
+            &ev[..],
+            [Inbound::ChannelLost {
+                code: ErrorCode::NoChannel,
+                ..
+            }]
+        ),
+        "{ev:?}"
+    );
     p.open();
-    match p.call(&Message::FwBegin { size: plan.size, sha256: plan.sha256, compression: 0 }) {
+    match p.call(&Message::FwBegin {
+        size: plan.size,
+        sha256: plan.sha256,
+        compression: 0,
+    }) {
         Message::FwBeginRsp { have } => assert_eq!(have, held),
         other => panic!("{other:?}"),
     }
@@ -304,12 +498,21 @@ fn resume_after_reboot_continues_from_have() {
             sent_blocks += 1;
         }
         for ev in p.exchange(&wire) {
-            if let Inbound::Message { reference, msg: Message::FwAck(a), .. } = ev {
+            if let Inbound::Message {
+                reference,
+                msg: Message::FwAck(a),
+                ..
+            } = ev
+            {
                 tx.on_ack(&a, reference);
             }
         }
     }
-    assert_eq!(sent_blocks, plan.blocks.len() - 2, "nothing already held is resent");
+    assert_eq!(
+        sent_blocks,
+        plan.blocks.len() - 2,
+        "nothing already held is resent"
+    );
     assert!(matches!(p.call(&Message::FwEnd), Message::FwResult(r) if r.status == 0));
 }
 
@@ -327,10 +530,22 @@ fn hello_with_no_common_version_is_refused() {
     let mut frame = Vec::new();
     let m = Message::Hello(hello);
     let payload = m.to_bytes();
-    let header = line_protocol::frame::Header { msg_type: 1, flags: 0, seq: 0, reference: 0, len: 0 };
+    let header = line_protocol::frame::Header {
+        msg_type: 1,
+        flags: 0,
+        seq: 0,
+        reference: 0,
+        len: 0,
+    };
     line_protocol::frame::encode(&header, &payload, &mut frame);
     let out = p.meter.receive(&frame, &mut p.app, &mut p.rng);
-    assert!(out.events.iter().any(|e| matches!(e, MeterEvent::Handled { error: Some(ErrorCode::UnsupportedVersion), .. })));
+    assert!(out.events.iter().any(|e| matches!(
+        e,
+        MeterEvent::Handled {
+            error: Some(ErrorCode::UnsupportedVersion),
+            ..
+        }
+    )));
 }
 
 #[test]
@@ -343,7 +558,16 @@ fn stale_hello_ack_is_ignored() {
     let ev = p.host.receive(&out1.bytes);
     assert!(matches!(&ev[..], [Inbound::Ignored { .. }]), "{ev:?}");
     let ev = p.host.receive(&out2.bytes);
-    assert!(matches!(&ev[..], [Inbound::Message { msg: Message::HelloAck(_), .. }]), "{ev:?}");
+    assert!(
+        matches!(
+            &ev[..],
+            [Inbound::Message {
+                msg: Message::HelloAck(_),
+                ..
+            }]
+        ),
+        "{ev:?}"
+    );
     let _ = testkit::provisioning_root();
     let _ = HostConfig::default();
 }

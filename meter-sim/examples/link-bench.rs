@@ -5,6 +5,9 @@
 //! verified FW_RESULT is measured and compared with the ideal wire time of the image,
 //! `10 · bytes / baud`. Prints one JSON object per line.
 
+// A benchmark tool: a failed set-up step should stop it with the reason.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 #[path = "../tests/util.rs"]
 mod util;
 
@@ -27,7 +30,10 @@ async fn main() {
     let payload_len = 256 * 1024;
     let images = [
         ("random", pki.image(&random_payload(payload_len, 1))),
-        ("firmware-like", pki.image(&firmware_like_payload(payload_len, 0.6, 1))),
+        (
+            "firmware-like",
+            pki.image(&firmware_like_payload(payload_len, 0.6, 1)),
+        ),
     ];
     for baud in [115_200u32, 921_600] {
         for (kind, image) in &images {
@@ -82,27 +88,48 @@ async fn run(baud: u32, image: &[u8], pki: &util::SoftPki) -> Result {
     };
     let (path, _keep, link_task) = util::link_through(&meter_path, params).await;
     let mut link = util::connect(&path, baud, LATENCY_MS).await;
-    util::open(&mut link).await.unwrap_or_else(|e| panic!("channel: {e:?}"));
-    link.call(&Message::PutAnchor { kind: AnchorKind::FirmwareVerification, index: 0, der: pki.fw_cert.clone() })
+    util::open(&mut link)
         .await
-        .expect("anchor");
+        .unwrap_or_else(|e| panic!("channel: {e:?}"));
+    link.call(&Message::PutAnchor {
+        kind: AnchorKind::FirmwareVerification,
+        index: 0,
+        der: pki.fw_cert.clone(),
+    })
+    .await
+    .expect("anchor");
     let neg = link.session().negotiated().expect("negotiated");
     let plan = TransferPlan::new(
         image,
-        PlanParams { max_payload: neg.max_payload, max_block: neg.max_block, compress: neg.compression },
+        PlanParams {
+            max_payload: neg.max_payload,
+            max_block: neg.max_block,
+            compress: neg.compression,
+        },
     );
     let out_before = link.stats().bytes_out;
     let t0 = Instant::now();
     let have = match link
-        .call(&Message::FwBegin { size: plan.size, sha256: plan.sha256, compression: u8::from(neg.compression) })
+        .call(&Message::FwBegin {
+            size: plan.size,
+            sha256: plan.sha256,
+            compression: u8::from(neg.compression),
+        })
         .await
         .expect("FW_BEGIN")
     {
         Message::FwBeginRsp { have } => have,
         other => panic!("{other:?}"),
     };
-    let stats = link.send_firmware(Arc::clone(&plan), have, &mut |_, _| {}).await.expect("transfer");
-    match link.call_sized(&Message::FwEnd, plan.size).await.expect("FW_END") {
+    let stats = link
+        .send_firmware(Arc::clone(&plan), have, &mut |_, _| {})
+        .await
+        .expect("transfer");
+    match link
+        .call_sized(&Message::FwEnd, plan.size)
+        .await
+        .expect("FW_END")
+    {
         Message::FwResult(r) if r.status == 0 && r.sha256 == plan.sha256 => {}
         other => panic!("image not verified: {other:?}"),
     }

@@ -73,21 +73,24 @@ impl Faults {
             Some((n, v)) => (n, Some(v)),
             None => (spec, None),
         };
-        let need = |v: Option<&'a str>| v.ok_or_else(|| format!("fault {name} needs a value (see --help)"));
+        let need = |v: Option<&'a str>| {
+            v.ok_or_else(|| format!("fault {name} needs a value (see --help)"))
+        };
         let prob = |v: &str| {
             v.parse::<f64>()
                 .ok()
                 .filter(|p| (0.0..=1.0).contains(p))
                 .ok_or_else(|| format!("fault {name}: {v:?} is not a probability between 0 and 1"))
         };
-        let req = |v: &str| request_type(v).ok_or_else(|| format!("fault {name}: unknown request {v:?}"));
+        let req =
+            |v: &str| request_type(v).ok_or_else(|| format!("fault {name}: unknown request {v:?}"));
         match name {
             "drop-bytes" => self.drop_bytes = prob(need(value)?)?,
             "corrupt-bytes" => self.corrupt_bytes = prob(need(value)?)?,
             "delay" => {
-                self.delay_ms = need(value)?
-                    .parse()
-                    .map_err(|_| format!("fault delay: {value:?} is not a number of milliseconds"))?
+                self.delay_ms = need(value)?.parse().map_err(|_| {
+                    format!("fault delay: {value:?} is not a number of milliseconds")
+                })?
             }
             "reboot-at" => {
                 let p: u8 = need(value)?
@@ -110,7 +113,11 @@ impl Faults {
             }
             "fake-seal" => self.fake_seal = true,
             "silent-at" => self.silent_at = Some(req(need(value)?)?),
-            other => return Err(format!("unknown fault {other:?}; known faults:\n{FAULT_HELP}")),
+            other => {
+                return Err(format!(
+                    "unknown fault {other:?}; known faults:\n{FAULT_HELP}"
+                ));
+            }
         }
         Ok(())
     }
@@ -138,7 +145,14 @@ mod tests {
         assert_eq!(f.lie_lifecycle, Some(Lifecycle::Sealed));
         assert_eq!(f.silent_at, Some(ty::SEAL));
         assert!(f.wrong_hash && f.bad_pop && f.fake_seal);
-        for bad in ["drop-bytes:2", "reboot-at:101", "replay:nothing", "lie-lifecycle:odd", "frobnicate", "delay"] {
+        for bad in [
+            "drop-bytes:2",
+            "reboot-at:101",
+            "replay:nothing",
+            "lie-lifecycle:odd",
+            "frobnicate",
+            "delay",
+        ] {
             assert!(Faults::parse(bad).is_err(), "{bad}");
         }
     }

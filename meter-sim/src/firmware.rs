@@ -11,9 +11,19 @@ use crate::rng::NoiseRng;
 
 /// Signs `payload` as an MCUboot image: header padded to `header_size`, TLVs SHA-256, key hash
 /// and ECDSA P-256 signature, in the order `imgtool sign` writes them.
-pub fn sign_image(payload: &[u8], version: ImageVersion, header_size: u16, key: &SigningKey) -> Vec<u8> {
+pub fn sign_image(
+    payload: &[u8],
+    version: ImageVersion,
+    header_size: u16,
+    key: &SigningKey,
+) -> Vec<u8> {
     let mut img = Vec::with_capacity(header_size as usize + payload.len() + 160);
-    img.extend_from_slice(&image::header_bytes(0, header_size, payload.len() as u32, version));
+    img.extend_from_slice(&image::header_bytes(
+        0,
+        header_size,
+        payload.len() as u32,
+        version,
+    ));
     img.resize(header_size as usize, 0);
     img.extend_from_slice(payload);
     let hash = sha256(&img);
@@ -24,7 +34,11 @@ pub fn sign_image(payload: &[u8], version: ImageVersion, header_size: u16, key: 
     };
     let mut tlvs = Vec::new();
     image::put_tlv(&mut tlvs, image::TLV_SHA256, &hash);
-    image::put_tlv(&mut tlvs, image::TLV_KEYHASH, &image::key_hash(&p256::PublicKey::from(key.verifying_key())));
+    image::put_tlv(
+        &mut tlvs,
+        image::TLV_KEYHASH,
+        &image::key_hash(&p256::PublicKey::from(key.verifying_key())),
+    );
     image::put_tlv(&mut tlvs, image::TLV_ECDSA_SIG, sig.to_der().as_bytes());
     img.extend_from_slice(&image::TLV_INFO_MAGIC.to_le_bytes());
     img.extend_from_slice(&((tlvs.len() + 4) as u16).to_le_bytes());
@@ -48,8 +62,12 @@ pub fn random_payload(n: usize, seed: u64) -> Vec<u8> {
 /// short string tables), the rest erased flash (`0xFF`).
 pub fn firmware_like_payload(n: usize, code_fraction: f64, seed: u64) -> Vec<u8> {
     let mut rng = NoiseRng::new(seed);
-    let vocab: Vec<[u8; 2]> = (0..384).map(|_| (rng.next_u64() as u16).to_le_bytes()).collect();
-    let words = ["meter", "error", "flash", "keys", "dlms", "cosem", "init", "ok", "fail", "tariff"];
+    let vocab: Vec<[u8; 2]> = (0..384)
+        .map(|_| (rng.next_u64() as u16).to_le_bytes())
+        .collect();
+    let words = [
+        "meter", "error", "flash", "keys", "dlms", "cosem", "init", "ok", "fail", "tariff",
+    ];
     let code_len = ((n as f64) * code_fraction.clamp(0.0, 1.0)) as usize;
     let mut v = Vec::with_capacity(n);
     while v.len() < code_len {
@@ -80,7 +98,17 @@ mod tests {
     fn signed_images_verify_and_one_bit_breaks_them() {
         let key = SigningKey::generate_from_rng(&mut line_protocol::testkit::SeededRng::new(3));
         let pk = p256::PublicKey::from(key.verifying_key());
-        let img = sign_image(&firmware_like_payload(10_000, 0.6, 1), ImageVersion { major: 1, minor: 2, revision: 3, build: 0 }, 0x200, &key);
+        let img = sign_image(
+            &firmware_like_payload(10_000, 0.6, 1),
+            ImageVersion {
+                major: 1,
+                minor: 2,
+                revision: 3,
+                build: 0,
+            },
+            0x200,
+            &key,
+        );
         let info = image::verify(&img, &pk).unwrap();
         assert_eq!(info.version.to_string(), "1.2.3");
         let mut bad = img.clone();
@@ -93,10 +121,15 @@ mod tests {
     #[test]
     fn firmware_like_compresses_like_firmware() {
         let code = firmware_like_payload(200_000, 1.0, 5);
-        let ratio = miniz_oxide::deflate::compress_to_vec(&code, 6).len() as f64 / code.len() as f64;
-        assert!((0.45..0.8).contains(&ratio), "code compresses to {ratio:.2}");
+        let ratio =
+            miniz_oxide::deflate::compress_to_vec(&code, 6).len() as f64 / code.len() as f64;
+        assert!(
+            (0.45..0.8).contains(&ratio),
+            "code compresses to {ratio:.2}"
+        );
         let random = random_payload(100_000, 5);
-        let r = miniz_oxide::deflate::compress_to_vec(&random, 6).len() as f64 / random.len() as f64;
+        let r =
+            miniz_oxide::deflate::compress_to_vec(&random, 6).len() as f64 / random.len() as f64;
         assert!(r > 0.99, "random data must not compress: {r:.3}");
     }
 }

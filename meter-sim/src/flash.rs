@@ -142,13 +142,20 @@ fn slot_name(slot: u8) -> &'static str {
 
 impl FlashMeter {
     /// Opens (or creates, blank) the meter with `uid` under `root_dir`.
-    pub fn open(root_dir: &Path, uid: &[u8], caps: Capabilities, root: p256::PublicKey, faults: Faults) -> std::io::Result<Self> {
+    pub fn open(
+        root_dir: &Path,
+        uid: &[u8],
+        caps: Capabilities,
+        root: p256::PublicKey,
+        faults: Faults,
+    ) -> std::io::Result<Self> {
         let dir = root_dir.join(hex::encode(uid));
         fs::create_dir_all(&dir)?;
         let state_path = dir.join("meter.json");
         let state = if state_path.exists() {
             let text = fs::read_to_string(&state_path)?;
-            serde_json::from_str(&text).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?
+            serde_json::from_str(&text)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?
         } else {
             MeterState {
                 uid: hex::encode(uid),
@@ -223,7 +230,11 @@ impl FlashMeter {
     }
 
     fn key_pair_curve(&self, slot: u8) -> Option<u8> {
-        self.state.key_pairs.iter().find(|(s, _)| *s == slot).map(|(_, c)| *c)
+        self.state
+            .key_pairs
+            .iter()
+            .find(|(s, _)| *s == slot)
+            .map(|(_, c)| *c)
     }
 
     fn public_key_der(&self, slot: u8) -> Option<Vec<u8>> {
@@ -245,7 +256,8 @@ impl FlashMeter {
 
     fn sign_with(&self, slot: u8, msg: &[u8]) -> Result<Vec<u8>, Refusal> {
         use p256::ecdsa::signature::Signer;
-        let pk8 = fs::read(self.dir.join(format!("key-{}.pk8", slot_name(slot)))).map_err(storage)?;
+        let pk8 =
+            fs::read(self.dir.join(format!("key-{}.pk8", slot_name(slot)))).map_err(storage)?;
         match self.key_pair_curve(slot) {
             Some(1) => {
                 use p256::pkcs8::DecodePrivateKey;
@@ -278,7 +290,8 @@ impl FlashMeter {
         } else {
             KeyUsages::KeyAgreement
         };
-        let mut builder = RequestBuilder::new(subject).map_err(|_| Refusal::new(ErrorCode::KeygenFailed, "request"))?;
+        let mut builder = RequestBuilder::new(subject)
+            .map_err(|_| Refusal::new(ErrorCode::KeygenFailed, "request"))?;
         builder
             .add_extension(&KeyUsage(usage.into()))
             .map_err(|_| Refusal::new(ErrorCode::KeygenFailed, "request extension"))?;
@@ -295,7 +308,9 @@ impl FlashMeter {
             }
         }
         .map_err(|_| Refusal::new(ErrorCode::KeygenFailed, "signing the request"))?;
-        let mut der = req.to_der().map_err(|_| Refusal::new(ErrorCode::KeygenFailed, "encoding"))?;
+        let mut der = req
+            .to_der()
+            .map_err(|_| Refusal::new(ErrorCode::KeygenFailed, "encoding"))?;
         if self.faults.bad_pop {
             // Flip a bit in the last byte: the signature, which still parses but no longer verifies.
             if let Some(last) = der.last_mut() {
@@ -315,10 +330,17 @@ impl FlashMeter {
             .anchors
             .iter()
             .find(|(k, _)| *k == AnchorKind::FirmwareVerification as u8)
-            .ok_or((ErrorCode::FwNoAnchor, "no firmware verification anchor".into()))?;
-        let der = fs::read(self.dir.join(format!("anchor-{}-{}.der", anchor.0, anchor.1)))
-            .map_err(|e| (ErrorCode::Storage, e.to_string()))?;
-        let cert = Certificate::from_der(&der).map_err(|_| (ErrorCode::FwNoAnchor, "anchor unreadable".into()))?;
+            .ok_or((
+                ErrorCode::FwNoAnchor,
+                "no firmware verification anchor".into(),
+            ))?;
+        let der = fs::read(
+            self.dir
+                .join(format!("anchor-{}-{}.der", anchor.0, anchor.1)),
+        )
+        .map_err(|e| (ErrorCode::Storage, e.to_string()))?;
+        let cert = Certificate::from_der(&der)
+            .map_err(|_| (ErrorCode::FwNoAnchor, "anchor unreadable".into()))?;
         let key = p256_key(&cert).ok_or((ErrorCode::FwNoAnchor, "anchor is not P-256".into()))?;
         image::verify(img, &key).map_err(|e| {
             let code = match e {
@@ -328,6 +350,22 @@ impl FlashMeter {
             (code, e.to_string())
         })
     }
+}
+
+/// The first DER element of `b`, if everything after it is zero padding.
+fn one_der_element(b: &[u8]) -> Option<&[u8]> {
+    if b.len() < 2 || b[0] != 0x30 {
+        return None;
+    }
+    let (len, header): (usize, usize) = match b[1] {
+        n if n < 0x80 => (usize::from(n), 2),
+        0x81 => (usize::from(*b.get(2)?), 3),
+        0x82 => ((usize::from(*b.get(2)?) << 8) | usize::from(*b.get(3)?), 4),
+        _ => return None,
+    };
+    let end = header.checked_add(len)?;
+    let (elem, rest) = (b.get(..end)?, b.get(end..)?);
+    (rest.len() < 8 && rest.iter().all(|&x| x == 0)).then_some(elem)
 }
 
 impl MeterApp for FlashMeter {
@@ -343,7 +381,10 @@ impl MeterApp for FlashMeter {
             uid: self.uid.clone(),
             model: self.caps.model.clone(),
             bootloader: self.caps.bootloader,
-            lifecycle: self.faults.lie_lifecycle.unwrap_or_else(|| self.true_lifecycle()),
+            lifecycle: self
+                .faults
+                .lie_lifecycle
+                .unwrap_or_else(|| self.true_lifecycle()),
             max_payload: self.caps.max_payload,
             window: self.caps.window,
             features,
@@ -375,10 +416,10 @@ impl MeterApp for FlashMeter {
             _ => (0, 0, 0, String::new()),
         };
         let mut fw_sha256 = [0u8; 32];
-        if let Ok(b) = hex::decode(&fw_sha) {
-            if b.len() == 32 {
-                fw_sha256.copy_from_slice(&b);
-            }
+        if let Ok(b) = hex::decode(&fw_sha)
+            && b.len() == 32
+        {
+            fw_sha256.copy_from_slice(&b);
         }
         Status {
             lifecycle: self.info().lifecycle as u8,
@@ -396,7 +437,10 @@ impl MeterApp for FlashMeter {
     fn set_identity(&mut self, id: &Identity) -> Result<(), Refusal> {
         if let Some(old) = self.identity() {
             if &old != id {
-                return Err(Refusal::new(ErrorCode::IdentityMismatch, "meter holds another identity; wipe it first"));
+                return Err(Refusal::new(
+                    ErrorCode::IdentityMismatch,
+                    "meter holds another identity; wipe it first",
+                ));
             }
             return Ok(());
         }
@@ -409,17 +453,32 @@ impl MeterApp for FlashMeter {
         self.save()
     }
 
-    fn keygen(&mut self, slot: CertSlot, curve: Curve, session: &[u8; 32]) -> Result<Vec<u8>, Refusal> {
+    fn keygen(
+        &mut self,
+        slot: CertSlot,
+        curve: Curve,
+        session: &[u8; 32],
+    ) -> Result<Vec<u8>, Refusal> {
         if !self.caps.keygen {
-            return Err(Refusal::new(ErrorCode::UnsupportedCurve, "this model has no key generator"));
+            return Err(Refusal::new(
+                ErrorCode::UnsupportedCurve,
+                "this model has no key generator",
+            ));
         }
         let s = slot as u8;
         if self.state.certs.contains(&s) {
-            return Err(Refusal::new(ErrorCode::Unexpected, "slot already certified; wipe the meter first"));
+            return Err(Refusal::new(
+                ErrorCode::Unexpected,
+                "slot already certified; wipe the meter first",
+            ));
         }
         let key_file = format!("key-{}.pk8", slot_name(s));
         let session_hex = hex::encode(session);
-        let same_session = self.state.pending_keygen.iter().any(|(ps, sh)| *ps == s && *sh == session_hex)
+        let same_session = self
+            .state
+            .pending_keygen
+            .iter()
+            .any(|(ps, sh)| *ps == s && *sh == session_hex)
             && self.key_pair_curve(s) == Some(curve as u8);
         let pk8 = if same_session {
             fs::read(self.dir.join(&key_file)).map_err(storage)?
@@ -427,8 +486,12 @@ impl MeterApp for FlashMeter {
             use p256::pkcs8::EncodePrivateKey;
             let mut rng = line_protocol::io::system_rng();
             let der = match curve {
-                Curve::P256 => p256::SecretKey::generate_from_rng(&mut rng).to_pkcs8_der().map_err(storage)?,
-                Curve::P384 => p384::SecretKey::generate_from_rng(&mut rng).to_pkcs8_der().map_err(storage)?,
+                Curve::P256 => p256::SecretKey::generate_from_rng(&mut rng)
+                    .to_pkcs8_der()
+                    .map_err(storage)?,
+                Curve::P384 => p384::SecretKey::generate_from_rng(&mut rng)
+                    .to_pkcs8_der()
+                    .map_err(storage)?,
             };
             let bytes = der.as_bytes().to_vec();
             self.write_file(&key_file, &bytes)?;
@@ -443,19 +506,23 @@ impl MeterApp for FlashMeter {
     }
 
     fn put_cert(&mut self, slot: CertSlot, der: &[u8]) -> Result<(), Refusal> {
-        let cert = Certificate::from_der(der).map_err(|_| Refusal::new(ErrorCode::Malformed, "not a DER certificate"))?;
+        let cert = Certificate::from_der(der)
+            .map_err(|_| Refusal::new(ErrorCode::Malformed, "not a DER certificate"))?;
         let s = slot as u8;
         if slot != CertSlot::DeviceCa {
-            let ours = self
-                .public_key_der(s)
-                .ok_or_else(|| Refusal::new(ErrorCode::CertKeyMismatch, "no key pair in this slot"))?;
+            let ours = self.public_key_der(s).ok_or_else(|| {
+                Refusal::new(ErrorCode::CertKeyMismatch, "no key pair in this slot")
+            })?;
             let theirs = cert
                 .tbs_certificate()
                 .subject_public_key_info()
                 .to_der()
                 .map_err(|_| Refusal::new(ErrorCode::Malformed, "certificate key"))?;
             if ours != theirs {
-                return Err(Refusal::new(ErrorCode::CertKeyMismatch, "certificate is for another key"));
+                return Err(Refusal::new(
+                    ErrorCode::CertKeyMismatch,
+                    "certificate is for another key",
+                ));
             }
         }
         self.write_file(&format!("cert-{}.der", slot_name(s)), der)?;
@@ -467,7 +534,8 @@ impl MeterApp for FlashMeter {
     }
 
     fn put_anchor(&mut self, kind: AnchorKind, index: u8, der: &[u8]) -> Result<(), Refusal> {
-        Certificate::from_der(der).map_err(|_| Refusal::new(ErrorCode::Malformed, "not a DER certificate"))?;
+        Certificate::from_der(der)
+            .map_err(|_| Refusal::new(ErrorCode::Malformed, "not a DER certificate"))?;
         self.write_file(&format!("anchor-{}-{}.der", kind as u8, index), der)?;
         let k = (kind as u8, index);
         if !self.state.anchors.contains(&k) {
@@ -476,14 +544,34 @@ impl MeterApp for FlashMeter {
         self.save()
     }
 
-    fn put_key(&mut self, key_id: KeyId, key_type: KeyType, clear: &[u8], kcv: [u8; 3]) -> Result<(), Refusal> {
+    fn put_key(
+        &mut self,
+        key_id: KeyId,
+        key_type: KeyType,
+        clear: &[u8],
+        kcv: [u8; 3],
+    ) -> Result<(), Refusal> {
+        // An HSM may zero-pad a PKCS#8 key to a multiple of 8 bytes before the RFC 5649 wrap:
+        // take one DER element and insist that only zeros follow it.
+        let clear = match key_type {
+            KeyType::EcP256 | KeyType::EcP384 => one_der_element(clear).ok_or_else(|| {
+                Refusal::new(
+                    ErrorCode::UnwrapFailed,
+                    "not one DER element followed by zero padding",
+                )
+            })?,
+            KeyType::Aes128 | KeyType::Aes256 => clear,
+        };
         match key_type {
             KeyType::EcP256 => {
                 use p256::pkcs8::DecodePrivateKey;
                 let k = p256::SecretKey::from_pkcs8_der(clear)
                     .map_err(|_| Refusal::new(ErrorCode::UnwrapFailed, "not a P-256 PKCS#8 key"))?;
                 if kcv_ec_public(&k.public_key().to_sec1_bytes()) != kcv {
-                    return Err(Refusal::new(ErrorCode::KcvMismatch, "key check value mismatch"));
+                    return Err(Refusal::new(
+                        ErrorCode::KcvMismatch,
+                        "key check value mismatch",
+                    ));
                 }
             }
             KeyType::EcP384 => {
@@ -491,7 +579,10 @@ impl MeterApp for FlashMeter {
                 let k = p384::SecretKey::from_pkcs8_der(clear)
                     .map_err(|_| Refusal::new(ErrorCode::UnwrapFailed, "not a P-384 PKCS#8 key"))?;
                 if kcv_ec_public(&k.public_key().to_sec1_bytes()) != kcv {
-                    return Err(Refusal::new(ErrorCode::KcvMismatch, "key check value mismatch"));
+                    return Err(Refusal::new(
+                        ErrorCode::KcvMismatch,
+                        "key check value mismatch",
+                    ));
                 }
             }
             KeyType::Aes128 | KeyType::Aes256 => {}
@@ -515,10 +606,11 @@ impl MeterApp for FlashMeter {
 
     fn fw_begin(&mut self, size: u32, sha256: &[u8; 32]) -> Result<u32, Refusal> {
         let sha_hex = hex::encode(sha256);
-        if let Some((s, h, have)) = &self.state.staging {
-            if *s == size && *h == sha_hex {
-                return Ok(*have);
-            }
+        if let Some((s, h, have)) = &self.state.staging
+            && *s == size
+            && *h == sha_hex
+        {
+            return Ok(*have);
         }
         let f = fs::File::create(self.staging_path()).map_err(storage)?;
         f.set_len(u64::from(size)).map_err(storage)?;
@@ -528,8 +620,12 @@ impl MeterApp for FlashMeter {
     }
 
     fn fw_write(&mut self, offset: u32, data: &[u8]) -> Result<(), Refusal> {
-        let mut f = fs::OpenOptions::new().write(true).open(self.staging_path()).map_err(storage)?;
-        f.seek(SeekFrom::Start(u64::from(offset))).map_err(storage)?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .open(self.staging_path())
+            .map_err(storage)?;
+        f.seek(SeekFrom::Start(u64::from(offset)))
+            .map_err(storage)?;
         f.write_all(data).map_err(storage)
     }
 
@@ -599,7 +695,9 @@ impl MeterApp for FlashMeter {
     }
 
     fn attest(&mut self, nonce: &[u8; 16]) -> Result<(Vec<u8>, Vec<u8>), Refusal> {
-        let id = self.identity().ok_or_else(|| Refusal::new(ErrorCode::NotReady, "no identity"))?;
+        let id = self
+            .identity()
+            .ok_or_else(|| Refusal::new(ErrorCode::NotReady, "no identity"))?;
         let fw = self
             .state
             .active
@@ -611,7 +709,8 @@ impl MeterApp for FlashMeter {
         let mut slots = self.state.certs.clone();
         slots.sort_unstable();
         for s in slots {
-            let der = fs::read(self.dir.join(format!("cert-{}.der", slot_name(s)))).map_err(storage)?;
+            let der =
+                fs::read(self.dir.join(format!("cert-{}.der", slot_name(s)))).map_err(storage)?;
             certs.push((s, crypto::sha256(&der)));
         }
         let receipt = Receipt {
@@ -635,7 +734,10 @@ impl MeterApp for FlashMeter {
     fn reset(&mut self, mode: ResetMode) -> Result<(), Refusal> {
         if mode == ResetMode::FactoryWipe {
             if self.true_lifecycle() == Lifecycle::Sealed {
-                return Err(Refusal::new(ErrorCode::Locked, "sealed meters cannot be wiped over the jig"));
+                return Err(Refusal::new(
+                    ErrorCode::Locked,
+                    "sealed meters cannot be wiped over the jig",
+                ));
             }
             for entry in fs::read_dir(&self.dir).map_err(storage)?.flatten() {
                 let _ = fs::remove_file(entry.path());

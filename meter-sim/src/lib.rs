@@ -39,10 +39,10 @@ pub fn load_root(path: &Path) -> Result<p256::PublicKey, String> {
 /// Parses what [`load_root`] accepts.
 pub fn parse_root(bytes: &[u8]) -> Option<p256::PublicKey> {
     use spki::DecodePublicKey;
-    if bytes.len() == 65 {
-        if let Ok(k) = p256::PublicKey::from_sec1_bytes(bytes) {
-            return Some(k);
-        }
+    if bytes.len() == 65
+        && let Ok(k) = p256::PublicKey::from_sec1_bytes(bytes)
+    {
+        return Some(k);
     }
     if let Ok(c) = x509_cert::Certificate::from_der(bytes) {
         return line_protocol::chain::p256_key(&c);

@@ -74,7 +74,11 @@ impl LinkCounters {
 }
 
 /// Joins `a` and `b`; the task ends when either side closes.
-pub fn spawn(a: Transport, b: Transport, params: LinkParams) -> (JoinHandle<()>, Arc<LinkCounters>) {
+pub fn spawn(
+    a: Transport,
+    b: Transport,
+    params: LinkParams,
+) -> (JoinHandle<()>, Arc<LinkCounters>) {
     let counters = Arc::new(LinkCounters::default());
     let (ar, aw) = tokio::io::split(a);
     let (br, bw) = tokio::io::split(b);
@@ -82,7 +86,14 @@ pub fn spawn(a: Transport, b: Transport, params: LinkParams) -> (JoinHandle<()>,
     let c2 = Arc::clone(&counters);
     let handle = tokio::spawn(async move {
         let ab = tokio::spawn(pump(ar, bw, params, NoiseRng::new(params.seed), c1, true));
-        let ba = tokio::spawn(pump(br, aw, params, NoiseRng::new(params.seed.rotate_left(17) ^ 0xA5A5), c2, false));
+        let ba = tokio::spawn(pump(
+            br,
+            aw,
+            params,
+            NoiseRng::new(params.seed.rotate_left(17) ^ 0xA5A5),
+            c2,
+            false,
+        ));
         tokio::select! {
             _ = ab => {}
             _ = ba => {}
@@ -107,7 +118,11 @@ async fn pump(
     let mut buf = vec![0u8; 8192];
     let mut to_next_error = rng.geometric(p.ber);
     let mut src_open = true;
-    let carried = if forward { &counters.a_to_b } else { &counters.b_to_a };
+    let carried = if forward {
+        &counters.a_to_b
+    } else {
+        &counters.b_to_a
+    };
     loop {
         if !src_open && queue.is_empty() {
             let _ = dst.shutdown().await;

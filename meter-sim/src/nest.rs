@@ -10,10 +10,10 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use line_protocol::crypto::sha256;
 use line_protocol::io::{Transport, system_rng};
 use line_protocol::meter::{MeterEvent, MeterSession};
 use line_protocol::msg::{ResetMode, ty};
-use line_protocol::crypto::sha256;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
@@ -92,14 +92,13 @@ fn record(cfg: &NestConfig, index: u32, uid: &[u8], event: &str, faults: bool) {
         event,
         faults,
     };
-    if let Ok(text) = serde_json::to_string(&line) {
-        if let Ok(mut f) = std::fs::OpenOptions::new()
+    if let Ok(text) = serde_json::to_string(&line)
+        && let Ok(mut f) = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(cfg.state_dir.join("meters.jsonl"))
-        {
-            let _ = writeln!(f, "{text}");
-        }
+    {
+        let _ = writeln!(f, "{text}");
     }
 }
 
@@ -122,7 +121,11 @@ fn mangle(bytes: &[u8], faults: &Faults, rng: &mut NoiseRng) -> Vec<u8> {
 }
 
 /// Reads and throws away input for `d` (an empty nest, or a rebooting meter).
-async fn discard_for(rd: &mut (impl AsyncReadExt + Unpin), buf: &mut [u8], d: Duration) -> io::Result<()> {
+async fn discard_for(
+    rd: &mut (impl AsyncReadExt + Unpin),
+    buf: &mut [u8],
+    d: Duration,
+) -> io::Result<()> {
     let until = Instant::now() + d;
     loop {
         match tokio::time::timeout_at(until, rd.read(buf)).await {
@@ -155,11 +158,24 @@ pub async fn run_nest(transport: Transport, cfg: NestConfig) -> io::Result<()> {
             FaultScope::All => true,
             FaultScope::First(n) => index < n,
         };
-        let faults = if faulty { cfg.faults.clone() } else { Faults::default() };
-        let mut app = FlashMeter::open(&cfg.state_dir, &uid, cfg.caps.clone(), cfg.root, faults.clone())?;
+        let faults = if faulty {
+            cfg.faults.clone()
+        } else {
+            Faults::default()
+        };
+        let mut app = FlashMeter::open(
+            &cfg.state_dir,
+            &uid,
+            cfg.caps.clone(),
+            cfg.root,
+            faults.clone(),
+        )?;
         record(&cfg, index, &uid, "inserted", faulty);
         tracing::info!(nest = cfg.nest, uid = %hex::encode(&uid), "meter inserted");
-        let outcome = run_meter(&mut rd, &mut wr, &mut buf, &mut app, &faults, &mut noise, &cfg).await?;
+        let outcome = run_meter(
+            &mut rd, &mut wr, &mut buf, &mut app, &faults, &mut noise, &cfg,
+        )
+        .await?;
         record(&cfg, index, &uid, outcome, faulty);
         tracing::info!(nest = cfg.nest, uid = %hex::encode(&uid), outcome, "meter removed");
         index += 1;
@@ -215,10 +231,11 @@ async fn run_meter(
                 }
                 MeterEvent::FwBlock { offset, len } => {
                     flash_bytes += u64::from(*len);
-                    if let (Some(pct), Some(size), false) = (faults.reboot_at_percent, fw_size, rebooted) {
-                        if u64::from(offset + len) * 100 >= u64::from(size) * u64::from(pct) {
-                            reboot_now = true;
-                        }
+                    if let (Some(pct), Some(size), false) =
+                        (faults.reboot_at_percent, fw_size, rebooted)
+                        && u64::from(offset + len) * 100 >= u64::from(size) * u64::from(pct)
+                    {
+                        reboot_now = true;
                     }
                 }
                 MeterEvent::Reset(ResetMode::Release) => released = true,
@@ -261,6 +278,7 @@ async fn run_meter(
 fn contains_hello(dec: &mut line_protocol::frame::FrameDecoder, input: &[u8]) -> bool {
     let mut out = Vec::new();
     dec.push(input, &mut out);
-    out.iter()
-        .any(|d| matches!(d, line_protocol::frame::Decoded::Frame(f) if f.header.msg_type == ty::HELLO))
+    out.iter().any(
+        |d| matches!(d, line_protocol::frame::Decoded::Frame(f) if f.header.msg_type == ty::HELLO),
+    )
 }

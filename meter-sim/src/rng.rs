@@ -40,7 +40,11 @@ impl NoiseRng {
         }
         let u = self.unit().max(f64::MIN_POSITIVE);
         let n = (u.ln() / (1.0 - p).ln()).floor();
-        if n >= u64::MAX as f64 { u64::MAX } else { n as u64 }
+        if n >= u64::MAX as f64 {
+            u64::MAX
+        } else {
+            n as u64
+        }
     }
 
     /// Uniform in `0..n`.

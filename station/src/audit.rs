@@ -80,7 +80,13 @@ pub struct NewEvent {
 
 impl NewEvent {
     /// An event with no nest.
-    pub fn new(source: &str, kind: &str, severity: Severity, actor: &str, details: serde_json::Value) -> Self {
+    pub fn new(
+        source: &str,
+        kind: &str,
+        severity: Severity,
+        actor: &str,
+        details: serde_json::Value,
+    ) -> Self {
         NewEvent {
             source: source.into(),
             kind: kind.into(),
@@ -139,7 +145,10 @@ pub struct Audit {
 
 impl std::fmt::Debug for Audit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Audit").field("origin", &self.origin).field("interval", &self.interval).finish()
+        f.debug_struct("Audit")
+            .field("origin", &self.origin)
+            .field("interval", &self.interval)
+            .finish()
     }
 }
 
@@ -150,7 +159,16 @@ fn put(h: &mut Sha256, s: &[u8]) {
 
 /// The chain hash of an entry.
 #[allow(clippy::too_many_arguments)]
-pub fn chain_hash(prev: &[u8], seq: i64, ts: i64, source: &str, kind: &str, severity: &str, actor: &str, details: &str) -> [u8; 32] {
+pub fn chain_hash(
+    prev: &[u8],
+    seq: i64,
+    ts: i64,
+    source: &str,
+    kind: &str,
+    severity: &str,
+    actor: &str,
+    details: &str,
+) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(CHAIN_DOMAIN);
     put(&mut h, prev);
@@ -183,7 +201,12 @@ pub fn checkpoint_text(origin: &str, seq: i64, hash: &[u8]) -> String {
 
 impl Audit {
     /// A writer signing with `signer`; `origin` names the log (the station id).
-    pub fn new(signer: Arc<dyn AuditSigner>, station_id: &str, interval: u64, critical: BTreeSet<String>) -> Self {
+    pub fn new(
+        signer: Arc<dyn AuditSigner>,
+        station_id: &str,
+        interval: u64,
+        critical: BTreeSet<String>,
+    ) -> Self {
         Audit {
             signer,
             origin: format!("{station_id}/audit"),
@@ -209,14 +232,20 @@ impl Audit {
     /// Appends `e` inside `tx`.
     pub fn append(&self, tx: &Transaction<'_>, e: &NewEvent) -> Result<Appended, AuditError> {
         let head: Option<(i64, Vec<u8>)> = tx
-            .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_row(
+                "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .optional()?;
         let (prev_seq, prev_hash) = head.unwrap_or((0, vec![0u8; 32]));
         let seq = prev_seq + 1;
         let ts = now_ms();
         let details = serde_json::to_string(&e.details).unwrap_or_else(|_| "{}".into());
         let sev = e.severity.as_str();
-        let hash = chain_hash(&prev_hash, seq, ts, &e.source, &e.kind, sev, &e.actor, &details);
+        let hash = chain_hash(
+            &prev_hash, seq, ts, &e.source, &e.kind, sev, &e.actor, &details,
+        );
         let sig = self.sign(&signed_message(ENTRY_DOMAIN, seq, &hash))?;
         tx.execute(
             "INSERT INTO audit (seq, ts, source, kind, severity, actor, details, hash, sig) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -243,15 +272,25 @@ impl Audit {
         } else {
             None
         };
-        let checkpoint = if seq as u64 % self.interval == 0 {
+        let checkpoint = if (seq as u64).is_multiple_of(self.interval) {
             Some(self.write_checkpoint(tx, seq, &hash, "interval")?)
         } else {
             None
         };
-        Ok(Appended { seq, alarm, checkpoint })
+        Ok(Appended {
+            seq,
+            alarm,
+            checkpoint,
+        })
     }
 
-    fn write_checkpoint(&self, tx: &Transaction<'_>, seq: i64, hash: &[u8], reason: &str) -> Result<i64, AuditError> {
+    fn write_checkpoint(
+        &self,
+        tx: &Transaction<'_>,
+        seq: i64,
+        hash: &[u8],
+        reason: &str,
+    ) -> Result<i64, AuditError> {
         let text = checkpoint_text(&self.origin, seq, hash);
         let sig = self.sign(text.as_bytes())?;
         let mut blob = note_key_id(&self.signer.spki_der()).to_vec();
@@ -269,13 +308,25 @@ impl Audit {
     }
 
     /// Writes a checkpoint of the current head (at shut-down, at export); returns its id and note.
-    pub fn checkpoint(&self, tx: &Transaction<'_>, reason: &str) -> Result<(i64, String), AuditError> {
+    pub fn checkpoint(
+        &self,
+        tx: &Transaction<'_>,
+        reason: &str,
+    ) -> Result<(i64, String), AuditError> {
         let (seq, hash): (i64, Vec<u8>) = tx
-            .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_row(
+                "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .optional()?
             .unwrap_or((0, vec![0u8; 32]));
         let id = self.write_checkpoint(tx, seq, &hash, reason)?;
-        let note: String = tx.query_row("SELECT note FROM audit_checkpoints WHERE id = ?1", [id], |r| r.get(0))?;
+        let note: String = tx.query_row(
+            "SELECT note FROM audit_checkpoints WHERE id = ?1",
+            [id],
+            |r| r.get(0),
+        )?;
         Ok((id, note))
     }
 }
@@ -348,7 +399,9 @@ impl Verification {
 }
 
 fn sig_ok(key: &VerifyingKey, msg: &[u8], der: &[u8]) -> bool {
-    Signature::from_der(der).map(|s| key.verify(msg, &s).is_ok()).unwrap_or(false)
+    Signature::from_der(der)
+        .map(|s| key.verify(msg, &s).is_ok())
+        .unwrap_or(false)
 }
 
 /// Checks the whole log against the audit public key.
@@ -359,7 +412,9 @@ pub fn verify(conn: &rusqlite::Connection, key: &VerifyingKey) -> Result<Verific
             first_bad = Some((seq, why));
         }
     };
-    let mut stmt = conn.prepare("SELECT seq, ts, source, kind, severity, actor, details, hash, sig FROM audit ORDER BY seq")?;
+    let mut stmt = conn.prepare(
+        "SELECT seq, ts, source, kind, severity, actor, details, hash, sig FROM audit ORDER BY seq",
+    )?;
     let mut rows = stmt.query([])?;
     let mut prev_seq = 0i64;
     let mut prev_hash = vec![0u8; 32];
@@ -377,18 +432,29 @@ pub fn verify(conn: &rusqlite::Connection, key: &VerifyingKey) -> Result<Verific
             continue;
         }
         if seq != prev_seq + 1 {
-            note(prev_seq + 1, format!("entry {} is missing (deleted)", prev_seq + 1));
+            note(
+                prev_seq + 1,
+                format!("entry {} is missing (deleted)", prev_seq + 1),
+            );
             broken = true;
             continue;
         }
-        let expect = chain_hash(&prev_hash, seq, ts, &source, &kind, &severity, &actor, &details);
+        let expect = chain_hash(
+            &prev_hash, seq, ts, &source, &kind, &severity, &actor, &details,
+        );
         if expect.as_slice() != hash.as_slice() {
-            note(seq, format!("entry {seq} was modified or moved (its chain hash does not match)"));
+            note(
+                seq,
+                format!("entry {seq} was modified or moved (its chain hash does not match)"),
+            );
             broken = true;
             continue;
         }
         if !sig_ok(key, &signed_message(ENTRY_DOMAIN, seq, &hash), &sig) {
-            note(seq, format!("entry {seq} is not signed by the audit key (rewritten)"));
+            note(
+                seq,
+                format!("entry {seq} is not signed by the audit key (rewritten)"),
+            );
             broken = true;
             continue;
         }
@@ -398,36 +464,63 @@ pub fn verify(conn: &rusqlite::Connection, key: &VerifyingKey) -> Result<Verific
     }
     let entries = prev_seq;
     let head: Option<(i64, Vec<u8>, Vec<u8>)> = conn
-        .query_row("SELECT seq, hash, signature FROM audit_head WHERE id = 1", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .query_row(
+            "SELECT seq, hash, signature FROM audit_head WHERE id = 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
         .optional()?;
     match head {
         None if entries > 0 => note(1, "the signed head of the log is missing".into()),
         None => {}
         Some((hseq, hhash, hsig)) => {
             if !sig_ok(key, &signed_message(HEAD_DOMAIN, hseq, &hhash), &hsig) {
-                note(hseq.min(entries + 1).max(1), "the signed head of the log is not signed by the audit key".into());
+                note(
+                    hseq.min(entries + 1).max(1),
+                    "the signed head of the log is not signed by the audit key".into(),
+                );
             } else if hseq > entries && !broken {
-                note(entries + 1, format!("entries {} to {hseq} were removed from the end (truncated)", entries + 1));
+                note(
+                    entries + 1,
+                    format!(
+                        "entries {} to {hseq} were removed from the end (truncated)",
+                        entries + 1
+                    ),
+                );
             } else if let Some((_, h)) = chain.iter().find(|(s, _)| *s == hseq) {
                 if *h != hhash {
                     note(hseq, format!("entry {hseq} does not match the signed head"));
                 }
                 if hseq < entries {
-                    note(hseq + 1, format!("entries after {hseq} were added without the audit key"));
+                    note(
+                        hseq + 1,
+                        format!("entries after {hseq} were added without the audit key"),
+                    );
                 }
             }
         }
     }
-    let spki = spki::EncodePublicKey::to_public_key_der(key).map(|d| d.as_bytes().to_vec()).unwrap_or_default();
+    let spki = spki::EncodePublicKey::to_public_key_der(key)
+        .map(|d| d.as_bytes().to_vec())
+        .unwrap_or_default();
     let key_id = note_key_id(&spki);
     let mut stmt = conn.prepare("SELECT seq, hash, note FROM audit_checkpoints ORDER BY id")?;
-    let cps = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, String>(2)?)))?;
+    let cps = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, Vec<u8>>(1)?,
+            r.get::<_, String>(2)?,
+        ))
+    })?;
     let mut checkpoints = 0;
     for cp in cps {
         let (seq, hash, text) = cp?;
         checkpoints += 1;
         if !verify_note(&text, key, &key_id) {
-            note(seq.max(1), format!("checkpoint at entry {seq} is not signed by the audit key"));
+            note(
+                seq.max(1),
+                format!("checkpoint at entry {seq} is not signed by the audit key"),
+            );
             continue;
         }
         if seq == 0 {
@@ -435,14 +528,25 @@ pub fn verify(conn: &rusqlite::Connection, key: &VerifyingKey) -> Result<Verific
         }
         match chain.iter().find(|(s, _)| *s == seq) {
             Some((_, h)) if *h == hash => {}
-            Some(_) => note(seq, format!("entry {seq} does not match its signed checkpoint")),
-            None if !broken && seq > entries => {
-                note(entries + 1, format!("entries {} to {seq} were removed (a checkpoint covers them)", entries + 1))
-            }
+            Some(_) => note(
+                seq,
+                format!("entry {seq} does not match its signed checkpoint"),
+            ),
+            None if !broken && seq > entries => note(
+                entries + 1,
+                format!(
+                    "entries {} to {seq} were removed (a checkpoint covers them)",
+                    entries + 1
+                ),
+            ),
             None => {}
         }
     }
-    Ok(Verification { entries, checkpoints, first_bad })
+    Ok(Verification {
+        entries,
+        checkpoints,
+        first_bad,
+    })
 }
 
 /// Verifies a C2SP signed note made by [`Audit::checkpoint`].
@@ -530,7 +634,12 @@ mod tests {
         let db = crate::db::Db::open(&dir.path().join("a.db")).unwrap();
         let key = p256::ecdsa::SigningKey::generate_from_rng(&mut line_protocol::io::system_rng());
         let vk = *key.verifying_key();
-        let audit = Audit::new(Arc::new(SoftSigner(key)), "cell-t", 5, ["security.replay".to_string()].into());
+        let audit = Audit::new(
+            Arc::new(SoftSigner(key)),
+            "cell-t",
+            5,
+            ["security.replay".to_string()].into(),
+        );
         (dir, db, audit, vk)
     }
 
@@ -539,7 +648,20 @@ mod tests {
             for i in 0..n {
                 let tx = c.transaction().unwrap();
                 audit
-                    .append(&tx, &NewEvent::new("test", if i == 3 { "security.replay" } else { "meter.provisioned" }, Severity::Info, "op", serde_json::json!({"i": i})))
+                    .append(
+                        &tx,
+                        &NewEvent::new(
+                            "test",
+                            if i == 3 {
+                                "security.replay"
+                            } else {
+                                "meter.provisioned"
+                            },
+                            Severity::Info,
+                            "op",
+                            serde_json::json!({"i": i}),
+                        ),
+                    )
                     .unwrap();
                 tx.commit().unwrap();
             }
@@ -559,7 +681,12 @@ mod tests {
         assert_eq!(v.entries, 12);
         assert_eq!(v.checkpoints, 2);
         assert_eq!(db.with(|c| open_alarms(c).unwrap()).len(), 1);
-        let note: String = db.with(|c| c.query_row("SELECT note FROM audit_checkpoints LIMIT 1", [], |r| r.get(0)).unwrap());
+        let note: String = db.with(|c| {
+            c.query_row("SELECT note FROM audit_checkpoints LIMIT 1", [], |r| {
+                r.get(0)
+            })
+            .unwrap()
+        });
         assert!(note.starts_with("cell-t/audit\n5\n"), "{note}");
         assert!(note.contains("\n\n\u{2014} cell-t/audit-key "), "{note}");
     }
@@ -567,9 +694,17 @@ mod tests {
     #[test]
     fn tampering_is_found_at_the_first_bad_entry() {
         for (what, sql, bad) in [
-            ("modified", "UPDATE audit SET actor = 'mallory' WHERE seq = 7", 7),
+            (
+                "modified",
+                "UPDATE audit SET actor = 'mallory' WHERE seq = 7",
+                7,
+            ),
             ("deleted", "DELETE FROM audit WHERE seq = 4", 4),
-            ("reordered", "UPDATE audit SET seq = -1 WHERE seq = 6; UPDATE audit SET seq = 6 WHERE seq = 8; UPDATE audit SET seq = 8 WHERE seq = -1", 6),
+            (
+                "reordered",
+                "UPDATE audit SET seq = -1 WHERE seq = 6; UPDATE audit SET seq = 6 WHERE seq = 8; UPDATE audit SET seq = 8 WHERE seq = -1",
+                6,
+            ),
             ("truncated", "DELETE FROM audit WHERE seq > 9", 10),
             ("details rewritten with a fixed-up hash chain", "", 3),
         ] {
@@ -592,10 +727,17 @@ mod tests {
                 });
             } else {
                 // Someone editing the file directly is not held back by foreign keys.
-                db.with(|c| c.execute_batch(&format!("PRAGMA foreign_keys=OFF; {sql}")).unwrap());
+                db.with(|c| {
+                    c.execute_batch(&format!("PRAGMA foreign_keys=OFF; {sql}"))
+                        .unwrap()
+                });
             }
             let v = verify_db(&db, &vk);
-            assert_eq!(v.first_bad.as_ref().map(|b| b.0), Some(bad), "{what}: {v:?}");
+            assert_eq!(
+                v.first_bad.as_ref().map(|b| b.0),
+                Some(bad),
+                "{what}: {v:?}"
+            );
         }
     }
 }

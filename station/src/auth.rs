@@ -53,7 +53,12 @@ impl Role {
     }
 
     /// Every role.
-    pub const ALL: [Role; 4] = [Role::Operator, Role::Supervisor, Role::SecurityOfficer, Role::Auditor];
+    pub const ALL: [Role; 4] = [
+        Role::Operator,
+        Role::Supervisor,
+        Role::SecurityOfficer,
+        Role::Auditor,
+    ];
 }
 
 /// Everything a user can ask of the station.
@@ -120,7 +125,15 @@ impl Action {
 
 /// The permission table: who may do what. The single place this is decided.
 pub const PERMISSIONS: &[(Action, &[Role])] = &[
-    (Action::ViewLine, &[Role::Operator, Role::Supervisor, Role::SecurityOfficer, Role::Auditor]),
+    (
+        Action::ViewLine,
+        &[
+            Role::Operator,
+            Role::Supervisor,
+            Role::SecurityOfficer,
+            Role::Auditor,
+        ],
+    ),
     (Action::RunLine, &[Role::Operator, Role::Supervisor]),
     (Action::ClearNest, &[Role::Operator, Role::Supervisor]),
     (Action::OpenBatch, &[Role::Supervisor]),
@@ -133,14 +146,19 @@ pub const PERMISSIONS: &[(Action, &[Role])] = &[
     (Action::ExportManifest, &[Role::SecurityOfficer]),
     (Action::ManagePki, &[Role::SecurityOfficer]),
     (Action::ViewHsm, &[Role::SecurityOfficer, Role::Auditor]),
-    (Action::ViewAudit, &[Role::Supervisor, Role::SecurityOfficer, Role::Auditor]),
+    (
+        Action::ViewAudit,
+        &[Role::Supervisor, Role::SecurityOfficer, Role::Auditor],
+    ),
     (Action::VerifyAudit, &[Role::SecurityOfficer, Role::Auditor]),
     (Action::ExportAudit, &[Role::Auditor, Role::SecurityOfficer]),
 ];
 
 /// May `role` perform `action`?
 pub fn allowed(role: Role, action: Action) -> bool {
-    PERMISSIONS.iter().any(|(a, roles)| *a == action && roles.contains(&role))
+    PERMISSIONS
+        .iter()
+        .any(|(a, roles)| *a == action && roles.contains(&role))
 }
 
 /// An authenticated user.
@@ -172,7 +190,9 @@ pub enum AuthError {
         user: Option<String>,
     },
     /// Locked out.
-    #[error("user {user} is locked out for {minutes} more minute(s) after too many wrong PINs; ask a security officer or wait")]
+    #[error(
+        "user {user} is locked out for {minutes} more minute(s) after too many wrong PINs; ask a security officer or wait"
+    )]
     Locked {
         /// The user.
         user: String,
@@ -214,7 +234,13 @@ pub fn who_may(action: Action) -> String {
     PERMISSIONS
         .iter()
         .find(|(a, _)| *a == action)
-        .map(|(_, roles)| roles.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(", "))
+        .map(|(_, roles)| {
+            roles
+                .iter()
+                .map(|r| r.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
         .unwrap_or_default()
 }
 
@@ -253,7 +279,12 @@ fn pin_matches(pin: &str, phc: &str) -> bool {
 }
 
 fn check_name(name: &str) -> Result<(), AuthError> {
-    if name.is_empty() || name.len() > 32 || !name.chars().all(|c| c.is_ascii_alphanumeric() || ".-_".contains(c)) {
+    if name.is_empty()
+        || name.len() > 32
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || ".-_".contains(c))
+    {
         return Err(AuthError::BadName);
     }
     Ok(())
@@ -271,7 +302,14 @@ fn user_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<User> {
 }
 
 /// Adds a user.
-pub fn add_user(conn: &Connection, name: &str, role: Role, pin: &str, access: &AccessSettings, now: i64) -> Result<User, AuthError> {
+pub fn add_user(
+    conn: &Connection,
+    name: &str,
+    role: Role,
+    pin: &str,
+    access: &AccessSettings,
+    now: i64,
+) -> Result<User, AuthError> {
     check_name(name)?;
     check_pin_policy(pin, access.min_pin_length)?;
     let hash = hash_pin(pin)?;
@@ -289,13 +327,18 @@ pub fn add_user(conn: &Connection, name: &str, role: Role, pin: &str, access: &A
 /// Looks a user up.
 pub fn find_user(conn: &Connection, name: &str) -> Result<Option<User>, AuthError> {
     Ok(conn
-        .query_row("SELECT id, name, role, disabled, locked_until FROM users WHERE name = ?1", [name], user_from_row)
+        .query_row(
+            "SELECT id, name, role, disabled, locked_until FROM users WHERE name = ?1",
+            [name],
+            user_from_row,
+        )
         .optional()?)
 }
 
 /// Every user.
 pub fn list_users(conn: &Connection) -> Result<Vec<User>, AuthError> {
-    let mut stmt = conn.prepare("SELECT id, name, role, disabled, locked_until FROM users ORDER BY name")?;
+    let mut stmt =
+        conn.prepare("SELECT id, name, role, disabled, locked_until FROM users ORDER BY name")?;
     let rows = stmt.query_map([], user_from_row)?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
@@ -314,7 +357,12 @@ pub fn disable_user(conn: &Connection, name: &str, now: i64) -> Result<(), AuthE
 }
 
 /// Sets a new PIN and clears a lock-out.
-pub fn reset_pin(conn: &Connection, name: &str, pin: &str, access: &AccessSettings) -> Result<(), AuthError> {
+pub fn reset_pin(
+    conn: &Connection,
+    name: &str,
+    pin: &str,
+    access: &AccessSettings,
+) -> Result<(), AuthError> {
     check_pin_policy(pin, access.min_pin_length)?;
     let hash = hash_pin(pin)?;
     let n = conn.execute(
@@ -342,7 +390,13 @@ pub enum LoginOutcome {
 }
 
 /// Checks a user's PIN, counting failures and locking out.
-pub fn login(conn: &Connection, name: &str, pin: &str, access: &AccessSettings, now: i64) -> Result<LoginOutcome, AuthError> {
+pub fn login(
+    conn: &Connection,
+    name: &str,
+    pin: &str,
+    access: &AccessSettings,
+    now: i64,
+) -> Result<LoginOutcome, AuthError> {
     let row: Option<(User, String, u32)> = conn
         .query_row(
             "SELECT id, name, role, disabled, locked_until, pin_hash, failed_pins FROM users WHERE name = ?1",
@@ -352,9 +406,15 @@ pub fn login(conn: &Connection, name: &str, pin: &str, access: &AccessSettings, 
         .optional()?;
     let Some((user, hash, failed)) = row else {
         // Spend the same time as a real check, so that names cannot be told apart by timing.
-        let _ = pin_matches(pin, "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$Jd9tK4hoZb0yq8dJcr7PCqvq0ZJ8+TqH0ZBc7i0PP1I");
+        let _ = pin_matches(
+            pin,
+            "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$Jd9tK4hoZb0yq8dJcr7PCqvq0ZJ8+TqH0ZBc7i0PP1I",
+        );
         return Ok(LoginOutcome::Refused {
-            error: AuthError::BadCredentials { remaining: None, user: None },
+            error: AuthError::BadCredentials {
+                remaining: None,
+                user: None,
+            },
             locked_now: false,
         });
     };
@@ -374,17 +434,27 @@ pub fn login(conn: &Connection, name: &str, pin: &str, access: &AccessSettings, 
         });
     }
     if pin_matches(pin, &hash) {
-        conn.execute("UPDATE users SET failed_pins = 0, locked_until = NULL WHERE id = ?1", [user.id])?;
+        conn.execute(
+            "UPDATE users SET failed_pins = 0, locked_until = NULL WHERE id = ?1",
+            [user.id],
+        )?;
         return Ok(LoginOutcome::Success(User {
             locked_until: None,
             ..user
         }));
     }
     // A lock-out that has run out starts a fresh count.
-    let failed = if user.locked_until.is_some() { 1 } else { failed + 1 };
+    let failed = if user.locked_until.is_some() {
+        1
+    } else {
+        failed + 1
+    };
     if failed >= access.max_failed_pins {
         let until = now + (access.lockout_minutes as i64) * 60_000;
-        conn.execute("UPDATE users SET failed_pins = ?1, locked_until = ?2 WHERE id = ?3", params![failed, until, user.id])?;
+        conn.execute(
+            "UPDATE users SET failed_pins = ?1, locked_until = ?2 WHERE id = ?3",
+            params![failed, until, user.id],
+        )?;
         Ok(LoginOutcome::Refused {
             error: AuthError::Locked {
                 user: user.name,
@@ -393,7 +463,10 @@ pub fn login(conn: &Connection, name: &str, pin: &str, access: &AccessSettings, 
             locked_now: true,
         })
     } else {
-        conn.execute("UPDATE users SET failed_pins = ?1, locked_until = NULL WHERE id = ?2", params![failed, user.id])?;
+        conn.execute(
+            "UPDATE users SET failed_pins = ?1, locked_until = NULL WHERE id = ?2",
+            params![failed, user.id],
+        )?;
         Ok(LoginOutcome::Refused {
             error: AuthError::BadCredentials {
                 remaining: Some(access.max_failed_pins - failed),
@@ -433,7 +506,12 @@ pub fn start_session(conn: &Connection, user: &User, now: i64) -> Result<Session
 }
 
 /// Resolves a session, refreshing its activity time; ends it when idle too long.
-pub fn check_session(conn: &Connection, token: &SessionToken, access: &AccessSettings, now: i64) -> Result<User, AuthError> {
+pub fn check_session(
+    conn: &Connection,
+    token: &SessionToken,
+    access: &AccessSettings,
+    now: i64,
+) -> Result<User, AuthError> {
     let row: Option<(User, i64)> = conn
         .query_row(
             "SELECT u.id, u.name, u.role, u.disabled, u.locked_until, s.last_seen FROM sessions s JOIN users u ON u.id = s.user_id
@@ -449,16 +527,25 @@ pub fn check_session(conn: &Connection, token: &SessionToken, access: &AccessSet
         return Err(AuthError::Disabled(user.name));
     }
     if now - last_seen > (access.session_idle_minutes as i64) * 60_000 {
-        conn.execute("UPDATE sessions SET ended_at = ?1 WHERE token_hash = ?2", params![now, token.hash()])?;
+        conn.execute(
+            "UPDATE sessions SET ended_at = ?1 WHERE token_hash = ?2",
+            params![now, token.hash()],
+        )?;
         return Err(AuthError::Expired);
     }
-    conn.execute("UPDATE sessions SET last_seen = ?1 WHERE token_hash = ?2", params![now, token.hash()])?;
+    conn.execute(
+        "UPDATE sessions SET last_seen = ?1 WHERE token_hash = ?2",
+        params![now, token.hash()],
+    )?;
     Ok(user)
 }
 
 /// Ends a session.
 pub fn end_session(conn: &Connection, token: &SessionToken, now: i64) -> Result<(), AuthError> {
-    conn.execute("UPDATE sessions SET ended_at = ?1 WHERE token_hash = ?2 AND ended_at IS NULL", params![now, token.hash()])?;
+    conn.execute(
+        "UPDATE sessions SET ended_at = ?1 WHERE token_hash = ?2 AND ended_at IS NULL",
+        params![now, token.hash()],
+    )?;
     Ok(())
 }
 
@@ -482,35 +569,109 @@ mod tests {
         db.with(|c| {
             let a = access();
             add_user(c, "ann", Role::Operator, "123456", &a, 0).unwrap();
-            assert!(matches!(add_user(c, "bob", Role::Operator, "12", &a, 0), Err(AuthError::WeakPin(6))));
-            assert!(matches!(add_user(c, "b b", Role::Operator, "123456", &a, 0), Err(AuthError::BadName)));
-            assert!(matches!(login(c, "ann", "123456", &a, 1).unwrap(), LoginOutcome::Success(_)));
-            assert!(matches!(login(c, "nobody", "123456", &a, 1).unwrap(), LoginOutcome::Refused { error: AuthError::BadCredentials { remaining: None, .. }, .. }));
-            assert!(matches!(login(c, "ann", "000000", &a, 2).unwrap(), LoginOutcome::Refused { error: AuthError::BadCredentials { remaining: Some(2), .. }, .. }));
+            assert!(matches!(
+                add_user(c, "bob", Role::Operator, "12", &a, 0),
+                Err(AuthError::WeakPin(6))
+            ));
+            assert!(matches!(
+                add_user(c, "b b", Role::Operator, "123456", &a, 0),
+                Err(AuthError::BadName)
+            ));
+            assert!(matches!(
+                login(c, "ann", "123456", &a, 1).unwrap(),
+                LoginOutcome::Success(_)
+            ));
+            assert!(matches!(
+                login(c, "nobody", "123456", &a, 1).unwrap(),
+                LoginOutcome::Refused {
+                    error: AuthError::BadCredentials {
+                        remaining: None,
+                        ..
+                    },
+                    ..
+                }
+            ));
+            assert!(matches!(
+                login(c, "ann", "000000", &a, 2).unwrap(),
+                LoginOutcome::Refused {
+                    error: AuthError::BadCredentials {
+                        remaining: Some(2),
+                        ..
+                    },
+                    ..
+                }
+            ));
             login(c, "ann", "000000", &a, 3).unwrap();
-            assert!(matches!(login(c, "ann", "000000", &a, 4).unwrap(), LoginOutcome::Refused { error: AuthError::Locked { .. }, locked_now: true }));
+            assert!(matches!(
+                login(c, "ann", "000000", &a, 4).unwrap(),
+                LoginOutcome::Refused {
+                    error: AuthError::Locked { .. },
+                    locked_now: true
+                }
+            ));
             // Even the right PIN is refused while locked; it works again after the lock-out.
-            assert!(matches!(login(c, "ann", "123456", &a, 5).unwrap(), LoginOutcome::Refused { error: AuthError::Locked { .. }, locked_now: false }));
+            assert!(matches!(
+                login(c, "ann", "123456", &a, 5).unwrap(),
+                LoginOutcome::Refused {
+                    error: AuthError::Locked { .. },
+                    locked_now: false
+                }
+            ));
             let later = 4 + 10 * 60_000 + 1;
-            let LoginOutcome::Success(user) = login(c, "ann", "123456", &a, later).unwrap() else { panic!() };
+            let LoginOutcome::Success(user) = login(c, "ann", "123456", &a, later).unwrap() else {
+                panic!()
+            };
             let t = start_session(c, &user, later).unwrap();
-            assert_eq!(check_session(c, &t, &a, later + 60_000).unwrap().name, "ann");
-            assert_eq!(check_session(c, &t, &a, later + 60_000 + 16 * 60_000), Err(AuthError::Expired));
-            assert_eq!(check_session(c, &t, &a, later + 60_000 + 16 * 60_000 + 1), Err(AuthError::Expired), "stays ended");
+            assert_eq!(
+                check_session(c, &t, &a, later + 60_000).unwrap().name,
+                "ann"
+            );
+            assert_eq!(
+                check_session(c, &t, &a, later + 60_000 + 16 * 60_000),
+                Err(AuthError::Expired)
+            );
+            assert_eq!(
+                check_session(c, &t, &a, later + 60_000 + 16 * 60_000 + 1),
+                Err(AuthError::Expired),
+                "stays ended"
+            );
             disable_user(c, "ann", later).unwrap();
-            assert!(matches!(login(c, "ann", "123456", &a, later + 5).unwrap(), LoginOutcome::Refused { error: AuthError::Disabled(_), .. }));
+            assert!(matches!(
+                login(c, "ann", "123456", &a, later + 5).unwrap(),
+                LoginOutcome::Refused {
+                    error: AuthError::Disabled(_),
+                    ..
+                }
+            ));
         });
     }
 
     #[test]
     fn permission_table_covers_every_action_once() {
         let actions = [
-            Action::ViewLine, Action::RunLine, Action::ClearNest, Action::OpenBatch, Action::CloseBatch, Action::Rework,
-            Action::AckAlarm, Action::ImportFirmware, Action::ImportCustomer, Action::ManageUsers, Action::ExportManifest,
-            Action::ManagePki, Action::ViewHsm, Action::ViewAudit, Action::VerifyAudit, Action::ExportAudit,
+            Action::ViewLine,
+            Action::RunLine,
+            Action::ClearNest,
+            Action::OpenBatch,
+            Action::CloseBatch,
+            Action::Rework,
+            Action::AckAlarm,
+            Action::ImportFirmware,
+            Action::ImportCustomer,
+            Action::ManageUsers,
+            Action::ExportManifest,
+            Action::ManagePki,
+            Action::ViewHsm,
+            Action::ViewAudit,
+            Action::VerifyAudit,
+            Action::ExportAudit,
         ];
         for a in actions {
-            assert_eq!(PERMISSIONS.iter().filter(|(x, _)| *x == a).count(), 1, "{a:?}");
+            assert_eq!(
+                PERMISSIONS.iter().filter(|(x, _)| *x == a).count(),
+                1,
+                "{a:?}"
+            );
         }
         assert!(allowed(Role::Supervisor, Action::AckAlarm));
         assert!(!allowed(Role::Operator, Action::AckAlarm));

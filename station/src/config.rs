@@ -334,13 +334,24 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn line_of(&self, offset: usize) -> usize {
-        self.text[..offset.min(self.text.len())].matches('\n').count() + 1
+        self.text[..offset.min(self.text.len())]
+            .matches('\n')
+            .count()
+            + 1
     }
 
-    fn err<T>(&self, span: std::ops::Range<usize>, reason: impl Into<String>) -> Result<T, ConfigError> {
+    fn err<T>(
+        &self,
+        span: std::ops::Range<usize>,
+        reason: impl Into<String>,
+    ) -> Result<T, ConfigError> {
         Err(ConfigError {
             file: self.file.to_string(),
-            line: if span.is_empty() && span.start == 0 { 1 } else { self.line_of(span.start) },
+            line: if span.is_empty() && span.start == 0 {
+                1
+            } else {
+                self.line_of(span.start)
+            },
             reason: reason.into(),
         })
     }
@@ -352,7 +363,9 @@ impl Config {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: path.display().to_string(),
             line: 0,
-            reason: format!("cannot read the configuration: {e}; pass --config FILE or create ./station.toml"),
+            reason: format!(
+                "cannot read the configuration: {e}; pass --config FILE or create ./station.toml"
+            ),
         })?;
         Config::parse(path, &text)
     }
@@ -376,15 +389,29 @@ impl Config {
         };
 
         let station_id = raw.station_id.get_ref().trim().to_string();
-        if station_id.is_empty() || station_id.len() > 64 || !station_id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-            return cx.err(raw.station_id.span(), "station_id must be 1..64 characters of letters, digits, '-', '_' or '.'");
+        if station_id.is_empty()
+            || station_id.len() > 64
+            || !station_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return cx.err(
+                raw.station_id.span(),
+                "station_id must be 1..64 characters of letters, digits, '-', '_' or '.'",
+            );
         }
         let flag = raw.manufacturer.flag_id.get_ref();
         if flag.len() != 3 || !flag.chars().all(|c| c.is_ascii_uppercase()) {
-            return cx.err(raw.manufacturer.flag_id.span(), "manufacturer.flag_id must be three upper-case letters (the DLMS FLAG ID)");
+            return cx.err(
+                raw.manufacturer.flag_id.span(),
+                "manufacturer.flag_id must be three upper-case letters (the DLMS FLAG ID)",
+            );
         }
         if raw.manufacturer.name.get_ref().trim().is_empty() {
-            return cx.err(raw.manufacturer.name.span(), "manufacturer.name must not be empty");
+            return cx.err(
+                raw.manufacturer.name.span(),
+                "manufacturer.name must not be empty",
+            );
         }
         if raw.database.get_ref().trim().is_empty() {
             return cx.err(raw.database.span(), "database must name a file");
@@ -393,38 +420,64 @@ impl Config {
             RawPin::Prompt => PinSourceSetting::Prompt,
             RawPin::Env(v) if !v.is_empty() => PinSourceSetting::Env(v.clone()),
             RawPin::File(f) if !f.is_empty() => PinSourceSetting::File(resolve(f)),
-            _ => return cx.err(raw.hsm.pin.span(), "hsm.pin needs a variable name or a file"),
+            _ => {
+                return cx.err(
+                    raw.hsm.pin.span(),
+                    "hsm.pin needs a variable name or a file",
+                );
+            }
         };
         let pool = *raw.hsm.pool_size.get_ref();
         if !(1..=64).contains(&pool) {
-            return cx.err(raw.hsm.pool_size.span(), "hsm.pool_size must be between 1 and 64");
+            return cx.err(
+                raw.hsm.pool_size.span(),
+                "hsm.pool_size must be between 1 and 64",
+            );
         }
         if raw.hsm.token.get_ref().is_empty() || raw.hsm.token.get_ref().len() > 32 {
-            return cx.err(raw.hsm.token.span(), "hsm.token must be a token label of 1..32 characters");
+            return cx.err(
+                raw.hsm.token.span(),
+                "hsm.token must be a token label of 1..32 characters",
+            );
         }
         if raw.hsm.module.get_ref().is_empty() {
-            return cx.err(raw.hsm.module.span(), "hsm.module must name a PKCS#11 library");
+            return cx.err(
+                raw.hsm.module.span(),
+                "hsm.module must name a PKCS#11 library",
+            );
         }
         let mp = *raw.line.max_payload.get_ref();
         if !(2048..=32768).contains(&mp) {
-            return cx.err(raw.line.max_payload.span(), "line.max_payload must be between 2048 and 32768");
+            return cx.err(
+                raw.line.max_payload.span(),
+                "line.max_payload must be between 2048 and 32768",
+            );
         }
         let win = *raw.line.window.get_ref();
         if !(1..=32).contains(&win) {
-            return cx.err(raw.line.window.span(), "line.window must be between 1 and 32");
+            return cx.err(
+                raw.line.window.span(),
+                "line.window must be between 1 and 32",
+            );
         }
         let mut nests = Vec::new();
         let mut names = BTreeSet::new();
         let mut ports = BTreeSet::new();
         for n in &raw.nests {
             if n.name.get_ref().trim().is_empty() || !names.insert(n.name.get_ref().clone()) {
-                return cx.err(n.name.span(), format!("nest name {:?} is empty or used twice", n.name.get_ref()));
+                return cx.err(
+                    n.name.span(),
+                    format!("nest name {:?} is empty or used twice", n.name.get_ref()),
+                );
             }
             if let Err(e) = line_protocol::io::PortAddr::parse(n.port.get_ref()) {
                 return cx.err(n.port.span(), e.to_string());
             }
             if !ports.insert(n.port.get_ref().clone()) {
-                return cx.err(n.port.span(), format!("port {} is used by two nests", n.port.get_ref()));
+                return cx.err(
+                    n.port.span(),
+                    format!("port {} is used by two nests", n.port.get_ref()),
+                );
             }
             let baud = *n.baud.get_ref();
             if !(300..=12_000_000).contains(&baud) {
@@ -439,21 +492,45 @@ impl Config {
         let mut models = Vec::new();
         let mut model_names = BTreeSet::new();
         for m in &raw.models {
-            if m.name.get_ref().is_empty() || m.name.get_ref().len() > 32 || !model_names.insert(m.name.get_ref().clone()) {
-                return cx.err(m.name.span(), format!("model name {:?} is empty, too long or used twice", m.name.get_ref()));
+            if m.name.get_ref().is_empty()
+                || m.name.get_ref().len() > 32
+                || !model_names.insert(m.name.get_ref().clone())
+            {
+                return cx.err(
+                    m.name.span(),
+                    format!(
+                        "model name {:?} is empty, too long or used twice",
+                        m.name.get_ref()
+                    ),
+                );
             }
             if *m.suite.get_ref() > 2 {
-                return cx.err(m.suite.span(), "suite must be 0, 1 or 2 (DLMS/COSEM security suites)");
+                return cx.err(
+                    m.suite.span(),
+                    "suite must be 0, 1 or 2 (DLMS/COSEM security suites)",
+                );
             }
             let keygen = match m.keygen.get_ref().as_str() {
                 "meter" => Keygen::Meter,
                 "hsm" => Keygen::Hsm,
-                other => return cx.err(m.keygen.span(), format!("keygen must be \"meter\" or \"hsm\", not {other:?}")),
-            };
-            if let Some(na) = &m.not_after {
-                if time::OffsetDateTime::parse(na.get_ref(), &time::format_description::well_known::Rfc3339).is_err() {
-                    return cx.err(na.span(), "not_after must be an RFC 3339 time such as 2045-12-31T23:59:59Z");
+                other => {
+                    return cx.err(
+                        m.keygen.span(),
+                        format!("keygen must be \"meter\" or \"hsm\", not {other:?}"),
+                    );
                 }
+            };
+            if let Some(na) = &m.not_after
+                && time::OffsetDateTime::parse(
+                    na.get_ref(),
+                    &time::format_description::well_known::Rfc3339,
+                )
+                .is_err()
+            {
+                return cx.err(
+                    na.span(),
+                    "not_after must be an RFC 3339 time such as 2045-12-31T23:59:59Z",
+                );
             }
             models.push(ModelSettings {
                 name: m.name.get_ref().clone(),
@@ -466,7 +543,10 @@ impl Config {
         }
         let interval = *raw.audit.checkpoint_interval.get_ref();
         if !(1..=100_000).contains(&interval) {
-            return cx.err(raw.audit.checkpoint_interval.span(), "audit.checkpoint_interval must be between 1 and 100000");
+            return cx.err(
+                raw.audit.checkpoint_interval.span(),
+                "audit.checkpoint_interval must be between 1 and 100000",
+            );
         }
         let critical = match raw.audit.critical {
             Some(list) => list.into_iter().collect(),
@@ -479,13 +559,22 @@ impl Config {
             min_pin_length: *raw.access.min_pin_length.get_ref(),
         };
         if access.max_failed_pins == 0 {
-            return cx.err(raw.access.max_failed_pins.span(), "access.max_failed_pins must be at least 1");
+            return cx.err(
+                raw.access.max_failed_pins.span(),
+                "access.max_failed_pins must be at least 1",
+            );
         }
         if access.session_idle_minutes == 0 {
-            return cx.err(raw.access.session_idle_minutes.span(), "access.session_idle_minutes must be at least 1");
+            return cx.err(
+                raw.access.session_idle_minutes.span(),
+                "access.session_idle_minutes must be at least 1",
+            );
         }
         if !(4..=64).contains(&access.min_pin_length) {
-            return cx.err(raw.access.min_pin_length.span(), "access.min_pin_length must be between 4 and 64");
+            return cx.err(
+                raw.access.min_pin_length.span(),
+                "access.min_pin_length must be between 4 and 64",
+            );
         }
         Ok(Config {
             path: path.to_path_buf(),
@@ -559,7 +648,10 @@ suite = 1
     fn example_parses_with_defaults_and_resolved_paths() {
         let c = parse(EXAMPLE).unwrap();
         assert_eq!(c.database, PathBuf::from("/cell/station.db"));
-        assert_eq!(c.hsm.pin, PinSourceSetting::File(PathBuf::from("/cell/hsm-pin")));
+        assert_eq!(
+            c.hsm.pin,
+            PinSourceSetting::File(PathBuf::from("/cell/hsm-pin"))
+        );
         assert_eq!(c.nests[0].baud, 921_600);
         assert_eq!(c.models[0].keygen, Keygen::Meter);
         assert!(c.audit.critical.contains("security.replay"));
@@ -569,19 +661,54 @@ suite = 1
     #[test]
     fn unknown_keys_and_bad_values_name_the_line() {
         let cases = [
-            (EXAMPLE.replace("baud = 921600", "baud = 921600\nspeed = 3"), 18, "unknown field `speed`"),
-            (EXAMPLE.replace("baud = 921600", "baud = 12"), 17, "baud must be between"),
-            (EXAMPLE.replace("flag_id = \"EXM\"", "flag_id = \"exm1\""), 7, "three upper-case letters"),
-            (EXAMPLE.replace("suite = 1", "suite = 7"), 21, "suite must be 0, 1 or 2"),
-            (EXAMPLE.replace("port = \"/dev/pts/3\"", "port = \"udp://x:1\""), 16, "only tcp:// is supported"),
-            (EXAMPLE.replace("pin = { file = \"hsm-pin\" }", "pin = { file = \"hsm-pin\", env = \"X\" }"), 12, ""),
-            (EXAMPLE.replace("suite = 1", "suite = \"one\""), 21, "invalid type"),
+            (
+                EXAMPLE.replace("baud = 921600", "baud = 921600\nspeed = 3"),
+                18,
+                "unknown field `speed`",
+            ),
+            (
+                EXAMPLE.replace("baud = 921600", "baud = 12"),
+                17,
+                "baud must be between",
+            ),
+            (
+                EXAMPLE.replace("flag_id = \"EXM\"", "flag_id = \"exm1\""),
+                7,
+                "three upper-case letters",
+            ),
+            (
+                EXAMPLE.replace("suite = 1", "suite = 7"),
+                21,
+                "suite must be 0, 1 or 2",
+            ),
+            (
+                EXAMPLE.replace("port = \"/dev/pts/3\"", "port = \"udp://x:1\""),
+                16,
+                "only tcp:// is supported",
+            ),
+            (
+                EXAMPLE.replace(
+                    "pin = { file = \"hsm-pin\" }",
+                    "pin = { file = \"hsm-pin\", env = \"X\" }",
+                ),
+                12,
+                "",
+            ),
+            (
+                EXAMPLE.replace("suite = 1", "suite = \"one\""),
+                21,
+                "invalid type",
+            ),
         ];
         for (text, line, reason) in cases {
             let e = parse(&text).unwrap_err();
             assert_eq!(e.line, line, "{e}");
             assert!(e.reason.contains(reason), "{e}");
-            assert!(e.to_string().starts_with(&format!("/cell/station.toml:{line}: ")), "{e}");
+            assert!(
+                e.to_string()
+                    .starts_with(&format!("/cell/station.toml:{line}: ")),
+                "{e}"
+            );
         }
     }
 }

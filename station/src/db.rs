@@ -24,7 +24,9 @@ const MIGRATIONS: &[&str] = &[include_str!("schema/001_initial.sql")];
 #[non_exhaustive]
 pub enum DbError {
     /// Not a station journal.
-    #[error("{path} is not a station journal ({why}); point `database` in the configuration at the right file or a new one")]
+    #[error(
+        "{path} is not a station journal ({why}); point `database` in the configuration at the right file or a new one"
+    )]
     Foreign {
         /// The file.
         path: PathBuf,
@@ -32,7 +34,9 @@ pub enum DbError {
         why: String,
     },
     /// Written by a newer station.
-    #[error("{path} has schema version {found}, this station knows up to {known}; upgrade the station software")]
+    #[error(
+        "{path} has schema version {found}, this station knows up to {known}; upgrade the station software"
+    )]
     TooNew {
         /// The file.
         path: PathBuf,
@@ -42,10 +46,14 @@ pub enum DbError {
         known: u32,
     },
     /// Damaged.
-    #[error("the journal is damaged ({0}); stop the line and restore the last backup — nothing will be written to it")]
+    #[error(
+        "the journal is damaged ({0}); stop the line and restore the last backup — nothing will be written to it"
+    )]
     Corrupt(String),
     /// The disk is full.
-    #[error("the disk holding the journal is full; free space and retry — everything committed so far is kept")]
+    #[error(
+        "the disk holding the journal is full; free space and retry — everything committed so far is kept"
+    )]
     Full,
     /// Read-only file or file system.
     #[error("the journal is read-only ({0}); check permissions and the file system")]
@@ -64,7 +72,9 @@ impl From<rusqlite::Error> for DbError {
             let text = msg.clone().unwrap_or_else(|| f.to_string());
             return match f.code {
                 ffi::ErrorCode::DiskFull => DbError::Full,
-                ffi::ErrorCode::DatabaseCorrupt | ffi::ErrorCode::NotADatabase => DbError::Corrupt(text),
+                ffi::ErrorCode::DatabaseCorrupt | ffi::ErrorCode::NotADatabase => {
+                    DbError::Corrupt(text)
+                }
                 ffi::ErrorCode::ReadOnly | ffi::ErrorCode::CannotOpen => DbError::ReadOnly(text),
                 ffi::ErrorCode::ConstraintViolation => DbError::Constraint(text),
                 _ => DbError::Sqlite(text),
@@ -108,14 +118,20 @@ impl Db {
         check_header(path)?;
         let conn = Connection::open_with_flags(
             path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
-            return Err(DbError::Sqlite(format!("cannot switch the journal to WAL mode (got {mode})")));
+            return Err(DbError::Sqlite(format!(
+                "cannot switch the journal to WAL mode (got {mode})"
+            )));
         }
-        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA secure_delete=ON;")?;
+        conn.execute_batch(
+            "PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA secure_delete=ON;",
+        )?;
         let app: i32 = conn.query_row("PRAGMA application_id", [], |r| r.get(0))?;
         let version: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         let tables: i64 = conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))?;
@@ -171,7 +187,10 @@ impl Db {
     }
 
     /// Runs `f` with the connection off the async runtime's threads.
-    pub async fn call<T, E>(&self, f: impl FnOnce(&mut Connection) -> Result<T, E> + Send + 'static) -> Result<T, E>
+    pub async fn call<T, E>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, E> + Send + 'static,
+    ) -> Result<T, E>
     where
         T: Send + 'static,
         E: Send + 'static + From<DbError>,
@@ -184,7 +203,9 @@ impl Db {
         .await
         {
             Ok(r) => r,
-            Err(e) => Err(E::from(DbError::Sqlite(format!("journal task failed: {e}")))),
+            Err(e) => Err(E::from(DbError::Sqlite(format!(
+                "journal task failed: {e}"
+            )))),
         }
     }
 
@@ -206,7 +227,9 @@ pub fn now_ms() -> i64 {
 pub fn rfc3339(ms: i64) -> String {
     let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    let f = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
+    let f = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
     t.format(&f).unwrap_or_default()
 }
 
@@ -219,7 +242,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("j.db");
         let db = Db::open(&p).unwrap();
-        let v: u32 = db.with(|c| c.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap());
+        let v: u32 = db.with(|c| {
+            c.query_row("PRAGMA user_version", [], |r| r.get(0))
+                .unwrap()
+        });
         assert_eq!(v, MIGRATIONS.len() as u32);
         drop(db);
         let db = Db::open(&p).unwrap();
@@ -235,12 +261,21 @@ mod tests {
         std::fs::write(&text, "hello, this is not a database at all").unwrap();
         assert!(matches!(Db::open(&text), Err(DbError::Foreign { .. })));
         let other = dir.path().join("other.db");
-        Connection::open(&other).unwrap().execute_batch("PRAGMA application_id=7; CREATE TABLE t(x);").unwrap();
+        Connection::open(&other)
+            .unwrap()
+            .execute_batch("PRAGMA application_id=7; CREATE TABLE t(x);")
+            .unwrap();
         assert!(matches!(Db::open(&other), Err(DbError::Foreign { .. })));
         let newer = dir.path().join("newer.db");
         drop(Db::open(&newer).unwrap());
-        Connection::open(&newer).unwrap().execute_batch("PRAGMA user_version=99").unwrap();
-        assert!(matches!(Db::open(&newer), Err(DbError::TooNew { found: 99, .. })));
+        Connection::open(&newer)
+            .unwrap()
+            .execute_batch("PRAGMA user_version=99")
+            .unwrap();
+        assert!(matches!(
+            Db::open(&newer),
+            Err(DbError::TooNew { found: 99, .. })
+        ));
     }
 
     #[test]

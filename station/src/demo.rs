@@ -92,7 +92,9 @@ pub struct DemoCell {
 
 impl std::fmt::Debug for DemoCell {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DemoCell").field("dir", &self.dir).finish_non_exhaustive()
+        f.debug_struct("DemoCell")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
     }
 }
 
@@ -115,14 +117,24 @@ const MODEL: &str = "EM-300";
 pub fn prepare(args: &DemoArgs) -> Result<()> {
     let out = &args.out;
     if out.exists() {
-        let empty = std::fs::read_dir(out).map(|mut d| d.next().is_none()).unwrap_or(false);
+        let empty = std::fs::read_dir(out)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(false);
         if !empty {
             if args.force && out.join(MARKER).exists() {
-                std::fs::remove_dir_all(out).with_context(|| format!("cannot remove the earlier demo in {}", out.display()))?;
+                std::fs::remove_dir_all(out).with_context(|| {
+                    format!("cannot remove the earlier demo in {}", out.display())
+                })?;
             } else if out.join(MARKER).exists() {
-                bail!("{} holds an earlier demo; pass --force to replace it, or choose another --out", out.display());
+                bail!(
+                    "{} holds an earlier demo; pass --force to replace it, or choose another --out",
+                    out.display()
+                );
             } else {
-                bail!("{} exists and is not a demo directory; choose another --out", out.display());
+                bail!(
+                    "{} exists and is not a demo directory; choose another --out",
+                    out.display()
+                );
             }
         }
     }
@@ -166,18 +178,31 @@ pub async fn init_dev_token(token_dir: &Path, label: &str, out: Option<&Path>) -
     write_secret(&token_dir.join("hsm-so.pin"), &so_pin)?;
     let module = PathBuf::from(hsm::SOFTHSM_MODULE);
     let (m, l) = (module.clone(), label.to_string());
-    let (u, s) = (SecretString::from(user_pin.to_string()), SecretString::from(so_pin.to_string()));
+    let (u, s) = (
+        SecretString::from(user_pin.to_string()),
+        SecretString::from(so_pin.to_string()),
+    );
     tokio::task::spawn_blocking(move || hsm::softhsm::init_token(&m, &l, &s, &u))
         .await?
         .with_context(|| format!("cannot create the token {label}"))?;
     let mut cfg = hsm::HsmConfig::new(module, label, hsm::PinSource::File(user_file.clone()));
     cfg.pool_size = 2;
     let hsm = hsm::Hsm::open(&cfg)?;
-    let out_dir = out.map(Path::to_path_buf).unwrap_or_else(|| token_dir.join("pki"));
+    let out_dir = out
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| token_dir.join("pki"));
     let o2 = out_dir.clone();
     let made = tokio::task::spawn_blocking(move || hsm::pki::init_dev(&hsm, &o2)).await??;
-    let mut text = format!("token {label} created (SoftHSM configuration {})\n", token_dir.join("hsm/softhsm2.conf").display());
-    let _ = writeln!(text, "user PIN in {} and SO PIN in {} (owner-only)", user_file.display(), token_dir.join("hsm-so.pin").display());
+    let mut text = format!(
+        "token {label} created (SoftHSM configuration {})\n",
+        token_dir.join("hsm/softhsm2.conf").display()
+    );
+    let _ = writeln!(
+        text,
+        "user PIN in {} and SO PIN in {} (owner-only)",
+        user_file.display(),
+        token_dir.join("hsm-so.pin").display()
+    );
     let _ = write!(text, "{made}");
     Ok(text)
 }
@@ -187,8 +212,11 @@ fn make_utility(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     use rsa::pkcs8::EncodePrivateKey;
     use std::str::FromStr;
     use x509_cert::builder::{Builder, CertificateBuilder};
-    let key = rsa::RsaPrivateKey::new(&mut line_protocol::io::system_rng(), 3072).context("cannot generate the demo utility key")?;
-    let pem = key.to_pkcs8_pem(rsa::pkcs8::LineEnding::LF).context("cannot encode the demo utility key")?;
+    let key = rsa::RsaPrivateKey::new(&mut line_protocol::io::system_rng(), 3072)
+        .context("cannot generate the demo utility key")?;
+    let pem = key
+        .to_pkcs8_pem(rsa::pkcs8::LineEnding::LF)
+        .context("cannot encode the demo utility key")?;
     let key_path = dir.join("utility-key.pem");
     write_secret(&key_path, pem.trim_end())?;
     let signer = rsa::pkcs1v15::SigningKey::<sha2::Sha256>::new(key.clone());
@@ -201,8 +229,15 @@ fn make_utility(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     rand_core::Rng::fill_bytes(&mut line_protocol::io::system_rng(), &mut serial);
     serial[0] = (serial[0] & 0x7F) | 0x01;
     let validity = x509_cert::time::Validity::from_now(Duration::from_secs(10 * 365 * 24 * 3600))?;
-    let builder = CertificateBuilder::new(profile, x509_cert::serial_number::SerialNumber::new(&serial)?, validity, spki)?;
-    let cert = builder.build::<_, rsa::pkcs1v15::Signature>(&signer).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let builder = CertificateBuilder::new(
+        profile,
+        x509_cert::serial_number::SerialNumber::new(&serial)?,
+        validity,
+        spki,
+    )?;
+    let cert = builder
+        .build::<_, rsa::pkcs1v15::Signature>(&signer)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let cert_pem = der::EncodePem::to_pem(&cert, der::pem::LineEnding::LF)?;
     let cert_path = dir.join("utility.pem");
     std::fs::write(&cert_path, cert_pem)?;
@@ -228,8 +263,13 @@ impl x509_cert::builder::profile::BuilderProfile for UtilityProfile {
         use x509_cert::ext::ToExtension;
         use x509_cert::ext::pkix::{BasicConstraints, KeyUsage, KeyUsages, SubjectKeyIdentifier};
         Ok(vec![
-            BasicConstraints { ca: false, path_len_constraint: None }.to_extension(tbs.subject(), &[])?,
-            KeyUsage(KeyUsages::KeyEncipherment | KeyUsages::DigitalSignature).to_extension(tbs.subject(), &[])?,
+            BasicConstraints {
+                ca: false,
+                path_len_constraint: None,
+            }
+            .to_extension(tbs.subject(), &[])?,
+            KeyUsage(KeyUsages::KeyEncipherment | KeyUsages::DigitalSignature)
+                .to_extension(tbs.subject(), &[])?,
             SubjectKeyIdentifier::try_from(spk)?.to_extension(tbs.subject(), &[])?,
         ])
     }
@@ -237,26 +277,62 @@ impl x509_cert::builder::profile::BuilderProfile for UtilityProfile {
 
 fn config_text(dir: &Path, ports: &[String], baud: u32) -> String {
     let mut t = String::new();
-    let _ = writeln!(t, "# The cell `station demo` left behind. Try: station --config {}/station.toml --user audit --pin-file {}/pins/audit.pin audit verify", dir.display(), dir.display());
+    let _ = writeln!(
+        t,
+        "# The cell `station demo` left behind. Try: station --config {}/station.toml --user audit --pin-file {}/pins/audit.pin audit verify",
+        dir.display(),
+        dir.display()
+    );
     let _ = writeln!(t, "station_id = \"demo-cell\"\ndatabase = \"station.db\"\n");
-    let _ = writeln!(t, "[manufacturer]\nname = \"{}\"\nflag_id = \"DMW\"\n", hsm::pki::DEMO_ORGANIZATION);
-    let _ = writeln!(t, "[hsm]\nmodule = \"{}\"\ntoken = \"{TOKEN_LABEL}\"\npin = {{ file = \"hsm-user.pin\" }}\nsofthsm_conf = \"hsm/softhsm2.conf\"\npool_size = 4\n", hsm::SOFTHSM_MODULE);
+    let _ = writeln!(
+        t,
+        "[manufacturer]\nname = \"{}\"\nflag_id = \"DMW\"\n",
+        hsm::pki::DEMO_ORGANIZATION
+    );
+    let _ = writeln!(
+        t,
+        "[hsm]\nmodule = \"{}\"\ntoken = \"{TOKEN_LABEL}\"\npin = {{ file = \"hsm-user.pin\" }}\nsofthsm_conf = \"hsm/softhsm2.conf\"\npool_size = 4\n",
+        hsm::SOFTHSM_MODULE
+    );
     let _ = writeln!(t, "[line]\nlatency_ms = 4\n");
     for (i, p) in ports.iter().enumerate() {
-        let _ = writeln!(t, "# emulated meters through linksim; these pseudo-terminals exist only while the demo runs\n[[nests]]\nname = \"N{}\"\nport = \"{p}\"\nbaud = {baud}\n", i + 1);
+        let _ = writeln!(
+            t,
+            "# emulated meters through linksim; these pseudo-terminals exist only while the demo runs\n[[nests]]\nname = \"N{}\"\nport = \"{p}\"\nbaud = {baud}\n",
+            i + 1
+        );
     }
-    let _ = writeln!(t, "[[models]]\nname = \"{MODEL}\"\nsuite = 1\nkeygen = \"meter\"\nkey_agreement = true\n");
+    let _ = writeln!(
+        t,
+        "[[models]]\nname = \"{MODEL}\"\nsuite = 1\nkeygen = \"meter\"\nkey_agreement = true\n"
+    );
     let _ = writeln!(t, "[audit]\ncheckpoint_interval = 50");
     t
 }
 
-async fn user(engine: &Engine, officer: &Session, dir: &Path, name: &str, role: Role, known: bool) -> Result<()> {
+async fn user(
+    engine: &Engine,
+    officer: &Session,
+    dir: &Path,
+    name: &str,
+    role: Role,
+    known: bool,
+) -> Result<()> {
     let pin = match known_pin(name).filter(|_| known) {
         Some(p) => Zeroizing::new(p.to_string()),
         None => random_digits(8),
     };
     write_secret(&dir.join("pins").join(format!("{name}.pin")), &pin)?;
-    engine.execute(officer, Command::AddUser { name: name.into(), role, pin }).await?;
+    engine
+        .execute(
+            officer,
+            Command::AddUser {
+                name: name.into(),
+                role,
+                pin,
+            },
+        )
+        .await?;
     Ok(())
 }
 
@@ -273,19 +349,32 @@ pub async fn build(args: &DemoArgs) -> Result<DemoCell> {
     // 1. Token and PKI.
     init_dev_token(&dir, TOKEN_LABEL, Some(&dir.join("pki"))).await?;
     std::fs::copy(dir.join("pki/root-ca.pem"), dir.join("root-ca.pem"))?;
-    println!("  HSM: SoftHSM token {TOKEN_LABEL} with the demo PKI (certificates in {}/pki)", dir.display());
+    println!(
+        "  HSM: SoftHSM token {TOKEN_LABEL} with the demo PKI (certificates in {}/pki)",
+        dir.display()
+    );
 
     // 2. Firmware release, signed as the release process would.
     let fw_key_pem = std::fs::read_to_string(dir.join("pki/firmware-signing-key.pem"))?;
-    let fw_key = <p256::ecdsa::SigningKey as p256::pkcs8::DecodePrivateKey>::from_pkcs8_pem(&fw_key_pem)
-        .map_err(|e| anyhow::anyhow!("the demo firmware signing key: {e}"))?;
+    let fw_key =
+        <p256::ecdsa::SigningKey as p256::pkcs8::DecodePrivateKey>::from_pkcs8_pem(&fw_key_pem)
+            .map_err(|e| anyhow::anyhow!("the demo firmware signing key: {e}"))?;
     let payload = meter_sim::firmware::firmware_like_payload(args.firmware_kib * 1024, 0.6, 2026);
-    let version = line_protocol::image::ImageVersion { major: 1, minor: 0, revision: 0, build: 0 };
+    let version = line_protocol::image::ImageVersion {
+        major: 1,
+        minor: 0,
+        revision: 0,
+        build: 0,
+    };
     let image = meter_sim::firmware::sign_image(&payload, version, 0x200, &fw_key);
     std::fs::create_dir_all(dir.join("firmware"))?;
     let fw_path = dir.join("firmware/meter-fw-1.0.0.bin");
     std::fs::write(&fw_path, &image)?;
-    println!("  firmware: {} ({} bytes, MCUboot format, signed)", fw_path.display(), image.len());
+    println!(
+        "  firmware: {} ({} bytes, MCUboot format, signed)",
+        fw_path.display(),
+        image.len()
+    );
 
     // 3. The demo utility.
     let (utility_cert, _) = tokio::task::spawn_blocking({
@@ -293,10 +382,14 @@ pub async fn build(args: &DemoArgs) -> Result<DemoCell> {
         move || make_utility(&d)
     })
     .await??;
-    println!("  utility: {} and its key utility-key.pem", utility_cert.display());
+    println!(
+        "  utility: {} and its key utility-key.pem",
+        utility_cert.display()
+    );
 
     // 4. Emulated meters, each behind a link emulator at the chosen baud rate.
-    let root = meter_sim::load_root(&dir.join("pki/provisioning-root.pem")).map_err(anyhow::Error::msg)?;
+    let root =
+        meter_sim::load_root(&dir.join("pki/provisioning-root.pem")).map_err(anyhow::Error::msg)?;
     let meters_dir = dir.join("meters");
     let mut ports = Vec::new();
     let mut lines = Vec::new();
@@ -306,7 +399,12 @@ pub async fn build(args: &DemoArgs) -> Result<DemoCell> {
             .split_once(':')
             .and_then(|(n, f)| Some((n.parse::<usize>().ok()?, f)))
             .filter(|(n, _)| (1..=args.nests as usize).contains(n))
-            .ok_or_else(|| anyhow::anyhow!("--fault takes NEST:FAULT with a nest from 1 to {}", args.nests))?;
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--fault takes NEST:FAULT with a nest from 1 to {}",
+                    args.nests
+                )
+            })?;
         faults[n - 1].add(f).map_err(anyhow::Error::msg)?;
     }
     for n in 0..args.nests {
@@ -315,7 +413,10 @@ pub async fn build(args: &DemoArgs) -> Result<DemoCell> {
         let cfg = NestConfig {
             nest: n + 1,
             state_dir: meters_dir.clone(),
-            caps: Capabilities { model: MODEL.into(), ..Capabilities::default() },
+            caps: Capabilities {
+                model: MODEL.into(),
+                ..Capabilities::default()
+            },
             root,
             faults: faults[n as usize].clone(),
             fault_scope: FaultScope::First(1),
@@ -325,22 +426,45 @@ pub async fn build(args: &DemoArgs) -> Result<DemoCell> {
             flash_bytes_per_s: None,
         };
         tokio::spawn(meter_sim::nest::run_nest(master, cfg));
-        let meter = line_protocol::io::open(&line_protocol::io::PortAddr::parse(&meter_path)?, args.baud).await?;
+        let meter =
+            line_protocol::io::open(&line_protocol::io::PortAddr::parse(&meter_path)?, args.baud)
+                .await?;
         let (station_side, slave2, station_path) = line_protocol::io::pty_pair()?;
         lines.push(slave2);
-        let params = LinkParams { baud: args.baud, latency: Duration::from_millis(4), ..LinkParams::default() };
+        let params = LinkParams {
+            baud: args.baud,
+            latency: Duration::from_millis(4),
+            ..LinkParams::default()
+        };
         let _ = linksim::spawn(station_side, meter, params);
         ports.push(station_path);
     }
-    println!("  meters: {} emulated nests (flash in {}), lines at {} baud with 4 ms latency", args.nests, meters_dir.display(), args.baud);
+    println!(
+        "  meters: {} emulated nests (flash in {}), lines at {} baud with 4 ms latency",
+        args.nests,
+        meters_dir.display(),
+        args.baud
+    );
 
     // 5. The cell.
     let config_path = dir.join("station.toml");
     std::fs::write(&config_path, config_text(&dir, &ports, args.baud))?;
     let cfg = Config::load(&config_path)?;
-    let engine = Engine::open(cfg, OpenOptions { source: "demo".into(), nests: true }).await?;
+    let engine = Engine::open(
+        cfg,
+        OpenOptions {
+            source: "demo".into(),
+            nests: true,
+        },
+    )
+    .await?;
     match setup_cell(&engine, &dir, args, &fw_path, &utility_cert).await {
-        Ok(batch) => Ok(DemoCell { engine, dir, batch, _lines: lines }),
+        Ok(batch) => Ok(DemoCell {
+            engine,
+            dir,
+            batch,
+            _lines: lines,
+        }),
         Err(e) => {
             let _ = engine.shutdown().await;
             Err(e)
@@ -350,7 +474,13 @@ pub async fn build(args: &DemoArgs) -> Result<DemoCell> {
 
 /// `station demo`.
 pub async fn run(args: DemoArgs) -> Result<()> {
-    println!("station demo: {} meters, {} nests at {} baud, cell in {}", args.meters, args.nests, args.baud, args.out.display());
+    println!(
+        "station demo: {} meters, {} nests at {} baud, cell in {}",
+        args.meters,
+        args.nests,
+        args.baud,
+        args.out.display()
+    );
     let cell = build(&args).await?;
     let result = drive(&cell, &args).await;
     let shutdown = cell.engine.shutdown().await;
@@ -359,7 +489,13 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     Ok(())
 }
 
-async fn setup_cell(engine: &Engine, dir: &Path, args: &DemoArgs, fw_path: &Path, utility_cert: &Path) -> Result<crate::records::BatchRow> {
+async fn setup_cell(
+    engine: &Engine,
+    dir: &Path,
+    args: &DemoArgs,
+    fw_path: &Path,
+    utility_cert: &Path,
+) -> Result<crate::records::BatchRow> {
     let officer_pin = match known_pin("officer").filter(|_| args.known_pins) {
         Some(p) => Zeroizing::new(p.to_string()),
         None => random_digits(8),
@@ -367,18 +503,60 @@ async fn setup_cell(engine: &Engine, dir: &Path, args: &DemoArgs, fw_path: &Path
     write_secret(&dir.join("pins/officer.pin"), &officer_pin)?;
     engine.bootstrap_admin("officer", &officer_pin).await?;
     let officer = login(engine, dir, "officer").await?;
-    user(engine, &officer, dir, "super", Role::Supervisor, args.known_pins).await?;
-    user(engine, &officer, dir, "oper", Role::Operator, args.known_pins).await?;
-    user(engine, &officer, dir, "audit", Role::Auditor, args.known_pins).await?;
-    println!("  users: officer, super, oper, audit (PINs in {}/pins, owner-only)", dir.display());
+    user(
+        engine,
+        &officer,
+        dir,
+        "super",
+        Role::Supervisor,
+        args.known_pins,
+    )
+    .await?;
+    user(
+        engine,
+        &officer,
+        dir,
+        "oper",
+        Role::Operator,
+        args.known_pins,
+    )
+    .await?;
+    user(
+        engine,
+        &officer,
+        dir,
+        "audit",
+        Role::Auditor,
+        args.known_pins,
+    )
+    .await?;
+    println!(
+        "  users: officer, super, oper, audit (PINs in {}/pins, owner-only)",
+        dir.display()
+    );
 
     let image = std::fs::read(fw_path)?;
-    let fw = match engine.execute(&officer, Command::ImportFirmware { name: "meter-fw-1.0.0.bin".into(), image }).await? {
+    let fw = match engine
+        .execute(
+            &officer,
+            Command::ImportFirmware {
+                name: "meter-fw-1.0.0.bin".into(),
+                image,
+            },
+        )
+        .await?
+    {
         Reply::Firmware(f) => f,
         _ => bail!("firmware import answered unexpectedly"),
     };
     engine
-        .execute(&officer, Command::ImportCustomer { name: "demo-utility".into(), cert: std::fs::read(utility_cert)? })
+        .execute(
+            &officer,
+            Command::ImportCustomer {
+                name: "demo-utility".into(),
+                cert: std::fs::read(utility_cert)?,
+            },
+        )
         .await?;
     let supervisor = login(engine, dir, "super").await?;
     let quantity = i64::from(args.meters);
@@ -401,7 +579,10 @@ async fn setup_cell(engine: &Engine, dir: &Path, args: &DemoArgs, fw_path: &Path
         Reply::Batch(b) => b,
         _ => bail!("batch open answered unexpectedly"),
     };
-    println!("  batch {} opened: {} × {}, firmware {}, customer demo-utility\n", batch.work_order, quantity, MODEL, fw.version);
+    println!(
+        "  batch {} opened: {} × {}, firmware {}, customer demo-utility\n",
+        batch.work_order, quantity, MODEL, fw.version
+    );
     for s in [officer, supervisor] {
         let _ = engine.logout(&s).await;
     }
@@ -414,7 +595,9 @@ async fn drive(cell: &DemoCell, args: &DemoArgs) -> Result<()> {
     let summary = crate::run::run_line(engine, &operator, false, args.plain).await?;
     println!("\n{summary}");
     let supervisor = login(engine, dir, "super").await?;
-    engine.execute(&supervisor, Command::CloseBatch { id: cell.batch.id }).await?;
+    engine
+        .execute(&supervisor, Command::CloseBatch { id: cell.batch.id })
+        .await?;
 
     let auditor = login(engine, dir, "audit").await?;
     let verification = match engine.execute(&auditor, Command::AuditVerify).await? {
@@ -422,17 +605,33 @@ async fn drive(cell: &DemoCell, args: &DemoArgs) -> Result<()> {
         _ => bail!("audit verify answered unexpectedly"),
     };
     if !verification.ok() {
-        bail!("the audit log does not verify: {:?}", verification.first_bad);
+        bail!(
+            "the audit log does not verify: {:?}",
+            verification.first_bad
+        );
     }
-    println!("audit log verified: {} entries, {} signed checkpoints", verification.entries, verification.checkpoints);
+    println!(
+        "audit log verified: {} entries, {} signed checkpoints",
+        verification.entries, verification.checkpoints
+    );
     if !summary.batch_complete {
         bail!("the batch did not complete");
     }
     println!("\nThe cell is left in {}. Try:", dir.display());
     let c = format!("station --config {}/station.toml", dir.display());
-    println!("  {c} --user audit --pin-file {}/pins/audit.pin audit verify", dir.display());
-    println!("  {c} --user super --pin-file {}/pins/super.pin batch status {}", dir.display(), cell.batch.id);
-    println!("  {c} --user audit --pin-file {}/pins/audit.pin audit tail -n 10", dir.display());
+    println!(
+        "  {c} --user audit --pin-file {}/pins/audit.pin audit verify",
+        dir.display()
+    );
+    println!(
+        "  {c} --user super --pin-file {}/pins/super.pin batch status {}",
+        dir.display(),
+        cell.batch.id
+    );
+    println!(
+        "  {c} --user audit --pin-file {}/pins/audit.pin audit tail -n 10",
+        dir.display()
+    );
     for s in [operator, supervisor, auditor] {
         let _ = engine.logout(&s).await;
     }

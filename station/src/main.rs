@@ -26,7 +26,12 @@ use zeroize::Zeroizing;
 )]
 struct Cli {
     /// Cell configuration.
-    #[arg(long, global = true, default_value = "station.toml", env = "STATION_CONFIG")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "station.toml",
+        env = "STATION_CONFIG"
+    )]
     config: PathBuf,
     /// User to log in as.
     #[arg(long, global = true, env = "STATION_USER")]
@@ -272,7 +277,10 @@ enum AuditCmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("STATION_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("STATION_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     // SoftHSM reads its configuration once, when loaded: set it before any thread starts.
@@ -280,7 +288,10 @@ fn main() -> ExitCode {
         eprintln!("station: {e:#}");
         return ExitCode::FAILURE;
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("station: cannot start the runtime: {e}");
@@ -305,10 +316,10 @@ fn prepare_environment(cli: &Cli) -> Result<()> {
             Ok(())
         }
         _ => {
-            if let Ok(cfg) = Config::load(&cli.config) {
-                if let Some(conf) = &cfg.hsm.softhsm_conf {
-                    hsm::softhsm::use_conf(conf);
-                }
+            if let Ok(cfg) = Config::load(&cli.config)
+                && let Some(conf) = &cfg.hsm.softhsm_conf
+            {
+                hsm::softhsm::use_conf(conf);
             }
             Ok(())
         }
@@ -317,19 +328,27 @@ fn prepare_environment(cli: &Cli) -> Result<()> {
 
 fn read_pin_file(path: &Path) -> Result<Zeroizing<String>> {
     use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).with_context(|| format!("cannot read the PIN file {}", path.display()))?;
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("cannot read the PIN file {}", path.display()))?;
     if meta.permissions().mode() & 0o077 != 0 {
-        bail!("the PIN file {} can be read by others; `chmod 600` it", path.display());
+        bail!(
+            "the PIN file {} can be read by others; `chmod 600` it",
+            path.display()
+        );
     }
-    let text = Zeroizing::new(std::fs::read_to_string(path).with_context(|| format!("cannot read the PIN file {}", path.display()))?);
-    Ok(Zeroizing::new(text.trim_end_matches(['\n', '\r']).to_string()))
+    let text = Zeroizing::new(
+        std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the PIN file {}", path.display()))?,
+    );
+    Ok(Zeroizing::new(
+        text.trim_end_matches(['\n', '\r']).to_string(),
+    ))
 }
 
 fn credentials(cli: &Cli) -> Result<(String, Zeroizing<String>)> {
-    let user = cli
-        .user
-        .clone()
-        .ok_or_else(|| anyhow!("this command needs a user: pass --user NAME or set STATION_USER"))?;
+    let user = cli.user.clone().ok_or_else(|| {
+        anyhow!("this command needs a user: pass --user NAME or set STATION_USER")
+    })?;
     if let Ok(pin) = std::env::var("STATION_PIN") {
         return Ok((user, Zeroizing::new(pin)));
     }
@@ -337,7 +356,8 @@ fn credentials(cli: &Cli) -> Result<(String, Zeroizing<String>)> {
         return Ok((user, read_pin_file(f)?));
     }
     if std::io::stdin().is_terminal() {
-        let pin = rpassword::prompt_password(format!("PIN for {user}: ")).context("cannot read the PIN")?;
+        let pin = rpassword::prompt_password(format!("PIN for {user}: "))
+            .context("cannot read the PIN")?;
         return Ok((user, Zeroizing::new(pin)));
     }
     bail!("no PIN for {user}: set STATION_PIN, pass --pin-file, or run on a terminal to be asked")
@@ -360,7 +380,14 @@ fn new_pin(what: &str) -> Result<Zeroizing<String>> {
 
 async fn open(cli: &Cli, nests: bool) -> Result<Engine> {
     let cfg = Config::load(&cli.config)?;
-    Ok(Engine::open(cfg, OpenOptions { source: "cli".into(), nests }).await?)
+    Ok(Engine::open(
+        cfg,
+        OpenOptions {
+            source: "cli".into(),
+            nests,
+        },
+    )
+    .await?)
 }
 
 async fn login(cli: &Cli, engine: &Engine) -> Result<Session> {
@@ -397,16 +424,25 @@ fn print(cli: &Cli, reply: &Reply) -> Result<()> {
                 );
             }
         }
-        Reply::Firmware(f) => println!("imported firmware {} (sha256 {}, {} bytes)", f.version, f.sha256, f.size),
+        Reply::Firmware(f) => println!(
+            "imported firmware {} (sha256 {}, {} bytes)",
+            f.version, f.sha256, f.size
+        ),
         Reply::Firmwares(fs) => {
             if fs.is_empty() {
                 println!("no firmware releases");
             }
             for f in fs {
-                println!("{:>4}  {:<12} {}  {:>8} bytes  imported {} by {}", f.id, f.version, f.sha256, f.size, f.imported_at, f.imported_by);
+                println!(
+                    "{:>4}  {:<12} {}  {:>8} bytes  imported {} by {}",
+                    f.id, f.version, f.sha256, f.size, f.imported_at, f.imported_by
+                );
             }
         }
-        Reply::Customer(c) => println!("imported customer {} (certificate sha256 {})", c.name, c.fingerprint),
+        Reply::Customer(c) => println!(
+            "imported customer {} (certificate sha256 {})",
+            c.name, c.fingerprint
+        ),
         Reply::Customers(cs) => {
             if cs.is_empty() {
                 println!("no customers");
@@ -418,17 +454,29 @@ fn print(cli: &Cli, reply: &Reply) -> Result<()> {
         Reply::User(u) => println!("user {} ({})", u.name, u.role.as_str()),
         Reply::Users(us) => {
             for u in us {
-                let state = if u.disabled { "disabled" } else if u.locked_until.is_some() { "locked" } else { "active" };
+                let state = if u.disabled {
+                    "disabled"
+                } else if u.locked_until.is_some() {
+                    "locked"
+                } else {
+                    "active"
+                };
                 println!("{:<24} {:<18} {}", u.name, u.role.as_str(), state);
             }
         }
         Reply::Verification(v) => match &v.first_bad {
-            None => println!("audit log verified: {} entries, {} checkpoints, all signatures good", v.entries, v.checkpoints),
+            None => println!(
+                "audit log verified: {} entries, {} checkpoints, all signatures good",
+                v.entries, v.checkpoints
+            ),
             Some((seq, why)) => println!("AUDIT LOG FAILED VERIFICATION at entry {seq}: {why}"),
         },
         Reply::Entries(es) => {
             for e in es {
-                println!("{:>6} {} {:<8} {:<10} {:<28} {:<12} {}", e.seq, e.time, e.severity, e.source, e.kind, e.actor, e.details);
+                println!(
+                    "{:>6} {} {:<8} {:<10} {:<28} {:<12} {}",
+                    e.seq, e.time, e.severity, e.source, e.kind, e.actor, e.details
+                );
             }
         }
         Reply::AuditExport { .. } => println!("{}", serde_json::to_string_pretty(reply)?),
@@ -448,7 +496,13 @@ fn print(cli: &Cli, reply: &Reply) -> Result<()> {
 
 fn print_batch(b: &station::records::BatchRow) {
     println!("batch {} — work order {} ({})", b.id, b.work_order, b.state);
-    println!("  model {}, firmware {} ({}), customer {}", b.model, b.firmware_version, &b.firmware_sha256[..16], b.customer);
+    println!(
+        "  model {}, firmware {} ({}), customer {}",
+        b.model,
+        b.firmware_version,
+        &b.firmware_sha256[..16],
+        b.customer
+    );
     println!(
         "  {} of {} done, {} failed, {} in progress, {} remaining{}",
         b.done,
@@ -456,14 +510,23 @@ fn print_batch(b: &station::records::BatchRow) {
         b.failed,
         b.in_flight,
         b.remaining(),
-        b.yield_percent().map(|y| format!(", yield {y:.1} %")).unwrap_or_default()
+        b.yield_percent()
+            .map(|y| format!(", yield {y:.1} %"))
+            .unwrap_or_default()
     );
-    println!("  serials {}{:09}..{}{:09}, next {}", b.serial_prefix, b.serial_first, b.serial_prefix, b.serial_last, b.next_serial);
+    println!(
+        "  serials {}{:09}..{}{:09}, next {}",
+        b.serial_prefix, b.serial_first, b.serial_prefix, b.serial_last, b.next_serial
+    );
 }
 
 async fn dispatch(cli: Cli) -> Result<ExitCode> {
     let reply = match &cli.command {
-        Cmd::Demo(args) => return station::demo::run(args.clone()).await.map(|_| ExitCode::SUCCESS),
+        Cmd::Demo(args) => {
+            return station::demo::run(args.clone())
+                .await
+                .map(|_| ExitCode::SUCCESS);
+        }
         Cmd::Init { admin } => {
             let engine = open(&cli, false).await?;
             let pin = new_pin(admin)?;
@@ -475,25 +538,44 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             let cmd = match u {
                 UserCmd::Add { name, role } => {
                     let role = Role::parse(role).ok_or_else(|| anyhow!("unknown role {role:?}: operator, supervisor, security_officer or auditor"))?;
-                    Command::AddUser { name: name.clone(), role, pin: new_pin(name)? }
+                    Command::AddUser {
+                        name: name.clone(),
+                        role,
+                        pin: new_pin(name)?,
+                    }
                 }
                 UserCmd::List => Command::ListUsers,
                 UserCmd::Disable { name } => Command::DisableUser { name: name.clone() },
-                UserCmd::ResetPin { name } => Command::ResetPin { name: name.clone(), pin: new_pin(name)? },
+                UserCmd::ResetPin { name } => Command::ResetPin {
+                    name: name.clone(),
+                    pin: new_pin(name)?,
+                },
             };
             one(&cli, cmd).await?
         }
         Cmd::Pki(p) => return pki(&cli, p).await,
         Cmd::Hsm(HsmCmd::Info) => one(&cli, Command::HsmInfo).await?,
         Cmd::Firmware(FirmwareCmd::Import { image }) => {
-            let bytes = std::fs::read(image).with_context(|| format!("cannot read {}", image.display()))?;
-            let name = image.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let bytes =
+                std::fs::read(image).with_context(|| format!("cannot read {}", image.display()))?;
+            let name = image
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             one(&cli, Command::ImportFirmware { name, image: bytes }).await?
         }
         Cmd::Firmware(FirmwareCmd::List) => one(&cli, Command::ListFirmware).await?,
         Cmd::Customer(CustomerCmd::Import { name, cert }) => {
-            let bytes = std::fs::read(cert).with_context(|| format!("cannot read {}", cert.display()))?;
-            one(&cli, Command::ImportCustomer { name: name.clone(), cert: bytes }).await?
+            let bytes =
+                std::fs::read(cert).with_context(|| format!("cannot read {}", cert.display()))?;
+            one(
+                &cli,
+                Command::ImportCustomer {
+                    name: name.clone(),
+                    cert: bytes,
+                },
+            )
+            .await?
         }
         Cmd::Customer(CustomerCmd::List) => one(&cli, Command::ListCustomers).await?,
         Cmd::Batch(BatchCmd::Open(a)) => {
@@ -522,7 +604,11 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             let session = login(&cli, &engine).await?;
             let id = match id {
                 Some(id) => *id,
-                None => engine.snapshot().batch.map(|b| b.id).ok_or_else(|| anyhow!("no batch is open"))?,
+                None => engine
+                    .snapshot()
+                    .batch
+                    .map(|b| b.id)
+                    .ok_or_else(|| anyhow!("no batch is open"))?,
             };
             let r = engine.execute(&session, Command::CloseBatch { id }).await;
             let _ = engine.logout(&session).await;
@@ -531,7 +617,22 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Batch(BatchCmd::List) => one(&cli, Command::ListBatches).await?,
         Cmd::Batch(BatchCmd::Status { id }) => one(&cli, Command::BatchStatus { id: *id }).await?,
-        Cmd::Run(a) => return station::run::run(station::run::RunOptions::from_cli(&cli.config, credentials(&cli)?, a.keep_running, a.plain)).await.map(|ok| if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }),
+        Cmd::Run(a) => {
+            return station::run::run(station::run::RunOptions::from_cli(
+                &cli.config,
+                credentials(&cli)?,
+                a.keep_running,
+                a.plain,
+            ))
+            .await
+            .map(|ok| {
+                if ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            });
+        }
         Cmd::Alarm(AlarmCmd::List) => one(&cli, Command::ListAlarms).await?,
         Cmd::Alarm(AlarmCmd::Ack { id }) => one(&cli, Command::AckAlarm { id: *id }).await?,
         Cmd::Rework { uid } => one(&cli, Command::Rework { uid: uid.clone() }).await?,
@@ -548,7 +649,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             let text = serde_json::to_string_pretty(&r)?;
             match out {
                 Some(p) => {
-                    std::fs::write(p, text).with_context(|| format!("cannot write {}", p.display()))?;
+                    std::fs::write(p, text)
+                        .with_context(|| format!("cannot write {}", p.display()))?;
                     println!("audit log written to {}", p.display());
                 }
                 None => println!("{text}"),
@@ -559,19 +661,25 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             let engine = open(&cli, false).await?;
             let session = login(&cli, &engine).await?;
             let mut last = 0;
-            let r = engine.execute(&session, Command::AuditTail { n: *n }).await?;
+            let r = engine
+                .execute(&session, Command::AuditTail { n: *n })
+                .await?;
             if let Reply::Entries(es) = &r {
                 last = es.last().map(|e| e.seq).unwrap_or(0);
             }
             print(&cli, &r)?;
-            while *follow {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => break,
-                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
-                }
-                let r = engine.execute(&session, Command::AuditSince { after: last }).await?;
-                if let Reply::Entries(es) = &r {
-                    if let Some(e) = es.last() {
+            if *follow {
+                loop {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => break,
+                        _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    }
+                    let r = engine
+                        .execute(&session, Command::AuditSince { after: last })
+                        .await?;
+                    if let Reply::Entries(es) = &r
+                        && let Some(e) = es.last()
+                    {
                         last = e.seq;
                         print(&cli, &r)?;
                     }
@@ -592,54 +700,91 @@ fn role_of(name: &str) -> Result<hsm::KeyRole> {
         "manifest-signer" => hsm::KeyRole::ManifestSigner,
         "audit-signer" => hsm::KeyRole::AuditSigner,
         "station" => hsm::KeyRole::StationIdentity,
-        other => bail!("unknown role {other:?}: device-ca, manifest-signer, audit-signer or station"),
+        other => {
+            bail!("unknown role {other:?}: device-ca, manifest-signer, audit-signer or station")
+        }
     })
 }
 
 /// PKI commands. On a cell with users they need a security officer; before the first user
 /// exists (setting a cell up) they run without a login.
 async fn pki(cli: &Cli, p: &PkiCmd) -> Result<ExitCode> {
-    if let PkiCmd::InitDev { token_dir, label, out } = p {
+    if let PkiCmd::InitDev {
+        token_dir,
+        label,
+        out,
+    } = p
+    {
         let made = station::demo::init_dev_token(token_dir, label, out.as_deref()).await?;
         println!("{made}");
         return Ok(ExitCode::SUCCESS);
     }
     let cfg = Config::load(&cli.config)?;
     let bootstrap = match station::db::Db::open(&cfg.database) {
-        Ok(db) => db.with(|c| c.query_row("SELECT count(*) FROM users", [], |r| r.get::<_, i64>(0)).unwrap_or(0)) == 0,
+        Ok(db) => {
+            db.with(|c| {
+                c.query_row("SELECT count(*) FROM users", [], |r| r.get::<_, i64>(0))
+                    .unwrap_or(0)
+            }) == 0
+        }
         Err(_) => true,
     };
     if !bootstrap {
         let engine = open(cli, false).await?;
         let session = login(cli, &engine).await?;
-        engine.authorize(&session, station::auth::Action::ManagePki).await?;
+        engine
+            .authorize(&session, station::auth::Action::ManagePki)
+            .await?;
         let _ = engine.logout(&session).await;
         engine.shutdown().await?;
     }
     let hsm = station::engine::open_hsm(&cfg)?;
     match p {
-        PkiCmd::Csr { role, cn, org, curve, out } => {
+        PkiCmd::Csr {
+            role,
+            cn,
+            org,
+            curve,
+            out,
+        } => {
             let role = role_of(role)?;
             let curve = match curve.as_str() {
                 "P-256" | "p256" => hsm::Curve::P256,
                 "P-384" | "p384" => hsm::Curve::P384,
                 other => bail!("unknown curve {other:?}: P-256 or P-384"),
             };
-            let subject = hsm::pki::CsrSubject { common_name: cn.clone(), organization: org.clone(), country: None };
+            let subject = hsm::pki::CsrSubject {
+                common_name: cn.clone(),
+                organization: org.clone(),
+                country: None,
+            };
             let h = hsm.clone();
-            let outp = tokio::task::spawn_blocking(move || hsm::pki::csr(&h, role, curve, &subject)).await??;
-            std::fs::write(out, outp.pem.as_bytes()).with_context(|| format!("cannot write {}", out.display()))?;
-            println!("certificate request for {:?} written to {}", role, out.display());
+            let outp =
+                tokio::task::spawn_blocking(move || hsm::pki::csr(&h, role, curve, &subject))
+                    .await??;
+            std::fs::write(out, outp.pem.as_bytes())
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            println!(
+                "certificate request for {:?} written to {}",
+                role,
+                out.display()
+            );
         }
         PkiCmd::Import { role, cert, chain } => {
             let role = role_of(role)?;
-            let pem = std::fs::read_to_string(cert).with_context(|| format!("cannot read {}", cert.display()))?;
+            let pem = std::fs::read_to_string(cert)
+                .with_context(|| format!("cannot read {}", cert.display()))?;
             let chain: Vec<String> = chain
                 .iter()
-                .map(|c| std::fs::read_to_string(c).with_context(|| format!("cannot read {}", c.display())))
+                .map(|c| {
+                    std::fs::read_to_string(c)
+                        .with_context(|| format!("cannot read {}", c.display()))
+                })
                 .collect::<Result<_>>()?;
             let h = hsm.clone();
-            let outcome = tokio::task::spawn_blocking(move || hsm::pki::import(&h, role, &pem, &chain)).await??;
+            let outcome =
+                tokio::task::spawn_blocking(move || hsm::pki::import(&h, role, &pem, &chain))
+                    .await??;
             println!("{outcome}");
         }
         PkiCmd::InitDev { .. } => {}

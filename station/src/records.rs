@@ -106,7 +106,15 @@ impl BatchRow {
 }
 
 /// Inserts a firmware release.
-pub fn insert_firmware(conn: &Connection, sha256: &str, version: &str, image: &[u8], signer_key_hash: &str, by: &str, now: i64) -> Result<i64, DbError> {
+pub fn insert_firmware(
+    conn: &Connection,
+    sha256: &str,
+    version: &str,
+    image: &[u8],
+    signer_key_hash: &str,
+    by: &str,
+    now: i64,
+) -> Result<i64, DbError> {
     conn.execute(
         "INSERT INTO firmware (sha256, version, size, image, signer_key_hash, imported_at, imported_by) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         params![sha256, version, image.len() as i64, image, signer_key_hash, now, by],
@@ -138,21 +146,39 @@ pub fn list_firmware(conn: &Connection) -> Result<Vec<FirmwareRow>, DbError> {
 /// A firmware release by SHA-256 (or a unique prefix of it) or by version.
 pub fn find_firmware(conn: &Connection, key: &str) -> Result<Option<FirmwareRow>, DbError> {
     let all = list_firmware(conn)?;
-    let by_sha: Vec<_> = all.iter().filter(|f| f.sha256.starts_with(&key.to_lowercase()) && key.len() >= 8).collect();
+    let by_sha: Vec<_> = all
+        .iter()
+        .filter(|f| f.sha256.starts_with(&key.to_lowercase()) && key.len() >= 8)
+        .collect();
     if by_sha.len() == 1 {
         return Ok(Some(by_sha[0].clone()));
     }
     let by_version: Vec<_> = all.iter().filter(|f| f.version == key).collect();
-    Ok(if by_version.len() == 1 { Some(by_version[0].clone()) } else { None })
+    Ok(if by_version.len() == 1 {
+        Some(by_version[0].clone())
+    } else {
+        None
+    })
 }
 
 /// The image bytes of a release.
 pub fn firmware_image(conn: &Connection, id: i64) -> Result<Vec<u8>, DbError> {
-    Ok(conn.query_row("SELECT image FROM firmware WHERE id = ?1", [id], |r| r.get(0))?)
+    Ok(
+        conn.query_row("SELECT image FROM firmware WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })?,
+    )
 }
 
 /// Inserts a customer.
-pub fn insert_customer(conn: &Connection, name: &str, cert_der: &[u8], fingerprint: &str, by: &str, now: i64) -> Result<i64, DbError> {
+pub fn insert_customer(
+    conn: &Connection,
+    name: &str,
+    cert_der: &[u8],
+    fingerprint: &str,
+    by: &str,
+    now: i64,
+) -> Result<i64, DbError> {
     conn.execute(
         "INSERT INTO customers (name, cert_der, fingerprint, imported_at, imported_by) VALUES (?1, ?2, ?3, ?4, ?5)",
         params![name, cert_der, fingerprint, now, by],
@@ -162,7 +188,9 @@ pub fn insert_customer(conn: &Connection, name: &str, cert_der: &[u8], fingerpri
 
 /// Every customer.
 pub fn list_customers(conn: &Connection) -> Result<Vec<CustomerRow>, DbError> {
-    let mut stmt = conn.prepare("SELECT id, name, fingerprint, imported_at, imported_by FROM customers ORDER BY name")?;
+    let mut stmt = conn.prepare(
+        "SELECT id, name, fingerprint, imported_at, imported_by FROM customers ORDER BY name",
+    )?;
     let rows = stmt.query_map([], |r| {
         Ok(CustomerRow {
             id: r.get(0)?,
@@ -177,7 +205,11 @@ pub fn list_customers(conn: &Connection) -> Result<Vec<CustomerRow>, DbError> {
 
 /// A customer's certificate.
 pub fn customer_cert(conn: &Connection, id: i64) -> Result<Vec<u8>, DbError> {
-    Ok(conn.query_row("SELECT cert_der FROM customers WHERE id = ?1", [id], |r| r.get(0))?)
+    Ok(
+        conn.query_row("SELECT cert_der FROM customers WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })?,
+    )
 }
 
 const BATCH_SELECT: &str = "SELECT b.id, b.work_order, b.model, b.firmware_id, f.version, f.sha256, b.customer_id, c.name,
@@ -225,12 +257,20 @@ pub fn list_batches(conn: &Connection) -> Result<Vec<BatchRow>, DbError> {
 
 /// One batch.
 pub fn batch(conn: &Connection, id: i64) -> Result<Option<BatchRow>, DbError> {
-    Ok(conn.query_row(&format!("{BATCH_SELECT} WHERE b.id = ?1"), [id], batch_from).optional()?)
+    Ok(conn
+        .query_row(&format!("{BATCH_SELECT} WHERE b.id = ?1"), [id], batch_from)
+        .optional()?)
 }
 
 /// The open batch, if any (a cell runs one batch at a time).
 pub fn open_batch(conn: &Connection) -> Result<Option<BatchRow>, DbError> {
-    Ok(conn.query_row(&format!("{BATCH_SELECT} WHERE b.state = 'open' ORDER BY b.id LIMIT 1"), [], batch_from).optional()?)
+    Ok(conn
+        .query_row(
+            &format!("{BATCH_SELECT} WHERE b.state = 'open' ORDER BY b.id LIMIT 1"),
+            [],
+            batch_from,
+        )
+        .optional()?)
 }
 
 /// What a new batch is made of.
@@ -261,7 +301,12 @@ pub struct NewBatch {
 }
 
 /// Inserts a batch.
-pub fn insert_batch(tx: &Transaction<'_>, b: &NewBatch, by: &str, now: i64) -> Result<i64, DbError> {
+pub fn insert_batch(
+    tx: &Transaction<'_>,
+    b: &NewBatch,
+    by: &str,
+    now: i64,
+) -> Result<i64, DbError> {
     tx.execute(
         "INSERT INTO batches (work_order, model, firmware_id, customer_id, quantity, serial_prefix, serial_first, serial_last,
             next_serial, state, transport_key, transport_wrapped, oaep_hash, opened_at, opened_by)
@@ -325,21 +370,27 @@ fn meter_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<MeterRow> {
 
 /// Every record of a UID, oldest first.
 pub fn meters_by_uid(conn: &Connection, uid: &str) -> Result<Vec<MeterRow>, DbError> {
-    let mut stmt = conn.prepare(&format!("SELECT {METER_COLS} FROM meters WHERE uid = ?1 ORDER BY id"))?;
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {METER_COLS} FROM meters WHERE uid = ?1 ORDER BY id"
+    ))?;
     let rows = stmt.query_map([uid], meter_from)?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
 /// Every meter of a batch.
 pub fn meters_of_batch(conn: &Connection, batch: i64) -> Result<Vec<MeterRow>, DbError> {
-    let mut stmt = conn.prepare(&format!("SELECT {METER_COLS} FROM meters WHERE batch_id = ?1 ORDER BY id"))?;
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {METER_COLS} FROM meters WHERE batch_id = ?1 ORDER BY id"
+    ))?;
     let rows = stmt.query_map([batch], meter_from)?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
 /// Meters in flight (any state but done or failed).
 pub fn meters_in_flight(conn: &Connection) -> Result<Vec<MeterRow>, DbError> {
-    let mut stmt = conn.prepare(&format!("SELECT {METER_COLS} FROM meters WHERE state NOT IN ('done', 'failed') ORDER BY id"))?;
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {METER_COLS} FROM meters WHERE state NOT IN ('done', 'failed') ORDER BY id"
+    ))?;
     let rows = stmt.query_map([], meter_from)?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
@@ -388,7 +439,12 @@ pub fn certificates_of(conn: &Connection, meter_id: i64) -> Result<Vec<CertRow>,
 
 /// Fails a meter: state, reason, certificates voided, wrapped keys deleted (securely).
 /// Returns (certificates voided, keys deleted).
-pub fn fail_meter(tx: &Transaction<'_>, meter_id: i64, reason: &str, now: i64) -> Result<(usize, usize), DbError> {
+pub fn fail_meter(
+    tx: &Transaction<'_>,
+    meter_id: i64,
+    reason: &str,
+    now: i64,
+) -> Result<(usize, usize), DbError> {
     tx.execute(
         "UPDATE meters SET state = 'failed', failure = ?1, finished_at = ?2 WHERE id = ?3 AND state <> 'done'",
         params![reason, now, meter_id],

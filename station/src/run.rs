@@ -24,7 +24,12 @@ pub struct RunOptions {
 
 impl RunOptions {
     /// From the command line.
-    pub fn from_cli(config: &Path, (user, pin): (String, Zeroizing<String>), keep_running: bool, plain: bool) -> Self {
+    pub fn from_cli(
+        config: &Path,
+        (user, pin): (String, Zeroizing<String>),
+        keep_running: bool,
+        plain: bool,
+    ) -> Self {
         RunOptions {
             config: config.to_path_buf(),
             user,
@@ -58,22 +63,45 @@ pub struct Summary {
 
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "meters done: {}   failed: {}   refused: {}", self.done, self.failed, self.refused)?;
+        writeln!(
+            f,
+            "meters done: {}   failed: {}   refused: {}",
+            self.done, self.failed, self.refused
+        )?;
         if let Some(c) = self.avg_cycle_ms {
             writeln!(f, "average cycle time: {:.2} s", c as f64 / 1000.0)?;
         }
-        writeln!(f, "throughput: {:.0} meters/hour over {:.1} s", self.meters_per_hour, self.elapsed_s)?;
+        writeln!(
+            f,
+            "throughput: {:.0} meters/hour over {:.1} s",
+            self.meters_per_hour, self.elapsed_s
+        )?;
         for (reason, n) in &self.failures {
             writeln!(f, "  {n} × {reason}")?;
         }
-        write!(f, "batch {}", if self.batch_complete { "complete" } else { "not complete" })
+        write!(
+            f,
+            "batch {}",
+            if self.batch_complete {
+                "complete"
+            } else {
+                "not complete"
+            }
+        )
     }
 }
 
 /// `station run`: log in, run until the batch is complete (or Ctrl-C), print the summary.
 pub async fn run(opts: RunOptions) -> anyhow::Result<bool> {
     let cfg = Config::load(&opts.config)?;
-    let engine = Engine::open(cfg, OpenOptions { source: "cli".into(), nests: true }).await?;
+    let engine = Engine::open(
+        cfg,
+        OpenOptions {
+            source: "cli".into(),
+            nests: true,
+        },
+    )
+    .await?;
     let session = engine.login(&opts.user, &opts.pin).await?;
     let summary = run_line(&engine, &session, opts.keep_running, opts.plain).await;
     let _ = engine.logout(&session).await;
@@ -88,10 +116,10 @@ fn describe(n: &NestView) -> String {
     if let Some(serial) = &n.serial {
         s.push_str(&format!(" {serial}"));
     }
-    if n.state == NestState::Busy {
-        if let Some(step) = n.step {
-            s.push_str(&format!(" {}", step.word()));
-        }
+    if n.state == NestState::Busy
+        && let Some(step) = n.step
+    {
+        s.push_str(&format!(" {}", step.word()));
     }
     if let Some(m) = &n.message {
         s.push_str(&format!(" — {m}"));
@@ -101,13 +129,26 @@ fn describe(n: &NestView) -> String {
 
 /// Starts the line, follows it until the batch is complete (or Ctrl-C, unless `keep_running`
 /// keeps it going until Ctrl-C only), stops it cleanly and sums up.
-pub async fn run_line(engine: &Engine, session: &Session, keep_running: bool, plain: bool) -> anyhow::Result<Summary> {
+pub async fn run_line(
+    engine: &Engine,
+    session: &Session,
+    keep_running: bool,
+    plain: bool,
+) -> anyhow::Result<Summary> {
     let mut events = engine.subscribe();
-    let before = engine.snapshot().batch.map(|b| (b.done, b.failed)).unwrap_or((0, 0));
+    let before = engine
+        .snapshot()
+        .batch
+        .map(|b| (b.done, b.failed))
+        .unwrap_or((0, 0));
     engine.execute(session, Command::StartLine).await?;
     let started = Instant::now();
     let bars = !plain && std::io::stderr().is_terminal();
-    let multi = MultiProgress::with_draw_target(if bars { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
+    let multi = MultiProgress::with_draw_target(if bars {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    });
     let style = ProgressStyle::with_template("{prefix:>6} [{bar:24}] {msg}")
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> ");
@@ -195,18 +236,36 @@ pub async fn run_line(engine: &Engine, session: &Session, keep_running: bool, pl
     engine.execute(session, Command::StopLine).await?;
     // The nests finish the meters they have.
     let deadline = Instant::now() + Duration::from_secs(300);
-    while engine.snapshot().nests.iter().any(|n| n.state == NestState::Busy) && Instant::now() < deadline {
+    while engine
+        .snapshot()
+        .nests
+        .iter()
+        .any(|n| n.state == NestState::Busy)
+        && Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Whatever finished while stopping still gets its line.
     while let Ok(ev) = events.try_recv() {
-        if let Event::MeterFinished { nest, serial, ok, reason, cycle_ms, uid } = ev {
+        if let Event::MeterFinished {
+            nest,
+            serial,
+            ok,
+            reason,
+            cycle_ms,
+            uid,
+        } = ev
+        {
             if ok {
                 cycles.push(cycle_ms);
             }
             if !bars {
                 match (ok, reason) {
-                    (true, _) => println!("nest {nest}: PASS {} ({uid}) in {:.2} s", serial.unwrap_or_default(), cycle_ms as f64 / 1000.0),
+                    (true, _) => println!(
+                        "nest {nest}: PASS {} ({uid}) in {:.2} s",
+                        serial.unwrap_or_default(),
+                        cycle_ms as f64 / 1000.0
+                    ),
                     (false, r) => println!("nest {nest}: FAIL {uid}: {}", r.unwrap_or_default()),
                 }
             }
@@ -221,8 +280,13 @@ pub async fn run_line(engine: &Engine, session: &Session, keep_running: bool, pl
         summary.failed = b.failed - before.1;
     }
     summary.elapsed_s = started.elapsed().as_secs_f64();
-    summary.avg_cycle_ms = (!cycles.is_empty()).then(|| cycles.iter().sum::<u64>() / cycles.len() as u64);
-    summary.meters_per_hour = if summary.elapsed_s > 0.0 { summary.done as f64 * 3600.0 / summary.elapsed_s } else { 0.0 };
+    summary.avg_cycle_ms =
+        (!cycles.is_empty()).then(|| cycles.iter().sum::<u64>() / cycles.len() as u64);
+    summary.meters_per_hour = if summary.elapsed_s > 0.0 {
+        summary.done as f64 * 3600.0 / summary.elapsed_s
+    } else {
+        0.0
+    };
     if let Some(b) = engine.snapshot().batch {
         summary.batch_complete = b.remaining() == 0;
     }

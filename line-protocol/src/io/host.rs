@@ -16,12 +16,12 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::{Transport, system_rng};
+use crate::Violation;
 use crate::firmware::{FirmwareSender, SenderStats, TransferPlan};
 use crate::frame::FrameStats;
 use crate::host::{HostConfig, HostError, HostSession, Inbound};
 use crate::msg::{ErrorCode, HelloAck, Message, ty};
 use crate::timing::LinkTiming;
-use crate::Violation;
 
 /// Signs the channel transcript with the station identity key (the HSM implements it).
 pub trait TranscriptSigner {
@@ -237,7 +237,9 @@ impl HostLink {
         while let Some(ev) = self.inbox.pop_front() {
             match ev {
                 Inbound::Message { reference, msg, .. } => return Some(Ok((reference, msg))),
-                Inbound::ChannelLost { code, .. } => return Some(Err(LinkError::ChannelLost { code })),
+                Inbound::ChannelLost { code, .. } => {
+                    return Some(Err(LinkError::ChannelLost { code }));
+                }
                 Inbound::Violation(v) => return Some(Err(LinkError::Security(v))),
                 Inbound::Dropped(_) => {}
                 Inbound::Ignored { .. } => self.stats.ignored += 1,
@@ -248,7 +250,11 @@ impl HostLink {
     }
 
     /// Waits for the response to one of `refs` until `deadline`.
-    async fn await_response(&mut self, refs: &[u32], deadline: Instant) -> Result<Option<Message>, LinkError> {
+    async fn await_response(
+        &mut self,
+        refs: &[u32],
+        deadline: Instant,
+    ) -> Result<Option<Message>, LinkError> {
         loop {
             while let Some(ev) = self.next_event() {
                 let (reference, msg) = ev?;
@@ -298,12 +304,24 @@ impl HostLink {
             self.send(bytes).await?;
             let deadline = Instant::now() + Duration::from_millis(ms);
             // Only the latest HELLO's answer counts; the session ignores earlier ones.
-            match self.await_response(&refs[attempt as usize..], deadline).await? {
+            match self
+                .await_response(&refs[attempt as usize..], deadline)
+                .await?
+            {
                 Some(Message::HelloAck(ack)) => return Ok(ack),
                 Some(Message::Error { code, detail }) => {
-                    return Err(LinkError::Refused { what: "HELLO", code, detail });
+                    return Err(LinkError::Refused {
+                        what: "HELLO",
+                        code,
+                        detail,
+                    });
                 }
-                Some(other) => return Err(LinkError::Protocol(format!("{} in answer to HELLO", other.name()))),
+                Some(other) => {
+                    return Err(LinkError::Protocol(format!(
+                        "{} in answer to HELLO",
+                        other.name()
+                    )));
+                }
                 None => {
                     if attempt + 1 < attempts {
                         self.stats.retries += 1;
@@ -322,13 +340,20 @@ impl HostLink {
         chain: Vec<Vec<u8>>,
         signer: &impl TranscriptSigner,
     ) -> Result<[u8; 32], LinkError> {
-        let draft = self.session.prepare_open(&mut system_rng(), kt_pub, chain)?;
-        let signature = signer.sign(&draft.to_sign).await.map_err(LinkError::Signer)?;
+        let draft = self
+            .session
+            .prepare_open(&mut system_rng(), kt_pub, chain)?;
+        let signature = signer
+            .sign(&draft.to_sign)
+            .await
+            .map_err(LinkError::Signer)?;
         let seq = self.session.next_seq();
         let bytes = self.session.finish_open(signature)?;
         let size = bytes.len();
         self.send(bytes).await?;
-        let ms = self.timing.request_timeout_ms(ty::CHANNEL_OPEN, size, 64, 0);
+        let ms = self
+            .timing
+            .request_timeout_ms(ty::CHANNEL_OPEN, size, 64, 0);
         let deadline = Instant::now() + Duration::from_millis(ms);
         match self.await_response(&[seq], deadline).await? {
             Some(Message::ChannelReady { .. }) => Ok(draft.th),
@@ -337,7 +362,10 @@ impl HostLink {
                 code,
                 detail,
             }),
-            Some(other) => Err(LinkError::Protocol(format!("{} in answer to CHANNEL_OPEN", other.name()))),
+            Some(other) => Err(LinkError::Protocol(format!(
+                "{} in answer to CHANNEL_OPEN",
+                other.name()
+            ))),
             None => Err(LinkError::Timeout {
                 what: "CHANNEL_OPEN",
                 ms,
@@ -360,14 +388,19 @@ impl HostLink {
         let mut ms = 0;
         for attempt in 0..ATTEMPTS {
             let (seq, bytes) = self.session.request(msg)?;
-            ms = self
-                .timing
-                .request_timeout_ms(msg.msg_type(), bytes.len(), max_response(msg.msg_type()), size);
+            ms = self.timing.request_timeout_ms(
+                msg.msg_type(),
+                bytes.len(),
+                max_response(msg.msg_type()),
+                size,
+            );
             refs.push(seq);
             self.send(bytes).await?;
             let deadline = Instant::now() + Duration::from_millis(ms);
             match self.await_response(&refs, deadline).await? {
-                Some(Message::Error { code, detail }) => return Err(LinkError::Refused { what, code, detail }),
+                Some(Message::Error { code, detail }) => {
+                    return Err(LinkError::Refused { what, code, detail });
+                }
                 Some(rsp) => return Ok(rsp),
                 None => {
                     if attempt + 1 < ATTEMPTS {
@@ -422,7 +455,12 @@ impl HostLink {
                     rto = self.timing.rto_ms(neg.window, plan.params.max_payload);
                     tx = FirmwareSender::new(plan.clone(), resume, neg.window, rto);
                     window_mark = SenderStats::default();
-                    tracing::debug!(payload = payload / 2, lost, sent, "lossy line: shorter frames");
+                    tracing::debug!(
+                        payload = payload / 2,
+                        lost,
+                        sent,
+                        "lossy line: shorter frames"
+                    );
                 }
             }
             batch.clear();
@@ -435,17 +473,27 @@ impl HostLink {
                 self.send(bytes).await?;
             }
             let stall_ms = rto * 4;
-            let wake = tx.next_deadline().unwrap_or(now + rto).min(last_progress + stall_ms);
+            let wake = tx
+                .next_deadline()
+                .unwrap_or(now + rto)
+                .min(last_progress + stall_ms);
             let deadline = self.epoch + Duration::from_millis(wake.max(now + 1));
             let got = self.pump(deadline).await?;
             while let Some(ev) = self.next_event() {
                 match ev? {
                     (reference, Message::FwAck(ack)) => tx.on_ack(&ack, reference),
                     (_, Message::Error { code, detail }) => {
-                        return Err(LinkError::Refused { what: "FW_DATA", code, detail });
+                        return Err(LinkError::Refused {
+                            what: "FW_DATA",
+                            code,
+                            detail,
+                        });
                     }
                     (_, other) => {
-                        return Err(LinkError::Protocol(format!("{} during the firmware transfer", other.name())));
+                        return Err(LinkError::Protocol(format!(
+                            "{} during the firmware transfer",
+                            other.name()
+                        )));
                     }
                 }
             }
@@ -478,4 +526,3 @@ fn add_stats(a: SenderStats, b: SenderStats) -> SenderStats {
         timeout_retransmits: a.timeout_retransmits + b.timeout_retransmits,
     }
 }
-

@@ -9,7 +9,11 @@ use crate::meter::{MeterApp, MeterEvent, MeterSession};
 use crate::msg::ResetMode;
 
 /// Serves one meter until the transport closes or the meter is released.
-pub async fn serve_meter(mut transport: Transport, session: &mut MeterSession, app: &mut (dyn MeterApp + Send)) -> std::io::Result<()> {
+pub async fn serve_meter(
+    mut transport: Transport,
+    session: &mut MeterSession,
+    app: &mut (dyn MeterApp + Send),
+) -> std::io::Result<()> {
     let mut buf = vec![0u8; 16 * 1024];
     let mut rng = system_rng();
     loop {

@@ -37,7 +37,9 @@ pub enum PortAddr {
 
 /// A port name that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid port {given:?}: {why}; use a device path such as /dev/serial/by-path/... or tcp://host:port")]
+#[error(
+    "invalid port {given:?}: {why}; use a device path such as /dev/serial/by-path/... or tcp://host:port"
+)]
 pub struct BadPort {
     given: String,
     why: &'static str,
@@ -85,9 +87,8 @@ pub async fn open(addr: &PortAddr, baud: u32) -> io::Result<Transport> {
     match addr {
         PortAddr::Serial(path) => {
             let builder = tokio_serial::new(path, baud);
-            let stream = tokio_serial::SerialStream::open(&builder).map_err(|e| {
-                io::Error::new(io::ErrorKind::Other, format!("cannot open serial port {path}: {e}"))
-            })?;
+            let stream = tokio_serial::SerialStream::open(&builder)
+                .map_err(|e| io::Error::other(format!("cannot open serial port {path}: {e}")))?;
             Ok(Box::pin(stream))
         }
         PortAddr::Tcp(a) => {
@@ -110,10 +111,10 @@ pub fn memory_pair(buffer: usize) -> (Transport, Transport) {
 pub fn pty_pair() -> io::Result<(Transport, PtySlave, String)> {
     use tokio_serial::SerialPort;
     let (master, slave) = tokio_serial::SerialStream::pair()
-        .map_err(|e| io::Error::new(io::ErrorKind::Other, format!("cannot create a pseudo-terminal: {e}")))?;
+        .map_err(|e| io::Error::other(format!("cannot create a pseudo-terminal: {e}")))?;
     let name = slave
         .name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::Other, "pseudo-terminal has no name"))?;
+        .ok_or_else(|| io::Error::other("pseudo-terminal has no name"))?;
     Ok((Box::pin(master), slave, name))
 }
 
@@ -128,7 +129,10 @@ mod tests {
 
     #[test]
     fn port_names() {
-        assert_eq!(PortAddr::parse("tcp://10.0.0.5:4001"), Ok(PortAddr::Tcp("10.0.0.5:4001".into())));
+        assert_eq!(
+            PortAddr::parse("tcp://10.0.0.5:4001"),
+            Ok(PortAddr::Tcp("10.0.0.5:4001".into()))
+        );
         assert!(PortAddr::parse("tcp://host").is_err());
         assert!(PortAddr::parse("tcp://:80").is_err());
         assert!(PortAddr::parse("tcp://h:0").is_err());
@@ -136,7 +140,9 @@ mod tests {
         assert!(PortAddr::parse("ttyUSB0").is_err());
         assert_eq!(
             PortAddr::parse("/dev/serial/by-path/pci-0000:00:14.0-usb-0:2:1.0-port0"),
-            Ok(PortAddr::Serial("/dev/serial/by-path/pci-0000:00:14.0-usb-0:2:1.0-port0".into()))
+            Ok(PortAddr::Serial(
+                "/dev/serial/by-path/pci-0000:00:14.0-usb-0:2:1.0-port0".into()
+            ))
         );
     }
 }

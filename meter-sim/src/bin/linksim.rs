@@ -52,7 +52,9 @@ async fn endpoint(side: &str, spec: &str, keep: &mut Vec<PtySlave>) -> Result<Tr
         return Ok(master);
     }
     if let Some(addr) = spec.strip_prefix("tcp-listen://") {
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
         println!("{}", serde_json::json!({ "side": side, "listening": addr }));
         let (s, _) = listener.accept().await?;
         s.set_nodelay(true)?;
@@ -92,7 +94,9 @@ async fn main() -> Result<()> {
         _ = handle => {}
     }
     let (ab, ba, flips, drops) = counters.snapshot();
-    eprintln!("linksim: {ab} bytes a->b, {ba} bytes b->a, {flips} bits flipped, {drops} bytes dropped");
+    eprintln!(
+        "linksim: {ab} bytes a->b, {ba} bytes b->a, {flips} bits flipped, {drops} bytes dropped"
+    );
     drop(keep);
     Ok(())
 }

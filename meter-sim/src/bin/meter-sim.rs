@@ -79,7 +79,9 @@ struct Args {
 
 async fn open_port(spec: &str) -> Result<Transport> {
     if let Some(addr) = spec.strip_prefix("tcp-listen://") {
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
         println!("{}", serde_json::json!({ "listening": addr }));
         let (s, _) = listener.accept().await?;
         s.set_nodelay(true)?;
@@ -97,9 +99,17 @@ async fn main() -> Result<()> {
         .init();
     let args = Args::parse();
     if !args.ports.is_empty() && args.ports.len() != args.nests as usize && args.nests != 1 {
-        bail!("give one --port per nest ({} ports for {} nests)", args.ports.len(), args.nests);
+        bail!(
+            "give one --port per nest ({} ports for {} nests)",
+            args.ports.len(),
+            args.nests
+        );
     }
-    let nests = if args.ports.is_empty() { args.nests } else { args.ports.len() as u32 };
+    let nests = if args.ports.is_empty() {
+        args.nests
+    } else {
+        args.ports.len() as u32
+    };
     let root = meter_sim::load_root(&args.root).map_err(anyhow::Error::msg)?;
     let caps = Capabilities {
         model: args.model.clone(),
@@ -114,7 +124,11 @@ async fn main() -> Result<()> {
     let scope = if args.fault_meters == "all" {
         FaultScope::All
     } else {
-        FaultScope::First(args.fault_meters.parse().context("--fault-meters takes a number or \"all\"")?)
+        FaultScope::First(
+            args.fault_meters
+                .parse()
+                .context("--fault-meters takes a number or \"all\"")?,
+        )
     };
     let mut per_nest = vec![Faults::default(); nests as usize];
     for spec in &args.faults {
@@ -134,7 +148,8 @@ async fn main() -> Result<()> {
             }
         }
     }
-    std::fs::create_dir_all(&args.state_dir).with_context(|| format!("cannot create {}", args.state_dir.display()))?;
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("cannot create {}", args.state_dir.display()))?;
     let mut tasks = Vec::new();
     let mut keep_slaves = Vec::new();
     for k in 0..nests {

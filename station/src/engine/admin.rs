@@ -53,7 +53,13 @@ pub struct ExportOutcome {
     pub checkpoint_seq: i64,
 }
 
-fn ev(source: &str, kind: &str, sev: Severity, actor: &str, details: serde_json::Value) -> NewEvent {
+fn ev(
+    source: &str,
+    kind: &str,
+    sev: Severity,
+    actor: &str,
+    details: serde_json::Value,
+) -> NewEvent {
     NewEvent::new(source, kind, sev, actor, details)
 }
 
@@ -63,28 +69,60 @@ pub(super) async fn execute(engine: &Engine, user: &User, cmd: Command) -> Resul
     let src = inner.source.clone();
     match cmd {
         Command::StartLine => {
-            let batch = inner.db.call(|c| records::open_batch(c).map_err(Error::from)).await?;
+            let batch = inner
+                .db
+                .call(|c| records::open_batch(c).map_err(Error::from))
+                .await?;
             let Some(batch) = batch else {
-                return Err(Error::Conflict("no batch is open; a supervisor opens one with `station batch open`".into()));
+                return Err(Error::Conflict(
+                    "no batch is open; a supervisor opens one with `station batch open`".into(),
+                ));
             };
             if batch.remaining() == 0 {
-                return Err(Error::Conflict(format!("batch {} has all its meters; close it", batch.work_order)));
+                return Err(Error::Conflict(format!(
+                    "batch {} has all its meters; close it",
+                    batch.work_order
+                )));
             }
             inner
-                .record(ev(&src, "line.started", Severity::Notice, &who, serde_json::json!({"batch": batch.work_order})))
+                .record(ev(
+                    &src,
+                    "line.started",
+                    Severity::Notice,
+                    &who,
+                    serde_json::json!({"batch": batch.work_order}),
+                ))
                 .await?;
             inner.set_running(true, Some(who));
             Ok(Reply::Done)
         }
         Command::StopLine => {
-            inner.record(ev(&src, "line.stopped", Severity::Notice, &who, serde_json::json!({}))).await?;
+            inner
+                .record(ev(
+                    &src,
+                    "line.stopped",
+                    Severity::Notice,
+                    &who,
+                    serde_json::json!({}),
+                ))
+                .await?;
             inner.set_running(false, None);
             Ok(Reply::Done)
         }
         Command::EnableNest { nest, enabled } => {
             let i = nest_index(inner, nest)?;
             inner
-                .record(ev(&src, if enabled { "nest.enabled" } else { "nest.disabled" }, Severity::Info, &who, serde_json::json!({"nest": nest})))
+                .record(ev(
+                    &src,
+                    if enabled {
+                        "nest.enabled"
+                    } else {
+                        "nest.disabled"
+                    },
+                    Severity::Info,
+                    &who,
+                    serde_json::json!({"nest": nest}),
+                ))
                 .await?;
             inner.set_enabled(i, enabled);
             Ok(Reply::Done)
@@ -131,16 +169,29 @@ pub(super) async fn execute(engine: &Engine, user: &User, cmd: Command) -> Resul
                 .db
                 .call(move |c| -> Result<()> {
                     let tx = c.transaction()?;
-                    let kind: Option<String> = rusqlite::OptionalExtension::optional(tx.query_row(
-                        "SELECT kind FROM alarms WHERE id = ?1 AND acked_at IS NULL",
-                        [id],
-                        |r| r.get(0),
-                    ))?;
+                    let kind: Option<String> =
+                        rusqlite::OptionalExtension::optional(tx.query_row(
+                            "SELECT kind FROM alarms WHERE id = ?1 AND acked_at IS NULL",
+                            [id],
+                            |r| r.get(0),
+                        ))?;
                     let Some(kind) = kind else {
                         return Err(Error::NotFound(format!("no open alarm {id}")));
                     };
-                    tx.execute("UPDATE alarms SET acked_at = ?1, acked_by = ?2 WHERE id = ?3", params![now_ms(), by, id])?;
-                    a.append(&tx, &ev(&src, "alarm.acknowledged", Severity::Notice, &by, serde_json::json!({"alarm": id, "kind": kind})))?;
+                    tx.execute(
+                        "UPDATE alarms SET acked_at = ?1, acked_by = ?2 WHERE id = ?3",
+                        params![now_ms(), by, id],
+                    )?;
+                    a.append(
+                        &tx,
+                        &ev(
+                            &src,
+                            "alarm.acknowledged",
+                            Severity::Notice,
+                            &by,
+                            serde_json::json!({"alarm": id, "kind": kind}),
+                        ),
+                    )?;
                     tx.commit()?;
                     Ok(())
                 })
@@ -148,8 +199,12 @@ pub(super) async fn execute(engine: &Engine, user: &User, cmd: Command) -> Resul
             inner.emit(Event::AlarmAcked { id, by: who });
             Ok(Reply::Done)
         }
-        Command::ImportFirmware { name, image } => import_firmware(inner, &who, name, image).await.map(Reply::Firmware),
-        Command::ImportCustomer { name, cert } => import_customer(inner, &who, name, cert).await.map(Reply::Customer),
+        Command::ImportFirmware { name, image } => import_firmware(inner, &who, name, image)
+            .await
+            .map(Reply::Firmware),
+        Command::ImportCustomer { name, cert } => import_customer(inner, &who, name, cert)
+            .await
+            .map(Reply::Customer),
         Command::AddUser { name, role, pin } => {
             let a = inner.audit.clone();
             let access = inner.cfg.access;
@@ -158,7 +213,16 @@ pub(super) async fn execute(engine: &Engine, user: &User, cmd: Command) -> Resul
                 .call(move |c| -> Result<User> {
                     let tx = c.transaction()?;
                     let u = auth::add_user(&tx, &name, role, &pin, &access, now_ms())?;
-                    a.append(&tx, &ev(&src, "user.added", Severity::Notice, &who, serde_json::json!({"user": name, "role": role.as_str()})))?;
+                    a.append(
+                        &tx,
+                        &ev(
+                            &src,
+                            "user.added",
+                            Severity::Notice,
+                            &who,
+                            serde_json::json!({"user": name, "role": role.as_str()}),
+                        ),
+                    )?;
                     tx.commit()?;
                     Ok(u)
                 })
@@ -172,7 +236,16 @@ pub(super) async fn execute(engine: &Engine, user: &User, cmd: Command) -> Resul
                 .call(move |c| -> Result<()> {
                     let tx = c.transaction()?;
                     auth::disable_user(&tx, &name, now_ms())?;
-                    a.append(&tx, &ev(&src, "user.disabled", Severity::Notice, &who, serde_json::json!({"user": name})))?;
+                    a.append(
+                        &tx,
+                        &ev(
+                            &src,
+                            "user.disabled",
+                            Severity::Notice,
+                            &who,
+                            serde_json::json!({"user": name}),
+                        ),
+                    )?;
                     tx.commit()?;
                     Ok(())
                 })
@@ -187,15 +260,34 @@ pub(super) async fn execute(engine: &Engine, user: &User, cmd: Command) -> Resul
                 .call(move |c| -> Result<()> {
                     let tx = c.transaction()?;
                     auth::reset_pin(&tx, &name, &pin, &access)?;
-                    a.append(&tx, &ev(&src, "user.pin_reset", Severity::Notice, &who, serde_json::json!({"user": name})))?;
+                    a.append(
+                        &tx,
+                        &ev(
+                            &src,
+                            "user.pin_reset",
+                            Severity::Notice,
+                            &who,
+                            serde_json::json!({"user": name}),
+                        ),
+                    )?;
                     tx.commit()?;
                     Ok(())
                 })
                 .await?;
             Ok(Reply::Done)
         }
-        Command::ListUsers => Ok(Reply::Users(inner.db.call(|c| auth::list_users(c).map_err(Error::from)).await?)),
-        Command::ListBatches => Ok(Reply::Batches(inner.db.call(|c| records::list_batches(c).map_err(Error::from)).await?)),
+        Command::ListUsers => Ok(Reply::Users(
+            inner
+                .db
+                .call(|c| auth::list_users(c).map_err(Error::from))
+                .await?,
+        )),
+        Command::ListBatches => Ok(Reply::Batches(
+            inner
+                .db
+                .call(|c| records::list_batches(c).map_err(Error::from))
+                .await?,
+        )),
         Command::BatchStatus { id } => {
             let b = inner
                 .db
@@ -204,17 +296,38 @@ pub(super) async fn execute(engine: &Engine, user: &User, cmd: Command) -> Resul
                     None => records::open_batch(c).map_err(Error::from),
                 })
                 .await?;
-            b.map(Reply::Batch).ok_or_else(|| Error::NotFound(match id {
-                Some(id) => format!("no batch {id}"),
-                None => "no batch is open".into(),
-            }))
+            b.map(Reply::Batch).ok_or_else(|| {
+                Error::NotFound(match id {
+                    Some(id) => format!("no batch {id}"),
+                    None => "no batch is open".into(),
+                })
+            })
         }
-        Command::ListFirmware => Ok(Reply::Firmwares(inner.db.call(|c| records::list_firmware(c).map_err(Error::from)).await?)),
-        Command::ListCustomers => Ok(Reply::Customers(inner.db.call(|c| records::list_customers(c).map_err(Error::from)).await?)),
-        Command::ListAlarms => Ok(Reply::Alarms(inner.db.call(|c| audit::open_alarms(c).map_err(Error::from)).await?)),
+        Command::ListFirmware => Ok(Reply::Firmwares(
+            inner
+                .db
+                .call(|c| records::list_firmware(c).map_err(Error::from))
+                .await?,
+        )),
+        Command::ListCustomers => Ok(Reply::Customers(
+            inner
+                .db
+                .call(|c| records::list_customers(c).map_err(Error::from))
+                .await?,
+        )),
+        Command::ListAlarms => Ok(Reply::Alarms(
+            inner
+                .db
+                .call(|c| audit::open_alarms(c).map_err(Error::from))
+                .await?,
+        )),
         Command::AuditVerify => {
             let v = verify_audit(inner).await?;
-            let (kind, sev) = if v.ok() { ("audit.verified", Severity::Info) } else { ("audit.verification_failed", Severity::Critical) };
+            let (kind, sev) = if v.ok() {
+                ("audit.verified", Severity::Info)
+            } else {
+                ("audit.verification_failed", Severity::Critical)
+            };
             let details = serde_json::json!({
                 "entries": v.entries, "checkpoints": v.checkpoints,
                 "message": v.first_bad.as_ref().map(|(s, why)| format!("first bad entry {s}: {why}")),
@@ -223,8 +336,18 @@ pub(super) async fn execute(engine: &Engine, user: &User, cmd: Command) -> Resul
             let _ = inner.record(ev(&src, kind, sev, &who, details)).await;
             Ok(Reply::Verification(v))
         }
-        Command::AuditTail { n } => Ok(Reply::Entries(inner.db.call(move |c| audit::tail(c, n.clamp(1, 100_000)).map_err(Error::from)).await?)),
-        Command::AuditSince { after } => Ok(Reply::Entries(inner.db.call(move |c| audit::read(c, after, 10_000).map_err(Error::from)).await?)),
+        Command::AuditTail { n } => Ok(Reply::Entries(
+            inner
+                .db
+                .call(move |c| audit::tail(c, n.clamp(1, 100_000)).map_err(Error::from))
+                .await?,
+        )),
+        Command::AuditSince { after } => Ok(Reply::Entries(
+            inner
+                .db
+                .call(move |c| audit::read(c, after, 10_000).map_err(Error::from))
+                .await?,
+        )),
         Command::AuditExport => {
             let verification = verify_audit(inner).await?;
             let (entries, checkpoints) = inner
@@ -232,21 +355,36 @@ pub(super) async fn execute(engine: &Engine, user: &User, cmd: Command) -> Resul
                 .call(|c| -> Result<_> {
                     let entries = audit::read(c, 0, i64::MAX)?;
                     let mut stmt = c.prepare("SELECT note FROM audit_checkpoints ORDER BY id")?;
-                    let notes = stmt.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
+                    let notes = stmt
+                        .query_map([], |r| r.get::<_, String>(0))?
+                        .collect::<Result<Vec<_>, _>>()?;
                     Ok((entries, notes))
                 })
                 .await?;
             inner
-                .record(ev(&src, "audit.exported", Severity::Notice, &who, serde_json::json!({"entries": entries.len()})))
+                .record(ev(
+                    &src,
+                    "audit.exported",
+                    Severity::Notice,
+                    &who,
+                    serde_json::json!({"entries": entries.len()}),
+                ))
                 .await?;
-            Ok(Reply::AuditExport { entries, checkpoints, verification })
+            Ok(Reply::AuditExport {
+                entries,
+                checkpoints,
+                verification,
+            })
         }
         Command::HsmInfo => {
             let hsm = inner.hsm.clone();
             let info = tokio::task::spawn_blocking(move || hsm::pki::info(&hsm))
                 .await
                 .map_err(|e| Error::Setup(e.to_string()))??;
-            Ok(Reply::Text(format!("{info}\n\nKey policy:\n{}", hsm::pki::policy_table())))
+            Ok(Reply::Text(format!(
+                "{info}\n\nKey policy:\n{}",
+                hsm::pki::policy_table()
+            )))
         }
     }
 }
@@ -254,7 +392,9 @@ pub(super) async fn execute(engine: &Engine, user: &User, cmd: Command) -> Resul
 fn nest_index(inner: &Inner, nest: u32) -> Result<usize> {
     let n = inner.cfg.nests.len() as u32;
     if nest == 0 || nest > n {
-        return Err(Error::Invalid(format!("nest {nest} does not exist; this cell has nests 1 to {n}")));
+        return Err(Error::Invalid(format!(
+            "nest {nest} does not exist; this cell has nests 1 to {n}"
+        )));
     }
     Ok(nest as usize - 1)
 }
@@ -262,10 +402,18 @@ fn nest_index(inner: &Inner, nest: u32) -> Result<usize> {
 /// Verifies the audit log with the audit key of the token.
 pub(super) async fn verify_audit(inner: &Arc<Inner>) -> Result<audit::Verification> {
     let key = inner.keys.audit_verifying_key()?;
-    inner.db.call(move |c| audit::verify(c, &key).map_err(Error::from)).await
+    inner
+        .db
+        .call(move |c| audit::verify(c, &key).map_err(Error::from))
+        .await
 }
 
-async fn import_firmware(inner: &Arc<Inner>, who: &str, name: String, image: Vec<u8>) -> Result<records::FirmwareRow> {
+async fn import_firmware(
+    inner: &Arc<Inner>,
+    who: &str,
+    name: String,
+    image: Vec<u8>,
+) -> Result<records::FirmwareRow> {
     let src = inner.source.clone();
     let sha = hex::encode(line_protocol::crypto::sha256(&image));
     match line_protocol::image::verify(&image, &inner.keys.firmware_key) {
@@ -304,8 +452,13 @@ async fn import_firmware(inner: &Arc<Inner>, who: &str, name: String, image: Vec
                     Ok(id)
                 })
                 .await?;
-            let all = inner.db.call(|c| records::list_firmware(c).map_err(Error::from)).await?;
-            all.into_iter().find(|f| f.id == id).ok_or_else(|| Error::NotFound("firmware just imported".into()))
+            let all = inner
+                .db
+                .call(|c| records::list_firmware(c).map_err(Error::from))
+                .await?;
+            all.into_iter()
+                .find(|f| f.id == id)
+                .ok_or_else(|| Error::NotFound("firmware just imported".into()))
         }
     }
 }
@@ -314,12 +467,30 @@ fn customer_label(name: &str) -> String {
     format!("customer-transport/{name}")
 }
 
-async fn import_customer(inner: &Arc<Inner>, who: &str, name: String, cert: Vec<u8>) -> Result<records::CustomerRow> {
-    if name.is_empty() || name.len() > 24 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-        return Err(Error::Invalid("customer names are 1 to 24 letters, digits, '-', '_' or '.'".into()));
+async fn import_customer(
+    inner: &Arc<Inner>,
+    who: &str,
+    name: String,
+    cert: Vec<u8>,
+) -> Result<records::CustomerRow> {
+    if name.is_empty()
+        || name.len() > 24
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(Error::Invalid(
+            "customer names are 1 to 24 letters, digits, '-', '_' or '.'".into(),
+        ));
     }
-    let (parsed, der) = super::keys::parse_cert(&cert).map_err(|e| Error::Invalid(format!("the customer certificate: {e}")))?;
-    let alg = parsed.tbs_certificate().subject_public_key_info().algorithm.oid.to_string();
+    let (parsed, der) = super::keys::parse_cert(&cert)
+        .map_err(|e| Error::Invalid(format!("the customer certificate: {e}")))?;
+    let alg = parsed
+        .tbs_certificate()
+        .subject_public_key_info()
+        .algorithm
+        .oid
+        .to_string();
     if alg != "1.2.840.113549.1.1.1" {
         return Err(Error::Invalid(format!(
             "the customer certificate must carry an RSA key (the batch transport key is wrapped to it with RSA-OAEP); it has {alg}"
@@ -332,7 +503,11 @@ async fn import_customer(inner: &Arc<Inner>, who: &str, name: String, cert: Vec<
     let key = hsm
         .run(move |s| s.import_customer_transport_key(&l2, &d2))
         .await
-        .map_err(|e| Error::Invalid(format!("the customer certificate could not be imported into the HSM: {e}")))?;
+        .map_err(|e| {
+            Error::Invalid(format!(
+                "the customer certificate could not be imported into the HSM: {e}"
+            ))
+        })?;
     let a = inner.audit.clone();
     let src = inner.source.clone();
     let who = who.to_string();
@@ -342,10 +517,21 @@ async fn import_customer(inner: &Arc<Inner>, who: &str, name: String, cert: Vec<
         .call(move |c| -> Result<()> {
             let tx = c.transaction()?;
             records::insert_customer(&tx, &n2, &der, &fp, &who, now_ms()).map_err(|e| match e {
-                crate::db::DbError::Constraint(_) => Error::Conflict(format!("a customer named {n2} or with this certificate already exists")),
+                crate::db::DbError::Constraint(_) => Error::Conflict(format!(
+                    "a customer named {n2} or with this certificate already exists"
+                )),
                 other => other.into(),
             })?;
-            a.append(&tx, &ev(&src, "customer.imported", Severity::Notice, &who, serde_json::json!({"customer": n2, "fingerprint": fp, "hsm_label": label})))?;
+            a.append(
+                &tx,
+                &ev(
+                    &src,
+                    "customer.imported",
+                    Severity::Notice,
+                    &who,
+                    serde_json::json!({"customer": n2, "fingerprint": fp, "hsm_label": label}),
+                ),
+            )?;
             tx.commit()?;
             Ok(())
         })
@@ -354,23 +540,45 @@ async fn import_customer(inner: &Arc<Inner>, who: &str, name: String, cert: Vec<
         let _ = hsm.run(move |s| s.destroy(&key)).await;
         return Err(e);
     }
-    let all = inner.db.call(|c| records::list_customers(c).map_err(Error::from)).await?;
-    all.into_iter().find(|c| c.name == name).ok_or_else(|| Error::NotFound("customer just imported".into()))
+    let all = inner
+        .db
+        .call(|c| records::list_customers(c).map_err(Error::from))
+        .await?;
+    all.into_iter()
+        .find(|c| c.name == name)
+        .ok_or_else(|| Error::NotFound("customer just imported".into()))
 }
 
 async fn open_batch(inner: &Arc<Inner>, who: &str, spec: BatchSpec) -> Result<records::BatchRow> {
-    if spec.work_order.trim().is_empty() || spec.work_order.len() > 32 || !spec.work_order.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c)) {
-        return Err(Error::Invalid("work orders are 1 to 32 letters, digits, '-', '_', '.' or '/'".into()));
+    if spec.work_order.trim().is_empty()
+        || spec.work_order.len() > 32
+        || !spec
+            .work_order
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+    {
+        return Err(Error::Invalid(
+            "work orders are 1 to 32 letters, digits, '-', '_', '.' or '/'".into(),
+        ));
     }
     if inner.cfg.model(&spec.model).is_none() {
         let known: Vec<_> = inner.cfg.models.iter().map(|m| m.name.as_str()).collect();
-        return Err(Error::Invalid(format!("model {} is not configured; configured models: {}", spec.model, known.join(", "))));
+        return Err(Error::Invalid(format!(
+            "model {} is not configured; configured models: {}",
+            spec.model,
+            known.join(", ")
+        )));
     }
     if spec.quantity < 1 {
         return Err(Error::Invalid("the quantity must be at least 1".into()));
     }
-    if spec.serial_first < 0 || spec.serial_last > 999_999_999 || spec.serial_first > spec.serial_last {
-        return Err(Error::Invalid("serial numbers are 0 to 999999999, first no greater than last".into()));
+    if spec.serial_first < 0
+        || spec.serial_last > 999_999_999
+        || spec.serial_first > spec.serial_last
+    {
+        return Err(Error::Invalid(
+            "serial numbers are 0 to 999999999, first no greater than last".into(),
+        ));
     }
     if spec.serial_last - spec.serial_first + 1 < spec.quantity {
         return Err(Error::Invalid(format!(
@@ -379,50 +587,89 @@ async fn open_batch(inner: &Arc<Inner>, who: &str, spec: BatchSpec) -> Result<re
             spec.quantity
         )));
     }
-    if spec.serial_prefix.len() > 16 || !spec.serial_prefix.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-        return Err(Error::Invalid("serial prefixes are up to 16 letters, digits or '-'".into()));
+    if spec.serial_prefix.len() > 16
+        || !spec
+            .serial_prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-')
+    {
+        return Err(Error::Invalid(
+            "serial prefixes are up to 16 letters, digits or '-'".into(),
+        ));
     }
     let s2 = spec.clone();
     let (firmware, customer) = inner
         .db
-        .call(move |c| -> Result<(records::FirmwareRow, records::CustomerRow)> {
-            if let Some(open) = records::open_batch(c)? {
-                return Err(Error::Conflict(format!("batch {} is still open; close it first (a cell runs one batch at a time)", open.work_order)));
-            }
-            for b in records::list_batches(c)? {
-                if b.work_order == s2.work_order {
-                    return Err(Error::Conflict(format!("work order {} already has a batch", s2.work_order)));
-                }
-                if b.serial_prefix == s2.serial_prefix && b.serial_first <= s2.serial_last && s2.serial_first <= b.serial_last {
+        .call(
+            move |c| -> Result<(records::FirmwareRow, records::CustomerRow)> {
+                if let Some(open) = records::open_batch(c)? {
                     return Err(Error::Conflict(format!(
-                        "serials {}{}..{} overlap batch {} ({}..{})",
-                        s2.serial_prefix, s2.serial_first, s2.serial_last, b.work_order, b.serial_first, b.serial_last
+                        "batch {} is still open; close it first (a cell runs one batch at a time)",
+                        open.work_order
                     )));
                 }
-            }
-            let fw = records::find_firmware(c, &s2.firmware)?
-                .ok_or_else(|| Error::NotFound(format!("no firmware release {}; list them with `station firmware list`", s2.firmware)))?;
-            let cust = records::list_customers(c)?
-                .into_iter()
-                .find(|x| x.name == s2.customer)
-                .ok_or_else(|| Error::NotFound(format!("no customer {}; import its certificate with `station customer import`", s2.customer)))?;
-            Ok((fw, cust))
-        })
+                for b in records::list_batches(c)? {
+                    if b.work_order == s2.work_order {
+                        return Err(Error::Conflict(format!(
+                            "work order {} already has a batch",
+                            s2.work_order
+                        )));
+                    }
+                    if b.serial_prefix == s2.serial_prefix
+                        && b.serial_first <= s2.serial_last
+                        && s2.serial_first <= b.serial_last
+                    {
+                        return Err(Error::Conflict(format!(
+                            "serials {}{}..{} overlap batch {} ({}..{})",
+                            s2.serial_prefix,
+                            s2.serial_first,
+                            s2.serial_last,
+                            b.work_order,
+                            b.serial_first,
+                            b.serial_last
+                        )));
+                    }
+                }
+                let fw = records::find_firmware(c, &s2.firmware)?.ok_or_else(|| {
+                    Error::NotFound(format!(
+                        "no firmware release {}; list them with `station firmware list`",
+                        s2.firmware
+                    ))
+                })?;
+                let cust = records::list_customers(c)?
+                    .into_iter()
+                    .find(|x| x.name == s2.customer)
+                    .ok_or_else(|| {
+                        Error::NotFound(format!(
+                            "no customer {}; import its certificate with `station customer import`",
+                            s2.customer
+                        ))
+                    })?;
+                Ok((fw, cust))
+            },
+        )
         .await?;
     // The batch transport key: AES-256 in the HSM, wrapped for the customer with RSA-OAEP.
     let tk_label = format!("batch-transport/{}", spec.work_order);
     let cust_label = customer_label(&customer.name);
     let cust_id = customer.id;
-    let cert = inner.db.call(move |c| records::customer_cert(c, cust_id).map_err(Error::from)).await?;
+    let cert = inner
+        .db
+        .call(move |c| records::customer_cert(c, cust_id).map_err(Error::from))
+        .await?;
     let hsm = inner.hsm.clone();
     let (l1, l2) = (tk_label.clone(), cust_label.clone());
     let made = hsm
         .run(move |s| {
-            let tk = s.generate_aes_key(KeyRole::BatchTransport, hsm::AesKeySize::Aes256, Some(&l1))?;
+            let tk =
+                s.generate_aes_key(KeyRole::BatchTransport, hsm::AesKeySize::Aes256, Some(&l1))?;
             let wrapped = (|| {
                 let ck = match s.find_key(hsm::KeyKind::RsaPublic, &l2)? {
                     Some(k) => k,
-                    None => s.import_customer_transport_key(l2.trim_start_matches("customer-transport/"), &cert)?,
+                    None => s.import_customer_transport_key(
+                        l2.trim_start_matches("customer-transport/"),
+                        &cert,
+                    )?,
                 };
                 s.wrap(&ck, &tk, hsm::WrapAlg::RsaOaep)
             })();
@@ -481,7 +728,11 @@ async fn open_batch(inner: &Arc<Inner>, who: &str, spec: BatchSpec) -> Result<re
             return Err(e);
         }
     };
-    let b = inner.db.call(move |c| records::batch(c, id).map_err(Error::from)).await?.ok_or_else(|| Error::NotFound("batch just opened".into()))?;
+    let b = inner
+        .db
+        .call(move |c| records::batch(c, id).map_err(Error::from))
+        .await?
+        .ok_or_else(|| Error::NotFound("batch just opened".into()))?;
     inner.emit(Event::Batch(Some(b.clone())));
     inner.bump();
     Ok(b)
@@ -489,7 +740,9 @@ async fn open_batch(inner: &Arc<Inner>, who: &str, spec: BatchSpec) -> Result<re
 
 async fn close_batch(inner: &Arc<Inner>, who: &str, id: i64) -> Result<records::BatchRow> {
     if inner.running().0 {
-        return Err(Error::Conflict("stop the line before closing the batch".into()));
+        return Err(Error::Conflict(
+            "stop the line before closing the batch".into(),
+        ));
     }
     let a = inner.audit.clone();
     let src = inner.source.clone();
@@ -516,6 +769,31 @@ async fn close_batch(inner: &Arc<Inner>, who: &str, id: i64) -> Result<records::
             Ok(records::batch(c, id)?.unwrap_or(b))
         })
         .await?;
+    // Every meter key of the batch is wrapped under the transport key already: the key itself
+    // is no longer needed in the HSM.
+    let label = b.transport_key.clone();
+    let destroyed = inner
+        .hsm
+        .run(move |s| match s.find_key(hsm::KeyKind::Aes(32), &label)? {
+            Some(k) => s.destroy(&k).map(|_| true),
+            None => Ok(false),
+        })
+        .await;
+    let details = match &destroyed {
+        Ok(d) => serde_json::json!({"key": b.transport_key, "destroyed": d, "batch": b.work_order}),
+        Err(e) => {
+            serde_json::json!({"key": b.transport_key, "destroyed": false, "message": e.to_string()})
+        }
+    };
+    let _ = inner
+        .record(ev(
+            &inner.source,
+            "key.destroyed",
+            Severity::Notice,
+            &b.closed_by.clone().unwrap_or_default(),
+            details,
+        ))
+        .await;
     inner.emit(Event::Batch(None));
     Ok(b)
 }

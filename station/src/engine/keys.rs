@@ -71,21 +71,40 @@ impl CellKeys {
                 let manifest = s.find_ec_keypair("manifest-signer");
                 let manifest_cert = s.find_certificate("manifest-signer")?;
                 let root = s.find_certificate("manufacturer-root")?;
-                Ok((ca, station, station_cert, audit, audit_cert, fw, manifest, manifest_cert, root))
+                Ok((
+                    ca,
+                    station,
+                    station_cert,
+                    audit,
+                    audit_cert,
+                    fw,
+                    manifest,
+                    manifest_cert,
+                    root,
+                ))
             })
             .await?;
-        let (ca, station, station_cert, audit, audit_cert, fw, manifest, manifest_cert, root) = found;
+        let (ca, station, station_cert, audit, audit_cert, fw, manifest, manifest_cert, root) =
+            found;
         let device_ca = ca.map_err(|_| missing("device CA (label device-ca)"))?;
         let station = station.map_err(|_| missing("station identity key (label station)"))?;
         let station_cert = station_cert.ok_or_else(|| missing("station certificate"))?;
         let audit = audit.map_err(|_| missing("audit signer key (label audit-signer)"))?;
         let audit_cert = audit_cert.ok_or_else(|| missing("audit signer certificate"))?;
-        let firmware_cert = fw.ok_or_else(|| missing("firmware verification certificate (label firmware-verification)"))?;
-        let manifest = manifest.map_err(|_| missing("manifest signer key (label manifest-signer)"))?;
+        let firmware_cert = fw.ok_or_else(|| {
+            missing("firmware verification certificate (label firmware-verification)")
+        })?;
+        let manifest =
+            manifest.map_err(|_| missing("manifest signer key (label manifest-signer)"))?;
         let manifest_cert = manifest_cert.ok_or_else(|| missing("manifest signer certificate"))?;
-        let fw_parsed = Certificate::from_der(&firmware_cert).map_err(|e| Error::Setup(format!("the firmware verification certificate does not parse: {e}")))?;
-        let firmware_key = line_protocol::chain::p256_key(&fw_parsed)
-            .ok_or_else(|| Error::Setup("the firmware verification certificate is not a P-256 key".into()))?;
+        let fw_parsed = Certificate::from_der(&firmware_cert).map_err(|e| {
+            Error::Setup(format!(
+                "the firmware verification certificate does not parse: {e}"
+            ))
+        })?;
+        let firmware_key = line_protocol::chain::p256_key(&fw_parsed).ok_or_else(|| {
+            Error::Setup("the firmware verification certificate is not a P-256 key".into())
+        })?;
         Ok(CellKeys {
             device_ca,
             station,
@@ -135,7 +154,9 @@ pub struct HsmAuditSigner {
 impl AuditSigner for HsmAuditSigner {
     fn sign(&self, msg: &[u8]) -> std::result::Result<Vec<u8>, String> {
         // Called inside a journal transaction on a blocking thread: the synchronous pool is right.
-        self.hsm.with_session(|s| s.sign(&self.key.private, msg)).map_err(|e| e.to_string())
+        self.hsm
+            .with_session(|s| s.sign(&self.key.private, msg))
+            .map_err(|e| e.to_string())
     }
 
     fn spki_der(&self) -> Vec<u8> {
@@ -154,7 +175,10 @@ impl TranscriptSigner for StationSigner {
     async fn sign(&self, message: &[u8]) -> std::result::Result<Vec<u8>, String> {
         let key = Arc::clone(&self.key);
         let msg = message.to_vec();
-        self.hsm.run(move |s| s.sign(&key.private, &msg)).await.map_err(|e| e.to_string())
+        self.hsm
+            .run(move |s| s.sign(&key.private, &msg))
+            .await
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -163,7 +187,8 @@ pub fn parse_cert(bytes: &[u8]) -> std::result::Result<(Certificate, Vec<u8>), S
     if let Ok(c) = Certificate::from_der(bytes) {
         return Ok((c, bytes.to_vec()));
     }
-    let c = Certificate::from_pem(bytes).map_err(|_| "not an X.509 certificate (PEM or DER)".to_string())?;
+    let c = Certificate::from_pem(bytes)
+        .map_err(|_| "not an X.509 certificate (PEM or DER)".to_string())?;
     let der = der::Encode::to_der(&c).map_err(|e| e.to_string())?;
     Ok((c, der))
 }

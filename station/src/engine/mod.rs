@@ -220,6 +220,8 @@ pub struct LineView {
 }
 
 /// What the engine tells its front ends.
+// A few hundred events a second at most: boxing the batch row would save nothing that matters.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub enum Event {
     /// A nest changed.
@@ -376,10 +378,15 @@ impl Command {
             Command::AckAlarm { .. } => Action::AckAlarm,
             Command::ImportFirmware { .. } => Action::ImportFirmware,
             Command::ImportCustomer { .. } => Action::ImportCustomer,
-            Command::AddUser { .. } | Command::DisableUser { .. } | Command::ResetPin { .. } | Command::ListUsers => Action::ManageUsers,
-            Command::ListBatches | Command::BatchStatus { .. } | Command::ListFirmware | Command::ListCustomers | Command::ListAlarms => {
-                Action::ViewLine
-            }
+            Command::AddUser { .. }
+            | Command::DisableUser { .. }
+            | Command::ResetPin { .. }
+            | Command::ListUsers => Action::ManageUsers,
+            Command::ListBatches
+            | Command::BatchStatus { .. }
+            | Command::ListFirmware
+            | Command::ListCustomers
+            | Command::ListAlarms => Action::ViewLine,
             Command::AuditVerify => Action::VerifyAudit,
             Command::AuditTail { .. } | Command::AuditSince { .. } => Action::ViewAudit,
             Command::AuditExport => Action::ExportAudit,
@@ -417,6 +424,8 @@ impl Command {
 }
 
 /// What a command returns.
+// One reply per command: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Serialize)]
 #[non_exhaustive]
 pub enum Reply {
@@ -500,7 +509,9 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("station", &self.inner.cfg.station_id).finish_non_exhaustive()
+        f.debug_struct("Engine")
+            .field("station", &self.inner.cfg.station_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -517,7 +528,12 @@ impl Engine {
         let db = Db::open(&cfg.database)?;
         let hsm = open_hsm(&cfg)?;
         let keys = CellKeys::load(&hsm).await?;
-        let audit = Audit::new(Arc::new(keys.audit_signer(&hsm)), &cfg.station_id, cfg.audit.checkpoint_interval, cfg.audit.critical.clone());
+        let audit = Audit::new(
+            Arc::new(keys.audit_signer(&hsm)),
+            &cfg.station_id,
+            cfg.audit.checkpoint_interval,
+            cfg.audit.critical.clone(),
+        );
         let (events, _) = broadcast::channel(4096);
         let nests = cfg
             .nests
@@ -629,29 +645,55 @@ impl Engine {
         let audit = inner.audit.clone();
         let outcome = inner
             .db
-            .call(move |c| -> Result<(LoginOutcome, Option<SessionToken>, Option<i64>)> {
-                let now = now_ms();
-                let tx = c.transaction()?;
-                let outcome = auth::login(&tx, &name, &pin, &access, now)?;
-                let (token, alarm) = match &outcome {
-                    LoginOutcome::Success(u) => {
-                        let t = auth::start_session(&tx, u, now)?;
-                        audit.append(&tx, &NewEvent::new(&source, "auth.success", Severity::Info, &u.name, serde_json::json!({"role": u.role.as_str()})))?;
-                        (Some(t), None)
-                    }
-                    LoginOutcome::Refused { error, locked_now } => {
-                        let (kind, sev) = if *locked_now { ("auth.lockout", Severity::Critical) } else { ("auth.failure", Severity::Warning) };
-                        let message = match error {
-                            AuthError::BadCredentials { .. } => format!("wrong PIN or unknown user for {name:?}"),
-                            other => other.to_string(),
-                        };
-                        let a = audit.append(&tx, &NewEvent::new(&source, kind, sev, &name, serde_json::json!({"message": message})))?;
-                        (None, a.alarm)
-                    }
-                };
-                tx.commit()?;
-                Ok((outcome, token, alarm))
-            })
+            .call(
+                move |c| -> Result<(LoginOutcome, Option<SessionToken>, Option<i64>)> {
+                    let now = now_ms();
+                    let tx = c.transaction()?;
+                    let outcome = auth::login(&tx, &name, &pin, &access, now)?;
+                    let (token, alarm) = match &outcome {
+                        LoginOutcome::Success(u) => {
+                            let t = auth::start_session(&tx, u, now)?;
+                            audit.append(
+                                &tx,
+                                &NewEvent::new(
+                                    &source,
+                                    "auth.success",
+                                    Severity::Info,
+                                    &u.name,
+                                    serde_json::json!({"role": u.role.as_str()}),
+                                ),
+                            )?;
+                            (Some(t), None)
+                        }
+                        LoginOutcome::Refused { error, locked_now } => {
+                            let (kind, sev) = if *locked_now {
+                                ("auth.lockout", Severity::Critical)
+                            } else {
+                                ("auth.failure", Severity::Warning)
+                            };
+                            let message = match error {
+                                AuthError::BadCredentials { .. } => {
+                                    format!("wrong PIN or unknown user for {name:?}")
+                                }
+                                other => other.to_string(),
+                            };
+                            let a = audit.append(
+                                &tx,
+                                &NewEvent::new(
+                                    &source,
+                                    kind,
+                                    sev,
+                                    &name,
+                                    serde_json::json!({"message": message}),
+                                ),
+                            )?;
+                            (None, a.alarm)
+                        }
+                    };
+                    tx.commit()?;
+                    Ok((outcome, token, alarm))
+                },
+            )
             .await?;
         match outcome {
             (LoginOutcome::Success(u), Some(token), _) => Ok(Session {
@@ -696,7 +738,9 @@ impl Engine {
     pub async fn has_users(&self) -> Result<bool> {
         self.inner
             .db
-            .call(|c| -> Result<bool> { Ok(c.query_row("SELECT count(*) FROM users", [], |r| r.get::<_, i64>(0))? > 0) })
+            .call(|c| -> Result<bool> {
+                Ok(c.query_row("SELECT count(*) FROM users", [], |r| r.get::<_, i64>(0))? > 0)
+            })
             .await
     }
 
@@ -712,7 +756,16 @@ impl Engine {
             .call(move |c| -> Result<()> {
                 let tx = c.transaction()?;
                 auth::end_session(&tx, &token, now_ms())?;
-                audit.append(&tx, &NewEvent::new(&source, "auth.logout", Severity::Info, &user, serde_json::json!({})))?;
+                audit.append(
+                    &tx,
+                    &NewEvent::new(
+                        &source,
+                        "auth.logout",
+                        Severity::Info,
+                        &user,
+                        serde_json::json!({}),
+                    ),
+                )?;
                 tx.commit()?;
                 Ok(())
             })
@@ -743,9 +796,22 @@ impl Engine {
                 };
                 let mut alarm = None;
                 if let Err(e) = &r {
-                    let kind = if matches!(e, AuthError::Expired) { "auth.session_expired" } else { "auth.forbidden" };
+                    let kind = if matches!(e, AuthError::Expired) {
+                        "auth.session_expired"
+                    } else {
+                        "auth.forbidden"
+                    };
                     alarm = audit
-                        .append(&tx, &NewEvent::new(&source, kind, Severity::Warning, &who, serde_json::json!({"action": action, "message": e.to_string()})))?
+                        .append(
+                            &tx,
+                            &NewEvent::new(
+                                &source,
+                                kind,
+                                Severity::Warning,
+                                &who,
+                                serde_json::json!({"action": action, "message": e.to_string()}),
+                            ),
+                        )?
                         .alarm;
                 }
                 tx.commit()?;
@@ -790,7 +856,16 @@ impl Engine {
             .db
             .call(move |c| -> Result<()> {
                 let tx = c.transaction()?;
-                audit.append(&tx, &NewEvent::new(&source, "station.stop", Severity::Notice, "system", serde_json::json!({})))?;
+                audit.append(
+                    &tx,
+                    &NewEvent::new(
+                        &source,
+                        "station.stop",
+                        Severity::Notice,
+                        "system",
+                        serde_json::json!({}),
+                    ),
+                )?;
                 audit.checkpoint(&tx, "shutdown")?;
                 tx.commit()?;
                 Ok(())
@@ -803,10 +878,11 @@ impl Engine {
         let mut events = self.subscribe();
         tokio::pin!(stop);
         loop {
-            if let Some(b) = self.snapshot().batch {
-                if b.remaining() == 0 && b.in_flight == 0 {
-                    return true;
-                }
+            if let Some(b) = self.snapshot().batch
+                && b.remaining() == 0
+                && b.in_flight == 0
+            {
+                return true;
             }
             if !self.snapshot().running {
                 return false;
@@ -859,7 +935,11 @@ impl Inner {
     }
 
     pub(crate) async fn publish_alarm(self: &Arc<Self>, id: i64) {
-        let alarms = self.db.call(|c| audit::open_alarms(c).map_err(Error::from)).await.unwrap_or_default();
+        let alarms = self
+            .db
+            .call(|c| audit::open_alarms(c).map_err(Error::from))
+            .await
+            .unwrap_or_default();
         if let Some(a) = alarms.into_iter().find(|a| a.id == id) {
             let _ = self.events.send(Event::Alarm(a));
         }
@@ -959,7 +1039,8 @@ impl Inner {
         let batch = self.db.with(|c| records::open_batch(c).ok().flatten());
         let alarms = self.db.with(|c| audit::open_alarms(c).unwrap_or_default());
         let st = lock(&self.state);
-        let avg = (!st.cycles.is_empty()).then(|| st.cycles.iter().sum::<u64>() / st.cycles.len() as u64);
+        let avg =
+            (!st.cycles.is_empty()).then(|| st.cycles.iter().sum::<u64>() / st.cycles.len() as u64);
         LineView {
             station: self.cfg.station_id.clone(),
             running: st.running,
@@ -975,12 +1056,22 @@ impl Inner {
 
     /// Publishes the open batch's counts.
     pub(crate) async fn publish_batch(self: &Arc<Self>) {
-        let b = self.db.call(|c| records::open_batch(c).map_err(Error::from)).await.ok().flatten();
+        let b = self
+            .db
+            .call(|c| records::open_batch(c).map_err(Error::from))
+            .await
+            .ok()
+            .flatten();
         self.emit(Event::Batch(b));
     }
 
     /// The transfer plan of an image for negotiated parameters, computed once.
-    pub(crate) fn plan(&self, sha: &str, image: impl FnOnce() -> Result<Vec<u8>>, params: PlanParams) -> Result<Arc<TransferPlan>> {
+    pub(crate) fn plan(
+        &self,
+        sha: &str,
+        image: impl FnOnce() -> Result<Vec<u8>>,
+        params: PlanParams,
+    ) -> Result<Arc<TransferPlan>> {
         let key = (sha.to_string(), params);
         if let Some(p) = lock(&self.plans).get(&key) {
             return Ok(Arc::clone(p));
@@ -989,7 +1080,6 @@ impl Inner {
         lock(&self.plans).insert(key, Arc::clone(&plan));
         Ok(plan)
     }
-
 }
 
 /// Health checks and clock-change detection, every few seconds.
@@ -1005,7 +1095,9 @@ async fn watchdog(inner: Arc<Inner>) {
         let hsm_ok = inner.hsm.run(|s| s.random(1).map(|_| ())).await.is_ok();
         let db_ok = {
             let db = inner.db.clone();
-            tokio::task::spawn_blocking(move || db.writable()).await.unwrap_or(false)
+            tokio::task::spawn_blocking(move || db.writable())
+                .await
+                .unwrap_or(false)
         };
         let was_ok = lock(&inner.state).health.hsm;
         inner.set_health(Health {
@@ -1015,7 +1107,13 @@ async fn watchdog(inner: Arc<Inner>) {
         });
         if was_ok && !hsm_ok {
             let _ = inner
-                .record(NewEvent::new(&inner.source, "hsm.unavailable", Severity::Critical, "system", serde_json::json!({"message": "the HSM does not answer"})))
+                .record(NewEvent::new(
+                    &inner.source,
+                    "hsm.unavailable",
+                    Severity::Critical,
+                    "system",
+                    serde_json::json!({"message": "the HSM does not answer"}),
+                ))
                 .await;
         }
         let wall = now_ms();

@@ -27,11 +27,22 @@ pub(super) async fn connect(inner: &Inner, i: usize) -> Result<HostLink, String>
         window: inner.cfg.line.window,
         ..HostConfig::default()
     };
-    Ok(HostLink::new(port, cfg, LinkTiming { baud: n.baud, latency_ms: inner.cfg.line.latency_ms }))
+    Ok(HostLink::new(
+        port,
+        cfg,
+        LinkTiming {
+            baud: n.baud,
+            latency_ms: inner.cfg.line.latency_ms,
+        },
+    ))
 }
 
 /// Reopens the port if the link has closed (used when resuming a transfer).
-pub(super) async fn reconnect_if_closed(inner: &Arc<Inner>, i: usize, link: &mut HostLink) -> Result<(), String> {
+pub(super) async fn reconnect_if_closed(
+    inner: &Arc<Inner>,
+    i: usize,
+    link: &mut HostLink,
+) -> Result<(), String> {
     // A closed link shows on the next read; a fresh one costs little, so always reopen after an
     // i/o failure and keep the link otherwise.
     if link.is_closed() {
@@ -96,7 +107,12 @@ pub(super) async fn run(inner: Arc<Inner>, i: usize) {
                         n.message = Some("waiting for a meter".into());
                     }
                 });
-                sleep_or_wake(&mut wake, &mut stop, Duration::from_millis(inner.cfg.line.poll_ms)).await;
+                sleep_or_wake(
+                    &mut wake,
+                    &mut stop,
+                    Duration::from_millis(inner.cfg.line.poll_ms),
+                )
+                .await;
                 continue;
             }
             Err(e @ (LinkError::Io(_) | LinkError::Closed)) => {
@@ -110,14 +126,26 @@ pub(super) async fn run(inner: Arc<Inner>, i: usize) {
                 continue;
             }
             Err(e) => {
-                inner.update_nest(i, |n| n.message = Some(format!("meter answered badly: {e}")));
-                sleep_or_wake(&mut wake, &mut stop, Duration::from_millis(inner.cfg.line.poll_ms)).await;
+                inner.update_nest(i, |n| {
+                    n.message = Some(format!("meter answered badly: {e}"))
+                });
+                sleep_or_wake(
+                    &mut wake,
+                    &mut stop,
+                    Duration::from_millis(inner.cfg.line.poll_ms),
+                )
+                .await;
                 continue;
             }
         };
         if released.as_deref() == Some(ack.uid.as_slice()) {
             inner.update_nest(i, |n| n.message = Some("remove the finished meter".into()));
-            sleep_or_wake(&mut wake, &mut stop, Duration::from_millis(inner.cfg.line.poll_ms)).await;
+            sleep_or_wake(
+                &mut wake,
+                &mut stop,
+                Duration::from_millis(inner.cfg.line.poll_ms),
+            )
+            .await;
             continue;
         }
         inner.update_nest(i, |n| {
@@ -148,7 +176,14 @@ pub(super) async fn run(inner: Arc<Inner>, i: usize) {
                     n.message = None;
                     n.last_cycle_ms = Some(cycle_ms);
                 });
-                inner.emit(Event::MeterFinished { nest, uid: hex::encode(&uid), serial: Some(serial), ok: true, reason: None, cycle_ms });
+                inner.emit(Event::MeterFinished {
+                    nest,
+                    uid: hex::encode(&uid),
+                    serial: Some(serial),
+                    ok: true,
+                    reason: None,
+                    cycle_ms,
+                });
             }
             Outcome::Failed { serial, reason } => {
                 released = Some(uid.clone());
@@ -157,7 +192,14 @@ pub(super) async fn run(inner: Arc<Inner>, i: usize) {
                     n.progress = None;
                     n.message = Some(reason.clone());
                 });
-                inner.emit(Event::MeterFinished { nest, uid: hex::encode(&uid), serial, ok: false, reason: Some(reason), cycle_ms: 0 });
+                inner.emit(Event::MeterFinished {
+                    nest,
+                    uid: hex::encode(&uid),
+                    serial,
+                    ok: false,
+                    reason: Some(reason),
+                    cycle_ms: 0,
+                });
             }
             Outcome::Refused { reason } => {
                 released = Some(uid.clone());
@@ -166,7 +208,14 @@ pub(super) async fn run(inner: Arc<Inner>, i: usize) {
                     n.progress = None;
                     n.message = Some(reason.clone());
                 });
-                inner.emit(Event::MeterFinished { nest, uid: hex::encode(&uid), serial: None, ok: false, reason: Some(reason), cycle_ms: 0 });
+                inner.emit(Event::MeterFinished {
+                    nest,
+                    uid: hex::encode(&uid),
+                    serial: None,
+                    ok: false,
+                    reason: Some(reason),
+                    cycle_ms: 0,
+                });
             }
             Outcome::NoRoom { reason } => {
                 inner.update_nest(i, |n| {
@@ -181,7 +230,11 @@ pub(super) async fn run(inner: Arc<Inner>, i: usize) {
     }
 }
 
-async fn sleep_or_wake(wake: &mut tokio::sync::watch::Receiver<u64>, stop: &mut tokio::sync::watch::Receiver<bool>, d: Duration) {
+async fn sleep_or_wake(
+    wake: &mut tokio::sync::watch::Receiver<u64>,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+    d: Duration,
+) {
     tokio::select! {
         _ = tokio::time::sleep(d) => {}
         _ = wake.changed() => {}

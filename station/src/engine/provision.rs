@@ -88,38 +88,95 @@ impl Failure {
 fn link_failure(step: Step, e: LinkError) -> Failure {
     let at = step.word();
     match e {
-        LinkError::Timeout { what, ms } => {
-            Failure::new("meter.failed", Severity::Warning, format!("meter stopped answering during {at} ({what} unanswered after {ms} ms)")).quiet()
-        }
+        LinkError::Timeout { what, ms } => Failure::new(
+            "meter.failed",
+            Severity::Warning,
+            format!("meter stopped answering during {at} ({what} unanswered after {ms} ms)"),
+        )
+        .quiet(),
         LinkError::Refused { what, code, detail } => {
-            let detail = if detail.is_empty() { String::new() } else { format!(": {detail}") };
-            Failure::new("meter.failed", Severity::Warning, format!("meter refused {what} during {at}: {}{detail}", code.describe()))
+            let detail = if detail.is_empty() {
+                String::new()
+            } else {
+                format!(": {detail}")
+            };
+            Failure::new(
+                "meter.failed",
+                Severity::Warning,
+                format!(
+                    "meter refused {what} during {at}: {}{detail}",
+                    code.describe()
+                ),
+            )
         }
-        LinkError::ChannelLost { code } => {
-            Failure::new("meter.failed", Severity::Warning, format!("meter dropped the secure channel during {at} ({})", code.describe())).quiet()
-        }
+        LinkError::ChannelLost { code } => Failure::new(
+            "meter.failed",
+            Severity::Warning,
+            format!(
+                "meter dropped the secure channel during {at} ({})",
+                code.describe()
+            ),
+        )
+        .quiet(),
         LinkError::Security(v) => {
             let kind = match v {
                 Violation::Replay { .. } => "security.replay",
                 Violation::Downgrade { .. } => "security.downgrade",
                 _ => "security.tamper",
             };
-            Failure::new(kind, Severity::Critical, format!("security violation during {at}: {v}")).quiet()
+            Failure::new(
+                kind,
+                Severity::Critical,
+                format!("security violation during {at}: {v}"),
+            )
+            .quiet()
         }
-        LinkError::Io(e) => Failure::new("nest.link_lost", Severity::Warning, format!("link to the nest lost during {at}: {e}")).quiet(),
-        LinkError::Closed => Failure::new("nest.link_lost", Severity::Warning, format!("link to the nest closed during {at}")).quiet(),
-        LinkError::Signer(s) => Failure::new("hsm.error", Severity::Critical, format!("the HSM could not sign the channel transcript: {s}")).quiet(),
-        other => Failure::new("meter.failed", Severity::Warning, format!("protocol error during {at}: {other}")),
+        LinkError::Io(e) => Failure::new(
+            "nest.link_lost",
+            Severity::Warning,
+            format!("link to the nest lost during {at}: {e}"),
+        )
+        .quiet(),
+        LinkError::Closed => Failure::new(
+            "nest.link_lost",
+            Severity::Warning,
+            format!("link to the nest closed during {at}"),
+        )
+        .quiet(),
+        LinkError::Signer(s) => Failure::new(
+            "hsm.error",
+            Severity::Critical,
+            format!("the HSM could not sign the channel transcript: {s}"),
+        )
+        .quiet(),
+        other => Failure::new(
+            "meter.failed",
+            Severity::Warning,
+            format!("protocol error during {at}: {other}"),
+        ),
     }
 }
 
 fn hsm_failure(step: Step, e: hsm::Error) -> Failure {
-    Failure::new("hsm.error", Severity::Critical, format!("HSM error during {}: {e}", step.word())).quiet()
+    Failure::new(
+        "hsm.error",
+        Severity::Critical,
+        format!("HSM error during {}: {e}", step.word()),
+    )
+    .quiet()
 }
 
 fn db_failure(step: Step, e: impl std::fmt::Display) -> Failure {
-    Failure::new("station.error", Severity::Critical, format!("journal error during {}: {e}", step.word())).quiet()
+    Failure::new(
+        "station.error",
+        Severity::Critical,
+        format!("journal error during {}: {e}", step.word()),
+    )
+    .quiet()
 }
+
+/// Meter id, serial, serial number, system title and logical device name, or why not.
+type Assigned = (i64, String, i64, [u8; 8], String);
 
 /// What the nest task hands to one run.
 pub(super) struct Ctx<'a> {
@@ -190,7 +247,11 @@ impl Ctx<'_> {
             Err(f) if run.meter_id.is_none() && f.kind == "meter.refused" => {
                 self.refuse(&run, &f).await;
                 if f.release {
-                    let _ = link.call(&Message::Reset { mode: ResetMode::Release }).await;
+                    let _ = link
+                        .call(&Message::Reset {
+                            mode: ResetMode::Release,
+                        })
+                        .await;
                 }
                 Outcome::Refused { reason: f.reason }
             }
@@ -198,7 +259,11 @@ impl Ctx<'_> {
                 let reason = f.reason.clone();
                 self.fail(&run, &f).await;
                 if f.release {
-                    let _ = link.call(&Message::Reset { mode: ResetMode::Release }).await;
+                    let _ = link
+                        .call(&Message::Reset {
+                            mode: ResetMode::Release,
+                        })
+                        .await;
                 }
                 Outcome::Failed {
                     serial: run.serial.clone(),
@@ -230,13 +295,23 @@ impl Ctx<'_> {
                 },
             });
         }
-        let model = self.inner.cfg.model(&batch.model).cloned().ok_or_else(|| Outcome::NoRoom {
-            reason: format!("model {} of the open batch is not configured", batch.model),
-        })?;
+        let model = self
+            .inner
+            .cfg
+            .model(&batch.model)
+            .cloned()
+            .ok_or_else(|| Outcome::NoRoom {
+                reason: format!("model {} of the open batch is not configured", batch.model),
+            })?;
         Ok((batch, model))
     }
 
-    async fn steps(&self, link: &mut HostLink, ack: &HelloAck, run: &mut Run) -> Result<String, Failure> {
+    async fn steps(
+        &self,
+        link: &mut HostLink,
+        ack: &HelloAck,
+        run: &mut Run,
+    ) -> Result<String, Failure> {
         // 2. Secure channel.
         self.step(run, Step::Channel);
         self.open_channel(link, ack, run).await?;
@@ -248,8 +323,13 @@ impl Ctx<'_> {
         // 4. Assign: serial, system title, logical device name — committed before any key exists.
         self.step(run, Step::Assign);
         self.assign(run).await?;
-        let identity = run.identity.clone().ok_or_else(|| db_failure(Step::Assign, "no identity"))?;
-        link.call(&Message::Identity(identity)).await.map_err(|e| link_failure(Step::Assign, e))?;
+        let identity = run
+            .identity
+            .clone()
+            .ok_or_else(|| db_failure(Step::Assign, "no identity"))?;
+        link.call(&Message::Identity(identity))
+            .await
+            .map_err(|e| link_failure(Step::Assign, e))?;
 
         // 5. Keys.
         self.step(run, Step::Keys);
@@ -260,19 +340,50 @@ impl Ctx<'_> {
         // 6. Trust anchors.
         self.step(run, Step::Anchors);
         let ca = self.inner.keys.device_ca.cert_der.clone();
-        link.call(&Message::PutCert { slot: CertSlot::DeviceCa, der: ca }).await.map_err(|e| link_failure(Step::Anchors, e))?;
+        link.call(&Message::PutCert {
+            slot: CertSlot::DeviceCa,
+            der: ca,
+        })
+        .await
+        .map_err(|e| link_failure(Step::Anchors, e))?;
         let fw = self.inner.keys.firmware_cert.clone();
-        link.call(&Message::PutAnchor { kind: AnchorKind::FirmwareVerification, index: 0, der: fw })
+        link.call(&Message::PutAnchor {
+            kind: AnchorKind::FirmwareVerification,
+            index: 0,
+            der: fw,
+        })
+        .await
+        .map_err(|e| link_failure(Step::Anchors, e))?;
+        for (i, path) in run.model.anchors.clone().iter().enumerate() {
+            let bytes = std::fs::read(path).map_err(|e| {
+                Failure::new(
+                    "station.error",
+                    Severity::Warning,
+                    format!("cannot read trust anchor {}: {e}", path.display()),
+                )
+                .quiet()
+            })?;
+            let (cert, der) = super::keys::parse_cert(&bytes).map_err(|e| {
+                Failure::new(
+                    "station.error",
+                    Severity::Warning,
+                    format!("trust anchor {}: {e}", path.display()),
+                )
+                .quiet()
+            })?;
+            let is_ca = matches!(cert.tbs_certificate().get_extension::<x509_cert::ext::pkix::BasicConstraints>(), Ok(Some((_, bc))) if bc.ca);
+            let kind = if is_ca {
+                AnchorKind::UtilityCa
+            } else {
+                AnchorKind::UtilityClient
+            };
+            link.call(&Message::PutAnchor {
+                kind,
+                index: i as u8,
+                der,
+            })
             .await
             .map_err(|e| link_failure(Step::Anchors, e))?;
-        for (i, path) in run.model.anchors.clone().iter().enumerate() {
-            let bytes = std::fs::read(path)
-                .map_err(|e| Failure::new("station.error", Severity::Warning, format!("cannot read trust anchor {}: {e}", path.display())).quiet())?;
-            let (cert, der) = super::keys::parse_cert(&bytes)
-                .map_err(|e| Failure::new("station.error", Severity::Warning, format!("trust anchor {}: {e}", path.display())).quiet())?;
-            let is_ca = matches!(cert.tbs_certificate().get_extension::<x509_cert::ext::pkix::BasicConstraints>(), Ok(Some((_, bc))) if bc.ca);
-            let kind = if is_ca { AnchorKind::UtilityCa } else { AnchorKind::UtilityClient };
-            link.call(&Message::PutAnchor { kind, index: i as u8, der }).await.map_err(|e| link_failure(Step::Anchors, e))?;
         }
 
         // 7. Firmware.
@@ -283,13 +394,22 @@ impl Ctx<'_> {
         // 8. Seal.
         self.step(run, Step::Seal);
         match link
-            .call(&Message::Seal { disable: iface::PROVISIONING | iface::DEBUG | iface::OPTICAL })
+            .call(&Message::Seal {
+                disable: iface::PROVISIONING | iface::DEBUG | iface::OPTICAL,
+            })
             .await
             .map_err(|e| link_failure(Step::Seal, e))?
         {
-            Message::SealRsp { lifecycle: Lifecycle::Sealed, .. } => {}
+            Message::SealRsp {
+                lifecycle: Lifecycle::Sealed,
+                ..
+            } => {}
             other => {
-                return Err(Failure::new("meter.failed", Severity::Warning, format!("meter did not seal (answered {})", other.name())));
+                return Err(Failure::new(
+                    "meter.failed",
+                    Severity::Warning,
+                    format!("meter did not seal (answered {})", other.name()),
+                ));
             }
         }
         self.set_state(run, "sealed").await?;
@@ -301,19 +421,35 @@ impl Ctx<'_> {
         self.done(run, &receipt, receipt_bytes, signature).await?;
 
         self.step(run, Step::Release);
-        let _ = link.call(&Message::Reset { mode: ResetMode::Release }).await;
+        let _ = link
+            .call(&Message::Reset {
+                mode: ResetMode::Release,
+            })
+            .await;
         Ok(serial)
     }
 
-    async fn open_channel(&self, link: &mut HostLink, ack: &HelloAck, run: &mut Run) -> Result<(), Failure> {
+    async fn open_channel(
+        &self,
+        link: &mut HostLink,
+        ack: &HelloAck,
+        run: &mut Run,
+    ) -> Result<(), Failure> {
         let hsm = self.inner.hsm.clone();
-        let (kt, kt_pub) = hsm.run(|s| s.generate_kt_keypair()).await.map_err(|e| hsm_failure(Step::Channel, e))?;
+        let (kt, kt_pub) = hsm
+            .run(|s| s.generate_kt_keypair())
+            .await
+            .map_err(|e| hsm_failure(Step::Channel, e))?;
         run.scratch.push(kt.clone());
         let signer = self.inner.keys.transcript_signer(&hsm);
         let chain = self.inner.keys.station_chain.clone();
         let th = match link.open_channel(kt_pub, chain, &signer).await {
             Ok(th) => th,
-            Err(LinkError::Refused { code: ErrorCode::BadCertChain | ErrorCode::BadSignature, detail, .. }) => {
+            Err(LinkError::Refused {
+                code: ErrorCode::BadCertChain | ErrorCode::BadSignature,
+                detail,
+                ..
+            }) => {
                 return Err(Failure::new(
                     "meter.refused",
                     Severity::Warning,
@@ -334,12 +470,20 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    async fn check(&self, link: &mut HostLink, ack: &HelloAck, run: &mut Run) -> Result<(), Failure> {
+    async fn check(
+        &self,
+        link: &mut HostLink,
+        ack: &HelloAck,
+        run: &mut Run,
+    ) -> Result<(), Failure> {
         if ack.model != run.batch.model {
             return Err(Failure::new(
                 "meter.refused",
                 Severity::Notice,
-                format!("meter model {} does not match batch {} (model {})", ack.model, run.batch.work_order, run.batch.model),
+                format!(
+                    "meter model {} does not match batch {} (model {})",
+                    ack.model, run.batch.work_order, run.batch.model
+                ),
             ));
         }
         let uid = run.uid.clone();
@@ -367,32 +511,72 @@ impl Ctx<'_> {
                 return Err(Failure::new(
                     "meter.unknown_lifecycle",
                     Severity::Critical,
-                    format!("meter reports lifecycle {} but this cell never provisioned UID {}; quarantine it", ack.lifecycle.name(), run.uid),
+                    format!(
+                        "meter reports lifecycle {} but this cell never provisioned UID {}; quarantine it",
+                        ack.lifecycle.name(),
+                        run.uid
+                    ),
                 ));
             }
             if !rework {
                 return Err(Failure::new(
                     "meter.refused",
                     Severity::Notice,
-                    format!("meter failed earlier ({}); a supervisor must approve a rework first", history.last().and_then(|m| m.failure.clone()).unwrap_or_default()),
+                    format!(
+                        "meter failed earlier ({}); a supervisor must approve a rework first",
+                        history
+                            .last()
+                            .and_then(|m| m.failure.clone())
+                            .unwrap_or_default()
+                    ),
                 ));
             }
             if ack.lifecycle == Lifecycle::Sealed {
-                return Err(Failure::new("meter.refused", Severity::Notice, "a sealed meter cannot be reworked over the jig; send it to the rework bench"));
+                return Err(Failure::new(
+                    "meter.refused",
+                    Severity::Notice,
+                    "a sealed meter cannot be reworked over the jig; send it to the rework bench",
+                ));
             }
-            link.call(&Message::Reset { mode: ResetMode::FactoryWipe }).await.map_err(|e| link_failure(Step::Check, e))?;
-            return Err(Failure::new("meter.refused", Severity::Info, "meter wiped for rework; it will be provisioned on its next insertion").quiet());
+            link.call(&Message::Reset {
+                mode: ResetMode::FactoryWipe,
+            })
+            .await
+            .map_err(|e| link_failure(Step::Check, e))?;
+            return Err(Failure::new(
+                "meter.refused",
+                Severity::Info,
+                "meter wiped for rework; it will be provisioned on its next insertion",
+            )
+            .quiet());
         }
         // A blank meter must also be empty.
-        let status = match link.call(&Message::Status).await.map_err(|e| link_failure(Step::Check, e))? {
+        let status = match link
+            .call(&Message::Status)
+            .await
+            .map_err(|e| link_failure(Step::Check, e))?
+        {
             Message::StatusRsp(s) => s,
-            other => return Err(Failure::new("meter.failed", Severity::Warning, format!("STATUS answered with {}", other.name()))),
+            other => {
+                return Err(Failure::new(
+                    "meter.failed",
+                    Severity::Warning,
+                    format!("STATUS answered with {}", other.name()),
+                ));
+            }
         };
-        if status.lifecycle != Lifecycle::Blank as u8 || status.identity != 0 || status.certs != 0 || status.keys != 0 {
+        if status.lifecycle != Lifecycle::Blank as u8
+            || status.identity != 0
+            || status.certs != 0
+            || status.keys != 0
+        {
             return Err(Failure::new(
                 "meter.unknown_lifecycle",
                 Severity::Critical,
-                format!("meter claims to be blank but holds data (status lifecycle {}, identity {}, certificates {:#04b}); quarantine it", status.lifecycle, status.identity, status.certs),
+                format!(
+                    "meter claims to be blank but holds data (status lifecycle {}, identity {}, certificates {:#04b}); quarantine it",
+                    status.lifecycle, status.identity, status.certs
+                ),
             ));
         }
         if rework {
@@ -401,7 +585,10 @@ impl Ctx<'_> {
                 .inner
                 .db
                 .call(move |c| -> super::Result<()> {
-                    c.execute("UPDATE reworks SET used_at = ?1 WHERE uid = ?2 AND used_at IS NULL", params![now_ms(), uid])?;
+                    c.execute(
+                        "UPDATE reworks SET used_at = ?1 WHERE uid = ?2 AND used_at IS NULL",
+                        params![now_ms(), uid],
+                    )?;
                     Ok(())
                 })
                 .await;
@@ -414,7 +601,11 @@ impl Ctx<'_> {
         self.inner
             .db
             .call(move |c| -> super::Result<bool> {
-                Ok(c.query_row("SELECT count(*) FROM reworks WHERE uid = ?1 AND used_at IS NULL", [uid], |r| r.get::<_, i64>(0))? > 0)
+                Ok(c.query_row(
+                    "SELECT count(*) FROM reworks WHERE uid = ?1 AND used_at IS NULL",
+                    [uid],
+                    |r| r.get::<_, i64>(0),
+                )? > 0)
             })
             .await
             .unwrap_or(false)
@@ -429,7 +620,7 @@ impl Ctx<'_> {
         let r = self
             .inner
             .db
-            .call(move |c| -> super::Result<Result<(i64, String, i64, [u8; 8], String), String>> {
+            .call(move |c| -> super::Result<Result<Assigned, String>> {
                 let tx = c.transaction()?;
                 let (live, next, last, prefix): (i64, i64, i64, String) = tx.query_row(
                     "SELECT (SELECT count(*) FROM meters WHERE batch_id = b.id AND state <> 'failed'), next_serial, serial_last, serial_prefix
@@ -472,8 +663,16 @@ impl Ctx<'_> {
             .await
             .map_err(|e| db_failure(Step::Assign, e))?;
         let (id, serial, _no, title, ldn) = r.map_err(|reason| {
-            let kind = if reason.contains("another nest") { "meter.duplicate_uid" } else { "meter.refused" };
-            let sev = if kind == "meter.duplicate_uid" { Severity::Critical } else { Severity::Notice };
+            let kind = if reason.contains("another nest") {
+                "meter.duplicate_uid"
+            } else {
+                "meter.refused"
+            };
+            let sev = if kind == "meter.duplicate_uid" {
+                Severity::Critical
+            } else {
+                Severity::Notice
+            };
             Failure::new(kind, sev, reason)
         })?;
         run.meter_id = Some(id);
@@ -490,19 +689,29 @@ impl Ctx<'_> {
     }
 
     async fn set_state(&self, run: &Run, state: &'static str) -> Result<(), Failure> {
-        let Some(id) = run.meter_id else { return Ok(()) };
+        let Some(id) = run.meter_id else {
+            return Ok(());
+        };
         let step = run.step;
         self.inner
             .db
             .call(move |c| -> super::Result<()> {
-                c.execute("UPDATE meters SET state = ?1 WHERE id = ?2", params![state, id])?;
+                c.execute(
+                    "UPDATE meters SET state = ?1 WHERE id = ?2",
+                    params![state, id],
+                )?;
                 Ok(())
             })
             .await
             .map_err(|e| db_failure(step, e))
     }
 
-    async fn key_pairs(&self, link: &mut HostLink, ack: &HelloAck, run: &mut Run) -> Result<(), Failure> {
+    async fn key_pairs(
+        &self,
+        link: &mut HostLink,
+        ack: &HelloAck,
+        run: &mut Run,
+    ) -> Result<(), Failure> {
         let curve = run.model.curve();
         let mut slots = vec![(CertSlot::Sign, MeterKeyUsage::DigitalSignature)];
         if run.model.key_agreement {
@@ -516,29 +725,47 @@ impl Ctx<'_> {
             return Err(Failure::new(
                 "meter.failed",
                 Severity::Warning,
-                format!("model {} is configured for on-meter key generation but this meter cannot generate {curve:?} keys", run.model.name),
+                format!(
+                    "model {} is configured for on-meter key generation but this meter cannot generate {curve:?} keys",
+                    run.model.name
+                ),
             ));
         }
         let hcurve = match curve {
             Curve::P256 => hsm::Curve::P256,
             Curve::P384 => hsm::Curve::P384,
         };
-        let identity = run.identity.clone().ok_or_else(|| db_failure(Step::Keys, "no identity"))?;
-        let not_after = run
-            .model
-            .not_after
-            .as_deref()
-            .and_then(|s| time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok());
+        let identity = run
+            .identity
+            .clone()
+            .ok_or_else(|| db_failure(Step::Keys, "no identity"))?;
+        let not_after = run.model.not_after.as_deref().and_then(|s| {
+            time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()
+        });
         for (slot, usage) in slots {
             // The subject key: a request from the meter, or a pair made here.
             let subject = match run.model.keygen {
                 Keygen::Meter => {
-                    let csr = match link.call(&Message::KeyGen { slot, curve }).await.map_err(|e| link_failure(Step::Keys, e))? {
+                    let csr = match link
+                        .call(&Message::KeyGen { slot, curve })
+                        .await
+                        .map_err(|e| link_failure(Step::Keys, e))?
+                    {
                         Message::KeyGenRsp { csr, .. } => csr,
-                        other => return Err(Failure::new("meter.failed", Severity::Warning, format!("KEYGEN answered with {}", other.name()))),
+                        other => {
+                            return Err(Failure::new(
+                                "meter.failed",
+                                Severity::Warning,
+                                format!("KEYGEN answered with {}", other.name()),
+                            ));
+                        }
                     };
                     hsm::cert::check_csr(&csr, hcurve).map_err(|e| {
-                        Failure::new("security.bad_certificate_request", Severity::Critical, format!("the meter's certificate request was refused: {e}"))
+                        Failure::new(
+                            "security.bad_certificate_request",
+                            Severity::Critical,
+                            format!("the meter's certificate request was refused: {e}"),
+                        )
                     })?;
                     hsm::cert::Subject::Csr(csr)
                 }
@@ -551,7 +778,10 @@ impl Ctx<'_> {
                         .map_err(|e| hsm_failure(Step::Keys, e))?;
                     run.scratch.push(pair.private.clone());
                     run.scratch.push(pair.public.clone());
-                    let ktk = run.ktk.clone().ok_or_else(|| db_failure(Step::Keys, "no key-transport key"))?;
+                    let ktk = run
+                        .ktk
+                        .clone()
+                        .ok_or_else(|| db_failure(Step::Keys, "no key-transport key"))?;
                     let private = pair.private.clone();
                     let wrapped = self
                         .inner
@@ -565,20 +795,31 @@ impl Ctx<'_> {
                         (_, Curve::P256) => (KeyId::KaPrivate, KeyType::EcP256),
                         (_, Curve::P384) => (KeyId::KaPrivate, KeyType::EcP384),
                     };
-                    link.call(&Message::PutKey(PutKey { key_id, key_type, wrap: WrapAlg::AesKwp, kcv: kcv_ec_public(&pair.point), wrapped }))
-                        .await
-                        .map_err(|e| link_failure(Step::Keys, e))?;
-                    hsm::cert::Subject::Key { curve: hcurve, point: pair.point.clone() }
+                    link.call(&Message::PutKey(PutKey {
+                        key_id,
+                        key_type,
+                        wrap: WrapAlg::AesKwp,
+                        kcv: kcv_ec_public(&pair.point),
+                        wrapped,
+                    }))
+                    .await
+                    .map_err(|e| link_failure(Step::Keys, e))?;
+                    hsm::cert::Subject::Key {
+                        curve: hcurve,
+                        point: pair.point.clone(),
+                    }
                 }
             };
             // Certificate intent, with its serial, committed before the HSM signs.
             let serial = self
                 .inner
                 .hsm
-                .run(|s| hsm::cert::random_serial(s))
+                .run(hsm::cert::random_serial)
                 .await
                 .map_err(|e| hsm_failure(Step::Keys, e))?;
-            let meter_id = run.meter_id.ok_or_else(|| db_failure(Step::Keys, "no meter record"))?;
+            let meter_id = run
+                .meter_id
+                .ok_or_else(|| db_failure(Step::Keys, "no meter record"))?;
             let slot_name = if slot == CertSlot::Sign { "sign" } else { "ka" };
             let serial_hex = hex::encode(serial);
             let sh = serial_hex.clone();
@@ -610,11 +851,22 @@ impl Ctx<'_> {
                 .run(move |s| hsm::cert::issue_with_serial(s, &ca, &subject, &profile, &serial))
                 .await
                 .map_err(|e| match e {
-                    hsm::Error::Csr(c) => Failure::new("security.bad_certificate_request", Severity::Critical, format!("the meter's certificate request was refused: {c}")),
+                    hsm::Error::Csr(c) => Failure::new(
+                        "security.bad_certificate_request",
+                        Severity::Critical,
+                        format!("the meter's certificate request was refused: {c}"),
+                    ),
                     other => hsm_failure(Step::Keys, other),
                 })?;
-            if hex::encode(&issued.serial) != serial_hex.trim_start_matches("00") && hex::encode(&issued.serial) != serial_hex {
-                return Err(Failure::new("station.error", Severity::Critical, "the issued certificate does not carry the serial committed as its intent").quiet());
+            if hex::encode(&issued.serial) != serial_hex.trim_start_matches("00")
+                && hex::encode(&issued.serial) != serial_hex
+            {
+                return Err(Failure::new(
+                    "station.error",
+                    Severity::Critical,
+                    "the issued certificate does not carry the serial committed as its intent",
+                )
+                .quiet());
             }
             let der = issued.der.clone();
             let fp = issued.fingerprint_hex();
@@ -629,25 +881,45 @@ impl Ctx<'_> {
                 })
                 .await
                 .map_err(|e| db_failure(Step::Keys, e))?;
-            let point = hsm::cert::subject_point(&issued.der).map_err(|e| hsm_failure(Step::Keys, e))?;
-            link.call(&Message::PutCert { slot, der: issued.der.clone() }).await.map_err(|e| link_failure(Step::Keys, e))?;
+            let point =
+                hsm::cert::subject_point(&issued.der).map_err(|e| hsm_failure(Step::Keys, e))?;
+            link.call(&Message::PutCert {
+                slot,
+                der: issued.der.clone(),
+            })
+            .await
+            .map_err(|e| link_failure(Step::Keys, e))?;
             run.certs.push((slot, issued.der, point));
         }
         Ok(())
     }
 
     async fn secret_keys(&self, link: &mut HostLink, run: &mut Run) -> Result<(), Failure> {
-        let ktk = run.ktk.clone().ok_or_else(|| db_failure(Step::Keys, "no key-transport key"))?;
+        let ktk = run
+            .ktk
+            .clone()
+            .ok_or_else(|| db_failure(Step::Keys, "no key-transport key"))?;
         let label = run.batch.transport_key.clone();
-        let size = if run.model.aes_bytes() == 32 { AesKeySize::Aes256 } else { AesKeySize::Aes128 };
-        let key_type = if size == AesKeySize::Aes256 { KeyType::Aes256 } else { KeyType::Aes128 };
+        let size = if run.model.aes_bytes() == 32 {
+            AesKeySize::Aes256
+        } else {
+            AesKeySize::Aes128
+        };
+        let key_type = if size == AesKeySize::Aes256 {
+            KeyType::Aes256
+        } else {
+            KeyType::Aes128
+        };
         let keys = self
             .inner
             .hsm
             .run(move |s| {
-                let btk = s
-                    .find_key(hsm::KeyKind::Aes(32), &label)?
-                    .ok_or_else(|| hsm::Error::ObjectNotFound { what: "batch transport key", label: label.clone() })?;
+                let btk = s.find_key(hsm::KeyKind::Aes(32), &label)?.ok_or_else(|| {
+                    hsm::Error::ObjectNotFound {
+                        what: "batch transport key",
+                        label: label.clone(),
+                    }
+                })?;
                 let mut out = Vec::new();
                 for (role, id) in [
                     (KeyRole::MeterGuek, KeyId::Guek),
@@ -670,10 +942,24 @@ impl Ctx<'_> {
             })
             .await
             .map_err(|e| hsm_failure(Step::Keys, e))?;
-        let meter_id = run.meter_id.ok_or_else(|| db_failure(Step::Keys, "no meter record"))?;
+        let meter_id = run
+            .meter_id
+            .ok_or_else(|| db_failure(Step::Keys, "no meter record"))?;
         let rows: Vec<(String, String, Vec<u8>, String)> = keys
             .iter()
-            .map(|(id, _, u, kcv)| (id.name().to_string(), if key_type == KeyType::Aes256 { "aes-256" } else { "aes-128" }.to_string(), u.clone(), hex::encode(kcv)))
+            .map(|(id, _, u, kcv)| {
+                (
+                    id.name().to_string(),
+                    if key_type == KeyType::Aes256 {
+                        "aes-256"
+                    } else {
+                        "aes-128"
+                    }
+                    .to_string(),
+                    u.clone(),
+                    hex::encode(kcv),
+                )
+            })
             .collect();
         self.inner
             .db
@@ -692,9 +978,15 @@ impl Ctx<'_> {
             .await
             .map_err(|e| db_failure(Step::Keys, e))?;
         for (key_id, for_meter, _, kcv) in keys {
-            link.call(&Message::PutKey(PutKey { key_id, key_type, wrap: WrapAlg::AesKw, kcv, wrapped: for_meter }))
-                .await
-                .map_err(|e| link_failure(Step::Keys, e))?;
+            link.call(&Message::PutKey(PutKey {
+                key_id,
+                key_type,
+                wrap: WrapAlg::AesKw,
+                kcv,
+                wrapped: for_meter,
+            }))
+            .await
+            .map_err(|e| link_failure(Step::Keys, e))?;
         }
         Ok(())
     }
@@ -704,7 +996,10 @@ impl Ctx<'_> {
         let sha = run.batch.firmware_sha256.clone();
         let mut resumes = 0;
         loop {
-            let neg = link.session().negotiated().ok_or_else(|| db_failure(Step::Firmware, "no negotiation"))?;
+            let neg = link
+                .session()
+                .negotiated()
+                .ok_or_else(|| db_failure(Step::Firmware, "no negotiation"))?;
             let params = PlanParams {
                 max_payload: neg.max_payload,
                 max_block: neg.max_block,
@@ -713,22 +1008,41 @@ impl Ctx<'_> {
             let db = self.inner.db.clone();
             let plan = self
                 .inner
-                .plan(&sha, move || db.with(|c| records::firmware_image(c, fw_id)).map_err(super::Error::from), params)
+                .plan(
+                    &sha,
+                    move || {
+                        db.with(|c| records::firmware_image(c, fw_id))
+                            .map_err(super::Error::from)
+                    },
+                    params,
+                )
                 .map_err(|e| db_failure(Step::Firmware, e))?;
             let attempt = async {
                 let have = match link
-                    .call(&Message::FwBegin { size: plan.size, sha256: plan.sha256, compression: u8::from(neg.compression) })
+                    .call(&Message::FwBegin {
+                        size: plan.size,
+                        sha256: plan.sha256,
+                        compression: u8::from(neg.compression),
+                    })
                     .await?
                 {
                     Message::FwBeginRsp { have } => have,
-                    other => return Err(LinkError::Protocol(format!("{} in answer to FW_BEGIN", other.name()))),
+                    other => {
+                        return Err(LinkError::Protocol(format!(
+                            "{} in answer to FW_BEGIN",
+                            other.name()
+                        )));
+                    }
                 };
                 let inner = Arc::clone(self.inner);
                 let nest = self.nest;
                 let mut progress = move |done: u64, total: u64| {
-                    inner.update_nest(nest, |n| n.progress = Some(done as f32 / total.max(1) as f32));
+                    inner.update_nest(nest, |n| {
+                        n.progress = Some(done as f32 / total.max(1) as f32)
+                    });
                 };
-                link.send_firmware(Arc::clone(&plan), have, &mut progress).await?;
+                link.send_firmware(Arc::clone(&plan), have, &mut progress)
+                    .await?;
                 link.call_sized(&Message::FwEnd, plan.size).await
             }
             .await;
@@ -736,25 +1050,42 @@ impl Ctx<'_> {
                 Ok(Message::FwResult(r)) => {
                     if r.status != 0 {
                         let code = ErrorCode::from_code(r.status);
-                        self.firmware_rejected(run, &format!("meter rejected the firmware: {}", code.describe())).await;
-                        return Err(Failure::new("meter.failed", Severity::Warning, format!("meter rejected the firmware: {code}")));
+                        self.firmware_rejected(
+                            run,
+                            &format!("meter rejected the firmware: {}", code.describe()),
+                        )
+                        .await;
+                        return Err(Failure::new(
+                            "meter.failed",
+                            Severity::Warning,
+                            format!("meter rejected the firmware: {code}"),
+                        ));
                     }
                     if r.sha256 != plan.sha256 {
-                        self.firmware_rejected(run, "meter reported another image hash").await;
+                        self.firmware_rejected(run, "meter reported another image hash")
+                            .await;
                         return Err(Failure::new(
                             "security.firmware_mismatch",
                             Severity::Critical,
-                            format!("meter reported image hash {} but was sent {}", hex::encode(&r.sha256[..8]), hex::encode(&plan.sha256[..8])),
+                            format!(
+                                "meter reported image hash {} but was sent {}",
+                                hex::encode(&r.sha256[..8]),
+                                hex::encode(&plan.sha256[..8])
+                            ),
                         ));
                     }
-                    self.inner.update_nest(self.nest, |n| n.progress = Some(1.0));
+                    self.inner
+                        .update_nest(self.nest, |n| n.progress = Some(1.0));
                     let id = run.meter_id;
                     let sha = hex::encode(plan.sha256);
                     if let Some(id) = id {
                         self.inner
                             .db
                             .call(move |c| -> super::Result<()> {
-                                c.execute("UPDATE meters SET fw_sha256 = ?1 WHERE id = ?2", params![sha, id])?;
+                                c.execute(
+                                    "UPDATE meters SET fw_sha256 = ?1 WHERE id = ?2",
+                                    params![sha, id],
+                                )?;
                                 Ok(())
                             })
                             .await
@@ -762,10 +1093,22 @@ impl Ctx<'_> {
                     }
                     return Ok(());
                 }
-                Ok(other) => return Err(Failure::new("meter.failed", Severity::Warning, format!("FW_END answered with {}", other.name()))),
-                Err(e @ (LinkError::ChannelLost { .. } | LinkError::Timeout { what: "FW_DATA" | "FW_BEGIN" | "FW_END", .. } | LinkError::Io(_) | LinkError::Closed))
-                    if resumes < 3 =>
-                {
+                Ok(other) => {
+                    return Err(Failure::new(
+                        "meter.failed",
+                        Severity::Warning,
+                        format!("FW_END answered with {}", other.name()),
+                    ));
+                }
+                Err(
+                    e @ (LinkError::ChannelLost { .. }
+                    | LinkError::Timeout {
+                        what: "FW_DATA" | "FW_BEGIN" | "FW_END",
+                        ..
+                    }
+                    | LinkError::Io(_)
+                    | LinkError::Closed),
+                ) if resumes < 3 => {
                     resumes += 1;
                     tracing::info!(nest = self.nest + 1, uid = %run.uid, error = %e, "firmware transfer interrupted; resuming");
                     self.resume(link, run).await?;
@@ -778,11 +1121,24 @@ impl Ctx<'_> {
     /// After a dropped link or a rebooted meter: a new session with the same meter.
     async fn resume(&self, link: &mut HostLink, run: &mut Run) -> Result<(), Failure> {
         if let Err(e) = nest::reconnect_if_closed(self.inner, self.nest, link).await {
-            return Err(Failure::new("nest.link_lost", Severity::Warning, format!("cannot reopen the nest port to resume: {e}")).quiet());
+            return Err(Failure::new(
+                "nest.link_lost",
+                Severity::Warning,
+                format!("cannot reopen the nest port to resume: {e}"),
+            )
+            .quiet());
         }
-        let ack = link.hello().await.map_err(|e| link_failure(Step::Firmware, e))?;
+        let ack = link
+            .hello()
+            .await
+            .map_err(|e| link_failure(Step::Firmware, e))?;
         if hex::encode(&ack.uid) != run.uid {
-            return Err(Failure::new("meter.failed", Severity::Warning, "another meter answered after the link came back").quiet());
+            return Err(Failure::new(
+                "meter.failed",
+                Severity::Warning,
+                "another meter answered after the link came back",
+            )
+            .quiet());
         }
         self.open_channel(link, &ack, run).await
     }
@@ -803,15 +1159,40 @@ impl Ctx<'_> {
             .await;
     }
 
-    async fn attest(&self, link: &mut HostLink, run: &mut Run) -> Result<(Receipt, Vec<u8>, Vec<u8>), Failure> {
-        let nonce_v = self.inner.hsm.run(|s| s.random(16)).await.map_err(|e| hsm_failure(Step::Attest, e))?;
+    async fn attest(
+        &self,
+        link: &mut HostLink,
+        run: &mut Run,
+    ) -> Result<(Receipt, Vec<u8>, Vec<u8>), Failure> {
+        let nonce_v = self
+            .inner
+            .hsm
+            .run(|s| s.random(16))
+            .await
+            .map_err(|e| hsm_failure(Step::Attest, e))?;
         let mut nonce = [0u8; 16];
         nonce.copy_from_slice(&nonce_v);
-        let (receipt, signature) = match link.call(&Message::Attest { nonce }).await.map_err(|e| link_failure(Step::Attest, e))? {
+        let (receipt, signature) = match link
+            .call(&Message::Attest { nonce })
+            .await
+            .map_err(|e| link_failure(Step::Attest, e))?
+        {
             Message::AttestRsp { receipt, signature } => (receipt, signature),
-            other => return Err(Failure::new("meter.failed", Severity::Warning, format!("ATTEST answered with {}", other.name()))),
+            other => {
+                return Err(Failure::new(
+                    "meter.failed",
+                    Severity::Warning,
+                    format!("ATTEST answered with {}", other.name()),
+                ));
+            }
         };
-        let bad = |why: String| Failure::new("security.attestation_failed", Severity::Critical, format!("attestation failed: {why}"));
+        let bad = |why: String| {
+            Failure::new(
+                "security.attestation_failed",
+                Severity::Critical,
+                format!("attestation failed: {why}"),
+            )
+        };
         let (_, sign_der, sign_point) = run
             .certs
             .iter()
@@ -821,20 +1202,31 @@ impl Ctx<'_> {
         let verified = match run.model.curve() {
             Curve::P256 => {
                 use p256::ecdsa::signature::Verifier;
-                let key = p256::ecdsa::VerifyingKey::from_sec1_bytes(&sign_point).map_err(|_| bad("certificate key".into()))?;
-                p256::ecdsa::Signature::from_der(&signature).map(|s| key.verify(&receipt, &s).is_ok()).unwrap_or(false)
+                let key = p256::ecdsa::VerifyingKey::from_sec1_bytes(&sign_point)
+                    .map_err(|_| bad("certificate key".into()))?;
+                p256::ecdsa::Signature::from_der(&signature)
+                    .map(|s| key.verify(&receipt, &s).is_ok())
+                    .unwrap_or(false)
             }
             Curve::P384 => {
                 use p384::ecdsa::signature::Verifier;
-                let key = p384::ecdsa::VerifyingKey::from_sec1_bytes(&sign_point).map_err(|_| bad("certificate key".into()))?;
-                p384::ecdsa::Signature::from_der(&signature).map(|s| key.verify(&receipt, &s).is_ok()).unwrap_or(false)
+                let key = p384::ecdsa::VerifyingKey::from_sec1_bytes(&sign_point)
+                    .map_err(|_| bad("certificate key".into()))?;
+                p384::ecdsa::Signature::from_der(&signature)
+                    .map(|s| key.verify(&receipt, &s).is_ok())
+                    .unwrap_or(false)
             }
         };
         if !verified {
-            return Err(bad("the receipt signature does not verify with the meter's certificate".into()));
+            return Err(bad(
+                "the receipt signature does not verify with the meter's certificate".into(),
+            ));
         }
         let r = Receipt::decode(&receipt).ok_or_else(|| bad("the receipt is malformed".into()))?;
-        let id = run.identity.clone().ok_or_else(|| bad("no identity".into()))?;
+        let id = run
+            .identity
+            .clone()
+            .ok_or_else(|| bad("no identity".into()))?;
         if hex::encode(&r.uid) != run.uid {
             return Err(bad("the receipt names another UID".into()));
         }
@@ -845,22 +1237,39 @@ impl Ctx<'_> {
             return Err(bad("the receipt answers another challenge".into()));
         }
         if r.lifecycle != Lifecycle::Sealed {
-            return Err(bad(format!("the receipt says lifecycle {}, not sealed", r.lifecycle.name())));
+            return Err(bad(format!(
+                "the receipt says lifecycle {}, not sealed",
+                r.lifecycle.name()
+            )));
         }
         if hex::encode(r.fw_sha256) != run.batch.firmware_sha256 {
             return Err(bad("the receipt names another firmware image".into()));
         }
         for (slot, der, _) in &run.certs {
-            if !r.certs.iter().any(|(s, fp)| *s == *slot as u8 && *fp == sha256(der)) {
-                return Err(bad(format!("the receipt does not list the {slot:?} certificate")));
+            if !r
+                .certs
+                .iter()
+                .any(|(s, fp)| *s == *slot as u8 && *fp == sha256(der))
+            {
+                return Err(bad(format!(
+                    "the receipt does not list the {slot:?} certificate"
+                )));
             }
         }
         let _ = sign_der;
         Ok((r, receipt, signature))
     }
 
-    async fn done(&self, run: &Run, receipt: &Receipt, receipt_bytes: Vec<u8>, sig: Vec<u8>) -> Result<(), Failure> {
-        let Some(id) = run.meter_id else { return Err(db_failure(Step::Attest, "no meter record")) };
+    async fn done(
+        &self,
+        run: &Run,
+        receipt: &Receipt,
+        receipt_bytes: Vec<u8>,
+        sig: Vec<u8>,
+    ) -> Result<(), Failure> {
+        let Some(id) = run.meter_id else {
+            return Err(db_failure(Step::Attest, "no meter record"));
+        };
         let audit = self.inner.audit.clone();
         let source = format!("nest {}", self.nest + 1);
         let operator = self.operator.clone();
@@ -916,8 +1325,15 @@ impl Ctx<'_> {
         let source = format!("nest {}", self.nest + 1);
         let operator = self.operator.clone();
         let nest = self.nest as u32 + 1;
-        let (id, uid, serial, step, reason, kind, severity) =
-            (run.meter_id, run.uid.clone(), run.serial.clone(), run.step, f.reason.clone(), f.kind, f.severity);
+        let (id, uid, serial, step, reason, kind, severity) = (
+            run.meter_id,
+            run.uid.clone(),
+            run.serial.clone(),
+            run.step,
+            f.reason.clone(),
+            f.kind,
+            f.severity,
+        );
         let batch = run.batch.work_order.clone();
         let r = self
             .inner
@@ -934,9 +1350,29 @@ impl Ctx<'_> {
                 });
                 let mut alarm = None;
                 if kind != "meter.failed" {
-                    alarm = audit.append(&tx, &NewEvent { nest: Some(nest), ..NewEvent::new(&source, kind, severity, &operator, details.clone()) })?.alarm;
+                    alarm = audit
+                        .append(
+                            &tx,
+                            &NewEvent {
+                                nest: Some(nest),
+                                ..NewEvent::new(&source, kind, severity, &operator, details.clone())
+                            },
+                        )?
+                        .alarm;
                 }
-                let a = audit.append(&tx, &NewEvent { nest: Some(nest), ..NewEvent::new(&source, "meter.failed", Severity::Warning, &operator, details) })?;
+                let a = audit.append(
+                    &tx,
+                    &NewEvent {
+                        nest: Some(nest),
+                        ..NewEvent::new(
+                            &source,
+                            "meter.failed",
+                            Severity::Warning,
+                            &operator,
+                            details,
+                        )
+                    },
+                )?;
                 tx.commit()?;
                 Ok(alarm.or(a.alarm))
             })
@@ -944,7 +1380,9 @@ impl Ctx<'_> {
         match r {
             Ok(Some(alarm)) => self.inner.publish_alarm(alarm).await,
             Ok(None) => {}
-            Err(e) => tracing::error!(nest, error = %e, "could not journal a failed meter; start-up recovery will fail it"),
+            Err(e) => {
+                tracing::error!(nest, error = %e, "could not journal a failed meter; start-up recovery will fail it")
+            }
         }
         self.inner.publish_batch().await;
     }

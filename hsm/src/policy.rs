@@ -324,7 +324,8 @@ pub static POLICY: [KeyPolicy; 19] = [
         label: None,
         family: KeyFamily::Aes,
         key: ObjectPolicy {
-            token: false,
+            // Imported meter keys are the utility's to keep: token objects, labelled by meter.
+            token: true,
             private: true,
             sensitive: true,
             extractable: false,

@@ -139,6 +139,8 @@ pub enum WrapAlg {
     AesKwPad,
     /// RSA-OAEP with the hash chosen at open time ([`Mechanisms::rsa_oaep`]), empty label.
     RsaOaep,
+    /// RSA-OAEP with a given hash (the utility side follows what the manifest says), empty label.
+    RsaOaepWith(OaepHash),
 }
 
 /// What kind of key (or object) a handle refers to.
@@ -927,6 +929,7 @@ impl<'a> HsmSession<'a> {
         match alg {
             WrapAlg::AesKw if m.aes_key_wrap => Ok(Mechanism::AesKeyWrap),
             WrapAlg::AesKwPad if m.aes_key_wrap_pad => Ok(Mechanism::AesKeyWrapPad),
+            WrapAlg::RsaOaepWith(hash) => Ok(Mechanism::RsaPkcsOaep(hash.params())),
             WrapAlg::RsaOaep => match m.rsa_oaep {
                 Some(hash) => Ok(Mechanism::RsaPkcsOaep(hash.params())),
                 None => Err(Error::MechanismMissing {

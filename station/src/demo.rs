@@ -599,6 +599,41 @@ async fn drive(cell: &DemoCell, args: &DemoArgs) -> Result<()> {
         .execute(&supervisor, Command::CloseBatch { id: cell.batch.id })
         .await?;
 
+    // The manifest, and what the utility does with it.
+    let officer = login(engine, dir, "officer").await?;
+    let out = dir.join("export");
+    let exported = match engine
+        .execute(
+            &officer,
+            Command::Export {
+                batch: cell.batch.id,
+                out_dir: out.clone(),
+            },
+        )
+        .await?
+    {
+        Reply::Export(e) => e,
+        _ => bail!("export answered unexpectedly"),
+    };
+    for f in ["manifest.json", "manifest.p7m"] {
+        std::fs::copy(out.join(f), dir.join(f))?;
+    }
+    println!(
+        "manifest exported: {} meters, {} voided certificates, checkpoint at audit entry {} ({}/manifest.p7m)",
+        exported.meters,
+        exported.voided,
+        exported.checkpoint_seq,
+        dir.display()
+    );
+    let root =
+        crate::manifest::verify::read_cert(&dir.join("root-ca.pem")).map_err(anyhow::Error::msg)?;
+    let (report, _) = crate::manifest::verify::verify_file(&dir.join("manifest.p7m"), &root)
+        .map_err(anyhow::Error::msg)?;
+    println!("utility side: {report}");
+    if !report.ok() {
+        bail!("the manifest does not verify");
+    }
+
     let auditor = login(engine, dir, "audit").await?;
     let verification = match engine.execute(&auditor, Command::AuditVerify).await? {
         Reply::Verification(v) => v,
@@ -632,7 +667,15 @@ async fn drive(cell: &DemoCell, args: &DemoArgs) -> Result<()> {
         "  {c} --user audit --pin-file {}/pins/audit.pin audit tail -n 10",
         dir.display()
     );
-    for s in [operator, supervisor, auditor] {
+    println!(
+        "  station manifest verify {d}/manifest.p7m --root {d}/root-ca.pem",
+        d = dir.display()
+    );
+    println!(
+        "  openssl cms -verify -binary -inform DER -in {d}/manifest.p7m -CAfile {d}/root-ca.pem -out /dev/null",
+        d = dir.display()
+    );
+    for s in [operator, supervisor, auditor, officer] {
         let _ = engine.logout(&s).await;
     }
     Ok(())

@@ -10,6 +10,7 @@ pub mod config;
 pub mod db;
 pub mod demo;
 pub mod engine;
+pub mod manifest;
 pub mod records;
 pub mod run;
 

@@ -85,8 +85,65 @@ enum Cmd {
     /// The audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Export a closed batch's signed manifest (manifest.json and manifest.p7m).
+    Export {
+        /// Batch id.
+        #[arg(long)]
+        batch: i64,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// The utility's side: verify a manifest, import its keys.
+    #[command(subcommand)]
+    Manifest(ManifestCmd),
     /// A whole batch on emulated meters with a software HSM, ending in a verified manifest.
     Demo(station::demo::DemoArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum ManifestCmd {
+    /// Check signature and chain, schema, certificates, receipts, counts and duplicates.
+    Verify {
+        /// The manifest (manifest.p7m).
+        file: PathBuf,
+        /// The manufacturer's root certificate (PEM or DER).
+        #[arg(long)]
+        root: PathBuf,
+    },
+    /// Verify, then import every meter key: into your HSM (never in clear), or into per-meter
+    /// key files (only with --clear-keys). A manifest that fails verification imports nothing.
+    Import(ImportArgs),
+}
+
+#[derive(Args, Debug)]
+struct ImportArgs {
+    /// The manifest (manifest.p7m).
+    file: PathBuf,
+    /// The manufacturer's root certificate (PEM or DER).
+    #[arg(long)]
+    root: PathBuf,
+    /// Your RSA private key (PKCS#8 PEM): write per-meter key files.
+    #[arg(long, requires_all = ["out", "clear_keys"], conflicts_with = "pkcs11_module")]
+    key: Option<PathBuf>,
+    /// Directory for the per-meter key files.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Acknowledge that the key files hold meter keys in clear (owner-only files).
+    #[arg(long)]
+    clear_keys: bool,
+    /// Your PKCS#11 module: unwrap every key into your token.
+    #[arg(long, requires = "token")]
+    pkcs11_module: Option<PathBuf>,
+    /// Your token's label.
+    #[arg(long)]
+    token: Option<String>,
+    /// Label of your RSA transport key pair in the token.
+    #[arg(long, default_value = "utility-transport")]
+    key_label: String,
+    /// Owner-only file with your token's user PIN (default: prompt, or STATION_TOKEN_PIN).
+    #[arg(long)]
+    token_pin_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -527,6 +584,17 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 .await
                 .map(|_| ExitCode::SUCCESS);
         }
+        Cmd::Export { batch, out } => {
+            one(
+                &cli,
+                Command::Export {
+                    batch: *batch,
+                    out_dir: out.clone(),
+                },
+            )
+            .await?
+        }
+        Cmd::Manifest(m) => return manifest(&cli, m),
         Cmd::Init { admin } => {
             let engine = open(&cli, false).await?;
             let pin = new_pin(admin)?;
@@ -692,6 +760,71 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
     };
     print(&cli, &reply)?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn manifest(cli: &Cli, m: &ManifestCmd) -> Result<ExitCode> {
+    use station::manifest::{import, verify};
+    match m {
+        ManifestCmd::Verify { file, root } => {
+            let root = verify::read_cert(root).map_err(anyhow::Error::msg)?;
+            let (report, _) = verify::verify_file(file, &root).map_err(anyhow::Error::msg)?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{report}");
+            }
+            Ok(if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
+        }
+        ManifestCmd::Import(a) => {
+            let root = verify::read_cert(&a.root).map_err(anyhow::Error::msg)?;
+            let target = match (&a.key, &a.pkcs11_module) {
+                (Some(key), None) => {
+                    if !a.clear_keys {
+                        bail!("--key writes meter keys in clear: add --clear-keys to confirm");
+                    }
+                    import::Target::Files {
+                        key_pem: key.clone(),
+                        out_dir: a
+                            .out
+                            .clone()
+                            .ok_or_else(|| anyhow!("--key needs --out DIR"))?,
+                    }
+                }
+                (None, Some(module)) => import::Target::Token {
+                    module: module.clone(),
+                    token: a
+                        .token
+                        .clone()
+                        .ok_or_else(|| anyhow!("--pkcs11-module needs --token LABEL"))?,
+                    pin: match &a.token_pin_file {
+                        Some(f) => hsm::PinSource::File(f.clone()),
+                        None if std::env::var_os("STATION_TOKEN_PIN").is_some() => {
+                            hsm::PinSource::Env("STATION_TOKEN_PIN".into())
+                        }
+                        None => hsm::PinSource::Prompt,
+                    },
+                    key_label: a.key_label.clone(),
+                },
+                _ => bail!(
+                    "choose where the keys go: --pkcs11-module M --token LABEL (into your HSM), or --key KEY.pem --out DIR --clear-keys (files)"
+                ),
+            };
+            match import::import(&a.file, &root, &target) {
+                Ok(r) => {
+                    println!("{r}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("station: {e}");
+                    Ok(ExitCode::from(2))
+                }
+            }
+        }
+    }
 }
 
 fn role_of(name: &str) -> Result<hsm::KeyRole> {

@@ -296,6 +296,8 @@ pub struct NewBatch {
     pub transport_key: String,
     /// The transport key wrapped for the customer.
     pub transport_wrapped: Vec<u8>,
+    /// Its check value, hex.
+    pub transport_kcv: String,
     /// OAEP hash.
     pub oaep_hash: String,
 }
@@ -309,10 +311,10 @@ pub fn insert_batch(
 ) -> Result<i64, DbError> {
     tx.execute(
         "INSERT INTO batches (work_order, model, firmware_id, customer_id, quantity, serial_prefix, serial_first, serial_last,
-            next_serial, state, transport_key, transport_wrapped, oaep_hash, opened_at, opened_by)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?7, 'open', ?9, ?10, ?11, ?12, ?13)",
+            next_serial, state, transport_key, transport_wrapped, transport_kcv, oaep_hash, opened_at, opened_by)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?7, 'open', ?9, ?10, ?11, ?12, ?13, ?14)",
         params![b.work_order, b.model, b.firmware_id, b.customer_id, b.quantity, b.serial_prefix, b.serial_first, b.serial_last,
-            b.transport_key, b.transport_wrapped, b.oaep_hash, now, by],
+            b.transport_key, b.transport_wrapped, b.transport_kcv, b.oaep_hash, now, by],
     )?;
     Ok(tx.last_insert_rowid())
 }

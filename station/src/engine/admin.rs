@@ -376,6 +376,11 @@ pub(super) async fn execute(engine: &Engine, user: &User, cmd: Command) -> Resul
                 verification,
             })
         }
+        Command::Export { batch, out_dir } => {
+            crate::manifest::export::export(inner, &who, batch, out_dir)
+                .await
+                .map(Reply::Export)
+        }
         Command::HsmInfo => {
             let hsm = inner.hsm.clone();
             let info = tokio::task::spawn_blocking(move || hsm::pki::info(&hsm))
@@ -671,10 +676,11 @@ async fn open_batch(inner: &Arc<Inner>, who: &str, spec: BatchSpec) -> Result<re
                         &cert,
                     )?,
                 };
-                s.wrap(&ck, &tk, hsm::WrapAlg::RsaOaep)
+                let w = s.wrap(&ck, &tk, hsm::WrapAlg::RsaOaep)?;
+                Ok((w, s.kcv(&tk)?))
             })();
             match wrapped {
-                Ok(w) => Ok((tk, w)),
+                Ok((w, kcv)) => Ok((tk, w, kcv)),
                 Err(e) => {
                     let _ = s.destroy(&tk);
                     Err(e)
@@ -682,7 +688,7 @@ async fn open_batch(inner: &Arc<Inner>, who: &str, spec: BatchSpec) -> Result<re
             }
         })
         .await?;
-    let (tk, wrapped) = made;
+    let (tk, wrapped, kcv) = made;
     let oaep = match inner.hsm.mechanisms().rsa_oaep {
         Some(h) => format!("{h:?}").to_lowercase(),
         None => return Err(Error::Setup("the HSM offers no RSA-OAEP: the batch transport key cannot be wrapped for the customer".into())),
@@ -698,6 +704,7 @@ async fn open_batch(inner: &Arc<Inner>, who: &str, spec: BatchSpec) -> Result<re
         serial_last: spec.serial_last,
         transport_key: tk_label.clone(),
         transport_wrapped: wrapped,
+        transport_kcv: hex::encode(kcv),
         oaep_hash: oaep.clone(),
     };
     let a = inner.audit.clone();

@@ -364,6 +364,13 @@ pub enum Command {
     ListAlarms,
     /// HSM information.
     HsmInfo,
+    /// Export a closed batch's manifest.
+    Export {
+        /// Batch id.
+        batch: i64,
+        /// Output directory.
+        out_dir: std::path::PathBuf,
+    },
 }
 
 impl Command {
@@ -391,6 +398,7 @@ impl Command {
             Command::AuditTail { .. } | Command::AuditSince { .. } => Action::ViewAudit,
             Command::AuditExport => Action::ExportAudit,
             Command::HsmInfo => Action::ViewHsm,
+            Command::Export { .. } => Action::ExportManifest,
         }
     }
 
@@ -419,6 +427,7 @@ impl Command {
             Command::AuditExport => "export audit log",
             Command::ListAlarms => "list alarms",
             Command::HsmInfo => "hsm info",
+            Command::Export { .. } => "export manifest",
         }
     }
 }

@@ -53,6 +53,7 @@ CREATE TABLE batches (
     state           TEXT NOT NULL CHECK (state IN ('open', 'closed')),
     transport_key   TEXT NOT NULL,               -- HSM label of the batch transport key
     transport_wrapped BLOB NOT NULL,             -- RSA-OAEP for the customer certificate
+    transport_kcv   TEXT NOT NULL,               -- check value of the transport key
     oaep_hash       TEXT NOT NULL,
     opened_at       INTEGER NOT NULL,
     opened_by       TEXT NOT NULL,

@@ -1,0 +1,369 @@
+//! `station manifest import`: the utility's side. A manifest is verified in full first; one that
+//! fails imports nothing. Then either
+//!
+//! - into the utility's own HSM: the batch transport key is unwrapped (RSA-OAEP) inside the token
+//!   with the utility's private key, and every meter key is unwrapped (AES key wrap) under it into
+//!   a token object labelled `<system title>/<key id>` — no key is ever in clear; or
+//! - into per-meter key files for a head-end, only when the caller says explicitly that keys will
+//!   be written in clear: owner-only files, written only after every key of the batch unwrapped
+//!   and matched its check value.
+//!
+//! A key that does not match its check value (a key swapped between meters, a damaged wrap)
+//! stops the import; keys created by the failed import are destroyed again. Importing the same
+//! manifest twice changes nothing the second time.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use hsm::{AesKeySize, Hsm, HsmConfig, KeyHandle, KeyRole, OaepHash, PinSource, WrapAlg};
+use sha2::{Digest, Sha256};
+use x509_cert::Certificate;
+use zeroize::Zeroizing;
+
+use super::model::*;
+use super::verify;
+
+/// Where the keys go.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// Per-meter files, keys in clear (owner-only).
+    Files {
+        /// The utility's RSA private key (PKCS#8 PEM).
+        key_pem: PathBuf,
+        /// Directory for the files.
+        out_dir: PathBuf,
+    },
+    /// The utility's PKCS#11 token.
+    Token {
+        /// Module path.
+        module: PathBuf,
+        /// Token label.
+        token: String,
+        /// PIN source.
+        pin: PinSource,
+        /// Label of the utility's RSA key pair in the token.
+        key_label: String,
+    },
+}
+
+/// What an import did.
+#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
+pub struct ImportReport {
+    /// Meters whose keys were imported now.
+    pub meters: usize,
+    /// Keys imported now.
+    pub keys_imported: usize,
+    /// Keys already present with the same check value (re-import).
+    pub keys_present: usize,
+    /// Where they went.
+    pub destination: String,
+}
+
+impl std::fmt::Display for ImportReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "imported {} key(s) of {} meter(s) into {} ({} already present)",
+            self.keys_imported, self.meters, self.destination, self.keys_present
+        )
+    }
+}
+
+/// Why an import stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    /// The manifest did not verify; nothing was imported.
+    #[error("the manifest did not verify; nothing was imported\n{0}")]
+    NotVerified(verify::Report),
+    /// The key given is not the one the batch was wrapped for.
+    #[error("{0}")]
+    WrongKey(String),
+    /// A key did not match its check value.
+    #[error("{0}; nothing was imported")]
+    KeyCheck(String),
+    /// The destination refused.
+    #[error("{0}")]
+    Destination(String),
+}
+
+fn oaep(m: &Manifest) -> OaepHash {
+    if m.transport_key.oaep_hash == "sha256" {
+        OaepHash::Sha256
+    } else {
+        OaepHash::Sha1
+    }
+}
+
+/// Verifies and imports.
+pub fn import(
+    p7m: &Path,
+    root: &Certificate,
+    target: &Target,
+) -> Result<ImportReport, ImportError> {
+    let (report, manifest) = verify::verify_file(p7m, root).map_err(ImportError::Destination)?;
+    let manifest = match (report.ok(), manifest) {
+        (true, Some(m)) => m,
+        _ => return Err(ImportError::NotVerified(report)),
+    };
+    match target {
+        Target::Files { key_pem, out_dir } => import_files(&manifest, key_pem, out_dir),
+        Target::Token {
+            module,
+            token,
+            pin,
+            key_label,
+        } => import_token(&manifest, module, token, pin, key_label),
+    }
+}
+
+fn kcv_of(key: &[u8]) -> String {
+    line_protocol::crypto::kcv_aes(key)
+        .map(hex::encode)
+        .unwrap_or_default()
+}
+
+fn import_files(m: &Manifest, key_pem: &Path, out_dir: &Path) -> Result<ImportReport, ImportError> {
+    use rsa::pkcs8::{DecodePrivateKey, EncodePublicKey};
+    let pem = Zeroizing::new(std::fs::read_to_string(key_pem).map_err(|e| {
+        ImportError::Destination(format!("cannot read {}: {e}", key_pem.display()))
+    })?);
+    let key = rsa::RsaPrivateKey::from_pkcs8_pem(&pem).map_err(|_| {
+        ImportError::WrongKey(format!(
+            "{} is not an RSA private key in PKCS#8 PEM",
+            key_pem.display()
+        ))
+    })?;
+    let spki = rsa::RsaPublicKey::from(&key)
+        .to_public_key_der()
+        .map_err(|e| ImportError::WrongKey(e.to_string()))?;
+    if hex::encode(Sha256::digest(spki.as_bytes())) != m.customer.public_key_sha256 {
+        return Err(ImportError::WrongKey(format!(
+            "{} is not the key of customer {} the batch was made for (public key SHA-256 {})",
+            key_pem.display(),
+            m.customer.name,
+            m.customer.public_key_sha256
+        )));
+    }
+    let wrapped = unb64(&m.transport_key.wrapped);
+    let tk = Zeroizing::new(
+        match oaep(m) {
+            OaepHash::Sha1 => key.decrypt(rsa::Oaep::<sha1::Sha1>::new(), &wrapped),
+            OaepHash::Sha256 => key.decrypt(rsa::Oaep::<Sha256>::new(), &wrapped),
+        }
+        .map_err(|_| {
+            ImportError::WrongKey("the batch transport key does not unwrap with this key".into())
+        })?,
+    );
+    let tk: Zeroizing<[u8; 32]> =
+        Zeroizing::new(tk.as_slice().try_into().map_err(|_| {
+            ImportError::KeyCheck("the batch transport key is not 32 bytes".into())
+        })?);
+    if kcv_of(tk.as_slice()) != m.transport_key.kcv {
+        return Err(ImportError::KeyCheck(
+            "the batch transport key does not match its check value".into(),
+        ));
+    }
+    // Unwrap everything first; write nothing unless all of it checks out.
+    let mut files = Vec::with_capacity(m.meters.len());
+    for mr in &m.meters {
+        let mut keys = serde_json::Map::new();
+        for k in &mr.keys {
+            let clear = line_protocol::crypto::unwrap_key(
+                &tk,
+                line_protocol::msg::WrapAlg::AesKw,
+                &unb64(&k.wrapped),
+            )
+            .ok_or_else(|| {
+                ImportError::KeyCheck(format!(
+                    "meter {}: key {} does not unwrap under the batch transport key",
+                    mr.serial, k.id
+                ))
+            })?;
+            let want = if k.key_type == "aes-256" { 32 } else { 16 };
+            if clear.len() != want || kcv_of(&clear) != k.kcv {
+                return Err(ImportError::KeyCheck(format!(
+                    "meter {}: key {} does not match its check value (swapped or damaged)",
+                    mr.serial, k.id
+                )));
+            }
+            keys.insert(
+                k.id.clone(),
+                serde_json::Value::String(hex::encode(&*clear)),
+            );
+        }
+        let doc = Zeroizing::new(
+            serde_json::to_string_pretty(&serde_json::json!({
+                "serial": mr.serial, "system_title": mr.system_title, "logical_device_name": mr.logical_device_name,
+                "uid": mr.uid, "batch": m.batch.work_order, "keys": keys,
+            }))
+            .unwrap_or_default(),
+        );
+        files.push((out_dir.join(format!("{}.json", mr.system_title)), doc));
+    }
+    std::fs::create_dir_all(out_dir).map_err(|e| {
+        ImportError::Destination(format!("cannot create {}: {e}", out_dir.display()))
+    })?;
+    let (mut written, mut present) = (0, 0);
+    for (path, doc) in &files {
+        if let Ok(existing) = std::fs::read_to_string(path) {
+            let existing = Zeroizing::new(existing);
+            if existing.trim_end() == doc.trim_end() {
+                present += 4;
+                continue;
+            }
+            return Err(ImportError::Destination(format!(
+                "{} exists with other keys; move it away first",
+                path.display()
+            )));
+        }
+        let tmp = path.with_extension("json.tmp");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| {
+                ImportError::Destination(format!("cannot write {}: {e}", tmp.display()))
+            })?;
+        f.write_all(doc.as_bytes())
+            .and_then(|_| f.sync_all())
+            .map_err(|e| {
+                ImportError::Destination(format!("cannot write {}: {e}", tmp.display()))
+            })?;
+        std::fs::rename(&tmp, path).map_err(|e| {
+            ImportError::Destination(format!("cannot write {}: {e}", path.display()))
+        })?;
+        written += 4;
+    }
+    Ok(ImportReport {
+        meters: files.len(),
+        keys_imported: written,
+        keys_present: present,
+        destination: out_dir.display().to_string(),
+    })
+}
+
+fn import_token(
+    m: &Manifest,
+    module: &Path,
+    token: &str,
+    pin: &PinSource,
+    key_label: &str,
+) -> Result<ImportReport, ImportError> {
+    let dest = |e: hsm::Error| ImportError::Destination(format!("utility token {token}: {e}"));
+    let mut cfg = HsmConfig::new(module, token, pin.clone());
+    cfg.pool_size = 1;
+    let hsm = Hsm::open(&cfg).map_err(dest)?;
+    let wrapped_tk = unb64(&m.transport_key.wrapped);
+    let hash = oaep(m);
+    let tk_kcv = m.transport_key.kcv.clone();
+    let label = key_label.to_string();
+    let meters = m.meters.clone();
+    hsm.with_session(|s| {
+        let private = s
+            .find_key(hsm::KeyKind::RsaPrivate, &label)?
+            .ok_or_else(|| hsm::Error::ObjectNotFound {
+                what: "utility transport private key",
+                label: label.clone(),
+            })?;
+        let tk = s
+            .unwrap_aes(
+                &private,
+                &wrapped_tk,
+                WrapAlg::RsaOaepWith(hash),
+                KeyRole::UtilityBatchTransport,
+                AesKeySize::Aes256,
+                None,
+            )
+            .map_err(|e| {
+                hsm::Error::InvalidInput(format!(
+                    "the batch transport key does not unwrap with {label}: {e}"
+                ))
+            })?;
+        let result = import_meter_keys(s, &tk, &tk_kcv, &meters);
+        let _ = s.destroy(&tk);
+        result
+    })
+    .map_err(|e| match e {
+        hsm::Error::InvalidInput(msg) if msg.contains("check value") => ImportError::KeyCheck(msg),
+        hsm::Error::InvalidInput(msg) if msg.contains("does not unwrap") => {
+            ImportError::WrongKey(msg)
+        }
+        other => dest(other),
+    })
+    .map(|(imported, present)| ImportReport {
+        meters: m.meters.len(),
+        keys_imported: imported,
+        keys_present: present,
+        destination: format!("token {token}"),
+    })
+}
+
+fn import_meter_keys(
+    s: &hsm::HsmSession<'_>,
+    tk: &KeyHandle,
+    tk_kcv: &str,
+    meters: &[MeterRecord],
+) -> hsm::Result<(usize, usize)> {
+    if hex::encode(s.kcv(tk)?) != tk_kcv {
+        return Err(hsm::Error::InvalidInput(
+            "the batch transport key does not match its check value".into(),
+        ));
+    }
+    let mut created: Vec<KeyHandle> = Vec::new();
+    let mut present = 0;
+    let outcome = (|| -> hsm::Result<()> {
+        for mr in meters {
+            for k in &mr.keys {
+                let label = format!("{}/{}", mr.system_title, k.id);
+                let size = if k.key_type == "aes-256" {
+                    AesKeySize::Aes256
+                } else {
+                    AesKeySize::Aes128
+                };
+                if let Some(existing) = s.find_key(hsm::KeyKind::Aes(size.bytes()), &label)? {
+                    if hex::encode(s.kcv(&existing)?) == k.kcv {
+                        present += 1;
+                        continue;
+                    }
+                    return Err(hsm::Error::InvalidInput(format!(
+                        "meter {}: {label} already exists with another key",
+                        mr.serial
+                    )));
+                }
+                let key = s
+                    .unwrap_aes(
+                        tk,
+                        &unb64(&k.wrapped),
+                        WrapAlg::AesKw,
+                        KeyRole::UtilityMeterKey,
+                        size,
+                        Some(&label),
+                    )
+                    .map_err(|_| {
+                        hsm::Error::InvalidInput(format!(
+                            "meter {}: key {} does not match its check value (it does not unwrap)",
+                            mr.serial, k.id
+                        ))
+                    })?;
+                created.push(key.clone());
+                if hex::encode(s.kcv(&key)?) != k.kcv {
+                    return Err(hsm::Error::InvalidInput(format!(
+                        "meter {}: key {} does not match its check value (swapped or damaged)",
+                        mr.serial, k.id
+                    )));
+                }
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = outcome {
+        for k in &created {
+            let _ = s.destroy(k);
+        }
+        return Err(e);
+    }
+    Ok((created.len(), present))
+}

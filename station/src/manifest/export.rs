@@ -568,10 +568,9 @@ fn sign_detached(
         .add_signer_info::<_, p256::ecdsa::DerSignature>(sib, &signer)
         .map_err(cms_err)?;
     let ci: ContentInfo = builder.build().map_err(cms_err)?;
-    Ok(ci
-        .content
+    ci.content
         .to_der()
-        .map_err(|e| Error::Invalid(format!("cannot encode the signature: {e}")))?)
+        .map_err(|e| Error::Invalid(format!("cannot encode the signature: {e}")))
 }
 
 /// Writes `ContentInfo(SignedData)` with the content of `json` encapsulated, taking every other

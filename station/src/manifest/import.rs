@@ -75,7 +75,7 @@ impl std::fmt::Display for ImportReport {
 pub enum ImportError {
     /// The manifest did not verify; nothing was imported.
     #[error("the manifest did not verify; nothing was imported\n{0}")]
-    NotVerified(verify::Report),
+    NotVerified(Box<verify::Report>),
     /// The key given is not the one the batch was wrapped for.
     #[error("{0}")]
     WrongKey(String),
@@ -104,7 +104,7 @@ pub fn import(
     let (report, manifest) = verify::verify_file(p7m, root).map_err(ImportError::Destination)?;
     let manifest = match (report.ok(), manifest) {
         (true, Some(m)) => m,
-        _ => return Err(ImportError::NotVerified(report)),
+        _ => return Err(ImportError::NotVerified(Box::new(report))),
     };
     match target {
         Target::Files { key_pem, out_dir } => import_files(&manifest, key_pem, out_dir),

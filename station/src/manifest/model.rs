@@ -259,7 +259,7 @@ pub struct AuditCheckpoint {
 pub struct FormError(pub String);
 
 fn hex_of(s: &str, bytes: Option<usize>) -> bool {
-    s.len() % 2 == 0
+    s.len().is_multiple_of(2)
         && s.chars()
             .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
         && bytes.is_none_or(|n| s.len() == 2 * n)

@@ -207,8 +207,9 @@ pub async fn init_dev_token(token_dir: &Path, label: &str, out: Option<&Path>) -
     Ok(text)
 }
 
-/// The demo utility: an RSA-3072 key and a self-signed certificate.
-fn make_utility(dir: &Path) -> Result<(PathBuf, PathBuf)> {
+/// The demo utility: an RSA-3072 key and a self-signed certificate, written as
+/// `utility-key.pem` (owner-only) and `utility.pem` in `dir`.
+pub fn make_utility(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     use rsa::pkcs8::EncodePrivateKey;
     use std::str::FromStr;
     use x509_cert::builder::{Builder, CertificateBuilder};

@@ -1,0 +1,927 @@
+//! The `station` command line: arguments, credentials, output. The binary is one call to
+//! [`main`]; keeping it here lets the end-to-end tests run the very same command.
+//!
+//! It parses arguments, obtains credentials, and calls the engine (or the HSM set-up functions
+//! for the PKI commands). Every failure exits non-zero with a message that says what to do.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use crate::auth::Role;
+use crate::config::Config;
+use crate::engine::BatchSpec;
+use crate::{Command, Engine, OpenOptions, Reply, Session};
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Args, Parser, Subcommand};
+use zeroize::Zeroizing;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "station",
+    version,
+    about = "Trust-provisioning cell controller: keys, certificates and firmware into meters, with a journal, an audit log and signed manifests",
+    long_about = None,
+    after_help = "Credentials: commands log in as --user (or STATION_USER) with the PIN from STATION_PIN, --pin-file (an owner-only file) or a prompt.\nStart with `station demo` to see a whole cell at work."
+)]
+struct Cli {
+    /// Cell configuration.
+    #[arg(
+        long,
+        global = true,
+        default_value = "station.toml",
+        env = "STATION_CONFIG"
+    )]
+    config: PathBuf,
+    /// User to log in as.
+    #[arg(long, global = true, env = "STATION_USER")]
+    user: Option<String>,
+    /// File holding the user's PIN (owner-only permissions).
+    #[arg(long, global = true, env = "STATION_PIN_FILE")]
+    pin_file: Option<PathBuf>,
+    /// Print results as JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Create the journal and the first security officer (PIN from STATION_NEW_PIN or a prompt).
+    Init {
+        /// Name of the first security officer.
+        #[arg(long)]
+        admin: String,
+    },
+    /// Users and roles.
+    #[command(subcommand)]
+    User(UserCmd),
+    /// The cell's PKI in the HSM.
+    #[command(subcommand)]
+    Pki(PkiCmd),
+    /// The HSM.
+    #[command(subcommand)]
+    Hsm(HsmCmd),
+    /// Firmware releases.
+    #[command(subcommand)]
+    Firmware(FirmwareCmd),
+    /// Customers (utilities) and their certificates.
+    #[command(subcommand)]
+    Customer(CustomerCmd),
+    /// Production batches.
+    #[command(subcommand)]
+    Batch(BatchCmd),
+    /// Run the line headless: every nest, a progress bar per nest, a summary at the end.
+    Run(RunArgs),
+    /// Alarms raised by critical audit events.
+    #[command(subcommand)]
+    Alarm(AlarmCmd),
+    /// Allow a failed meter to be provisioned again.
+    Rework {
+        /// The meter's UID (hex).
+        uid: String,
+    },
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+    /// Export a closed batch's signed manifest (manifest.json and manifest.p7m).
+    Export {
+        /// Batch id.
+        #[arg(long)]
+        batch: i64,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// The utility's side: verify a manifest, import its keys.
+    #[command(subcommand)]
+    Manifest(ManifestCmd),
+    /// A whole batch on emulated meters with a software HSM, ending in a verified manifest.
+    Demo(crate::demo::DemoArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum ManifestCmd {
+    /// Check signature and chain, schema, certificates, receipts, counts and duplicates.
+    Verify {
+        /// The manifest (manifest.p7m).
+        file: PathBuf,
+        /// The manufacturer's root certificate (PEM or DER).
+        #[arg(long)]
+        root: PathBuf,
+    },
+    /// Verify, then import every meter key: into your HSM (never in clear), or into per-meter
+    /// key files (only with --clear-keys). A manifest that fails verification imports nothing.
+    Import(ImportArgs),
+}
+
+#[derive(Args, Debug)]
+struct ImportArgs {
+    /// The manifest (manifest.p7m).
+    file: PathBuf,
+    /// The manufacturer's root certificate (PEM or DER).
+    #[arg(long)]
+    root: PathBuf,
+    /// Your RSA private key (PKCS#8 PEM): write per-meter key files.
+    #[arg(long, requires_all = ["out", "clear_keys"], conflicts_with = "pkcs11_module")]
+    key: Option<PathBuf>,
+    /// Directory for the per-meter key files.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Acknowledge that the key files hold meter keys in clear (owner-only files).
+    #[arg(long)]
+    clear_keys: bool,
+    /// Your PKCS#11 module: unwrap every key into your token.
+    #[arg(long, requires = "token")]
+    pkcs11_module: Option<PathBuf>,
+    /// Your token's label.
+    #[arg(long)]
+    token: Option<String>,
+    /// Label of your RSA transport key pair in the token.
+    #[arg(long, default_value = "utility-transport")]
+    key_label: String,
+    /// Owner-only file with your token's user PIN (default: prompt, or STATION_TOKEN_PIN).
+    #[arg(long)]
+    token_pin_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum UserCmd {
+    /// Add a user (PIN from STATION_NEW_PIN or a prompt).
+    Add {
+        /// Name.
+        name: String,
+        /// operator, supervisor, security_officer or auditor.
+        #[arg(long)]
+        role: String,
+    },
+    /// List users.
+    List,
+    /// Disable a user.
+    Disable {
+        /// Name.
+        name: String,
+    },
+    /// Set a user's PIN (from STATION_NEW_PIN or a prompt); clears a lock-out.
+    ResetPin {
+        /// Name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PkiCmd {
+    /// Create a complete demo hierarchy in a new SoftHSM token under DIR.
+    InitDev {
+        /// Directory for the token (and, without --out, the certificates and PIN files).
+        #[arg(long)]
+        token_dir: PathBuf,
+        /// Token label.
+        #[arg(long, default_value = "cell")]
+        label: String,
+        /// Where to write the public certificates (default: TOKEN_DIR/pki).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Generate a key in the HSM for a role and write its certificate request.
+    Csr {
+        /// device-ca, manifest-signer, audit-signer or station.
+        #[arg(long)]
+        role: String,
+        /// Subject common name.
+        #[arg(long)]
+        cn: String,
+        /// Subject organisation.
+        #[arg(long)]
+        org: Option<String>,
+        /// P-256 or P-384.
+        #[arg(long, default_value = "P-256")]
+        curve: String,
+        /// Output file (PEM).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Import the certificate the offline root issued for a role's key (the chain is checked).
+    Import {
+        /// The role.
+        #[arg(long)]
+        role: String,
+        /// The certificate (PEM).
+        #[arg(long)]
+        cert: PathBuf,
+        /// Issuer certificates up to a self-signed root (PEM), in order.
+        #[arg(long = "chain")]
+        chain: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum HsmCmd {
+    /// Token, mechanisms, objects by role — nothing secret.
+    Info,
+}
+
+#[derive(Subcommand, Debug)]
+enum FirmwareCmd {
+    /// Verify an MCUboot image against the firmware verification certificate and import it.
+    Import {
+        /// The signed image.
+        image: PathBuf,
+    },
+    /// List releases.
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+enum CustomerCmd {
+    /// Import a utility's certificate (RSA key: the batch transport key is wrapped to it).
+    Import {
+        /// Customer name.
+        name: String,
+        /// Certificate, PEM or DER.
+        cert: PathBuf,
+    },
+    /// List customers.
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+enum BatchCmd {
+    /// Open a batch.
+    Open(OpenBatchArgs),
+    /// Close a batch (no meter may be in progress).
+    Close {
+        /// Batch id (default: the open batch).
+        id: Option<i64>,
+    },
+    /// List batches.
+    List,
+    /// Counts and yield of a batch (default: the open batch).
+    Status {
+        /// Batch id.
+        id: Option<i64>,
+    },
+}
+
+#[derive(Args, Debug)]
+struct OpenBatchArgs {
+    /// Work order.
+    #[arg(long)]
+    work_order: String,
+    /// Meter model (as configured).
+    #[arg(long)]
+    model: String,
+    /// Firmware release: SHA-256 (8+ hex digits) or version.
+    #[arg(long)]
+    firmware: String,
+    /// Customer name.
+    #[arg(long)]
+    customer: String,
+    /// Meters to produce.
+    #[arg(long)]
+    quantity: i64,
+    /// Serial number range FIRST-LAST (failed meters use numbers too: leave room).
+    #[arg(long)]
+    serials: String,
+    /// Serial number prefix.
+    #[arg(long, default_value = "")]
+    prefix: String,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Keep running after the batch is complete (until Ctrl-C).
+    #[arg(long)]
+    keep_running: bool,
+    /// No progress bars (plain lines, for logs).
+    #[arg(long)]
+    plain: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum AlarmCmd {
+    /// Unacknowledged alarms.
+    List,
+    /// Acknowledge an alarm (supervisors).
+    Ack {
+        /// Alarm id.
+        id: i64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCmd {
+    /// Verify the hash chain, signatures, signed head and checkpoints; names the first bad entry.
+    Verify,
+    /// Write the whole log and its checkpoints as JSON.
+    Export {
+        /// Output file (default: standard output).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// The newest entries.
+    Tail {
+        /// How many.
+        #[arg(short, default_value_t = 20)]
+        n: i64,
+        /// Keep printing new entries.
+        #[arg(long)]
+        follow: bool,
+    },
+}
+
+/// Runs the `station` command with the process's arguments.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("STATION_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    // SoftHSM reads its configuration once, when loaded: set it before any thread starts.
+    if let Err(e) = prepare_environment(&cli) {
+        eprintln!("station: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("station: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(dispatch(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("station: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn prepare_environment(cli: &Cli) -> Result<()> {
+    match &cli.command {
+        Cmd::Demo(args) => crate::demo::prepare(args),
+        Cmd::Pki(PkiCmd::InitDev { token_dir, .. }) => {
+            let conf = hsm::softhsm::write_conf(&token_dir.join("hsm"))?;
+            hsm::softhsm::use_conf(&conf);
+            Ok(())
+        }
+        _ => {
+            if let Ok(cfg) = Config::load(&cli.config)
+                && let Some(conf) = &cfg.hsm.softhsm_conf
+            {
+                hsm::softhsm::use_conf(conf);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn read_pin_file(path: &Path) -> Result<Zeroizing<String>> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("cannot read the PIN file {}", path.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        bail!(
+            "the PIN file {} can be read by others; `chmod 600` it",
+            path.display()
+        );
+    }
+    let text = Zeroizing::new(
+        std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the PIN file {}", path.display()))?,
+    );
+    Ok(Zeroizing::new(
+        text.trim_end_matches(['\n', '\r']).to_string(),
+    ))
+}
+
+fn credentials(cli: &Cli) -> Result<(String, Zeroizing<String>)> {
+    let user = cli.user.clone().ok_or_else(|| {
+        anyhow!("this command needs a user: pass --user NAME or set STATION_USER")
+    })?;
+    if let Ok(pin) = std::env::var("STATION_PIN") {
+        return Ok((user, Zeroizing::new(pin)));
+    }
+    if let Some(f) = &cli.pin_file {
+        return Ok((user, read_pin_file(f)?));
+    }
+    if std::io::stdin().is_terminal() {
+        let pin = rpassword::prompt_password(format!("PIN for {user}: "))
+            .context("cannot read the PIN")?;
+        return Ok((user, Zeroizing::new(pin)));
+    }
+    bail!("no PIN for {user}: set STATION_PIN, pass --pin-file, or run on a terminal to be asked")
+}
+
+fn new_pin(what: &str) -> Result<Zeroizing<String>> {
+    if let Ok(pin) = std::env::var("STATION_NEW_PIN") {
+        return Ok(Zeroizing::new(pin));
+    }
+    if !std::io::stdin().is_terminal() {
+        bail!("no PIN for {what}: set STATION_NEW_PIN or run on a terminal to be asked");
+    }
+    let a = Zeroizing::new(rpassword::prompt_password(format!("New PIN for {what}: "))?);
+    let b = Zeroizing::new(rpassword::prompt_password("Repeat the PIN: ")?);
+    if a != b {
+        bail!("the two PINs differ");
+    }
+    Ok(a)
+}
+
+async fn open(cli: &Cli, nests: bool) -> Result<Engine> {
+    let cfg = Config::load(&cli.config)?;
+    Ok(Engine::open(
+        cfg,
+        OpenOptions {
+            source: "cli".into(),
+            nests,
+        },
+    )
+    .await?)
+}
+
+async fn login(cli: &Cli, engine: &Engine) -> Result<Session> {
+    let (user, pin) = credentials(cli)?;
+    Ok(engine.login(&user, &pin).await?)
+}
+
+/// Opens the engine, logs in, runs one command, logs out.
+async fn one(cli: &Cli, cmd: Command) -> Result<Reply> {
+    let engine = open(cli, false).await?;
+    let session = login(cli, &engine).await?;
+    let r = engine.execute(&session, cmd).await;
+    let _ = engine.logout(&session).await;
+    let _ = engine.shutdown().await;
+    Ok(r?)
+}
+
+fn print(cli: &Cli, reply: &Reply) -> Result<()> {
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(reply)?);
+        return Ok(());
+    }
+    match reply {
+        Reply::Done => println!("done"),
+        Reply::Batch(b) => print_batch(b),
+        Reply::Batches(bs) => {
+            if bs.is_empty() {
+                println!("no batches");
+            }
+            for b in bs {
+                println!(
+                    "{:>4}  {:<16} {:<8} {:<10} {:>5}/{:<5} failed {:<4} {}",
+                    b.id, b.work_order, b.state, b.model, b.done, b.quantity, b.failed, b.customer
+                );
+            }
+        }
+        Reply::Firmware(f) => println!(
+            "imported firmware {} (sha256 {}, {} bytes)",
+            f.version, f.sha256, f.size
+        ),
+        Reply::Firmwares(fs) => {
+            if fs.is_empty() {
+                println!("no firmware releases");
+            }
+            for f in fs {
+                println!(
+                    "{:>4}  {:<12} {}  {:>8} bytes  imported {} by {}",
+                    f.id, f.version, f.sha256, f.size, f.imported_at, f.imported_by
+                );
+            }
+        }
+        Reply::Customer(c) => println!(
+            "imported customer {} (certificate sha256 {})",
+            c.name, c.fingerprint
+        ),
+        Reply::Customers(cs) => {
+            if cs.is_empty() {
+                println!("no customers");
+            }
+            for c in cs {
+                println!("{:>4}  {:<24} {}", c.id, c.name, c.fingerprint);
+            }
+        }
+        Reply::User(u) => println!("user {} ({})", u.name, u.role.as_str()),
+        Reply::Users(us) => {
+            for u in us {
+                let state = if u.disabled {
+                    "disabled"
+                } else if u.locked_until.is_some() {
+                    "locked"
+                } else {
+                    "active"
+                };
+                println!("{:<24} {:<18} {}", u.name, u.role.as_str(), state);
+            }
+        }
+        Reply::Verification(v) => match &v.first_bad {
+            None => println!(
+                "audit log verified: {} entries, {} checkpoints, all signatures good",
+                v.entries, v.checkpoints
+            ),
+            Some((seq, why)) => println!("AUDIT LOG FAILED VERIFICATION at entry {seq}: {why}"),
+        },
+        Reply::Entries(es) => {
+            for e in es {
+                println!(
+                    "{:>6} {} {:<8} {:<10} {:<28} {:<12} {}",
+                    e.seq, e.time, e.severity, e.source, e.kind, e.actor, e.details
+                );
+            }
+        }
+        Reply::AuditExport { .. } => println!("{}", serde_json::to_string_pretty(reply)?),
+        Reply::Alarms(a) => {
+            if a.is_empty() {
+                println!("no open alarms");
+            }
+            for a in a {
+                println!("{:>4}  {}  {:<28} {}", a.id, a.raised_at, a.kind, a.message);
+            }
+        }
+        Reply::Text(t) => println!("{t}"),
+        other => println!("{}", serde_json::to_string_pretty(other)?),
+    }
+    Ok(())
+}
+
+fn print_batch(b: &crate::records::BatchRow) {
+    println!("batch {} — work order {} ({})", b.id, b.work_order, b.state);
+    println!(
+        "  model {}, firmware {} ({}), customer {}",
+        b.model,
+        b.firmware_version,
+        &b.firmware_sha256[..16],
+        b.customer
+    );
+    println!(
+        "  {} of {} done, {} failed, {} in progress, {} remaining{}",
+        b.done,
+        b.quantity,
+        b.failed,
+        b.in_flight,
+        b.remaining(),
+        b.yield_percent()
+            .map(|y| format!(", yield {y:.1} %"))
+            .unwrap_or_default()
+    );
+    println!(
+        "  serials {}{:09}..{}{:09}, next {}",
+        b.serial_prefix, b.serial_first, b.serial_prefix, b.serial_last, b.next_serial
+    );
+}
+
+async fn dispatch(cli: Cli) -> Result<ExitCode> {
+    let reply = match &cli.command {
+        Cmd::Demo(args) => {
+            return crate::demo::run(args.clone())
+                .await
+                .map(|_| ExitCode::SUCCESS);
+        }
+        Cmd::Export { batch, out } => {
+            one(
+                &cli,
+                Command::Export {
+                    batch: *batch,
+                    out_dir: out.clone(),
+                },
+            )
+            .await?
+        }
+        Cmd::Manifest(m) => return manifest(&cli, m),
+        Cmd::Init { admin } => {
+            let engine = open(&cli, false).await?;
+            let pin = new_pin(admin)?;
+            let u = engine.bootstrap_admin(admin, &pin).await?;
+            engine.shutdown().await?;
+            Reply::User(u)
+        }
+        Cmd::User(u) => {
+            let cmd = match u {
+                UserCmd::Add { name, role } => {
+                    let role = Role::parse(role).ok_or_else(|| anyhow!("unknown role {role:?}: operator, supervisor, security_officer or auditor"))?;
+                    Command::AddUser {
+                        name: name.clone(),
+                        role,
+                        pin: new_pin(name)?,
+                    }
+                }
+                UserCmd::List => Command::ListUsers,
+                UserCmd::Disable { name } => Command::DisableUser { name: name.clone() },
+                UserCmd::ResetPin { name } => Command::ResetPin {
+                    name: name.clone(),
+                    pin: new_pin(name)?,
+                },
+            };
+            one(&cli, cmd).await?
+        }
+        Cmd::Pki(p) => return pki(&cli, p).await,
+        Cmd::Hsm(HsmCmd::Info) => one(&cli, Command::HsmInfo).await?,
+        Cmd::Firmware(FirmwareCmd::Import { image }) => {
+            let bytes =
+                std::fs::read(image).with_context(|| format!("cannot read {}", image.display()))?;
+            let name = image
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            one(&cli, Command::ImportFirmware { name, image: bytes }).await?
+        }
+        Cmd::Firmware(FirmwareCmd::List) => one(&cli, Command::ListFirmware).await?,
+        Cmd::Customer(CustomerCmd::Import { name, cert }) => {
+            let bytes =
+                std::fs::read(cert).with_context(|| format!("cannot read {}", cert.display()))?;
+            one(
+                &cli,
+                Command::ImportCustomer {
+                    name: name.clone(),
+                    cert: bytes,
+                },
+            )
+            .await?
+        }
+        Cmd::Customer(CustomerCmd::List) => one(&cli, Command::ListCustomers).await?,
+        Cmd::Batch(BatchCmd::Open(a)) => {
+            let (first, last) = a
+                .serials
+                .split_once('-')
+                .and_then(|(f, l)| Some((f.trim().parse().ok()?, l.trim().parse().ok()?)))
+                .ok_or_else(|| anyhow!("--serials takes FIRST-LAST, e.g. 1000-1199"))?;
+            one(
+                &cli,
+                Command::OpenBatch(BatchSpec {
+                    work_order: a.work_order.clone(),
+                    model: a.model.clone(),
+                    firmware: a.firmware.clone(),
+                    customer: a.customer.clone(),
+                    quantity: a.quantity,
+                    serial_prefix: a.prefix.clone(),
+                    serial_first: first,
+                    serial_last: last,
+                }),
+            )
+            .await?
+        }
+        Cmd::Batch(BatchCmd::Close { id }) => {
+            let engine = open(&cli, false).await?;
+            let session = login(&cli, &engine).await?;
+            let id = match id {
+                Some(id) => *id,
+                None => engine
+                    .snapshot()
+                    .batch
+                    .map(|b| b.id)
+                    .ok_or_else(|| anyhow!("no batch is open"))?,
+            };
+            let r = engine.execute(&session, Command::CloseBatch { id }).await;
+            let _ = engine.logout(&session).await;
+            engine.shutdown().await?;
+            r?
+        }
+        Cmd::Batch(BatchCmd::List) => one(&cli, Command::ListBatches).await?,
+        Cmd::Batch(BatchCmd::Status { id }) => one(&cli, Command::BatchStatus { id: *id }).await?,
+        Cmd::Run(a) => {
+            return crate::run::run(crate::run::RunOptions::from_cli(
+                &cli.config,
+                credentials(&cli)?,
+                a.keep_running,
+                a.plain,
+            ))
+            .await
+            .map(|ok| {
+                if ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            });
+        }
+        Cmd::Alarm(AlarmCmd::List) => one(&cli, Command::ListAlarms).await?,
+        Cmd::Alarm(AlarmCmd::Ack { id }) => one(&cli, Command::AckAlarm { id: *id }).await?,
+        Cmd::Rework { uid } => one(&cli, Command::Rework { uid: uid.clone() }).await?,
+        Cmd::Audit(AuditCmd::Verify) => {
+            let r = one(&cli, Command::AuditVerify).await?;
+            print(&cli, &r)?;
+            return Ok(match r {
+                Reply::Verification(v) if v.ok() => ExitCode::SUCCESS,
+                _ => ExitCode::from(2),
+            });
+        }
+        Cmd::Audit(AuditCmd::Export { out }) => {
+            let r = one(&cli, Command::AuditExport).await?;
+            let text = serde_json::to_string_pretty(&r)?;
+            match out {
+                Some(p) => {
+                    std::fs::write(p, text)
+                        .with_context(|| format!("cannot write {}", p.display()))?;
+                    println!("audit log written to {}", p.display());
+                }
+                None => println!("{text}"),
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Audit(AuditCmd::Tail { n, follow }) => {
+            let engine = open(&cli, false).await?;
+            let session = login(&cli, &engine).await?;
+            let mut last = 0;
+            let r = engine
+                .execute(&session, Command::AuditTail { n: *n })
+                .await?;
+            if let Reply::Entries(es) = &r {
+                last = es.last().map(|e| e.seq).unwrap_or(0);
+            }
+            print(&cli, &r)?;
+            if *follow {
+                loop {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => break,
+                        _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    }
+                    let r = engine
+                        .execute(&session, Command::AuditSince { after: last })
+                        .await?;
+                    if let Reply::Entries(es) = &r
+                        && let Some(e) = es.last()
+                    {
+                        last = e.seq;
+                        print(&cli, &r)?;
+                    }
+                }
+            }
+            let _ = engine.logout(&session).await;
+            engine.shutdown().await?;
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    print(&cli, &reply)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn manifest(cli: &Cli, m: &ManifestCmd) -> Result<ExitCode> {
+    use crate::manifest::{import, verify};
+    match m {
+        ManifestCmd::Verify { file, root } => {
+            let root = verify::read_cert(root).map_err(anyhow::Error::msg)?;
+            let (report, _) = verify::verify_file(file, &root).map_err(anyhow::Error::msg)?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{report}");
+            }
+            Ok(if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
+        }
+        ManifestCmd::Import(a) => {
+            let root = verify::read_cert(&a.root).map_err(anyhow::Error::msg)?;
+            let target = match (&a.key, &a.pkcs11_module) {
+                (Some(key), None) => {
+                    if !a.clear_keys {
+                        bail!("--key writes meter keys in clear: add --clear-keys to confirm");
+                    }
+                    import::Target::Files {
+                        key_pem: key.clone(),
+                        out_dir: a
+                            .out
+                            .clone()
+                            .ok_or_else(|| anyhow!("--key needs --out DIR"))?,
+                    }
+                }
+                (None, Some(module)) => import::Target::Token {
+                    module: module.clone(),
+                    token: a
+                        .token
+                        .clone()
+                        .ok_or_else(|| anyhow!("--pkcs11-module needs --token LABEL"))?,
+                    pin: match &a.token_pin_file {
+                        Some(f) => hsm::PinSource::File(f.clone()),
+                        None if std::env::var_os("STATION_TOKEN_PIN").is_some() => {
+                            hsm::PinSource::Env("STATION_TOKEN_PIN".into())
+                        }
+                        None => hsm::PinSource::Prompt,
+                    },
+                    key_label: a.key_label.clone(),
+                },
+                _ => bail!(
+                    "choose where the keys go: --pkcs11-module M --token LABEL (into your HSM), or --key KEY.pem --out DIR --clear-keys (files)"
+                ),
+            };
+            match import::import(&a.file, &root, &target) {
+                Ok(r) => {
+                    println!("{r}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("station: {e}");
+                    Ok(ExitCode::from(2))
+                }
+            }
+        }
+    }
+}
+
+fn role_of(name: &str) -> Result<hsm::KeyRole> {
+    Ok(match name {
+        "device-ca" => hsm::KeyRole::DeviceCa,
+        "manifest-signer" => hsm::KeyRole::ManifestSigner,
+        "audit-signer" => hsm::KeyRole::AuditSigner,
+        "station" => hsm::KeyRole::StationIdentity,
+        other => {
+            bail!("unknown role {other:?}: device-ca, manifest-signer, audit-signer or station")
+        }
+    })
+}
+
+/// PKI commands. On a cell with users they need a security officer; before the first user
+/// exists (setting a cell up) they run without a login.
+async fn pki(cli: &Cli, p: &PkiCmd) -> Result<ExitCode> {
+    if let PkiCmd::InitDev {
+        token_dir,
+        label,
+        out,
+    } = p
+    {
+        let made = crate::demo::init_dev_token(token_dir, label, out.as_deref()).await?;
+        println!("{made}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let cfg = Config::load(&cli.config)?;
+    let bootstrap = match crate::db::Db::open(&cfg.database) {
+        Ok(db) => {
+            db.with(|c| {
+                c.query_row("SELECT count(*) FROM users", [], |r| r.get::<_, i64>(0))
+                    .unwrap_or(0)
+            }) == 0
+        }
+        Err(_) => true,
+    };
+    if !bootstrap {
+        let engine = open(cli, false).await?;
+        let session = login(cli, &engine).await?;
+        engine
+            .authorize(&session, crate::auth::Action::ManagePki)
+            .await?;
+        let _ = engine.logout(&session).await;
+        engine.shutdown().await?;
+    }
+    let hsm = crate::engine::open_hsm(&cfg)?;
+    match p {
+        PkiCmd::Csr {
+            role,
+            cn,
+            org,
+            curve,
+            out,
+        } => {
+            let role = role_of(role)?;
+            let curve = match curve.as_str() {
+                "P-256" | "p256" => hsm::Curve::P256,
+                "P-384" | "p384" => hsm::Curve::P384,
+                other => bail!("unknown curve {other:?}: P-256 or P-384"),
+            };
+            let subject = hsm::pki::CsrSubject {
+                common_name: cn.clone(),
+                organization: org.clone(),
+                country: None,
+            };
+            let h = hsm.clone();
+            let outp =
+                tokio::task::spawn_blocking(move || hsm::pki::csr(&h, role, curve, &subject))
+                    .await??;
+            std::fs::write(out, outp.pem.as_bytes())
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            println!(
+                "certificate request for {:?} written to {}",
+                role,
+                out.display()
+            );
+        }
+        PkiCmd::Import { role, cert, chain } => {
+            let role = role_of(role)?;
+            let pem = std::fs::read_to_string(cert)
+                .with_context(|| format!("cannot read {}", cert.display()))?;
+            let chain: Vec<String> = chain
+                .iter()
+                .map(|c| {
+                    std::fs::read_to_string(c)
+                        .with_context(|| format!("cannot read {}", c.display()))
+                })
+                .collect::<Result<_>>()?;
+            let h = hsm.clone();
+            let outcome =
+                tokio::task::spawn_blocking(move || hsm::pki::import(&h, role, &pem, &chain))
+                    .await??;
+            println!("{outcome}");
+        }
+        PkiCmd::InitDev { .. } => {}
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,385 @@
+//! Harness of the end-to-end tests: a whole cell on one machine, built from real parts.
+//!
+//! A SoftHSM token (in-process, through `hsm::testkit`) holding the demo PKI, a firmware release
+//! signed in MCUboot format, a demo utility with its RSA key, emulated meters in nests on real
+//! pseudo-terminals behind the link emulator, a configuration file, a journal with users, and an
+//! open batch. Tests drive it through the engine in-process, or through the real `station` command
+//! as a child process (the `e2e-station` binary of this package).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test harness: failures are test failures
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use meter_sim::faults::Faults;
+use meter_sim::flash::Capabilities;
+use meter_sim::linksim::{self, LinkParams};
+use meter_sim::nest::{FaultScope, NestConfig};
+use station::auth::Role;
+use station::config::Config;
+use station::engine::BatchSpec;
+use station::{Command, Engine, OpenOptions, Reply, Session};
+
+pub const MODEL: &str = "EM-300";
+
+/// How a test cell is built.
+#[derive(Debug, Clone)]
+pub struct CellOptions {
+    /// Nests.
+    pub nests: u32,
+    /// Faults by nest (1-based), for the first meter of that nest.
+    pub faults: Vec<(u32, String)>,
+    /// Baud rate of the emulated lines.
+    pub baud: u32,
+    /// Firmware payload, KiB.
+    pub firmware_kib: usize,
+    /// Meters in the batch.
+    pub quantity: i64,
+    /// Seed of the emulated meters per nest (`None`: random UIDs). Two nests with the same seed
+    /// and number produce the same UIDs.
+    pub seeds: Vec<Option<u64>>,
+    /// Nest numbers given to the emulator (by default 1, 2, ...).
+    pub emulator_numbers: Vec<u32>,
+    /// Extra configuration text appended to station.toml.
+    pub extra_config: String,
+    /// Open the batch.
+    pub open_batch: bool,
+}
+
+impl Default for CellOptions {
+    fn default() -> Self {
+        CellOptions {
+            nests: 2,
+            faults: Vec::new(),
+            baud: 921_600,
+            firmware_kib: 24,
+            quantity: 4,
+            seeds: Vec::new(),
+            emulator_numbers: Vec::new(),
+            extra_config: String::new(),
+            open_batch: true,
+        }
+    }
+}
+
+/// A test cell.
+pub struct Cell {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub meters_dir: PathBuf,
+    pub token: String,
+    pub pins: HashMap<&'static str, String>,
+    pub firmware: Vec<u8>,
+    pub firmware_sha: String,
+    pub batch_id: Option<i64>,
+    pub softhsm_conf: PathBuf,
+    _lines: Vec<line_protocol::io::PtySlave>,
+}
+
+impl std::fmt::Debug for Cell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cell")
+            .field("dir", &self.dir.path())
+            .finish_non_exhaustive()
+    }
+}
+
+fn write_owner_only(path: &Path, text: &str) {
+    station::demo::write_secret(path, text).unwrap();
+}
+
+const USERS: [(&str, Role); 4] = [
+    ("officer", Role::SecurityOfficer),
+    ("super", Role::Supervisor),
+    ("oper", Role::Operator),
+    ("audit", Role::Auditor),
+];
+
+impl Cell {
+    /// Builds a cell. Must run inside a multi-thread tokio runtime.
+    pub async fn new(opts: CellOptions) -> Cell {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        // The token: in-process SoftHSM (one configuration per test process).
+        let token = hsm::testkit::TestToken::new("cell").unwrap();
+        let softhsm_conf = hsm::testkit::dir().unwrap().join("softhsm2.conf");
+        write_owner_only(&d.join("hsm-pin"), hsm::testkit::USER_PIN);
+        let h = token.open(2).unwrap();
+        let pki = d.join("pki");
+        let h2 = h.clone();
+        let p2 = pki.clone();
+        tokio::task::spawn_blocking(move || hsm::pki::init_dev(&h2, &p2))
+            .await
+            .unwrap()
+            .unwrap();
+        drop(h);
+        std::fs::copy(pki.join("root-ca.pem"), d.join("root-ca.pem")).unwrap();
+
+        // Firmware.
+        let key_pem = std::fs::read_to_string(pki.join("firmware-signing-key.pem")).unwrap();
+        let fw_key =
+            <p256::ecdsa::SigningKey as p256::pkcs8::DecodePrivateKey>::from_pkcs8_pem(&key_pem)
+                .unwrap();
+        let payload = meter_sim::firmware::firmware_like_payload(opts.firmware_kib * 1024, 0.6, 7);
+        let firmware = meter_sim::firmware::sign_image(
+            &payload,
+            line_protocol::image::ImageVersion {
+                major: 2,
+                minor: 1,
+                revision: 0,
+                build: 0,
+            },
+            0x200,
+            &fw_key,
+        );
+        std::fs::write(d.join("firmware.bin"), &firmware).unwrap();
+        let firmware_sha = hex::encode(line_protocol::crypto::sha256(&firmware));
+
+        // Utility.
+        let d2 = d.clone();
+        tokio::task::spawn_blocking(move || station::demo::make_utility(&d2))
+            .await
+            .unwrap()
+            .unwrap();
+
+        // Meters.
+        let root = meter_sim::load_root(&pki.join("provisioning-root.pem")).unwrap();
+        let meters_dir = d.join("meters");
+        let mut lines = Vec::new();
+        let mut ports = Vec::new();
+        for n in 0..opts.nests {
+            let mut faults = Faults::default();
+            for (nest, f) in &opts.faults {
+                if *nest == n + 1 {
+                    faults.add(f).unwrap();
+                }
+            }
+            let (master, slave, meter_path) = line_protocol::io::pty_pair().unwrap();
+            lines.push(slave);
+            let cfg = NestConfig {
+                nest: opts
+                    .emulator_numbers
+                    .get(n as usize)
+                    .copied()
+                    .unwrap_or(n + 1),
+                state_dir: meters_dir.clone(),
+                caps: Capabilities {
+                    model: MODEL.into(),
+                    ..Capabilities::default()
+                },
+                root,
+                faults,
+                fault_scope: FaultScope::First(1),
+                meters: None,
+                insert_delay: Duration::from_millis(20),
+                seed: opts.seeds.get(n as usize).copied().flatten(),
+                flash_bytes_per_s: None,
+            };
+            tokio::spawn(meter_sim::nest::run_nest(master, cfg));
+            let meter = line_protocol::io::open(
+                &line_protocol::io::PortAddr::parse(&meter_path).unwrap(),
+                opts.baud,
+            )
+            .await
+            .unwrap();
+            let (station_side, slave2, station_path) = line_protocol::io::pty_pair().unwrap();
+            lines.push(slave2);
+            let params = LinkParams {
+                baud: opts.baud,
+                latency: Duration::from_millis(2),
+                ..LinkParams::default()
+            };
+            let _ = linksim::spawn(station_side, meter, params);
+            ports.push(station_path);
+        }
+
+        // Configuration.
+        let mut t = format!(
+            "station_id = \"e2e-cell\"\ndatabase = \"station.db\"\n\n[manufacturer]\nname = \"{}\"\nflag_id = \"DMW\"\n\n\
+             [hsm]\nmodule = \"{}\"\ntoken = \"{}\"\npin = {{ file = \"hsm-pin\" }}\nsofthsm_conf = \"{}\"\npool_size = 4\n\n[line]\nlatency_ms = 2\npoll_ms = 50\n\n",
+            hsm::pki::DEMO_ORGANIZATION,
+            hsm::SOFTHSM_MODULE,
+            token.label,
+            softhsm_conf.display()
+        );
+        for (i, p) in ports.iter().enumerate() {
+            t.push_str(&format!(
+                "[[nests]]\nname = \"N{}\"\nport = \"{p}\"\nbaud = {}\n\n",
+                i + 1,
+                opts.baud
+            ));
+        }
+        t.push_str(&format!("[[models]]\nname = \"{MODEL}\"\nsuite = 1\nkeygen = \"meter\"\nkey_agreement = true\n\n[audit]\ncheckpoint_interval = 25\n"));
+        t.push_str(&opts.extra_config);
+        let config = d.join("station.toml");
+        std::fs::write(&config, t).unwrap();
+
+        let mut cell = Cell {
+            dir,
+            config,
+            meters_dir,
+            token: token.label.clone(),
+            pins: HashMap::new(),
+            firmware,
+            firmware_sha,
+            batch_id: None,
+            softhsm_conf,
+            _lines: lines,
+        };
+        // Users, imports, batch.
+        let engine = cell.engine(false).await;
+        for (i, (name, role)) in USERS.iter().enumerate() {
+            let pin = format!("{}{}", 100_000 + i * 111_111, "");
+            cell.pins.insert(name, pin.clone());
+            write_owner_only(&cell.path(&format!("pins/{name}.pin")), &pin);
+            if i == 0 {
+                engine.bootstrap_admin(name, &pin).await.unwrap();
+            } else {
+                let officer = cell.login(&engine, "officer").await;
+                engine
+                    .execute(
+                        &officer,
+                        Command::AddUser {
+                            name: name.to_string(),
+                            role: *role,
+                            pin: zeroize::Zeroizing::new(pin),
+                        },
+                    )
+                    .await
+                    .unwrap();
+            }
+        }
+        let officer = cell.login(&engine, "officer").await;
+        engine
+            .execute(
+                &officer,
+                Command::ImportFirmware {
+                    name: "firmware.bin".into(),
+                    image: cell.firmware.clone(),
+                },
+            )
+            .await
+            .unwrap();
+        engine
+            .execute(
+                &officer,
+                Command::ImportCustomer {
+                    name: "utility".into(),
+                    cert: std::fs::read(cell.path("utility.pem")).unwrap(),
+                },
+            )
+            .await
+            .unwrap();
+        if opts.open_batch {
+            let sup = cell.login(&engine, "super").await;
+            let r = engine
+                .execute(
+                    &sup,
+                    Command::OpenBatch(BatchSpec {
+                        work_order: "WO-E2E-1".into(),
+                        model: MODEL.into(),
+                        firmware: cell.firmware_sha.clone(),
+                        customer: "utility".into(),
+                        quantity: opts.quantity,
+                        serial_prefix: "E2E".into(),
+                        serial_first: 1000,
+                        serial_last: 1000 + opts.quantity * 10 + 50,
+                    }),
+                )
+                .await
+                .unwrap();
+            if let Reply::Batch(b) = r {
+                cell.batch_id = Some(b.id);
+            }
+        }
+        engine.shutdown().await.unwrap();
+        cell
+    }
+
+    /// A file of the cell.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Opens the engine of the cell (with nest tasks if `nests`).
+    pub async fn engine(&self, nests: bool) -> Engine {
+        let cfg = Config::load(&self.config).unwrap();
+        Engine::open(
+            cfg,
+            OpenOptions {
+                source: "test".into(),
+                nests,
+            },
+        )
+        .await
+        .unwrap()
+    }
+
+    /// Logs a user in.
+    pub async fn login(&self, engine: &Engine, user: &str) -> Session {
+        let pin = std::fs::read_to_string(self.path(&format!("pins/{user}.pin"))).unwrap();
+        engine.login(user, pin.trim()).await.unwrap()
+    }
+
+    /// The `station` command for this cell, logged in as `user` (or nobody).
+    pub fn station(&self, user: Option<&str>) -> std::process::Command {
+        let mut c = std::process::Command::new(station_exe());
+        c.arg("--config").arg(&self.config);
+        if let Some(u) = user {
+            c.arg("--user")
+                .arg(u)
+                .arg("--pin-file")
+                .arg(self.path(&format!("pins/{u}.pin")));
+        }
+        c.env("SOFTHSM2_CONF", &self.softhsm_conf)
+            .env_remove("STATION_PIN")
+            .stdin(std::process::Stdio::null());
+        c
+    }
+
+    /// Runs the `station` command to completion; returns (status code, stdout, stderr).
+    pub fn run(&self, user: Option<&str>, args: &[&str]) -> (i32, String, String) {
+        let out = self.station(user).args(args).output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Opens the journal directly (as someone with the file would).
+    pub fn db(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open(self.path("station.db")).unwrap()
+    }
+
+    /// The flash directory of a meter.
+    pub fn meter_dir(&self, uid: &str) -> PathBuf {
+        self.meters_dir.join(uid)
+    }
+}
+
+/// The `e2e-station` binary: cargo builds it next to the test executables of this package
+/// (`target/<profile>/e2e-station`, the tests living in `target/<profile>/deps/`).
+pub fn station_exe() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
+    let p = profile_dir.join("e2e-station");
+    assert!(
+        p.exists(),
+        "{} is missing: build the e2e package's binary (cargo test -p e2e builds it)",
+        p.display()
+    );
+    p
+}
+
+/// Runs the line in-process until the batch is complete (or `limit` passes); returns the summary.
+pub async fn run_batch(cell: &Cell, limit: Duration) -> (Engine, station::run::Summary) {
+    let engine = cell.engine(true).await;
+    let oper = cell.login(&engine, "oper").await;
+    let summary = tokio::time::timeout(limit, station::run::run_line(&engine, &oper, false, true))
+        .await
+        .expect("the batch did not complete in time")
+        .unwrap();
+    (engine, summary)
+}

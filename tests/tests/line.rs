@@ -1,0 +1,128 @@
+//! The station engine end to end: a batch over several nests on SoftHSM and pseudo-terminals,
+//! every meter-sim fault in its own nest while the others succeed, duplicate UIDs.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use e2e::{Cell, CellOptions, run_batch};
+
+fn meters_done(cell: &Cell) -> Vec<(String, String, Vec<u8>, Vec<u8>)> {
+    let db = cell.db();
+    let mut stmt = db
+        .prepare("SELECT m.uid, m.serial, c1.der, c2.der FROM meters m JOIN certificates c1 ON c1.meter_id = m.id AND c1.slot = 'sign' JOIN certificates c2 ON c2.meter_id = m.id AND c2.slot = 'ka' WHERE m.state = 'done'")
+        .unwrap();
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batch_of_40_over_4_nests() {
+    let cell = Cell::new(CellOptions {
+        nests: 4,
+        quantity: 40,
+        firmware_kib: 32,
+        ..CellOptions::default()
+    })
+    .await;
+    let (engine, summary) = run_batch(&cell, Duration::from_secs(600)).await;
+    assert!(summary.batch_complete, "{summary}");
+    assert_eq!(summary.done, 40);
+    assert_eq!(summary.failed, 0, "{summary}");
+    engine.shutdown().await.unwrap();
+
+    let done = meters_done(&cell);
+    assert_eq!(done.len(), 40);
+    let device_ca = cell.path("pki/device-ca.pem");
+    let root = cell.path("pki/root-ca.pem");
+    for (uid, serial, sign_der, ka_der) in &done {
+        let dir = cell.meter_dir(uid);
+        // Exactly the issued certificates, in the meter's flash.
+        assert_eq!(
+            &std::fs::read(dir.join("cert-sign.der")).unwrap(),
+            sign_der,
+            "{serial}"
+        );
+        assert_eq!(
+            &std::fs::read(dir.join("cert-ka.der")).unwrap(),
+            ka_der,
+            "{serial}"
+        );
+        // The authentic image, active.
+        assert_eq!(
+            std::fs::read(dir.join("image.bin")).unwrap(),
+            cell.firmware,
+            "{serial}"
+        );
+        // The keys it should have: four, matching the check values the station journalled.
+        let db = cell.db();
+        let mut stmt = db.prepare("SELECT k.key_id, k.kcv FROM wrapped_keys k JOIN meters m ON m.id = k.meter_id WHERE m.uid = ?1").unwrap();
+        let kcvs: Vec<(String, String)> = stmt
+            .query_map([uid], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        assert_eq!(kcvs.len(), 4, "{serial}");
+        for (id, kcv) in kcvs {
+            let key = std::fs::read(dir.join(format!("secret-{id}.bin"))).unwrap();
+            assert_eq!(
+                hex::encode(line_protocol::crypto::kcv_aes(&key).unwrap()),
+                kcv,
+                "{serial} {id}"
+            );
+        }
+        let state: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("meter.json")).unwrap())
+                .unwrap();
+        assert_eq!(state["lifecycle"], "sealed");
+        assert_eq!(state["identity"]["serial"], serial.as_str());
+        // Certificates chain to the device CA and the root: checked by openssl.
+        let pem = dir.join("cert-sign.pem");
+        let c = std::process::Command::new("openssl")
+            .args(["x509", "-inform", "DER", "-in"])
+            .arg(dir.join("cert-sign.der"))
+            .arg("-out")
+            .arg(&pem)
+            .status()
+            .unwrap();
+        assert!(c.success());
+        let out = std::process::Command::new("openssl")
+            .arg("verify")
+            .arg("-CAfile")
+            .arg(&root)
+            .arg("-untrusted")
+            .arg(&device_ca)
+            .arg(&pem)
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl verify {serial}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    // Serials and certificate serials are unique; every certificate is delivered.
+    let db = cell.db();
+    let n: i64 = db
+        .query_row(
+            "SELECT count(DISTINCT serial) FROM meters WHERE state = 'done'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(n, 40);
+    let undelivered: i64 = db
+        .query_row(
+            "SELECT count(*) FROM certificates WHERE state <> 'delivered'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(undelivered, 0);
+    let (code, out, err) = cell.run(Some("audit"), &["audit", "verify"]);
+    assert_eq!(code, 0, "{out}{err}");
+}

@@ -115,6 +115,11 @@ pub enum AuditError {
     /// The audit key could not sign: the event is not recorded and neither is what it describes.
     #[error("the audit key could not sign ({0}); check the HSM — nothing was recorded")]
     Sign(String),
+    /// The log is frozen: its newest entries do not match the signed head.
+    #[error(
+        "the audit log is damaged ({0}); the cell is frozen: an auditor runs `station audit verify` and the security officer decides"
+    )]
+    Frozen(String),
 }
 
 impl From<rusqlite::Error> for AuditError {
@@ -141,6 +146,9 @@ pub struct Audit {
     origin: String,
     interval: u64,
     critical: BTreeSet<String>,
+    // Set when the newest entries do not match the signed head: appending then would bury the
+    // evidence, so nothing is appended until the log has been dealt with.
+    frozen: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl std::fmt::Debug for Audit {
@@ -212,7 +220,61 @@ impl Audit {
             origin: format!("{station_id}/audit"),
             interval: interval.max(1),
             critical,
+            frozen: Arc::new(std::sync::Mutex::new(None)),
         }
+    }
+
+    /// Why the log is frozen, if it is.
+    pub fn frozen(&self) -> Option<String> {
+        self.frozen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Checks that the newest entry is the signed head (at start-up, before anything is
+    /// appended); freezes the log if not. Returns the reason when frozen.
+    pub fn check_tail(
+        &self,
+        conn: &rusqlite::Connection,
+        key: &VerifyingKey,
+    ) -> Result<Option<String>, AuditError> {
+        let last: Option<(i64, Vec<u8>, Vec<u8>)> = conn
+            .query_row(
+                "SELECT seq, hash, sig FROM audit ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        let head: Option<(i64, Vec<u8>, Vec<u8>)> = conn
+            .query_row(
+                "SELECT seq, hash, signature FROM audit_head WHERE id = 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        let problem = match (last, head) {
+            (None, None) => None,
+            (Some(_), None) => Some("the signed head of the log is missing".to_string()),
+            (None, Some((hseq, ..))) => Some(format!(
+                "the log is empty but its signed head names entry {hseq}"
+            )),
+            (Some((seq, hash, sig)), Some((hseq, hhash, hsig))) => {
+                if !sig_ok(key, &signed_message(HEAD_DOMAIN, hseq, &hhash), &hsig) {
+                    Some("the signed head is not signed by the audit key".into())
+                } else if hseq != seq || hhash != hash {
+                    Some(format!(
+                        "the newest entry is {seq} but the signed head names entry {hseq}"
+                    ))
+                } else if !sig_ok(key, &signed_message(ENTRY_DOMAIN, seq, &hash), &sig) {
+                    Some(format!("entry {seq} is not signed by the audit key"))
+                } else {
+                    None
+                }
+            }
+        };
+        *self.frozen.lock().unwrap_or_else(|p| p.into_inner()) = problem.clone();
+        Ok(problem)
     }
 
     /// The key name in signed notes.
@@ -231,6 +293,9 @@ impl Audit {
 
     /// Appends `e` inside `tx`.
     pub fn append(&self, tx: &Transaction<'_>, e: &NewEvent) -> Result<Appended, AuditError> {
+        if let Some(why) = self.frozen() {
+            return Err(AuditError::Frozen(why));
+        }
         let head: Option<(i64, Vec<u8>)> = tx
             .query_row(
                 "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
@@ -313,6 +378,9 @@ impl Audit {
         tx: &Transaction<'_>,
         reason: &str,
     ) -> Result<(i64, String), AuditError> {
+        if let Some(why) = self.frozen() {
+            return Err(AuditError::Frozen(why));
+        }
         let (seq, hash): (i64, Vec<u8>) = tx
             .query_row(
                 "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",

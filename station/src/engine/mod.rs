@@ -610,6 +610,18 @@ impl Engine {
     async fn startup_events(&self) -> Result<()> {
         let inner = Arc::clone(&self.inner);
         let source = inner.source.clone();
+        // Before anything is appended: does the newest entry match the signed head? If not, the
+        // log is frozen (appending would bury what happened) and nothing else starts.
+        let key = inner.keys.audit_verifying_key()?;
+        let audit = inner.audit.clone();
+        if let Some(why) = inner
+            .db
+            .call(move |c| audit.check_tail(c, &key).map_err(Error::from))
+            .await?
+        {
+            tracing::error!(reason = %why, "the audit log is damaged; the cell is frozen");
+            return Ok(());
+        }
         let recovered = recovery::recover(&inner).await?;
         let station = inner.cfg.station_id.clone();
         let token = inner.hsm.token().label.clone();
@@ -652,6 +664,7 @@ impl Engine {
         let access = inner.cfg.access;
         let source = inner.source.clone();
         let audit = inner.audit.clone();
+        let frozen = audit.frozen().is_some();
         let outcome = inner
             .db
             .call(
@@ -659,6 +672,15 @@ impl Engine {
                     let now = now_ms();
                     let tx = c.transaction()?;
                     let outcome = auth::login(&tx, &name, &pin, &access, now)?;
+                    if frozen {
+                        // A frozen log takes no entries: only reading and verifying it is possible.
+                        let token = match &outcome {
+                            LoginOutcome::Success(u) => Some(auth::start_session(&tx, u, now)?),
+                            LoginOutcome::Refused { .. } => None,
+                        };
+                        tx.commit()?;
+                        return Ok((outcome, token, None));
+                    }
                     let (token, alarm) = match &outcome {
                         LoginOutcome::Success(u) => {
                             let t = auth::start_session(&tx, u, now)?;
@@ -765,6 +787,10 @@ impl Engine {
             .call(move |c| -> Result<()> {
                 let tx = c.transaction()?;
                 auth::end_session(&tx, &token, now_ms())?;
+                if audit.frozen().is_some() {
+                    tx.commit()?;
+                    return Ok(());
+                }
                 audit.append(
                     &tx,
                     &NewEvent::new(
@@ -804,7 +830,7 @@ impl Engine {
                     Err(e) => Err(e),
                 };
                 let mut alarm = None;
-                if let Err(e) = &r {
+                if let (Err(e), None) = (&r, audit.frozen()) {
                     let kind = if matches!(e, AuthError::Expired) {
                         "auth.session_expired"
                     } else {
@@ -836,6 +862,19 @@ impl Engine {
     /// Runs a command for a session: permission first, then the command.
     pub async fn execute(&self, s: &Session, cmd: Command) -> Result<Reply> {
         let user = self.authorize(s, cmd.action()).await?;
+        if let Some(why) = self.inner.audit.frozen() {
+            let reads_the_log = matches!(
+                cmd,
+                Command::AuditVerify
+                    | Command::AuditTail { .. }
+                    | Command::AuditSince { .. }
+                    | Command::AuditExport
+                    | Command::ListAlarms
+            );
+            if !reads_the_log {
+                return Err(Error::Audit(audit::AuditError::Frozen(why)));
+            }
+        }
         tracing::debug!(user = %user.name, command = cmd.name(), "command");
         admin::execute(self, &user, cmd).await
     }
@@ -861,6 +900,9 @@ impl Engine {
         let inner = Arc::clone(&self.inner);
         let source = inner.source.clone();
         let audit = inner.audit.clone();
+        if audit.frozen().is_some() {
+            return Ok(());
+        }
         inner
             .db
             .call(move |c| -> Result<()> {

@@ -1,0 +1,557 @@
+//! The cell's defences, end to end: every meter fault in its own nest while the others succeed,
+//! duplicate UIDs, audit tampering found by `station audit verify`, the permission table for
+//! every command and role with lock-out and session expiry, and firmware from MCUboot's imgtool.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use e2e::{Cell, CellOptions, run_batch};
+use station::auth::{self, Action, AuthError, Role};
+use station::engine::BatchSpec;
+use station::{Command, Error};
+
+fn audit_kinds(cell: &Cell) -> BTreeMap<String, i64> {
+    let db = cell.db();
+    let mut stmt = db
+        .prepare("SELECT kind, count(*) FROM audit GROUP BY kind")
+        .unwrap();
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect()
+}
+
+fn failures_by_nest(cell: &Cell) -> BTreeMap<i64, Vec<String>> {
+    let db = cell.db();
+    let mut stmt = db
+        .prepare("SELECT nest, failure FROM meters WHERE state = 'failed' ORDER BY id")
+        .unwrap();
+    let mut out: BTreeMap<i64, Vec<String>> = BTreeMap::new();
+    for r in stmt
+        .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+        .unwrap()
+    {
+        let (n, f) = r.unwrap();
+        out.entry(n).or_default().push(f);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_fault_in_its_own_nest_while_the_others_succeed() {
+    let faults = [
+        "wrong-hash",
+        "replay:status",
+        "bad-pop",
+        "lie-lifecycle:sealed",
+        "fake-seal",
+        "silent-at:put-cert",
+        "reboot-at:50",
+        "delay:100",
+        "corrupt-bytes:0.0002",
+        "drop-bytes:0.0002",
+    ];
+    let opts = CellOptions {
+        nests: faults.len() as u32 + 1,
+        faults: faults
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (i as u32 + 1, f.to_string()))
+            .collect(),
+        quantity: 24,
+        firmware_kib: 16,
+        ..CellOptions::default()
+    };
+    let cell = Cell::new(opts).await;
+    let (engine, summary) = run_batch(&cell, Duration::from_secs(600)).await;
+    engine.shutdown().await.unwrap();
+    assert!(summary.batch_complete, "{summary}");
+
+    let failed = failures_by_nest(&cell);
+    let first = |nest: i64| {
+        failed
+            .get(&nest)
+            .and_then(|v| v.first())
+            .cloned()
+            .unwrap_or_default()
+    };
+    // Each misbehaviour ends its meter with a reason a person can act on.
+    assert!(
+        first(1).contains("meter reported image hash"),
+        "wrong-hash: {:?}",
+        failed.get(&1)
+    );
+    assert!(
+        first(2).contains("replayed or reordered frame"),
+        "replay: {:?}",
+        failed.get(&2)
+    );
+    assert!(
+        first(3).contains("certificate request was refused"),
+        "bad-pop: {:?}",
+        failed.get(&3)
+    );
+    assert!(
+        !failed.contains_key(&4),
+        "a meter lying about its lifecycle is refused before it gets a record"
+    );
+    assert!(
+        first(5).contains("receipt says lifecycle personalized"),
+        "fake-seal: {:?}",
+        failed.get(&5)
+    );
+    assert!(
+        first(6).contains("stopped answering"),
+        "silent: {:?}",
+        failed.get(&6)
+    );
+    // Faults the station rides out: a reboot mid-image (resume), a slow meter, a noisy line.
+    for nest in 7..=10 {
+        assert!(
+            failed.get(&nest).is_none_or(|v| v
+                .iter()
+                .all(|r| r.contains("stopped answering") || r.contains("link"))),
+            "nest {nest}: {:?}",
+            failed.get(&nest)
+        );
+    }
+    // The healthy nest and the meters after each faulty one all pass.
+    assert!(!failed.contains_key(&11), "{:?}", failed.get(&11));
+    for nest in 1..=6 {
+        assert!(
+            failed.get(&nest).is_none_or(|v| v.len() <= 1),
+            "nest {nest} failed more than its faulty meter: {:?}",
+            failed.get(&nest)
+        );
+    }
+    // Failed meters: certificates voided, wrapped keys gone.
+    let db = cell.db();
+    let live_certs: i64 = db
+        .query_row("SELECT count(*) FROM certificates c JOIN meters m ON m.id = c.meter_id WHERE m.state = 'failed' AND c.state <> 'voided'", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(live_certs, 0);
+    let keys_of_failed: i64 = db
+        .query_row("SELECT count(*) FROM wrapped_keys k JOIN meters m ON m.id = k.meter_id WHERE m.state = 'failed'", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(keys_of_failed, 0);
+    let voided: i64 = db
+        .query_row(
+            "SELECT count(*) FROM certificates WHERE state = 'voided'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        voided >= 3,
+        "at least the wrong-hash, replay and fake-seal meters had certificates: {voided}"
+    );
+    // Audited, and the critical ones raised alarms.
+    let kinds = audit_kinds(&cell);
+    for k in [
+        "security.firmware_mismatch",
+        "security.replay",
+        "security.bad_certificate_request",
+        "meter.unknown_lifecycle",
+        "security.attestation_failed",
+        "meter.failed",
+        "firmware.rejected",
+    ] {
+        assert!(kinds.contains_key(k), "no {k} in the audit log: {kinds:?}");
+    }
+    let alarms: Vec<String> = db
+        .prepare("SELECT kind FROM alarms")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    for k in [
+        "security.firmware_mismatch",
+        "security.replay",
+        "security.bad_certificate_request",
+        "meter.unknown_lifecycle",
+        "security.attestation_failed",
+    ] {
+        assert!(alarms.iter().any(|a| a == k), "no alarm {k}: {alarms:?}");
+    }
+    let (code, out, err) = cell.run(Some("audit"), &["audit", "verify"]);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_meter_with_a_provisioned_uid_is_refused_and_alarmed() {
+    // Two nests whose emulators make the same UIDs: every UID shows up twice.
+    let cell = Cell::new(CellOptions {
+        nests: 2,
+        quantity: 4,
+        seeds: vec![Some(77), Some(77)],
+        emulator_numbers: vec![1, 1],
+        ..CellOptions::default()
+    })
+    .await;
+    let (engine, summary) = run_batch(&cell, Duration::from_secs(300)).await;
+    engine.shutdown().await.unwrap();
+    assert!(summary.batch_complete, "{summary}");
+    let db = cell.db();
+    let dup_uids: i64 = db
+        .query_row("SELECT count(*) FROM (SELECT uid FROM meters WHERE state = 'done' GROUP BY uid HAVING count(*) > 1)", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(dup_uids, 0, "no UID is provisioned twice");
+    let alarms: i64 = db
+        .query_row(
+            "SELECT count(*) FROM alarms WHERE kind = 'meter.duplicate_uid'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(alarms >= 1, "duplicates raise an alarm");
+    let msg: String = db
+        .query_row(
+            "SELECT details FROM audit WHERE kind = 'meter.duplicate_uid' ORDER BY seq LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        msg.contains("duplicate") || msg.contains("another nest"),
+        "{msg}"
+    );
+}
+
+/// Tampers with the journal of a fresh cell and runs `station audit verify`.
+async fn tampered(sql: &str) -> (i32, String) {
+    let cell = Cell::new(CellOptions {
+        nests: 1,
+        open_batch: true,
+        ..CellOptions::default()
+    })
+    .await;
+    let db = cell.db();
+    db.execute_batch(&format!("PRAGMA foreign_keys=OFF; {sql}"))
+        .unwrap();
+    drop(db);
+    let (code, out, err) = cell.run(Some("audit"), &["audit", "verify"]);
+    (code, format!("{out}{err}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_modified_entry_is_found() {
+    let (code, out) = tampered("UPDATE audit SET actor = 'mallory' WHERE seq = 5").await;
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("FAILED VERIFICATION at entry 5"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deleted_entry_is_found() {
+    let (code, out) = tampered("DELETE FROM audit WHERE seq = 7").await;
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("at entry 7") && out.contains("missing"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reordered_entries_are_found() {
+    let (code, out) = tampered("UPDATE audit SET seq = -1 WHERE seq = 4; UPDATE audit SET seq = 4 WHERE seq = 6; UPDATE audit SET seq = 6 WHERE seq = -1").await;
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("at entry 4"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn truncated_newest_entries_are_found_and_the_cell_freezes() {
+    let cell = Cell::new(CellOptions {
+        nests: 1,
+        ..CellOptions::default()
+    })
+    .await;
+    let db = cell.db();
+    let last: i64 = db
+        .query_row("SELECT max(seq) FROM audit", [], |r| r.get(0))
+        .unwrap();
+    db.execute_batch(&format!("DELETE FROM audit WHERE seq > {}", last - 3))
+        .unwrap();
+    drop(db);
+    let (code, out, err) = cell.run(Some("audit"), &["audit", "verify"]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        out.contains(&format!("at entry {}", last - 2)) && out.contains("truncated"),
+        "{out}"
+    );
+    // Nothing was appended over the gap, and nothing else runs until the log is dealt with.
+    let after: i64 = cell
+        .db()
+        .query_row("SELECT max(seq) FROM audit", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(after, last - 3);
+    let (code, _, err) = cell.run(Some("super"), &["batch", "list"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("frozen"), "{err}");
+}
+
+fn sample_commands() -> Vec<Command> {
+    vec![
+        Command::StartLine,
+        Command::StopLine,
+        Command::EnableNest {
+            nest: 1,
+            enabled: true,
+        },
+        Command::ClearNest { nest: 1 },
+        Command::OpenBatch(BatchSpec {
+            work_order: "WO-NOPE".into(),
+            model: "no-such-model".into(),
+            firmware: "x".into(),
+            customer: "x".into(),
+            quantity: 1,
+            serial_prefix: "X".into(),
+            serial_first: 1,
+            serial_last: 2,
+        }),
+        Command::CloseBatch { id: 9999 },
+        Command::Rework { uid: "00".into() },
+        Command::AckAlarm { id: 9999 },
+        Command::ImportFirmware {
+            name: "junk.bin".into(),
+            image: vec![0; 64],
+        },
+        Command::ImportCustomer {
+            name: "bad name!".into(),
+            cert: vec![],
+        },
+        Command::AddUser {
+            name: "bad name!".into(),
+            role: Role::Operator,
+            pin: zeroize::Zeroizing::new("1".into()),
+        },
+        Command::DisableUser {
+            name: "nobody-here".into(),
+        },
+        Command::ResetPin {
+            name: "nobody-here".into(),
+            pin: zeroize::Zeroizing::new("123456".into()),
+        },
+        Command::ListUsers,
+        Command::ListBatches,
+        Command::BatchStatus { id: None },
+        Command::ListFirmware,
+        Command::ListCustomers,
+        Command::AuditVerify,
+        Command::AuditTail { n: 5 },
+        Command::AuditSince { after: 0 },
+        Command::AuditExport,
+        Command::ListAlarms,
+        Command::HsmInfo,
+        Command::Export {
+            batch: 9999,
+            out_dir: std::env::temp_dir().join("e2e-never-written"),
+        },
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_command_for_every_role_goes_through_the_permission_table() {
+    let cell = Cell::new(CellOptions {
+        nests: 1,
+        ..CellOptions::default()
+    })
+    .await;
+    let engine = cell.engine(false).await;
+    let users = [
+        ("oper", Role::Operator),
+        ("super", Role::Supervisor),
+        ("officer", Role::SecurityOfficer),
+        ("audit", Role::Auditor),
+    ];
+    let mut refused = 0;
+    for (user, role) in users {
+        let s = cell.login(&engine, user).await;
+        for cmd in sample_commands() {
+            let action: Action = cmd.action();
+            let r = engine.execute(&s, cmd).await;
+            let forbidden = matches!(r, Err(Error::Auth(AuthError::Forbidden { .. })));
+            assert_eq!(
+                forbidden,
+                !auth::allowed(role, action),
+                "{user} {action:?}: {r:?}"
+            );
+            if forbidden {
+                refused += 1;
+            }
+        }
+    }
+    engine.shutdown().await.unwrap();
+    let audited: i64 = cell
+        .db()
+        .query_row(
+            "SELECT count(*) FROM audit WHERE kind = 'auth.forbidden'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(audited, refused, "every refusal is audited");
+    assert!(refused > 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wrong_pins_lock_out_and_idle_sessions_expire() {
+    let cell = Cell::new(CellOptions {
+        nests: 1,
+        ..CellOptions::default()
+    })
+    .await;
+    let engine = cell.engine(false).await;
+    for i in 0..4 {
+        match engine.login("oper", "000000").await {
+            Err(Error::Auth(AuthError::BadCredentials {
+                remaining: Some(r), ..
+            })) => assert_eq!(r, 4 - i),
+            other => panic!("attempt {i}: {other:?}"),
+        }
+    }
+    assert!(matches!(
+        engine.login("oper", "000000").await,
+        Err(Error::Auth(AuthError::Locked { .. }))
+    ));
+    let right = cell.pins["oper"].clone();
+    assert!(
+        matches!(
+            engine.login("oper", &right).await,
+            Err(Error::Auth(AuthError::Locked { .. }))
+        ),
+        "locked even with the right PIN"
+    );
+    // Expiry: a session idle for longer than the limit is refused.
+    let s = cell.login(&engine, "super").await;
+    assert!(engine.execute(&s, Command::ListBatches).await.is_ok());
+    cell.db()
+        .execute(
+            "UPDATE sessions SET last_seen = last_seen - 16 * 60000 WHERE ended_at IS NULL",
+            [],
+        )
+        .unwrap();
+    assert!(matches!(
+        engine.execute(&s, Command::ListBatches).await,
+        Err(Error::Auth(AuthError::Expired))
+    ));
+    engine.shutdown().await.unwrap();
+    let kinds = audit_kinds(&cell);
+    // Four wrong PINs, then the right one refused while locked out; the fifth wrong one locked.
+    assert_eq!(kinds.get("auth.failure"), Some(&5));
+    assert_eq!(kinds.get("auth.lockout"), Some(&1));
+    assert_eq!(kinds.get("auth.session_expired"), Some(&1));
+    let alarm: i64 = cell
+        .db()
+        .query_row(
+            "SELECT count(*) FROM alarms WHERE kind = 'auth.lockout'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(alarm, 1);
+}
+
+fn imgtool() -> std::path::PathBuf {
+    std::env::var_os("IMGTOOL")
+        .map(Into::into)
+        .unwrap_or_else(|| "imgtool".into())
+}
+
+fn sign_with_imgtool(key: &std::path::Path, payload: &std::path::Path, out: &std::path::Path) {
+    let st = std::process::Command::new(imgtool())
+        .args(["sign", "--key"])
+        .arg(key)
+        .args([
+            "--header-size",
+            "0x200",
+            "--pad-header",
+            "--align",
+            "8",
+            "--version",
+            "3.1.4",
+            "--slot-size",
+            "0x100000",
+        ])
+        .arg(payload)
+        .arg(out)
+        .status()
+        .expect("imgtool (MCUboot, from PyPI; `cargo xtask test` installs it)");
+    assert!(st.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn firmware_signed_by_imgtool_is_accepted_and_anything_else_refused() {
+    let cell = Cell::new(CellOptions {
+        nests: 1,
+        open_batch: false,
+        ..CellOptions::default()
+    })
+    .await;
+    let payload = cell.path("app.bin");
+    std::fs::write(
+        &payload,
+        meter_sim::firmware::firmware_like_payload(40_000, 0.7, 9),
+    )
+    .unwrap();
+    let good = cell.path("signed.bin");
+    sign_with_imgtool(&cell.path("pki/firmware-signing-key.pem"), &payload, &good);
+    let (code, out, err) = cell.run(
+        Some("officer"),
+        &["firmware", "import", good.to_str().unwrap()],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("imported firmware 3.1.4"), "{out}");
+
+    let mut bytes = std::fs::read(&good).unwrap();
+    bytes[0x200 + 1234] ^= 0x10;
+    let flipped = cell.path("flipped.bin");
+    std::fs::write(&flipped, &bytes).unwrap();
+    let (code, _, err) = cell.run(
+        Some("officer"),
+        &["firmware", "import", flipped.to_str().unwrap()],
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("image hash does not match its content"),
+        "{err}"
+    );
+
+    let other_key = cell.path("other-key.pem");
+    assert!(
+        std::process::Command::new(imgtool())
+            .args(["keygen", "-t", "ecdsa-p256", "-k"])
+            .arg(&other_key)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let foreign = cell.path("foreign.bin");
+    sign_with_imgtool(&other_key, &payload, &foreign);
+    let (code, _, err) = cell.run(
+        Some("officer"),
+        &["firmware", "import", foreign.to_str().unwrap()],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("signed by a different key"), "{err}");
+
+    // Each refusal is audited and alarmed.
+    let rejected: i64 = cell
+        .db()
+        .query_row(
+            "SELECT count(*) FROM alarms WHERE kind = 'firmware.rejected'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(rejected, 2);
+    // And imgtool accepts what the cell's own tooling signs.
+    let st = std::process::Command::new(imgtool())
+        .args(["verify", "-k"])
+        .arg(cell.path("pki/firmware-signing-key.pem"))
+        .arg(cell.path("firmware.bin"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+}

@@ -1,0 +1,188 @@
+//! Crash safety: the station process killed with SIGKILL at random points of a running batch,
+//! at least 20 times, restarted each time. The batch still completes; no serial number or
+//! certificate serial is used twice; every certificate is either delivered to a done meter or
+//! voided; the audit log verifies.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use e2e::{Cell, CellOptions};
+
+/// A small deterministic generator, so that a failing run can be repeated.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        self.0 >> 33
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_twenty_times_the_batch_still_completes_cleanly() {
+    let quantity = 80;
+    let cell = Cell::new(CellOptions {
+        nests: 3,
+        quantity,
+        firmware_kib: 16,
+        ..CellOptions::default()
+    })
+    .await;
+    let mut rng = Lcg(0x5EED_2026);
+    let mut kills = 0;
+    let mut finished_early = false;
+    while kills < 20 {
+        let mut child = cell
+            .station(Some("oper"))
+            .args(["run", "--plain"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let delay = Duration::from_millis(200 + rng.next() % 1200);
+        let t0 = Instant::now();
+        while t0.elapsed() < delay {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if child.try_wait().unwrap().is_some() {
+            finished_early = true;
+            break;
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        kills += 1;
+    }
+    assert!(
+        !finished_early,
+        "the batch finished after {kills} kills; make it larger so that every kill lands in a running batch"
+    );
+    assert_eq!(kills, 20);
+
+    // Restart and let it finish.
+    let mut child = cell
+        .station(Some("oper"))
+        .args(["run", "--plain"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(600),
+            "the final run did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let db = cell.db();
+    let q = |sql: &str| -> i64 { db.query_row(sql, [], |r| r.get(0)).unwrap() };
+    assert_eq!(
+        q("SELECT count(*) FROM meters WHERE state = 'done'"),
+        quantity,
+        "the batch is complete"
+    );
+    assert_eq!(
+        q("SELECT count(*) FROM meters WHERE state NOT IN ('done', 'failed')"),
+        0,
+        "nothing is left half-done"
+    );
+    assert_eq!(
+        q(
+            "SELECT count(*) FROM (SELECT serial FROM meters WHERE serial IS NOT NULL GROUP BY serial HAVING count(*) > 1)"
+        ),
+        0
+    );
+    assert_eq!(
+        q(
+            "SELECT count(*) FROM (SELECT serial FROM certificates GROUP BY serial HAVING count(*) > 1)"
+        ),
+        0
+    );
+    assert_eq!(
+        q("SELECT count(*) FROM certificates WHERE state NOT IN ('delivered', 'voided')"),
+        0,
+        "every certificate is delivered or voided"
+    );
+    assert_eq!(
+        q(
+            "SELECT count(*) FROM certificates c JOIN meters m ON m.id = c.meter_id WHERE c.state = 'delivered' AND m.state <> 'done'"
+        ),
+        0,
+        "delivered certificates belong to done meters"
+    );
+    assert_eq!(
+        q(
+            "SELECT count(*) FROM certificates c JOIN meters m ON m.id = c.meter_id WHERE c.state = 'voided' AND m.state = 'done'"
+        ),
+        0,
+        "done meters have no voided certificates"
+    );
+    assert_eq!(
+        q(
+            "SELECT count(*) FROM wrapped_keys k JOIN meters m ON m.id = k.meter_id WHERE m.state = 'failed'"
+        ),
+        0
+    );
+    let interrupted = q("SELECT count(*) FROM meters WHERE failure = 'interrupted'");
+    assert!(
+        interrupted >= 3,
+        "the kills should have caught meters in flight: {interrupted}"
+    );
+    // Every interrupted meter was failed by a start-up recovery, and audited there.
+    let mut stmt = db
+        .prepare("SELECT details FROM audit WHERE kind = 'station.recovery'")
+        .unwrap();
+    let recovered: usize = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .unwrap()
+        .map(|d| {
+            serde_json::from_str::<serde_json::Value>(&d.unwrap()).unwrap()["meters"]
+                .as_array()
+                .map(Vec::len)
+                .unwrap_or(0)
+        })
+        .sum();
+    drop(stmt);
+    assert_eq!(
+        recovered as i64, interrupted,
+        "recovery events list every interrupted meter"
+    );
+    // Every done meter holds the certificate the journal says it was given.
+    let mut stmt = db.prepare("SELECT m.uid, c.der FROM meters m JOIN certificates c ON c.meter_id = m.id AND c.slot = 'sign' WHERE m.state = 'done'").unwrap();
+    for row in stmt
+        .query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })
+        .unwrap()
+    {
+        let (uid, der) = row.unwrap();
+        assert_eq!(
+            std::fs::read(cell.meter_dir(&uid).join("cert-sign.der")).unwrap(),
+            der,
+            "{uid}"
+        );
+    }
+    drop(stmt);
+    drop(db);
+    let (code, out, err) = cell.run(Some("audit"), &["audit", "verify"]);
+    assert_eq!(code, 0, "{out}{err}");
+}

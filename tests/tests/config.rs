@@ -1,0 +1,119 @@
+//! The configuration contract: `schemas/config.schema.json` checked with an independent
+//! validator (Python's jsonschema) against the example configuration and the files the cell
+//! writes, and the station's own loader agreeing with the schema on what it refuses.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+
+use std::path::{Path, PathBuf};
+
+fn schemas() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../schemas")
+}
+
+/// Validates `toml_text` against the config schema with Python's jsonschema; Ok or the message.
+fn python_validate(toml_text: &str) -> Result<(), String> {
+    let value: serde_json::Value =
+        toml::from_str(toml_text).map_err(|e| format!("not TOML: {e}"))?;
+    let dir = tempfile::tempdir().unwrap();
+    let doc = dir.path().join("doc.json");
+    std::fs::write(&doc, serde_json::to_string(&value).unwrap()).unwrap();
+    let python = std::env::var("CELL_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = "import json, sys, jsonschema\n\
+        schema = json.load(open(sys.argv[1]))\n\
+        jsonschema.Draft202012Validator.check_schema(schema)\n\
+        errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(json.load(open(sys.argv[2]))), key=str)\n\
+        print('\\n'.join(e.message for e in errors))\n\
+        sys.exit(1 if errors else 0)\n";
+    let out = std::process::Command::new(&python)
+        .args(["-c", script])
+        .arg(schemas().join("config.schema.json"))
+        .arg(&doc)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("ModuleNotFoundError"),
+        "Python's jsonschema is missing: run the tests through `cargo xtask test`, which installs it ({stderr})"
+    );
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("{}{stderr}", String::from_utf8_lossy(&out.stdout)))
+    }
+}
+
+fn station_parse(text: &str) -> Result<(), String> {
+    station::config::Config::parse(Path::new("/cell/station.toml"), text)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn the_example_configuration_is_valid_for_both() {
+    let text = std::fs::read_to_string(schemas().join("station.example.toml")).unwrap();
+    python_validate(&text).unwrap();
+    station_parse(&text).unwrap();
+}
+
+#[test]
+fn bad_configurations_are_refused_by_both() {
+    let good = std::fs::read_to_string(schemas().join("station.example.toml")).unwrap();
+    let cases = [
+        (
+            "unknown key",
+            good.replace("window = 16", "window = 16\nwindoww = 3"),
+        ),
+        (
+            "lower-case FLAG ID",
+            good.replace("flag_id = \"EXM\"", "flag_id = \"exm\""),
+        ),
+        ("suite 7", good.replace("suite = 2", "suite = 7")),
+        ("baud 12", good.replace("baud = 115200", "baud = 12")),
+        (
+            "UDP port",
+            good.replace("tcp://10.20.0.12:4001", "udp://10.20.0.12:4001"),
+        ),
+        ("pool of 0", good.replace("pool_size = 4", "pool_size = 0")),
+        (
+            "keygen in the cloud",
+            good.replace("keygen = \"hsm\"", "keygen = \"cloud\""),
+        ),
+        (
+            "payload too small",
+            good.replace("max_payload = 16384", "max_payload = 512"),
+        ),
+        (
+            "no token",
+            good.lines()
+                .filter(|l| !l.starts_with("token = "))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        ),
+        (
+            "pin both ways",
+            good.replace(
+                "pin = { file = \"hsm-user.pin\" }",
+                "pin = { file = \"p\", env = \"X\" }",
+            ),
+        ),
+    ];
+    for (what, text) in cases {
+        assert!(
+            python_validate(&text).is_err(),
+            "the schema accepts: {what}"
+        );
+        let e = station_parse(&text).expect_err(what);
+        assert!(e.starts_with("/cell/station.toml:"), "{what}: {e}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_configuration_a_cell_writes_is_valid() {
+    let cell = e2e::Cell::new(e2e::CellOptions {
+        nests: 1,
+        open_batch: false,
+        ..e2e::CellOptions::default()
+    })
+    .await;
+    python_validate(&std::fs::read_to_string(&cell.config).unwrap()).unwrap();
+}

@@ -1,0 +1,154 @@
+//! The eframe application: owns the state, the event receiver and the command sink, and does
+//! nothing but move events into the state, draw it, and hand the user's commands on.
+//!
+//! Frames are drawn only when something arrives (the backend wakes the context) or the user
+//! touches the screen; the one timer is the session's idle deadline.
+
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use eframe::egui;
+use station::Engine;
+
+use crate::backend::{Backend, CommandSink};
+use crate::state::{AppState, UiCommand, UiEvent};
+use crate::theme::{self, Touch};
+use crate::view;
+
+/// After the session's idle time plus this, the console asks the engine whether it has ended.
+const EXPIRY_MARGIN: Duration = Duration::from_secs(2);
+
+/// How the console runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ConsoleOptions {
+    /// A demo cell: show the demo users and PINs.
+    pub demo: bool,
+    /// The screen.
+    pub touch: Touch,
+}
+
+/// The touch console.
+pub struct ConsoleApp {
+    state: AppState,
+    events: mpsc::Receiver<UiEvent>,
+    sink: Box<dyn CommandSink>,
+    /// The engine ends a session after this much inactivity.
+    idle: Duration,
+    /// When the session was last used.
+    last_used: Instant,
+}
+
+impl std::fmt::Debug for ConsoleApp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsoleApp")
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConsoleApp {
+    /// A console over `engine`, whose tasks run on `rt`, drawing into `ctx`.
+    pub fn new(
+        engine: &Engine,
+        rt: tokio::runtime::Handle,
+        ctx: &egui::Context,
+        opts: ConsoleOptions,
+    ) -> ConsoleApp {
+        let cfg = engine.config();
+        let models = cfg.models.iter().map(|m| m.name.clone()).collect();
+        let idle = Duration::from_secs(cfg.access.session_idle_minutes * 60);
+        let state = AppState::new(
+            engine.snapshot(),
+            models,
+            cfg.manufacturer.flag_id.clone(),
+            opts.demo,
+        );
+        let (backend, events) = Backend::start(engine.clone(), rt, ctx.clone());
+        ConsoleApp::with_parts(ctx, state, events, Box::new(backend), idle, opts.touch)
+    }
+
+    /// A console from its parts: any source of events and any sink for commands (the
+    /// benchmark feeds made-up events).
+    pub fn with_parts(
+        ctx: &egui::Context,
+        state: AppState,
+        events: mpsc::Receiver<UiEvent>,
+        sink: Box<dyn CommandSink>,
+        idle: Duration,
+        touch: Touch,
+    ) -> ConsoleApp {
+        theme::apply(ctx, touch);
+        ConsoleApp {
+            state,
+            events,
+            sink,
+            idle,
+            last_used: Instant::now(),
+        }
+    }
+
+    /// What the console shows.
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Takes in one event, as if it had come from the engine.
+    pub fn apply(&mut self, ev: UiEvent) {
+        self.state.apply(ev);
+    }
+
+    /// Takes in every event that has arrived; returns how many.
+    pub fn drain(&mut self) -> usize {
+        let mut n = 0;
+        while let Ok(ev) = self.events.try_recv() {
+            self.state.apply(ev);
+            n += 1;
+        }
+        n
+    }
+
+    /// Sends a command, as if the user had given it.
+    pub fn command(&mut self, cmd: UiCommand) {
+        match &cmd {
+            UiCommand::Run(_) => {
+                self.state.sent();
+                self.last_used = Instant::now();
+            }
+            UiCommand::Login { .. } => self.last_used = Instant::now(),
+            UiCommand::Logout | UiCommand::AckAlarm { .. } => {}
+        }
+        self.sink.send(cmd);
+    }
+
+    /// Once the session has been idle for the engine's limit, ask the engine (any command
+    /// does): if it has ended the session, the answer sends the console back to log-in.
+    fn check_expiry(&mut self, ctx: &egui::Context) {
+        if self.state.user.is_none() {
+            return;
+        }
+        let deadline = self.idle + EXPIRY_MARGIN;
+        let idle_for = self.last_used.elapsed();
+        if idle_for >= deadline {
+            self.command(UiCommand::Run(station::Command::ListAlarms));
+        } else {
+            ctx.request_repaint_after(deadline - idle_for);
+        }
+    }
+}
+
+impl eframe::App for ConsoleApp {
+    fn logic(&mut self, ctx: &egui::Context, _frame: &mut eframe::Frame) {
+        self.drain();
+        self.check_expiry(ctx);
+    }
+
+    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+        for cmd in view::view(ui, &mut self.state) {
+            self.command(cmd);
+        }
+    }
+
+    fn clear_color(&self, _visuals: &egui::Visuals) -> [f32; 4] {
+        theme::colour::PAGE.to_normalized_gamma_f32()
+    }
+}

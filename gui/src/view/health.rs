@@ -1,0 +1,116 @@
+//! Health: is the HSM there and logged in, is each jig port open, can the journal be written.
+//! Each line says OK or the problem in words, with the colour as a second cue.
+
+use eframe::egui::{self, RichText, Ui};
+use station::LineView;
+use station::engine::NestState;
+
+use crate::theme::colour;
+
+/// How one part is.
+#[derive(Clone, Copy)]
+enum Status {
+    Ok,
+    Fault,
+    /// Not in use now (a port while the line is stopped).
+    Closed,
+}
+
+impl From<bool> for Status {
+    fn from(ok: bool) -> Status {
+        if ok { Status::Ok } else { Status::Fault }
+    }
+}
+
+/// One health line: a coloured OK/FAULT box and what it is about.
+fn row(ui: &mut Ui, status: impl Into<Status>, what: &str, detail: &str) {
+    ui.horizontal(|ui| {
+        let (word, fill) = match status.into() {
+            Status::Ok => ("OK", colour::PASS),
+            Status::Fault => ("FAULT", colour::FAIL),
+            Status::Closed => ("CLOSED", colour::STOPPED),
+        };
+        egui::Frame::new()
+            .fill(fill)
+            .inner_margin(egui::Margin::symmetric(12, 6))
+            .show(ui, |ui| {
+                ui.set_min_width(90.0);
+                let r = ui.label(
+                    RichText::new(word)
+                        .strong()
+                        .size(24.0)
+                        .color(colour::ON_DARK),
+                );
+                let name = format!("{what}: {word}");
+                r.widget_info(|| egui::WidgetInfo::labeled(egui::Role::Label, true, &name));
+            });
+        ui.label(RichText::new(what).strong().size(22.0));
+        ui.label(detail);
+    });
+}
+
+pub(super) fn show(ui: &mut Ui, line: &LineView) {
+    ui.heading("Health of the cell");
+    let h = &line.health;
+    row(
+        ui,
+        h.hsm,
+        "HSM",
+        &if h.hsm {
+            format!("token {} connected, user logged in", h.hsm_detail)
+        } else {
+            format!(
+                "token {} does not answer: call the security officer",
+                h.hsm_detail
+            )
+        },
+    );
+    row(
+        ui,
+        h.database,
+        "Database",
+        if h.database {
+            "journal writable"
+        } else {
+            "the journal cannot be written: the line cannot record meters"
+        },
+    );
+    ui.add_space(8.0);
+    ui.heading("Jig ports");
+    {
+        {
+            for n in &line.nests {
+                let (status, detail) = if n.port_open {
+                    (Status::Ok, format!("{} open", n.port))
+                } else if n.state == NestState::Offline {
+                    let why = n.message.as_deref().unwrap_or("cannot be opened");
+                    (Status::Fault, format!("{}: {why}", n.port))
+                } else {
+                    (
+                        Status::Closed,
+                        format!("{} (opened when the line starts)", n.port),
+                    )
+                };
+                row(ui, status, &format!("Port of {}", n.name), &detail);
+            }
+        }
+    }
+}
+
+/// A one-line summary for the header: "HSM OK · Database OK · Ports 4 of 4 open".
+pub(super) fn summary(line: &LineView) -> (String, bool) {
+    let h = &line.health;
+    let open = line.nests.iter().filter(|n| n.port_open).count();
+    let ports_ok = !line.nests.iter().any(|n| n.state == NestState::Offline);
+    let ok = h.hsm && h.database && ports_ok;
+    let word = |b: bool| if b { "OK" } else { "FAULT" };
+    (
+        format!(
+            "HSM {} · Database {} · Ports {open} of {} open",
+            word(h.hsm),
+            word(h.database),
+            line.nests.len()
+        ),
+        ok,
+    )
+}

@@ -1,0 +1,289 @@
+//! The line view: the batch header with its counts and cycle times, start and stop, and one tile
+//! per nest whose state reads at arm's length (colour, and the word: PASS, FAIL, BUSY, IDLE…).
+
+use eframe::egui::{self, Align, Layout, RichText, Ui, Vec2};
+use station::auth::Action;
+use station::engine::{NestState, NestView};
+use station::{Command, LineView};
+
+use super::widgets::{self, Kind};
+use crate::state::{AppState, UiCommand};
+use crate::theme::{self, colour};
+
+/// Narrowest tile, in points.
+const MIN_TILE_WIDTH: f32 = 232.0;
+/// Gap between tiles.
+const GAP: f32 = 12.0;
+/// Room for three lines of a failure reason.
+const REASON_HEIGHT: f32 = 66.0;
+
+pub(super) fn show(ui: &mut Ui, s: &mut AppState, out: &mut Vec<UiCommand>) {
+    batch_header(ui, &s.line);
+    ui.add_space(4.0);
+    controls(ui, s, out);
+    ui.add_space(8.0);
+    let may_run = s.may(Action::RunLine);
+    let may_clear = s.may(Action::ClearNest);
+    tiles(ui, &s.line.nests, may_run, may_clear, out);
+}
+
+/// Seconds with one decimal.
+pub(super) fn seconds(ms: Option<u64>) -> String {
+    match ms {
+        Some(ms) => format!("{:.1} s", ms as f64 / 1000.0),
+        None => "–".into(),
+    }
+}
+
+fn batch_header(ui: &mut Ui, line: &LineView) {
+    egui::Frame::new()
+        .fill(colour::PANEL)
+        .stroke(egui::Stroke::new(1.0, colour::BORDER))
+        .inner_margin(12)
+        .show(ui, |ui| {
+            ui.set_width(ui.available_width());
+            let Some(b) = &line.batch else {
+                ui.label(
+                    RichText::new("No batch is open: a supervisor opens one (Batch and rework).")
+                        .size(24.0)
+                        .strong(),
+                );
+                return;
+            };
+            ui.horizontal_wrapped(|ui| {
+                ui.label(
+                    RichText::new(format!("Work order {}", b.work_order))
+                        .size(26.0)
+                        .strong(),
+                );
+                ui.separator();
+                ui.label(RichText::new(format!("Model {}", b.model)).size(22.0));
+                ui.separator();
+                ui.label(RichText::new(format!("Firmware {}", b.firmware_version)).size(22.0));
+                ui.separator();
+                ui.label(RichText::new(format!("Customer {}", b.customer)).size(22.0));
+            });
+            ui.horizontal_wrapped(|ui| {
+                let yield_text = b
+                    .yield_percent()
+                    .map(|y| format!("{y:.1} %"))
+                    .unwrap_or_else(|| "–".into());
+                for (label, value) in [
+                    ("Produced", format!("{} of {}", b.done, b.quantity)),
+                    ("Failed", b.failed.to_string()),
+                    ("Remaining", b.remaining().to_string()),
+                    ("Yield", yield_text),
+                    ("Last cycle", seconds(line.last_cycle_ms)),
+                    ("Average cycle", seconds(line.avg_cycle_ms)),
+                ] {
+                    ui.label(RichText::new(format!("{label}:")).color(colour::WEAK_TEXT));
+                    ui.label(RichText::new(value).size(24.0).strong());
+                    ui.add_space(12.0);
+                }
+            });
+        });
+}
+
+fn controls(ui: &mut Ui, s: &AppState, out: &mut Vec<UiCommand>) {
+    ui.horizontal(|ui| {
+        let (word, fill) = if s.line.running {
+            ("LINE RUNNING", colour::PASS)
+        } else {
+            ("LINE STOPPED", colour::STOPPED)
+        };
+        egui::Frame::new()
+            .fill(fill)
+            .inner_margin(egui::Margin::symmetric(16, 10))
+            .show(ui, |ui| {
+                ui.label(
+                    RichText::new(word)
+                        .size(26.0)
+                        .strong()
+                        .color(colour::ON_DARK),
+                );
+            });
+        if let Some(op) = &s.line.operator {
+            ui.label(format!("started by {op}"));
+        }
+        if s.may(Action::RunLine) {
+            ui.add_space(16.0);
+            if s.line.running {
+                if widgets::button(ui, "Stop line", Kind::Danger, 180.0).clicked() {
+                    out.push(UiCommand::Run(Command::StopLine));
+                }
+            } else if widgets::button(ui, "Start line", Kind::Primary, 180.0).clicked() {
+                out.push(UiCommand::Run(Command::StartLine));
+            }
+        }
+    });
+}
+
+fn tiles(
+    ui: &mut Ui,
+    nests: &[NestView],
+    may_run: bool,
+    may_clear: bool,
+    out: &mut Vec<UiCommand>,
+) {
+    if nests.is_empty() {
+        ui.label("This cell has no nests configured.");
+        return;
+    }
+    let avail = ui.available_width();
+    let fit = ((avail + GAP) / (MIN_TILE_WIDTH + GAP)).floor().max(1.0) as usize;
+    let cols = fit.min(nests.len());
+    let width = ((avail - GAP * (cols as f32 - 1.0)) / cols as f32).floor();
+    let height = tile_height(ui);
+    for row in nests.chunks(cols) {
+        ui.horizontal_top(|ui| {
+            ui.spacing_mut().item_spacing.x = GAP;
+            for n in row {
+                ui.allocate_ui_with_layout(
+                    Vec2::new(width, height),
+                    Layout::top_down(Align::Min),
+                    |ui| tile(ui, n, width, height, may_run, may_clear, out),
+                );
+            }
+        });
+        ui.add_space(GAP - ui.spacing().item_spacing.y);
+    }
+}
+
+/// Every tile has the same height, whatever it shows, so the grid never jumps.
+fn tile_height(ui: &Ui) -> f32 {
+    let t = widgets::target(ui);
+    // name row, state band, step, progress, two lines of reason, buttons, margins and gaps
+    34.0 + 60.0 + 26.0 + 22.0 + REASON_HEIGHT + t + 24.0 + 6.0 * 6.0
+}
+
+fn tile(
+    ui: &mut Ui,
+    n: &NestView,
+    width: f32,
+    height: f32,
+    may_run: bool,
+    may_clear: bool,
+    out: &mut Vec<UiCommand>,
+) {
+    let (fill, fg) = theme::state_colours(n.state);
+    let border = if n.state == NestState::Fail { 4.0 } else { 1.0 };
+    let border_colour = if n.state == NestState::Fail {
+        colour::FAIL
+    } else {
+        colour::BORDER
+    };
+    egui::Frame::new()
+        .fill(colour::PANEL)
+        .stroke(egui::Stroke::new(border, border_colour))
+        .inner_margin(10)
+        .show(ui, |ui| {
+            let inner = width - 20.0 - 2.0 * border;
+            ui.set_width(inner);
+            ui.set_height(height - 20.0 - 2.0 * border);
+            ui.spacing_mut().item_spacing.y = 6.0;
+            ui.horizontal(|ui| {
+                ui.label(RichText::new(&n.name).size(26.0).strong());
+                ui.with_layout(Layout::right_to_left(Align::Center), |ui| {
+                    let serial = n.serial.as_deref().unwrap_or("");
+                    ui.label(RichText::new(serial).size(20.0).monospace());
+                });
+            });
+            // The state band: colour for a glance, the word for everyone.
+            let word = state_word(n);
+            egui::Frame::new()
+                .fill(fill)
+                .inner_margin(egui::Margin::symmetric(8, 6))
+                .show(ui, |ui| {
+                    ui.set_width(inner - 16.0);
+                    ui.vertical_centered(|ui| {
+                        let r = ui.label(RichText::new(word).font(theme::state_font()).color(fg));
+                        let name = format!("Nest {}: {word}", n.nest);
+                        r.widget_info(|| egui::WidgetInfo::labeled(egui::Role::Label, true, &name));
+                    });
+                });
+            let step = match (n.state, n.step) {
+                (NestState::Busy, Some(step)) => format!("Step: {}", step.word()),
+                (NestState::Busy, None) => "Step: starting".into(),
+                (NestState::Pass, _) => match n.last_cycle_ms {
+                    Some(ms) => format!("Done in {}", seconds(Some(ms))),
+                    None => "Done".into(),
+                },
+                _ if !n.enabled => "Nest disabled".into(),
+                _ => String::new(),
+            };
+            ui.label(RichText::new(step).size(20.0));
+            match n.progress.filter(|_| n.state == NestState::Busy) {
+                Some(p) => {
+                    ui.add(
+                        egui::ProgressBar::new(p.clamp(0.0, 1.0))
+                            .desired_height(22.0)
+                            .desired_width(inner)
+                            .fill(colour::BUSY)
+                            .text(
+                                RichText::new(format!("{:.0} %", p * 100.0)).color(colour::ON_DARK),
+                            ),
+                    );
+                }
+                None => {
+                    ui.add_space(22.0);
+                }
+            }
+            let (text, colour) = match (&n.message, n.state) {
+                (Some(m), NestState::Fail) => (format!("Reason: {m}"), colour::BAD_TEXT),
+                (Some(m), NestState::Offline) => (m.clone(), colour::BAD_TEXT),
+                (Some(m), _) => (m.clone(), colour::WEAK_TEXT),
+                (None, _) => (String::new(), colour::WEAK_TEXT),
+            };
+            ui.allocate_ui(Vec2::new(inner, REASON_HEIGHT), |ui| {
+                ui.set_min_height(REASON_HEIGHT);
+                // Three lines at most, so that the grid never jumps; the whole reason is on the
+                // batch screen's list of failed meters.
+                let mut job = egui::text::LayoutJob::simple(
+                    text.clone(),
+                    egui::FontId::proportional(18.0),
+                    colour,
+                    inner,
+                );
+                job.wrap.max_rows = 3;
+                job.wrap.overflow_character = Some('…');
+                let r = ui.label(job);
+                if !text.is_empty() {
+                    let name = format!("Nest {} message: {text}", n.nest);
+                    r.widget_info(|| egui::WidgetInfo::labeled(egui::Role::Label, true, &name));
+                }
+            });
+            ui.with_layout(Layout::bottom_up(Align::Min), |ui| {
+                ui.horizontal(|ui| {
+                    let half = ((inner - 12.0) / 2.0).floor();
+                    if may_run {
+                        let (text, enable) = if n.enabled {
+                            (format!("Stop nest {}", n.nest), false)
+                        } else {
+                            (format!("Start nest {}", n.nest), true)
+                        };
+                        if widgets::button(ui, &text, Kind::Normal, half).clicked() {
+                            out.push(UiCommand::Run(Command::EnableNest {
+                                nest: n.nest,
+                                enabled: enable,
+                            }));
+                        }
+                    }
+                    if may_clear && matches!(n.state, NestState::Fail | NestState::Pass) {
+                        let text = format!("Clear nest {}", n.nest);
+                        if widgets::button(ui, &text, Kind::Normal, half).clicked() {
+                            out.push(UiCommand::Run(Command::ClearNest { nest: n.nest }));
+                        }
+                    }
+                });
+            });
+        });
+}
+
+/// The word of a tile. A disabled nest says so rather than "STOPPED" like a stopped line.
+fn state_word(n: &NestView) -> &'static str {
+    if !n.enabled && n.state == NestState::Stopped {
+        "DISABLED"
+    } else {
+        n.state.word()
+    }
+}

@@ -64,6 +64,8 @@ struct Record<'a> {
     uid: String,
     event: &'a str,
     faults: bool,
+    /// Time the meter spent processing (the emulated bootloader's own work), microseconds.
+    busy_us: u64,
 }
 
 fn uid_for(seed: Option<u64>, nest: u32, index: u32) -> Vec<u8> {
@@ -83,7 +85,7 @@ fn uid_for(seed: Option<u64>, nest: u32, index: u32) -> Vec<u8> {
     }
 }
 
-fn record(cfg: &NestConfig, index: u32, uid: &[u8], event: &str, faults: bool) {
+fn record(cfg: &NestConfig, index: u32, uid: &[u8], event: &str, faults: bool, busy_us: u64) {
     use std::io::Write;
     let line = Record {
         nest: cfg.nest,
@@ -91,6 +93,7 @@ fn record(cfg: &NestConfig, index: u32, uid: &[u8], event: &str, faults: bool) {
         uid: hex::encode(uid),
         event,
         faults,
+        busy_us,
     };
     if let Ok(text) = serde_json::to_string(&line)
         && let Ok(mut f) = std::fs::OpenOptions::new()
@@ -170,19 +173,22 @@ pub async fn run_nest(transport: Transport, cfg: NestConfig) -> io::Result<()> {
             cfg.root,
             faults.clone(),
         )?;
-        record(&cfg, index, &uid, "inserted", faulty);
+        record(&cfg, index, &uid, "inserted", faulty, 0);
         tracing::info!(nest = cfg.nest, uid = %hex::encode(&uid), "meter inserted");
+        let mut busy = Duration::ZERO;
         let outcome = run_meter(
-            &mut rd, &mut wr, &mut buf, &mut app, &faults, &mut noise, &cfg,
+            &mut rd, &mut wr, &mut buf, &mut app, &faults, &mut noise, &cfg, &mut busy,
         )
         .await?;
-        record(&cfg, index, &uid, outcome, faulty);
+        record(&cfg, index, &uid, outcome, faulty, busy.as_micros() as u64);
         tracing::info!(nest = cfg.nest, uid = %hex::encode(&uid), outcome, "meter removed");
         index += 1;
         discard_for(&mut rd, &mut buf, cfg.insert_delay).await?;
     }
 }
 
+// The nest's state lent to one meter; a struct would only rename the same eight things.
+#[allow(clippy::too_many_arguments)]
 async fn run_meter(
     rd: &mut (impl AsyncReadExt + Unpin),
     wr: &mut (impl AsyncWriteExt + Unpin),
@@ -191,6 +197,7 @@ async fn run_meter(
     faults: &Faults,
     noise: &mut NoiseRng,
     cfg: &NestConfig,
+    busy: &mut Duration,
 ) -> io::Result<&'static str> {
     let mut session = MeterSession::new(cfg.caps.max_payload);
     let mut rng = system_rng();
@@ -211,7 +218,9 @@ async fn run_meter(
             }
             continue;
         }
+        let started = std::time::Instant::now();
         let out = session.receive(&input, app, &mut rng);
+        *busy += started.elapsed();
         let mut released = false;
         let mut reboot_now = false;
         let mut replay = false;

@@ -1,0 +1,384 @@
+//! Station performance (`cargo xtask bench station`). Prints one JSON object per line:
+//!
+//! - `overhead_ms_per_meter`: the station's own time per meter (HSM, journal, CPU) with the wire
+//!   taken out: meters on loopback sockets, the meters' own processing time (measured by the
+//!   emulator) subtracted from the cycle time.
+//! - `meters_per_hour` for 1, 4 and 16 nests over linksim at 921600 baud, 4 ms latency, with a
+//!   64 KiB firmware image.
+//! - `cycle_ratio`: the measured cycle time over its theoretical minimum, the wire time of every
+//!   byte exchanged plus the meter's processing time (one nest, 921600 baud, no added latency).
+//!
+//! Everything runs in this process on a SoftHSM token with the demo PKI; the emulated meters share
+//! the machine's cores with the station, as a commissioning run on one PC would.
+
+// A benchmark tool: a failed set-up step should stop it with the reason.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meter_sim::faults::Faults;
+use meter_sim::flash::Capabilities;
+use meter_sim::linksim::{self, LinkCounters, LinkParams};
+use meter_sim::nest::{FaultScope, NestConfig};
+use station::auth::Role;
+use station::config::Config;
+use station::engine::{BatchSpec, Event};
+use station::{Command, Engine, OpenOptions, Reply};
+
+const MODEL: &str = "EM-300";
+
+struct Base {
+    dir: PathBuf,
+    conf_head: String,
+    pins: Vec<(String, String)>,
+    root: p256::PublicKey,
+}
+
+async fn base(dir: &Path) -> Base {
+    let token = hsm::testkit::TestToken::new("bench").unwrap();
+    let softhsm_conf = hsm::testkit::dir().unwrap().join("softhsm2.conf");
+    station::demo::write_secret(&dir.join("hsm-pin"), hsm::testkit::USER_PIN).unwrap();
+    let h = token.open(2).unwrap();
+    let pki = dir.join("pki");
+    let p2 = pki.clone();
+    tokio::task::spawn_blocking(move || hsm::pki::init_dev(&h, &p2))
+        .await
+        .unwrap()
+        .unwrap();
+    let d2 = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || station::demo::make_utility(&d2))
+        .await
+        .unwrap()
+        .unwrap();
+    let conf_head = format!(
+        "station_id = \"bench\"\ndatabase = \"station.db\"\n\n[manufacturer]\nname = \"{}\"\nflag_id = \"DMW\"\n\n\
+         [hsm]\nmodule = \"{}\"\ntoken = \"{}\"\npin = {{ file = \"hsm-pin\" }}\nsofthsm_conf = \"{}\"\npool_size = 4\n\n\
+         [[models]]\nname = \"{MODEL}\"\nsuite = 1\nkeygen = \"meter\"\nkey_agreement = true\n\n[audit]\ncheckpoint_interval = 1000\n\n",
+        hsm::pki::DEMO_ORGANIZATION,
+        hsm::SOFTHSM_MODULE,
+        token.label,
+        softhsm_conf.display()
+    );
+    let root = meter_sim::load_root(&pki.join("provisioning-root.pem")).unwrap();
+    Base {
+        dir: dir.to_path_buf(),
+        conf_head,
+        pins: Vec::new(),
+        root,
+    }
+}
+
+fn nest_config(n: u32, state_dir: &Path, root: p256::PublicKey) -> NestConfig {
+    NestConfig {
+        nest: n,
+        state_dir: state_dir.to_path_buf(),
+        caps: Capabilities {
+            model: MODEL.into(),
+            ..Capabilities::default()
+        },
+        root,
+        faults: Faults::default(),
+        fault_scope: FaultScope::All,
+        meters: None,
+        insert_delay: Duration::ZERO,
+        seed: None,
+        flash_bytes_per_s: None,
+    }
+}
+
+/// The line's ports for a run, and what keeps them alive.
+struct Ports {
+    config_nests: String,
+    counters: Vec<Arc<LinkCounters>>,
+    _keep: Vec<line_protocol::io::PtySlave>,
+}
+
+async fn loopback_nests(n: u32, meters: &Path, root: p256::PublicKey) -> Ports {
+    let mut text = String::new();
+    for i in 0..n {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cfg = nest_config(i + 1, meters, root);
+        tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            s.set_nodelay(true).unwrap();
+            let _ = meter_sim::nest::run_nest(Box::pin(s), cfg).await;
+        });
+        text.push_str(&format!(
+            "[[nests]]\nname = \"N{}\"\nport = \"tcp://127.0.0.1:{port}\"\nbaud = 921600\n\n",
+            i + 1
+        ));
+    }
+    Ports {
+        config_nests: text,
+        counters: Vec::new(),
+        _keep: Vec::new(),
+    }
+}
+
+async fn linked_nests(
+    n: u32,
+    meters: &Path,
+    root: p256::PublicKey,
+    baud: u32,
+    latency: Duration,
+) -> Ports {
+    let mut text = String::new();
+    let mut keep = Vec::new();
+    let mut counters = Vec::new();
+    for i in 0..n {
+        let (master, slave, meter_path) = line_protocol::io::pty_pair().unwrap();
+        keep.push(slave);
+        tokio::spawn(meter_sim::nest::run_nest(
+            master,
+            nest_config(i + 1, meters, root),
+        ));
+        let meter = line_protocol::io::open(
+            &line_protocol::io::PortAddr::parse(&meter_path).unwrap(),
+            baud,
+        )
+        .await
+        .unwrap();
+        let (station_side, slave2, path) = line_protocol::io::pty_pair().unwrap();
+        keep.push(slave2);
+        let (_, c) = linksim::spawn(
+            station_side,
+            meter,
+            LinkParams {
+                baud,
+                latency,
+                ..LinkParams::default()
+            },
+        );
+        counters.push(c);
+        text.push_str(&format!(
+            "[[nests]]\nname = \"N{}\"\nport = \"{path}\"\nbaud = {baud}\n\n",
+            i + 1
+        ));
+    }
+    Ports {
+        config_nests: text,
+        counters,
+        _keep: keep,
+    }
+}
+
+/// Opens a cell with `ports` and a batch of `quantity` meters of `image`.
+async fn cell(
+    b: &mut Base,
+    run: &str,
+    ports: &Ports,
+    image: &[u8],
+    quantity: i64,
+    latency_ms: u32,
+) -> (Engine, PathBuf) {
+    let dir = b.dir.join(run);
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["hsm-pin", "utility.pem"] {
+        std::fs::copy(b.dir.join(f), dir.join(f)).unwrap();
+    }
+    std::fs::write(
+        dir.join("station.toml"),
+        format!(
+            "{}[line]\nlatency_ms = {latency_ms}\npoll_ms = 20\n\n{}",
+            b.conf_head, ports.config_nests
+        ),
+    )
+    .unwrap();
+    let engine = Engine::open(
+        Config::load(&dir.join("station.toml")).unwrap(),
+        OpenOptions {
+            source: "bench".into(),
+            nests: true,
+        },
+    )
+    .await
+    .unwrap();
+    let pin = "246810";
+    engine.bootstrap_admin("officer", pin).await.unwrap();
+    let officer = engine.login("officer", pin).await.unwrap();
+    for (name, role) in [("super", Role::Supervisor), ("oper", Role::Operator)] {
+        engine
+            .execute(
+                &officer,
+                Command::AddUser {
+                    name: name.into(),
+                    role,
+                    pin: zeroize::Zeroizing::new(pin.into()),
+                },
+            )
+            .await
+            .unwrap();
+    }
+    b.pins.push(("officer".into(), pin.into()));
+    let fw = match engine
+        .execute(
+            &officer,
+            Command::ImportFirmware {
+                name: "fw.bin".into(),
+                image: image.to_vec(),
+            },
+        )
+        .await
+        .unwrap()
+    {
+        Reply::Firmware(f) => f,
+        _ => unreachable!(),
+    };
+    engine
+        .execute(
+            &officer,
+            Command::ImportCustomer {
+                name: format!("utility-{run}"),
+                cert: std::fs::read(dir.join("utility.pem")).unwrap(),
+            },
+        )
+        .await
+        .unwrap();
+    let sup = engine.login("super", pin).await.unwrap();
+    engine
+        .execute(
+            &sup,
+            Command::OpenBatch(BatchSpec {
+                work_order: format!("WO-{run}"),
+                model: MODEL.into(),
+                firmware: fw.sha256,
+                customer: format!("utility-{run}"),
+                quantity,
+                serial_prefix: run.to_uppercase(),
+                serial_first: 1,
+                serial_last: quantity * 2 + 10,
+            }),
+        )
+        .await
+        .unwrap();
+    (engine, dir)
+}
+
+/// Runs the line until `n` meters are done; returns (elapsed, cycle times in ms).
+async fn produce(engine: &Engine, n: usize) -> (Duration, Vec<u64>) {
+    let mut events = engine.subscribe();
+    let oper = engine.login("oper", "246810").await.unwrap();
+    let t0 = Instant::now();
+    engine.execute(&oper, Command::StartLine).await.unwrap();
+    let mut cycles = Vec::new();
+    while cycles.len() < n {
+        match tokio::time::timeout(Duration::from_secs(120), events.recv()).await {
+            Ok(Ok(Event::MeterFinished {
+                ok: true, cycle_ms, ..
+            })) => cycles.push(cycle_ms),
+            Ok(Ok(Event::MeterFinished {
+                ok: false, reason, ..
+            })) => panic!("a meter failed: {reason:?}"),
+            Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
+            Ok(Err(e)) => panic!("events: {e}"),
+            Err(_) => panic!("no meter finished within two minutes"),
+        }
+    }
+    let elapsed = t0.elapsed();
+    engine.execute(&oper, Command::StopLine).await.unwrap();
+    (elapsed, cycles)
+}
+
+/// Mean processing time of the emulated meters (from the emulator's record), ms.
+fn meter_busy_ms(meters: &Path) -> f64 {
+    let text = std::fs::read_to_string(meters.join("meters.jsonl")).unwrap_or_default();
+    let busy: Vec<f64> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["event"] == "released")
+        .filter_map(|v| v["busy_us"].as_f64())
+        .collect();
+    busy.iter().sum::<f64>() / busy.len().max(1) as f64 / 1000.0
+}
+
+fn mean(v: &[u64]) -> f64 {
+    v.iter().sum::<u64>() as f64 / v.len().max(1) as f64
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut b = base(tmp.path()).await;
+    let key_pem = std::fs::read_to_string(tmp.path().join("pki/firmware-signing-key.pem")).unwrap();
+    let fw_key =
+        <p256::ecdsa::SigningKey as p256::pkcs8::DecodePrivateKey>::from_pkcs8_pem(&key_pem)
+            .unwrap();
+    let version = line_protocol::image::ImageVersion {
+        major: 1,
+        minor: 0,
+        revision: 0,
+        build: 0,
+    };
+    let small = meter_sim::firmware::sign_image(
+        &meter_sim::firmware::firmware_like_payload(4 * 1024, 0.6, 1),
+        version,
+        0x200,
+        &fw_key,
+    );
+    let image = meter_sim::firmware::sign_image(
+        &meter_sim::firmware::firmware_like_payload(64 * 1024, 0.6, 1),
+        version,
+        0x200,
+        &fw_key,
+    );
+
+    // 1. Station overhead: loopback links, a tiny image, meter processing subtracted.
+    {
+        let meters = tmp.path().join("overhead-meters");
+        let ports = loopback_nests(1, &meters, b.root).await;
+        let (engine, _) = cell(&mut b, "overhead", &ports, &small, 1000, 0).await;
+        produce(&engine, 5).await; // warm-up
+        let (_, cycles) = produce(&engine, 40).await;
+        engine.shutdown().await.unwrap();
+        let cycle = mean(&cycles);
+        let busy = meter_busy_ms(&meters);
+        println!(
+            "{}",
+            serde_json::json!({"metric": "overhead_ms_per_meter", "value": cycle - busy, "cycle_ms": cycle, "meter_busy_ms": busy, "meters": cycles.len()})
+        );
+    }
+
+    // 2. Throughput against the number of nests.
+    let mut one = 0.0;
+    for nests in [1u32, 4, 16] {
+        let meters = tmp.path().join(format!("mph{nests}-meters"));
+        let ports = linked_nests(nests, &meters, b.root, 921_600, Duration::from_millis(4)).await;
+        let (engine, _) = cell(&mut b, &format!("mph{nests}"), &ports, &image, 10_000, 4).await;
+        produce(&engine, nests as usize).await; // warm-up: every nest has done one
+        let n = (nests as usize * 4).max(8);
+        let (elapsed, cycles) = produce(&engine, n).await;
+        engine.shutdown().await.unwrap();
+        let mph = n as f64 * 3600.0 / elapsed.as_secs_f64();
+        if nests == 1 {
+            one = mph;
+        }
+        println!(
+            "{}",
+            serde_json::json!({"metric": "meters_per_hour", "nests": nests, "value": mph, "scaling": mph / one, "mean_cycle_ms": mean(&cycles), "meters": n})
+        );
+    }
+
+    // 3. Cycle time against its theoretical minimum: one nest, no added latency.
+    {
+        let meters = tmp.path().join("ratio-meters");
+        let baud = 921_600u32;
+        let ports = linked_nests(1, &meters, b.root, baud, Duration::ZERO).await;
+        let (engine, _) = cell(&mut b, "ratio", &ports, &image, 1000, 0).await;
+        produce(&engine, 2).await;
+        let before = ports.counters[0].snapshot();
+        let (_, cycles) = produce(&engine, 10).await;
+        let after = ports.counters[0].snapshot();
+        engine.shutdown().await.unwrap();
+        let bytes = (after.0 - before.0) + (after.1 - before.1);
+        let wire_ms = bytes as f64 * 10.0 / baud as f64 * 1000.0 / cycles.len() as f64;
+        let busy = meter_busy_ms(&meters);
+        let cycle = mean(&cycles);
+        println!(
+            "{}",
+            serde_json::json!({"metric": "cycle_ratio", "value": cycle / (wire_ms + busy), "cycle_ms": cycle, "wire_ms": wire_ms, "meter_busy_ms": busy})
+        );
+    }
+}

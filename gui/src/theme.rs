@@ -60,6 +60,8 @@ pub mod colour {
     pub const ON_DARK: Color32 = Color32::WHITE;
     /// Text on light fills.
     pub const ON_LIGHT: Color32 = Color32::BLACK;
+    /// The empty part of a progress bar.
+    pub const TRACK: Color32 = Color32::from_rgb(0xcf, 0xd8, 0xe3);
     /// Page background.
     pub const PAGE: Color32 = Color32::from_rgb(0xf2, 0xf2, 0xf2);
     /// Tile and panel background.

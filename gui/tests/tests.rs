@@ -4,4 +4,5 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 mod console;
+mod snapshots;
 mod util;

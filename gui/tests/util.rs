@@ -204,4 +204,11 @@ pub fn log_in(h: &mut Harness<'_, ConsoleApp>, user: &str, code: &str) {
     fill(h, "User name", user);
     pin(h, code);
     click(h, "Log in");
+    // The pad is locked while the engine checks: wait for the answer, whatever it is.
+    wait_for(
+        h,
+        "the answer to the log-in",
+        Duration::from_secs(20),
+        |h| !h.state().state().login.busy,
+    );
 }

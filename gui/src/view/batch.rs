@@ -18,6 +18,14 @@ pub(super) fn show(ui: &mut Ui, s: &mut AppState, out: &mut Vec<UiCommand>) {
         out.push(UiCommand::Run(Command::ListBatches));
     }
     ui.columns(2, |cols| {
+        // Columns stretch their widgets to full width; keep buttons their own size.
+        for c in cols.iter_mut() {
+            *c = c.new_child(
+                egui::UiBuilder::new()
+                    .max_rect(c.max_rect())
+                    .layout(egui::Layout::top_down(egui::Align::Min)),
+            );
+        }
         cols[0].heading("Batch");
         match s.line.batch.clone() {
             Some(b) => {

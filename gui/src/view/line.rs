@@ -11,7 +11,7 @@ use crate::state::{AppState, UiCommand};
 use crate::theme::{self, colour};
 
 /// Narrowest tile, in points.
-const MIN_TILE_WIDTH: f32 = 232.0;
+const MIN_TILE_WIDTH: f32 = 280.0;
 /// Gap between tiles.
 const GAP: f32 = 12.0;
 /// Room for three lines of a failure reason.
@@ -152,9 +152,12 @@ fn tiles(
 /// Every tile has the same height, whatever it shows, so the grid never jumps.
 fn tile_height(ui: &Ui) -> f32 {
     let t = widgets::target(ui);
-    // name row, state band, step, progress, two lines of reason, buttons, margins and gaps
-    34.0 + 60.0 + 26.0 + 22.0 + REASON_HEIGHT + t + 24.0 + 6.0 * 6.0
+    // margins, name row, state band, step, progress, reason, buttons, and the gaps between
+    2.0 * 13.0 + 30.0 + BAND_HEIGHT + 24.0 + 14.0 + REASON_HEIGHT + t + 6.0 * 6.0 + 2.0
 }
+
+/// Height of the coloured state band.
+const BAND_HEIGHT: f32 = 58.0;
 
 fn tile(
     ui: &mut Ui,
@@ -166,7 +169,7 @@ fn tile(
     out: &mut Vec<UiCommand>,
 ) {
     let (fill, fg) = theme::state_colours(n.state);
-    let border = if n.state == NestState::Fail { 4.0 } else { 1.0 };
+    let border: f32 = if n.state == NestState::Fail { 4.0 } else { 1.0 };
     let border_colour = if n.state == NestState::Fail {
         colour::FAIL
     } else {
@@ -175,34 +178,38 @@ fn tile(
     egui::Frame::new()
         .fill(colour::PANEL)
         .stroke(egui::Stroke::new(border, border_colour))
-        .inner_margin(10)
+        // A thicker border takes its width from the margin: the content never moves.
+        .inner_margin(13 - border as i8)
         .show(ui, |ui| {
-            let inner = width - 20.0 - 2.0 * border;
+            let inner = (width - 26.0).floor();
             ui.set_width(inner);
-            ui.set_height(height - 20.0 - 2.0 * border);
+            ui.set_height(height - 26.0);
             ui.spacing_mut().item_spacing.y = 6.0;
             ui.horizontal(|ui| {
                 ui.label(RichText::new(&n.name).size(26.0).strong());
                 ui.with_layout(Layout::right_to_left(Align::Center), |ui| {
                     let serial = n.serial.as_deref().unwrap_or("");
-                    ui.label(RichText::new(serial).size(20.0).monospace());
+                    ui.label(RichText::new(serial).size(18.0).monospace());
                 });
             });
             // The state band: colour for a glance, the word for everyone.
             let word = state_word(n);
-            egui::Frame::new()
-                .fill(fill)
-                .inner_margin(egui::Margin::symmetric(8, 6))
-                .show(ui, |ui| {
-                    ui.set_width(inner - 16.0);
-                    ui.vertical_centered(|ui| {
-                        let r = ui.label(RichText::new(word).font(theme::state_font()).color(fg));
-                        let name = format!("Nest {}: {word}", n.nest);
-                        r.widget_info(|| egui::WidgetInfo::labeled(egui::Role::Label, true, &name));
-                    });
-                });
+            let (band, _) =
+                ui.allocate_exact_size(Vec2::new(inner, BAND_HEIGHT), egui::Sense::hover());
+            ui.painter().rect_filled(band, 4.0, fill);
+            let r = ui.put(
+                band,
+                egui::Label::new(RichText::new(word).font(theme::state_font()).color(fg)),
+            );
+            let name = format!("Nest {}: {word}", n.nest);
+            r.widget_info(|| egui::WidgetInfo::labeled(egui::Role::Label, true, &name));
+
+            let progress = n.progress.filter(|_| n.state == NestState::Busy);
             let step = match (n.state, n.step) {
-                (NestState::Busy, Some(step)) => format!("Step: {}", step.word()),
+                (NestState::Busy, Some(step)) => match progress {
+                    Some(p) => format!("Step: {} · {:.0} %", step.word(), p * 100.0),
+                    None => format!("Step: {}", step.word()),
+                },
                 (NestState::Busy, None) => "Step: starting".into(),
                 (NestState::Pass, _) => match n.last_cycle_ms {
                     Some(ms) => format!("Done in {}", seconds(Some(ms))),
@@ -211,22 +218,17 @@ fn tile(
                 _ if !n.enabled => "Nest disabled".into(),
                 _ => String::new(),
             };
-            ui.label(RichText::new(step).size(20.0));
-            match n.progress.filter(|_| n.state == NestState::Busy) {
-                Some(p) => {
-                    ui.add(
-                        egui::ProgressBar::new(p.clamp(0.0, 1.0))
-                            .desired_height(22.0)
-                            .desired_width(inner)
-                            .fill(colour::BUSY)
-                            .text(
-                                RichText::new(format!("{:.0} %", p * 100.0)).color(colour::ON_DARK),
-                            ),
-                    );
-                }
-                None => {
-                    ui.add_space(22.0);
-                }
+            ui.add_sized(
+                [inner, 24.0],
+                egui::Label::new(RichText::new(step).size(20.0)).truncate(),
+            );
+            // The progress bar of a long step (firmware): track and fill, no text on it.
+            let (bar, _) = ui.allocate_exact_size(Vec2::new(inner, 14.0), egui::Sense::hover());
+            if let Some(p) = progress {
+                ui.painter().rect_filled(bar, 7.0, colour::TRACK);
+                let mut done = bar;
+                done.set_width((bar.width() * p.clamp(0.0, 1.0)).max(14.0));
+                ui.painter().rect_filled(done, 7.0, colour::BUSY);
             }
             let (text, colour) = match (&n.message, n.state) {
                 (Some(m), NestState::Fail) => (format!("Reason: {m}"), colour::BAD_TEXT),
@@ -234,47 +236,51 @@ fn tile(
                 (Some(m), _) => (m.clone(), colour::WEAK_TEXT),
                 (None, _) => (String::new(), colour::WEAK_TEXT),
             };
-            ui.allocate_ui(Vec2::new(inner, REASON_HEIGHT), |ui| {
-                ui.set_min_height(REASON_HEIGHT);
-                // Three lines at most, so that the grid never jumps; the whole reason is on the
-                // batch screen's list of failed meters.
-                let mut job = egui::text::LayoutJob::simple(
-                    text.clone(),
-                    egui::FontId::proportional(18.0),
-                    colour,
-                    inner,
-                );
-                job.wrap.max_rows = 3;
-                job.wrap.overflow_character = Some('…');
-                let r = ui.label(job);
-                if !text.is_empty() {
+            ui.allocate_ui_with_layout(
+                Vec2::new(inner, REASON_HEIGHT),
+                Layout::top_down(Align::Min),
+                |ui| {
+                    ui.set_min_size(Vec2::new(inner, REASON_HEIGHT));
+                    if text.is_empty() {
+                        return;
+                    }
+                    // Three lines at most, so that the grid never jumps; the whole reason is on
+                    // the batch screen's list of failed meters.
+                    let mut job = egui::text::LayoutJob::simple(
+                        text.clone(),
+                        egui::FontId::proportional(18.0),
+                        colour,
+                        inner,
+                    );
+                    job.wrap.max_rows = 3;
+                    job.wrap.overflow_character = Some('…');
+                    let r = ui.label(job);
                     let name = format!("Nest {} message: {text}", n.nest);
                     r.widget_info(|| egui::WidgetInfo::labeled(egui::Role::Label, true, &name));
+                },
+            );
+            ui.horizontal(|ui| {
+                let half = ((inner - ui.spacing().item_spacing.x) / 2.0).floor();
+                if may_run {
+                    let (text, enable) = if n.enabled {
+                        ("Stop", false)
+                    } else {
+                        ("Start", true)
+                    };
+                    let name = format!("{text} nest {}", n.nest);
+                    if widgets::named_button(ui, text, &name, half).clicked() {
+                        out.push(UiCommand::Run(Command::EnableNest {
+                            nest: n.nest,
+                            enabled: enable,
+                        }));
+                    }
                 }
-            });
-            ui.with_layout(Layout::bottom_up(Align::Min), |ui| {
-                ui.horizontal(|ui| {
-                    let half = ((inner - 12.0) / 2.0).floor();
-                    if may_run {
-                        let (text, enable) = if n.enabled {
-                            (format!("Stop nest {}", n.nest), false)
-                        } else {
-                            (format!("Start nest {}", n.nest), true)
-                        };
-                        if widgets::button(ui, &text, Kind::Normal, half).clicked() {
-                            out.push(UiCommand::Run(Command::EnableNest {
-                                nest: n.nest,
-                                enabled: enable,
-                            }));
-                        }
+                if may_clear && matches!(n.state, NestState::Fail | NestState::Pass) {
+                    let name = format!("Clear nest {}", n.nest);
+                    if widgets::named_button(ui, "Clear", &name, half).clicked() {
+                        out.push(UiCommand::Run(Command::ClearNest { nest: n.nest }));
                     }
-                    if may_clear && matches!(n.state, NestState::Fail | NestState::Pass) {
-                        let text = format!("Clear nest {}", n.nest);
-                        if widgets::button(ui, &text, Kind::Normal, half).clicked() {
-                            out.push(UiCommand::Run(Command::ClearNest { nest: n.nest }));
-                        }
-                    }
-                });
+                }
             });
         });
 }

@@ -117,11 +117,14 @@ fn alarm_banner(ui: &mut Ui, s: &mut AppState) {
                 });
             }
             let nest = a.nest.map(|n| format!(" (nest {n})")).unwrap_or_default();
-            ui.label(
-                RichText::new(format!("{}{nest}: {}", a.kind, a.message))
-                    .size(22.0)
-                    .strong()
-                    .color(colour::ON_DARK),
+            ui.add(
+                egui::Label::new(
+                    RichText::new(format!("{}{nest}: {}", a.kind, a.message))
+                        .size(22.0)
+                        .strong()
+                        .color(colour::ON_DARK),
+                )
+                .wrap(),
             );
         });
     }

@@ -47,6 +47,14 @@ pub fn button_enabled(
     ui.add_enabled(enabled, b)
 }
 
+/// A button whose visible text is short ("Stop") because where it is says the rest, and whose
+/// accessible name says everything ("Stop nest 3").
+pub fn named_button(ui: &mut Ui, text: &str, name: &str, width: f32) -> egui::Response {
+    let r = button(ui, text, Kind::Normal, width);
+    r.widget_info(|| egui::WidgetInfo::labeled(egui::Role::Button, r.enabled(), name));
+    r
+}
+
 /// A choice among several: selected ones are filled.
 pub fn choice(ui: &mut Ui, text: &str, selected: bool) -> egui::Response {
     let t = target(ui);
@@ -119,11 +127,14 @@ pub fn pin_pad(ui: &mut Ui, pin: &mut Zeroizing<String>, enter: &str, busy: bool
     ui.label(RichText::new(dots).size(28.0).strong());
     let mut action = PadAction::None;
     let key = |ui: &mut Ui, text: &str| {
-        ui.add_enabled(
-            !busy,
-            egui::Button::new(RichText::new(text).size(30.0).strong())
-                .min_size(Vec2::new(t * 1.6, t)),
-        )
+        let size = if text.len() > 1 { 24.0 } else { 30.0 };
+        ui.add_enabled_ui(!busy, |ui| {
+            ui.add_sized(
+                [t * 1.8, t],
+                egui::Button::new(RichText::new(text).size(size).strong()),
+            )
+        })
+        .inner
         .clicked()
     };
     egui::Grid::new(ui.scope_id().with("pin-pad"))
@@ -149,9 +160,13 @@ pub fn pin_pad(ui: &mut Ui, pin: &mut Zeroizing<String>, enter: &str, busy: bool
                     .strong()
                     .color(colour::ON_DARK),
             )
-            .fill(colour::PRIMARY)
-            .min_size(Vec2::new(t * 1.6, t));
-            if ui.add_enabled(!busy && !pin.is_empty(), b).clicked() {
+            .fill(colour::PRIMARY);
+            let enabled = !busy && !pin.is_empty();
+            if ui
+                .add_enabled_ui(enabled, |ui| ui.add_sized([t * 1.8, t], b))
+                .inner
+                .clicked()
+            {
                 action = PadAction::Enter;
             }
             ui.end_row();

@@ -6,7 +6,6 @@
 //! released in 1 ms slices, so the receiver sees a stream, not bursts of whole frames. A bounded
 //! buffer (like a UART driver's) stops reading from the sender when the wire is behind.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -14,7 +13,6 @@ use std::time::Duration;
 use line_protocol::io::Transport;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 
 use crate::rng::NoiseRng;
 
@@ -102,6 +100,14 @@ pub fn spawn(
     (handle, counters)
 }
 
+/// One direction of the line.
+///
+/// The reader task clocks bytes onto the emulated wire as they arrive (at the baud rate, in
+/// slices of about a millisecond of wire time, with noise applied) and hands each slice, with the
+/// instant it reaches the far end, to a timing thread. That thread sleeps until the instant with
+/// the operating system's resolution (tens of microseconds; the async timer's is a millisecond)
+/// and passes the slice to the writer task. The reader holds back while `buffer` bytes are on
+/// the wire, as a UART driver's buffer would.
 async fn pump(
     mut src: ReadHalf<Transport>,
     mut dst: WriteHalf<Transport>,
@@ -110,90 +116,130 @@ async fn pump(
     counters: Arc<LinkCounters>,
     forward: bool,
 ) {
+    use std::sync::atomic::AtomicUsize;
     let byte_time = Duration::from_nanos(10_000_000_000 / u64::from(p.baud.max(1)));
     let slice = (p.baud as usize / 10 / 1000).max(1);
-    let mut wire_free = Instant::now();
-    let mut queue: VecDeque<(Instant, Vec<u8>)> = VecDeque::new();
-    let mut queued = 0usize;
-    let mut buf = vec![0u8; 8192];
-    let mut to_next_error = rng.geometric(p.ber);
-    let mut src_open = true;
-    let carried = if forward {
-        &counters.a_to_b
-    } else {
-        &counters.b_to_a
-    };
-    loop {
-        if !src_open && queue.is_empty() {
+    let queued = Arc::new(AtomicUsize::new(0));
+    let room = Arc::new(tokio::sync::Notify::new());
+    let (to_timer, timer_rx) = std::sync::mpsc::channel::<(std::time::Instant, Vec<u8>)>();
+    let (to_writer, mut writer_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let timer = std::thread::Builder::new()
+        .name("linksim-timer".into())
+        .spawn(move || {
+            while let Ok((at, mut bytes)) = timer_rx.recv() {
+                let now = std::time::Instant::now();
+                if at > now {
+                    std::thread::sleep(at - now);
+                }
+                // Everything else already due goes out in the same write.
+                while let Ok((next, more)) = timer_rx.try_recv() {
+                    if next > std::time::Instant::now() {
+                        if to_writer.send(std::mem::take(&mut bytes)).is_err() {
+                            return;
+                        }
+                        let now = std::time::Instant::now();
+                        if next > now {
+                            std::thread::sleep(next - now);
+                        }
+                    }
+                    bytes.extend_from_slice(&more);
+                }
+                if to_writer.send(bytes).is_err() {
+                    return;
+                }
+            }
+        });
+    if timer.is_err() {
+        return;
+    }
+    let writer = {
+        let queued = Arc::clone(&queued);
+        let room = Arc::clone(&room);
+        let counters = Arc::clone(&counters);
+        async move {
+            let carried = if forward {
+                &counters.a_to_b
+            } else {
+                &counters.b_to_a
+            };
+            while let Some(bytes) = writer_rx.recv().await {
+                if dst.write_all(&bytes).await.is_err() || dst.flush().await.is_err() {
+                    return;
+                }
+                carried.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                queued.fetch_sub(bytes.len(), Ordering::Relaxed);
+                room.notify_one();
+            }
             let _ = dst.shutdown().await;
-            return;
         }
-        let due = queue.front().map(|(t, _)| *t);
-        tokio::select! {
-            r = src.read(&mut buf), if src_open && queued < p.buffer => {
-                let n = match r {
-                    Ok(0) | Err(_) => { src_open = false; continue; }
-                    Ok(n) => n,
-                };
-                let now = Instant::now();
-                let mut start = wire_free.max(now);
-                for chunk in buf[..n].chunks(slice) {
-                    let end = start + byte_time * chunk.len() as u32;
-                    start = end;
-                    let mut out = Vec::with_capacity(chunk.len());
-                    for &byte in chunk {
-                        let mut b = byte;
-                        if to_next_error < 8 {
-                            let mut bit = to_next_error;
-                            loop {
-                                b ^= 1 << bit;
-                                counters.flipped_bits.fetch_add(1, Ordering::Relaxed);
-                                let skip = rng.geometric(p.ber);
-                                match bit.checked_add(1).and_then(|x| x.checked_add(skip)) {
-                                    Some(next) if next < 8 => bit = next,
-                                    Some(next) => { to_next_error = next - 8; break; }
-                                    None => { to_next_error = u64::MAX; break; }
+    };
+    let reader = async move {
+        let mut wire_free = std::time::Instant::now();
+        let mut buf = vec![0u8; 8192];
+        let mut to_next_error = rng.geometric(p.ber);
+        loop {
+            while queued.load(Ordering::Relaxed) >= p.buffer {
+                room.notified().await;
+            }
+            let n = match src.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let now = std::time::Instant::now();
+            let mut start = wire_free.max(now);
+            for chunk in buf[..n].chunks(slice) {
+                let end = start + byte_time * chunk.len() as u32;
+                start = end;
+                let mut out = Vec::with_capacity(chunk.len());
+                for &byte in chunk {
+                    let mut b = byte;
+                    if to_next_error < 8 {
+                        let mut bit = to_next_error;
+                        loop {
+                            b ^= 1 << bit;
+                            counters.flipped_bits.fetch_add(1, Ordering::Relaxed);
+                            let skip = rng.geometric(p.ber);
+                            match bit.checked_add(1).and_then(|x| x.checked_add(skip)) {
+                                Some(next) if next < 8 => bit = next,
+                                Some(next) => {
+                                    to_next_error = next - 8;
+                                    break;
+                                }
+                                None => {
+                                    to_next_error = u64::MAX;
+                                    break;
                                 }
                             }
-                        } else if to_next_error != u64::MAX {
-                            to_next_error -= 8;
                         }
-                        if rng.chance(p.drop_rate) {
-                            counters.dropped_bytes.fetch_add(1, Ordering::Relaxed);
-                            continue;
-                        }
-                        out.push(b);
+                    } else if to_next_error != u64::MAX {
+                        to_next_error -= 8;
                     }
-                    queued += out.len();
-                    queue.push_back((end + p.latency, out));
+                    if rng.chance(p.drop_rate) {
+                        counters.dropped_bytes.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    out.push(b);
                 }
-                wire_free = start;
-            }
-            _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
-                let now = Instant::now();
-                let mut out = Vec::new();
-                while let Some((t, _)) = queue.front() {
-                    if *t > now { break; }
-                    if let Some((_, bytes)) = queue.pop_front() {
-                        queued -= bytes.len();
-                        out.extend_from_slice(&bytes);
-                    }
+                if out.is_empty() {
+                    continue;
                 }
-                if !out.is_empty() {
-                    if dst.write_all(&out).await.is_err() || dst.flush().await.is_err() {
-                        return;
-                    }
-                    carried.fetch_add(out.len() as u64, Ordering::Relaxed);
+                queued.fetch_add(out.len(), Ordering::Relaxed);
+                if to_timer.send((end + p.latency, out)).is_err() {
+                    return;
                 }
             }
+            wire_free = start;
         }
-    }
+        // Dropping `to_timer` ends the timing thread, which ends the writer.
+    };
+    tokio::join!(reader, writer);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use line_protocol::io::memory_pair;
+    use std::time::Instant;
 
     #[tokio::test]
     async fn paces_at_the_baud_rate_and_adds_latency() {

@@ -36,6 +36,9 @@ pub struct ConsoleApp {
     idle: Duration,
     /// When the session was last used.
     last_used: Instant,
+    /// Paint the page colour under everything (a renderer that does not clear to
+    /// [`eframe::App::clear_color`] needs it; eframe's does not).
+    paint_background: bool,
 }
 
 impl std::fmt::Debug for ConsoleApp {
@@ -84,7 +87,16 @@ impl ConsoleApp {
             sink,
             idle,
             last_used: Instant::now(),
+            paint_background: false,
         }
+    }
+
+    /// Paints the page colour itself, for renderers that clear to transparent (egui_kittest's).
+    /// eframe clears the window to the page colour, so the console skips that full-screen layer,
+    /// which costs milliseconds per frame on a software rasteriser.
+    pub fn paint_background(mut self, yes: bool) -> ConsoleApp {
+        self.paint_background = yes;
+        self
     }
 
     /// What the console shows.
@@ -143,6 +155,10 @@ impl eframe::App for ConsoleApp {
     }
 
     fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+        if self.paint_background {
+            ui.painter()
+                .rect_filled(ui.max_rect(), 0.0, theme::colour::PAGE);
+        }
         for cmd in view::view(ui, &mut self.state) {
             self.command(cmd);
         }

@@ -171,6 +171,8 @@ fn run(cli: Cli) -> Result<()> {
     let native = eframe::NativeOptions {
         viewport,
         renderer: eframe::Renderer::Glow,
+        // Flat colours need no dithering, which costs per pixel on a software rasteriser.
+        dithering: false,
         ..eframe::NativeOptions::default()
     };
     let handle = rt.handle().clone();

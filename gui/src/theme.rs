@@ -96,7 +96,7 @@ pub fn state_colours(state: NestState) -> (Color32, Color32) {
 
 /// The large state word's text style.
 pub fn state_font() -> FontId {
-    FontId::new(40.0, FontFamily::Proportional)
+    FontId::new(36.0, FontFamily::Proportional)
 }
 
 /// Sets fonts, sizes, colours and touch input options.

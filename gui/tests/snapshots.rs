@@ -174,6 +174,7 @@ fn console(state: AppState, size: [f32; 2]) -> Harness<'static, ConsoleApp> {
             Duration::from_secs(15 * 60),
             Touch::default(),
         )
+        .paint_background(true)
     });
     h.run_steps(4);
     h

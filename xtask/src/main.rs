@@ -51,6 +51,8 @@ const GUI_PACKAGES: &[&str] = &[
     "libxi6",
     "imagemagick",
     "matchbox-window-manager",
+    "mesa-vulkan-drivers",
+    "libvulkan1",
 ];
 
 /// The MCUboot signing tool the tests use as an independent peer.
@@ -63,7 +65,10 @@ fn main() -> ExitCode {
         Some("test") => test(),
         Some("bench") => bench(args.get(1).map(String::as_str).unwrap_or("all")),
         Some("screenshot") => screenshot(args.get(1).map(String::as_str)),
-        Some("fuzz") => fuzz(args.get(1).map(String::as_str), args.get(2).map(String::as_str)),
+        Some("fuzz") => fuzz(
+            args.get(1).map(String::as_str),
+            args.get(2).map(String::as_str),
+        ),
         Some("deps") => deps(true).map(|_| ()),
         Some("-h" | "--help" | "help") | None => {
             print!("{USAGE}");
@@ -102,7 +107,9 @@ fn cargo() -> Command {
 
 fn run(cmd: &mut Command) -> Result<(), String> {
     eprintln!("xtask: running {}", describe(cmd));
-    let status = cmd.status().map_err(|e| format!("cannot start {}: {e}", describe(cmd)))?;
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot start {}: {e}", describe(cmd)))?;
     if status.success() {
         Ok(())
     } else {
@@ -148,18 +155,29 @@ fn is_root() -> bool {
 /// Installs the missing Debian packages among `pkgs`.
 fn ensure_packages(pkgs: &[&str]) -> Result<(), String> {
     if !have_command("dpkg-query") {
-        return Err("this set-up needs a Debian-based system (dpkg-query not found); install \
+        return Err(
+            "this set-up needs a Debian-based system (dpkg-query not found); install \
                     softhsm2, opensc, openssl, python3 and python3-venv by hand"
-            .into());
+                .into(),
+        );
     }
-    let missing: Vec<&str> = pkgs.iter().copied().filter(|p| !package_installed(p)).collect();
+    let missing: Vec<&str> = pkgs
+        .iter()
+        .copied()
+        .filter(|p| !package_installed(p))
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
     eprintln!("xtask: installing Debian packages: {}", missing.join(" "));
     let sudo: &[&str] = if is_root() {
         &[]
-    } else if Command::new("sudo").args(["-n", "true"]).status().map(|s| s.success()).unwrap_or(false) {
+    } else if Command::new("sudo")
+        .args(["-n", "true"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+    {
         &["sudo", "-n"]
     } else {
         return Err(format!(
@@ -172,7 +190,9 @@ fn ensure_packages(pkgs: &[&str]) -> Result<(), String> {
         all.push("apt-get");
         all.extend_from_slice(args);
         let mut c = Command::new(all[0]);
-        c.args(&all[1..]).env("DEBIAN_FRONTEND", "noninteractive").stdin(Stdio::null());
+        c.args(&all[1..])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null());
         c
     };
     run(&mut apt(&["update", "-qq"]))?;
@@ -188,7 +208,10 @@ fn ensure_imgtool() -> Result<PathBuf, String> {
     if imgtool.exists() {
         return Ok(imgtool);
     }
-    eprintln!("xtask: installing {IMGTOOL} from PyPI into {}", venv.display());
+    eprintln!(
+        "xtask: installing {IMGTOOL} from PyPI into {}",
+        venv.display()
+    );
     run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
     run(Command::new(venv.join("bin").join("pip"))
         .args(["install", "--quiet", "--disable-pip-version-check", IMGTOOL])
@@ -196,7 +219,10 @@ fn ensure_imgtool() -> Result<PathBuf, String> {
     if imgtool.exists() {
         Ok(imgtool)
     } else {
-        Err(format!("{IMGTOOL} installed but {} is missing", imgtool.display()))
+        Err(format!(
+            "{IMGTOOL} installed but {} is missing",
+            imgtool.display()
+        ))
     }
 }
 
@@ -242,9 +268,24 @@ fn test() -> Result<(), String> {
     let imgtool = deps(true)?;
     ensure_nextest()?;
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
-    run(cargo().args(["clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--locked",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     let mut nextest = cargo();
-    nextest.args(["nextest", "run", "--workspace", "--all-targets", "--locked", "--no-fail-fast"]);
+    nextest.args([
+        "nextest",
+        "run",
+        "--workspace",
+        "--all-targets",
+        "--locked",
+        "--no-fail-fast",
+    ]);
     if env::var("CI").is_ok_and(|v| v == "true") {
         nextest.args(["--profile", "ci"]);
     }
@@ -268,7 +309,11 @@ fn demo(args: &[String]) -> Result<(), String> {
 fn bench(what: &str) -> Result<(), String> {
     let imgtool = deps(what == "gui" || what == "all")?;
     let all = ["link", "hsm", "station", "manifest", "gui"];
-    let list: Vec<&str> = if what == "all" { all.to_vec() } else { vec![what] };
+    let list: Vec<&str> = if what == "all" {
+        all.to_vec()
+    } else {
+        vec![what]
+    };
     for w in list {
         let (pkg, example) = match w {
             "link" => ("meter-sim", "link-bench"),
@@ -276,10 +321,23 @@ fn bench(what: &str) -> Result<(), String> {
             "station" => ("station", "station-bench"),
             "manifest" => ("station", "manifest-bench"),
             "gui" => ("gui", "gui-bench"),
-            other => return Err(format!("unknown benchmark {other:?}: link, hsm, station, manifest, gui or all")),
+            other => {
+                return Err(format!(
+                    "unknown benchmark {other:?}: link, hsm, station, manifest, gui or all"
+                ));
+            }
         };
         let mut c = cargo();
-        c.args(["run", "--quiet", "--release", "--locked", "-p", pkg, "--example", example]);
+        c.args([
+            "run",
+            "--quiet",
+            "--release",
+            "--locked",
+            "-p",
+            pkg,
+            "--example",
+            example,
+        ]);
         with_tool_env(&mut c, &imgtool);
         if w == "gui" {
             c.env("XTASK_GUI_BENCH", "1");
@@ -291,19 +349,28 @@ fn bench(what: &str) -> Result<(), String> {
 
 fn screenshot(out: Option<&str>) -> Result<(), String> {
     deps(true)?;
-    let out = out.map(PathBuf::from).unwrap_or_else(|| root().join("docs").join("console.png"));
+    let out = out
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("docs").join("console.png"));
     run(cargo().args(["build", "--release", "--locked", "-p", "gui"]))?;
     let gui = target_dir().join("release").join("station-gui");
+    // A running demo line (the demo operator logged in, the line started) with one meter that
+    // reports a wrong firmware hash, so the picture shows BUSY, PASS and an alarm. The console
+    // must still be running when the picture is taken, or the script fails with its log.
     let script = format!(
         "matchbox-window-manager -use_titlebar no >/dev/null 2>&1 & \
          WORK=$(mktemp -d); \
-         {gui} --demo --kiosk --demo-out \"$WORK\" >\"$WORK/gui.log\" 2>&1 & PID=$!; \
-         sleep 25; import -window root {out}; kill $PID; wait $PID 2>/dev/null; rm -rf \"$WORK\"",
+         {gui} --demo --kiosk --demo-run --meters 60 --fault 2:wrong-hash --demo-out \"$WORK/cell\" \
+           >\"$WORK/gui.log\" 2>&1 & PID=$!; \
+         sleep 25; \
+         if ! kill -0 $PID 2>/dev/null; then cat \"$WORK/gui.log\" >&2; rm -rf \"$WORK\"; exit 1; fi; \
+         import -window root {out}; STATUS=$?; \
+         kill $PID; wait $PID 2>/dev/null; rm -rf \"$WORK\"; exit $STATUS",
         gui = gui.display(),
         out = out.display()
     );
     run(Command::new("xvfb-run")
-        .args(["-a", "-s", "-screen 0 1280x800x24", "sh", "-c", &script])
+        .args(["-a", "-s", "-screen 0 1920x1080x24", "sh", "-c", &script])
         .current_dir(root()))?;
     eprintln!("xtask: saved {}", out.display());
     Ok(())
@@ -328,9 +395,19 @@ fn fuzz(target: Option<&str>, secs: Option<&str>) -> Result<(), String> {
         run(cargo().args(["install", "--locked", "cargo-fuzz"]))?;
     }
     run(Command::new("cargo")
-        .args(["+nightly", "fuzz", "run", target, "--", &format!("-max_total_time={secs}")])
+        .args([
+            "+nightly",
+            "fuzz",
+            "run",
+            target,
+            "--",
+            &format!("-max_total_time={secs}"),
+        ])
         .current_dir(root().join("fuzz"))
         .env_remove("RUSTUP_TOOLCHAIN")
         .env_remove("CARGO")
-        .env("PATH", env::var_os("PATH").unwrap_or_else(|| OsStr::new("/usr/bin").to_os_string())))
+        .env(
+            "PATH",
+            env::var_os("PATH").unwrap_or_else(|| OsStr::new("/usr/bin").to_os_string()),
+        ))
 }

@@ -11,7 +11,7 @@ use crate::state::{AppState, UiCommand};
 use crate::theme::{self, colour};
 
 /// Narrowest tile, in points.
-const MIN_TILE_WIDTH: f32 = 280.0;
+const MIN_TILE_WIDTH: f32 = 220.0;
 /// Gap between tiles.
 const GAP: f32 = 12.0;
 /// Room for three lines of a failure reason.
@@ -176,7 +176,9 @@ fn tile(
         colour::BORDER
     };
     egui::Frame::new()
-        .fill(colour::PANEL)
+        // No fill: the page shows through. Tiles cover most of the screen, and a layer
+        // that size costs milliseconds per frame on a software rasteriser; the border and
+        // the state band carry the tile.
         .stroke(egui::Stroke::new(border, border_colour))
         // A thicker border takes its width from the margin: the content never moves.
         .inner_margin(13 - border as i8)

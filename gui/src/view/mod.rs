@@ -60,8 +60,10 @@ pub fn view(ui: &mut Ui, s: &mut AppState) -> Vec<UiCommand> {
                 });
             });
     }
+    // No fill: the window is cleared to the page colour already, and on a software
+    // rasteriser every full-screen layer costs milliseconds per frame.
     egui::CentralPanel::default()
-        .frame(egui::Frame::new().fill(colour::PAGE).inner_margin(12))
+        .frame(egui::Frame::new().inner_margin(12))
         .show(ui, |ui| {
             // Everything below the header scrolls (a finger drags it), so that no control is
             // out of reach on a small screen.

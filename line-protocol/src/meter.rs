@@ -191,6 +191,9 @@ pub struct MeterSession {
     ep: Endpoint,
     phase: Phase,
     fw: Option<FirmwareReceiver>,
+    /// The answer to this channel's last FW_END, repeated if the host asks again (its first
+    /// FW_RESULT may have been lost on the line).
+    fw_result: Option<FwResult>,
     max_payload: usize,
 }
 
@@ -203,6 +206,7 @@ impl MeterSession {
             ep: Endpoint::new(max_payload.max(limits::INITIAL_MAX_PAYLOAD)),
             phase: Phase::Idle,
             fw: None,
+            fw_result: None,
             max_payload,
         }
     }
@@ -213,6 +217,7 @@ impl MeterSession {
         self.ep.decoder.reset();
         self.phase = Phase::Idle;
         self.fw = None;
+        self.fw_result = None;
     }
 
     /// Is the channel up?
@@ -267,6 +272,7 @@ impl MeterSession {
         self.ep.clear_keys();
         self.phase = Phase::Idle;
         self.fw = None;
+        self.fw_result = None;
     }
 
     fn on_frame(
@@ -550,6 +556,7 @@ impl MeterSession {
                     ));
                 }
                 let have = app.fw_begin(size, &sha256)?.min(size);
+                self.fw_result = None;
                 self.fw = Some(FirmwareReceiver::new(
                     size,
                     sha256,
@@ -580,10 +587,15 @@ impl MeterSession {
                 Message::FwAck(fw.ack())
             }
             Message::FwEnd => {
-                let fw = self
-                    .fw
-                    .take()
-                    .ok_or_else(|| Refusal::new(ErrorCode::FwNotStarted, "no FW_BEGIN"))?;
+                let Some(fw) = self.fw.take() else {
+                    return match self.fw_result {
+                        Some(r) => {
+                            self.reply(&Message::FwResult(r), seq, out);
+                            Ok(())
+                        }
+                        None => Err(Refusal::new(ErrorCode::FwNotStarted, "no FW_BEGIN")),
+                    };
+                };
                 if !fw.complete() {
                     let status = ErrorCode::FwIncomplete.code();
                     self.fw = Some(fw);
@@ -593,7 +605,9 @@ impl MeterSession {
                         version: [0; 8],
                     })
                 } else {
-                    Message::FwResult(app.fw_end(fw.size, &fw.sha256))
+                    let r = app.fw_end(fw.size, &fw.sha256);
+                    self.fw_result = Some(r);
+                    Message::FwResult(r)
                 }
             }
             Message::Seal { disable } => {

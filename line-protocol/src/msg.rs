@@ -714,7 +714,7 @@ pub struct FwAck {
 }
 
 /// FW_RESULT: outcome of verification.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FwResult {
     /// 0 when verified and activated; otherwise an error code.
     pub status: u16,

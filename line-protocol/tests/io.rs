@@ -163,3 +163,116 @@ async fn silent_meter_times_out_with_the_request_named() {
     }
     assert_eq!(link.stats().retries, 2);
 }
+
+async fn open_session(link: &mut HostLink) {
+    link.hello().await.unwrap();
+    let kt = p256::SecretKey::generate_from_rng(&mut SeededRng::new(1));
+    let mut kt_pub = [0u8; 65];
+    kt_pub.copy_from_slice(&kt.public_key().to_sec1_bytes());
+    link.open_channel(kt_pub, vec![STATION_DER.to_vec()], &SoftSigner)
+        .await
+        .unwrap();
+}
+
+fn fast_timing() -> LinkTiming {
+    LinkTiming {
+        baud: 921_600,
+        latency_ms: 0,
+    }
+}
+
+fn identity(serial: &str) -> Identity {
+    Identity {
+        serial: serial.into(),
+        system_title: [1; 8],
+        ldn: "L1".into(),
+    }
+}
+
+#[tokio::test]
+async fn call_many_answers_in_order_and_resends_what_was_lost() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (a, mut b) = io::memory_pair(64 * 1024);
+    // A meter whose answers to its third read (the first batch of requests) are lost on the line.
+    let meter = tokio::spawn(async move {
+        let mut session = MeterSession::new(8192);
+        let mut app = MemMeter::new(&[5; 8]);
+        let mut rng = SeededRng::new(3);
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut reads = 0;
+        let mut lost = 0;
+        loop {
+            let n = b.read(&mut buf).await.unwrap();
+            if n == 0 {
+                return lost;
+            }
+            reads += 1;
+            let out = session.receive(&buf[..n], &mut app, &mut rng);
+            if reads == 3 {
+                lost += out.bytes.len();
+                continue;
+            }
+            b.write_all(&out.bytes).await.unwrap();
+        }
+    });
+    let mut link = HostLink::new(a, HostConfig::default(), fast_timing());
+    open_session(&mut link).await;
+    let answers = link
+        .call_many(&[
+            Message::Identity(identity("S1")),
+            Message::PutAnchor {
+                kind: line_protocol::msg::AnchorKind::FirmwareVerification,
+                index: 0,
+                der: STATION_DER.to_vec(),
+            },
+            Message::Status,
+        ])
+        .await
+        .unwrap();
+    assert_eq!(answers.len(), 3);
+    assert_eq!(answers[0], Message::Ack);
+    assert_eq!(answers[1], Message::Ack);
+    match &answers[2] {
+        Message::StatusRsp(s) => {
+            assert_eq!(s.identity, 1, "STATUS ran after IDENTITY");
+            assert_eq!(s.anchors, 1, "STATUS ran after PUT_ANCHOR");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        link.stats().retries >= 1,
+        "the lost answers were asked again"
+    );
+    drop(link);
+    assert!(
+        meter.await.unwrap() > 0,
+        "the meter's first answers were lost"
+    );
+}
+
+#[tokio::test]
+async fn call_many_names_the_refused_request() {
+    let (a, b) = io::memory_pair(64 * 1024);
+    let meter = tokio::spawn(async move {
+        let mut session = MeterSession::new(8192);
+        let mut app = MemMeter::new(&[6; 8]);
+        let _ = io::serve_meter(b, &mut session, &mut app).await;
+    });
+    let mut link = HostLink::new(a, HostConfig::default(), fast_timing());
+    open_session(&mut link).await;
+    match link
+        .call_many(&[
+            Message::Identity(identity("S1")),
+            Message::Identity(identity("S2")),
+        ])
+        .await
+    {
+        Err(LinkError::Refused {
+            what: "IDENTITY",
+            code: line_protocol::msg::ErrorCode::IdentityMismatch,
+            ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    meter.abort();
+}

@@ -513,7 +513,22 @@ fn resume_after_reboot_continues_from_have() {
         plan.blocks.len() - 2,
         "nothing already held is resent"
     );
-    assert!(matches!(p.call(&Message::FwEnd), Message::FwResult(r) if r.status == 0));
+    let result = match p.call(&Message::FwEnd) {
+        Message::FwResult(r) => r,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(result.status, 0);
+    // The host lost that answer and asks again: the same result, not FW_NOT_STARTED.
+    assert_eq!(p.call(&Message::FwEnd), Message::FwResult(result));
+    // A new transfer forgets it.
+    assert!(matches!(
+        p.call(&Message::FwBegin {
+            size: plan.size,
+            sha256: plan.sha256,
+            compression: 0
+        }),
+        Message::FwBeginRsp { .. }
+    ));
 }
 
 #[test]

@@ -255,11 +255,23 @@ impl HostLink {
         refs: &[u32],
         deadline: Instant,
     ) -> Result<Option<Message>, LinkError> {
+        Ok(self
+            .await_response_ref(refs, deadline)
+            .await?
+            .map(|(_, msg)| msg))
+    }
+
+    /// As [`HostLink::await_response`], with the reference the response answers.
+    async fn await_response_ref(
+        &mut self,
+        refs: &[u32],
+        deadline: Instant,
+    ) -> Result<Option<(u32, Message)>, LinkError> {
         loop {
             while let Some(ev) = self.next_event() {
                 let (reference, msg) = ev?;
                 if refs.contains(&reference) {
-                    return Ok(Some(msg));
+                    return Ok(Some((reference, msg)));
                 }
                 self.stats.ignored += 1;
             }
@@ -409,6 +421,75 @@ impl HostLink {
                 }
             }
         }
+        Err(LinkError::Timeout { what, ms })
+    }
+
+    /// Sends independent requests back to back and returns their responses in the same order.
+    ///
+    /// The meter handles them in order while the rest are still on the wire, so a run of small
+    /// requests costs one turnaround instead of one each. Unanswered requests are sent again (every
+    /// request is idempotent within a session), so only requests that do not depend on an earlier
+    /// one of the same call may share it. The first ERROR answer becomes [`LinkError::Refused`].
+    pub async fn call_many(&mut self, msgs: &[Message]) -> Result<Vec<Message>, LinkError> {
+        self.check_alive()?;
+        let mut answers: Vec<Option<Message>> = vec![None; msgs.len()];
+        // Every sequence number sent so far, with the request it carried.
+        let mut sent: Vec<(u32, usize)> = Vec::new();
+        let mut ms = 0;
+        for attempt in 0..ATTEMPTS {
+            let mut bytes = Vec::new();
+            ms = 0;
+            for (i, msg) in msgs.iter().enumerate() {
+                if answers[i].is_some() {
+                    continue;
+                }
+                let (seq, b) = self.session.request(msg)?;
+                ms += self.timing.request_timeout_ms(
+                    msg.msg_type(),
+                    b.len(),
+                    max_response(msg.msg_type()),
+                    0,
+                );
+                sent.push((seq, i));
+                bytes.extend_from_slice(&b);
+            }
+            self.send(bytes).await?;
+            let deadline = Instant::now() + Duration::from_millis(ms);
+            loop {
+                let refs: Vec<u32> = sent
+                    .iter()
+                    .filter(|(_, i)| answers[*i].is_none())
+                    .map(|(s, _)| *s)
+                    .collect();
+                if refs.is_empty() {
+                    return Ok(answers.into_iter().flatten().collect());
+                }
+                let Some((reference, rsp)) = self.await_response_ref(&refs, deadline).await? else {
+                    break;
+                };
+                let i = sent
+                    .iter()
+                    .find(|(s, _)| *s == reference)
+                    .map(|(_, i)| *i)
+                    .unwrap_or_default();
+                if let Message::Error { code, detail } = rsp {
+                    return Err(LinkError::Refused {
+                        what: msgs[i].name(),
+                        code,
+                        detail,
+                    });
+                }
+                answers[i] = Some(rsp);
+            }
+            if attempt + 1 < ATTEMPTS {
+                self.stats.retries += 1;
+            }
+        }
+        let what = answers
+            .iter()
+            .position(Option::is_none)
+            .map(|i| msgs[i].name())
+            .unwrap_or("a request");
         Err(LinkError::Timeout { what, ms })
     }
 

@@ -1,6 +1,10 @@
 //! One meter through the steps of the design: identify, secure channel, check, assign, keys,
-//! trust anchors, firmware, seal, attest. Each step is committed to the journal before the next
-//! begins; a certificate *intent* (with its serial) is committed before the HSM signs it.
+//! trust anchors, firmware, seal, attest. The journal leads the meter: the assignment and every
+//! certificate *intent* (with its serial) are committed before any key exists, the utility's
+//! copies of the secret keys before the meter gets its own, and the meter is *done* only in the
+//! transaction that records its verified receipt. Progress markers (keyed, flashed, sealed) are
+//! written while the link carries the next step: whatever the state of a meter found in flight,
+//! start-up recovery fails it whole.
 //!
 //! Secret keys are generated in the HSM and leave it only wrapped: under the channel's
 //! key-transport key for the meter, under the batch transport key for the utility. Every
@@ -28,7 +32,7 @@ use super::{Inner, Step, nest};
 use crate::audit::{NewEvent, Severity};
 use crate::config::{Keygen, ModelSettings};
 use crate::db::now_ms;
-use crate::records::{self, BatchRow};
+use crate::records::{self, BatchRow, MeterRow};
 
 /// How a meter left the nest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,9 +201,41 @@ struct Run {
     /// Session objects to destroy at the end.
     scratch: Vec<KeyHandle>,
     ktk: Option<KeyHandle>,
-    /// (slot, certificate DER, key point) of issued certificates.
-    certs: Vec<(CertSlot, Vec<u8>, Vec<u8>)>,
+    certs: Vec<IssuedCert>,
+    /// The attestation challenge, drawn by the HSM.
+    nonce: [u8; 16],
     started: Instant,
+}
+
+/// (slot, certificate DER, subject key point) of an issued certificate.
+type IssuedCert = (CertSlot, Vec<u8>, Vec<u8>);
+
+/// A certificate intent: committed with its serial before the HSM signs.
+struct Intent {
+    id: i64,
+    serial: [u8; 16],
+    slot: CertSlot,
+    usage: MeterKeyUsage,
+}
+
+/// The certificate slots a model's meters get.
+fn cert_slots(model: &ModelSettings) -> Vec<(CertSlot, MeterKeyUsage)> {
+    let mut slots = vec![(CertSlot::Sign, MeterKeyUsage::DigitalSignature)];
+    if model.key_agreement {
+        slots.push((CertSlot::KeyAgreement, MeterKeyUsage::KeyAgreement));
+    }
+    slots
+}
+
+fn slot_name(slot: CertSlot) -> &'static str {
+    if slot == CertSlot::Sign { "sign" } else { "ka" }
+}
+
+fn hsm_curve(curve: Curve) -> hsm::Curve {
+    match curve {
+        Curve::P256 => hsm::Curve::P256,
+        Curve::P384 => hsm::Curve::P384,
+    }
 }
 
 impl Ctx<'_> {
@@ -231,6 +267,7 @@ impl Ctx<'_> {
             scratch: Vec::new(),
             ktk: None,
             certs: Vec::new(),
+            nonce: [0; 16],
             started: Instant::now(),
         };
         self.inner.update_nest(self.nest, |n| {
@@ -306,93 +343,77 @@ impl Ctx<'_> {
         Ok((batch, model))
     }
 
+    /// The steps after HELLO. Work that does not depend on the meter's next answer (HSM
+    /// operations, journal commits) runs while the link waits, and independent requests share
+    /// one turnaround, so the cycle stays close to the wire time plus the meter's own work.
     async fn steps(
         &self,
         link: &mut HostLink,
         ack: &HelloAck,
         run: &mut Run,
     ) -> Result<String, Failure> {
-        // 2. Secure channel.
+        // 2. Secure channel, while the journal is searched for this UID.
         self.step(run, Step::Channel);
-        self.open_channel(link, ack, run).await?;
+        let (channel, history) = tokio::join!(self.open_channel(link, ack, run), self.history(ack));
+        channel?;
+        let history = history?;
 
-        // 3. Check.
+        // 3. Check, while the HSM draws the certificate serials and the attestation challenge.
         self.step(run, Step::Check);
-        self.check(link, ack, run).await?;
-
-        // 4. Assign: serial, system title, logical device name — committed before any key exists.
-        self.step(run, Step::Assign);
-        self.assign(run).await?;
-        let identity = run
-            .identity
-            .clone()
-            .ok_or_else(|| db_failure(Step::Assign, "no identity"))?;
-        link.call(&Message::Identity(identity))
-            .await
-            .map_err(|e| link_failure(Step::Assign, e))?;
-
-        // 5. Keys.
-        self.step(run, Step::Keys);
-        self.key_pairs(link, ack, run).await?;
-        self.secret_keys(link, run).await?;
-        self.set_state(run, "keyed").await?;
-
-        // 6. Trust anchors.
-        self.step(run, Step::Anchors);
-        let ca = self.inner.keys.device_ca.cert_der.clone();
-        link.call(&Message::PutCert {
-            slot: CertSlot::DeviceCa,
-            der: ca,
-        })
-        .await
-        .map_err(|e| link_failure(Step::Anchors, e))?;
-        let fw = self.inner.keys.firmware_cert.clone();
-        link.call(&Message::PutAnchor {
-            kind: AnchorKind::FirmwareVerification,
-            index: 0,
-            der: fw,
-        })
-        .await
-        .map_err(|e| link_failure(Step::Anchors, e))?;
-        for (i, path) in run.model.anchors.clone().iter().enumerate() {
-            let bytes = std::fs::read(path).map_err(|e| {
-                Failure::new(
-                    "station.error",
-                    Severity::Warning,
-                    format!("cannot read trust anchor {}: {e}", path.display()),
-                )
-                .quiet()
-            })?;
-            let (cert, der) = super::keys::parse_cert(&bytes).map_err(|e| {
-                Failure::new(
-                    "station.error",
-                    Severity::Warning,
-                    format!("trust anchor {}: {e}", path.display()),
-                )
-                .quiet()
-            })?;
-            let is_ca = matches!(cert.tbs_certificate().get_extension::<x509_cert::ext::pkix::BasicConstraints>(), Ok(Some((_, bc))) if bc.ca);
-            let kind = if is_ca {
-                AnchorKind::UtilityCa
-            } else {
-                AnchorKind::UtilityClient
-            };
-            link.call(&Message::PutAnchor {
-                kind,
-                index: i as u8,
-                der,
+        let slots = cert_slots(&run.model);
+        let n = slots.len();
+        let (checked, drawn) = tokio::join!(
+            self.check(link, ack, run, history),
+            self.inner.hsm.run(move |s| {
+                let serials = (0..n)
+                    .map(|_| hsm::cert::random_serial(s))
+                    .collect::<hsm::Result<Vec<_>>>()?;
+                Ok((serials, s.random(16)?))
             })
-            .await
-            .map_err(|e| link_failure(Step::Anchors, e))?;
-        }
+        );
+        checked?;
+        let (serials, nonce) = drawn.map_err(|e| hsm_failure(Step::Check, e))?;
+        run.nonce.copy_from_slice(&nonce);
 
-        // 7. Firmware.
-        self.step(run, Step::Firmware);
-        self.firmware(link, run).await?;
-        self.set_state(run, "flashed").await?;
+        // 4. Assign: serial, system title, logical device name and the certificate intents, with
+        //    their serials, committed before any key exists.
+        self.step(run, Step::Assign);
+        let intents = self.assign(run, &slots, serials).await?;
+
+        // 5. Keys: the meter makes its key pairs while the HSM makes the secret keys.
+        self.step(run, Step::Keys);
+        let (subjects, secrets) = self.keys(link, ack, run, &slots).await?;
+
+        // 6. Secret keys and trust anchors go out, then the firmware, while the HSM signs the
+        //    certificates and the journal records them.
+        self.step(run, Step::Anchors);
+        let mut deliveries: Vec<Message> = secrets.into_iter().map(Message::PutKey).collect();
+        deliveries.extend(self.anchors(run)?);
+        let issue = self.issue(run, subjects, intents);
+        let deliver = async {
+            link.call_many(&deliveries)
+                .await
+                .map_err(|e| link_failure(Step::Anchors, e))?;
+            self.step(run, Step::Firmware);
+            self.firmware(link, run).await
+        };
+        let (certs, fw_sha) = tokio::try_join!(issue, deliver)?;
+
+        // 7. Certificates, while the journal records the firmware.
+        self.step(run, Step::Seal);
+        let puts: Vec<Message> = certs
+            .iter()
+            .map(|(slot, der, _)| Message::PutCert {
+                slot: *slot,
+                der: der.clone(),
+            })
+            .collect();
+        run.certs = certs;
+        let (put, flashed) = tokio::join!(link.call_many(&puts), self.flashed(run, fw_sha));
+        put.map_err(|e| link_failure(Step::Seal, e))?;
+        flashed?;
 
         // 8. Seal.
-        self.step(run, Step::Seal);
         match link
             .call(&Message::Seal {
                 disable: iface::PROVISIONING | iface::DEBUG | iface::OPTICAL,
@@ -412,11 +433,13 @@ impl Ctx<'_> {
                 ));
             }
         }
-        self.set_state(run, "sealed").await?;
 
-        // 9. Attest.
+        // 9. Attest, while the journal records the seal.
         self.step(run, Step::Attest);
-        let (receipt, receipt_bytes, signature) = self.attest(link, run).await?;
+        let (attested, sealed) =
+            tokio::join!(self.attest(link, run), self.set_state(run, "sealed"));
+        sealed?;
+        let (receipt, receipt_bytes, signature) = attested?;
         let serial = run.serial.clone().unwrap_or_default();
         self.done(run, &receipt, receipt_bytes, signature).await?;
 
@@ -428,7 +451,6 @@ impl Ctx<'_> {
             .await;
         Ok(serial)
     }
-
     async fn open_channel(
         &self,
         link: &mut HostLink,
@@ -470,11 +492,30 @@ impl Ctx<'_> {
         Ok(())
     }
 
+    /// This UID's earlier records, and whether a supervisor approved a rework of it.
+    async fn history(&self, ack: &HelloAck) -> Result<(Vec<MeterRow>, bool), Failure> {
+        let uid = hex::encode(&ack.uid);
+        self.inner
+            .db
+            .call(move |c| -> super::Result<(Vec<MeterRow>, bool)> {
+                let rows = records::meters_by_uid(c, &uid)?;
+                let rework = c.query_row(
+                    "SELECT count(*) FROM reworks WHERE uid = ?1 AND used_at IS NULL",
+                    [&uid],
+                    |r| r.get::<_, i64>(0),
+                )? > 0;
+                Ok((rows, rework))
+            })
+            .await
+            .map_err(|e| db_failure(Step::Check, e))
+    }
+
     async fn check(
         &self,
         link: &mut HostLink,
         ack: &HelloAck,
-        run: &mut Run,
+        run: &Run,
+        (history, rework): (Vec<MeterRow>, bool),
     ) -> Result<(), Failure> {
         if ack.model != run.batch.model {
             return Err(Failure::new(
@@ -486,13 +527,6 @@ impl Ctx<'_> {
                 ),
             ));
         }
-        let uid = run.uid.clone();
-        let history = self
-            .inner
-            .db
-            .call(move |c| records::meters_by_uid(c, &uid).map_err(super::Error::from))
-            .await
-            .map_err(|e| db_failure(Step::Check, e))?;
         if let Some(live) = history.iter().find(|m| m.state != "failed") {
             return Err(Failure::new(
                 "meter.duplicate_uid",
@@ -505,7 +539,6 @@ impl Ctx<'_> {
                 ),
             ));
         }
-        let rework = self.rework_approved(&run.uid).await;
         if ack.lifecycle != Lifecycle::Blank {
             if history.is_empty() {
                 return Err(Failure::new(
@@ -596,31 +629,28 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    async fn rework_approved(&self, uid: &str) -> bool {
-        let uid = uid.to_string();
-        self.inner
-            .db
-            .call(move |c| -> super::Result<bool> {
-                Ok(c.query_row(
-                    "SELECT count(*) FROM reworks WHERE uid = ?1 AND used_at IS NULL",
-                    [uid],
-                    |r| r.get::<_, i64>(0),
-                )? > 0)
-            })
-            .await
-            .unwrap_or(false)
-    }
-
-    async fn assign(&self, run: &mut Run) -> Result<(), Failure> {
+    /// Commits the meter's record with its identity and one certificate intent per slot (with
+    /// the serial drawn for it); returns the intents' ids.
+    async fn assign(
+        &self,
+        run: &mut Run,
+        slots: &[(CertSlot, MeterKeyUsage)],
+        serials: Vec<[u8; 16]>,
+    ) -> Result<Vec<Intent>, Failure> {
         let (batch_id, quantity) = (run.batch.id, run.batch.quantity);
         let uid = run.uid.clone();
         let nest = self.nest as i64 + 1;
         let operator = self.operator.clone();
         let flag = self.inner.cfg.manufacturer.flag_id.clone();
+        let planned: Vec<(&'static str, String)> = slots
+            .iter()
+            .zip(&serials)
+            .map(|((slot, _), serial)| (slot_name(*slot), hex::encode(serial)))
+            .collect();
         let r = self
             .inner
             .db
-            .call(move |c| -> super::Result<Result<Assigned, String>> {
+            .call(move |c| -> super::Result<Result<(Assigned, Vec<i64>), String>> {
                 let tx = c.transaction()?;
                 let (live, next, last, prefix): (i64, i64, i64, String) = tx.query_row(
                     "SELECT (SELECT count(*) FROM meters WHERE batch_id = b.id AND state <> 'failed'), next_serial, serial_last, serial_prefix
@@ -656,13 +686,21 @@ impl Ctx<'_> {
                     }
                 }
                 let id = tx.last_insert_rowid();
+                let mut intents = Vec::with_capacity(planned.len());
+                for (slot, serial) in &planned {
+                    tx.execute(
+                        "INSERT INTO certificates (meter_id, slot, state, serial, created_at, updated_at) VALUES (?1, ?2, 'intent', ?3, ?4, ?4)",
+                        params![id, slot, serial, now],
+                    )?;
+                    intents.push(tx.last_insert_rowid());
+                }
                 tx.execute("UPDATE batches SET next_serial = next_serial + 1 WHERE id = ?1", [batch_id])?;
                 tx.commit()?;
-                Ok(Ok((id, serial, next, title, ldn)))
+                Ok(Ok(((id, serial, next, title, ldn), intents)))
             })
             .await
             .map_err(|e| db_failure(Step::Assign, e))?;
-        let (id, serial, _no, title, ldn) = r.map_err(|reason| {
+        let ((id, serial, _no, title, ldn), ids) = r.map_err(|reason| {
             let kind = if reason.contains("another nest") {
                 "meter.duplicate_uid"
             } else {
@@ -685,7 +723,17 @@ impl Ctx<'_> {
         let serial = run.serial.clone();
         self.inner.update_nest(self.nest, |n| n.serial = serial);
         self.inner.publish_batch().await;
-        Ok(())
+        Ok(ids
+            .into_iter()
+            .zip(serials)
+            .zip(slots)
+            .map(|((id, serial), (slot, usage))| Intent {
+                id,
+                serial,
+                slot: *slot,
+                usage: *usage,
+            })
+            .collect())
     }
 
     async fn set_state(&self, run: &Run, state: &'static str) -> Result<(), Failure> {
@@ -706,17 +754,35 @@ impl Ctx<'_> {
             .map_err(|e| db_failure(step, e))
     }
 
-    async fn key_pairs(
+    /// Records the image the meter verified and activated.
+    async fn flashed(&self, run: &Run, sha: [u8; 32]) -> Result<(), Failure> {
+        let id = run
+            .meter_id
+            .ok_or_else(|| db_failure(Step::Firmware, "no meter record"))?;
+        let sha = hex::encode(sha);
+        self.inner
+            .db
+            .call(move |c| -> super::Result<()> {
+                c.execute(
+                    "UPDATE meters SET state = 'flashed', fw_sha256 = ?1 WHERE id = ?2",
+                    params![sha, id],
+                )?;
+                Ok(())
+            })
+            .await
+            .map_err(|e| db_failure(Step::Firmware, e))
+    }
+
+    /// Identity and key pairs: returns the certificate subjects (one per intent) and the
+    /// meter's secret keys wrapped for it, already journalled wrapped for the utility.
+    async fn keys(
         &self,
         link: &mut HostLink,
         ack: &HelloAck,
         run: &mut Run,
-    ) -> Result<(), Failure> {
+        slots: &[(CertSlot, MeterKeyUsage)],
+    ) -> Result<(Vec<hsm::cert::Subject>, Vec<PutKey>), Failure> {
         let curve = run.model.curve();
-        let mut slots = vec![(CertSlot::Sign, MeterKeyUsage::DigitalSignature)];
-        if run.model.key_agreement {
-            slots.push((CertSlot::KeyAgreement, MeterKeyUsage::KeyAgreement));
-        }
         let onchip = match curve {
             Curve::P256 => ack.features & line_protocol::msg::FEATURE_KEYGEN_P256 != 0,
             Curve::P384 => ack.features & line_protocol::msg::FEATURE_KEYGEN_P384 != 0,
@@ -731,184 +797,118 @@ impl Ctx<'_> {
                 ),
             ));
         }
-        let hcurve = match curve {
-            Curve::P256 => hsm::Curve::P256,
-            Curve::P384 => hsm::Curve::P384,
-        };
+        let hcurve = hsm_curve(curve);
         let identity = run
             .identity
             .clone()
             .ok_or_else(|| db_failure(Step::Keys, "no identity"))?;
-        let not_after = run.model.not_after.as_deref().and_then(|s| {
-            time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()
-        });
-        for (slot, usage) in slots {
-            // The subject key: a request from the meter, or a pair made here.
-            let subject = match run.model.keygen {
-                Keygen::Meter => {
-                    let csr = match link
-                        .call(&Message::KeyGen { slot, curve })
-                        .await
-                        .map_err(|e| link_failure(Step::Keys, e))?
-                    {
-                        Message::KeyGenRsp { csr, .. } => csr,
-                        other => {
-                            return Err(Failure::new(
-                                "meter.failed",
-                                Severity::Warning,
-                                format!("KEYGEN answered with {}", other.name()),
-                            ));
+        let ktk = run
+            .ktk
+            .clone()
+            .ok_or_else(|| db_failure(Step::Keys, "no key-transport key"))?;
+        let mut requests = vec![Message::Identity(identity)];
+        let mut subjects = Vec::with_capacity(slots.len());
+        match run.model.keygen {
+            Keygen::Meter => {
+                requests.extend(
+                    slots
+                        .iter()
+                        .map(|(slot, _)| Message::KeyGen { slot: *slot, curve }),
+                );
+            }
+            Keygen::Hsm => {
+                // Pairs made here leave the HSM only wrapped under the channel's key.
+                let n = slots.len();
+                let k = ktk.clone();
+                let pairs = self
+                    .inner
+                    .hsm
+                    .run(move |s| {
+                        let mut out = Vec::with_capacity(n);
+                        for _ in 0..n {
+                            let pair =
+                                s.generate_ec_keypair(KeyRole::MeterKeyPair, hcurve, None)?;
+                            let wrapped = s.wrap(&k, &pair.private, hsm::WrapAlg::AesKwPad)?;
+                            out.push((pair, wrapped));
                         }
-                    };
-                    hsm::cert::check_csr(&csr, hcurve).map_err(|e| {
-                        Failure::new(
-                            "security.bad_certificate_request",
-                            Severity::Critical,
-                            format!("the meter's certificate request was refused: {e}"),
-                        )
-                    })?;
-                    hsm::cert::Subject::Csr(csr)
-                }
-                Keygen::Hsm => {
-                    let pair = self
-                        .inner
-                        .hsm
-                        .run(move |s| s.generate_ec_keypair(KeyRole::MeterKeyPair, hcurve, None))
-                        .await
-                        .map_err(|e| hsm_failure(Step::Keys, e))?;
+                        Ok(out)
+                    })
+                    .await
+                    .map_err(|e| hsm_failure(Step::Keys, e))?;
+                for ((slot, _), (pair, wrapped)) in slots.iter().zip(pairs) {
                     run.scratch.push(pair.private.clone());
                     run.scratch.push(pair.public.clone());
-                    let ktk = run
-                        .ktk
-                        .clone()
-                        .ok_or_else(|| db_failure(Step::Keys, "no key-transport key"))?;
-                    let private = pair.private.clone();
-                    let wrapped = self
-                        .inner
-                        .hsm
-                        .run(move |s| s.wrap(&ktk, &private, hsm::WrapAlg::AesKwPad))
-                        .await
-                        .map_err(|e| hsm_failure(Step::Keys, e))?;
-                    let (key_id, key_type) = match (slot, curve) {
-                        (CertSlot::Sign, Curve::P256) => (KeyId::SignPrivate, KeyType::EcP256),
-                        (CertSlot::Sign, Curve::P384) => (KeyId::SignPrivate, KeyType::EcP384),
-                        (_, Curve::P256) => (KeyId::KaPrivate, KeyType::EcP256),
-                        (_, Curve::P384) => (KeyId::KaPrivate, KeyType::EcP384),
+                    let key_id = if *slot == CertSlot::Sign {
+                        KeyId::SignPrivate
+                    } else {
+                        KeyId::KaPrivate
                     };
-                    link.call(&Message::PutKey(PutKey {
+                    let key_type = if curve == Curve::P256 {
+                        KeyType::EcP256
+                    } else {
+                        KeyType::EcP384
+                    };
+                    requests.push(Message::PutKey(PutKey {
                         key_id,
                         key_type,
                         wrap: WrapAlg::AesKwp,
                         kcv: kcv_ec_public(&pair.point),
                         wrapped,
-                    }))
-                    .await
-                    .map_err(|e| link_failure(Step::Keys, e))?;
-                    hsm::cert::Subject::Key {
+                    }));
+                    subjects.push(hsm::cert::Subject::Key {
                         curve: hcurve,
                         point: pair.point.clone(),
-                    }
+                    });
                 }
-            };
-            // Certificate intent, with its serial, committed before the HSM signs.
-            let serial = self
-                .inner
-                .hsm
-                .run(hsm::cert::random_serial)
-                .await
-                .map_err(|e| hsm_failure(Step::Keys, e))?;
-            let meter_id = run
-                .meter_id
-                .ok_or_else(|| db_failure(Step::Keys, "no meter record"))?;
-            let slot_name = if slot == CertSlot::Sign { "sign" } else { "ka" };
-            let serial_hex = hex::encode(serial);
-            let sh = serial_hex.clone();
-            let cert_id = self
-                .inner
-                .db
-                .call(move |c| -> super::Result<i64> {
-                    let now = now_ms();
-                    c.execute(
-                        "INSERT INTO certificates (meter_id, slot, state, serial, created_at, updated_at) VALUES (?1, ?2, 'intent', ?3, ?4, ?4)",
-                        params![meter_id, slot_name, sh, now],
-                    )?;
-                    Ok(c.last_insert_rowid())
-                })
-                .await
-                .map_err(|e| db_failure(Step::Keys, e))?;
-            let profile = MeterProfile {
-                system_title: identity.system_title,
-                meter_serial: identity.serial.clone(),
-                manufacturer: self.inner.cfg.manufacturer.name.clone(),
-                usage,
-                curve: hcurve,
-                not_after,
-            };
-            let ca = self.inner.keys.device_ca.clone();
-            let issued = self
-                .inner
-                .hsm
-                .run(move |s| hsm::cert::issue_with_serial(s, &ca, &subject, &profile, &serial))
-                .await
-                .map_err(|e| match e {
-                    hsm::Error::Csr(c) => Failure::new(
+            }
+        }
+        let (answers, secrets) = tokio::try_join!(
+            async {
+                link.call_many(&requests)
+                    .await
+                    .map_err(|e| link_failure(Step::Keys, e))
+            },
+            self.secret_keys(run, ktk)
+        )?;
+        if run.model.keygen == Keygen::Meter {
+            for answer in answers.into_iter().skip(1) {
+                let csr = match answer {
+                    Message::KeyGenRsp { csr, .. } => csr,
+                    other => {
+                        return Err(Failure::new(
+                            "meter.failed",
+                            Severity::Warning,
+                            format!("KEYGEN answered with {}", other.name()),
+                        ));
+                    }
+                };
+                hsm::cert::check_csr(&csr, hcurve).map_err(|e| {
+                    Failure::new(
                         "security.bad_certificate_request",
                         Severity::Critical,
-                        format!("the meter's certificate request was refused: {c}"),
-                    ),
-                    other => hsm_failure(Step::Keys, other),
+                        format!("the meter's certificate request was refused: {e}"),
+                    )
                 })?;
-            if hex::encode(&issued.serial) != serial_hex.trim_start_matches("00")
-                && hex::encode(&issued.serial) != serial_hex
-            {
-                return Err(Failure::new(
-                    "station.error",
-                    Severity::Critical,
-                    "the issued certificate does not carry the serial committed as its intent",
-                )
-                .quiet());
+                subjects.push(hsm::cert::Subject::Csr(csr));
             }
-            let der = issued.der.clone();
-            let fp = issued.fingerprint_hex();
-            self.inner
-                .db
-                .call(move |c| -> super::Result<()> {
-                    c.execute(
-                        "UPDATE certificates SET state = 'issued', der = ?1, fingerprint = ?2, updated_at = ?3 WHERE id = ?4",
-                        params![der, fp, now_ms(), cert_id],
-                    )?;
-                    Ok(())
-                })
-                .await
-                .map_err(|e| db_failure(Step::Keys, e))?;
-            let point =
-                hsm::cert::subject_point(&issued.der).map_err(|e| hsm_failure(Step::Keys, e))?;
-            link.call(&Message::PutCert {
-                slot,
-                der: issued.der.clone(),
-            })
-            .await
-            .map_err(|e| link_failure(Step::Keys, e))?;
-            run.certs.push((slot, issued.der, point));
         }
-        Ok(())
+        Ok((subjects, secrets))
     }
 
-    async fn secret_keys(&self, link: &mut HostLink, run: &mut Run) -> Result<(), Failure> {
-        let ktk = run
-            .ktk
-            .clone()
-            .ok_or_else(|| db_failure(Step::Keys, "no key-transport key"))?;
+    /// The meter's secret keys, made in the HSM: each wrapped under the channel's key for the
+    /// meter and under the batch transport key for the utility. The utility's copies are
+    /// journalled before this returns; the meter's come back as PUT_KEY requests.
+    async fn secret_keys(&self, run: &Run, ktk: KeyHandle) -> Result<Vec<PutKey>, Failure> {
         let label = run.batch.transport_key.clone();
         let size = if run.model.aes_bytes() == 32 {
             AesKeySize::Aes256
         } else {
             AesKeySize::Aes128
         };
-        let key_type = if size == AesKeySize::Aes256 {
-            KeyType::Aes256
+        let (key_type, type_name) = if size == AesKeySize::Aes256 {
+            (KeyType::Aes256, "aes-256")
         } else {
-            KeyType::Aes128
+            (KeyType::Aes128, "aes-128")
         };
         let keys = self
             .inner
@@ -945,31 +945,19 @@ impl Ctx<'_> {
         let meter_id = run
             .meter_id
             .ok_or_else(|| db_failure(Step::Keys, "no meter record"))?;
-        let rows: Vec<(String, String, Vec<u8>, String)> = keys
+        let rows: Vec<(&'static str, Vec<u8>, String)> = keys
             .iter()
-            .map(|(id, _, u, kcv)| {
-                (
-                    id.name().to_string(),
-                    if key_type == KeyType::Aes256 {
-                        "aes-256"
-                    } else {
-                        "aes-128"
-                    }
-                    .to_string(),
-                    u.clone(),
-                    hex::encode(kcv),
-                )
-            })
+            .map(|(id, _, u, kcv)| (id.name(), u.clone(), hex::encode(kcv)))
             .collect();
         self.inner
             .db
             .call(move |c| -> super::Result<()> {
                 let tx = c.transaction()?;
                 let now = now_ms();
-                for (id, ty, wrapped, kcv) in rows {
+                for (id, wrapped, kcv) in rows {
                     tx.execute(
                         "INSERT INTO wrapped_keys (meter_id, key_id, key_type, wrap_alg, wrapped, kcv, created_at) VALUES (?1, ?2, ?3, 'aes-kw', ?4, ?5, ?6)",
-                        params![meter_id, id, ty, wrapped, kcv, now],
+                        params![meter_id, id, type_name, wrapped, kcv, now],
                     )?;
                 }
                 tx.commit()?;
@@ -977,21 +965,155 @@ impl Ctx<'_> {
             })
             .await
             .map_err(|e| db_failure(Step::Keys, e))?;
-        for (key_id, for_meter, _, kcv) in keys {
-            link.call(&Message::PutKey(PutKey {
+        Ok(keys
+            .into_iter()
+            .map(|(key_id, wrapped, _, kcv)| PutKey {
                 key_id,
                 key_type,
                 wrap: WrapAlg::AesKw,
                 kcv,
-                wrapped: for_meter,
-            }))
-            .await
-            .map_err(|e| link_failure(Step::Keys, e))?;
-        }
-        Ok(())
+                wrapped,
+            })
+            .collect())
     }
 
-    async fn firmware(&self, link: &mut HostLink, run: &mut Run) -> Result<(), Failure> {
+    /// The device CA, the firmware-verification anchor and the model's utility anchors.
+    fn anchors(&self, run: &Run) -> Result<Vec<Message>, Failure> {
+        let mut out = vec![
+            Message::PutCert {
+                slot: CertSlot::DeviceCa,
+                der: self.inner.keys.device_ca.cert_der.clone(),
+            },
+            Message::PutAnchor {
+                kind: AnchorKind::FirmwareVerification,
+                index: 0,
+                der: self.inner.keys.firmware_cert.clone(),
+            },
+        ];
+        for (i, path) in run.model.anchors.iter().enumerate() {
+            let bytes = std::fs::read(path).map_err(|e| {
+                Failure::new(
+                    "station.error",
+                    Severity::Warning,
+                    format!("cannot read trust anchor {}: {e}", path.display()),
+                )
+                .quiet()
+            })?;
+            let (cert, der) = super::keys::parse_cert(&bytes).map_err(|e| {
+                Failure::new(
+                    "station.error",
+                    Severity::Warning,
+                    format!("trust anchor {}: {e}", path.display()),
+                )
+                .quiet()
+            })?;
+            let is_ca = matches!(cert.tbs_certificate().get_extension::<x509_cert::ext::pkix::BasicConstraints>(), Ok(Some((_, bc))) if bc.ca);
+            let kind = if is_ca {
+                AnchorKind::UtilityCa
+            } else {
+                AnchorKind::UtilityClient
+            };
+            out.push(Message::PutAnchor {
+                kind,
+                index: i as u8,
+                der,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Signs one certificate per intent, with the intent's serial, and journals them as issued.
+    /// Returns (slot, certificate, subject key point) per certificate.
+    fn issue(
+        &self,
+        run: &Run,
+        subjects: Vec<hsm::cert::Subject>,
+        intents: Vec<Intent>,
+    ) -> impl Future<Output = Result<Vec<IssuedCert>, Failure>> + use<> {
+        let inner = Arc::clone(self.inner);
+        let identity = run.identity.clone();
+        let hcurve = hsm_curve(run.model.curve());
+        let not_after = run.model.not_after.as_deref().and_then(|s| {
+            time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()
+        });
+        async move {
+            let identity = identity.ok_or_else(|| db_failure(Step::Keys, "no identity"))?;
+            let jobs: Vec<(MeterProfile, [u8; 16])> = intents
+                .iter()
+                .map(|i| {
+                    (
+                        MeterProfile {
+                            system_title: identity.system_title,
+                            meter_serial: identity.serial.clone(),
+                            manufacturer: inner.cfg.manufacturer.name.clone(),
+                            usage: i.usage,
+                            curve: hcurve,
+                            not_after,
+                        },
+                        i.serial,
+                    )
+                })
+                .collect();
+            let ca = inner.keys.device_ca.clone();
+            let issued = inner
+                .hsm
+                .run(move |s| {
+                    subjects
+                        .iter()
+                        .zip(&jobs)
+                        .map(|(subject, (profile, serial))| {
+                            hsm::cert::issue_with_serial(s, &ca, subject, profile, serial)
+                        })
+                        .collect::<hsm::Result<Vec<_>>>()
+                })
+                .await
+                .map_err(|e| match e {
+                    hsm::Error::Csr(c) => Failure::new(
+                        "security.bad_certificate_request",
+                        Severity::Critical,
+                        format!("the meter's certificate request was refused: {c}"),
+                    ),
+                    other => hsm_failure(Step::Keys, other),
+                })?;
+            let mut rows = Vec::with_capacity(issued.len());
+            let mut out = Vec::with_capacity(issued.len());
+            for (cert, intent) in issued.iter().zip(&intents) {
+                let committed = hex::encode(intent.serial);
+                let got = hex::encode(&cert.serial);
+                if got != committed && got != committed.trim_start_matches("00") {
+                    return Err(Failure::new(
+                        "station.error",
+                        Severity::Critical,
+                        "the issued certificate does not carry the serial committed as its intent",
+                    )
+                    .quiet());
+                }
+                let point =
+                    hsm::cert::subject_point(&cert.der).map_err(|e| hsm_failure(Step::Keys, e))?;
+                rows.push((intent.id, cert.der.clone(), cert.fingerprint_hex()));
+                out.push((intent.slot, cert.der.clone(), point));
+            }
+            inner
+                .db
+                .call(move |c| -> super::Result<()> {
+                    let tx = c.transaction()?;
+                    let now = now_ms();
+                    for (id, der, fp) in &rows {
+                        tx.execute(
+                            "UPDATE certificates SET state = 'issued', der = ?1, fingerprint = ?2, updated_at = ?3 WHERE id = ?4",
+                            params![der, fp, now, id],
+                        )?;
+                    }
+                    tx.commit()?;
+                    Ok(())
+                })
+                .await
+                .map_err(|e| db_failure(Step::Keys, e))?;
+            Ok(out)
+        }
+    }
+    /// FW_BEGIN, the image, FW_END; resumes a broken transfer. Returns the verified image hash.
+    async fn firmware(&self, link: &mut HostLink, run: &mut Run) -> Result<[u8; 32], Failure> {
         let fw_id = run.batch.firmware_id;
         let sha = run.batch.firmware_sha256.clone();
         let mut resumes = 0;
@@ -1076,22 +1198,7 @@ impl Ctx<'_> {
                     }
                     self.inner
                         .update_nest(self.nest, |n| n.progress = Some(1.0));
-                    let id = run.meter_id;
-                    let sha = hex::encode(plan.sha256);
-                    if let Some(id) = id {
-                        self.inner
-                            .db
-                            .call(move |c| -> super::Result<()> {
-                                c.execute(
-                                    "UPDATE meters SET fw_sha256 = ?1 WHERE id = ?2",
-                                    params![sha, id],
-                                )?;
-                                Ok(())
-                            })
-                            .await
-                            .map_err(|e| db_failure(Step::Firmware, e))?;
-                    }
-                    return Ok(());
+                    return Ok(plan.sha256);
                 }
                 Ok(other) => {
                     return Err(Failure::new(
@@ -1159,19 +1266,13 @@ impl Ctx<'_> {
             .await;
     }
 
+    /// ATTEST with the challenge drawn at the check; verifies the signed receipt.
     async fn attest(
         &self,
         link: &mut HostLink,
-        run: &mut Run,
+        run: &Run,
     ) -> Result<(Receipt, Vec<u8>, Vec<u8>), Failure> {
-        let nonce_v = self
-            .inner
-            .hsm
-            .run(|s| s.random(16))
-            .await
-            .map_err(|e| hsm_failure(Step::Attest, e))?;
-        let mut nonce = [0u8; 16];
-        nonce.copy_from_slice(&nonce_v);
+        let nonce = run.nonce;
         let (receipt, signature) = match link
             .call(&Message::Attest { nonce })
             .await

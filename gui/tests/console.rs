@@ -232,6 +232,25 @@ fn a_failed_meter_shows_its_reason_and_only_a_supervisor_acknowledges_the_alarm(
                     .iter()
                     .any(|e| e.kind == "auth.forbidden" && e.actor == "oper")
             );
+
+            // A supervisor approves the failed meter's rework from the list of failures.
+            let uid = h
+                .state()
+                .state()
+                .failed
+                .front()
+                .expect("the failed meter is listed")
+                .uid
+                .clone();
+            click(&mut h, "Log out");
+            wait_for_label(&mut h, "Not logged in", ENGINE);
+            log_in(&mut h, "super", "222222");
+            wait_for_label(&mut h, "super (supervisor)", ENGINE);
+            click(&mut h, "Batch and rework");
+            wait_for_text(&mut h, "image hash", ENGINE);
+            click(&mut h, &format!("Rework meter {uid}"));
+            wait_for_text(&mut h, &format!("rework {uid}: done"), ENGINE);
+            wait_for_label(&mut h, "Rework approved", ENGINE);
         },
     );
 }

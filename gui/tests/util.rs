@@ -184,6 +184,8 @@ pub fn click(h: &mut Harness<'_, ConsoleApp>, label: &str) {
     h.run_steps(4);
     h.get_by_label(label).click();
     h.run_steps(2);
+    // Every screen the tests reach has a name for every control.
+    h.check_accessibility();
 }
 
 /// Types into the text field labelled `label`, replacing what it held.

@@ -181,7 +181,7 @@ impl Tab {
         match self {
             Tab::Line => "Line",
             Tab::Batch => "Batch and rework",
-            Tab::Audit => "Audit log",
+            Tab::Audit => "Audit",
             Tab::Health => "Health",
         }
     }

@@ -140,20 +140,43 @@ fn alarm_banner(ui: &mut Ui, s: &mut AppState) {
     }
 }
 
+/// One row: the station, the screens (the health screen's tab says OK or FAULT, in red when a
+/// part fails), and who is logged in. Without a session the health summary takes the tabs' place.
 fn header(ui: &mut Ui, s: &mut AppState, out: &mut Vec<UiCommand>) {
+    let (summary, ok) = health::summary(&s.line);
     ui.horizontal(|ui| {
-        ui.label(
-            RichText::new(format!("Station {}", s.line.station))
-                .size(24.0)
-                .strong(),
-        );
-        let (health, ok) = health::summary(&s.line);
-        let c = if ok {
-            colour::GOOD_TEXT
+        ui.label(RichText::new(&s.line.station).size(24.0).strong());
+        ui.add_space(8.0);
+        if s.user.is_some() && s.ack.is_none() {
+            for t in s.tabs() {
+                let clicked = if t == Tab::Health {
+                    let title = if ok { "Health OK" } else { "Health FAULT" };
+                    let r = widgets::choice(ui, title, s.tab == t);
+                    if !ok {
+                        // The colour repeats what the word says.
+                        ui.painter().rect_stroke(
+                            r.rect,
+                            4.0,
+                            egui::Stroke::new(4.0, colour::FAIL),
+                            egui::StrokeKind::Inside,
+                        );
+                    }
+                    r.clicked()
+                } else {
+                    widgets::choice(ui, t.title(), s.tab == t).clicked()
+                };
+                if clicked {
+                    s.tab = t;
+                }
+            }
         } else {
-            colour::BAD_TEXT
-        };
-        ui.label(RichText::new(health).color(c).strong());
+            let c = if ok {
+                colour::GOOD_TEXT
+            } else {
+                colour::BAD_TEXT
+            };
+            ui.label(RichText::new(summary).color(c).strong());
+        }
         ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
             if let Some(user) = &s.user {
                 if widgets::button(ui, "Log out", Kind::Normal, 0.0).clicked() {
@@ -165,7 +188,6 @@ fn header(ui: &mut Ui, s: &mut AppState, out: &mut Vec<UiCommand>) {
                         .size(22.0)
                         .strong(),
                 );
-                ui.label("Logged in:");
             } else {
                 ui.label(RichText::new("Not logged in").size(22.0).strong());
             }
@@ -174,15 +196,6 @@ fn header(ui: &mut Ui, s: &mut AppState, out: &mut Vec<UiCommand>) {
             }
         });
     });
-    if s.user.is_some() && s.ack.is_none() {
-        ui.horizontal(|ui| {
-            for t in s.tabs() {
-                if widgets::choice(ui, t.title(), s.tab == t).clicked() {
-                    s.tab = t;
-                }
-            }
-        });
-    }
 }
 
 /// A supervisor acknowledges the alarm with their own name and PIN, whoever is logged in.

@@ -77,6 +77,24 @@ pub fn read(buf: &[u8]) -> Result<(Tlv<'_>, &[u8]), DerError> {
     ))
 }
 
+/// The total size (tag, length and value) that the element at the start of `buf` declares,
+/// whether or not `buf` holds all of it; `None` if not even its header is readable.
+pub fn declared_size(buf: &[u8]) -> Option<usize> {
+    let first = *buf.get(1)?;
+    if first < 0x80 {
+        return Some(2 + usize::from(first));
+    }
+    let n = usize::from(first & 0x7F);
+    if n == 0 || n > 4 {
+        return None;
+    }
+    let len = buf
+        .get(2..2 + n)?
+        .iter()
+        .fold(0usize, |a, b| (a << 8) | usize::from(*b));
+    (2 + n).checked_add(len)
+}
+
 /// Every element inside `value`.
 pub fn children(mut value: &[u8]) -> Result<Vec<Tlv<'_>>, DerError> {
     let mut out = Vec::new();
@@ -120,5 +138,18 @@ mod tests {
         ] {
             assert!(read(bad).is_err(), "{bad:02x?}");
         }
+    }
+
+    #[test]
+    fn declared_size_is_known_from_the_header_alone() {
+        let mut enc = header(0x30, 70_000);
+        enc.resize(enc.len() + 70_000, 0);
+        let whole = enc.len();
+        for cut in [5, 100, whole - 1, whole] {
+            assert_eq!(declared_size(&enc[..cut]), Some(whole));
+        }
+        assert_eq!(declared_size(&[0x30]), None);
+        assert_eq!(declared_size(&[0x30, 0x80]), None);
+        assert_eq!(declared_size(&[0x30, 0x83, 1]), None);
     }
 }

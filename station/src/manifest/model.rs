@@ -234,11 +234,13 @@ pub struct VoidedCertificate {
     pub slot: String,
     /// UID of the meter it was meant for.
     pub meter_uid: String,
-    /// Serial of that meter, if one was assigned.
+    /// Serial of that meter, if one was assigned (present, `null` when none was).
+    #[serde(deserialize_with = "Option::deserialize")]
     pub meter_serial: Option<String>,
     /// Why.
     pub reason: String,
-    /// SHA-256 of the DER, if it was issued.
+    /// SHA-256 of the DER, if it was issued (present, `null` when it was not).
+    #[serde(deserialize_with = "Option::deserialize")]
     pub sha256: Option<String>,
 }
 
@@ -265,12 +267,21 @@ fn hex_of(s: &str, bytes: Option<usize>) -> bool {
         && bytes.is_none_or(|n| s.len() == 2 * n)
 }
 
+/// 1 to `max` printable ASCII characters: the `str8` strings of the line protocol.
+fn printable(s: &str, max: usize) -> bool {
+    (1..=max).contains(&s.len()) && s.bytes().all(|b| (0x20..=0x7E).contains(&b))
+}
+
 fn b64(s: &str) -> bool {
     !s.is_empty() && base64::engine::general_purpose::STANDARD.decode(s).is_ok()
 }
 
+/// An RFC 3339 date-time as the schema's pattern states it (upper-case `T` and `Z`), and a real
+/// calendar date.
 fn rfc3339(s: &str) -> bool {
-    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).is_ok()
+    s.as_bytes().get(10) == Some(&b'T')
+        && !s.contains('z')
+        && time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).is_ok()
 }
 
 impl Manifest {
@@ -364,8 +375,8 @@ impl Manifest {
         for (i, m) in self.meters.iter().enumerate() {
             let at = format!("meters[{i}] ({})", m.serial);
             need(
-                !m.serial.is_empty() && m.serial.len() <= 32,
-                format!("{at}: serial is empty or longer than 32"),
+                printable(&m.serial, 32),
+                format!("{at}: serial is not 1 to 32 printable ASCII characters"),
             );
             need(
                 hex_of(&m.uid, None) && (2..=64).contains(&m.uid.len()),
@@ -379,9 +390,10 @@ impl Manifest {
                 format!("{at}: system_title is not 16 upper-case hex digits"),
             );
             need(
-                !m.logical_device_name.is_empty() && m.logical_device_name.len() <= 48,
-                format!("{at}: logical_device_name is empty or too long"),
+                printable(&m.logical_device_name, 48),
+                format!("{at}: logical_device_name is not 1 to 48 printable ASCII characters"),
             );
+            need(m.nest >= 1, format!("{at}: nest is below 1"));
             need(
                 hex_of(&m.firmware_sha256, Some(32)),
                 format!("{at}: firmware_sha256 is not 32 bytes of hex"),
@@ -410,8 +422,11 @@ impl Manifest {
                 need(b64(&c.der), format!("{at}: certificate der is not base64"));
             }
             need(
-                m.keys.len() == 4,
-                format!("{at}: needs the four keys guek, gbek, ak, kek"),
+                m.keys.len() == 4
+                    && ["guek", "gbek", "ak", "kek"]
+                        .iter()
+                        .all(|id| m.keys.iter().filter(|k| k.id == *id).count() == 1),
+                format!("{at}: needs the four keys guek, gbek, ak, kek, each once"),
             );
             for k in &m.keys {
                 need(
@@ -446,8 +461,18 @@ impl Manifest {
         }
         for (i, v) in self.voided_certificates.iter().enumerate() {
             need(
-                hex_of(&v.serial, None) && !v.serial.is_empty(),
+                hex_of(&v.serial, None) && !v.serial.is_empty() && v.serial.len() <= 40,
                 format!("voided_certificates[{i}]: serial is not hex"),
+            );
+            need(
+                hex_of(&v.meter_uid, None) && (2..=64).contains(&v.meter_uid.len()),
+                format!("voided_certificates[{i}]: meter_uid is not 1 to 32 bytes of hex"),
+            );
+            need(
+                v.meter_serial.as_deref().is_none_or(|s| printable(s, 32)),
+                format!(
+                    "voided_certificates[{i}]: meter_serial is not 1 to 32 printable ASCII characters"
+                ),
             );
             need(
                 matches!(v.slot.as_str(), "sign" | "ka"),
@@ -484,4 +509,52 @@ pub fn unb64(s: &str) -> Vec<u8> {
 /// Encodes standard base64.
 pub fn b64enc(b: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../../schemas/manifest.example.json");
+
+    #[test]
+    fn the_documented_example_has_the_right_form() {
+        let m: Manifest = serde_json::from_str(EXAMPLE).unwrap();
+        assert_eq!(m.check_form(), Vec::new());
+        assert_eq!((m.meters.len(), m.voided_certificates.len()), (2, 1));
+    }
+
+    #[test]
+    fn nullable_fields_must_still_be_present() {
+        let mut v: serde_json::Value = serde_json::from_str(EXAMPLE).unwrap();
+        v["voided_certificates"][0]["sha256"] = serde_json::Value::Null;
+        let m: Manifest = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!(m.check_form(), Vec::new());
+        v["voided_certificates"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("meter_serial");
+        let e = serde_json::from_value::<Manifest>(v).unwrap_err();
+        assert!(
+            e.to_string().contains("missing field `meter_serial`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn times_take_the_schema_form() {
+        for ok in ["2026-11-21T17:34:13.346Z", "2026-11-21T17:34:13+01:00"] {
+            assert!(rfc3339(ok), "{ok}");
+        }
+        for bad in [
+            "2026-11-21 17:34:13Z",
+            "2026-11-21t17:34:13Z",
+            "2026-11-21T17:34:13z",
+            "2026-02-30T17:34:13Z",
+            "2026-11-21T17:34Z",
+        ] {
+            assert!(!rfc3339(bad), "{bad}");
+        }
+    }
 }

@@ -182,6 +182,21 @@ fn check_envelope<'a>(bytes: &'a [u8], root: &Certificate, r: &mut Report) -> Op
         r.failures.push(m);
         None
     };
+    match d::declared_size(bytes) {
+        Some(n) if n > bytes.len() => {
+            return fail(format!(
+                "signature: the file is truncated: it has {} of the {n} bytes its encoding declares",
+                bytes.len()
+            ));
+        }
+        Some(n) if n < bytes.len() => {
+            return fail(format!(
+                "signature: the file has {} bytes after the signed data (extended or concatenated?)",
+                bytes.len() - n
+            ));
+        }
+        _ => {}
+    }
     let walk = || -> Result<(&'a [u8], Vec<d::Tlv<'a>>, d::Tlv<'a>), d::DerError> {
         let ci = d::only(
             bytes,

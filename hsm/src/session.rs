@@ -1056,6 +1056,30 @@ impl<'a> HsmSession<'a> {
         Err(Error::KcvUnavailable)
     }
 
+    // ----- encryption ----------------------------------------------------------------------
+
+    /// AES-GCM encryption of `data` with `key` (an AES key whose policy allows encryption, such
+    /// as an imported [`KeyRole::UtilityMeterKey`]), a 12-byte `iv` and additional data `aad`;
+    /// returns the ciphertext followed by the 16-byte tag, as RFC 5116 lays it out.
+    pub fn aes_gcm_encrypt(
+        &self,
+        key: &KeyHandle,
+        iv: &[u8; 12],
+        aad: &[u8],
+        data: &[u8],
+    ) -> Result<Vec<u8>> {
+        if !matches!(key.kind, KeyKind::Aes(_)) {
+            return Err(Error::InvalidInput("aes-gcm needs an aes key".into()));
+        }
+        let h = self.resolve(key)?;
+        let mut iv = *iv;
+        let params = cryptoki::mechanism::aead::GcmParams::new(&mut iv, aad, 128.into())
+            .map_err(|e| Error::InvalidInput(format!("aes-gcm parameters: {e}")))?;
+        self.session
+            .encrypt(&Mechanism::AesGcm(params), h, data)
+            .ck("encrypt with aes-gcm")
+    }
+
     // ----- imports -------------------------------------------------------------------------
 
     /// Imports a DER X.509 certificate as a token (or session) CKO_CERTIFICATE with `label` and

@@ -1,0 +1,953 @@
+//! The signed batch manifest as the utility meets it: a real export of a batch run to completion
+//! on emulated meters, opened with the OpenSSL recipe of `docs/utility.md` (extracted from the
+//! page and run with bash), checked against `schemas/manifest.schema.json` by Python's
+//! `jsonschema` and by `station manifest verify`, imported into a second SoftHSM token (the
+//! utility's) and into owner-only files, and refused — with its own error, importing nothing —
+//! when it has been tampered with. Every imported key is compared with the copy the meter holds
+//! in its flash.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::str::FromStr;
+use std::time::Duration;
+
+use der::{Decode, Encode};
+use e2e::{Cell, CellOptions, MODEL, run_batch};
+use serde_json::Value;
+use station::engine::BatchSpec;
+use station::{Engine, Reply};
+
+const KEY_IDS: [&str; 4] = ["guek", "gbek", "ak", "kek"];
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Runs the cell's open batch to completion, closes it (supervisor, CLI) and exports it
+/// (officer, CLI) into `<cell>/export`.
+async fn finish_and_export(cell: &Cell, batch: i64) -> PathBuf {
+    let (engine, summary) = run_batch(cell, Duration::from_secs(300)).await;
+    assert!(summary.batch_complete, "{summary}");
+    assert_eq!(summary.failed, 0, "{summary}");
+    engine.shutdown().await.unwrap();
+    let id = batch.to_string();
+    let (code, out, err) = cell.run(Some("super"), &["batch", "close", &id]);
+    assert_eq!(code, 0, "batch close: {out}{err}");
+    let dir = cell.path("export");
+    let (code, out, err) = cell.run(
+        Some("officer"),
+        &["export", "--batch", &id, "--out", s(&dir)],
+    );
+    assert_eq!(code, 0, "export: {out}{err}");
+    dir
+}
+
+/// A cell with a batch of `meters` made for the harness's demo utility, exported.
+async fn exported(meters: i64) -> (Cell, PathBuf) {
+    let cell = Cell::new(CellOptions {
+        nests: 2,
+        quantity: meters,
+        ..CellOptions::default()
+    })
+    .await;
+    let batch = cell.batch_id.unwrap();
+    let dir = finish_and_export(&cell, batch).await;
+    (cell, dir)
+}
+
+fn manifest(dir: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap()
+}
+
+fn meters(m: &Value) -> &Vec<Value> {
+    m["meters"].as_array().unwrap()
+}
+
+fn text(m: &Value, field: &str) -> String {
+    m[field].as_str().unwrap().to_string()
+}
+
+/// The copy of a key the meter holds in its flash.
+fn flash_key(cell: &Cell, meter: &Value, id: &str) -> Vec<u8> {
+    std::fs::read(
+        cell.meter_dir(&text(meter, "uid"))
+            .join(format!("secret-{id}.bin")),
+    )
+    .unwrap()
+}
+
+/// Copies the export in `src` to `dst` with `manifest.json` edited by `edit` and `manifest.p7m`
+/// signed again by the cell's manifest signer: a validly signed manifest with chosen content.
+fn resigned(engine: &Engine, src: &Path, dst: &Path, edit: impl FnOnce(&mut Value)) -> PathBuf {
+    std::fs::create_dir_all(dst).unwrap();
+    let mut m = manifest(src);
+    edit(&mut m);
+    let json = dst.join("manifest.json");
+    std::fs::write(&json, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    let p7m = dst.join("manifest.p7m");
+    tokio::task::block_in_place(|| {
+        station::manifest::resign(engine.hsm(), engine.keys(), &json, &p7m).unwrap()
+    });
+    p7m
+}
+
+/// `station manifest verify`: (exit code, everything it printed).
+fn verify(cell: &Cell, p7m: &Path, root: &Path) -> (i32, String) {
+    let (code, out, err) = cell.run(None, &["manifest", "verify", s(p7m), "--root", s(root)]);
+    (code, format!("{out}{err}"))
+}
+
+/// `station manifest import` into per-meter key files: (exit code, everything it printed).
+fn import_files(cell: &Cell, p7m: &Path, key: &Path, out: &Path) -> (i32, String) {
+    let root = cell.path("root-ca.pem");
+    let (code, o, e) = cell.run(
+        None,
+        &[
+            "manifest",
+            "import",
+            s(p7m),
+            "--root",
+            s(&root),
+            "--key",
+            s(key),
+            "--out",
+            s(out),
+            "--clear-keys",
+        ],
+    );
+    (code, format!("{o}{e}"))
+}
+
+fn files_in(dir: &Path) -> Vec<PathBuf> {
+    match std::fs::read_dir(dir) {
+        Ok(d) => d.map(|e| e.unwrap().path()).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// A fresh RSA key that is not the utility's (PKCS#8 PEM, made by openssl).
+fn stranger_key(dir: &Path) -> PathBuf {
+    let path = dir.join("stranger-key.pem");
+    let out = Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    path
+}
+
+// ----- the OpenSSL recipe of the docs ------------------------------------------------------
+
+/// The recipe: the one ```sh block between the markers of `docs/utility.md`.
+fn recipe() -> String {
+    let page = std::fs::read_to_string(repo().join("docs/utility.md")).unwrap();
+    let (_, rest) = page
+        .split_once("<!-- recipe:begin -->")
+        .expect("docs/utility.md has no <!-- recipe:begin --> marker");
+    let (block, _) = rest
+        .split_once("<!-- recipe:end -->")
+        .expect("docs/utility.md has no <!-- recipe:end --> marker");
+    let body = block
+        .trim()
+        .strip_prefix("```sh\n")
+        .and_then(|b| b.strip_suffix("```"))
+        .expect("the recipe is one ```sh block");
+    assert!(!body.contains("```"), "the recipe is one block");
+    body.to_string()
+}
+
+struct RecipeRun {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn run_recipe(
+    work: &Path,
+    dir: &Path,
+    root: &Path,
+    key: &Path,
+    keys_out: Option<&Path>,
+) -> RecipeRun {
+    let script = work.join("recipe.sh");
+    std::fs::write(&script, recipe()).unwrap();
+    let mut c = Command::new("bash");
+    c.arg(&script)
+        .env("MANIFEST_DIR", dir)
+        .env("ROOT", root)
+        .env("UTILITY_KEY", key)
+        .env_remove("KEYS_OUT");
+    if let Some(k) = keys_out {
+        c.env("KEYS_OUT", k);
+    }
+    let out = c.output().unwrap();
+    RecipeRun {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_openssl_recipe_of_the_docs_opens_a_real_export() {
+    let (cell, dir) = exported(3).await;
+    let m = manifest(&dir);
+    assert_eq!(meters(&m).len(), 3);
+    let (root, key) = (cell.path("root-ca.pem"), cell.path("utility-key.pem"));
+
+    let keys_out = cell.path("clear-keys");
+    let run = run_recipe(cell.dir.path(), &dir, &root, &key, Some(&keys_out));
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert!(lines.contains(&"signature: verified"), "{}", run.stdout);
+    assert!(
+        lines.contains(&"transport key: unwrapped, kcv ok"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(
+        lines.iter().filter(|l| l.ends_with(" kcv ok")).count(),
+        3 * 4 + 1,
+        "{}",
+        run.stdout
+    );
+    for meter in meters(&m) {
+        let (serial, title) = (text(meter, "serial"), text(meter, "system_title"));
+        for id in KEY_IDS {
+            assert!(
+                lines.contains(&format!("{serial} {title} {id} kcv ok").as_str()),
+                "{serial} {id}: {}",
+                run.stdout
+            );
+            // The key OpenSSL unwrapped is the key the meter holds.
+            let file = keys_out.join(format!("{title}.{id}.key"));
+            assert_eq!(
+                std::fs::read(&file).unwrap(),
+                flash_key(&cell, meter, id),
+                "{serial} {id}"
+            );
+            let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", file.display());
+        }
+    }
+
+    // The same recipe sees a key moved between meters, a foreign root and a foreign key.
+    let engine = cell.engine(false).await;
+    let swapped = resigned(&engine, &dir, &cell.path("swapped"), |m| {
+        let a = m["meters"][0]["keys"][1]["wrapped"].take();
+        let b = m["meters"][2]["keys"][1]["wrapped"].take();
+        m["meters"][0]["keys"][1]["wrapped"] = b;
+        m["meters"][2]["keys"][1]["wrapped"] = a;
+    });
+    engine.shutdown().await.unwrap();
+    let run = run_recipe(
+        cell.dir.path(),
+        swapped.parent().unwrap(),
+        &root,
+        &key,
+        None,
+    );
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    let mismatches: Vec<&str> = run
+        .stdout
+        .lines()
+        .filter(|l| l.ends_with("kcv MISMATCH"))
+        .collect();
+    assert_eq!(
+        mismatches,
+        [0, 2]
+            .map(|i| {
+                let meter = &meters(&m)[i];
+                format!(
+                    "{} {} gbek kcv MISMATCH",
+                    text(meter, "serial"),
+                    text(meter, "system_title")
+                )
+            })
+            .to_vec(),
+        "{}",
+        run.stdout
+    );
+
+    let run = run_recipe(
+        cell.dir.path(),
+        &dir,
+        &cell.path("pki/provisioning-root.pem"),
+        &key,
+        None,
+    );
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.contains("signature: NOT VERIFIED"),
+        "{}",
+        run.stderr
+    );
+    assert!(!run.stdout.contains("kcv"), "{}", run.stdout);
+
+    let run = run_recipe(
+        cell.dir.path(),
+        &dir,
+        &root,
+        &stranger_key(cell.dir.path()),
+        None,
+    );
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr
+            .contains("UTILITY_KEY is not the key of customer utility"),
+        "{}",
+        run.stderr
+    );
+    assert!(!run.stdout.contains("kcv"), "{}", run.stdout);
+}
+
+// ----- the JSON Schema ---------------------------------------------------------------------
+
+/// Validates `doc` against the manifest schema with Python's jsonschema: Ok, or the messages.
+fn python_validate(doc: &Path) -> Result<(), String> {
+    let python = std::env::var("CELL_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = "import json, sys, jsonschema\n\
+        schema = json.load(open(sys.argv[1]))\n\
+        jsonschema.Draft202012Validator.check_schema(schema)\n\
+        errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(json.load(open(sys.argv[2]))), key=str)\n\
+        print('\\n'.join(e.message for e in errors))\n\
+        sys.exit(1 if errors else 0)\n";
+    let out = Command::new(&python)
+        .args(["-c", script])
+        .arg(repo().join("schemas/manifest.schema.json"))
+        .arg(doc)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("ModuleNotFoundError"),
+        "Python's jsonschema is missing: run the tests through `cargo xtask test`, which installs it, or set CELL_PYTHON to a Python that has it ({stderr})"
+    );
+    assert!(
+        !stderr.contains("Traceback"),
+        "the validator failed: {stderr}"
+    );
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("{}{stderr}", String::from_utf8_lossy(&out.stdout)))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_schema_and_the_station_agree_on_real_and_broken_manifests() {
+    // The documented example: valid for both.
+    let example = repo().join("schemas/manifest.example.json");
+    python_validate(&example).unwrap();
+    let parsed: station::manifest::model::Manifest =
+        serde_json::from_slice(&std::fs::read(&example).unwrap()).unwrap();
+    assert_eq!(parsed.check_form(), Vec::new());
+
+    // A real export: valid for both.
+    let (cell, dir) = exported(2).await;
+    python_validate(&dir.join("manifest.json")).unwrap();
+    let root = cell.path("root-ca.pem");
+    let (code, out) = verify(&cell, &dir.join("manifest.p7m"), &root);
+    assert_eq!(code, 0, "{out}");
+
+    let engine = cell.engine(false).await;
+    // Signed again unchanged (but re-formatted): still good, so below only the edit is at fault.
+    let same = resigned(&engine, &dir, &cell.path("same"), |_| {});
+    let (code, out) = verify(&cell, &same, &root);
+    assert_eq!(code, 0, "{out}");
+
+    let serial = text(&meters(&manifest(&dir))[0], "serial");
+    type Edit = Box<dyn FnOnce(&mut Value)>;
+    let cases: Vec<(&str, Edit, String)> = vec![
+        (
+            "unknown field",
+            Box::new(|m| m["meters"][0]["colour"] = "grey".into()),
+            "schema: the content is not a valid manifest: unknown field `colour`".into(),
+        ),
+        (
+            "upper-case hex",
+            Box::new(|m| m["meters"][0]["keys"][0]["kcv"] = "ABCDEF".into()),
+            format!("schema: meters[0] ({serial}): kcv is not 3 bytes of hex"),
+        ),
+        (
+            "short hex",
+            Box::new(|m| m["firmware"]["sha256"] = "71dbac31".into()),
+            "schema: firmware.sha256 is not 32 bytes of hex".into(),
+        ),
+        (
+            "unknown slot",
+            Box::new(|m| m["meters"][0]["certificates"][0]["slot"] = "enc".into()),
+            format!("schema: meters[0] ({serial}): certificate slot \"enc\" is not sign or ka"),
+        ),
+        (
+            "unknown OAEP hash",
+            Box::new(|m| m["transport_key"]["oaep_hash"] = "md5".into()),
+            "schema: transport_key.oaep_hash is not sha1 or sha256".into(),
+        ),
+        (
+            "a key listed twice",
+            Box::new(|m| m["meters"][0]["keys"][1]["id"] = "guek".into()),
+            format!(
+                "schema: meters[0] ({serial}): needs the four keys guek, gbek, ak, kek, each once"
+            ),
+        ),
+        (
+            "time with a space",
+            Box::new(|m| {
+                let t = m["created_at"].as_str().unwrap().replace('T', " ");
+                m["created_at"] = t.into();
+            }),
+            "schema: created_at is not an RFC 3339 time".into(),
+        ),
+        (
+            "base64 with a line break",
+            Box::new(|m| {
+                let d = m["device_ca"]["certificate"].as_str().unwrap().to_string();
+                m["device_ca"]["certificate"] = format!("{}\n{}", &d[..64], &d[64..]).into();
+            }),
+            "schema: device_ca.certificate is not base64".into(),
+        ),
+        (
+            "missing section",
+            Box::new(|m| {
+                m.as_object_mut().unwrap().remove("audit_checkpoint");
+            }),
+            "schema: the content is not a valid manifest: missing field `audit_checkpoint`".into(),
+        ),
+        (
+            "wrong version",
+            Box::new(|m| m["version"] = 2.into()),
+            "schema: version 2 is not 1".into(),
+        ),
+    ];
+    for (i, (what, edit, message)) in cases.into_iter().enumerate() {
+        let p7m = resigned(&engine, &dir, &cell.path(&format!("bad-{i}")), edit);
+        let python = python_validate(&p7m.with_file_name("manifest.json"));
+        assert!(python.is_err(), "the schema accepts: {what}");
+        let (code, out) = verify(&cell, &p7m, &root);
+        assert_eq!(code, 2, "station accepts: {what}\n{out}");
+        assert!(
+            out.contains(&message),
+            "{what}: expected {message:?} in\n{out}"
+        );
+        assert!(
+            !out.contains("signature:"),
+            "{what}: the signature is good\n{out}"
+        );
+    }
+    engine.shutdown().await.unwrap();
+}
+
+// ----- import into the utility's token -----------------------------------------------------
+
+/// Certifies the utility token's RSA public key with a software CA (as the utility's own CA
+/// would): a key-encipherment certificate, DER.
+fn utility_certificate(spki_der: &[u8]) -> Vec<u8> {
+    use p256::elliptic_curve::Generate;
+    use x509_cert::builder::profile::BuilderProfile;
+    use x509_cert::builder::{Builder, CertificateBuilder};
+    use x509_cert::ext::ToExtension;
+    use x509_cert::ext::pkix::{BasicConstraints, KeyUsage, KeyUsages};
+    use x509_cert::name::Name;
+
+    struct KeyImport(Name, Name);
+    impl BuilderProfile for KeyImport {
+        fn get_issuer(&self, _subject: &Name) -> Name {
+            self.0.clone()
+        }
+        fn get_subject(&self) -> Name {
+            self.1.clone()
+        }
+        fn build_extensions(
+            &self,
+            _spk: spki::SubjectPublicKeyInfoRef<'_>,
+            _issuer: spki::SubjectPublicKeyInfoRef<'_>,
+            tbs: &x509_cert::certificate::TbsCertificate,
+        ) -> x509_cert::builder::Result<Vec<x509_cert::ext::Extension>> {
+            Ok(vec![
+                BasicConstraints {
+                    ca: false,
+                    path_len_constraint: None,
+                }
+                .to_extension(tbs.subject(), &[])?,
+                KeyUsage(KeyUsages::KeyEncipherment.into()).to_extension(tbs.subject(), &[])?,
+            ])
+        }
+    }
+    let ca = p256::ecdsa::SigningKey::generate_from_rng(&mut line_protocol::io::system_rng());
+    let profile = KeyImport(
+        Name::from_str("CN=Test Utility CA,O=Test Utility").unwrap(),
+        Name::from_str("CN=Key Import,O=Test Utility").unwrap(),
+    );
+    let builder = CertificateBuilder::new(
+        profile,
+        x509_cert::serial_number::SerialNumber::from(7u32),
+        x509_cert::time::Validity::from_now(Duration::from_secs(3600 * 24 * 365)).unwrap(),
+        spki::SubjectPublicKeyInfoOwned::from_der(spki_der).unwrap(),
+    )
+    .unwrap();
+    builder
+        .build::<_, p256::ecdsa::DerSignature>(&ca)
+        .unwrap()
+        .to_der()
+        .unwrap()
+}
+
+/// A SoftHSM token for a utility, with its RSA transport key pair; returns it opened, and the
+/// key's certificate.
+async fn utility_token(prefix: &str) -> (hsm::testkit::TestToken, hsm::Hsm, Vec<u8>) {
+    let token = hsm::testkit::TestToken::new(prefix).unwrap();
+    let h = token.open(1).unwrap();
+    let spki = h
+        .run(|s| {
+            s.generate_rsa_keypair(3072, "utility-transport")?
+                .spki_der()
+        })
+        .await
+        .unwrap();
+    (token, h, utility_certificate(&spki))
+}
+
+/// Labels of the secret keys in a token.
+async fn secret_keys(h: &hsm::Hsm) -> Vec<String> {
+    let mut labels: Vec<String> = h
+        .run(|s| s.list_objects())
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|o| o.class == "secret key")
+        .map(|o| o.label)
+        .collect();
+    labels.sort();
+    labels
+}
+
+fn import_token(cell: &Cell, p7m: &Path, token: &str) -> (i32, String) {
+    let pin = cell.path(&format!("{token}.pin"));
+    station::demo::write_secret(&pin, hsm::testkit::USER_PIN).unwrap();
+    let root = cell.path("root-ca.pem");
+    let (code, o, e) = cell.run(
+        None,
+        &[
+            "manifest",
+            "import",
+            s(p7m),
+            "--root",
+            s(&root),
+            "--pkcs11-module",
+            hsm::SOFTHSM_MODULE,
+            "--token",
+            token,
+            "--token-pin-file",
+            s(&pin),
+        ],
+    );
+    (code, format!("{o}{e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn import_into_the_utility_token_delivers_keys_that_work() {
+    let cell = Cell::new(CellOptions {
+        nests: 2,
+        quantity: 2,
+        open_batch: false,
+        ..CellOptions::default()
+    })
+    .await;
+    // The utility's token and key, and another utility's.
+    let (token, util, cert) = utility_token("util").await;
+    let (other, other_hsm, _) = utility_token("other").await;
+
+    // The batch is made for the token's key.
+    let engine = cell.engine(false).await;
+    let officer = cell.login(&engine, "officer").await;
+    engine
+        .execute(
+            &officer,
+            station::Command::ImportCustomer {
+                name: "util-hsm".into(),
+                cert,
+            },
+        )
+        .await
+        .unwrap();
+    let sup = cell.login(&engine, "super").await;
+    let batch = match engine
+        .execute(
+            &sup,
+            station::Command::OpenBatch(BatchSpec {
+                work_order: "WO-UTIL-1".into(),
+                model: MODEL.into(),
+                firmware: cell.firmware_sha.clone(),
+                customer: "util-hsm".into(),
+                quantity: 2,
+                serial_prefix: "UTL".into(),
+                serial_first: 1,
+                serial_last: 100,
+            }),
+        )
+        .await
+        .unwrap()
+    {
+        Reply::Batch(b) => b.id,
+        other => panic!("{other:?}"),
+    };
+    engine.shutdown().await.unwrap();
+    let dir = finish_and_export(&cell, batch).await;
+    let m = manifest(&dir);
+    let p7m = dir.join("manifest.p7m");
+
+    // Another utility's key does not open it, and its token gains nothing.
+    let (code, out) = import_token(&cell, &p7m, &other.label);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("the batch transport key does not unwrap with utility-transport"),
+        "{out}"
+    );
+    assert_eq!(secret_keys(&other_hsm).await, Vec::<String>::new());
+
+    // A key swapped between meters stops the import after some keys were unwrapped: they are
+    // destroyed again.
+    let engine = cell.engine(false).await;
+    let swapped = resigned(&engine, &dir, &cell.path("swapped"), |m| {
+        let a = m["meters"][0]["keys"][3]["wrapped"].take();
+        let b = m["meters"][1]["keys"][3]["wrapped"].take();
+        m["meters"][0]["keys"][3]["wrapped"] = b;
+        m["meters"][1]["keys"][3]["wrapped"] = a;
+    });
+    engine.shutdown().await.unwrap();
+    let (code, out) = import_token(&cell, &swapped, &token.label);
+    assert_eq!(code, 2, "{out}");
+    let first = text(&meters(&m)[0], "serial");
+    assert!(
+        out.contains(&format!(
+            "meter {first}: key kek does not match its check value (swapped or damaged); nothing was imported"
+        )),
+        "{out}"
+    );
+    assert_eq!(secret_keys(&util).await, Vec::<String>::new());
+
+    // The real import: every key lands as `<system title>/<key id>`.
+    let (code, out) = import_token(&cell, &p7m, &token.label);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!(
+            "imported 8 key(s) of 2 meter(s) into token {} (0 already present)",
+            token.label
+        )),
+        "{out}"
+    );
+    let mut want: Vec<String> = meters(&m)
+        .iter()
+        .flat_map(|meter| KEY_IDS.map(|id| format!("{}/{id}", text(meter, "system_title"))))
+        .collect();
+    want.sort();
+    assert_eq!(secret_keys(&util).await, want);
+
+    // Each imported key encrypts in the utility's HSM (AES-GCM); the meter's own copy decrypts.
+    use aes_gcm::aead::{Aead, KeyInit, Payload};
+    for meter in meters(&m) {
+        for id in KEY_IDS {
+            let label = format!("{}/{id}", text(meter, "system_title"));
+            let (iv, aad) = ([7u8; 12], label.clone().into_bytes());
+            let plain = format!("a DLMS APDU for {label}").into_bytes();
+            let (l, a, p) = (label.clone(), aad.clone(), plain.clone());
+            let (sealed, flags) = util
+                .run(move |s| {
+                    let key = s
+                        .find_key(hsm::KeyKind::Aes(16), &l)?
+                        .ok_or_else(|| hsm::Error::InvalidInput(format!("no key {l}")))?;
+                    Ok((s.aes_gcm_encrypt(&key, &iv, &a, &p)?, s.key_flags(&key)?))
+                })
+                .await
+                .unwrap();
+            assert!(
+                flags.token && flags.sensitive && !flags.extractable && flags.encrypt,
+                "{label}: {flags}"
+            );
+            assert_ne!(sealed[..plain.len()], plain[..]);
+            let meter_key = flash_key(&cell, meter, id);
+            let opened = aes_gcm::Aes128Gcm::new_from_slice(&meter_key)
+                .unwrap()
+                .decrypt(
+                    &iv.into(),
+                    Payload {
+                        msg: &sealed,
+                        aad: &aad,
+                    },
+                )
+                .unwrap_or_else(|_| panic!("{label}: the meter's key does not open it"));
+            assert_eq!(opened, plain, "{label}");
+        }
+    }
+
+    // Importing again changes nothing.
+    let (code, out) = import_token(&cell, &p7m, &token.label);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!(
+            "imported 0 key(s) of 2 meter(s) into token {} (8 already present)",
+            token.label
+        )),
+        "{out}"
+    );
+    assert_eq!(secret_keys(&util).await, want);
+}
+
+// ----- import into files -------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn import_into_files_writes_owner_only_files_only_when_asked() {
+    let (cell, dir) = exported(2).await;
+    let m = manifest(&dir);
+    let p7m = dir.join("manifest.p7m");
+    let (root, key, out) = (
+        cell.path("root-ca.pem"),
+        cell.path("utility-key.pem"),
+        cell.path("head-end"),
+    );
+
+    // Keys in clear only with --clear-keys.
+    let (code, o, e) = cell.run(
+        None,
+        &[
+            "manifest",
+            "import",
+            s(&p7m),
+            "--root",
+            s(&root),
+            "--key",
+            s(&key),
+            "--out",
+            s(&out),
+        ],
+    );
+    assert_ne!(code, 0, "{o}{e}");
+    assert!(e.contains("--clear-keys"), "{e}");
+    assert!(!out.exists());
+
+    let (code, text_out) = import_files(&cell, &p7m, &key, &out);
+    assert_eq!(code, 0, "{text_out}");
+    assert!(
+        text_out.contains(&format!(
+            "imported 8 key(s) of 2 meter(s) into {} (0 already present)",
+            out.display()
+        )),
+        "{text_out}"
+    );
+    assert_eq!(files_in(&out).len(), 2);
+    for meter in meters(&m) {
+        let file = out.join(format!("{}.json", text(meter, "system_title")));
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", file.display());
+        let doc: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        for field in ["serial", "uid", "system_title", "logical_device_name"] {
+            assert_eq!(doc[field], meter[field], "{field}");
+        }
+        assert_eq!(doc["batch"], m["batch"]["work_order"]);
+        for id in KEY_IDS {
+            let k = hex::decode(doc["keys"][id].as_str().unwrap()).unwrap();
+            assert_eq!(
+                k,
+                flash_key(&cell, meter, id),
+                "{} {id}",
+                text(meter, "serial")
+            );
+        }
+    }
+
+    let (code, text_out) = import_files(&cell, &p7m, &key, &out);
+    assert_eq!(code, 0, "{text_out}");
+    assert!(
+        text_out.contains("imported 0 key(s) of 2 meter(s)"),
+        "{text_out}"
+    );
+    assert!(text_out.contains("(8 already present)"), "{text_out}");
+}
+
+// ----- tampering ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tampered_manifests_are_refused_each_with_its_error_and_import_nothing() {
+    let (cell, dir) = exported(2).await;
+    let m = manifest(&dir);
+    let p7m = dir.join("manifest.p7m");
+    let root = cell.path("root-ca.pem");
+    let key = cell.path("utility-key.pem");
+    let bytes = std::fs::read(&p7m).unwrap();
+    let first = text(&meters(&m)[0], "serial");
+
+    let write = |name: &str, b: &[u8]| {
+        let d = cell.path(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join("manifest.p7m");
+        std::fs::write(&p, b).unwrap();
+        p
+    };
+    let engine = cell.engine(false).await;
+    let cases: Vec<(&str, PathBuf, PathBuf, Vec<String>)> = vec![
+        (
+            "a byte of the signed content",
+            write("content-byte", &{
+                let mut b = bytes.clone();
+                let at = b.windows(8).position(|w| w == b"\"meters\"").unwrap() + 200;
+                b[at] ^= 0x01;
+                b
+            }),
+            root.clone(),
+            vec!["signature: the content does not match its signed digest (manifest.json was changed)".into()],
+        ),
+        (
+            "a byte of the signature",
+            write("signature-byte", &{
+                let mut b = bytes.clone();
+                *b.last_mut().unwrap() ^= 0x01;
+                b
+            }),
+            root.clone(),
+            vec!["signature: the signature does not verify with the signer's certificate".into()],
+        ),
+        (
+            "another root",
+            p7m.clone(),
+            cell.path("pki/provisioning-root.pem"),
+            vec!["signature: the signer does not chain to the given root".into()],
+        ),
+        (
+            "a truncated file",
+            write("truncated", &bytes[..bytes.len() / 2]),
+            root.clone(),
+            vec![format!(
+                "signature: the file is truncated: it has {} of the {} bytes its encoding declares",
+                bytes.len() / 2,
+                bytes.len()
+            )],
+        ),
+        (
+            "a meter record altered",
+            resigned(&engine, &dir, &cell.path("altered"), |m| {
+                m["meters"][0]["serial"] = "E2E000009999".into();
+            }),
+            root.clone(),
+            vec![
+                "meter E2E000009999".into(),
+                "the sign certificate is for another serial number".into(),
+                format!("the receipt names another identity ({first}, "),
+            ],
+        ),
+        (
+            "a schema violation",
+            resigned(&engine, &dir, &cell.path("schema"), |m| {
+                m["meters"][0]["keys"][0]["kcv"] = "xyz".into();
+            }),
+            root.clone(),
+            vec![format!("schema: meters[0] ({first}): kcv is not 3 bytes of hex")],
+        ),
+    ];
+    let swapped = resigned(&engine, &dir, &cell.path("swapped"), |m| {
+        let a = m["meters"][0]["keys"][0]["wrapped"].take();
+        let b = m["meters"][1]["keys"][0]["wrapped"].take();
+        m["meters"][0]["keys"][0]["wrapped"] = b;
+        m["meters"][1]["keys"][0]["wrapped"] = a;
+    });
+    engine.shutdown().await.unwrap();
+
+    for (what, file, root_used, messages) in &cases {
+        let (code, out) = verify(&cell, file, root_used);
+        assert_eq!(code, 2, "{what} verifies:\n{out}");
+        assert!(
+            out.contains("manifest FAILED verification"),
+            "{what}:\n{out}"
+        );
+        for msg in messages {
+            assert!(
+                out.contains(msg.as_str()),
+                "{what}: expected {msg:?} in\n{out}"
+            );
+        }
+        // Import: refused with the same message, nothing written.
+        let dest = cell.path(&format!("keys-{}", what.replace(' ', "-")));
+        let (code, out) = if root_used == &root {
+            import_files(&cell, file, &key, &dest)
+        } else {
+            let (c, o, e) = cell.run(
+                None,
+                &[
+                    "manifest",
+                    "import",
+                    s(file),
+                    "--root",
+                    s(root_used),
+                    "--key",
+                    s(&key),
+                    "--out",
+                    s(&dest),
+                    "--clear-keys",
+                ],
+            );
+            (c, format!("{o}{e}"))
+        };
+        assert_eq!(code, 2, "{what} imports:\n{out}");
+        assert!(
+            out.contains("the manifest did not verify; nothing was imported"),
+            "{what}:\n{out}"
+        );
+        assert!(out.contains(messages[0].as_str()), "{what}:\n{out}");
+        assert_eq!(files_in(&dest), Vec::<PathBuf>::new(), "{what}");
+    }
+
+    // A wrapped key swapped between meters: the signature, the certificates and the receipts
+    // are all good, so it verifies; only the key check value catches it, at import.
+    let (code, out) = verify(&cell, &swapped, &root);
+    assert_eq!(code, 0, "{out}");
+    let dest = cell.path("keys-swapped");
+    let (code, out) = import_files(&cell, &swapped, &key, &dest);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains(&format!(
+            "meter {first}: key guek does not match its check value (swapped or damaged); nothing was imported"
+        )),
+        "{out}"
+    );
+    assert_eq!(files_in(&dest), Vec::<PathBuf>::new());
+
+    // The wrong utility key.
+    let stranger = stranger_key(cell.dir.path());
+    let dest = cell.path("keys-stranger");
+    let (code, out) = import_files(&cell, &p7m, &stranger, &dest);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains(&format!(
+            "{} is not the key of customer utility the batch was made for (public key SHA-256 {})",
+            stranger.display(),
+            m["customer"]["public_key_sha256"].as_str().unwrap()
+        )),
+        "{out}"
+    );
+    assert_eq!(files_in(&dest), Vec::<PathBuf>::new());
+
+    // The untouched export still imports, so each refusal above was the tampering's doing.
+    let dest = cell.path("keys-good");
+    let (code, out) = import_files(&cell, &p7m, &key, &dest);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(files_in(&dest).len(), 2);
+}

@@ -2,9 +2,9 @@
 //! only the Rust toolchain can run everything.
 //!
 //! Each command first installs what it needs when it is missing (Debian packages through
-//! `apt-get`, `imgtool` from PyPI into a virtual environment under `target/`, `cargo-nextest`
-//! from crates.io), idempotently and without questions, then builds and runs. It depends on the
-//! standard library only, so it compiles in seconds.
+//! `apt-get`, `imgtool` and `jsonschema` from PyPI into a virtual environment under `target/`,
+//! `cargo-nextest` from crates.io), idempotently and without questions, then builds and runs. It
+//! depends on the standard library only, so it compiles in seconds.
 
 use std::env;
 use std::ffi::OsStr;
@@ -35,6 +35,7 @@ const BASE_PACKAGES: &[&str] = &[
     "openssl",
     "python3",
     "python3-venv",
+    "jq",
 ];
 
 /// Debian packages the console's tests and screenshot need (software rendering, a display).
@@ -57,6 +58,9 @@ const GUI_PACKAGES: &[&str] = &[
 
 /// The MCUboot signing tool the tests use as an independent peer.
 const IMGTOOL: &str = "imgtool==2.5.0";
+/// The JSON Schema validator the tests check the schemas with (draft 2020-12), an independent
+/// peer too; the tests find it through `CELL_PYTHON`.
+const JSONSCHEMA: &str = "jsonschema>=4.18,<5";
 
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
@@ -157,7 +161,7 @@ fn ensure_packages(pkgs: &[&str]) -> Result<(), String> {
     if !have_command("dpkg-query") {
         return Err(
             "this set-up needs a Debian-based system (dpkg-query not found); install \
-                    softhsm2, opensc, openssl, python3 and python3-venv by hand"
+                    softhsm2, opensc, openssl, jq, python3 and python3-venv by hand"
                 .into(),
         );
     }
@@ -201,26 +205,45 @@ fn ensure_packages(pkgs: &[&str]) -> Result<(), String> {
     run(&mut apt(&args))
 }
 
-/// `imgtool` in a virtual environment under `target/xtask/venv`; returns its path.
+/// `imgtool` and `jsonschema` in a virtual environment under `target/xtask/venv`; returns the
+/// imgtool path (the environment's python is next to it).
 fn ensure_imgtool() -> Result<PathBuf, String> {
     let venv = target_dir().join("xtask").join("venv");
-    let imgtool = venv.join("bin").join("imgtool");
-    if imgtool.exists() {
+    let bin = venv.join("bin");
+    let imgtool = bin.join("imgtool");
+    let has_jsonschema = || {
+        Command::new(bin.join("python3"))
+            .args(["-c", "import jsonschema"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    if imgtool.exists() && has_jsonschema() {
         return Ok(imgtool);
     }
     eprintln!(
-        "xtask: installing {IMGTOOL} from PyPI into {}",
+        "xtask: installing {IMGTOOL} and {JSONSCHEMA} from PyPI into {}",
         venv.display()
     );
-    run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
-    run(Command::new(venv.join("bin").join("pip"))
-        .args(["install", "--quiet", "--disable-pip-version-check", IMGTOOL])
+    if !bin.join("pip").exists() {
+        run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    }
+    run(Command::new(bin.join("pip"))
+        .args([
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            IMGTOOL,
+            JSONSCHEMA,
+        ])
         .stdin(Stdio::null()))?;
-    if imgtool.exists() {
+    if imgtool.exists() && has_jsonschema() {
         Ok(imgtool)
     } else {
         Err(format!(
-            "{IMGTOOL} installed but {} is missing",
+            "{IMGTOOL} and {JSONSCHEMA} installed but {} or the jsonschema module is missing",
             imgtool.display()
         ))
     }
@@ -255,6 +278,7 @@ fn deps(gui: bool) -> Result<PathBuf, String> {
 fn with_tool_env(cmd: &mut Command, imgtool: &Path) {
     cmd.env("IMGTOOL", imgtool);
     if let Some(dir) = imgtool.parent() {
+        cmd.env("CELL_PYTHON", dir.join("python3"));
         let path = env::var_os("PATH").unwrap_or_default();
         let mut paths = vec![dir.to_path_buf()];
         paths.extend(env::split_paths(&path));

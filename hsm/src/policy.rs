@@ -109,7 +109,8 @@ pub enum KeyFamily {
 pub struct KeyPolicy {
     /// The role.
     pub role: KeyRole,
-    /// Label of the role's token objects (keys and certificate), `None` for session objects.
+    /// Label of the role's token objects (keys and certificate); `None` for session objects and
+    /// for token objects labelled one by one (see [`KeyPolicy::labelled_per_object`]).
     pub label: Option<&'static str>,
     /// Algorithm family.
     pub family: KeyFamily,
@@ -117,6 +118,14 @@ pub struct KeyPolicy {
     pub key: ObjectPolicy,
     /// The public half of a pair (`None` for secret keys).
     pub public: Option<ObjectPolicy>,
+}
+
+impl KeyPolicy {
+    /// Whether the role's token objects are labelled one by one by the caller (a utility's
+    /// imported meter keys, labelled by system title and key id) rather than by the role.
+    pub fn labelled_per_object(&self) -> bool {
+        matches!(self.role, KeyRole::UtilityMeterKey)
+    }
 }
 
 const NONE: Usage = Usage {
@@ -367,7 +376,7 @@ impl KeyRole {
         KeyRole::UtilityMeterKey,
     ];
 
-    /// The label of this role's token objects, if it has any.
+    /// The label of this role's token objects, if the role has one fixed label.
     pub fn label(self) -> Option<&'static str> {
         policy(self).label
     }
@@ -496,7 +505,15 @@ mod tests {
             if let Some(label) = row.label {
                 assert_eq!(KeyRole::from_label(label), Some(row.role));
             }
-            assert_eq!(row.key.token, row.label.is_some(), "{:?}", row.role);
+            // A token role has its fixed label, or its objects are labelled one by one (and
+            // are never found again by role alone); a session role has no label.
+            assert_eq!(
+                row.key.token,
+                row.label.is_some() || row.labelled_per_object(),
+                "{:?}",
+                row.role
+            );
+            assert!(!(row.label.is_some() && row.labelled_per_object()));
         }
     }
 

@@ -328,12 +328,28 @@ fn rsa_oaep_transport_key_and_aes_kw_meter_keys_unwrap_in_a_second_token() {
             )
         })
         .unwrap();
-    for (size, alg, wrapped, kcv) in delivered {
+    for (i, (size, alg, wrapped, kcv)) in delivered.into_iter().enumerate() {
+        // Imported meter keys are token objects, labelled one by one.
+        let label = format!("meter-key/{i}");
+        assert!(matches!(
+            utility.with_session(|s| {
+                s.unwrap_aes(&utk, &wrapped, alg, KeyRole::UtilityMeterKey, size, None)
+            }),
+            Err(Error::InvalidInput(_))
+        ));
         let k = utility
             .with_session(|s| {
-                s.unwrap_aes(&utk, &wrapped, alg, KeyRole::UtilityMeterKey, size, None)
+                s.unwrap_aes(
+                    &utk,
+                    &wrapped,
+                    alg,
+                    KeyRole::UtilityMeterKey,
+                    size,
+                    Some(&label),
+                )
             })
             .unwrap();
+        assert_eq!(k.label(), Some(label.as_str()));
         assert_eq!(utility.with_session(|s| s.kcv(&k)).unwrap(), kcv);
         assert!(matches!(
             utility.with_session(|s| s.try_read_value(&k)),

@@ -382,6 +382,7 @@ impl AppState {
         LineView {
             station: station.into(),
             running: false,
+            halted: None,
             operator: None,
             batch: None,
             nests: Vec::new(),

@@ -379,7 +379,17 @@ impl Inner {
         live.generation += 1;
         self.generation.store(live.generation, Ordering::Release);
         context::initialize(&self.ctx)?;
-        let slot = find_slot(&self.ctx, &self.token.label)?;
+        let slot = match find_slot(&self.ctx, &self.token.label) {
+            Ok(slot) => slot,
+            Err(Error::TokenNotFound { .. }) => {
+                // A library lists its tokens when it is initialised: start it again so that a
+                // token that came back (re-plugged, network restored) is seen.
+                let _ = self.ctx.clone().finalize();
+                context::initialize(&self.ctx)?;
+                find_slot(&self.ctx, &self.token.label)?
+            }
+            Err(e) => return Err(e),
+        };
         let anchor = self.ctx.open_rw_session(slot).ck("open a session")?;
         login(&anchor, &self.token.label, &self.pin)?;
         live.slot = slot;

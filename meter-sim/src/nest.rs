@@ -4,7 +4,9 @@
 //! The nest models the operator too: a meter is taken out when the station releases it
 //! (RESET release) and a blank one is put in after `insert_delay`. A meter that has gone silent
 //! (fault `silent-at`) is taken out when the station starts a new session with a HELLO, as an
-//! operator would remove a meter the station gave up on.
+//! operator would remove a meter the station gave up on; so is a meter the station worked on and
+//! now only greets (three HELLOs in a row): it failed without being released, and the nest shows
+//! it as failed.
 
 use std::io;
 use std::path::PathBuf;
@@ -205,6 +207,9 @@ async fn run_meter(
     let mut rebooted = false;
     let mut fw_size: Option<u32> = None;
     let mut watch = line_protocol::frame::FrameDecoder::new(4096);
+    // Has the station gone past HELLO with this meter, and how many HELLOs since?
+    let mut worked = false;
+    let mut hellos = 0u32;
     loop {
         let n = rd.read(buf).await?;
         if n == 0 {
@@ -228,6 +233,12 @@ async fn run_meter(
         for ev in &out.events {
             match ev {
                 MeterEvent::Handled { msg_type, .. } => {
+                    if *msg_type == ty::HELLO {
+                        hellos += 1;
+                    } else {
+                        worked = true;
+                        hellos = 0;
+                    }
                     if faults.silent_at == Some(*msg_type) {
                         silent = true;
                     }
@@ -257,6 +268,10 @@ async fn run_meter(
         }
         if silent {
             continue;
+        }
+        if worked && hellos >= 3 {
+            // The station gave up on this meter without releasing it: the operator takes it out.
+            return Ok("removed-failed");
         }
         if reboot_now {
             rebooted = true;

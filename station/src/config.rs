@@ -185,6 +185,7 @@ pub const DEFAULT_CRITICAL: &[&str] = &[
     "firmware.rejected",
     "audit.verification_failed",
     "hsm.unavailable",
+    "station.halted",
 ];
 
 #[derive(Deserialize)]

@@ -59,6 +59,8 @@ pub struct Summary {
     pub batch_complete: bool,
     /// Failure reasons seen, with counts.
     pub failures: Vec<(String, u32)>,
+    /// The station stopped the line itself, and why (the journal or the HSM failed).
+    pub halted: Option<String>,
 }
 
 impl std::fmt::Display for Summary {
@@ -78,6 +80,12 @@ impl std::fmt::Display for Summary {
         )?;
         for (reason, n) in &self.failures {
             writeln!(f, "  {n} × {reason}")?;
+        }
+        if let Some(why) = &self.halted {
+            writeln!(
+                f,
+                "THE STATION STOPPED THE LINE: {why}\n  fix the cause, then run again: meters in progress were failed and nothing committed was lost"
+            )?;
         }
         write!(
             f,
@@ -173,6 +181,7 @@ pub async fn run_line(
         meters_per_hour: 0.0,
         batch_complete: false,
         failures: Vec::new(),
+        halted: None,
     };
     let mut cycles = Vec::new();
     let ctrl_c = tokio::signal::ctrl_c();
@@ -225,6 +234,13 @@ pub async fn run_line(
                 }
                 Ok(Event::Alarm(a)) => {
                     let _ = multi.println(format!("ALARM {}: {} — a supervisor must acknowledge it", a.kind, a.message));
+                }
+                Ok(Event::Line { running: false }) => {
+                    if let Some(why) = engine.snapshot().halted {
+                        let _ = multi.println(format!("the station stopped the line: {why}"));
+                        summary.halted = Some(why);
+                        break;
+                    }
                 }
                 Ok(_) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}

@@ -383,3 +383,57 @@ pub async fn run_batch(cell: &Cell, limit: Duration) -> (Engine, station::run::S
         .unwrap();
     (engine, summary)
 }
+
+/// The journal's promises after any run, however it ended: `quantity` meters done, nothing left
+/// half-done, no serial or certificate serial used twice, every certificate delivered to a done
+/// meter or voided, no wrapped keys kept for a failed meter.
+pub fn assert_journal_consistent(db: &rusqlite::Connection, quantity: i64) {
+    let q = |sql: &str| -> i64 { db.query_row(sql, [], |r| r.get(0)).unwrap() };
+    assert_eq!(
+        q("SELECT count(*) FROM meters WHERE state = 'done'"),
+        quantity,
+        "the batch is complete"
+    );
+    assert_eq!(
+        q("SELECT count(*) FROM meters WHERE state NOT IN ('done', 'failed')"),
+        0,
+        "nothing is left half-done"
+    );
+    assert_eq!(
+        q(
+            "SELECT count(*) FROM (SELECT serial FROM meters WHERE serial IS NOT NULL GROUP BY serial HAVING count(*) > 1)"
+        ),
+        0
+    );
+    assert_eq!(
+        q(
+            "SELECT count(*) FROM (SELECT serial FROM certificates GROUP BY serial HAVING count(*) > 1)"
+        ),
+        0
+    );
+    assert_eq!(
+        q("SELECT count(*) FROM certificates WHERE state NOT IN ('delivered', 'voided')"),
+        0,
+        "every certificate is delivered or voided"
+    );
+    assert_eq!(
+        q(
+            "SELECT count(*) FROM certificates c JOIN meters m ON m.id = c.meter_id WHERE c.state = 'delivered' AND m.state <> 'done'"
+        ),
+        0,
+        "delivered certificates belong to done meters"
+    );
+    assert_eq!(
+        q(
+            "SELECT count(*) FROM certificates c JOIN meters m ON m.id = c.meter_id WHERE c.state = 'voided' AND m.state = 'done'"
+        ),
+        0,
+        "done meters have no voided certificates"
+    );
+    assert_eq!(
+        q(
+            "SELECT count(*) FROM wrapped_keys k JOIN meters m ON m.id = k.meter_id WHERE m.state = 'failed'"
+        ),
+        0
+    );
+}

@@ -11,7 +11,7 @@ use hsm::KeyRole;
 use rusqlite::params;
 use serde::Serialize;
 
-use super::{Command, Engine, Error, Event, Inner, Reply, Result};
+use super::{Command, Engine, Error, Event, Inner, Reply, Result, recovery};
 use crate::audit::{self, NewEvent, Severity};
 use crate::auth::{self, User};
 use crate::db::now_ms;
@@ -69,6 +69,8 @@ pub(super) async fn execute(engine: &Engine, user: &User, cmd: Command) -> Resul
     let src = inner.source.clone();
     match cmd {
         Command::StartLine => {
+            inner.flush_pending().await?;
+            recovery::fail_orphans(inner).await?;
             let batch = inner
                 .db
                 .call(|c| records::open_batch(c).map_err(Error::from))
@@ -97,16 +99,17 @@ pub(super) async fn execute(engine: &Engine, user: &User, cmd: Command) -> Resul
             Ok(Reply::Done)
         }
         Command::StopLine => {
+            // Stopping always works, even when the journal or the HSM cannot take the record now.
+            inner.set_running(false, None);
             inner
-                .record(ev(
+                .record_or_keep(ev(
                     &src,
                     "line.stopped",
                     Severity::Notice,
                     &who,
                     serde_json::json!({}),
                 ))
-                .await?;
-            inner.set_running(false, None);
+                .await;
             Ok(Reply::Done)
         }
         Command::EnableNest { nest, enabled } => {

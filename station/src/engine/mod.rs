@@ -203,6 +203,9 @@ pub struct LineView {
     pub station: String,
     /// Line started.
     pub running: bool,
+    /// Why the station stopped the line by itself (the journal or the HSM failed), until it is
+    /// started again.
+    pub halted: Option<String>,
     /// Who started it.
     pub operator: Option<String>,
     /// The open batch.
@@ -488,6 +491,12 @@ pub struct OpenOptions {
 
 struct State {
     running: bool,
+    halted: Option<String>,
+    /// Meters whose failure could not be journalled (failed before the line starts again).
+    orphans: Vec<i64>,
+    /// Audit events that could not be journalled when they happened (appended before the line
+    /// starts again).
+    pending: Vec<NewEvent>,
     operator: Option<String>,
     enabled: Vec<bool>,
     nests: Vec<NestView>,
@@ -566,6 +575,9 @@ impl Engine {
         let inner = Arc::new(Inner {
             state: Mutex::new(State {
                 running: false,
+                halted: None,
+                orphans: Vec::new(),
+                pending: Vec::new(),
                 operator: None,
                 enabled: vec![true; cfg.nests.len()],
                 nests,
@@ -1031,9 +1043,70 @@ impl Inner {
             let mut st = lock(&self.state);
             st.running = running;
             st.operator = operator;
+            if running {
+                st.halted = None;
+            }
         }
         self.emit(Event::Line { running });
         self.bump();
+    }
+
+    pub(crate) fn add_orphan(&self, meter_id: i64) {
+        lock(&self.state).orphans.push(meter_id);
+    }
+
+    pub(crate) fn take_orphans(&self) -> Vec<i64> {
+        std::mem::take(&mut lock(&self.state).orphans)
+    }
+
+    /// Stops the line because the cell itself failed (the journal cannot be written, the HSM is
+    /// gone): every further meter would fail the same way. The meters in progress end as they
+    /// can; the line stays stopped until someone starts it again.
+    pub(crate) async fn halt(self: &Arc<Self>, reason: &str) {
+        {
+            let mut st = lock(&self.state);
+            if st.halted.is_some() {
+                return;
+            }
+            st.halted = Some(reason.to_string());
+        }
+        tracing::error!(reason, "line halted");
+        self.set_running(false, None);
+        self.record_or_keep(NewEvent::new(
+            &self.source,
+            "station.halted",
+            Severity::Critical,
+            "system",
+            serde_json::json!({"message": format!("the line was stopped: {reason}")}),
+        ))
+        .await;
+    }
+
+    /// Appends `e`, or keeps it to append before the line starts again when the journal or the
+    /// HSM cannot take it now (the details then carry the time it happened).
+    pub(crate) async fn record_or_keep(self: &Arc<Self>, mut e: NewEvent) {
+        if self.record(e.clone()).await.is_ok() {
+            return;
+        }
+        if let Some(d) = e.details.as_object_mut() {
+            d.insert("occurred_at_ms".into(), serde_json::Value::from(now_ms()));
+        }
+        lock(&self.state).pending.push(e);
+    }
+
+    /// Appends the events kept by [`Inner::record_or_keep`]; those that still fail stay kept.
+    pub(crate) async fn flush_pending(self: &Arc<Self>) -> Result<()> {
+        let pending = std::mem::take(&mut lock(&self.state).pending);
+        let mut rest = pending.into_iter();
+        while let Some(e) = rest.next() {
+            if let Err(err) = self.record(e.clone()).await {
+                let mut st = lock(&self.state);
+                let newer = std::mem::take(&mut st.pending);
+                st.pending = std::iter::once(e).chain(rest).chain(newer).collect();
+                return Err(err);
+            }
+        }
+        Ok(())
     }
 
     pub(crate) fn set_enabled(&self, i: usize, enabled: bool) {
@@ -1095,6 +1168,7 @@ impl Inner {
         LineView {
             station: self.cfg.station_id.clone(),
             running: st.running,
+            halted: st.halted.clone(),
             operator: st.operator.clone(),
             batch,
             nests: st.nests.clone(),
@@ -1157,8 +1231,8 @@ async fn watchdog(inner: Arc<Inner>) {
             database: db_ok,
         });
         if was_ok && !hsm_ok {
-            let _ = inner
-                .record(NewEvent::new(
+            inner
+                .record_or_keep(NewEvent::new(
                     &inner.source,
                     "hsm.unavailable",
                     Severity::Critical,

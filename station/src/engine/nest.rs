@@ -186,7 +186,11 @@ pub(super) async fn run(inner: Arc<Inner>, i: usize) {
                 });
             }
             Outcome::Failed { serial, reason } => {
-                released = Some(uid.clone());
+                // A meter that the station stopped the line on before it had a record (the HSM
+                // or the journal failed) is untouched: it is tried again when the line starts
+                // again. Any other failed meter waits to be taken out.
+                released =
+                    (serial.is_some() || inner.snapshot().halted.is_none()).then(|| uid.clone());
                 inner.update_nest(i, |n| {
                     n.state = NestState::Fail;
                     n.progress = None;

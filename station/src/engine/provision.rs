@@ -295,6 +295,10 @@ impl Ctx<'_> {
             Err(f) => {
                 let reason = f.reason.clone();
                 self.fail(&run, &f).await;
+                // The cell's own faults: the next meter would fail the same way.
+                if matches!(f.kind, "station.error" | "hsm.error") {
+                    self.inner.halt(&reason).await;
+                }
                 if f.release {
                     let _ = link
                         .call(&Message::Reset {
@@ -1482,7 +1486,10 @@ impl Ctx<'_> {
             Ok(Some(alarm)) => self.inner.publish_alarm(alarm).await,
             Ok(None) => {}
             Err(e) => {
-                tracing::error!(nest, error = %e, "could not journal a failed meter; start-up recovery will fail it")
+                tracing::error!(nest, error = %e, "could not journal a failed meter; it is failed before the line starts again");
+                if let Some(id) = id {
+                    self.inner.add_orphan(id);
+                }
             }
         }
         self.inner.publish_batch().await;

@@ -1,7 +1,8 @@
 //! Start-up recovery: a meter found in flight was interrupted (the station stopped or crashed
 //! while it was in a nest). It is failed with reason "interrupted", its certificates are voided
 //! and its wrapped keys deleted, in one transaction with the audit entry that records it. No
-//! meter is ever left half-done.
+//! meter is ever left half-done. The same happens, before the line starts again, to a meter
+//! whose failure could not be journalled at the time (the journal or the HSM was failing).
 
 use std::sync::Arc;
 
@@ -13,12 +14,38 @@ use super::{Inner, Result};
 
 /// Fails every meter in flight; returns how many.
 pub(super) async fn recover(inner: &Arc<Inner>) -> Result<usize> {
+    fail_in_flight(inner, None).await
+}
+
+/// Fails the meters whose failure could not be journalled when it happened (the journal or the
+/// HSM was failing), before the line starts again. Returns how many.
+pub(super) async fn fail_orphans(inner: &Arc<Inner>) -> Result<usize> {
+    let ids = inner.take_orphans();
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    match fail_in_flight(inner, Some(ids.clone())).await {
+        Ok(n) => Ok(n),
+        Err(e) => {
+            for id in ids {
+                inner.add_orphan(id);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Fails the meters in flight (only those of `only` when given) in one transaction.
+async fn fail_in_flight(inner: &Arc<Inner>, only: Option<Vec<i64>>) -> Result<usize> {
     let audit = inner.audit.clone();
     let source = inner.source.clone();
     inner
         .db
         .call(move |c| -> Result<usize> {
-            let in_flight = records::meters_in_flight(c)?;
+            let mut in_flight = records::meters_in_flight(c)?;
+            if let Some(ids) = &only {
+                in_flight.retain(|m| ids.contains(&m.id));
+            }
             if in_flight.is_empty() {
                 return Ok(0);
             }
@@ -41,7 +68,11 @@ pub(super) async fn recover(inner: &Arc<Inner>) -> Result<usize> {
                     Severity::Warning,
                     "system",
                     serde_json::json!({
-                        "message": format!("{} meter(s) found in flight at start-up were failed as interrupted", in_flight.len()),
+                        "message": if only.is_some() {
+                            format!("{} meter(s) whose failure could not be journalled were failed as interrupted", in_flight.len())
+                        } else {
+                            format!("{} meter(s) found in flight at start-up were failed as interrupted", in_flight.len())
+                        },
                         "meters": meters,
                         "certificates_voided": voided,
                         "wrapped_keys_deleted": keys,

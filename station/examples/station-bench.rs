@@ -8,7 +8,7 @@
 //! - `cycle_ratio`: the measured cycle time over its theoretical minimum, the wire time of every
 //!   byte exchanged plus the meter's processing time (one nest, 921600 baud, no added latency).
 //!
-//! Everything runs in this process on a SoftHSM token with the demo PKI; the emulated meters share
+//! `station-bench overhead|nests|ratio` runs one of the three. Everything runs in this process on a SoftHSM token with the demo PKI; the emulated meters share
 //! the machine's cores with the station, as a commissioning run on one PC would.
 
 // A benchmark tool: a failed set-up step should stop it with the reason.
@@ -22,10 +22,11 @@ use meter_sim::faults::Faults;
 use meter_sim::flash::Capabilities;
 use meter_sim::linksim::{self, LinkCounters, LinkParams};
 use meter_sim::nest::{FaultScope, NestConfig};
-use station::auth::Role;
 use station::config::Config;
 use station::engine::{BatchSpec, Event};
 use station::{Command, Engine, OpenOptions, Reply};
+
+mod common;
 
 const MODEL: &str = "EM-300";
 
@@ -37,30 +38,7 @@ struct Base {
 }
 
 async fn base(dir: &Path) -> Base {
-    let token = hsm::testkit::TestToken::new("bench").unwrap();
-    let softhsm_conf = hsm::testkit::dir().unwrap().join("softhsm2.conf");
-    station::demo::write_secret(&dir.join("hsm-pin"), hsm::testkit::USER_PIN).unwrap();
-    let h = token.open(2).unwrap();
-    let pki = dir.join("pki");
-    let p2 = pki.clone();
-    tokio::task::spawn_blocking(move || hsm::pki::init_dev(&h, &p2))
-        .await
-        .unwrap()
-        .unwrap();
-    let d2 = dir.to_path_buf();
-    tokio::task::spawn_blocking(move || station::demo::make_utility(&d2))
-        .await
-        .unwrap()
-        .unwrap();
-    let conf_head = format!(
-        "station_id = \"bench\"\ndatabase = \"station.db\"\n\n[manufacturer]\nname = \"{}\"\nflag_id = \"DMW\"\n\n\
-         [hsm]\nmodule = \"{}\"\ntoken = \"{}\"\npin = {{ file = \"hsm-pin\" }}\nsofthsm_conf = \"{}\"\npool_size = 4\n\n\
-         [[models]]\nname = \"{MODEL}\"\nsuite = 1\nkeygen = \"meter\"\nkey_agreement = true\n\n[audit]\ncheckpoint_interval = 1000\n\n",
-        hsm::pki::DEMO_ORGANIZATION,
-        hsm::SOFTHSM_MODULE,
-        token.label,
-        softhsm_conf.display()
-    );
+    let common::BenchCell { pki, conf_head } = common::bench_cell(dir, "bench", MODEL).await;
     let root = meter_sim::load_root(&pki.join("provisioning-root.pem")).unwrap();
     Base {
         dir: dir.to_path_buf(),
@@ -197,21 +175,7 @@ async fn cell(
     .await
     .unwrap();
     let pin = "246810";
-    engine.bootstrap_admin("officer", pin).await.unwrap();
-    let officer = engine.login("officer", pin).await.unwrap();
-    for (name, role) in [("super", Role::Supervisor), ("oper", Role::Operator)] {
-        engine
-            .execute(
-                &officer,
-                Command::AddUser {
-                    name: name.into(),
-                    role,
-                    pin: zeroize::Zeroizing::new(pin.into()),
-                },
-            )
-            .await
-            .unwrap();
-    }
+    let officer = common::add_users(&engine, pin).await;
     b.pins.push(("officer".into(), pin.into()));
     let fw = match engine
         .execute(
@@ -294,6 +258,18 @@ fn meter_busy_ms(meters: &Path) -> f64 {
     busy.iter().sum::<f64>() / busy.len().max(1) as f64 / 1000.0
 }
 
+/// CPU time (user + system) of this whole process — station, emulated meters and links — in
+/// seconds, from /proc (Linux counts it in USER_HZ = 100 ticks per second).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may contain spaces).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the line; 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 fn mean(v: &[u64]) -> f64 {
     v.iter().sum::<u64>() as f64 / v.len().max(1) as f64
 }
@@ -325,8 +301,12 @@ async fn main() {
         &fw_key,
     );
 
+    // `station-bench [overhead|nests|ratio]` runs one part; no argument runs all three.
+    let only = std::env::args().nth(1);
+    let part = |name: &str| only.as_deref().is_none_or(|o| o == name);
+
     // 1. Station overhead: loopback links, a tiny image, meter processing subtracted.
-    {
+    if part("overhead") {
         let meters = tmp.path().join("overhead-meters");
         let ports = loopback_nests(1, &meters, b.root).await;
         let (engine, _) = cell(&mut b, "overhead", &ports, &small, 1000, 0).await;
@@ -344,12 +324,17 @@ async fn main() {
     // 2. Throughput against the number of nests.
     let mut one = 0.0;
     for nests in [1u32, 4, 16] {
+        if !part("nests") {
+            break;
+        }
         let meters = tmp.path().join(format!("mph{nests}-meters"));
         let ports = linked_nests(nests, &meters, b.root, 921_600, Duration::from_millis(4)).await;
         let (engine, _) = cell(&mut b, &format!("mph{nests}"), &ports, &image, 10_000, 4).await;
         produce(&engine, nests as usize).await; // warm-up: every nest has done one
         let n = (nests as usize * 4).max(8);
+        let cpu0 = cpu_seconds();
         let (elapsed, cycles) = produce(&engine, n).await;
+        let cpu = cpu_seconds() - cpu0;
         engine.shutdown().await.unwrap();
         let mph = n as f64 * 3600.0 / elapsed.as_secs_f64();
         if nests == 1 {
@@ -357,12 +342,12 @@ async fn main() {
         }
         println!(
             "{}",
-            serde_json::json!({"metric": "meters_per_hour", "nests": nests, "value": mph, "scaling": mph / one, "mean_cycle_ms": mean(&cycles), "meters": n})
+            serde_json::json!({"metric": "meters_per_hour", "nests": nests, "value": mph, "scaling": mph / one, "mean_cycle_ms": mean(&cycles), "meters": n, "cpu_ms_per_meter": cpu * 1000.0 / n as f64, "cores_busy": cpu / elapsed.as_secs_f64()})
         );
     }
 
     // 3. Cycle time against its theoretical minimum: one nest, no added latency.
-    {
+    if part("ratio") {
         let meters = tmp.path().join("ratio-meters");
         let baud = 921_600u32;
         let ports = linked_nests(1, &meters, b.root, baud, Duration::ZERO).await;

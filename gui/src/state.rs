@@ -485,8 +485,9 @@ impl AppState {
                     self.ack = None;
                 }
             }
-            Event::Line { running } => {
+            Event::Line { running, halted } => {
                 self.line.running = running;
+                self.line.halted = halted;
                 if !running {
                     self.line.operator = None;
                 }
@@ -668,6 +669,26 @@ mod tests {
         let mut line = AppState::empty_line("cell");
         line.nests = vec![nest(1, NestState::Idle), nest(2, NestState::Idle)];
         AppState::new(line, vec!["EM-300".into()], "DMW".into(), false)
+    }
+
+    #[test]
+    fn the_line_event_carries_why_the_station_stopped_it() {
+        let mut s = state();
+        s.line.running = true;
+        s.line.operator = Some("oper".into());
+        s.apply(UiEvent::Engine(Event::Line {
+            running: false,
+            halted: Some("HSM error during keys".into()),
+        }));
+        assert!(!s.line.running);
+        assert_eq!(s.line.operator, None);
+        assert_eq!(s.line.halted.as_deref(), Some("HSM error during keys"));
+        s.apply(UiEvent::Engine(Event::Line {
+            running: true,
+            halted: None,
+        }));
+        assert!(s.line.running);
+        assert_eq!(s.line.halted, None);
     }
 
     #[test]

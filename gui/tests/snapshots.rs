@@ -8,6 +8,7 @@
 use std::sync::mpsc;
 use std::time::Duration;
 
+use egui_kittest::kittest::Queryable;
 use egui_kittest::{Harness, SnapshotOptions, SnapshotResults};
 use gui::ConsoleApp;
 use gui::backend::CommandSink;
@@ -367,4 +368,32 @@ fn health_screen() {
         s.line.nests[2] = nest(3, NestState::Offline);
         s
     });
+}
+
+#[test]
+fn a_line_the_station_stopped_says_why() {
+    let halted = || {
+        let mut s = line_state();
+        s.line.running = false;
+        s.line.operator = None;
+        s.line.halted = Some(
+            "journal error during firmware: the disk holding the journal is full; free space and retry"
+                .into(),
+        );
+        for n in &mut s.line.nests {
+            if n.state == NestState::Busy {
+                n.state = NestState::Stopped;
+            }
+        }
+        s
+    };
+    let h = console(halted(), SIZES[0].1);
+    assert!(h.query_by_label("LINE STOPPED BY THE STATION").is_some());
+    assert!(
+        h.query_by_label_contains("the disk holding the journal is full")
+            .is_some()
+    );
+    // Once the cause is fixed, the operator starts the line again.
+    assert!(h.query_by_label("Start line").is_some());
+    snap("line-halted", halted);
 }

@@ -235,8 +235,8 @@ pub async fn run_line(
                 Ok(Event::Alarm(a)) => {
                     let _ = multi.println(format!("ALARM {}: {} — a supervisor must acknowledge it", a.kind, a.message));
                 }
-                Ok(Event::Line { running: false }) => {
-                    if let Some(why) = engine.snapshot().halted {
+                Ok(Event::Line { running: false, halted }) => {
+                    if let Some(why) = halted {
                         let _ = multi.println(format!("the station stopped the line: {why}"));
                         summary.halted = Some(why);
                         break;

@@ -88,6 +88,8 @@ fn controls(ui: &mut Ui, s: &AppState, out: &mut Vec<UiCommand>) {
     ui.horizontal(|ui| {
         let (word, fill) = if s.line.running {
             ("LINE RUNNING", colour::PASS)
+        } else if s.line.halted.is_some() {
+            ("LINE STOPPED BY THE STATION", colour::FAIL)
         } else {
             ("LINE STOPPED", colour::STOPPED)
         };
@@ -105,6 +107,7 @@ fn controls(ui: &mut Ui, s: &AppState, out: &mut Vec<UiCommand>) {
         if let Some(op) = &s.line.operator {
             ui.label(format!("started by {op}"));
         }
+
         if s.may(Action::RunLine) {
             ui.add_space(16.0);
             if s.line.running {
@@ -116,6 +119,16 @@ fn controls(ui: &mut Ui, s: &AppState, out: &mut Vec<UiCommand>) {
             }
         }
     });
+    if let Some(why) = &s.line.halted {
+        ui.add(
+            egui::Label::new(
+                RichText::new(format!("{why}. Fix it, then start the line again."))
+                    .size(20.0)
+                    .color(colour::BAD_TEXT),
+            )
+            .wrap(),
+        );
+    }
 }
 
 fn tiles(

@@ -244,6 +244,8 @@ pub enum Event {
     Line {
         /// Running.
         running: bool,
+        /// Why the station stopped the line by itself, when it did.
+        halted: Option<String>,
     },
     /// Health changed.
     Health(Health),
@@ -1039,15 +1041,16 @@ impl Inner {
     }
 
     pub(crate) fn set_running(&self, running: bool, operator: Option<String>) {
-        {
+        let halted = {
             let mut st = lock(&self.state);
             st.running = running;
             st.operator = operator;
             if running {
                 st.halted = None;
             }
-        }
-        self.emit(Event::Line { running });
+            st.halted.clone()
+        };
+        self.emit(Event::Line { running, halted });
         self.bump();
     }
 

@@ -16,7 +16,8 @@ usage: cargo xtask <command> [args]
 
 commands:
   demo [ARGS...]        install what is missing, build, and run `station demo ARGS...`
-                        (a whole batch on emulated meters with a real software HSM)
+                        (a whole batch on emulated meters with a real software HSM),
+                        replacing the demo cell an earlier run left in demo-out/
   test                  install what is missing, then fmt check, clippy, and every test
                         (cargo nextest) — what CI runs
   bench <what>          print benchmark figures as JSON lines; <what> is one of:
@@ -326,6 +327,11 @@ fn demo(args: &[String]) -> Result<(), String> {
     run(cargo().args(["build", "--release", "--locked", "-p", "station"]))?;
     let mut station = Command::new(target_dir().join("release").join("station"));
     station.arg("demo").args(args).current_dir(root());
+    // Run after run, the demo replaces the one before it (only a directory that an earlier demo
+    // made and marked is ever removed).
+    if !args.iter().any(|a| a == "--force") {
+        station.arg("--force");
+    }
     with_tool_env(&mut station, &imgtool);
     run(&mut station)
 }

@@ -9,7 +9,8 @@
 //! `/proc/self/stat` over a few seconds in which nothing changes.
 //!
 //! The window is 1920×1080 (`GUI_BENCH_SIZE=1024x768` for another); `GUI_BENCH_DETAIL=1` also
-//! prints the time spent in the console's own code (state and layout) per frame, on stderr.
+//! prints the time spent in the console's own code (state and layout) per frame, on stderr;
+//! `GUI_BENCH_FLOOR=1` draws an empty window instead of the console, for the renderer's floor.
 
 use std::process::{Command, ExitCode};
 use std::sync::mpsc;
@@ -191,6 +192,11 @@ impl eframe::App for Bench {
 
     fn ui(&mut self, ui: &mut egui::Ui, frame: &mut eframe::Frame) {
         let t = Instant::now();
+        if std::env::var_os("GUI_BENCH_FLOOR").is_some() {
+            // The floor: an empty window of the same size, cleared and swapped each frame.
+            ui.label(self.frame.to_string());
+            return;
+        }
         self.app.ui(ui, frame);
         if let Ok(mut r) = self.results.lock() {
             r.ui.push(t.elapsed());

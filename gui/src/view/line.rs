@@ -37,7 +37,6 @@ pub(super) fn seconds(ms: Option<u64>) -> String {
 
 fn batch_header(ui: &mut Ui, line: &LineView) {
     egui::Frame::new()
-        .fill(colour::PANEL)
         .stroke(egui::Stroke::new(1.0, colour::BORDER))
         .inner_margin(12)
         .show(ui, |ui| {
@@ -240,7 +239,13 @@ fn tile(
             // The progress bar of a long step (firmware): track and fill, no text on it.
             let (bar, _) = ui.allocate_exact_size(Vec2::new(inner, 14.0), egui::Sense::hover());
             if let Some(p) = progress {
-                ui.painter().rect_filled(bar, 7.0, colour::TRACK);
+                // The track is an outline: a filled one is a layer the size of every bar.
+                ui.painter().rect_stroke(
+                    bar,
+                    7.0,
+                    egui::Stroke::new(2.0, colour::BORDER),
+                    egui::StrokeKind::Inside,
+                );
                 let mut done = bar;
                 done.set_width((bar.width() * p.clamp(0.0, 1.0)).max(14.0));
                 ui.painter().rect_filled(done, 7.0, colour::BUSY);

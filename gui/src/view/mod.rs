@@ -24,7 +24,6 @@ pub fn view(ui: &mut Ui, s: &mut AppState) -> Vec<UiCommand> {
     egui::Panel::top("header")
         .frame(
             egui::Frame::new()
-                .fill(colour::PANEL)
                 .inner_margin(egui::Margin::symmetric(12, 8))
                 .stroke(egui::Stroke::new(1.0, colour::BORDER)),
         )

@@ -3,8 +3,11 @@
 //! A fixed number of PKCS#11 sessions (configured) serve every caller. Blocking PKCS#11 calls
 //! never stall the runtime ([`Hsm::run`]): on a multi-thread runtime they run under
 //! `block_in_place` (the worker's other tasks move to another thread), elsewhere on tokio's
-//! blocking threads; a semaphore keeps the number of threads inside the HSM at the pool size. Synchronous callers (the CLI, a
-//! CMS builder driving [`crate::HsmSigner`]) use [`Hsm::with_session`] directly.
+//! blocking threads; a semaphore keeps the number of threads inside the HSM at the pool size.
+//! A call that has recently been short (under [`IN_PLACE_BELOW`], as short as ordinary async work
+//! between two awaits) runs in place instead: the hand-off costs about a tenth of a signature.
+//! Its first try only; anything that needs recovery goes the long way. Synchronous callers (the
+//! CLI, a CMS builder driving [`crate::HsmSigner`]) use [`Hsm::with_session`] directly.
 //!
 //! Recovery: when a call fails because its session was lost, the user was logged out or the
 //! library was finalised, the pool repairs what is broken (re-initialise, re-open the anchor
@@ -21,10 +24,11 @@
 //!
 //! This module does not implement operations; [`crate::session`] does.
 
+use std::any::TypeId;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cryptoki::context::Pkcs11;
 use cryptoki::error::{Error as CkError, RvError};
@@ -95,7 +99,17 @@ pub(crate) struct Inner {
     /// The one lock behind which objects are created, destroyed and found (SoftHSM 2.6.1 races
     /// between C_FindObjects and object creation), together with the handle cache it protects.
     pub(crate) objects: Mutex<ObjectCache>,
+    /// Recent duration of each kind of [`Hsm::run`] call (by the type of its closure), in µs,
+    /// as a moving average: what decides whether the next one runs in place.
+    recent_us: Mutex<HashMap<TypeId, u64>>,
+    /// Async calls that ran in place (for metrics and tests).
+    in_place: AtomicU64,
 }
+
+/// An async call whose recent duration is below this runs in place on the calling worker:
+/// tokio's guidance for work between two awaits is 10 to 100 µs, and a P-256 signature on a
+/// software token takes about 70.
+pub const IN_PLACE_BELOW: Duration = Duration::from_micros(150);
 
 struct Live {
     generation: u64,
@@ -181,6 +195,8 @@ impl Hsm {
             alive: Mutex::new(HashSet::new()),
             next_id: AtomicU64::new(1),
             objects,
+            recent_us: Mutex::new(HashMap::new()),
+            in_place: AtomicU64::new(0),
         };
         {
             let mut idle = lock(&inner.idle);
@@ -215,10 +231,16 @@ impl Hsm {
         self.inner.generation.load(Ordering::Acquire)
     }
 
+    /// How many async calls ran in place on their worker (see [`IN_PLACE_BELOW`]).
+    pub fn calls_in_place(&self) -> u64 {
+        self.inner.in_place.load(Ordering::Relaxed)
+    }
+
     /// Runs `f` on a pooled session without stalling the runtime, with recovery and bounded
-    /// retries. On a multi-thread runtime `f` runs on the calling worker under `block_in_place`,
-    /// so other futures polled by the *same task* (e.g. inside one `join!`) wait for it; spawn
-    /// separate tasks for concurrent HSM work.
+    /// retries. On a multi-thread runtime `f` runs on the calling worker, under `block_in_place`
+    /// or, when calls of its kind (its closure type) have recently taken less than
+    /// [`IN_PLACE_BELOW`], in place; either way other futures polled by the *same task* (e.g.
+    /// inside one `join!`) wait for it: spawn separate tasks for concurrent HSM work.
     ///
     /// `f` may run more than once (after a lost session it is retried on a fresh one), so it must
     /// not have effects outside the HSM that cannot be repeated.
@@ -239,7 +261,22 @@ impl Hsm {
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
         {
             let _permit = permit;
-            return tokio::task::block_in_place(|| self.with_session(f));
+            let kind = TypeId::of::<F>();
+            let started = Instant::now();
+            let in_place = if self.inner.recently_short(kind) {
+                self.try_in_place(&f)
+            } else {
+                None
+            };
+            let result = match in_place {
+                Some(r) => {
+                    self.inner.in_place.fetch_add(1, Ordering::Relaxed);
+                    r
+                }
+                None => tokio::task::block_in_place(|| self.with_session(f)),
+            };
+            self.inner.note_duration(kind, started.elapsed());
+            return result;
         }
         let hsm = self.clone();
         tokio::task::spawn_blocking(move || {
@@ -248,6 +285,26 @@ impl Hsm {
         })
         .await
         .map_err(|e| Error::Task(e.to_string()))?
+    }
+
+    /// One try of `f` on an idle session, for a call expected to be short. `None` when it should
+    /// go the long way instead: no idle session, or a fault that needs recovery (and its waits).
+    fn try_in_place<T>(&self, f: &impl Fn(&HsmSession<'_>) -> Result<T>) -> Option<Result<T>> {
+        let inner = &*self.inner;
+        let mut lease = inner.try_lease()?;
+        let result = match lease.ensure(inner) {
+            Ok(p) => f(&HsmSession::new(self, &p.session, p.id, p.generation)),
+            Err(_) => return None,
+        };
+        match result {
+            Err(e) if let Some(fault) = e.fault() => {
+                if fault == Fault::SessionLost || fault == Fault::LibraryLost {
+                    lease.discard(inner);
+                }
+                None
+            }
+            other => Some(other),
+        }
     }
 
     /// Runs `f` on a pooled session on the calling thread (which blocks), with recovery and
@@ -321,6 +378,28 @@ impl Inner {
             id,
             generation: live.generation,
         })
+    }
+
+    /// An idle pool entry, without waiting for one.
+    fn try_lease(&self) -> Option<Lease<'_>> {
+        let slot = lock(&self.idle).pop()?;
+        Some(Lease { inner: self, slot })
+    }
+
+    /// Whether calls of `kind` have recently been short enough to run in place.
+    fn recently_short(&self, kind: TypeId) -> bool {
+        lock(&self.recent_us)
+            .get(&kind)
+            .is_some_and(|&us| us < IN_PLACE_BELOW.as_micros() as u64)
+    }
+
+    /// Folds one call's duration into its kind's moving average (a quarter weight: one call
+    /// slowed by the scheduler does not move a kind, one that hangs in the HSM does).
+    fn note_duration(&self, kind: TypeId, took: Duration) {
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX / 4);
+        let mut recent = lock(&self.recent_us);
+        let avg = recent.entry(kind).or_insert(us);
+        *avg = (avg.saturating_mul(3).saturating_add(us)) / 4;
     }
 
     fn lease(&self) -> Lease<'_> {

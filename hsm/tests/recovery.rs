@@ -170,4 +170,34 @@ async fn signing_tasks_survive_a_reinitialisation_mid_run() {
     }
     assert_eq!(n, TASKS * SIGNS);
     assert_eq!(hsm.generation(), before + 1, "one repair served every task");
+    // Signatures are short: some ran in place (how many depends on the build and the machine's
+    // load), and those that met the lost sessions there went the long way and recovered.
+    assert!(hsm.calls_in_place() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_calls_that_have_been_short_run_in_place() {
+    let (_t, hsm) = util::token("inplace", 2);
+    let pair = hsm
+        .with_session(|s| s.generate_ec_keypair(KeyRole::StationIdentity, Curve::P256, None))
+        .unwrap();
+    // A kind of call that takes milliseconds (a slow HSM) never blocks a worker in place.
+    for _ in 0..10 {
+        let k = pair.private.clone();
+        hsm.run(move |s| {
+            std::thread::sleep(std::time::Duration::from_millis(3));
+            s.sign(&k, b"slow")
+        })
+        .await
+        .unwrap();
+    }
+    assert_eq!(hsm.calls_in_place(), 0);
+    // A kind that takes microseconds runs in place once it has shown that it is short (a call
+    // the scheduler happened to slow down only delays that).
+    for _ in 0..100 {
+        hsm.run(|s| Ok(s.mechanisms().rsa_oaep.is_some()))
+            .await
+            .unwrap();
+    }
+    assert!(hsm.calls_in_place() > 0);
 }

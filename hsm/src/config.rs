@@ -102,6 +102,9 @@ pub struct HsmConfig {
     pub max_retries: u32,
     /// Pause before the first retry; it grows linearly with each further attempt.
     pub retry_backoff: Duration,
+    /// An async call whose kind has recently taken less than this runs in place on its worker
+    /// instead of being handed off ([`crate::IN_PLACE_BELOW`] by default; zero: never).
+    pub in_place_below: Duration,
 }
 
 impl HsmConfig {
@@ -114,6 +117,7 @@ impl HsmConfig {
             pool_size: 4,
             max_retries: 3,
             retry_backoff: Duration::from_millis(50),
+            in_place_below: crate::pool::IN_PLACE_BELOW,
         }
     }
 }

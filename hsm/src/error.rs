@@ -331,9 +331,12 @@ impl Error {
     pub(crate) fn fault(&self) -> Option<Fault> {
         match self.rv()? {
             RvError::SessionHandleInvalid | RvError::SessionClosed => Some(Fault::SessionLost),
+            // A slot that is gone: the library was re-initialised or the token re-plugged, and
+            // slots may be numbered anew; recovery finds the token again by label.
             RvError::CryptokiNotInitialized
             | RvError::DeviceRemoved
             | RvError::TokenNotPresent
+            | RvError::SlotIdInvalid
             | RvError::DeviceError => Some(Fault::LibraryLost),
             RvError::UserNotLoggedIn => Some(Fault::LoginLost),
             RvError::ObjectHandleInvalid
@@ -364,9 +367,10 @@ fn hint(rv: RvError) -> &'static str {
         | RvError::CryptokiNotInitialized => {
             "the hsm session was lost; the operation can be retried"
         }
-        RvError::DeviceRemoved | RvError::TokenNotPresent | RvError::DeviceError => {
-            "check that the hsm is connected and powered"
-        }
+        RvError::DeviceRemoved
+        | RvError::TokenNotPresent
+        | RvError::SlotIdInvalid
+        | RvError::DeviceError => "check that the hsm is connected and powered",
         RvError::UserNotLoggedIn => "log in to the token again",
         RvError::MechanismInvalid | RvError::MechanismParamInvalid => {
             "the token does not support this mechanism or these parameters"

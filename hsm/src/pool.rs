@@ -4,8 +4,8 @@
 //! never stall the runtime ([`Hsm::run`]): on a multi-thread runtime they run under
 //! `block_in_place` (the worker's other tasks move to another thread), elsewhere on tokio's
 //! blocking threads; a semaphore keeps the number of threads inside the HSM at the pool size.
-//! A call that has recently been short (under [`IN_PLACE_BELOW`], as short as ordinary async work
-//! between two awaits) runs in place instead: the hand-off costs about a tenth of a signature.
+//! A call that has recently been short (by default under [`IN_PLACE_BELOW`], as short as ordinary
+//! async work between two awaits) runs in place instead: the hand-off costs about a tenth of a signature.
 //! Its first try only; anything that needs recovery goes the long way. Synchronous callers (the
 //! CLI, a CMS builder driving [`crate::HsmSigner`]) use [`Hsm::with_session`] directly.
 //!
@@ -102,11 +102,12 @@ pub(crate) struct Inner {
     /// Recent duration of each kind of [`Hsm::run`] call (by the type of its closure), in µs,
     /// as a moving average: what decides whether the next one runs in place.
     recent_us: Mutex<HashMap<TypeId, u64>>,
+    in_place_below_us: u64,
     /// Async calls that ran in place (for metrics and tests).
     in_place: AtomicU64,
 }
 
-/// An async call whose recent duration is below this runs in place on the calling worker:
+/// By default, an async call whose recent duration is below this runs in place on the calling worker:
 /// tokio's guidance for work between two awaits is 10 to 100 µs, and a P-256 signature on a
 /// software token takes about 70.
 pub const IN_PLACE_BELOW: Duration = Duration::from_micros(150);
@@ -196,6 +197,7 @@ impl Hsm {
             next_id: AtomicU64::new(1),
             objects,
             recent_us: Mutex::new(HashMap::new()),
+            in_place_below_us: u64::try_from(config.in_place_below.as_micros()).unwrap_or(u64::MAX),
             in_place: AtomicU64::new(0),
         };
         {
@@ -231,7 +233,7 @@ impl Hsm {
         self.inner.generation.load(Ordering::Acquire)
     }
 
-    /// How many async calls ran in place on their worker (see [`IN_PLACE_BELOW`]).
+    /// How many async calls ran in place on their worker (see [`HsmConfig::in_place_below`]).
     pub fn calls_in_place(&self) -> u64 {
         self.inner.in_place.load(Ordering::Relaxed)
     }
@@ -239,7 +241,7 @@ impl Hsm {
     /// Runs `f` on a pooled session without stalling the runtime, with recovery and bounded
     /// retries. On a multi-thread runtime `f` runs on the calling worker, under `block_in_place`
     /// or, when calls of its kind (its closure type) have recently taken less than
-    /// [`IN_PLACE_BELOW`], in place; either way other futures polled by the *same task* (e.g.
+    /// [`HsmConfig::in_place_below`], in place; either way other futures polled by the *same task* (e.g.
     /// inside one `join!`) wait for it: spawn separate tasks for concurrent HSM work.
     ///
     /// `f` may run more than once (after a lost session it is retried on a fresh one), so it must
@@ -297,12 +299,8 @@ impl Hsm {
             Err(_) => return None,
         };
         match result {
-            Err(e) if let Some(fault) = e.fault() => {
-                if fault == Fault::SessionLost || fault == Fault::LibraryLost {
-                    lease.discard(inner);
-                }
-                None
-            }
+            // The long way meets the fault again and repairs what it says is broken.
+            Err(e) if e.fault().is_some() => None,
             other => Some(other),
         }
     }
@@ -390,7 +388,7 @@ impl Inner {
     fn recently_short(&self, kind: TypeId) -> bool {
         lock(&self.recent_us)
             .get(&kind)
-            .is_some_and(|&us| us < IN_PLACE_BELOW.as_micros() as u64)
+            .is_some_and(|&us| us < self.in_place_below_us)
     }
 
     /// Folds one call's duration into its kind's moving average (a quarter weight: one call

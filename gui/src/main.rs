@@ -73,13 +73,7 @@ fn parse_size(s: &str) -> Result<(f32, f32), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("STATION_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    station::cli::init_logging();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

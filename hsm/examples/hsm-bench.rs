@@ -12,6 +12,8 @@
 //! decide the ratio.
 //!
 //! Figures, not a test: nothing here asserts a goal.
+
+// A benchmark tool: a failed set-up step should stop it with the reason.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;

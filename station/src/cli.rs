@@ -331,9 +331,9 @@ enum AuditCmd {
     },
 }
 
-/// Runs the `station` command with the process's arguments.
-pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+/// Logs to standard error, at the level `STATION_LOG` says (`warn` when unset): the station's
+/// binaries all log this way.
+pub fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("STATION_LOG")
@@ -341,6 +341,12 @@ pub fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+}
+
+/// Runs the `station` command with the process's arguments.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
     // SoftHSM reads its configuration once, when loaded: set it before any thread starts.
     if let Err(e) = prepare_environment(&cli) {
         eprintln!("station: {e:#}");

@@ -437,3 +437,36 @@ pub fn assert_journal_consistent(db: &rusqlite::Connection, quantity: i64) {
         0
     );
 }
+
+/// Validates the JSON document `doc` against the JSON Schema `schema` with an independent
+/// validator, Python's jsonschema (the Python `cargo xtask test` installs it for, in
+/// `CELL_PYTHON`): Ok, or the validator's messages.
+pub fn validate_with_jsonschema(schema: &Path, doc: &Path) -> Result<(), String> {
+    let python = std::env::var("CELL_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = "import json, sys, jsonschema\n\
+        schema = json.load(open(sys.argv[1]))\n\
+        jsonschema.Draft202012Validator.check_schema(schema)\n\
+        errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(json.load(open(sys.argv[2]))), key=str)\n\
+        print('\\n'.join(e.message for e in errors))\n\
+        sys.exit(1 if errors else 0)\n";
+    let out = std::process::Command::new(&python)
+        .args(["-c", script])
+        .arg(schema)
+        .arg(doc)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("ModuleNotFoundError"),
+        "Python's jsonschema is missing: run the tests through `cargo xtask test`, which installs it, or set CELL_PYTHON to a Python that has it ({stderr})"
+    );
+    assert!(
+        !stderr.contains("Traceback"),
+        "the validator failed: {stderr}"
+    );
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("{}{stderr}", String::from_utf8_lossy(&out.stdout)))
+    }
+}

@@ -17,29 +17,7 @@ fn python_validate(toml_text: &str) -> Result<(), String> {
     let dir = tempfile::tempdir().unwrap();
     let doc = dir.path().join("doc.json");
     std::fs::write(&doc, serde_json::to_string(&value).unwrap()).unwrap();
-    let python = std::env::var("CELL_PYTHON").unwrap_or_else(|_| "python3".into());
-    let script = "import json, sys, jsonschema\n\
-        schema = json.load(open(sys.argv[1]))\n\
-        jsonschema.Draft202012Validator.check_schema(schema)\n\
-        errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(json.load(open(sys.argv[2]))), key=str)\n\
-        print('\\n'.join(e.message for e in errors))\n\
-        sys.exit(1 if errors else 0)\n";
-    let out = std::process::Command::new(&python)
-        .args(["-c", script])
-        .arg(schemas().join("config.schema.json"))
-        .arg(&doc)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !stderr.contains("ModuleNotFoundError"),
-        "Python's jsonschema is missing: run the tests through `cargo xtask test`, which installs it ({stderr})"
-    );
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("{}{stderr}", String::from_utf8_lossy(&out.stdout)))
-    }
+    e2e::validate_with_jsonschema(&schemas().join("config.schema.json"), &doc)
 }
 
 fn station_parse(text: &str) -> Result<(), String> {

@@ -324,33 +324,7 @@ async fn the_openssl_recipe_of_the_docs_opens_a_real_export() {
 
 /// Validates `doc` against the manifest schema with Python's jsonschema: Ok, or the messages.
 fn python_validate(doc: &Path) -> Result<(), String> {
-    let python = std::env::var("CELL_PYTHON").unwrap_or_else(|_| "python3".into());
-    let script = "import json, sys, jsonschema\n\
-        schema = json.load(open(sys.argv[1]))\n\
-        jsonschema.Draft202012Validator.check_schema(schema)\n\
-        errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(json.load(open(sys.argv[2]))), key=str)\n\
-        print('\\n'.join(e.message for e in errors))\n\
-        sys.exit(1 if errors else 0)\n";
-    let out = Command::new(&python)
-        .args(["-c", script])
-        .arg(repo().join("schemas/manifest.schema.json"))
-        .arg(doc)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !stderr.contains("ModuleNotFoundError"),
-        "Python's jsonschema is missing: run the tests through `cargo xtask test`, which installs it, or set CELL_PYTHON to a Python that has it ({stderr})"
-    );
-    assert!(
-        !stderr.contains("Traceback"),
-        "the validator failed: {stderr}"
-    );
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("{}{stderr}", String::from_utf8_lossy(&out.stdout)))
-    }
+    e2e::validate_with_jsonschema(&repo().join("schemas/manifest.schema.json"), doc)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

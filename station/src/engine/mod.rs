@@ -1058,6 +1058,12 @@ impl Inner {
         lock(&self.state).orphans.push(meter_id);
     }
 
+    /// Whether the station has stopped the line by itself (without reading the journal, as a
+    /// full snapshot would).
+    pub(crate) fn is_halted(&self) -> bool {
+        lock(&self.state).halted.is_some()
+    }
+
     pub(crate) fn take_orphans(&self) -> Vec<i64> {
         std::mem::take(&mut lock(&self.state).orphans)
     }

@@ -189,8 +189,7 @@ pub(super) async fn run(inner: Arc<Inner>, i: usize) {
                 // A meter that the station stopped the line on before it had a record (the HSM
                 // or the journal failed) is untouched: it is tried again when the line starts
                 // again. Any other failed meter waits to be taken out.
-                released =
-                    (serial.is_some() || inner.snapshot().halted.is_none()).then(|| uid.clone());
+                released = (serial.is_some() || !inner.is_halted()).then(|| uid.clone());
                 inner.update_nest(i, |n| {
                     n.state = NestState::Fail;
                     n.progress = None;

@@ -52,6 +52,9 @@ pub enum KeyRole {
     UtilityBatchTransport,
     /// Utility side: a meter key after unwrap, for use in the utility's HSM.
     UtilityMeterKey,
+    /// The station's PIN pepper: an HMAC-SHA256 key that never leaves the token. Users' PINs
+    /// are hashed over its MAC, so a copied journal yields no PIN without the HSM.
+    PinPepper,
 }
 
 /// Usage flags (CKA_SIGN, CKA_WRAP, ...). Only the flags that exist for an object's class are
@@ -102,6 +105,8 @@ pub enum KeyFamily {
     RsaPublic,
     /// An RSA key pair.
     RsaPair,
+    /// A generic secret for HMAC.
+    Hmac,
 }
 
 /// One row of the policy table.
@@ -221,7 +226,7 @@ const fn session_secret(role: KeyRole, usage: Usage) -> KeyPolicy {
 }
 
 /// The key policy table. Read it as: role → label → (key attributes, public-half attributes).
-pub static POLICY: [KeyPolicy; 19] = [
+pub static POLICY: [KeyPolicy; 20] = [
     token_signer(KeyRole::ManufacturerRoot, "manufacturer-root"),
     token_signer(KeyRole::DeviceCa, "device-ca"),
     token_signer(KeyRole::ManifestSigner, "manifest-signer"),
@@ -343,6 +348,20 @@ pub static POLICY: [KeyPolicy; 19] = [
         },
         public: None,
     },
+    KeyPolicy {
+        role: KeyRole::PinPepper,
+        label: Some("pin-pepper"),
+        family: KeyFamily::Hmac,
+        key: ObjectPolicy {
+            token: true,
+            private: true,
+            sensitive: true,
+            extractable: false,
+            modifiable: false,
+            usage: SIGN,
+        },
+        public: None,
+    },
 ];
 
 /// The policy row of `role`.
@@ -354,7 +373,7 @@ pub fn policy(role: KeyRole) -> &'static KeyPolicy {
 
 impl KeyRole {
     /// Every role, in table order.
-    pub const ALL: [KeyRole; 19] = [
+    pub const ALL: [KeyRole; 20] = [
         KeyRole::ManufacturerRoot,
         KeyRole::DeviceCa,
         KeyRole::ManifestSigner,
@@ -374,6 +393,7 @@ impl KeyRole {
         KeyRole::UtilityTransportPair,
         KeyRole::UtilityBatchTransport,
         KeyRole::UtilityMeterKey,
+        KeyRole::PinPepper,
     ];
 
     /// The label of this role's token objects, if the role has one fixed label.
@@ -469,7 +489,8 @@ mod tests {
             | KeyRole::MeterKeyPair
             | KeyRole::UtilityTransportPair
             | KeyRole::UtilityBatchTransport
-            | KeyRole::UtilityMeterKey => KeyRole::ALL.contains(&role),
+            | KeyRole::UtilityMeterKey
+            | KeyRole::PinPepper => KeyRole::ALL.contains(&role),
         }
     }
 
@@ -529,6 +550,10 @@ mod tests {
                 }
                 KeyFamily::RsaPublic => assert!(!u.sign && !u.unwrap && !u.decrypt),
                 KeyFamily::Aes => assert!(row.public.is_none()),
+                KeyFamily::Hmac => {
+                    assert!(row.public.is_none());
+                    assert_eq!(u, SIGN, "an HMAC key only computes MACs");
+                }
             }
         }
     }

@@ -158,6 +158,8 @@ pub enum KeyKind {
     RsaPrivate,
     /// X.509 certificate.
     Certificate,
+    /// Generic secret (HMAC) of this many bytes.
+    Hmac(usize),
 }
 
 impl KeyKind {
@@ -165,7 +167,7 @@ impl KeyKind {
         match self {
             KeyKind::EcPrivate(_) | KeyKind::RsaPrivate => ObjectClass::PRIVATE_KEY,
             KeyKind::EcPublic(_) | KeyKind::RsaPublic => ObjectClass::PUBLIC_KEY,
-            KeyKind::Aes(_) => ObjectClass::SECRET_KEY,
+            KeyKind::Aes(_) | KeyKind::Hmac(_) => ObjectClass::SECRET_KEY,
             KeyKind::Certificate => ObjectClass::CERTIFICATE,
         }
     }
@@ -174,7 +176,7 @@ impl KeyKind {
         match self {
             KeyKind::EcPrivate(_) | KeyKind::RsaPrivate => 3,
             KeyKind::EcPublic(_) | KeyKind::RsaPublic => 2,
-            KeyKind::Aes(_) => 4,
+            KeyKind::Aes(_) | KeyKind::Hmac(_) => 4,
             KeyKind::Certificate => 1,
         }
     }
@@ -1276,6 +1278,118 @@ impl<'a> HsmSession<'a> {
             .map(|h| self.handle_for(h, kind, KeyRole::from_label(label), Some(label))))
     }
 
+    // ----- HMAC and data objects ------------------------------------------------------------
+
+    /// Generates a 32-byte generic secret for HMAC-SHA256 as a token object labelled `label`
+    /// (a role of the [`KeyFamily::Hmac`] family, e.g. [`KeyRole::PinPepper`]). Refused when one
+    /// with that label exists.
+    pub fn generate_hmac_key(&self, role: KeyRole, label: &str) -> Result<KeyHandle> {
+        let row = policy::policy(role);
+        if row.family != KeyFamily::Hmac {
+            return Err(Error::InvalidInput(format!(
+                "{role:?} is not an hmac key role"
+            )));
+        }
+        let kind = KeyKind::Hmac(32);
+        let t = row.key.template(
+            Class::Secret,
+            [
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::GENERIC_SECRET),
+                Attribute::ValueLen(32u64.into()),
+                Attribute::Label(label.as_bytes().to_vec()),
+                Attribute::Id(self.random(16)?),
+            ],
+        );
+        let mut cache = lock(&self.inner().objects);
+        if self.find_one_locked(&mut cache, kind, label)?.is_some() {
+            return Err(Error::RoleExists {
+                label: label.to_owned(),
+                what: "secret key",
+            });
+        }
+        let h = self
+            .session
+            .generate_key(&Mechanism::GenericSecretKeyGen, &t)
+            .ck("generate an hmac key")?;
+        cache
+            .handles
+            .insert((kind.class_code(), label.to_owned()), h);
+        drop(cache);
+        Ok(self.handle_for(h, kind, Some(role), Some(label)))
+    }
+
+    /// HMAC-SHA256 of `data` under `key` (CKM_SHA256_HMAC), computed in the token.
+    pub fn hmac_sha256(&self, key: &KeyHandle, data: &[u8]) -> Result<[u8; 32]> {
+        if !matches!(key.kind, KeyKind::Hmac(_)) {
+            return Err(Error::InvalidInput(
+                "hmac needs a generic secret key".into(),
+            ));
+        }
+        let h = self.resolve(key)?;
+        let mac = self
+            .session
+            .sign(&Mechanism::Sha256Hmac, h, data)
+            .ck("compute an hmac")?;
+        mac.try_into().map_err(|_| {
+            Error::InvalidInput("the token returned an hmac of the wrong length".into())
+        })
+    }
+
+    /// The value of the private token data object labelled `label` (CKO_DATA, visible only after
+    /// login), if there is one.
+    pub fn find_data(&self, label: &str) -> Result<Option<Vec<u8>>> {
+        let found = self
+            .session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::DATA),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ])
+            .ck("find data objects")?;
+        let h = match found.as_slice() {
+            [] => return Ok(None),
+            [h] => *h,
+            many => {
+                return Err(Error::DuplicateObjects {
+                    label: label.to_owned(),
+                    count: many.len(),
+                });
+            }
+        };
+        let attrs = self
+            .session
+            .get_attributes(h, &[AttributeType::Value])
+            .ck("read a data object")?;
+        Ok(attrs.into_iter().find_map(|a| match a {
+            Attribute::Value(v) => Some(v),
+            _ => None,
+        }))
+    }
+
+    /// Creates a private, unmodifiable token data object labelled `label` holding `value`
+    /// (nothing secret: a marker or a record). Refused when one with that label exists.
+    pub fn create_data(&self, label: &str, value: &[u8]) -> Result<()> {
+        let _cache = lock(&self.inner().objects);
+        if self.find_data(label)?.is_some() {
+            return Err(Error::RoleExists {
+                label: label.to_owned(),
+                what: "data object",
+            });
+        }
+        self.session
+            .create_object(&[
+                Attribute::Class(ObjectClass::DATA),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Label(label.as_bytes().to_vec()),
+                Attribute::Application(b"station".to_vec()),
+                Attribute::Value(value.to_vec()),
+                Attribute::Modifiable(false),
+            ])
+            .ck("create a data object")?;
+        Ok(())
+    }
+
     /// Destroys the object behind `key`. A session object that is already gone is fine.
     pub fn destroy(&self, key: &KeyHandle) -> Result<()> {
         let h = match self.resolve(key) {
@@ -1474,7 +1588,7 @@ fn kind_name(kind: KeyKind) -> &'static str {
     match kind {
         KeyKind::EcPrivate(_) | KeyKind::RsaPrivate => "private key",
         KeyKind::EcPublic(_) | KeyKind::RsaPublic => "public key",
-        KeyKind::Aes(_) => "secret key",
+        KeyKind::Aes(_) | KeyKind::Hmac(_) => "secret key",
         KeyKind::Certificate => "certificate",
     }
 }

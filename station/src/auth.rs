@@ -1,9 +1,17 @@
 //! Users, roles, PINs, sessions and the one permission table every command goes through.
 //!
-//! PINs are hashed with Argon2id (PHC strings with their own salt) and compared in constant time
-//! by the hasher. After `max_failed_pins` wrong PINs a user is locked out for `lockout_minutes`.
+//! PINs are peppered, then hashed: the HSM computes HMAC-SHA256 over the PIN with a key that
+//! never leaves the token ([`PepperedPin`]), and only that MAC is hashed with Argon2id (PHC
+//! strings with their own salt) and compared, in constant time, by the hasher. A copy of the
+//! journal therefore yields no PIN: without the token not even the right PIN can be checked
+//! against it. An unknown user, a wrong PIN, a disabled user and a locked-out user with a wrong
+//! PIN all get the same answer after the same work; only the right PIN learns that its user is
+//! locked out or disabled. After `max_failed_pins` wrong PINs a user is locked out for
+//! `lockout_minutes`.
+//!
 //! Sessions are random tokens of which only the SHA-256 is stored; they end after
-//! `session_idle_minutes` without activity. This module decides; the engine audits.
+//! `session_idle_minutes` without activity, after `session_max_hours` in all, when the user's
+//! PIN is reset and when the user is disabled. This module decides; the engine audits.
 
 use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
@@ -180,14 +188,19 @@ pub struct User {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum AuthError {
-    /// Unknown user or wrong PIN (one message for both, so names cannot be probed).
-    #[error("wrong user name or PIN{}", remaining.map(|r| format!(" ({r} attempts left before lock-out)")).unwrap_or_default())]
+    /// Unknown user or wrong PIN (one message for both, so names cannot be probed: the attempts
+    /// left are for the audit log, never shown).
+    #[error("wrong user name or PIN")]
     BadCredentials {
-        /// Attempts left, when the user exists.
+        /// Attempts left, when the user exists (audit log only).
+        #[doc(hidden)]
         remaining: Option<u32>,
-        /// The user, when known (for the audit log, never shown).
+        /// The user, when known (audit log only).
         #[doc(hidden)]
         user: Option<String>,
+        /// This attempt locked the user out (audit log only).
+        #[doc(hidden)]
+        locked_now: bool,
     },
     /// Locked out.
     #[error(
@@ -202,8 +215,8 @@ pub enum AuthError {
     /// Disabled.
     #[error("user {0} is disabled; ask a security officer")]
     Disabled(String),
-    /// Session ended for inactivity (or unknown).
-    #[error("the session expired after inactivity; log in again")]
+    /// Session ended (inactivity, its lifetime, a PIN reset, log-out) or unknown.
+    #[error("the session has ended; log in again")]
     Expired,
     /// Not allowed.
     #[error("{user} ({}) may not {}; this needs one of: {}", role.as_str(), action.describe(), who_may(*action))]
@@ -264,19 +277,53 @@ pub fn check_pin_policy(pin: &str, min: usize) -> Result<(), AuthError> {
     Ok(())
 }
 
-/// Argon2id hash of a PIN, as a PHC string.
-pub fn hash_pin(pin: &str) -> Result<String, AuthError> {
+/// What is mixed into the HSM's MAC before the PIN, so that the pepper key's MACs of PINs can
+/// never be mistaken for MACs of anything else.
+pub const PEPPER_CONTEXT: &[u8] = b"station pin v1\0";
+
+/// A PIN after the HSM's pepper: HMAC-SHA256(pepper key, [`PEPPER_CONTEXT`] ‖ PIN), computed in
+/// the token. The only form in which a PIN is ever hashed or compared.
+pub struct PepperedPin(Zeroizing<[u8; 32]>);
+
+impl PepperedPin {
+    /// From the MAC the token computed.
+    pub fn from_mac(mac: [u8; 32]) -> PepperedPin {
+        PepperedPin(Zeroizing::new(mac))
+    }
+
+    /// The input the token's MAC is computed over.
+    pub fn mac_input(pin: &str) -> Zeroizing<Vec<u8>> {
+        let mut v = Zeroizing::new(Vec::with_capacity(PEPPER_CONTEXT.len() + pin.len()));
+        v.extend_from_slice(PEPPER_CONTEXT);
+        v.extend_from_slice(pin.as_bytes());
+        v
+    }
+}
+
+impl std::fmt::Debug for PepperedPin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PepperedPin(<redacted>)")
+    }
+}
+
+/// Argon2id hash of a peppered PIN, as a PHC string.
+pub fn hash_pin(pin: &PepperedPin) -> Result<String, AuthError> {
     let hash: PasswordHash = hasher()
-        .hash_password(pin.as_bytes())
+        .hash_password(pin.0.as_slice())
         .map_err(|e| AuthError::Db(format!("cannot hash the PIN: {e}")))?;
     Ok(hash.to_string())
 }
 
-fn pin_matches(pin: &str, phc: &str) -> bool {
+/// Whether `pin` matches the PHC string `phc` (constant time in the hasher).
+pub fn pin_matches(pin: &PepperedPin, phc: &str) -> bool {
     PasswordHash::new(phc)
-        .map(|h| hasher().verify_password(pin.as_bytes(), &h).is_ok())
+        .map(|h| hasher().verify_password(pin.0.as_slice(), &h).is_ok())
         .unwrap_or(false)
 }
+
+/// A PHC string of the same cost as a real one, checked for unknown users so that they take as
+/// long as known ones (its input is unknowable: it matches nothing).
+const DECOY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$Jd9tK4hoZb0yq8dJcr7PCqvq0ZJ8+TqH0ZBc7i0PP1I";
 
 fn check_name(name: &str) -> Result<(), AuthError> {
     if name.is_empty()
@@ -302,16 +349,21 @@ fn user_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<User> {
 }
 
 /// Adds a user.
+/// Checks a new user's name (before anything is asked of the HSM).
+pub fn check_user_name(name: &str) -> Result<(), AuthError> {
+    check_name(name)
+}
+
+/// Adds a user. The PIN's policy was checked before it was peppered
+/// ([`check_pin_policy`]).
 pub fn add_user(
     conn: &Connection,
     name: &str,
     role: Role,
-    pin: &str,
-    access: &AccessSettings,
+    pin: &PepperedPin,
     now: i64,
 ) -> Result<User, AuthError> {
     check_name(name)?;
-    check_pin_policy(pin, access.min_pin_length)?;
     let hash = hash_pin(pin)?;
     conn.execute(
         "INSERT INTO users (name, role, pin_hash, created_at) VALUES (?1, ?2, ?3, ?4)",
@@ -356,14 +408,14 @@ pub fn disable_user(conn: &Connection, name: &str, now: i64) -> Result<(), AuthE
     Ok(())
 }
 
-/// Sets a new PIN and clears a lock-out.
+/// Sets a new PIN (its policy checked before it was peppered), clears a lock-out and ends the
+/// user's sessions: whoever knew the old PIN is logged out.
 pub fn reset_pin(
     conn: &Connection,
     name: &str,
-    pin: &str,
-    access: &AccessSettings,
+    pin: &PepperedPin,
+    now: i64,
 ) -> Result<(), AuthError> {
-    check_pin_policy(pin, access.min_pin_length)?;
     let hash = hash_pin(pin)?;
     let n = conn.execute(
         "UPDATE users SET pin_hash = ?1, failed_pins = 0, locked_until = NULL WHERE name = ?2",
@@ -372,6 +424,10 @@ pub fn reset_pin(
     if n == 0 {
         return Err(AuthError::NoSuchUser(name.into()));
     }
+    conn.execute(
+        "UPDATE sessions SET ended_at = ?1 WHERE ended_at IS NULL AND user_id = (SELECT id FROM users WHERE name = ?2)",
+        params![now, name],
+    )?;
     Ok(())
 }
 
@@ -389,11 +445,21 @@ pub enum LoginOutcome {
     },
 }
 
-/// Checks a user's PIN, counting failures and locking out.
+fn bad_credentials(remaining: Option<u32>, user: Option<String>, locked_now: bool) -> AuthError {
+    AuthError::BadCredentials {
+        remaining,
+        user,
+        locked_now,
+    }
+}
+
+/// Checks a user's PIN, counting failures and locking out. Every attempt does the same work
+/// (one Argon2id check, a decoy one for unknown users) and every wrong PIN gets the same
+/// answer, whether the user exists, is disabled or is locked out; the audit log is told more.
 pub fn login(
     conn: &Connection,
     name: &str,
-    pin: &str,
+    pin: &PepperedPin,
     access: &AccessSettings,
     now: i64,
 ) -> Result<LoginOutcome, AuthError> {
@@ -405,35 +471,37 @@ pub fn login(
         )
         .optional()?;
     let Some((user, hash, failed)) = row else {
-        // Spend the same time as a real check, so that names cannot be told apart by timing.
-        let _ = pin_matches(
-            pin,
-            "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$Jd9tK4hoZb0yq8dJcr7PCqvq0ZJ8+TqH0ZBc7i0PP1I",
-        );
+        let _ = pin_matches(pin, DECOY_HASH);
         return Ok(LoginOutcome::Refused {
-            error: AuthError::BadCredentials {
-                remaining: None,
-                user: None,
-            },
+            error: bad_credentials(None, None, false),
             locked_now: false,
         });
     };
+    let matches = pin_matches(pin, &hash);
     if user.disabled {
         return Ok(LoginOutcome::Refused {
-            error: AuthError::Disabled(user.name),
+            error: if matches {
+                AuthError::Disabled(user.name)
+            } else {
+                bad_credentials(None, Some(user.name), false)
+            },
             locked_now: false,
         });
     }
     if let Some(until) = user.locked_until.filter(|u| *u > now) {
         return Ok(LoginOutcome::Refused {
-            error: AuthError::Locked {
-                user: user.name,
-                minutes: ((until - now) as u64).div_ceil(60_000),
+            error: if matches {
+                AuthError::Locked {
+                    user: user.name,
+                    minutes: ((until - now) as u64).div_ceil(60_000),
+                }
+            } else {
+                bad_credentials(Some(0), Some(user.name), false)
             },
             locked_now: false,
         });
     }
-    if pin_matches(pin, &hash) {
+    if matches {
         conn.execute(
             "UPDATE users SET failed_pins = 0, locked_until = NULL WHERE id = ?1",
             [user.id],
@@ -456,10 +524,7 @@ pub fn login(
             params![failed, until, user.id],
         )?;
         Ok(LoginOutcome::Refused {
-            error: AuthError::Locked {
-                user: user.name,
-                minutes: access.lockout_minutes,
-            },
+            error: bad_credentials(Some(0), Some(user.name), true),
             locked_now: true,
         })
     } else {
@@ -468,10 +533,11 @@ pub fn login(
             params![failed, user.id],
         )?;
         Ok(LoginOutcome::Refused {
-            error: AuthError::BadCredentials {
-                remaining: Some(access.max_failed_pins - failed),
-                user: Some(user.name),
-            },
+            error: bad_credentials(
+                Some(access.max_failed_pins - failed),
+                Some(user.name),
+                false,
+            ),
             locked_now: false,
         })
     }
@@ -491,7 +557,21 @@ impl SessionToken {
     fn hash(&self) -> Vec<u8> {
         Sha256::digest(self.0.as_bytes()).to_vec()
     }
+
+    /// A token as a client sent it back.
+    pub fn from_client(token: &str) -> SessionToken {
+        SessionToken(Zeroizing::new(token.to_string()))
+    }
+
+    /// The token, to hand to the client that logged in (never logged).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
 }
+
+/// Only write a session's activity time when it is older than this: a busy client's every call
+/// does not cost the journal a synchronous commit.
+const LAST_SEEN_RESOLUTION_MS: i64 = 5_000;
 
 /// Starts a session for `user`.
 pub fn start_session(conn: &Connection, user: &User, now: i64) -> Result<SessionToken, AuthError> {
@@ -505,39 +585,64 @@ pub fn start_session(conn: &Connection, user: &User, now: i64) -> Result<Session
     Ok(token)
 }
 
-/// Resolves a session, refreshing its activity time; ends it when idle too long.
+/// Resolves a session, refreshing its activity time; ends it when idle too long or older than
+/// its lifetime.
 pub fn check_session(
     conn: &Connection,
     token: &SessionToken,
     access: &AccessSettings,
     now: i64,
 ) -> Result<User, AuthError> {
-    let row: Option<(User, i64)> = conn
+    let (user, last_seen) = live_session(conn, token, access, now)?;
+    if now - last_seen > (access.session_idle_minutes as i64) * 60_000 {
+        end_session(conn, token, now)?;
+        return Err(AuthError::Expired);
+    }
+    if now - last_seen >= LAST_SEEN_RESOLUTION_MS {
+        conn.execute(
+            "UPDATE sessions SET last_seen = ?1 WHERE token_hash = ?2",
+            params![now, token.hash()],
+        )?;
+    }
+    Ok(user)
+}
+
+/// Whether a session may still follow the line (an event stream): not ended, its user not
+/// disabled, within its lifetime. Watching is not activity: nothing is written, and the idle
+/// limit applies to commands only.
+pub fn session_alive(
+    conn: &Connection,
+    token: &SessionToken,
+    access: &AccessSettings,
+    now: i64,
+) -> Result<User, AuthError> {
+    live_session(conn, token, access, now).map(|(u, _)| u)
+}
+
+fn live_session(
+    conn: &Connection,
+    token: &SessionToken,
+    access: &AccessSettings,
+    now: i64,
+) -> Result<(User, i64), AuthError> {
+    let row: Option<(User, i64, i64)> = conn
         .query_row(
-            "SELECT u.id, u.name, u.role, u.disabled, u.locked_until, s.last_seen FROM sessions s JOIN users u ON u.id = s.user_id
+            "SELECT u.id, u.name, u.role, u.disabled, u.locked_until, s.last_seen, s.created_at FROM sessions s JOIN users u ON u.id = s.user_id
              WHERE s.token_hash = ?1 AND s.ended_at IS NULL",
             [token.hash()],
-            |r| Ok((user_from_row(r)?, r.get(5)?)),
+            |r| Ok((user_from_row(r)?, r.get(5)?, r.get(6)?)),
         )
         .optional()?;
-    let Some((user, last_seen)) = row else {
+    let Some((user, last_seen, created)) = row else {
         return Err(AuthError::Expired);
     };
     if user.disabled {
-        return Err(AuthError::Disabled(user.name));
-    }
-    if now - last_seen > (access.session_idle_minutes as i64) * 60_000 {
-        conn.execute(
-            "UPDATE sessions SET ended_at = ?1 WHERE token_hash = ?2",
-            params![now, token.hash()],
-        )?;
         return Err(AuthError::Expired);
     }
-    conn.execute(
-        "UPDATE sessions SET last_seen = ?1 WHERE token_hash = ?2",
-        params![now, token.hash()],
-    )?;
-    Ok(user)
+    if now - created > (access.session_max_hours as i64) * 3_600_000 {
+        return Err(AuthError::Expired);
+    }
+    Ok((user, last_seen))
 }
 
 /// Ends a session.
@@ -558,7 +663,23 @@ mod tests {
             max_failed_pins: 3,
             lockout_minutes: 10,
             session_idle_minutes: 15,
+            session_max_hours: 12,
             min_pin_length: 6,
+        }
+    }
+
+    /// A stand-in for the token's MAC (these tests are about the journal's side).
+    fn pep(pin: &str) -> PepperedPin {
+        PepperedPin::from_mac(Sha256::digest(PepperedPin::mac_input(pin).as_slice()).into())
+    }
+
+    fn refused_as_bad_credentials(o: LoginOutcome) -> AuthError {
+        match o {
+            LoginOutcome::Refused { error, .. } => {
+                assert_eq!(error.to_string(), "wrong user name or PIN");
+                error
+            }
+            other => panic!("{other:?}"),
         }
     }
 
@@ -568,57 +689,52 @@ mod tests {
         let db = crate::db::Db::open(&dir.path().join("u.db")).unwrap();
         db.with(|c| {
             let a = access();
-            add_user(c, "ann", Role::Operator, "123456", &a, 0).unwrap();
+            add_user(c, "ann", Role::Operator, &pep("123456"), 0).unwrap();
             assert!(matches!(
-                add_user(c, "bob", Role::Operator, "12", &a, 0),
+                check_pin_policy("12", 6),
                 Err(AuthError::WeakPin(6))
             ));
             assert!(matches!(
-                add_user(c, "b b", Role::Operator, "123456", &a, 0),
+                add_user(c, "b b", Role::Operator, &pep("123456"), 0),
                 Err(AuthError::BadName)
             ));
             assert!(matches!(
-                login(c, "ann", "123456", &a, 1).unwrap(),
+                login(c, "ann", &pep("123456"), &a, 1).unwrap(),
                 LoginOutcome::Success(_)
             ));
+            // An unknown user and a wrong PIN read the same.
+            refused_as_bad_credentials(login(c, "nobody", &pep("123456"), &a, 1).unwrap());
+            let e = refused_as_bad_credentials(login(c, "ann", &pep("000000"), &a, 2).unwrap());
             assert!(matches!(
-                login(c, "nobody", "123456", &a, 1).unwrap(),
-                LoginOutcome::Refused {
-                    error: AuthError::BadCredentials {
-                        remaining: None,
-                        ..
-                    },
+                e,
+                AuthError::BadCredentials {
+                    remaining: Some(2),
                     ..
                 }
             ));
+            login(c, "ann", &pep("000000"), &a, 3).unwrap();
+            // The attempt that locks the user out says nothing more either (the audit log knows).
+            let o = login(c, "ann", &pep("000000"), &a, 4).unwrap();
             assert!(matches!(
-                login(c, "ann", "000000", &a, 2).unwrap(),
+                o,
                 LoginOutcome::Refused {
-                    error: AuthError::BadCredentials {
-                        remaining: Some(2),
-                        ..
-                    },
+                    locked_now: true,
                     ..
                 }
             ));
-            login(c, "ann", "000000", &a, 3).unwrap();
+            refused_as_bad_credentials(o);
+            // While locked: a wrong PIN reads as any wrong PIN; the right one learns of the lock.
+            refused_as_bad_credentials(login(c, "ann", &pep("000000"), &a, 5).unwrap());
             assert!(matches!(
-                login(c, "ann", "000000", &a, 4).unwrap(),
-                LoginOutcome::Refused {
-                    error: AuthError::Locked { .. },
-                    locked_now: true
-                }
-            ));
-            // Even the right PIN is refused while locked; it works again after the lock-out.
-            assert!(matches!(
-                login(c, "ann", "123456", &a, 5).unwrap(),
+                login(c, "ann", &pep("123456"), &a, 5).unwrap(),
                 LoginOutcome::Refused {
                     error: AuthError::Locked { .. },
                     locked_now: false
                 }
             ));
             let later = 4 + 10 * 60_000 + 1;
-            let LoginOutcome::Success(user) = login(c, "ann", "123456", &a, later).unwrap() else {
+            let LoginOutcome::Success(user) = login(c, "ann", &pep("123456"), &a, later).unwrap()
+            else {
                 panic!()
             };
             let t = start_session(c, &user, later).unwrap();
@@ -636,12 +752,46 @@ mod tests {
                 "stays ended"
             );
             disable_user(c, "ann", later).unwrap();
+            refused_as_bad_credentials(login(c, "ann", &pep("000000"), &a, later + 5).unwrap());
             assert!(matches!(
-                login(c, "ann", "123456", &a, later + 5).unwrap(),
+                login(c, "ann", &pep("123456"), &a, later + 5).unwrap(),
                 LoginOutcome::Refused {
                     error: AuthError::Disabled(_),
                     ..
                 }
+            ));
+        });
+    }
+
+    #[test]
+    fn sessions_end_at_their_lifetime_and_when_the_pin_is_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::db::Db::open(&dir.path().join("u.db")).unwrap();
+        db.with(|c| {
+            let a = access();
+            let user = add_user(c, "bea", Role::Supervisor, &pep("123456"), 0).unwrap();
+            // Busy all the time, yet over its lifetime: ended.
+            let t = start_session(c, &user, 0).unwrap();
+            let hour = 3_600_000;
+            let mut now = 0;
+            while now < 12 * hour {
+                now += 10 * 60_000;
+                assert!(check_session(c, &t, &a, now).is_ok(), "at {now} ms");
+            }
+            assert_eq!(
+                check_session(c, &t, &a, 12 * hour + 60_000),
+                Err(AuthError::Expired)
+            );
+            // A PIN reset ends every session of the user, also for following the line.
+            let t1 = start_session(c, &user, 0).unwrap();
+            let t2 = start_session(c, &user, 0).unwrap();
+            assert!(session_alive(c, &t2, &a, 1).is_ok());
+            reset_pin(c, "bea", &pep("654321"), 2).unwrap();
+            assert_eq!(check_session(c, &t1, &a, 3), Err(AuthError::Expired));
+            assert_eq!(session_alive(c, &t2, &a, 3), Err(AuthError::Expired));
+            assert!(matches!(
+                login(c, "bea", &pep("654321"), &a, 4).unwrap(),
+                LoginOutcome::Success(_)
             ));
         });
     }

@@ -46,6 +46,33 @@ pub struct Config {
     pub audit: AuditSettings,
     /// Users, PINs, sessions.
     pub access: AccessSettings,
+    /// The service API of `stationd`.
+    pub api: ApiSettings,
+}
+
+/// Where `stationd` serves its API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiSettings {
+    /// The Unix domain socket local clients connect to.
+    pub socket: PathBuf,
+    /// Its permissions: who on this host may talk to the daemon at all (the PIN log-in then
+    /// decides what they may do).
+    pub socket_mode: u32,
+    /// Where exported manifests are written (the daemon's own directory).
+    pub export_dir: PathBuf,
+    /// Remote consoles over mutual TLS; off when absent.
+    pub tls: Option<TlsSettings>,
+}
+
+/// The daemon's TLS listener for remote consoles.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// Address and port, e.g. `0.0.0.0:7443`.
+    pub listen: String,
+    /// The daemon's certificate, PEM (issued by the cell's device CA, serverAuth).
+    pub cert: PathBuf,
+    /// Its private key, PEM PKCS#8, an owner-only file.
+    pub key: PathBuf,
 }
 
 /// The manufacturer.
@@ -167,6 +194,8 @@ pub struct AccessSettings {
     pub lockout_minutes: u64,
     /// Sessions end after this much inactivity, minutes.
     pub session_idle_minutes: u64,
+    /// Sessions end after this long, however busy, hours.
+    pub session_max_hours: u64,
     /// Shortest PIN accepted.
     pub min_pin_length: usize,
 }
@@ -205,6 +234,36 @@ struct RawConfig {
     audit: RawAudit,
     #[serde(default)]
     access: RawAccess,
+    #[serde(default)]
+    api: RawApi,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawApi {
+    socket: Spanned<String>,
+    socket_mode: Spanned<String>,
+    export_dir: Spanned<String>,
+    tls: Option<RawTls>,
+}
+
+impl Default for RawApi {
+    fn default() -> Self {
+        RawApi {
+            socket: Spanned::new(0..0, "stationd.sock".into()),
+            socket_mode: Spanned::new(0..0, "0660".into()),
+            export_dir: Spanned::new(0..0, "exports".into()),
+            tls: None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    listen: Spanned<String>,
+    cert: String,
+    key: String,
 }
 
 #[derive(Deserialize)]
@@ -314,6 +373,7 @@ struct RawAccess {
     max_failed_pins: Spanned<u32>,
     lockout_minutes: u64,
     session_idle_minutes: Spanned<u64>,
+    session_max_hours: Spanned<u64>,
     min_pin_length: Spanned<usize>,
 }
 
@@ -323,6 +383,7 @@ impl Default for RawAccess {
             max_failed_pins: Spanned::new(0..0, 5),
             lockout_minutes: 15,
             session_idle_minutes: Spanned::new(0..0, 15),
+            session_max_hours: Spanned::new(0..0, 12),
             min_pin_length: Spanned::new(0..0, 6),
         }
     }
@@ -557,6 +618,7 @@ impl Config {
             max_failed_pins: *raw.access.max_failed_pins.get_ref(),
             lockout_minutes: raw.access.lockout_minutes,
             session_idle_minutes: *raw.access.session_idle_minutes.get_ref(),
+            session_max_hours: *raw.access.session_max_hours.get_ref(),
             min_pin_length: *raw.access.min_pin_length.get_ref(),
         };
         if access.max_failed_pins == 0 {
@@ -571,12 +633,52 @@ impl Config {
                 "access.session_idle_minutes must be at least 1",
             );
         }
+        if !(1..=168).contains(&access.session_max_hours) {
+            return cx.err(
+                raw.access.session_max_hours.span(),
+                "access.session_max_hours must be between 1 and 168",
+            );
+        }
         if !(4..=64).contains(&access.min_pin_length) {
             return cx.err(
                 raw.access.min_pin_length.span(),
                 "access.min_pin_length must be between 4 and 64",
             );
         }
+        if raw.api.socket.get_ref().trim().is_empty() {
+            return cx.err(raw.api.socket.span(), "api.socket must name a file");
+        }
+        let socket_mode = match u32::from_str_radix(raw.api.socket_mode.get_ref(), 8) {
+            Ok(m) if m & !0o770 == 0 && m & 0o600 == 0o600 => m,
+            _ => {
+                return cx.err(
+                    raw.api.socket_mode.span(),
+                    "api.socket_mode must be an octal mode like \"0660\": owner read-write, group at most read-write, nothing for others",
+                );
+            }
+        };
+        let tls = match &raw.api.tls {
+            None => None,
+            Some(t) => {
+                if t.listen.get_ref().parse::<std::net::SocketAddr>().is_err() {
+                    return cx.err(
+                        t.listen.span(),
+                        "api.tls.listen must be an address and port, e.g. \"0.0.0.0:7443\"",
+                    );
+                }
+                Some(TlsSettings {
+                    listen: t.listen.get_ref().clone(),
+                    cert: resolve(&t.cert),
+                    key: resolve(&t.key),
+                })
+            }
+        };
+        let api = ApiSettings {
+            socket: resolve(raw.api.socket.get_ref()),
+            socket_mode,
+            export_dir: resolve(raw.api.export_dir.get_ref()),
+            tls,
+        };
         Ok(Config {
             path: path.to_path_buf(),
             station_id,
@@ -605,6 +707,7 @@ impl Config {
                 critical,
             },
             access,
+            api,
         })
     }
 

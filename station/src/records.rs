@@ -447,8 +447,10 @@ pub fn fail_meter(
     reason: &str,
     now: i64,
 ) -> Result<(usize, usize), DbError> {
+    // A done meter stays done and a failed one keeps its first reason (the journal's triggers
+    // refuse both changes too).
     tx.execute(
-        "UPDATE meters SET state = 'failed', failure = ?1, finished_at = ?2 WHERE id = ?3 AND state <> 'done'",
+        "UPDATE meters SET state = 'failed', failure = ?1, finished_at = ?2 WHERE id = ?3 AND state NOT IN ('done', 'failed')",
         params![reason, now, meter_id],
     )?;
     let voided = tx.execute(
@@ -457,4 +459,29 @@ pub fn fail_meter(
     )?;
     let keys = tx.execute("DELETE FROM wrapped_keys WHERE meter_id = ?1", [meter_id])?;
     Ok((voided, keys))
+}
+
+/// The state a meter must be in for the engine to move it to `state` (the journal's triggers
+/// allow more: failing from any live state).
+pub fn previous_state(state: &str) -> &'static str {
+    match state {
+        "assigned" => "started",
+        "keyed" | "flashed" => "assigned",
+        "sealed" => "flashed",
+        "done" => "sealed",
+        _ => "started",
+    }
+}
+
+/// Checks the row count of a guarded update (`... WHERE id = ? AND state = <expected>`): exactly
+/// one row, or the record was changed by someone else and nothing was written.
+pub fn guarded(rows: usize, what: &str, expected: &str) -> Result<(), DbError> {
+    if rows == 1 {
+        Ok(())
+    } else {
+        Err(DbError::Stale {
+            what: what.to_string(),
+            expected: expected.to_string(),
+        })
+    }
 }

@@ -210,12 +210,14 @@ pub(super) async fn execute(engine: &Engine, user: &User, cmd: Command) -> Resul
             .map(Reply::Customer),
         Command::AddUser { name, role, pin } => {
             let a = inner.audit.clone();
-            let access = inner.cfg.access;
+            auth::check_user_name(&name)?;
+            auth::check_pin_policy(&pin, inner.cfg.access.min_pin_length)?;
+            let pin = inner.pepper_pin(&pin).await?;
             let u = inner
                 .db
                 .call(move |c| -> Result<User> {
                     let tx = c.transaction()?;
-                    let u = auth::add_user(&tx, &name, role, &pin, &access, now_ms())?;
+                    let u = auth::add_user(&tx, &name, role, &pin, now_ms())?;
                     a.append(
                         &tx,
                         &ev(
@@ -257,12 +259,13 @@ pub(super) async fn execute(engine: &Engine, user: &User, cmd: Command) -> Resul
         }
         Command::ResetPin { name, pin } => {
             let a = inner.audit.clone();
-            let access = inner.cfg.access;
+            auth::check_pin_policy(&pin, inner.cfg.access.min_pin_length)?;
+            let pin = inner.pepper_pin(&pin).await?;
             inner
                 .db
                 .call(move |c| -> Result<()> {
                     let tx = c.transaction()?;
-                    auth::reset_pin(&tx, &name, &pin, &access)?;
+                    auth::reset_pin(&tx, &name, &pin, now_ms())?;
                     a.append(
                         &tx,
                         &ev(
@@ -768,7 +771,8 @@ async fn close_batch(inner: &Arc<Inner>, who: &str, id: i64) -> Result<records::
                 return Err(Error::Conflict(format!("{} meter(s) of batch {} are still in progress", b.in_flight, b.work_order)));
             }
             let tx = c.transaction()?;
-            tx.execute("UPDATE batches SET state = 'closed', closed_at = ?1, closed_by = ?2 WHERE id = ?3", params![now_ms(), who, id])?;
+            let n = tx.execute("UPDATE batches SET state = 'closed', closed_at = ?1, closed_by = ?2 WHERE id = ?3 AND state = 'open'", params![now_ms(), who, id])?;
+            records::guarded(n, &format!("batch {id}"), "open")?;
             a.append(
                 &tx,
                 &ev(&src, "batch.closed", Severity::Notice, &who, serde_json::json!({

@@ -182,6 +182,60 @@ impl TranscriptSigner for StationSigner {
     }
 }
 
+/// Label of the token data object that says the cell has been set up (its first security
+/// officer exists). The token, not the journal, decides: an empty journal pointed at a token
+/// that has served a cell bootstraps nothing.
+pub const CELL_MARKER: &str = "station-cell";
+
+/// Label of the PIN pepper key ([`hsm::KeyRole::PinPepper`]).
+pub const PEPPER_LABEL: &str = "pin-pepper";
+
+/// The PIN pepper and whether the cell has been set up, as the token says.
+#[derive(Debug, Clone)]
+pub struct CellAccess {
+    /// The pepper key (created on a fresh token).
+    pub pepper: hsm::KeyHandle,
+    /// The set-up marker's content, when the cell has been set up.
+    pub marker: Option<Vec<u8>>,
+    /// The pepper was created now (a fresh cell).
+    pub created: bool,
+}
+
+impl CellAccess {
+    /// Finds the pepper and the marker. A fresh token (no marker) gets a new pepper; a token
+    /// whose cell has been set up but whose pepper is gone is refused, as no PIN could be checked.
+    pub async fn load(hsm: &Hsm) -> Result<CellAccess> {
+        let found = hsm
+            .run(|s| {
+                Ok((
+                    s.find_key(hsm::KeyKind::Hmac(32), PEPPER_LABEL)?,
+                    s.find_data(CELL_MARKER)?,
+                ))
+            })
+            .await?;
+        match found {
+            (Some(pepper), marker) => Ok(CellAccess {
+                pepper,
+                marker,
+                created: false,
+            }),
+            (None, Some(_)) => Err(Error::Setup(format!(
+                "the HSM token belongs to a cell that has been set up, but its PIN pepper key (label {PEPPER_LABEL}) is gone: no PIN can be checked; restore the token from its backup"
+            ))),
+            (None, None) => {
+                let pepper = hsm
+                    .run(|s| s.generate_hmac_key(hsm::KeyRole::PinPepper, PEPPER_LABEL))
+                    .await?;
+                Ok(CellAccess {
+                    pepper,
+                    marker: None,
+                    created: true,
+                })
+            }
+        }
+    }
+}
+
 /// Parses a certificate given as PEM or DER.
 pub fn parse_cert(bytes: &[u8]) -> std::result::Result<(Certificate, Vec<u8>), String> {
     if let Ok(c) = Certificate::from_der(bytes) {

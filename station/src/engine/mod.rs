@@ -22,11 +22,11 @@ use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 
 pub use admin::{BatchSpec, ExportOutcome};
-pub use keys::{CellKeys, open_hsm};
+pub use keys::{CELL_MARKER, CellAccess, CellKeys, open_hsm};
 use line_protocol::firmware::{PlanParams, TransferPlan};
 
 use crate::audit::{self, Alarm, Audit, NewEvent, Severity, Verification};
-use crate::auth::{self, Action, AuthError, LoginOutcome, Role, SessionToken, User};
+use crate::auth::{self, Action, AuthError, LoginOutcome, PepperedPin, Role, SessionToken, User};
 use crate::config::Config;
 use crate::db::{Db, DbError, now_ms};
 use crate::records::{self, BatchRow, CustomerRow, FirmwareRow};
@@ -78,6 +78,19 @@ pub struct Session {
     pub user: String,
     /// Role.
     pub role: Role,
+}
+
+impl Session {
+    /// The session token, for the client that logged in (never log it).
+    pub fn token(&self) -> &SessionToken {
+        &self.token
+    }
+
+    /// A session as a client holds it: the token the daemon gave it, with the name and role
+    /// the log-in answered (the daemon decides from the token alone).
+    pub fn from_parts(token: SessionToken, user: String, role: Role) -> Session {
+        Session { token, user, role }
+    }
 }
 
 /// Where a nest is.
@@ -512,6 +525,8 @@ pub(crate) struct Inner {
     pub(crate) hsm: hsm::Hsm,
     pub(crate) audit: Audit,
     pub(crate) keys: CellKeys,
+    /// The PIN pepper key in the token.
+    pepper: hsm::KeyHandle,
     pub(crate) source: String,
     events: broadcast::Sender<Event>,
     state: Mutex<State>,
@@ -548,6 +563,7 @@ impl Engine {
         let db = Db::open(&cfg.database)?;
         let hsm = open_hsm(&cfg)?;
         let keys = CellKeys::load(&hsm).await?;
+        let access = CellAccess::load(&hsm).await?;
         let audit = Audit::new(
             Arc::new(keys.audit_signer(&hsm)),
             &cfg.station_id,
@@ -595,6 +611,7 @@ impl Engine {
             hsm,
             audit,
             keys,
+            pepper: access.pepper.clone(),
             source: opts.source.clone(),
             events,
             wake: watch::channel(0).0,
@@ -603,7 +620,7 @@ impl Engine {
             tasks: Mutex::new(Vec::new()),
         });
         let engine = Engine { inner };
-        engine.startup_events().await?;
+        engine.startup_events(&access).await?;
         if opts.nests {
             engine.spawn_tasks();
         }
@@ -621,7 +638,7 @@ impl Engine {
         &self.inner.cfg
     }
 
-    async fn startup_events(&self) -> Result<()> {
+    async fn startup_events(&self, access: &CellAccess) -> Result<()> {
         let inner = Arc::clone(&self.inner);
         let source = inner.source.clone();
         // Before anything is appended: does the newest entry match the signed head? If not, the
@@ -658,7 +675,55 @@ impl Engine {
                 }),
             ))
             .await?;
+        if access.created {
+            inner
+                .record(NewEvent::new(
+                    &source,
+                    "key.generated",
+                    Severity::Notice,
+                    "system",
+                    serde_json::json!({"role": "pin-pepper", "label": keys::PEPPER_LABEL,
+                        "message": "a new PIN pepper key was generated in the HSM (a fresh cell)"}),
+                ))
+                .await?;
+        }
+        // A cell whose first officer was committed but whose token marker was not (a crash in
+        // between) gets its marker now.
+        if access.marker.is_none() && self.has_users().await? {
+            self.mark_cell_set_up("repaired at start-up").await?;
+        }
         Ok(())
+    }
+
+    /// Writes the token's set-up marker (audited).
+    async fn mark_cell_set_up(&self, why: &str) -> Result<()> {
+        let value =
+            serde_json::json!({"station": self.inner.cfg.station_id, "at": now_ms()}).to_string();
+        self.inner
+            .hsm
+            .run(move |s| s.create_data(CELL_MARKER, value.as_bytes()))
+            .await?;
+        self.inner
+            .record(NewEvent::new(
+                &self.inner.source,
+                "cell.set_up",
+                Severity::Notice,
+                "system",
+                serde_json::json!({"message": format!("the HSM token now marks this cell as set up ({why})")}),
+            ))
+            .await?;
+        Ok(())
+    }
+
+    /// Whether the cell is fresh: the token carries no set-up marker, so the first security
+    /// officer may be created without a log-in.
+    pub async fn is_fresh(&self) -> Result<bool> {
+        Ok(self
+            .inner
+            .hsm
+            .run(|s| s.find_data(CELL_MARKER))
+            .await?
+            .is_none())
     }
 
     fn spawn_tasks(&self) {
@@ -673,8 +738,22 @@ impl Engine {
 
     /// Logs a user in (audited either way).
     pub async fn login(&self, user: &str, pin: &str) -> Result<Session> {
+        self.login_from(user, pin, serde_json::json!({"transport": "in-process"}))
+            .await
+    }
+
+    /// Logs a user in; `origin` (the client's transport, peer process or certificate) goes into
+    /// the audit entry. Every attempt costs the same: the HSM's MAC of the PIN, then one Argon2id
+    /// check, whether or not the user exists.
+    pub async fn login_from(
+        &self,
+        user: &str,
+        pin: &str,
+        origin: serde_json::Value,
+    ) -> Result<Session> {
+        let peppered = self.inner.pepper_pin(pin).await?;
         let inner = Arc::clone(&self.inner);
-        let (name, pin) = (user.to_string(), zeroize::Zeroizing::new(pin.to_string()));
+        let name = user.to_string();
         let access = inner.cfg.access;
         let source = inner.source.clone();
         let audit = inner.audit.clone();
@@ -685,7 +764,7 @@ impl Engine {
                 move |c| -> Result<(LoginOutcome, Option<SessionToken>, Option<i64>)> {
                     let now = now_ms();
                     let tx = c.transaction()?;
-                    let outcome = auth::login(&tx, &name, &pin, &access, now)?;
+                    let outcome = auth::login(&tx, &name, &peppered, &access, now)?;
                     if frozen {
                         // A frozen log takes no entries: only reading and verifying it is possible.
                         let token = match &outcome {
@@ -705,7 +784,7 @@ impl Engine {
                                     "auth.success",
                                     Severity::Info,
                                     &u.name,
-                                    serde_json::json!({"role": u.role.as_str()}),
+                                    serde_json::json!({"role": u.role.as_str(), "origin": origin}),
                                 ),
                             )?;
                             (Some(t), None)
@@ -716,9 +795,26 @@ impl Engine {
                             } else {
                                 ("auth.failure", Severity::Warning)
                             };
+                            // The log is told what the client is not.
                             let message = match error {
+                                AuthError::BadCredentials { user: None, .. } => {
+                                    format!("unknown user {name:?}")
+                                }
+                                AuthError::BadCredentials {
+                                    remaining: Some(r),
+                                    locked_now: false,
+                                    ..
+                                } if *r > 0 => format!(
+                                    "wrong PIN for {name:?} ({r} attempts left before lock-out)"
+                                ),
+                                AuthError::BadCredentials {
+                                    locked_now: true, ..
+                                } => format!(
+                                    "wrong PIN for {name:?}: locked out for {} minutes",
+                                    access.lockout_minutes
+                                ),
                                 AuthError::BadCredentials { .. } => {
-                                    format!("wrong PIN or unknown user for {name:?}")
+                                    format!("wrong PIN for {name:?}, who is locked out or disabled")
                                 }
                                 other => other.to_string(),
                             };
@@ -729,7 +825,7 @@ impl Engine {
                                     kind,
                                     sev,
                                     &name,
-                                    serde_json::json!({"message": message}),
+                                    serde_json::json!({"message": message, "origin": origin}),
                                 ),
                             )?;
                             (None, a.alarm)
@@ -756,14 +852,22 @@ impl Engine {
         }
     }
 
-    /// Creates the first security officer of a new cell. Refused once any user exists.
+    /// Creates the first security officer of a new cell. Refused unless the HSM token says the
+    /// cell is fresh (no set-up marker) and the journal has no users; then marks the token.
     pub async fn bootstrap_admin(&self, name: &str, pin: &str) -> Result<User> {
+        if !self.is_fresh().await? {
+            return Err(Error::Conflict(
+                "this cell has been set up already (its HSM token says so): log in as a security officer, who adds users with `station user add`".into(),
+            ));
+        }
+        auth::check_user_name(name)?;
+        auth::check_pin_policy(pin, self.inner.cfg.access.min_pin_length)?;
+        let peppered = self.inner.pepper_pin(pin).await?;
         let inner = Arc::clone(&self.inner);
-        let (name, pin) = (name.to_string(), zeroize::Zeroizing::new(pin.to_string()));
-        let access = inner.cfg.access;
+        let name = name.to_string();
         let source = inner.source.clone();
         let audit = inner.audit.clone();
-        inner
+        let user = inner
             .db
             .call(move |c| -> Result<User> {
                 let tx = c.transaction()?;
@@ -771,12 +875,15 @@ impl Engine {
                 if n > 0 {
                     return Err(Error::Conflict("the cell already has users; a security officer adds more with `station user add`".into()));
                 }
-                let u = auth::add_user(&tx, &name, Role::SecurityOfficer, &pin, &access, now_ms())?;
+                let u = auth::add_user(&tx, &name, Role::SecurityOfficer, &peppered, now_ms())?;
                 audit.append(&tx, &NewEvent::new(&source, "user.added", Severity::Notice, "bootstrap", serde_json::json!({"user": name, "role": "security_officer", "message": "first security officer of the cell"})))?;
                 tx.commit()?;
                 Ok(u)
             })
-            .await
+            .await?;
+        self.mark_cell_set_up("first security officer created")
+            .await?;
+        Ok(user)
     }
 
     /// Does the cell have any user yet?
@@ -791,8 +898,13 @@ impl Engine {
 
     /// Ends a session.
     pub async fn logout(&self, s: &Session) -> Result<()> {
-        let token = s.token.clone();
-        let user = s.user.clone();
+        self.logout_token(&s.token).await
+    }
+
+    /// Ends the session of a token as a client sent it.
+    pub async fn logout_token(&self, token: &SessionToken) -> Result<()> {
+        let user = self.session_alive(token).await?.name;
+        let token = token.clone();
         let inner = Arc::clone(&self.inner);
         let source = inner.source.clone();
         let audit = inner.audit.clone();
@@ -823,12 +935,17 @@ impl Engine {
 
     /// Checks the session and the permission table for `action`; refusals are audited.
     pub async fn authorize(&self, s: &Session, action: Action) -> Result<User> {
+        self.authorize_token(&s.token, action).await
+    }
+
+    /// Checks a session token (as a client sent it) and the permission table for `action`;
+    /// refusals are audited with the user, when the token names one.
+    pub async fn authorize_token(&self, token: &SessionToken, action: Action) -> Result<User> {
         let inner = Arc::clone(&self.inner);
-        let token = s.token.clone();
+        let token = token.clone();
         let access = inner.cfg.access;
         let source = inner.source.clone();
         let audit = inner.audit.clone();
-        let who = s.user.clone();
         let (result, alarm) = inner
             .db
             .call(move |c| -> Result<(Result<User, AuthError>, Option<i64>)> {
@@ -845,10 +962,9 @@ impl Engine {
                 };
                 let mut alarm = None;
                 if let (Err(e), None) = (&r, audit.frozen()) {
-                    let kind = if matches!(e, AuthError::Expired) {
-                        "auth.session_expired"
-                    } else {
-                        "auth.forbidden"
+                    let (kind, who) = match e {
+                        AuthError::Forbidden { user, .. } => ("auth.forbidden", user.clone()),
+                        _ => ("auth.session_expired", "(no session)".to_string()),
                     };
                     alarm = audit
                         .append(
@@ -873,9 +989,43 @@ impl Engine {
         Ok(result?)
     }
 
+    /// Whether a session token may still follow the line (see [`auth::session_alive`]).
+    pub async fn session_alive(&self, token: &SessionToken) -> Result<User> {
+        let token = token.clone();
+        let access = self.inner.cfg.access;
+        self.inner
+            .db
+            .call(move |c| auth::session_alive(c, &token, &access, now_ms()).map_err(Error::from))
+            .await
+    }
+
+    /// Records a call refused for want of a session (no token at all), with where it came from.
+    pub async fn refuse_without_session(&self, call: &str, origin: serde_json::Value) {
+        if self.inner.audit.frozen().is_some() {
+            return;
+        }
+        let _ = self
+            .inner
+            .record(NewEvent::new(
+                &self.inner.source,
+                "auth.no_session",
+                Severity::Warning,
+                "(no session)",
+                serde_json::json!({"call": call, "origin": origin,
+                    "message": format!("{call} was refused: the client has not logged in")}),
+            ))
+            .await;
+    }
+
     /// Runs a command for a session: permission first, then the command.
     pub async fn execute(&self, s: &Session, cmd: Command) -> Result<Reply> {
-        let user = self.authorize(s, cmd.action()).await?;
+        self.execute_token(&s.token, cmd).await
+    }
+
+    /// Runs a command for a session token as a client sent it: permission first, then the
+    /// command.
+    pub async fn execute_token(&self, token: &SessionToken, cmd: Command) -> Result<Reply> {
+        let user = self.authorize_token(token, cmd.action()).await?;
         if let Some(why) = self.inner.audit.frozen() {
             let reads_the_log = matches!(
                 cmd,
@@ -981,6 +1131,24 @@ impl Engine {
 }
 
 impl Inner {
+    /// The HSM's MAC of a PIN ([`PepperedPin`]): the PIN is never hashed or compared otherwise.
+    pub(crate) async fn pepper_pin(&self, pin: &str) -> Result<PepperedPin> {
+        let input = PepperedPin::mac_input(pin);
+        let key = self.pepper.clone();
+        let mac = self
+            .hsm
+            .run(move |s| s.hmac_sha256(&key, &input))
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "the HSM cannot pepper a PIN");
+                Error::Setup(
+                    "PINs cannot be checked now: the HSM does not answer; try again when it is back"
+                        .into(),
+                )
+            })?;
+        Ok(PepperedPin::from_mac(mac))
+    }
+
     /// Appends an audit event in its own transaction and publishes any alarm it raises.
     pub(crate) async fn record(self: &Arc<Self>, e: NewEvent) -> Result<audit::Appended> {
         let audit = self.audit.clone();

@@ -748,10 +748,12 @@ impl Ctx<'_> {
         self.inner
             .db
             .call(move |c| -> super::Result<()> {
-                c.execute(
-                    "UPDATE meters SET state = ?1 WHERE id = ?2",
-                    params![state, id],
+                let expected = records::previous_state(state);
+                let n = c.execute(
+                    "UPDATE meters SET state = ?1 WHERE id = ?2 AND state = ?3",
+                    params![state, id, expected],
                 )?;
+                records::guarded(n, &format!("meter {id}"), expected)?;
                 Ok(())
             })
             .await
@@ -767,10 +769,11 @@ impl Ctx<'_> {
         self.inner
             .db
             .call(move |c| -> super::Result<()> {
-                c.execute(
-                    "UPDATE meters SET state = 'flashed', fw_sha256 = ?1 WHERE id = ?2",
+                let n = c.execute(
+                    "UPDATE meters SET state = 'flashed', fw_sha256 = ?1 WHERE id = ?2 AND state = 'assigned'",
                     params![sha, id],
                 )?;
+                records::guarded(n, &format!("meter {id}"), "assigned")?;
                 Ok(())
             })
             .await
@@ -1103,10 +1106,11 @@ impl Ctx<'_> {
                     let tx = c.transaction()?;
                     let now = now_ms();
                     for (id, der, fp) in &rows {
-                        tx.execute(
-                            "UPDATE certificates SET state = 'issued', der = ?1, fingerprint = ?2, updated_at = ?3 WHERE id = ?4",
+                        let n = tx.execute(
+                            "UPDATE certificates SET state = 'issued', der = ?1, fingerprint = ?2, updated_at = ?3 WHERE id = ?4 AND state = 'intent'",
                             params![der, fp, now, id],
                         )?;
+                        records::guarded(n, &format!("certificate {id}"), "intent")?;
                     }
                     tx.commit()?;
                     Ok(())
@@ -1395,10 +1399,11 @@ impl Ctx<'_> {
             .call(move |c| -> super::Result<()> {
                 let tx = c.transaction()?;
                 let now = now_ms();
-                tx.execute(
-                    "UPDATE meters SET state = 'done', receipt = ?1, receipt_sig = ?2, finished_at = ?3 WHERE id = ?4",
+                let n = tx.execute(
+                    "UPDATE meters SET state = 'done', receipt = ?1, receipt_sig = ?2, finished_at = ?3 WHERE id = ?4 AND state = 'sealed'",
                     params![receipt_bytes, sig, now, id],
                 )?;
+                records::guarded(n, &format!("meter {id}"), "sealed")?;
                 tx.execute("UPDATE certificates SET state = 'delivered', updated_at = ?1 WHERE meter_id = ?2 AND state = 'issued'", params![now, id])?;
                 audit.append(&tx, &NewEvent::new(&source, "meter.provisioned", Severity::Info, &operator, details))?;
                 tx.commit()?;

@@ -259,6 +259,106 @@ pub fn issue_with_serial(
     }
 }
 
+/// What a TLS certificate of the cell's service API is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsUsage {
+    /// A remote console: extended key usage clientAuth.
+    Client,
+    /// The daemon's TLS listener: extended key usage serverAuth.
+    Server,
+}
+
+/// What the profile puts into a TLS certificate of the service API (issued by the device CA;
+/// the explicit extended key usage keeps it apart from meter certificates, which carry none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsProfile {
+    /// Subject CN: the console's or the host's name.
+    pub name: String,
+    /// Subject O.
+    pub organization: String,
+    /// Client or server.
+    pub usage: TlsUsage,
+    /// The key's uncompressed P-256 point.
+    pub point: Vec<u8>,
+    /// Validity in days from now.
+    pub days: u32,
+    /// Server certificates: DNS names.
+    pub dns_names: Vec<String>,
+    /// Server certificates: IP addresses.
+    pub ip_addresses: Vec<std::net::IpAddr>,
+}
+
+/// Issues a TLS certificate for the cell's service API under `ca`.
+pub fn issue_tls_certificate(
+    session: &HsmSession<'_>,
+    ca: &Issuer,
+    profile: &TlsProfile,
+) -> Result<IssuedCertificate> {
+    use rcgen::{DnType, DnValue};
+    let name = profile.name.trim();
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(Error::Profile(
+            "the name must be 1 to 64 letters, digits, '-', '_' or '.'".into(),
+        ));
+    }
+    if !(1..=825).contains(&profile.days) {
+        return Err(Error::Profile("validity must be 1 to 825 days".into()));
+    }
+    Curve::P256.check_point(&profile.point)?;
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(
+        DnType::OrganizationName,
+        DnValue::Utf8String(profile.organization.trim().to_owned()),
+    );
+    dn.push(DnType::CommonName, DnValue::Utf8String(name.to_owned()));
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = dn;
+    params.not_before = now();
+    params.not_after = params.not_before + time::Duration::days(i64::from(profile.days));
+    params.is_ca = rcgen::IsCa::ExplicitNoCa;
+    params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![match profile.usage {
+        TlsUsage::Client => rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        TlsUsage::Server => rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+    }];
+    if profile.usage == TlsUsage::Server {
+        for d in &profile.dns_names {
+            let d = rcgen::string::Ia5String::try_from(d.as_str())
+                .map_err(|_| Error::Profile(format!("{d:?} is not a DNS name")))?;
+            params.subject_alt_names.push(rcgen::SanType::DnsName(d));
+        }
+        for ip in &profile.ip_addresses {
+            params
+                .subject_alt_names
+                .push(rcgen::SanType::IpAddress(*ip));
+        }
+        if params.subject_alt_names.is_empty() {
+            return Err(Error::Profile(
+                "a server certificate needs the DNS names or IP addresses clients connect to"
+                    .into(),
+            ));
+        }
+    }
+    params.use_authority_key_identifier_extension = true;
+    params.key_identifier_method = rcgen::KeyIdMethod::PreSpecified(key_identifier(&profile.point));
+    let serial = random_serial(session)?;
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+    let subject = SubjectKey {
+        point: profile.point.clone(),
+        curve: Curve::P256,
+    };
+    let issuer = ca.rcgen_issuer(session);
+    let cert = params
+        .signed_by(&subject, &issuer)
+        .map_err(|e| Error::Encoding(e.to_string()))?;
+    parse_and_verify(cert.der(), ca.key.curve, &ca.key.point)
+}
+
 /// The subject public point of a certificate (DER).
 pub fn subject_point(der: &[u8]) -> Result<Vec<u8>> {
     let cert = parse_der(der)?;

@@ -28,7 +28,9 @@ pub mod softhsm;
 mod sync;
 pub mod testkit;
 
-pub use cert::{IssuedCertificate, Issuer, MeterKeyUsage, MeterProfile, Verification};
+pub use cert::{
+    IssuedCertificate, Issuer, MeterKeyUsage, MeterProfile, TlsProfile, TlsUsage, Verification,
+};
 pub use config::{HsmConfig, PinSource, SOFTHSM_MODULE};
 pub use error::{CertError, CsrError, Error, Result};
 pub use mechanisms::{Mechanisms, OaepHash};

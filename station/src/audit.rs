@@ -472,6 +472,91 @@ fn sig_ok(key: &VerifyingKey, msg: &[u8], der: &[u8]) -> bool {
         .unwrap_or(false)
 }
 
+/// What an off-line verification of a copied journal found.
+#[derive(Debug, Clone, Serialize)]
+pub struct OfflineVerification {
+    /// The log's verification.
+    pub verification: Verification,
+    /// Subject of the audit certificate used, checked against the manufacturer root.
+    pub audit_certificate: String,
+}
+
+/// Verifies the audit log of a copied journal without the HSM: the audit signer's certificate
+/// (given, or as the journal recorded it) must chain to `root`, the manufacturer root the
+/// auditor holds; then every entry, signature, the signed head and every checkpoint are checked
+/// with its key. The copy is never written: it is copied (with its WAL) into a private temporary
+/// directory and read there.
+pub fn verify_offline(
+    journal: &std::path::Path,
+    root: &x509_cert::Certificate,
+    audit_cert: Option<Vec<u8>>,
+) -> Result<OfflineVerification, String> {
+    let tmp = tempdir_private().map_err(|e| format!("cannot make a temporary directory: {e}"))?;
+    let copy = tmp.join("journal.db");
+    std::fs::copy(journal, &copy)
+        .map_err(|e| format!("cannot read the journal {}: {e}", journal.display()))?;
+    for suffix in ["-wal"] {
+        let mut from = journal.as_os_str().to_os_string();
+        from.push(suffix);
+        let from = std::path::PathBuf::from(from);
+        if from.exists() {
+            std::fs::copy(&from, tmp.join(format!("journal.db{suffix}")))
+                .map_err(|e| format!("cannot read {}: {e}", from.display()))?;
+        }
+    }
+    let result = (|| {
+        let conn = rusqlite::Connection::open(&copy)
+            .map_err(|e| format!("{} is not a readable journal: {e}", journal.display()))?;
+        let app: i32 = conn
+            .query_row("PRAGMA application_id", [], |r| r.get(0))
+            .map_err(|e| format!("{} is not a readable journal: {e}", journal.display()))?;
+        if app != crate::db::APPLICATION_ID {
+            return Err(format!("{} is not a station journal", journal.display()));
+        }
+        let der = match audit_cert {
+            Some(d) => d,
+            None => conn
+                .query_row(
+                    "SELECT der FROM cell_certificates WHERE label = 'audit-signer'",
+                    [],
+                    |r| r.get::<_, Vec<u8>>(0),
+                )
+                .map_err(|_| {
+                    "the journal records no audit certificate; pass --audit-cert FILE".to_string()
+                })?,
+        };
+        let (cert, _) = crate::engine::keys::parse_cert(&der)?;
+        crate::manifest::verify::chain_to_root(&cert, &[], root).map_err(|e| {
+            format!("the audit certificate does not chain to the given manufacturer root: {e}")
+        })?;
+        let point = cert
+            .tbs_certificate()
+            .subject_public_key_info()
+            .subject_public_key
+            .as_bytes()
+            .ok_or("the audit certificate's key cannot be read")?;
+        let key = VerifyingKey::from_sec1_bytes(point)
+            .map_err(|_| "the audit certificate's key is not a P-256 key".to_string())?;
+        let verification = verify(&conn, &key).map_err(|e| e.to_string())?;
+        Ok(OfflineVerification {
+            verification,
+            audit_certificate: cert.tbs_certificate().subject().to_string(),
+        })
+    })();
+    let _ = std::fs::remove_dir_all(&tmp);
+    result
+}
+
+/// A new owner-only directory under the system's temporary directory.
+fn tempdir_private() -> std::io::Result<std::path::PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let mut raw = [0u8; 12];
+    rand_core::Rng::fill_bytes(&mut line_protocol::io::system_rng(), &mut raw);
+    let dir = std::env::temp_dir().join(format!("station-audit-{}", hex::encode(raw)));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    Ok(dir)
+}
+
 /// Checks the whole log against the audit public key.
 pub fn verify(conn: &rusqlite::Connection, key: &VerifyingKey) -> Result<Verification, DbError> {
     let mut first_bad: Option<(i64, String)> = None;

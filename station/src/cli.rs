@@ -1,17 +1,23 @@
 //! The `station` command line: arguments, credentials, output. The binary is one call to
 //! [`main`]; keeping it here lets the end-to-end tests run the very same command.
 //!
-//! It parses arguments, obtains credentials, and calls the engine (or the HSM set-up functions
-//! for the PKI commands). Every failure exits non-zero with a message that says what to do.
+//! It is a client of `stationd` ([`crate::api::client`]): it parses arguments, obtains the
+//! user's PIN, logs in over the daemon's socket (or mutual TLS), runs the command and logs out.
+//! It holds no HSM PIN and never opens the journal. What a utility or an auditor runs off-line
+//! needs no daemon: `manifest verify`, `manifest import` and `audit verify --offline` on a
+//! copied journal; so do the set-up commands of a fresh token (`pki init-dev`, and `pki csr` /
+//! `pki import` with `--local`, refused once the cell has been set up). Every failure exits
+//! non-zero with a message that says what to do.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use crate::api::client::{Address, Client, TlsClient};
 use crate::auth::Role;
 use crate::config::Config;
 use crate::engine::BatchSpec;
-use crate::{Command, Engine, OpenOptions, Reply, Session};
+use crate::{Command, Reply, Session};
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 use zeroize::Zeroizing;
@@ -22,10 +28,10 @@ use zeroize::Zeroizing;
     version,
     about = "Trust-provisioning cell controller: keys, certificates and firmware into meters, with a journal, an audit log and signed manifests",
     long_about = None,
-    after_help = "Credentials: commands log in as --user (or STATION_USER) with the PIN from STATION_PIN, --pin-file (an owner-only file) or a prompt.\nStart with `station demo` to see a whole cell at work."
+    after_help = "The station's service, stationd, holds the HSM and the journal; this command talks to it over its socket (the cell configuration's `[api] socket`, or --connect).\nCredentials: commands log in as --user (or STATION_USER) with the PIN from STATION_PIN, --pin-file (an owner-only file) or a prompt.\nStart with `station demo` to see a whole cell at work."
 )]
 struct Cli {
-    /// Cell configuration.
+    /// Cell configuration (to find the daemon's socket; read only).
     #[arg(
         long,
         global = true,
@@ -33,6 +39,18 @@ struct Cli {
         env = "STATION_CONFIG"
     )]
     config: PathBuf,
+    /// The daemon: its Unix socket, or https://HOST:PORT for a remote daemon (mutual TLS).
+    #[arg(long, global = true, env = "STATION_CONNECT")]
+    connect: Option<String>,
+    /// Remote daemon: the CA certificate its certificate chains to (PEM).
+    #[arg(long, global = true, env = "STATION_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Remote daemon: this console's certificate (PEM, issued by the cell).
+    #[arg(long, global = true, env = "STATION_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// Remote daemon: this console's private key (PEM, an owner-only file).
+    #[arg(long, global = true, env = "STATION_TLS_KEY")]
+    tls_key: Option<PathBuf>,
     /// User to log in as.
     #[arg(long, global = true, env = "STATION_USER")]
     user: Option<String>,
@@ -48,7 +66,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Create the journal and the first security officer (PIN from STATION_NEW_PIN or a prompt).
+    /// Create the first security officer of a fresh cell (PIN from STATION_NEW_PIN or a
+    /// prompt). Works once: the HSM token then marks the cell as set up.
     Init {
         /// Name of the first security officer.
         #[arg(long)]
@@ -184,7 +203,8 @@ enum PkiCmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Generate a key in the HSM for a role and write its certificate request.
+    /// Generate a key in the HSM for a role and write its certificate request (security
+    /// officer, audited).
     Csr {
         /// device-ca, manifest-signer, audit-signer or station.
         #[arg(long)]
@@ -201,8 +221,13 @@ enum PkiCmd {
         /// Output file (PEM).
         #[arg(long)]
         out: PathBuf,
+        /// Setting up a fresh token before stationd first starts: open the HSM here (with the
+        /// configuration's HSM PIN). Refused once the cell has been set up.
+        #[arg(long)]
+        local: bool,
     },
-    /// Import the certificate the offline root issued for a role's key (the chain is checked).
+    /// Import the certificate the offline root issued for a role's key (the chain is checked;
+    /// security officer, audited).
     Import {
         /// The role.
         #[arg(long)]
@@ -213,6 +238,32 @@ enum PkiCmd {
         /// Issuer certificates up to a self-signed root (PEM), in order.
         #[arg(long = "chain")]
         chain: Vec<PathBuf>,
+        /// Setting up a fresh token before stationd first starts (see `pki csr --local`).
+        #[arg(long)]
+        local: bool,
+    },
+    /// Make a key pair here and have the cell's device CA certify it for the service API's
+    /// TLS: a remote console (client) or the daemon's own listener (server). Writes NAME.pem,
+    /// NAME-key.pem (owner-only) and ca.pem into --out.
+    TlsCert {
+        /// client (a remote console) or server (stationd's TLS listener).
+        #[arg(long)]
+        usage: String,
+        /// The console's or host's name.
+        #[arg(long)]
+        name: String,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Server certificates: a DNS name clients connect to (repeatable).
+        #[arg(long = "dns")]
+        dns: Vec<String>,
+        /// Server certificates: an IP address clients connect to (repeatable).
+        #[arg(long = "ip")]
+        ip: Vec<std::net::IpAddr>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..=825))]
+        days: u32,
     },
 }
 
@@ -313,7 +364,7 @@ enum AlarmCmd {
 #[derive(Subcommand, Debug)]
 enum AuditCmd {
     /// Verify the hash chain, signatures, signed head and checkpoints; names the first bad entry.
-    Verify,
+    Verify(AuditVerifyArgs),
     /// Write the whole log and its checkpoints as JSON.
     Export {
         /// Output file (default: standard output).
@@ -329,6 +380,23 @@ enum AuditCmd {
         #[arg(long)]
         follow: bool,
     },
+}
+
+#[derive(Args, Debug)]
+struct AuditVerifyArgs {
+    /// Verify a copy of a journal here, without the daemon or the HSM (an auditor's check):
+    /// the audit certificate must chain to --root.
+    #[arg(long, requires_all = ["journal", "root"])]
+    offline: bool,
+    /// The copied journal (with its -wal file beside it, if there is one).
+    #[arg(long)]
+    journal: Option<PathBuf>,
+    /// The manufacturer's root certificate (PEM or DER).
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// The audit signer's certificate (default: as the journal recorded it).
+    #[arg(long)]
+    audit_cert: Option<PathBuf>,
 }
 
 /// Logs to standard error, at the level `STATION_LOG` says (`warn` when unset): the station's
@@ -379,7 +447,8 @@ fn prepare_environment(cli: &Cli) -> Result<()> {
             hsm::softhsm::use_conf(&conf);
             Ok(())
         }
-        _ => {
+        // Only the set-up of a fresh token opens the HSM here.
+        Cmd::Pki(PkiCmd::Csr { local: true, .. } | PkiCmd::Import { local: true, .. }) => {
             if let Ok(cfg) = Config::load(&cli.config)
                 && let Some(conf) = &cfg.hsm.softhsm_conf
             {
@@ -387,6 +456,7 @@ fn prepare_environment(cli: &Cli) -> Result<()> {
             }
             Ok(())
         }
+        _ => Ok(()),
     }
 }
 
@@ -442,30 +512,73 @@ fn new_pin(what: &str) -> Result<Zeroizing<String>> {
     Ok(a)
 }
 
-async fn open(cli: &Cli, nests: bool) -> Result<Engine> {
-    let cfg = Config::load(&cli.config)?;
-    Ok(Engine::open(
-        cfg,
-        OpenOptions {
-            source: "cli".into(),
-            nests,
+/// Where the daemon is: --connect, else the socket the cell's configuration names.
+pub fn address(
+    connect: Option<&str>,
+    config: &Path,
+    tls: (Option<&Path>, Option<&Path>, Option<&Path>),
+) -> Result<Address> {
+    match connect {
+        Some(url) if url.starts_with("https://") => {
+            let (Some(ca), Some(cert), Some(key)) = tls else {
+                bail!("a remote daemon needs --tls-ca, --tls-cert and --tls-key");
+            };
+            let read =
+                |p: &Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let meta = std::fs::metadata(key)
+                    .with_context(|| format!("cannot read {}", key.display()))?;
+                if meta.permissions().mode() & 0o077 != 0 {
+                    bail!(
+                        "the key {} can be read by others; `chmod 600` it",
+                        key.display()
+                    );
+                }
+            }
+            Ok(Address::Tls(TlsClient {
+                url: url.to_string(),
+                domain: None,
+                ca_pem: read(ca)?,
+                cert_pem: read(cert)?,
+                key_pem: Zeroizing::new(read(key)?),
+            }))
+        }
+        Some(path) => Ok(Address::Unix(PathBuf::from(path))),
+        None => match Config::load(config) {
+            Ok(cfg) => Ok(Address::Unix(cfg.api.socket)),
+            Err(_) => Ok(Address::Unix(PathBuf::from(DEFAULT_SOCKET))),
         },
-    )
-    .await?)
+    }
 }
 
-async fn login(cli: &Cli, engine: &Engine) -> Result<Session> {
+/// The daemon's socket when neither --connect nor a readable configuration says otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/stationd/stationd.sock";
+
+async fn connect(cli: &Cli) -> Result<Client> {
+    let addr = address(
+        cli.connect.as_deref(),
+        &cli.config,
+        (
+            cli.tls_ca.as_deref(),
+            cli.tls_cert.as_deref(),
+            cli.tls_key.as_deref(),
+        ),
+    )?;
+    Ok(Client::connect(&addr, "station-cli").await?)
+}
+
+async fn login(cli: &Cli, client: &Client) -> Result<Session> {
     let (user, pin) = credentials(cli)?;
-    Ok(engine.login(&user, &pin).await?)
+    Ok(client.login(&user, &pin).await?.session)
 }
 
-/// Opens the engine, logs in, runs one command, logs out.
+/// Connects, logs in, runs one command, logs out.
 async fn one(cli: &Cli, cmd: Command) -> Result<Reply> {
-    let engine = open(cli, false).await?;
-    let session = login(cli, &engine).await?;
-    let r = engine.execute(&session, cmd).await;
-    let _ = engine.logout(&session).await;
-    let _ = engine.shutdown().await;
+    let client = connect(cli).await?;
+    let session = login(cli, &client).await?;
+    let r = client.execute(&session, cmd).await;
+    let _ = client.logout(&session).await;
     Ok(r?)
 }
 
@@ -587,9 +700,13 @@ fn print_batch(b: &crate::records::BatchRow) {
 async fn dispatch(cli: Cli) -> Result<ExitCode> {
     let reply = match &cli.command {
         Cmd::Demo(args) => {
-            return crate::demo::run(args.clone())
-                .await
-                .map(|_| ExitCode::SUCCESS);
+            // The demo runs the cell with the real daemon when it was built beside this command.
+            let mut args = args.clone();
+            args.stationd = std::env::current_exe()
+                .ok()
+                .and_then(|e| e.parent().map(|d| d.join("stationd")))
+                .filter(|p| p.exists());
+            return crate::demo::run(args).await.map(|_| ExitCode::SUCCESS);
         }
         Cmd::Export { batch, out } => {
             one(
@@ -603,11 +720,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Manifest(m) => return manifest(&cli, m),
         Cmd::Init { admin } => {
-            let engine = open(&cli, false).await?;
+            let client = connect(&cli).await?;
             let pin = new_pin(admin)?;
-            let u = engine.bootstrap_admin(admin, &pin).await?;
-            engine.shutdown().await?;
-            Reply::User(u)
+            Reply::User(client.bootstrap(admin, &pin).await?)
         }
         Cmd::User(u) => {
             let cmd = match u {
@@ -675,43 +790,45 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             .await?
         }
         Cmd::Batch(BatchCmd::Close { id }) => {
-            let engine = open(&cli, false).await?;
-            let session = login(&cli, &engine).await?;
-            let id = match id {
-                Some(id) => *id,
-                None => engine
-                    .snapshot()
-                    .batch
-                    .map(|b| b.id)
-                    .ok_or_else(|| anyhow!("no batch is open"))?,
-            };
-            let r = engine.execute(&session, Command::CloseBatch { id }).await;
-            let _ = engine.logout(&session).await;
-            engine.shutdown().await?;
+            let client = connect(&cli).await?;
+            let session = login(&cli, &client).await?;
+            let r = async {
+                let id = match id {
+                    Some(id) => *id,
+                    None => client
+                        .snapshot(&session)
+                        .await?
+                        .batch
+                        .map(|b| b.id)
+                        .ok_or_else(|| anyhow!("no batch is open"))?,
+                };
+                Ok::<_, anyhow::Error>(client.execute(&session, Command::CloseBatch { id }).await?)
+            }
+            .await;
+            let _ = client.logout(&session).await;
             r?
         }
         Cmd::Batch(BatchCmd::List) => one(&cli, Command::ListBatches).await?,
         Cmd::Batch(BatchCmd::Status { id }) => one(&cli, Command::BatchStatus { id: *id }).await?,
         Cmd::Run(a) => {
-            return crate::run::run(crate::run::RunOptions::from_cli(
-                &cli.config,
-                credentials(&cli)?,
-                a.keep_running,
-                a.plain,
-            ))
-            .await
-            .map(|ok| {
-                if ok {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
-                }
-            });
+            let client = connect(&cli).await?;
+            return crate::run::run(&client, credentials(&cli)?, a.keep_running, a.plain)
+                .await
+                .map(|ok| {
+                    if ok {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                });
         }
         Cmd::Alarm(AlarmCmd::List) => one(&cli, Command::ListAlarms).await?,
         Cmd::Alarm(AlarmCmd::Ack { id }) => one(&cli, Command::AckAlarm { id: *id }).await?,
         Cmd::Rework { uid } => one(&cli, Command::Rework { uid: uid.clone() }).await?,
-        Cmd::Audit(AuditCmd::Verify) => {
+        Cmd::Audit(AuditCmd::Verify(a)) if a.offline => {
+            return audit_offline(&cli, a);
+        }
+        Cmd::Audit(AuditCmd::Verify(_)) => {
             let r = one(&cli, Command::AuditVerify).await?;
             print(&cli, &r)?;
             return Ok(match r {
@@ -733,23 +850,23 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Audit(AuditCmd::Tail { n, follow }) => {
-            let engine = open(&cli, false).await?;
-            let session = login(&cli, &engine).await?;
-            let mut last = 0;
-            let r = engine
-                .execute(&session, Command::AuditTail { n: *n })
-                .await?;
-            if let Reply::Entries(es) = &r {
-                last = es.last().map(|e| e.seq).unwrap_or(0);
-            }
-            print(&cli, &r)?;
-            if *follow {
-                loop {
+            let client = connect(&cli).await?;
+            let session = login(&cli, &client).await?;
+            let r = async {
+                let r = client
+                    .execute(&session, Command::AuditTail { n: *n })
+                    .await?;
+                let mut last = match &r {
+                    Reply::Entries(es) => es.last().map(|e| e.seq).unwrap_or(0),
+                    _ => 0,
+                };
+                print(&cli, &r)?;
+                while *follow {
                     tokio::select! {
                         _ = tokio::signal::ctrl_c() => break,
                         _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
                     }
-                    let r = engine
+                    let r = client
                         .execute(&session, Command::AuditSince { after: last })
                         .await?;
                     if let Reply::Entries(es) = &r
@@ -759,9 +876,11 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                         print(&cli, &r)?;
                     }
                 }
+                Ok::<_, anyhow::Error>(())
             }
-            let _ = engine.logout(&session).await;
-            engine.shutdown().await?;
+            .await;
+            let _ = client.logout(&session).await;
+            r?;
             return Ok(ExitCode::SUCCESS);
         }
     };
@@ -834,51 +953,179 @@ fn manifest(cli: &Cli, m: &ManifestCmd) -> Result<ExitCode> {
     }
 }
 
-fn role_of(name: &str) -> Result<hsm::KeyRole> {
-    Ok(match name {
-        "device-ca" => hsm::KeyRole::DeviceCa,
-        "manifest-signer" => hsm::KeyRole::ManifestSigner,
-        "audit-signer" => hsm::KeyRole::AuditSigner,
-        "station" => hsm::KeyRole::StationIdentity,
-        other => {
-            bail!("unknown role {other:?}: device-ca, manifest-signer, audit-signer or station")
-        }
+/// An auditor's check of a copied journal, without the daemon or the HSM.
+fn audit_offline(cli: &Cli, a: &AuditVerifyArgs) -> Result<ExitCode> {
+    let (Some(journal), Some(root)) = (&a.journal, &a.root) else {
+        bail!("--offline needs --journal FILE and --root FILE");
+    };
+    let root = crate::manifest::verify::read_cert(root).map_err(anyhow::Error::msg)?;
+    let cert = match &a.audit_cert {
+        Some(p) => Some(std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?),
+        None => None,
+    };
+    let v = crate::audit::verify_offline(journal, &root, cert).map_err(anyhow::Error::msg)?;
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "audit certificate: {} (chains to the given root)",
+            v.audit_certificate
+        );
+        print(cli, &Reply::Verification(v.verification.clone()))?;
+    }
+    Ok(if v.verification.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
     })
 }
 
-/// PKI commands. On a cell with users they need a security officer; before the first user
-/// exists (setting a cell up) they run without a login.
+fn curve_of(curve: &str) -> Result<hsm::Curve> {
+    Ok(match curve {
+        "P-256" | "p256" => hsm::Curve::P256,
+        "P-384" | "p384" => hsm::Curve::P384,
+        other => bail!("unknown curve {other:?}: P-256 or P-384"),
+    })
+}
+
+/// PKI commands: through the daemon (a security officer, audited); `--local` only to set up a
+/// fresh token before the daemon first starts.
 async fn pki(cli: &Cli, p: &PkiCmd) -> Result<ExitCode> {
-    if let PkiCmd::InitDev {
-        token_dir,
-        label,
-        out,
-    } = p
-    {
-        let made = crate::demo::init_dev_token(token_dir, label, out.as_deref()).await?;
-        println!("{made}");
-        return Ok(ExitCode::SUCCESS);
-    }
-    let cfg = Config::load(&cli.config)?;
-    let bootstrap = match crate::db::Db::open(&cfg.database) {
-        Ok(db) => {
-            db.with(|c| {
-                c.query_row("SELECT count(*) FROM users", [], |r| r.get::<_, i64>(0))
-                    .unwrap_or(0)
-            }) == 0
+    match p {
+        PkiCmd::InitDev {
+            token_dir,
+            label,
+            out,
+        } => {
+            let made = crate::demo::init_dev_token(token_dir, label, out.as_deref()).await?;
+            println!("{made}");
         }
-        Err(_) => true,
-    };
-    if !bootstrap {
-        let engine = open(cli, false).await?;
-        let session = login(cli, &engine).await?;
-        engine
-            .authorize(&session, crate::auth::Action::ManagePki)
-            .await?;
-        let _ = engine.logout(&session).await;
-        engine.shutdown().await?;
+        PkiCmd::Csr { local: true, .. } | PkiCmd::Import { local: true, .. } => {
+            return pki_local(cli, p).await;
+        }
+        PkiCmd::Csr {
+            role,
+            cn,
+            org,
+            curve,
+            out,
+            ..
+        } => {
+            let cmd = Command::PkiCsr {
+                role: crate::api::key_role(role).map_err(anyhow::Error::msg)?,
+                subject: hsm::pki::CsrSubject {
+                    common_name: cn.clone(),
+                    organization: org.clone(),
+                    country: None,
+                },
+                curve: curve_of(curve)?,
+            };
+            let Reply::Text(pem) = one(cli, cmd).await? else {
+                bail!("the daemon answered the request unexpectedly");
+            };
+            std::fs::write(out, pem.as_bytes())
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            println!(
+                "certificate request for {role} written to {}",
+                out.display()
+            );
+        }
+        PkiCmd::Import {
+            role, cert, chain, ..
+        } => {
+            let cmd = Command::PkiImport {
+                role: crate::api::key_role(role).map_err(anyhow::Error::msg)?,
+                cert_pem: std::fs::read_to_string(cert)
+                    .with_context(|| format!("cannot read {}", cert.display()))?,
+                chain_pem: chain
+                    .iter()
+                    .map(|c| {
+                        std::fs::read_to_string(c)
+                            .with_context(|| format!("cannot read {}", c.display()))
+                    })
+                    .collect::<Result<_>>()?,
+            };
+            let r = one(cli, cmd).await?;
+            print(cli, &r)?;
+        }
+        PkiCmd::TlsCert {
+            usage,
+            name,
+            out,
+            dns,
+            ip,
+            days,
+        } => {
+            let usage = match usage.as_str() {
+                "client" => hsm::TlsUsage::Client,
+                "server" => hsm::TlsUsage::Server,
+                other => bail!("unknown usage {other:?}: client or server"),
+            };
+            let key_path = out.join(format!("{name}-key.pem"));
+            if key_path.exists() {
+                bail!(
+                    "{} exists; choose another --out or --name",
+                    key_path.display()
+                );
+            }
+            let key = <p256::SecretKey as p256::elliptic_curve::Generate>::generate_from_rng(
+                &mut line_protocol::io::system_rng(),
+            );
+            let spki = p256::pkcs8::EncodePublicKey::to_public_key_der(&key.public_key())
+                .map_err(|e| anyhow!("cannot encode the public key: {e}"))?;
+            let cmd = Command::IssueTls {
+                name: name.clone(),
+                usage,
+                spki_der: spki.as_bytes().to_vec(),
+                days: *days,
+                dns_names: dns.clone(),
+                ip_addresses: ip.clone(),
+            };
+            let Reply::Text(pems) = one(cli, cmd).await? else {
+                bail!("the daemon answered the request unexpectedly");
+            };
+            let end = "-----END CERTIFICATE-----\n";
+            let split = pems.find(end).map(|i| i + end.len()).unwrap_or(pems.len());
+            let (leaf, ca) = pems.split_at(split);
+            crate::daemon::private_dir(out)?;
+            let key_pem =
+                p256::pkcs8::EncodePrivateKey::to_pkcs8_pem(&key, p256::pkcs8::LineEnding::LF)
+                    .map_err(|e| anyhow!("cannot encode the private key: {e}"))?;
+            crate::demo::write_secret(&key_path, key_pem.trim_end())?;
+            std::fs::write(out.join(format!("{name}.pem")), leaf)?;
+            std::fs::write(out.join("ca.pem"), ca)?;
+            println!(
+                "{} certificate for {name} written to {}: {name}.pem, {name}-key.pem (owner-only), ca.pem (the cell's device CA)",
+                if usage == hsm::TlsUsage::Client {
+                    "console (client)"
+                } else {
+                    "daemon (server)"
+                },
+                out.display()
+            );
+        }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `pki csr --local` and `pki import --local`: the set-up of a fresh token on the HSM's host,
+/// before stationd first starts. Refused once the token marks the cell as set up: from then on
+/// only the daemon changes the PKI, for a security officer, audited.
+async fn pki_local(cli: &Cli, p: &PkiCmd) -> Result<ExitCode> {
+    let cfg = Config::load(&cli.config)?;
     let hsm = crate::engine::open_hsm(&cfg)?;
+    let marker = {
+        let h = hsm.clone();
+        tokio::task::spawn_blocking(move || {
+            h.with_session(|s| s.find_data(crate::engine::CELL_MARKER))
+        })
+        .await??
+    };
+    if marker.is_some() {
+        bail!(
+            "this cell has been set up (its HSM token says so): change its PKI through stationd as a security officer — drop --local"
+        );
+    }
     match p {
         PkiCmd::Csr {
             role,
@@ -886,13 +1133,10 @@ async fn pki(cli: &Cli, p: &PkiCmd) -> Result<ExitCode> {
             org,
             curve,
             out,
+            ..
         } => {
-            let role = role_of(role)?;
-            let curve = match curve.as_str() {
-                "P-256" | "p256" => hsm::Curve::P256,
-                "P-384" | "p384" => hsm::Curve::P384,
-                other => bail!("unknown curve {other:?}: P-256 or P-384"),
-            };
+            let role = crate::api::key_role(role).map_err(anyhow::Error::msg)?;
+            let curve = curve_of(curve)?;
             let subject = hsm::pki::CsrSubject {
                 common_name: cn.clone(),
                 organization: org.clone(),
@@ -910,8 +1154,10 @@ async fn pki(cli: &Cli, p: &PkiCmd) -> Result<ExitCode> {
                 out.display()
             );
         }
-        PkiCmd::Import { role, cert, chain } => {
-            let role = role_of(role)?;
+        PkiCmd::Import {
+            role, cert, chain, ..
+        } => {
+            let role = crate::api::key_role(role).map_err(anyhow::Error::msg)?;
             let pem = std::fs::read_to_string(cert)
                 .with_context(|| format!("cannot read {}", cert.display()))?;
             let chain: Vec<String> = chain
@@ -927,7 +1173,7 @@ async fn pki(cli: &Cli, p: &PkiCmd) -> Result<ExitCode> {
                     .await??;
             println!("{outcome}");
         }
-        PkiCmd::InitDev { .. } => {}
+        _ => {}
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,8 +1,9 @@
 //! `station demo`: a whole cell on one machine. A SoftHSM token with the demo PKI, a firmware
 //! release signed in MCUboot format, a demo utility, emulated meters on pseudo-terminals joined
-//! to the station through the link emulator at the chosen baud rate, one batch provisioned from
-//! start to finish, the audit log verified — and a working cell left behind in the output
-//! directory, so that every other command can be tried on it.
+//! to the station through the link emulator at the chosen baud rate, `stationd` started for the
+//! cell, and one batch provisioned from start to finish through the daemon's API as the
+//! `station` command would — the audit log verified — and a working cell left behind in the
+//! output directory, so that every other command can be tried on it.
 //!
 //! Also `station pki init-dev`, which makes the token and the demo hierarchy.
 
@@ -20,9 +21,11 @@ use meter_sim::nest::{FaultScope, NestConfig};
 use secrecy::SecretString;
 use zeroize::Zeroizing;
 
+use crate::api::client::{Address, Client};
 use crate::auth::Role;
 use crate::config::Config;
-use crate::engine::{BatchSpec, Command, Engine, OpenOptions, Reply, Session};
+use crate::daemon::Daemon;
+use crate::engine::{BatchSpec, Command, Engine, Reply, Session};
 
 /// Options of `station demo`.
 #[derive(clap::Args, Debug, Clone)]
@@ -59,6 +62,10 @@ pub struct DemoArgs {
     /// (see `meter-sim --help` for the catalogue). Repeatable.
     #[arg(long = "fault")]
     pub faults: Vec<String>,
+    /// The `stationd` binary to run the cell with; `None` runs the daemon inside this process
+    /// (the console's demo mode and the tests).
+    #[arg(skip)]
+    pub stationd: Option<PathBuf>,
 }
 
 impl Default for DemoArgs {
@@ -74,20 +81,81 @@ impl Default for DemoArgs {
             known_pins: false,
             insert_delay_ms: 200,
             faults: Vec::new(),
+            stationd: None,
         }
     }
 }
 
+/// Where the demo cell's daemon runs.
+#[derive(Debug)]
+enum DaemonRun {
+    /// In this process.
+    InProcess(Daemon),
+    /// A `stationd` child process.
+    Child(tokio::process::Child),
+}
+
 /// A demo cell, set up and running, with its batch open and the line stopped.
 pub struct DemoCell {
-    /// The engine.
-    pub engine: Engine,
+    /// A client of the cell's daemon.
+    pub client: Client,
     /// The cell directory.
     pub dir: PathBuf,
     /// The open batch.
     pub batch: crate::records::BatchRow,
+    daemon: DaemonRun,
     // The slave sides of the pseudo-terminals: the emulated lines live as long as these.
     _lines: Vec<line_protocol::io::PtySlave>,
+}
+
+impl DemoCell {
+    /// The daemon's engine, when it runs in this process (tests look inside).
+    pub fn engine(&self) -> Option<&Engine> {
+        match &self.daemon {
+            DaemonRun::InProcess(d) => Some(d.engine()),
+            DaemonRun::Child(_) => None,
+        }
+    }
+
+    /// The cell's configuration file.
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("station.toml")
+    }
+
+    /// Logs a demo user in with the PIN from the cell's `pins` directory.
+    pub async fn login(&self, user: &str) -> Result<Session> {
+        login(&self.client, &self.dir, user).await
+    }
+
+    /// Stops the daemon: the line stops cleanly and the journal is released.
+    pub async fn stop(self) -> Result<()> {
+        self.daemon.stop().await
+    }
+}
+
+impl DaemonRun {
+    async fn stop(self) -> Result<()> {
+        match self {
+            DaemonRun::InProcess(d) => d.stop().await,
+            DaemonRun::Child(mut c) => {
+                if let Some(pid) = c.id() {
+                    let _ = tokio::process::Command::new("kill")
+                        .args(["-TERM", &pid.to_string()])
+                        .status()
+                        .await;
+                }
+                match tokio::time::timeout(Duration::from_secs(120), c.wait()).await {
+                    Ok(Ok(s)) if s.success() => Ok(()),
+                    Ok(Ok(s)) => bail!("stationd ended with {s}"),
+                    Ok(Err(e)) => bail!("cannot wait for stationd: {e}"),
+                    Err(_) => {
+                        let _ = c.kill().await;
+                        bail!("stationd did not stop within 2 minutes; it was killed")
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for DemoCell {
@@ -151,18 +219,28 @@ fn random_digits(n: usize) -> Zeroizing<String> {
     Zeroizing::new(bytes.iter().map(|b| char::from(b'0' + b % 10)).collect())
 }
 
-/// Writes a secret to an owner-only file.
+/// Writes a secret to a new owner-only file (in an owner-only directory when it has to make
+/// one). An existing file is never overwritten: a PIN file that exists may be the only copy of
+/// a token's PIN.
 pub fn write_secret(path: &Path, secret: &str) -> Result<()> {
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)?;
+        crate::daemon::private_dir(parent)?;
     }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
+        .with_context(|| {
+            if path.exists() {
+                format!(
+                    "{} exists and is never overwritten (it may be the only copy of a secret); move it away first",
+                    path.display()
+                )
+            } else {
+                format!("cannot write {}", path.display())
+            }
+        })?;
     f.write_all(secret.as_bytes())?;
     f.write_all(b"\n")?;
     Ok(())
@@ -171,9 +249,17 @@ pub fn write_secret(path: &Path, secret: &str) -> Result<()> {
 /// `station pki init-dev`: a new SoftHSM token under `token_dir` (PINs in owner-only files) with
 /// the whole demo hierarchy; the public certificates go to `out` (default `token_dir/pki`).
 pub async fn init_dev_token(token_dir: &Path, label: &str, out: Option<&Path>) -> Result<String> {
+    let user_file = token_dir.join("hsm-user.pin");
+    for f in [&user_file, &token_dir.join("hsm-so.pin")] {
+        if f.exists() {
+            bail!(
+                "{} exists: `pki init-dev` never overwrites a PIN file (it may be the only copy of a token's PIN); choose another --token-dir",
+                f.display()
+            );
+        }
+    }
     let user_pin = random_digits(8);
     let so_pin = random_digits(12);
-    let user_file = token_dir.join("hsm-user.pin");
     write_secret(&user_file, &user_pin)?;
     write_secret(&token_dir.join("hsm-so.pin"), &so_pin)?;
     let module = PathBuf::from(hsm::SOFTHSM_MODULE);
@@ -312,7 +398,7 @@ fn config_text(dir: &Path, ports: &[String], baud: u32) -> String {
 }
 
 async fn user(
-    engine: &Engine,
+    client: &Client,
     officer: &Session,
     dir: &Path,
     name: &str,
@@ -324,7 +410,7 @@ async fn user(
         None => random_digits(8),
     };
     write_secret(&dir.join("pins").join(format!("{name}.pin")), &pin)?;
-    engine
+    client
         .execute(
             officer,
             Command::AddUser {
@@ -337,9 +423,50 @@ async fn user(
     Ok(())
 }
 
-async fn login(engine: &Engine, dir: &Path, name: &str) -> Result<Session> {
-    let pin = std::fs::read_to_string(dir.join("pins").join(format!("{name}.pin")))?;
-    Ok(engine.login(name, pin.trim()).await?)
+async fn login(client: &Client, dir: &Path, name: &str) -> Result<Session> {
+    let pin = Zeroizing::new(std::fs::read_to_string(
+        dir.join("pins").join(format!("{name}.pin")),
+    )?);
+    Ok(client.login(name, pin.trim()).await?.session)
+}
+
+/// Starts the cell's daemon: the `stationd` binary as a child process, or in this process.
+async fn start_daemon(config: &Path, stationd: Option<&Path>) -> Result<DaemonRun> {
+    let Some(exe) = stationd else {
+        let cfg = Config::load(config)?;
+        return Ok(DaemonRun::InProcess(Daemon::start(cfg, "stationd").await?));
+    };
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(exe)
+        .arg("--config")
+        .arg(config)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {}", exe.display()))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("stationd's output cannot be read"))?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(120), async {
+        while let Ok(Some(l)) = lines.next_line().await {
+            if l.contains(" ready on ") {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    if !ready {
+        let _ = child.kill().await;
+        bail!("stationd did not become ready (its messages are above)");
+    }
+    // Keep reading its standard output so that it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(DaemonRun::Child(child))
 }
 
 /// Sets a demo cell up: token and PKI, firmware, utility, emulated meters behind linksim, the
@@ -447,27 +574,36 @@ pub async fn build(args: &DemoArgs) -> Result<DemoCell> {
         args.baud
     );
 
-    // 5. The cell.
+    // 5. The cell: its daemon, and a client of it.
     let config_path = dir.join("station.toml");
     std::fs::write(&config_path, config_text(&dir, &ports, args.baud))?;
     let cfg = Config::load(&config_path)?;
-    let engine = Engine::open(
-        cfg,
-        OpenOptions {
-            source: "demo".into(),
-            nests: true,
+    let daemon = start_daemon(&config_path, args.stationd.as_deref()).await?;
+    println!(
+        "  stationd: {} for the cell, serving {}",
+        match &daemon {
+            DaemonRun::InProcess(_) => "running in this process".to_string(),
+            DaemonRun::Child(c) => format!("started (pid {})", c.id().unwrap_or(0)),
         },
-    )
-    .await?;
-    match setup_cell(&engine, &dir, args, &fw_path, &utility_cert).await {
-        Ok(batch) => Ok(DemoCell {
-            engine,
+        cfg.api.socket.display()
+    );
+    let set_up = async {
+        let client =
+            Client::connect(&Address::Unix(cfg.api.socket.clone()), "station-demo").await?;
+        let batch = setup_cell(&client, &dir, args, &fw_path, &utility_cert).await?;
+        Ok::<_, anyhow::Error>((client, batch))
+    }
+    .await;
+    match set_up {
+        Ok((client, batch)) => Ok(DemoCell {
+            client,
             dir,
             batch,
+            daemon,
             _lines: lines,
         }),
         Err(e) => {
-            let _ = engine.shutdown().await;
+            let _ = daemon.stop().await;
             Err(e)
         }
     }
@@ -484,14 +620,61 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     );
     let cell = build(&args).await?;
     let result = drive(&cell, &args).await;
-    let shutdown = cell.engine.shutdown().await;
+    let (dir, stopped) = (cell.dir.clone(), cell.stop().await);
     result?;
-    shutdown?;
+    stopped?;
+    // Off-line, as an auditor with a copy of the journal and the manufacturer root would.
+    let root =
+        crate::manifest::verify::read_cert(&dir.join("root-ca.pem")).map_err(anyhow::Error::msg)?;
+    let v = crate::audit::verify_offline(&dir.join("station.db"), &root, None)
+        .map_err(anyhow::Error::msg)?;
+    if !v.verification.ok() {
+        bail!(
+            "the audit log does not verify off-line: {:?}",
+            v.verification.first_bad
+        );
+    }
+    println!(
+        "audit log verified off-line from a copy of the journal: {} entries, audit certificate {} chains to the root",
+        v.verification.entries, v.audit_certificate
+    );
+    println!(
+        "\nThe cell is left in {}. Start its daemon, then try:",
+        dir.display()
+    );
+    let c = format!("station --config {}/station.toml", dir.display());
+    println!("  stationd --config {}/station.toml &", dir.display());
+    println!(
+        "  {c} --user audit --pin-file {}/pins/audit.pin audit verify",
+        dir.display()
+    );
+    println!(
+        "  {c} --user super --pin-file {}/pins/super.pin batch status {}",
+        dir.display(),
+        1
+    );
+    println!(
+        "  {c} --user audit --pin-file {}/pins/audit.pin audit tail -n 10",
+        dir.display()
+    );
+    println!("Without the daemon:");
+    println!(
+        "  station audit verify --offline --journal {d}/station.db --root {d}/root-ca.pem",
+        d = dir.display()
+    );
+    println!(
+        "  station manifest verify {d}/manifest.p7m --root {d}/root-ca.pem",
+        d = dir.display()
+    );
+    println!(
+        "  openssl cms -verify -binary -inform DER -in {d}/manifest.p7m -CAfile {d}/root-ca.pem -out /dev/null",
+        d = dir.display()
+    );
     Ok(())
 }
 
 async fn setup_cell(
-    engine: &Engine,
+    client: &Client,
     dir: &Path,
     args: &DemoArgs,
     fw_path: &Path,
@@ -502,42 +685,22 @@ async fn setup_cell(
         None => random_digits(8),
     };
     write_secret(&dir.join("pins/officer.pin"), &officer_pin)?;
-    engine.bootstrap_admin("officer", &officer_pin).await?;
-    let officer = login(engine, dir, "officer").await?;
-    user(
-        engine,
-        &officer,
-        dir,
-        "super",
-        Role::Supervisor,
-        args.known_pins,
-    )
-    .await?;
-    user(
-        engine,
-        &officer,
-        dir,
-        "oper",
-        Role::Operator,
-        args.known_pins,
-    )
-    .await?;
-    user(
-        engine,
-        &officer,
-        dir,
-        "audit",
-        Role::Auditor,
-        args.known_pins,
-    )
-    .await?;
+    client.bootstrap("officer", &officer_pin).await?;
+    let officer = login(client, dir, "officer").await?;
+    for (name, role) in [
+        ("super", Role::Supervisor),
+        ("oper", Role::Operator),
+        ("audit", Role::Auditor),
+    ] {
+        user(client, &officer, dir, name, role, args.known_pins).await?;
+    }
     println!(
         "  users: officer, super, oper, audit (PINs in {}/pins, owner-only)",
         dir.display()
     );
 
     let image = std::fs::read(fw_path)?;
-    let fw = match engine
+    let fw = match client
         .execute(
             &officer,
             Command::ImportFirmware {
@@ -550,7 +713,7 @@ async fn setup_cell(
         Reply::Firmware(f) => f,
         _ => bail!("firmware import answered unexpectedly"),
     };
-    engine
+    client
         .execute(
             &officer,
             Command::ImportCustomer {
@@ -559,9 +722,9 @@ async fn setup_cell(
             },
         )
         .await?;
-    let supervisor = login(engine, dir, "super").await?;
+    let supervisor = login(client, dir, "super").await?;
     let quantity = i64::from(args.meters);
-    let batch = match engine
+    let batch = match client
         .execute(
             &supervisor,
             Command::OpenBatch(BatchSpec {
@@ -585,25 +748,25 @@ async fn setup_cell(
         batch.work_order, quantity, MODEL, fw.version
     );
     for s in [officer, supervisor] {
-        let _ = engine.logout(&s).await;
+        let _ = client.logout(&s).await;
     }
     Ok(batch)
 }
 
 async fn drive(cell: &DemoCell, args: &DemoArgs) -> Result<()> {
-    let (engine, dir) = (&cell.engine, cell.dir.as_path());
-    let operator = login(engine, dir, "oper").await?;
-    let summary = crate::run::run_line(engine, &operator, false, args.plain).await?;
+    let (client, dir) = (&cell.client, cell.dir.as_path());
+    let operator = login(client, dir, "oper").await?;
+    let summary = crate::run::run_line(client, &operator, false, args.plain).await?;
     println!("\n{summary}");
-    let supervisor = login(engine, dir, "super").await?;
-    engine
+    let supervisor = login(client, dir, "super").await?;
+    client
         .execute(&supervisor, Command::CloseBatch { id: cell.batch.id })
         .await?;
 
     // The manifest, and what the utility does with it.
-    let officer = login(engine, dir, "officer").await?;
+    let officer = login(client, dir, "officer").await?;
     let out = dir.join("export");
-    let exported = match engine
+    let exported = match client
         .execute(
             &officer,
             Command::Export {
@@ -635,8 +798,8 @@ async fn drive(cell: &DemoCell, args: &DemoArgs) -> Result<()> {
         bail!("the manifest does not verify");
     }
 
-    let auditor = login(engine, dir, "audit").await?;
-    let verification = match engine.execute(&auditor, Command::AuditVerify).await? {
+    let auditor = login(client, dir, "audit").await?;
+    let verification = match client.execute(&auditor, Command::AuditVerify).await? {
         Reply::Verification(v) => v,
         _ => bail!("audit verify answered unexpectedly"),
     };
@@ -653,31 +816,8 @@ async fn drive(cell: &DemoCell, args: &DemoArgs) -> Result<()> {
     if !summary.batch_complete {
         bail!("the batch did not complete");
     }
-    println!("\nThe cell is left in {}. Try:", dir.display());
-    let c = format!("station --config {}/station.toml", dir.display());
-    println!(
-        "  {c} --user audit --pin-file {}/pins/audit.pin audit verify",
-        dir.display()
-    );
-    println!(
-        "  {c} --user super --pin-file {}/pins/super.pin batch status {}",
-        dir.display(),
-        cell.batch.id
-    );
-    println!(
-        "  {c} --user audit --pin-file {}/pins/audit.pin audit tail -n 10",
-        dir.display()
-    );
-    println!(
-        "  station manifest verify {d}/manifest.p7m --root {d}/root-ca.pem",
-        d = dir.display()
-    );
-    println!(
-        "  openssl cms -verify -binary -inform DER -in {d}/manifest.p7m -CAfile {d}/root-ca.pem -out /dev/null",
-        d = dir.display()
-    );
     for s in [operator, supervisor, auditor, officer] {
-        let _ = engine.logout(&s).await;
+        let _ = client.logout(&s).await;
     }
     Ok(())
 }

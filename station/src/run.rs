@@ -1,44 +1,18 @@
-//! Running the line headless (`station run`, and the demo): start every nest, show a progress
-//! bar per nest, stop cleanly on Ctrl-C or when the batch is complete, print a summary.
+//! Running the line headless (`station run`, and the demo), as a client of `stationd`: start
+//! the line, show a progress bar per nest from the daemon's event stream, stop cleanly on Ctrl-C
+//! or when the batch is complete, print a summary.
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use anyhow::{Context, bail};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use zeroize::Zeroizing;
 
-use crate::config::Config;
-use crate::engine::{Command, Engine, Event, NestState, NestView, OpenOptions, Session};
-
-/// What `station run` needs.
-#[derive(Debug)]
-pub struct RunOptions {
-    config: PathBuf,
-    user: String,
-    pin: Zeroizing<String>,
-    keep_running: bool,
-    plain: bool,
-}
-
-impl RunOptions {
-    /// From the command line.
-    pub fn from_cli(
-        config: &Path,
-        (user, pin): (String, Zeroizing<String>),
-        keep_running: bool,
-        plain: bool,
-    ) -> Self {
-        RunOptions {
-            config: config.to_path_buf(),
-            user,
-            pin,
-            keep_running,
-            plain,
-        }
-    }
-}
+use crate::api::client::Client;
+use crate::api::convert::Update;
+use crate::engine::{Command, Event, NestState, NestView, Session};
 
 /// What a run did.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -100,20 +74,16 @@ impl std::fmt::Display for Summary {
 }
 
 /// `station run`: log in, run until the batch is complete (or Ctrl-C), print the summary.
-pub async fn run(opts: RunOptions) -> anyhow::Result<bool> {
-    let cfg = Config::load(&opts.config)?;
-    let engine = Engine::open(
-        cfg,
-        OpenOptions {
-            source: "cli".into(),
-            nests: true,
-        },
-    )
-    .await?;
-    let session = engine.login(&opts.user, &opts.pin).await?;
-    let summary = run_line(&engine, &session, opts.keep_running, opts.plain).await;
-    let _ = engine.logout(&session).await;
-    engine.shutdown().await?;
+pub async fn run(
+    client: &Client,
+    (user, pin): (String, Zeroizing<String>),
+    keep_running: bool,
+    plain: bool,
+) -> anyhow::Result<bool> {
+    let session = client.login(&user, &pin).await?.session;
+    drop(pin);
+    let summary = run_line(client, &session, keep_running, plain).await;
+    let _ = client.logout(&session).await;
     let summary = summary?;
     println!("{summary}");
     Ok(summary.batch_complete)
@@ -138,18 +108,24 @@ fn describe(n: &NestView) -> String {
 /// Starts the line, follows it until the batch is complete (or Ctrl-C, unless `keep_running`
 /// keeps it going until Ctrl-C only), stops it cleanly and sums up.
 pub async fn run_line(
-    engine: &Engine,
+    client: &Client,
     session: &Session,
     keep_running: bool,
     plain: bool,
 ) -> anyhow::Result<Summary> {
-    let mut events = engine.subscribe();
-    let before = engine
-        .snapshot()
+    // Follow first, then start: nothing that happens in between is lost.
+    let mut events = client.events(session).await?;
+    let snapshot = match events.next().await {
+        Some(Ok(Update::Snapshot(l))) => l,
+        Some(Err(e)) => return Err(e.into()),
+        _ => bail!("the daemon's event stream did not start with the line"),
+    };
+    let before = snapshot
         .batch
+        .as_ref()
         .map(|b| (b.done, b.failed))
         .unwrap_or((0, 0));
-    engine.execute(session, Command::StartLine).await?;
+    client.execute(session, Command::StartLine).await?;
     let started = Instant::now();
     let bars = !plain && std::io::stderr().is_terminal();
     let multi = MultiProgress::with_draw_target(if bars {
@@ -160,7 +136,6 @@ pub async fn run_line(
     let style = ProgressStyle::with_template("{prefix:>6} [{bar:24}] {msg}")
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> ");
-    let snapshot = engine.snapshot();
     let pbs: Vec<ProgressBar> = snapshot
         .nests
         .iter()
@@ -184,11 +159,12 @@ pub async fn run_line(
         halted: None,
     };
     let mut cycles = Vec::new();
+    let mut batch = snapshot.batch.clone();
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     loop {
         if !keep_running {
-            if let Some(b) = engine.snapshot().batch {
+            if let Some(b) = &batch {
                 if b.remaining() == 0 && b.in_flight == 0 {
                     summary.batch_complete = true;
                     break;
@@ -202,14 +178,23 @@ pub async fn run_line(
                 let _ = multi.println("stopping: the meters in progress finish first");
                 break;
             }
-            ev = events.recv() => match ev {
-                Ok(Event::Nest(n)) => {
+            ev = events.next() => match ev {
+                Some(Ok(Update::Snapshot(l))) => {
+                    batch = l.batch;
+                    for n in &l.nests {
+                        if let Some(pb) = pbs.get(n.nest as usize - 1) {
+                            pb.set_message(describe(n));
+                        }
+                    }
+                }
+                Some(Ok(Update::Event(Event::Batch(b)))) => batch = b,
+                Some(Ok(Update::Event(Event::Nest(n)))) => {
                     if let Some(pb) = pbs.get(n.nest as usize - 1) {
                         pb.set_position((n.progress.unwrap_or(if n.state == NestState::Pass { 1.0 } else { 0.0 }) * 100.0) as u64);
                         pb.set_message(describe(&n));
                     }
                 }
-                Ok(Event::MeterFinished { nest, serial, ok, reason, cycle_ms, uid }) => {
+                Some(Ok(Update::Event(Event::MeterFinished { nest, serial, ok, reason, cycle_ms, uid }))) => {
                     if ok {
                         summary.done += 1;
                         cycles.push(cycle_ms);
@@ -232,28 +217,31 @@ pub async fn run_line(
                         }
                     }
                 }
-                Ok(Event::Alarm(a)) => {
+                Some(Ok(Update::Event(Event::Alarm(a)))) => {
                     let _ = multi.println(format!("ALARM {}: {} — a supervisor must acknowledge it", a.kind, a.message));
                 }
-                Ok(Event::Line { running: false, halted }) => {
+                Some(Ok(Update::Event(Event::Line { running: false, halted }))) => {
                     if let Some(why) = halted {
                         let _ = multi.println(format!("the station stopped the line: {why}"));
                         summary.halted = Some(why);
                         break;
                     }
                 }
-                Ok(_) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    return Err(anyhow::Error::new(e).context("the daemon ended the event stream"));
+                }
+                None => bail!("the daemon ended the event stream (did stationd stop?)"),
             },
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
     }
-    engine.execute(session, Command::StopLine).await?;
+    client.execute(session, Command::StopLine).await?;
     // The nests finish the meters they have.
     let deadline = Instant::now() + Duration::from_secs(300);
-    while engine
-        .snapshot()
+    while client
+        .snapshot(session)
+        .await
+        .context("cannot read the line")?
         .nests
         .iter()
         .any(|n| n.state == NestState::Busy)
@@ -262,7 +250,9 @@ pub async fn run_line(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Whatever finished while stopping still gets its line.
-    while let Ok(ev) = events.try_recv() {
+    while let Ok(Some(Ok(Update::Event(ev)))) =
+        tokio::time::timeout(Duration::from_millis(50), events.next()).await
+    {
         if let Event::MeterFinished {
             nest,
             serial,
@@ -291,7 +281,8 @@ pub async fn run_line(
         pb.finish();
     }
     // Counts come from the journal, which is the truth.
-    if let Some(b) = engine.snapshot().batch {
+    let end = client.snapshot(session).await?;
+    if let Some(b) = &end.batch {
         summary.done = b.done - before.0;
         summary.failed = b.failed - before.1;
     }
@@ -303,7 +294,7 @@ pub async fn run_line(
     } else {
         0.0
     };
-    if let Some(b) = engine.snapshot().batch {
+    if let Some(b) = end.batch {
         summary.batch_complete = b.remaining() == 0;
     }
     Ok(summary)

@@ -387,6 +387,98 @@ pub(super) async fn execute(engine: &Engine, user: &User, cmd: Command) -> Resul
                 .await
                 .map(Reply::Export)
         }
+        Command::PkiCsr {
+            role,
+            subject,
+            curve,
+        } => {
+            let hsm = inner.hsm.clone();
+            let cn = subject.common_name.clone();
+            let out =
+                tokio::task::spawn_blocking(move || hsm::pki::csr(&hsm, role, curve, &subject))
+                    .await
+                    .map_err(|e| Error::Setup(e.to_string()))??;
+            inner
+                .record(ev(
+                    &src,
+                    "pki.csr",
+                    Severity::Notice,
+                    &who,
+                    serde_json::json!({"role": format!("{role:?}"), "curve": curve.name(), "common_name": cn,
+                        "message": format!("a new {role:?} key was generated in the HSM and its certificate request written")}),
+                ))
+                .await?;
+            Ok(Reply::Text(out.pem))
+        }
+        Command::PkiImport {
+            role,
+            cert_pem,
+            chain_pem,
+        } => {
+            let hsm = inner.hsm.clone();
+            let fingerprint = crate::engine::keys::parse_cert(cert_pem.as_bytes())
+                .map(|(_, der)| hex::encode(line_protocol::crypto::sha256(&der)))
+                .map_err(Error::Invalid)?;
+            let outcome = tokio::task::spawn_blocking(move || {
+                hsm::pki::import(&hsm, role, &cert_pem, &chain_pem)
+            })
+            .await
+            .map_err(|e| Error::Setup(e.to_string()))??;
+            inner
+                .record(ev(
+                    &src,
+                    "pki.import",
+                    Severity::Notice,
+                    &who,
+                    serde_json::json!({"role": format!("{role:?}"), "fingerprint": fingerprint,
+                        "message": format!("a {role:?} certificate was stored in the HSM")}),
+                ))
+                .await?;
+            Ok(Reply::Text(format!(
+                "{outcome}\nrestart stationd for the cell to use it"
+            )))
+        }
+        Command::IssueTls {
+            name,
+            usage,
+            spki_der,
+            days,
+            dns_names,
+            ip_addresses,
+        } => {
+            let point = p256_point(&spki_der)?;
+            let profile = hsm::TlsProfile {
+                name: name.clone(),
+                organization: inner.cfg.manufacturer.name.clone(),
+                usage,
+                point,
+                days,
+                dns_names,
+                ip_addresses,
+            };
+            let ca = inner.keys.device_ca.clone();
+            let issued = inner
+                .hsm
+                .run(move |s| hsm::cert::issue_tls_certificate(s, &ca, &profile))
+                .await?;
+            inner
+                .record(ev(
+                    &src,
+                    "pki.tls_issued",
+                    Severity::Notice,
+                    &who,
+                    serde_json::json!({"name": name, "usage": format!("{usage:?}").to_lowercase(),
+                        "serial": issued.serial_hex(), "fingerprint": issued.fingerprint_hex(), "days": days}),
+                ))
+                .await?;
+            // The certificate, then the device CA it chains to (what a console checks the
+            // daemon's own certificate by).
+            Ok(Reply::Text(format!(
+                "{}{}",
+                issued.pem(),
+                crate::api::pem("CERTIFICATE", &inner.keys.device_ca.cert_der)
+            )))
+        }
         Command::HsmInfo => {
             let hsm = inner.hsm.clone();
             let info = tokio::task::spawn_blocking(move || hsm::pki::info(&hsm))
@@ -810,4 +902,14 @@ async fn close_batch(inner: &Arc<Inner>, who: &str, id: i64) -> Result<records::
         .await;
     inner.emit(Event::Batch(None));
     Ok(b)
+}
+
+/// The P-256 point of a SubjectPublicKeyInfo (DER), refused for anything else.
+fn p256_point(spki_der: &[u8]) -> Result<Vec<u8>> {
+    use der::Decode;
+    let spki = spki::SubjectPublicKeyInfoRef::from_der(spki_der)
+        .map_err(|_| Error::Invalid("the public key is not a DER SubjectPublicKeyInfo".into()))?;
+    let key = p256::PublicKey::try_from(spki)
+        .map_err(|_| Error::Invalid("the public key must be an EC P-256 key".into()))?;
+    Ok(key.to_sec1_bytes().to_vec())
 }

@@ -7,7 +7,7 @@
 //! recovery is in [`recovery`].
 
 mod admin;
-mod keys;
+pub mod keys;
 pub mod nest;
 mod provision;
 mod recovery;
@@ -389,6 +389,39 @@ pub enum Command {
         /// Output directory.
         out_dir: std::path::PathBuf,
     },
+    /// Generate a role's key in the HSM and return its certificate request (PEM).
+    PkiCsr {
+        /// The role (device CA, manifest signer, audit signer, station identity).
+        role: hsm::KeyRole,
+        /// Subject of the request.
+        subject: hsm::pki::CsrSubject,
+        /// Curve.
+        curve: hsm::Curve,
+    },
+    /// Store the certificate the offline root issued for a role's key (chain checked).
+    PkiImport {
+        /// The role.
+        role: hsm::KeyRole,
+        /// The certificate, PEM.
+        cert_pem: String,
+        /// Issuer certificates up to a self-signed root, PEM.
+        chain_pem: Vec<String>,
+    },
+    /// Issue a TLS certificate of the service API from the device CA.
+    IssueTls {
+        /// The console's or host's name.
+        name: String,
+        /// Client or server.
+        usage: hsm::TlsUsage,
+        /// The key's P-256 SubjectPublicKeyInfo, DER.
+        spki_der: Vec<u8>,
+        /// Validity in days.
+        days: u32,
+        /// Server certificates: DNS names.
+        dns_names: Vec<String>,
+        /// Server certificates: IP addresses.
+        ip_addresses: Vec<std::net::IpAddr>,
+    },
 }
 
 impl Command {
@@ -417,6 +450,9 @@ impl Command {
             Command::AuditExport => Action::ExportAudit,
             Command::HsmInfo => Action::ViewHsm,
             Command::Export { .. } => Action::ExportManifest,
+            Command::PkiCsr { .. } | Command::PkiImport { .. } | Command::IssueTls { .. } => {
+                Action::ManagePki
+            }
         }
     }
 
@@ -446,6 +482,9 @@ impl Command {
             Command::ListAlarms => "list alarms",
             Command::HsmInfo => "hsm info",
             Command::Export { .. } => "export manifest",
+            Command::PkiCsr { .. } => "pki csr",
+            Command::PkiImport { .. } => "pki import",
+            Command::IssueTls { .. } => "issue tls certificate",
         }
     }
 }
@@ -653,6 +692,34 @@ impl Engine {
             tracing::error!(reason = %why, "the audit log is damaged; the cell is frozen");
             return Ok(());
         }
+        // The certificates an auditor needs to verify a copy of this journal off-line, and no
+        // session from before this start lives on.
+        let certs = vec![
+            ("audit-signer", inner.keys.audit_cert.clone()),
+            ("manifest-signer", inner.keys.manifest_cert.clone()),
+            ("device-ca", inner.keys.device_ca.cert_der.clone()),
+        ];
+        inner
+            .db
+            .call(move |c| -> Result<()> {
+                let tx = c.transaction()?;
+                let now = now_ms();
+                for (label, der) in certs {
+                    tx.execute(
+                        "INSERT INTO cell_certificates (label, der, updated_at) VALUES (?1, ?2, ?3)
+                         ON CONFLICT(label) DO UPDATE SET der = excluded.der, updated_at = excluded.updated_at
+                         WHERE der <> excluded.der",
+                        rusqlite::params![label, der, now],
+                    )?;
+                }
+                tx.execute(
+                    "UPDATE sessions SET ended_at = ?1 WHERE ended_at IS NULL",
+                    [now],
+                )?;
+                tx.commit()?;
+                Ok(())
+            })
+            .await?;
         let recovered = recovery::recover(&inner).await?;
         let station = inner.cfg.station_id.clone();
         let token = inner.hsm.token().label.clone();

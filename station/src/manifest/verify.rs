@@ -383,7 +383,7 @@ fn signed_by(cert: &Certificate, issuer: &Certificate) -> bool {
         )
 }
 
-fn chain_to_root(
+pub(crate) fn chain_to_root(
     cert: &Certificate,
     pool: &[Certificate],
     root: &Certificate,

@@ -28,3 +28,12 @@ END;
 
 -- Whether a session may still be used is decided with its creation time too (absolute lifetime).
 CREATE INDEX sessions_user ON sessions(user_id) WHERE ended_at IS NULL;
+
+-- The cell's own certificates, as the token held them when the station last started: an
+-- auditor verifies a copied journal with the audit signer's certificate (checked against the
+-- manufacturer root they hold) without the HSM.
+CREATE TABLE cell_certificates (
+    label           TEXT PRIMARY KEY,
+    der             BLOB NOT NULL,
+    updated_at      INTEGER NOT NULL
+);

@@ -8,15 +8,18 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use eframe::egui;
-use station::Engine;
+use station::api::client::Client;
 
 use crate::backend::{Backend, CommandSink};
 use crate::state::{AppState, UiCommand, UiEvent};
 use crate::theme::{self, Touch};
 use crate::view;
 
-/// After the session's idle time plus this, the console asks the engine whether it has ended.
+/// After the session's idle time plus this, the console asks the daemon whether it has ended.
 const EXPIRY_MARGIN: Duration = Duration::from_secs(2);
+
+/// The idle limit assumed until the daemon states its own at log-in.
+const DEFAULT_IDLE: Duration = Duration::from_secs(15 * 60);
 
 /// How the console runs.
 #[derive(Debug, Clone, Copy, Default)]
@@ -32,7 +35,7 @@ pub struct ConsoleApp {
     state: AppState,
     events: mpsc::Receiver<UiEvent>,
     sink: Box<dyn CommandSink>,
-    /// The engine ends a session after this much inactivity.
+    /// The daemon ends a session after this much inactivity (until it says so at log-in).
     idle: Duration,
     /// When the session was last used.
     last_used: Instant,
@@ -50,24 +53,31 @@ impl std::fmt::Debug for ConsoleApp {
 }
 
 impl ConsoleApp {
-    /// A console over `engine`, whose tasks run on `rt`, drawing into `ctx`.
+    /// A console of the daemon `client` talks to, for the cell `station`, whose tasks run on
+    /// `rt`, drawing into `ctx`. The line appears once a user has logged in (the daemon shows
+    /// it to sessions only).
     pub fn new(
-        engine: &Engine,
+        client: Client,
+        station: &str,
         rt: tokio::runtime::Handle,
         ctx: &egui::Context,
         opts: ConsoleOptions,
     ) -> ConsoleApp {
-        let cfg = engine.config();
-        let models = cfg.models.iter().map(|m| m.name.clone()).collect();
-        let idle = Duration::from_secs(cfg.access.session_idle_minutes * 60);
         let state = AppState::new(
-            engine.snapshot(),
-            models,
-            cfg.manufacturer.flag_id.clone(),
+            AppState::empty_line(station),
+            Vec::new(),
+            String::new(),
             opts.demo,
         );
-        let (backend, events) = Backend::start(engine.clone(), rt, ctx.clone());
-        ConsoleApp::with_parts(ctx, state, events, Box::new(backend), idle, opts.touch)
+        let (backend, events) = Backend::start(client, rt, ctx.clone());
+        ConsoleApp::with_parts(
+            ctx,
+            state,
+            events,
+            Box::new(backend),
+            DEFAULT_IDLE,
+            opts.touch,
+        )
     }
 
     /// A console from its parts: any source of events and any sink for commands (the
@@ -138,7 +148,7 @@ impl ConsoleApp {
         if self.state.user.is_none() {
             return;
         }
-        let deadline = self.idle + EXPIRY_MARGIN;
+        let deadline = self.state.idle_timeout.unwrap_or(self.idle) + EXPIRY_MARGIN;
         let idle_for = self.last_used.elapsed();
         if idle_for >= deadline {
             self.command(UiCommand::Run(station::Command::ListAlarms));

@@ -1,22 +1,27 @@
-//! The console's link to the engine, on the tokio runtime: a bridge task that forwards engine
-//! events to the console and wakes it, and the execution of the console's commands, whose
-//! results come back as events too. This is the only place the console calls the engine.
+//! The console's link to `stationd`, on the tokio runtime: the log-in, a bridge task that
+//! forwards the daemon's event stream to the console and wakes it, and the execution of the
+//! console's commands, whose results come back as events too. This is the only place the console
+//! talks to the daemon; it holds the session token and nothing else (no PIN after the log-in
+//! call, no journal, no HSM).
 //!
-//! The bridge drops nest events that change nothing (an idle nest reports each poll) and wakes
-//! the console at most every [`PROGRESS_REPAINT`] for progress-only changes, so that an idle
-//! line costs no frames and a busy one a bounded number.
+//! The bridge runs while a user is logged in (the daemon streams to sessions only). It drops
+//! nest events that change nothing (an idle nest reports each poll) and wakes the console at
+//! most every [`PROGRESS_REPAINT`] for progress-only changes, so that an idle line costs no
+//! frames and a busy one a bounded number.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use eframe::egui;
+use station::api::client::{Client, ClientError};
+use station::api::convert::Update;
 use station::engine::NestView;
-use station::{Command, Engine, Event, Session};
+use station::{Command, Event, Session};
 use tokio::runtime::Handle;
-use tokio::sync::broadcast::error::RecvError;
+use tokio::task::JoinHandle;
 
-use crate::state::{Failure, FailureKind, SignedIn, UiCommand, UiEvent};
+use crate::state::{CellInfo, Failure, FailureKind, SignedIn, UiCommand, UiEvent};
 
 /// Longest wait before a progress-only change is drawn.
 pub const PROGRESS_REPAINT: Duration = Duration::from_millis(50);
@@ -27,46 +32,67 @@ pub trait CommandSink {
     fn send(&self, cmd: UiCommand);
 }
 
-/// The engine, seen from the console.
-#[derive(Debug)]
+/// The logged-in session and the task following the line for it.
+#[derive(Default)]
+struct Held {
+    session: Option<Arc<Session>>,
+    bridge: Option<JoinHandle<()>>,
+}
+
+impl Held {
+    /// Forgets the session and stops following the line.
+    fn clear(&mut self) -> Option<Arc<Session>> {
+        if let Some(b) = self.bridge.take() {
+            b.abort();
+        }
+        self.session.take()
+    }
+}
+
+/// The daemon, seen from the console.
 pub struct Backend {
-    engine: Engine,
+    client: Client,
     rt: Handle,
     events: mpsc::Sender<UiEvent>,
     ctx: egui::Context,
     /// The console's session. Only the backend holds it: the state and view see the user's
     /// name and role.
-    session: Arc<Mutex<Option<Arc<Session>>>>,
+    held: Arc<Mutex<Held>>,
     /// Commands that change something run one at a time, in the order given.
     ordered: tokio::sync::mpsc::UnboundedSender<(Command, Arc<Session>)>,
 }
 
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backend").finish_non_exhaustive()
+    }
+}
+
 impl Backend {
-    /// Starts the bridge and the command worker on `rt`; returns the backend and the receiver
-    /// of the console's events.
+    /// Starts the command worker on `rt`; returns the backend and the receiver of the console's
+    /// events.
     pub fn start(
-        engine: Engine,
+        client: Client,
         rt: Handle,
         ctx: egui::Context,
     ) -> (Backend, mpsc::Receiver<UiEvent>) {
         let (tx, rx) = mpsc::channel();
-        rt.spawn(bridge(engine.clone(), tx.clone(), ctx.clone()));
         let (otx, orx) = tokio::sync::mpsc::unbounded_channel();
-        let session = Arc::new(Mutex::new(None));
+        let held = Arc::new(Mutex::new(Held::default()));
         rt.spawn(worker(
-            engine.clone(),
+            client.clone(),
             orx,
             tx.clone(),
             ctx.clone(),
-            Arc::clone(&session),
+            Arc::clone(&held),
         ));
         (
             Backend {
-                engine,
+                client,
                 rt,
                 events: tx,
                 ctx,
-                session,
+                held,
                 ordered: otx,
             },
             rx,
@@ -81,24 +107,26 @@ fn deliver(tx: &mpsc::Sender<UiEvent>, ctx: &egui::Context, ev: UiEvent) -> bool
     ok
 }
 
-/// A fresh read of the line (it reads the journal: off the async threads).
-async fn snapshot(engine: &Engine) -> Option<station::LineView> {
-    let e = engine.clone();
-    tokio::task::spawn_blocking(move || e.snapshot()).await.ok()
-}
-
-async fn bridge(engine: Engine, tx: mpsc::Sender<UiEvent>, ctx: egui::Context) {
-    // Subscribe first, then read: nothing that happens in between is lost.
-    let mut rx = engine.subscribe();
-    if let Some(line) = snapshot(&engine).await
-        && !deliver(&tx, &ctx, UiEvent::Snapshot(line))
-    {
-        return;
-    }
+/// Follows the line for `session` until the stream ends; a stream the daemon ended for the
+/// session sends the console back to log-in.
+async fn bridge(client: Client, session: Arc<Session>, tx: mpsc::Sender<UiEvent>, ctx: egui::Context) {
+    let mut stream = match client.events(&session).await {
+        Ok(s) => s,
+        Err(e) => {
+            deliver(&tx, &ctx, ended(&e));
+            return;
+        }
+    };
     let mut last: HashMap<u32, NestView> = HashMap::new();
     loop {
-        match rx.recv().await {
-            Ok(Event::Nest(n)) => {
+        match stream.next().await {
+            Some(Ok(Update::Snapshot(line))) => {
+                last.clear();
+                if !deliver(&tx, &ctx, UiEvent::Snapshot(line)) {
+                    return;
+                }
+            }
+            Some(Ok(Update::Event(Event::Nest(n)))) => {
                 let progress_only = match last.get(&n.nest) {
                     Some(old) if *old == n => continue,
                     Some(old) => {
@@ -118,12 +146,12 @@ async fn bridge(engine: Engine, tx: mpsc::Sender<UiEvent>, ctx: egui::Context) {
                     ctx.request_repaint();
                 }
             }
-            Ok(ev @ Event::MeterFinished { .. }) => {
+            Some(Ok(Update::Event(ev @ Event::MeterFinished { .. }))) => {
                 if !deliver(&tx, &ctx, UiEvent::Engine(ev)) {
                     return;
                 }
-                // The events carry one cycle; the average is the engine's.
-                if let Some(line) = snapshot(&engine).await {
+                // The events carry one cycle; the average is the daemon's.
+                if let Ok(line) = client.snapshot(&session).await {
                     let ev = UiEvent::CycleTimes {
                         last: line.last_cycle_ms,
                         avg: line.avg_cycle_ms,
@@ -133,58 +161,71 @@ async fn bridge(engine: Engine, tx: mpsc::Sender<UiEvent>, ctx: egui::Context) {
                     }
                 }
             }
-            Ok(ev) => {
+            Some(Ok(Update::Event(ev))) => {
                 if !deliver(&tx, &ctx, UiEvent::Engine(ev)) {
                     return;
                 }
             }
-            Err(RecvError::Lagged(_)) => {
-                // Missed events: read the whole line again.
-                last.clear();
-                if let Some(line) = snapshot(&engine).await
-                    && !deliver(&tx, &ctx, UiEvent::Snapshot(line))
-                {
-                    return;
-                }
+            Some(Err(e)) => {
+                deliver(&tx, &ctx, ended(&e));
+                return;
             }
-            Err(RecvError::Closed) => return,
+            None => {
+                deliver(
+                    &tx,
+                    &ctx,
+                    ended(&ClientError {
+                        code: station::api::client::Code::Unavailable,
+                        reason: None,
+                        message: "the station's service stopped; log in again when it is back"
+                            .into(),
+                    }),
+                );
+                return;
+            }
         }
     }
 }
 
+/// The line can no longer be followed: the console goes back to log-in with the reason.
+fn ended(e: &ClientError) -> UiEvent {
+    UiEvent::Replied {
+        what: "follow the line".into(),
+        result: Err(Failure {
+            message: e.message.clone(),
+            kind: FailureKind::Expired,
+        }),
+    }
+}
+
 async fn worker(
-    engine: Engine,
+    client: Client,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<(Command, Arc<Session>)>,
     tx: mpsc::Sender<UiEvent>,
     ctx: egui::Context,
-    held: Arc<Mutex<Option<Arc<Session>>>>,
+    held: Arc<Mutex<Held>>,
 ) {
     while let Some((cmd, session)) = rx.recv().await {
-        let ev = run(&engine, cmd, &session, &held).await;
+        let ev = run(&client, cmd, &session, &held).await;
         if !deliver(&tx, &ctx, ev) {
             return;
         }
     }
 }
 
-async fn run(
-    engine: &Engine,
-    cmd: Command,
-    session: &Session,
-    held: &Mutex<Option<Arc<Session>>>,
-) -> UiEvent {
+async fn run(client: &Client, cmd: Command, session: &Arc<Session>, held: &Mutex<Held>) -> UiEvent {
     let what = describe(&cmd);
-    let result = engine
+    let result = client
         .execute(session, cmd)
         .await
-        .map_err(|e| Failure::from_error(&e));
+        .map_err(|e| Failure::from_client(&e));
     if let Err(f) = &result
         && f.kind == FailureKind::Expired
     {
-        // The engine ended this session: forget it (unless a new log-in has replaced it).
+        // The daemon ended this session: forget it (unless a new log-in has replaced it).
         let mut h = lock(held);
-        if h.as_ref().is_some_and(|s| std::ptr::eq(&**s, session)) {
-            *h = None;
+        if h.session.as_ref().is_some_and(|s| Arc::ptr_eq(s, session)) {
+            h.clear();
         }
     }
     UiEvent::Replied { what, result }
@@ -227,43 +268,63 @@ pub fn describe(cmd: &Command) -> String {
     }
 }
 
-fn lock(m: &Mutex<Option<Arc<Session>>>) -> std::sync::MutexGuard<'_, Option<Arc<Session>>> {
-    // A plain value replaced whole: consistent even after a panic elsewhere.
+fn lock(m: &Mutex<Held>) -> std::sync::MutexGuard<'_, Held> {
+    // Plain values replaced whole: consistent even after a panic elsewhere.
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl CommandSink for Backend {
     fn send(&self, cmd: UiCommand) {
-        let (engine, tx, ctx) = (self.engine.clone(), self.events.clone(), self.ctx.clone());
-        let held = Arc::clone(&self.session);
-        let session = lock(&self.session).clone();
+        let (client, tx, ctx) = (self.client.clone(), self.events.clone(), self.ctx.clone());
+        let held = Arc::clone(&self.held);
+        let session = lock(&self.held).session.clone();
         match cmd {
             UiCommand::Login { user, pin } => {
+                let rt = self.rt.clone();
                 self.rt.spawn(async move {
-                    let ev = match engine.login(&user, &pin).await {
-                        Ok(s) => {
+                    let ev = match client.login(&user, &pin).await {
+                        Ok(login) => {
+                            let s = Arc::new(login.session);
                             let who = SignedIn {
                                 name: s.user.clone(),
                                 role: s.role,
                             };
-                            // A new log-in replaces the session before it.
-                            let old = lock(&held).replace(Arc::new(s));
+                            deliver(
+                                &tx,
+                                &ctx,
+                                UiEvent::Cell(CellInfo {
+                                    station: login.station,
+                                    models: login.models,
+                                    flag_id: login.flag_id,
+                                    idle_timeout: login.idle_timeout,
+                                }),
+                            );
+                            // A new log-in replaces the session before it, and follows the line.
+                            let bridge =
+                                rt.spawn(bridge(client.clone(), Arc::clone(&s), tx.clone(), ctx.clone()));
+                            let old = {
+                                let mut h = lock(&held);
+                                let old = h.clear();
+                                h.session = Some(s);
+                                h.bridge = Some(bridge);
+                                old
+                            };
                             if let Some(old) = old {
-                                let _ = engine.logout(&old).await;
+                                let _ = client.logout(&old).await;
                             }
                             UiEvent::LoggedIn(who)
                         }
-                        Err(e) => UiEvent::LoginRefused(Failure::from_error(&e)),
+                        Err(e) => UiEvent::LoginRefused(Failure::from_client(&e)),
                     };
                     deliver(&tx, &ctx, ev);
                 });
             }
             UiCommand::Logout => {
-                let session = lock(&self.session).take();
+                let session = lock(&self.held).clear();
                 self.rt.spawn(async move {
                     if let Some(s) = session {
                         // Ending a session that already expired is not an error for the user.
-                        let _ = engine.logout(&s).await;
+                        let _ = client.logout(&s).await;
                     }
                     deliver(&tx, &ctx, UiEvent::LoggedOut);
                 });
@@ -271,15 +332,16 @@ impl CommandSink for Backend {
             UiCommand::Run(cmd) => {
                 let Some(session) = session else {
                     let what = describe(&cmd);
-                    let result = Err(Failure::from_error(&station::Error::Auth(
-                        station::auth::AuthError::Expired,
-                    )));
+                    let result = Err(Failure {
+                        message: "the session has ended; log in again".into(),
+                        kind: FailureKind::Expired,
+                    });
                     deliver(&tx, &ctx, UiEvent::Replied { what, result });
                     return;
                 };
                 if read_only(&cmd) {
                     self.rt.spawn(async move {
-                        let ev = run(&engine, cmd, &session, &held).await;
+                        let ev = run(&client, cmd, &session, &held).await;
                         deliver(&tx, &ctx, ev);
                     });
                 } else if self.ordered.send((cmd, session)).is_err() {
@@ -288,20 +350,21 @@ impl CommandSink for Backend {
                         &ctx,
                         UiEvent::Replied {
                             what: "command".into(),
-                            result: Err(Failure::other("the station engine has stopped")),
+                            result: Err(Failure::other("the console's command worker has stopped")),
                         },
                     );
                 }
             }
             UiCommand::AckAlarm { id, user, pin } => {
                 self.rt.spawn(async move {
-                    let result = match engine.login(&user, &pin).await {
-                        Err(e) => Err(Failure::from_error(&e)),
-                        Ok(sup) => {
-                            let r = engine.execute(&sup, Command::AckAlarm { id }).await;
-                            let _ = engine.logout(&sup).await;
+                    let result = match client.login(&user, &pin).await {
+                        Err(e) => Err(Failure::from_client(&e)),
+                        Ok(login) => {
+                            let sup = login.session;
+                            let r = client.execute(&sup, Command::AckAlarm { id }).await;
+                            let _ = client.logout(&sup).await;
                             r.map(|_| sup.user.clone())
-                                .map_err(|e| Failure::from_error(&e))
+                                .map_err(|e| Failure::from_client(&e))
                         }
                     };
                     deliver(&tx, &ctx, UiEvent::AlarmAck { id, result });

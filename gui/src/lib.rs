@@ -2,14 +2,15 @@
 //! watch every nest and start or stop the line; supervisors open and close batches, approve
 //! rework and acknowledge alarms; auditors read and verify the audit log.
 //!
-//! It is a view over the station engine and nothing more: the engine runs in-process on a tokio
-//! runtime, every action goes through [`station::Engine::execute`] (and so through its
-//! permission table and audit log), and the console holds no provisioning logic and does no IO
-//! of its own.
+//! It is a view over the station's service and nothing more: a client of `stationd` (over its
+//! Unix socket, or mutual TLS from another host), every action goes through the daemon's API
+//! (and so through its permission table and audit log), and the console holds no PIN after a
+//! log-in, no journal and no HSM, no provisioning logic, and does no IO of its own beyond the
+//! backend's calls.
 //!
 //! - [`state`]: what the console knows, changed only by events;
 //! - [`view`]: draws the state, returns the user's commands;
-//! - [`backend`]: the engine side, on the runtime (event bridge, command execution);
+//! - [`backend`]: the daemon side, on the runtime (log-in, event bridge, command execution);
 //! - [`app`]: the eframe application that joins them;
 //! - [`theme`]: touch sizes, fonts and colours.
 

@@ -1,6 +1,8 @@
-//! `station-gui`: the touch console. Opens the cell (or, with `--demo`, sets up a whole demo cell
-//! with emulated meters, as `station demo` does), runs the engine on a tokio runtime and shows
-//! the console in a window — fullscreen and without decorations with `--kiosk`.
+//! `station-gui`: the touch console, a client of `stationd` (its Unix socket, named in the cell's
+//! configuration or by `--connect`; or a remote daemon over mutual TLS). With `--demo` it sets
+//! up a whole demo cell with emulated meters, as `station demo` does, and runs the cell's daemon
+//! in this process. It shows the console in a window — fullscreen and without decorations with
+//! `--kiosk`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,17 +13,29 @@ use eframe::egui;
 use gui::state::UiCommand;
 use gui::theme::Touch;
 use gui::{ConsoleApp, ConsoleOptions};
-use station::config::Config;
+use station::api::client::Client;
 use station::demo::{DemoArgs, DemoCell};
-use station::{Command, Engine, OpenOptions};
+use station::Command;
 
 /// The touch console of the provisioning cell.
 #[derive(Parser, Debug)]
 #[command(name = "station-gui", version, about)]
 struct Cli {
-    /// Cell configuration.
+    /// Cell configuration (to find the daemon's socket; read only).
     #[arg(long, default_value = "station.toml", env = "STATION_CONFIG")]
     config: PathBuf,
+    /// The daemon: its Unix socket, or https://HOST:PORT for a remote daemon (mutual TLS).
+    #[arg(long, env = "STATION_CONNECT")]
+    connect: Option<String>,
+    /// Remote daemon: the CA certificate its certificate chains to (PEM).
+    #[arg(long, env = "STATION_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Remote daemon: this console's certificate (PEM, issued by the cell).
+    #[arg(long, env = "STATION_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// Remote daemon: this console's private key (PEM, an owner-only file).
+    #[arg(long, env = "STATION_TLS_KEY")]
+    tls_key: Option<PathBuf>,
     /// Fullscreen without window decorations, for the line's touch screen.
     #[arg(long)]
     kiosk: bool,
@@ -97,53 +111,52 @@ fn demo_args(cli: &Cli) -> DemoArgs {
     }
 }
 
-/// Where the cell comes from.
-enum Source {
-    Demo(DemoArgs),
-    Config(Box<Config>),
-}
-
 fn run(cli: Cli) -> Result<()> {
     // SoftHSM reads its configuration once, when loaded: set it before any thread starts.
-    let cell = if cli.demo {
+    let demo = if cli.demo {
         let args = demo_args(&cli);
         station::demo::prepare(&args)?;
-        Source::Demo(args)
+        Some(args)
     } else {
-        let cfg = Config::load(&cli.config)?;
-        if let Some(conf) = &cfg.hsm.softhsm_conf {
-            hsm::softhsm::use_conf(conf);
-        }
-        Source::Config(Box::new(cfg))
+        None
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
-    let (engine, cell): (Engine, Option<DemoCell>) = match cell {
-        Source::Demo(args) => {
+    let (client, station, cell): (Client, String, Option<DemoCell>) = match demo {
+        Some(args) => {
             println!(
                 "station-gui: setting up a demo cell in {}",
                 args.out.display()
             );
             let cell = rt.block_on(station::demo::build(&args))?;
-            (cell.engine.clone(), Some(cell))
+            (cell.client.clone(), "demo-cell".into(), Some(cell))
         }
-        Source::Config(cfg) => {
-            let opts = OpenOptions {
-                source: "gui".into(),
-                nests: true,
-            };
-            (rt.block_on(Engine::open(*cfg, opts))?, None)
+        None => {
+            let addr = station::cli::address(
+                cli.connect.as_deref(),
+                &cli.config,
+                (
+                    cli.tls_ca.as_deref(),
+                    cli.tls_cert.as_deref(),
+                    cli.tls_key.as_deref(),
+                ),
+            )?;
+            let station = station::config::Config::load(&cli.config)
+                .map(|c| c.station_id)
+                .unwrap_or_default();
+            let client = rt.block_on(Client::connect(&addr, "station-gui"))?;
+            (client, station, None)
         }
     };
     if cli.demo_run {
         // The demo operator starts the line; the console logs them in too (below).
         let pin = station::demo::known_pin("oper").unwrap_or_default();
         rt.block_on(async {
-            let s = engine.login("oper", pin).await?;
-            engine.execute(&s, Command::StartLine).await?;
-            engine.logout(&s).await
+            let s = client.login("oper", pin).await?.session;
+            client.execute(&s, Command::StartLine).await?;
+            client.logout(&s).await
         })?;
     }
 
@@ -171,12 +184,12 @@ fn run(cli: Cli) -> Result<()> {
     };
     let handle = rt.handle().clone();
     let demo_run = cli.demo_run;
-    let e2 = engine.clone();
+    let c2 = client.clone();
     let shown = eframe::run_native(
         "station-gui",
         native,
         Box::new(move |cc| {
-            let mut app = ConsoleApp::new(&e2, handle, &cc.egui_ctx, opts);
+            let mut app = ConsoleApp::new(c2, &station, handle, &cc.egui_ctx, opts);
             if demo_run {
                 let pin = station::demo::known_pin("oper").unwrap_or_default();
                 app.command(UiCommand::Login {
@@ -187,8 +200,11 @@ fn run(cli: Cli) -> Result<()> {
             Ok(Box::new(app))
         }),
     );
-    let shutdown = rt.block_on(engine.shutdown());
-    drop(cell);
+    // The demo cell's daemon runs in this process: stop it cleanly.
+    let shutdown = match cell {
+        Some(c) => rt.block_on(c.stop()),
+        None => Ok(()),
+    };
     shown.map_err(|e| anyhow::anyhow!("the console window failed: {e}"))?;
     shutdown?;
     Ok(())

@@ -32,6 +32,8 @@ pub enum UiEvent {
         /// Average cycle, ms.
         avg: Option<u64>,
     },
+    /// What the daemon says of the cell at log-in (just before [`UiEvent::LoggedIn`]).
+    Cell(CellInfo),
     /// A log-in succeeded (the backend keeps the session itself).
     LoggedIn(SignedIn),
     /// A log-in was refused.
@@ -89,6 +91,19 @@ pub struct SignedIn {
     pub role: Role,
 }
 
+/// The cell, as the daemon describes it at log-in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CellInfo {
+    /// Station id.
+    pub station: String,
+    /// Meter models of the cell.
+    pub models: Vec<String>,
+    /// The manufacturer's FLAG ID.
+    pub flag_id: String,
+    /// Sessions end after this long without a command.
+    pub idle_timeout: std::time::Duration,
+}
+
 /// Why something was refused, as the console shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
@@ -125,6 +140,25 @@ impl Failure {
         };
         Failure {
             message: e.to_string(),
+            kind,
+        }
+    }
+
+    /// From a refusal of the daemon.
+    pub fn from_client(e: &station::api::client::ClientError) -> Failure {
+        let kind = if e.is_locked() {
+            FailureKind::Locked
+        } else if e.is_bad_credentials() {
+            FailureKind::BadCredentials
+        } else if e.is_forbidden() {
+            FailureKind::Forbidden
+        } else if e.is_expired() {
+            FailureKind::Expired
+        } else {
+            FailureKind::Other
+        };
+        Failure {
+            message: e.message.clone(),
             kind,
         }
     }
@@ -348,6 +382,8 @@ pub struct AppState {
     pub audit: AuditView,
     /// Recently failed meters.
     pub failed: VecDeque<FailedMeter>,
+    /// The daemon ends a session after this long without a command (known after log-in).
+    pub idle_timeout: Option<std::time::Duration>,
 }
 
 impl AppState {
@@ -374,6 +410,7 @@ impl AppState {
             ack: None,
             audit: AuditView::default(),
             failed: VecDeque::new(),
+            idle_timeout: None,
         }
     }
 
@@ -427,6 +464,18 @@ impl AppState {
             UiEvent::CycleTimes { last, avg } => {
                 self.line.last_cycle_ms = last;
                 self.line.avg_cycle_ms = avg;
+            }
+            UiEvent::Cell(c) => {
+                if self.models != c.models {
+                    self.batch.model = c.models.first().cloned().unwrap_or_default();
+                    self.models = c.models;
+                }
+                if self.flag_id != c.flag_id {
+                    self.batch.serial_prefix = c.flag_id.clone();
+                    self.flag_id = c.flag_id;
+                }
+                self.line.station = c.station;
+                self.idle_timeout = Some(c.idle_timeout);
             }
             UiEvent::LoggedIn(user) => {
                 self.login.busy = false;
@@ -721,7 +770,7 @@ mod tests {
         assert!(s.audit.filter.is_empty());
         let n = s.login.notice.expect("a reason on the login screen");
         assert!(!n.good);
-        assert!(n.text.contains("expired"), "{}", n.text);
+        assert!(n.text.contains("ended"), "{}", n.text);
     }
 
     #[test]

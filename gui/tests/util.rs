@@ -51,10 +51,10 @@ pub fn isolated(name: &str, body: impl FnOnce()) {
     );
 }
 
-/// A demo cell and the runtime its engine runs on.
+/// A demo cell (its daemon in this process) and the runtime it runs on.
 #[derive(Debug)]
 pub struct Cell {
-    pub cell: DemoCell,
+    cell: Option<DemoCell>,
     pub rt: tokio::runtime::Runtime,
     _dir: tempfile::TempDir,
 }
@@ -89,19 +89,30 @@ impl Cell {
             .expect("the demo cell was not set up within 3 minutes")
             .expect("set up the demo cell");
         Cell {
-            cell,
+            cell: Some(cell),
             rt,
             _dir: dir,
         }
     }
 
-    /// The real console over this cell, in a window of `size` points.
+    /// The demo cell.
+    pub fn demo(&self) -> &DemoCell {
+        self.cell.as_ref().expect("the cell is running")
+    }
+
+    /// The daemon's engine (the tests look inside, as nobody else can).
+    pub fn engine(&self) -> &station::Engine {
+        self.demo().engine().expect("the demo daemon runs in this process")
+    }
+
+    /// The real console over this cell's daemon, in a window of `size` points.
     pub fn console(&self, size: [f32; 2]) -> Harness<'static, ConsoleApp> {
-        let engine = self.cell.engine.clone();
+        let client = self.demo().client.clone();
         let rt = self.rt.handle().clone();
         Harness::builder().with_size(size).build_eframe(move |cc| {
             ConsoleApp::new(
-                &engine,
+                client,
+                "demo-cell",
                 rt,
                 &cc.egui_ctx,
                 ConsoleOptions {
@@ -115,10 +126,11 @@ impl Cell {
 
 impl Drop for Cell {
     fn drop(&mut self) {
-        let engine = self.cell.engine.clone();
-        let _ = self.rt.block_on(async move {
-            tokio::time::timeout(Duration::from_secs(60), engine.shutdown()).await
-        });
+        if let Some(cell) = self.cell.take() {
+            let _ = self
+                .rt
+                .block_on(async move { tokio::time::timeout(Duration::from_secs(60), cell.stop()).await });
+        }
     }
 }
 

@@ -3,8 +3,10 @@
 //! A SoftHSM token (in-process, through `hsm::testkit`) holding the demo PKI, a firmware release
 //! signed in MCUboot format, a demo utility with its RSA key, emulated meters in nests on real
 //! pseudo-terminals behind the link emulator, a configuration file, a journal with users, and an
-//! open batch. Tests drive it through the engine in-process, or through the real `station` command
-//! as a child process (the `e2e-station` binary of this package).
+//! open batch. Tests drive it through its daemon — in-process ([`Cell::daemon`], whose engine the
+//! tests may look into) or the real `stationd` as a child process (the `e2e-stationd` binary of
+//! this package) — with the API's client or the real `station` command as a child process (the
+//! `e2e-station` binary); a few look at an engine opened in-process directly.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test harness: failures are test failures
 
@@ -16,8 +18,10 @@ use meter_sim::faults::Faults;
 use meter_sim::flash::Capabilities;
 use meter_sim::linksim::{self, LinkParams};
 use meter_sim::nest::{FaultScope, NestConfig};
+use station::api::client::{Address, Client};
 use station::auth::Role;
 use station::config::Config;
+use station::daemon::Daemon;
 use station::engine::BatchSpec;
 use station::{Command, Engine, OpenOptions, Reply, Session};
 
@@ -227,17 +231,18 @@ impl Cell {
             softhsm_conf,
             _lines: lines,
         };
-        // Users, imports, batch.
-        let engine = cell.engine(false).await;
+        // Users, imports, batch: through the daemon, as a cell is set up.
+        let daemon = cell.daemon().await;
+        let client = cell.client().await;
         for (i, (name, role)) in USERS.iter().enumerate() {
             let pin = format!("{}{}", 100_000 + i * 111_111, "");
             cell.pins.insert(name, pin.clone());
             write_owner_only(&cell.path(&format!("pins/{name}.pin")), &pin);
             if i == 0 {
-                engine.bootstrap_admin(name, &pin).await.unwrap();
+                client.bootstrap(name, &pin).await.unwrap();
             } else {
-                let officer = cell.login(&engine, "officer").await;
-                engine
+                let officer = cell.login(&client, "officer").await;
+                client
                     .execute(
                         &officer,
                         Command::AddUser {
@@ -250,8 +255,8 @@ impl Cell {
                     .unwrap();
             }
         }
-        let officer = cell.login(&engine, "officer").await;
-        engine
+        let officer = cell.login(&client, "officer").await;
+        client
             .execute(
                 &officer,
                 Command::ImportFirmware {
@@ -261,7 +266,7 @@ impl Cell {
             )
             .await
             .unwrap();
-        engine
+        client
             .execute(
                 &officer,
                 Command::ImportCustomer {
@@ -272,8 +277,8 @@ impl Cell {
             .await
             .unwrap();
         if opts.open_batch {
-            let sup = cell.login(&engine, "super").await;
-            let r = engine
+            let sup = cell.login(&client, "super").await;
+            let r = client
                 .execute(
                     &sup,
                     Command::OpenBatch(BatchSpec {
@@ -293,7 +298,8 @@ impl Cell {
                 cell.batch_id = Some(b.id);
             }
         }
-        engine.shutdown().await.unwrap();
+        drop(client);
+        daemon.stop().await.unwrap();
         cell
     }
 
@@ -316,10 +322,57 @@ impl Cell {
         .unwrap()
     }
 
-    /// Logs a user in.
-    pub async fn login(&self, engine: &Engine, user: &str) -> Session {
-        let pin = std::fs::read_to_string(self.path(&format!("pins/{user}.pin"))).unwrap();
-        engine.login(user, pin.trim()).await.unwrap()
+    /// Logs a user in through the API.
+    pub async fn login(&self, client: &Client, user: &str) -> Session {
+        client.login(user, &self.pins[user]).await.unwrap().session
+    }
+
+    /// Logs a user in to an engine opened in-process.
+    pub async fn login_engine(&self, engine: &Engine, user: &str) -> Session {
+        engine.login(user, &self.pins[user]).await.unwrap()
+    }
+
+    /// The cell's daemon, in this process: its engine with the nest tasks, serving the API on
+    /// the cell's socket.
+    pub async fn daemon(&self) -> Daemon {
+        Daemon::start(Config::load(&self.config).unwrap(), "stationd")
+            .await
+            .unwrap()
+    }
+
+    /// A client of the cell's daemon over its socket.
+    pub async fn client(&self) -> Client {
+        Client::connect(&Address::Unix(self.socket()), "e2e").await.unwrap()
+    }
+
+    /// The daemon's socket.
+    pub fn socket(&self) -> PathBuf {
+        self.path("stationd.sock")
+    }
+
+    /// The real `stationd` for this cell, as a child process, once it says it is ready.
+    pub fn spawn_stationd(&self) -> std::process::Child {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(stationd_exe())
+            .arg("--config")
+            .arg(&self.config)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let mut lines = std::io::BufReader::new(out).lines();
+        loop {
+            match lines.next() {
+                Some(Ok(l)) if l.contains(" ready on ") => break,
+                Some(Ok(_)) => {}
+                _ => panic!("stationd did not become ready: {:?}", child.wait()),
+            }
+        }
+        // Keep its standard output drained.
+        std::thread::spawn(move || for _ in lines {});
+        child
     }
 
     /// The `station` command for this cell, logged in as `user` (or nobody).
@@ -332,8 +385,10 @@ impl Cell {
                 .arg("--pin-file")
                 .arg(self.path(&format!("pins/{u}.pin")));
         }
+        // The utility's side (manifest import into a token) opens SoftHSM in the command.
         c.env("SOFTHSM2_CONF", &self.softhsm_conf)
             .env_remove("STATION_PIN")
+            .env_remove("STATION_CONNECT")
             .stdin(std::process::Stdio::null());
         c
     }
@@ -359,29 +414,42 @@ impl Cell {
     }
 }
 
-/// The `e2e-station` binary: cargo builds it next to the test executables of this package
-/// (`target/<profile>/e2e-station`, the tests living in `target/<profile>/deps/`).
-pub fn station_exe() -> PathBuf {
+/// A binary of this package: cargo builds it next to the test executables
+/// (`target/<profile>/NAME`, the tests living in `target/<profile>/deps/`).
+fn package_exe(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().and_then(Path::parent).unwrap();
-    let p = profile_dir.join("e2e-station");
+    let p = profile_dir.join(name);
     assert!(
         p.exists(),
-        "{} is missing: build the e2e package's binary (cargo test -p e2e builds it)",
+        "{} is missing: build the e2e package's binaries (cargo test -p e2e builds them)",
         p.display()
     );
     p
 }
 
-/// Runs the line in-process until the batch is complete (or `limit` passes); returns the summary.
-pub async fn run_batch(cell: &Cell, limit: Duration) -> (Engine, station::run::Summary) {
-    let engine = cell.engine(true).await;
-    let oper = cell.login(&engine, "oper").await;
-    let summary = tokio::time::timeout(limit, station::run::run_line(&engine, &oper, false, true))
+/// The `e2e-station` binary: the `station` command.
+pub fn station_exe() -> PathBuf {
+    package_exe("e2e-station")
+}
+
+/// The `e2e-stationd` binary: the `stationd` daemon.
+pub fn stationd_exe() -> PathBuf {
+    package_exe("e2e-stationd")
+}
+
+/// Starts the cell's daemon in-process and runs the line through the API as the operator until
+/// the batch is complete (or `limit` passes); returns the daemon (still serving) and the summary.
+pub async fn run_batch(cell: &Cell, limit: Duration) -> (Daemon, station::run::Summary) {
+    let daemon = cell.daemon().await;
+    let client = cell.client().await;
+    let oper = cell.login(&client, "oper").await;
+    let summary = tokio::time::timeout(limit, station::run::run_line(&client, &oper, false, true))
         .await
         .expect("the batch did not complete in time")
         .unwrap();
-    (engine, summary)
+    let _ = client.logout(&oper).await;
+    (daemon, summary)
 }
 
 /// The journal's promises after any run, however it ended: `quantity` meters done, nothing left

@@ -65,8 +65,7 @@ async fn every_fault_in_its_own_nest_while_the_others_succeed() {
         ..CellOptions::default()
     };
     let cell = Cell::new(opts).await;
-    let (engine, summary) = run_batch(&cell, Duration::from_secs(600)).await;
-    engine.shutdown().await.unwrap();
+    let (daemon, summary) = run_batch(&cell, Duration::from_secs(600)).await;
     assert!(summary.batch_complete, "{summary}");
 
     let failed = failures_by_nest(&cell);
@@ -166,6 +165,7 @@ async fn every_fault_in_its_own_nest_while_the_others_succeed() {
     }
     let (code, out, err) = cell.run(Some("audit"), &["audit", "verify"]);
     assert_eq!(code, 0, "{out}{err}");
+    daemon.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -179,8 +179,8 @@ async fn a_second_meter_with_a_provisioned_uid_is_refused_and_alarmed() {
         ..CellOptions::default()
     })
     .await;
-    let (engine, summary) = run_batch(&cell, Duration::from_secs(300)).await;
-    engine.shutdown().await.unwrap();
+    let (daemon, summary) = run_batch(&cell, Duration::from_secs(300)).await;
+    daemon.stop().await.unwrap();
     assert!(summary.batch_complete, "{summary}");
     let db = cell.db();
     let dup_uids: i64 = db
@@ -208,7 +208,8 @@ async fn a_second_meter_with_a_provisioned_uid_is_refused_and_alarmed() {
     );
 }
 
-/// Tampers with the journal of a fresh cell and runs `station audit verify`.
+/// Tampers with the journal of a fresh cell and runs `station audit verify` (through the
+/// daemon, started after the tampering) and `station audit verify --offline` on a copy.
 async fn tampered(sql: &str) -> (i32, String) {
     let cell = Cell::new(CellOptions {
         nests: 1,
@@ -220,7 +221,29 @@ async fn tampered(sql: &str) -> (i32, String) {
     db.execute_batch(&format!("PRAGMA foreign_keys=OFF; {sql}"))
         .unwrap();
     drop(db);
+    let daemon = cell.daemon().await;
     let (code, out, err) = cell.run(Some("audit"), &["audit", "verify"]);
+    daemon.stop().await.unwrap();
+    // The auditor's copy says the same, without the daemon or the HSM.
+    let copy = cell.path("copy.db");
+    std::fs::copy(cell.path("station.db"), &copy).unwrap();
+    let _ = std::fs::copy(cell.path("station.db-wal"), cell.path("copy.db-wal"));
+    let root = cell.path("root-ca.pem");
+    let (code2, out2, err2) = cell.run(
+        None,
+        &[
+            "audit",
+            "verify",
+            "--offline",
+            "--journal",
+            copy.to_str().unwrap(),
+            "--root",
+            root.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code2, code, "off-line: {out2}{err2}");
+    let first = |o: &str| o.lines().find(|l| l.contains("FAILED")).map(str::to_string);
+    assert_eq!(first(&out2), first(&out), "off-line: {out2}");
     (code, format!("{out}{err}"))
 }
 
@@ -262,6 +285,7 @@ async fn truncated_newest_entries_are_found_and_the_cell_freezes() {
     db.execute_batch(&format!("DELETE FROM audit WHERE seq > {}", last - 3))
         .unwrap();
     drop(db);
+    let daemon = cell.daemon().await;
     let (code, out, err) = cell.run(Some("audit"), &["audit", "verify"]);
     assert_eq!(code, 2, "{out}{err}");
     assert!(
@@ -277,6 +301,7 @@ async fn truncated_newest_entries_are_found_and_the_cell_freezes() {
     let (code, _, err) = cell.run(Some("super"), &["batch", "list"]);
     assert_ne!(code, 0);
     assert!(err.contains("frozen"), "{err}");
+    daemon.stop().await.unwrap();
 }
 
 fn sample_commands() -> Vec<Command> {
@@ -355,7 +380,7 @@ async fn every_command_for_every_role_goes_through_the_permission_table() {
     ];
     let mut refused = 0;
     for (user, role) in users {
-        let s = cell.login(&engine, user).await;
+        let s = cell.login_engine(&engine, user).await;
         for cmd in sample_commands() {
             let action: Action = cmd.action();
             let r = engine.execute(&s, cmd).await;
@@ -393,15 +418,22 @@ async fn wrong_pins_lock_out_and_idle_sessions_expire() {
     let engine = cell.engine(false).await;
     for i in 0..4 {
         match engine.login("oper", "000000").await {
-            Err(Error::Auth(AuthError::BadCredentials {
+            Err(Error::Auth(e @ AuthError::BadCredentials {
                 remaining: Some(r), ..
-            })) => assert_eq!(r, 4 - i),
+            })) => {
+                assert_eq!(r, 4 - i);
+                assert_eq!(e.to_string(), "wrong user name or PIN", "nothing more is said");
+            }
             other => panic!("attempt {i}: {other:?}"),
         }
     }
+    // The attempt that locks the user out reads as any wrong PIN.
     assert!(matches!(
         engine.login("oper", "000000").await,
-        Err(Error::Auth(AuthError::Locked { .. }))
+        Err(Error::Auth(AuthError::BadCredentials {
+            locked_now: true,
+            ..
+        }))
     ));
     let right = cell.pins["oper"].clone();
     assert!(
@@ -412,7 +444,7 @@ async fn wrong_pins_lock_out_and_idle_sessions_expire() {
         "locked even with the right PIN"
     );
     // Expiry: a session idle for longer than the limit is refused.
-    let s = cell.login(&engine, "super").await;
+    let s = cell.login_engine(&engine, "super").await;
     assert!(engine.execute(&s, Command::ListBatches).await.is_ok());
     cell.db()
         .execute(
@@ -477,6 +509,7 @@ async fn firmware_signed_by_imgtool_is_accepted_and_anything_else_refused() {
         ..CellOptions::default()
     })
     .await;
+    let daemon = cell.daemon().await;
     let payload = cell.path("app.bin");
     std::fs::write(
         &payload,
@@ -542,4 +575,5 @@ async fn firmware_signed_by_imgtool_is_accepted_and_anything_else_refused() {
         .status()
         .unwrap();
     assert!(st.success());
+    daemon.stop().await.unwrap();
 }

@@ -1,7 +1,8 @@
-//! Crash safety: the station process killed with SIGKILL at random points of a running batch,
-//! at least 20 times, restarted each time. The batch still completes; no serial number or
-//! certificate serial is used twice; every certificate is either delivered to a done meter or
-//! voided; the audit log verifies.
+//! Crash safety: the station's daemon (`stationd`, the process that holds the journal and the HSM)
+//! killed with SIGKILL at random points of a running batch, at least 20 times, restarted each
+//! time, with the line driven by the real `station run` as its client. The batch still
+//! completes; no serial number or certificate serial is used twice; every certificate is either
+//! delivered to a done meter or voided; the audit log verifies.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code
 
@@ -37,6 +38,7 @@ async fn killed_twenty_times_the_batch_still_completes_cleanly() {
     let mut kills = 0;
     let mut finished_early = false;
     while kills < 20 {
+        let mut daemon = tokio::task::block_in_place(|| cell.spawn_stationd());
         let mut child = cell
             .station(Some("oper"))
             .args(["run", "--plain"])
@@ -54,11 +56,23 @@ async fn killed_twenty_times_the_batch_still_completes_cleanly() {
         }
         if child.try_wait().unwrap().is_some() {
             finished_early = true;
+            let _ = daemon.kill();
+            let _ = daemon.wait();
             break;
         }
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        daemon.kill().unwrap(); // SIGKILL, to the process holding the journal
+        daemon.wait().unwrap();
         kills += 1;
+        // Its client notices and gives up.
+        let t1 = Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            assert!(
+                t1.elapsed() < Duration::from_secs(30),
+                "station run did not notice that stationd was gone"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!child.wait().unwrap().success());
     }
     assert!(
         !finished_early,
@@ -67,6 +81,7 @@ async fn killed_twenty_times_the_batch_still_completes_cleanly() {
     assert_eq!(kills, 20);
 
     // Restart and let it finish.
+    let mut daemon = tokio::task::block_in_place(|| cell.spawn_stationd());
     let mut child = cell
         .station(Some("oper"))
         .args(["run", "--plain"])
@@ -139,4 +154,11 @@ async fn killed_twenty_times_the_batch_still_completes_cleanly() {
     drop(db);
     let (code, out, err) = cell.run(Some("audit"), &["audit", "verify"]);
     assert_eq!(code, 0, "{out}{err}");
+    // A clean stop: SIGTERM, the shut-down checkpoint, exit 0.
+    let st = std::process::Command::new("kill")
+        .args(["-TERM", &daemon.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(daemon.wait().unwrap().success());
 }

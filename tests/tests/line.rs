@@ -1,4 +1,4 @@
-//! The station engine end to end: a batch over several nests on SoftHSM and pseudo-terminals,
+//! The station end to end: a batch over several nests on SoftHSM and pseudo-terminals,
 //! every meter-sim fault in its own nest while the others succeed, duplicate UIDs.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code
@@ -28,11 +28,10 @@ async fn batch_of_40_over_4_nests() {
         ..CellOptions::default()
     })
     .await;
-    let (engine, summary) = run_batch(&cell, Duration::from_secs(600)).await;
+    let (daemon, summary) = run_batch(&cell, Duration::from_secs(600)).await;
     assert!(summary.batch_complete, "{summary}");
     assert_eq!(summary.done, 40);
     assert_eq!(summary.failed, 0, "{summary}");
-    engine.shutdown().await.unwrap();
 
     let done = meters_done(&cell);
     assert_eq!(done.len(), 40);
@@ -125,4 +124,5 @@ async fn batch_of_40_over_4_nests() {
     assert_eq!(undelivered, 0);
     let (code, out, err) = cell.run(Some("audit"), &["audit", "verify"]);
     assert_eq!(code, 0, "{out}{err}");
+    daemon.stop().await.unwrap();
 }

@@ -33,10 +33,9 @@ fn s(p: &Path) -> &str {
 /// Runs the cell's open batch to completion, closes it (supervisor, CLI) and exports it
 /// (officer, CLI) into `<cell>/export`.
 async fn finish_and_export(cell: &Cell, batch: i64) -> PathBuf {
-    let (engine, summary) = run_batch(cell, Duration::from_secs(300)).await;
+    let (daemon, summary) = run_batch(cell, Duration::from_secs(300)).await;
     assert!(summary.batch_complete, "{summary}");
     assert_eq!(summary.failed, 0, "{summary}");
-    engine.shutdown().await.unwrap();
     let id = batch.to_string();
     let (code, out, err) = cell.run(Some("super"), &["batch", "close", &id]);
     assert_eq!(code, 0, "batch close: {out}{err}");
@@ -46,6 +45,7 @@ async fn finish_and_export(cell: &Cell, batch: i64) -> PathBuf {
         &["export", "--batch", &id, "--out", s(&dir)],
     );
     assert_eq!(code, 0, "export: {out}{err}");
+    daemon.stop().await.unwrap();
     dir
 }
 
@@ -517,7 +517,9 @@ async fn secret_keys(h: &hsm::Hsm) -> Vec<String> {
 
 fn import_token(cell: &Cell, p7m: &Path, token: &str) -> (i32, String) {
     let pin = cell.path(&format!("{token}.pin"));
-    station::demo::write_secret(&pin, hsm::testkit::USER_PIN).unwrap();
+    if !pin.exists() {
+        station::demo::write_secret(&pin, hsm::testkit::USER_PIN).unwrap();
+    }
     let root = cell.path("root-ca.pem");
     let (code, o, e) = cell.run(
         None,
@@ -553,7 +555,7 @@ async fn import_into_the_utility_token_delivers_keys_that_work() {
 
     // The batch is made for the token's key.
     let engine = cell.engine(false).await;
-    let officer = cell.login(&engine, "officer").await;
+    let officer = cell.login_engine(&engine, "officer").await;
     engine
         .execute(
             &officer,
@@ -564,7 +566,7 @@ async fn import_into_the_utility_token_delivers_keys_that_work() {
         )
         .await
         .unwrap();
-    let sup = cell.login(&engine, "super").await;
+    let sup = cell.login_engine(&engine, "super").await;
     let batch = match engine
         .execute(
             &sup,

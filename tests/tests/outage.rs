@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use e2e::{Cell, CellOptions, assert_journal_consistent, run_batch};
 use station::Session;
+use station::api::client::Client;
 use station::engine::Event;
 use station::run::{Summary, run_line};
 
@@ -77,11 +78,12 @@ async fn two_nest_cell(quantity: i64) -> Cell {
     .await
 }
 
-/// Runs the line until the batch completes or the station stops it; returns the summary.
-async fn run_for_a_while(engine: &station::Engine, oper: &Session) -> Summary {
+/// Runs the line through the daemon's API until the batch completes or the station stops it;
+/// returns the summary.
+async fn run_for_a_while(client: &Client, oper: &Session) -> Summary {
     tokio::time::timeout(
         Duration::from_secs(300),
-        run_line(engine, oper, false, true),
+        run_line(client, oper, false, true),
     )
     .await
     .expect("the line neither completed nor stopped")
@@ -118,11 +120,12 @@ async fn a_full_disk_stops_the_line_and_loses_nothing() {
     let journal = || rusqlite::Connection::open(disk.path.join("station.db")).unwrap();
 
     // The line runs until the journal cannot take the next commit, then the station stops it.
-    let engine = cell.engine(true).await;
-    let oper = cell.login(&engine, "oper").await;
-    let summary = run_for_a_while(&engine, &oper).await;
-    let _ = engine.shutdown().await;
-    drop(engine);
+    let daemon = cell.daemon().await;
+    let client = cell.client().await;
+    let oper = cell.login(&client, "oper").await;
+    let summary = run_for_a_while(&client, &oper).await;
+    drop(client);
+    let _ = daemon.stop().await;
     let why = summary
         .halted
         .clone()
@@ -145,8 +148,7 @@ async fn a_full_disk_stops_the_line_and_loses_nothing() {
 
     // Space is freed; the station starts again, fails what was in flight, finishes the batch.
     std::fs::remove_file(&filler).unwrap();
-    let (engine, summary) = run_batch(&cell, Duration::from_secs(300)).await;
-    engine.shutdown().await.unwrap();
+    let (daemon, summary) = run_batch(&cell, Duration::from_secs(300)).await;
     assert!(summary.batch_complete, "{summary}");
     let db = journal();
     assert_journal_consistent(&db, quantity);
@@ -159,14 +161,17 @@ async fn a_full_disk_stops_the_line_and_loses_nothing() {
     );
     let (code, out, err) = cell.run(Some("audit"), &["audit", "verify"]);
     assert_eq!(code, 0, "{out}{err}");
+    daemon.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_hsm_that_goes_away_stops_the_line_until_it_is_back() {
     let quantity = 10;
     let cell = two_nest_cell(quantity).await;
-    let engine = cell.engine(true).await;
-    let oper = cell.login(&engine, "oper").await;
+    let daemon = cell.daemon().await;
+    let engine = daemon.engine().clone();
+    let client = cell.client().await;
+    let oper = cell.login(&client, "oper").await;
     let mut events = engine.subscribe();
     let tokens = hsm::testkit::dir().unwrap().join("tokens");
     let away = hsm::testkit::dir().unwrap().join("tokens-away");
@@ -183,7 +188,7 @@ async fn an_hsm_that_goes_away_stops_the_line_until_it_is_back() {
         std::fs::create_dir(&tokens).unwrap();
         hsm::testkit::pkcs11().unwrap().finalize().unwrap();
     };
-    let (summary, ()) = tokio::join!(run_for_a_while(&engine, &oper), unplug);
+    let (summary, ()) = tokio::join!(run_for_a_while(&client, &oper), unplug);
     let why = summary
         .halted
         .clone()
@@ -193,7 +198,7 @@ async fn an_hsm_that_goes_away_stops_the_line_until_it_is_back() {
     assert!(!engine.snapshot().running);
 
     // Starting again without the HSM is refused with the reason; nothing moves.
-    let refused = run_line(&engine, &oper, false, true).await;
+    let refused = run_line(&client, &oper, false, true).await;
     let still_down = match refused {
         Err(e) => e.to_string(),
         Ok(s) => s.halted.unwrap_or_default(),
@@ -204,9 +209,8 @@ async fn an_hsm_that_goes_away_stops_the_line_until_it_is_back() {
     // journal while the HSM was gone, and finishes the batch.
     std::fs::remove_dir(&tokens).unwrap();
     std::fs::rename(&away, &tokens).unwrap();
-    let summary = run_for_a_while(&engine, &oper).await;
+    let summary = run_for_a_while(&client, &oper).await;
     assert!(summary.batch_complete, "{summary}");
-    engine.shutdown().await.unwrap();
     let db = cell.db();
     assert_journal_consistent(&db, quantity);
     assert!(
@@ -225,4 +229,6 @@ async fn an_hsm_that_goes_away_stops_the_line_until_it_is_back() {
     );
     let (code, out, err) = cell.run(Some("audit"), &["audit", "verify"]);
     assert_eq!(code, 0, "{out}{err}");
+    drop(client);
+    daemon.stop().await.unwrap();
 }

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Request, Status};
+pub use tonic::Code;
+use tonic::{Request, Status};
 use zeroize::Zeroizing;
 
 use super::convert::{self, Update};

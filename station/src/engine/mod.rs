@@ -1120,8 +1120,15 @@ impl Engine {
         self.inner.snapshot()
     }
 
-    /// Stops the line, waits for the nests, writes the shut-down event and a checkpoint.
+    /// Stops the line, waits for the nests, writes the shut-down event and a checkpoint, and
+    /// gives the journal's lock up (whatever the outcome): the engine is not used afterwards.
     pub async fn shutdown(&self) -> Result<()> {
+        let r = self.close().await;
+        self.inner.db.release();
+        r
+    }
+
+    async fn close(&self) -> Result<()> {
         let _ = self.inner.stop.send(true);
         self.inner.bump();
         let tasks: Vec<_> = lock(&self.inner.tasks).drain(..).collect();

@@ -109,7 +109,12 @@ fn deliver(tx: &mpsc::Sender<UiEvent>, ctx: &egui::Context, ev: UiEvent) -> bool
 
 /// Follows the line for `session` until the stream ends; a stream the daemon ended for the
 /// session sends the console back to log-in.
-async fn bridge(client: Client, session: Arc<Session>, tx: mpsc::Sender<UiEvent>, ctx: egui::Context) {
+async fn bridge(
+    client: Client,
+    session: Arc<Session>,
+    tx: mpsc::Sender<UiEvent>,
+    ctx: egui::Context,
+) {
     let mut stream = match client.events(&session).await {
         Ok(s) => s,
         Err(e) => {
@@ -300,8 +305,12 @@ impl CommandSink for Backend {
                                 }),
                             );
                             // A new log-in replaces the session before it, and follows the line.
-                            let bridge =
-                                rt.spawn(bridge(client.clone(), Arc::clone(&s), tx.clone(), ctx.clone()));
+                            let bridge = rt.spawn(bridge(
+                                client.clone(),
+                                Arc::clone(&s),
+                                tx.clone(),
+                                ctx.clone(),
+                            ));
                             let old = {
                                 let mut h = lock(&held);
                                 let old = h.clear();

@@ -13,9 +13,9 @@ use eframe::egui;
 use gui::state::UiCommand;
 use gui::theme::Touch;
 use gui::{ConsoleApp, ConsoleOptions};
+use station::Command;
 use station::api::client::Client;
 use station::demo::{DemoArgs, DemoCell};
-use station::Command;
 
 /// The touch console of the provisioning cell.
 #[derive(Parser, Debug)]

@@ -102,7 +102,9 @@ impl Cell {
 
     /// The daemon's engine (the tests look inside, as nobody else can).
     pub fn engine(&self) -> &station::Engine {
-        self.demo().engine().expect("the demo daemon runs in this process")
+        self.demo()
+            .engine()
+            .expect("the demo daemon runs in this process")
     }
 
     /// The real console over this cell's daemon, in a window of `size` points.
@@ -127,9 +129,9 @@ impl Cell {
 impl Drop for Cell {
     fn drop(&mut self) {
         if let Some(cell) = self.cell.take() {
-            let _ = self
-                .rt
-                .block_on(async move { tokio::time::timeout(Duration::from_secs(60), cell.stop()).await });
+            let _ = self.rt.block_on(async move {
+                tokio::time::timeout(Duration::from_secs(60), cell.stop()).await
+            });
         }
     }
 }

@@ -495,14 +495,13 @@ pub fn verify_offline(
     let copy = tmp.join("journal.db");
     std::fs::copy(journal, &copy)
         .map_err(|e| format!("cannot read the journal {}: {e}", journal.display()))?;
-    for suffix in ["-wal"] {
-        let mut from = journal.as_os_str().to_os_string();
-        from.push(suffix);
-        let from = std::path::PathBuf::from(from);
-        if from.exists() {
-            std::fs::copy(&from, tmp.join(format!("journal.db{suffix}")))
-                .map_err(|e| format!("cannot read {}: {e}", from.display()))?;
-        }
+    // Committed entries may still sit in the WAL beside it.
+    let mut wal = journal.as_os_str().to_os_string();
+    wal.push("-wal");
+    let wal = std::path::PathBuf::from(wal);
+    if wal.exists() {
+        std::fs::copy(&wal, tmp.join("journal.db-wal"))
+            .map_err(|e| format!("cannot read {}: {e}", wal.display()))?;
     }
     let result = (|| {
         let conn = rusqlite::Connection::open(&copy)

@@ -861,7 +861,10 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                     _ => 0,
                 };
                 print(&cli, &r)?;
-                while *follow {
+                if !*follow {
+                    return Ok(());
+                }
+                loop {
                     tokio::select! {
                         _ = tokio::signal::ctrl_c() => break,
                         _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
@@ -981,9 +984,9 @@ fn audit_offline(cli: &Cli, a: &AuditVerifyArgs) -> Result<ExitCode> {
 }
 
 fn curve_of(curve: &str) -> Result<hsm::Curve> {
-    Ok(match curve {
-        "P-256" | "p256" => hsm::Curve::P256,
-        "P-384" | "p384" => hsm::Curve::P384,
+    Ok(match curve.to_ascii_uppercase().as_str() {
+        "P-256" | "P256" => hsm::Curve::P256,
+        "P-384" | "P384" => hsm::Curve::P384,
         other => bail!("unknown curve {other:?}: P-256 or P-384"),
     })
 }

@@ -342,7 +342,9 @@ impl Cell {
 
     /// A client of the cell's daemon over its socket.
     pub async fn client(&self) -> Client {
-        Client::connect(&Address::Unix(self.socket()), "e2e").await.unwrap()
+        Client::connect(&Address::Unix(self.socket()), "e2e")
+            .await
+            .unwrap()
     }
 
     /// The daemon's socket.

@@ -418,11 +418,17 @@ async fn wrong_pins_lock_out_and_idle_sessions_expire() {
     let engine = cell.engine(false).await;
     for i in 0..4 {
         match engine.login("oper", "000000").await {
-            Err(Error::Auth(e @ AuthError::BadCredentials {
-                remaining: Some(r), ..
-            })) => {
+            Err(Error::Auth(
+                e @ AuthError::BadCredentials {
+                    remaining: Some(r), ..
+                },
+            )) => {
                 assert_eq!(r, 4 - i);
-                assert_eq!(e.to_string(), "wrong user name or PIN", "nothing more is said");
+                assert_eq!(
+                    e.to_string(),
+                    "wrong user name or PIN",
+                    "nothing more is said"
+                );
             }
             other => panic!("attempt {i}: {other:?}"),
         }

@@ -62,6 +62,9 @@ const IMGTOOL: &str = "imgtool==2.5.0";
 /// The JSON Schema validator the tests check the schemas with (draft 2020-12), an independent
 /// peer too; the tests find it through `CELL_PYTHON`.
 const JSONSCHEMA: &str = "jsonschema>=4.18,<5";
+/// A gRPC client we did not write, with the protobuf compiler that makes its stubs from
+/// `schemas/station.proto` at test time.
+const GRPCIO: [&str; 2] = ["grpcio>=1.60,<2", "grpcio-tools>=1.60,<2"];
 
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
@@ -206,15 +209,15 @@ fn ensure_packages(pkgs: &[&str]) -> Result<(), String> {
     run(&mut apt(&args))
 }
 
-/// `imgtool` and `jsonschema` in a virtual environment under `target/xtask/venv`; returns the
-/// imgtool path (the environment's python is next to it).
+/// `imgtool`, `jsonschema`, `grpcio` and `grpcio-tools` in a virtual environment under
+/// `target/xtask/venv`; returns the imgtool path (the environment's python is next to it).
 fn ensure_imgtool() -> Result<PathBuf, String> {
     let venv = target_dir().join("xtask").join("venv");
     let bin = venv.join("bin");
     let imgtool = bin.join("imgtool");
     let has_jsonschema = || {
         Command::new(bin.join("python3"))
-            .args(["-c", "import jsonschema"])
+            .args(["-c", "import jsonschema, grpc, grpc_tools"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
@@ -225,7 +228,8 @@ fn ensure_imgtool() -> Result<PathBuf, String> {
         return Ok(imgtool);
     }
     eprintln!(
-        "xtask: installing {IMGTOOL} and {JSONSCHEMA} from PyPI into {}",
+        "xtask: installing {IMGTOOL}, {JSONSCHEMA} and {} from PyPI into {}",
+        GRPCIO.join(", "),
         venv.display()
     );
     if !bin.join("pip").exists() {
@@ -238,13 +242,15 @@ fn ensure_imgtool() -> Result<PathBuf, String> {
             "--disable-pip-version-check",
             IMGTOOL,
             JSONSCHEMA,
+            GRPCIO[0],
+            GRPCIO[1],
         ])
         .stdin(Stdio::null()))?;
     if imgtool.exists() && has_jsonschema() {
         Ok(imgtool)
     } else {
         Err(format!(
-            "{IMGTOOL} and {JSONSCHEMA} installed but {} or the jsonschema module is missing",
+            "the Python tools were installed but {} or the jsonschema or grpc modules are missing",
             imgtool.display()
         ))
     }

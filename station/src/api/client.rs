@@ -8,8 +8,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
 pub use tonic::Code;
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
 use zeroize::Zeroizing;
 
@@ -244,6 +244,11 @@ impl Client {
                 .max_encoding_message_size(super::server::MAX_MESSAGE),
             name: name.to_string(),
         })
+    }
+
+    /// The generated client underneath, for calls this wrapper does not shape (tools, tests).
+    pub fn raw(&self) -> StationClient<Channel> {
+        self.rpc.clone()
     }
 
     /// Logs a user in.

@@ -185,6 +185,17 @@ pub fn status(e: &Error) -> Status {
             (Code::FailedPrecondition, "conflict")
         }
         Error::Db(_) => (Code::Internal, "journal"),
+        // What the HSM refuses about the request itself is the caller's to fix; the rest is the
+        // HSM's state.
+        Error::Hsm(
+            hsm::Error::Csr(_)
+            | hsm::Error::Cert(_)
+            | hsm::Error::Profile(_)
+            | hsm::Error::InvalidInput(_),
+        ) => (Code::InvalidArgument, "invalid"),
+        Error::Hsm(hsm::Error::RoleExists { .. } | hsm::Error::NotPermitted(_)) => {
+            (Code::FailedPrecondition, "conflict")
+        }
         Error::Hsm(_) => (Code::Unavailable, "hsm"),
         Error::Audit(AuditError::Frozen(_)) => (Code::FailedPrecondition, "audit-frozen"),
         Error::Audit(_) => (Code::Unavailable, "audit"),
@@ -363,9 +374,9 @@ fn role_of(name: &str) -> Result<hsm::KeyRole, Status> {
 }
 
 fn curve_of(name: &str) -> Result<hsm::Curve, Status> {
-    match name {
-        "" | "P-256" | "p256" => Ok(hsm::Curve::P256),
-        "P-384" | "p384" => Ok(hsm::Curve::P384),
+    match name.to_ascii_uppercase().as_str() {
+        "" | "P-256" | "P256" => Ok(hsm::Curve::P256),
+        "P-384" | "P384" => Ok(hsm::Curve::P384),
         other => Err(Status::invalid_argument(format!(
             "unknown curve {other:?}: P-256 or P-384"
         ))),
@@ -536,7 +547,7 @@ impl Station for Service {
         &self,
         req: Request<pb::EnableNestRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
-        let m = req.get_ref().clone();
+        let m = *req.get_ref();
         let cmd = Command::EnableNest {
             nest: m.nest,
             enabled: m.enabled,
@@ -788,7 +799,8 @@ impl Station for Service {
         &self,
         req: Request<pb::AddUserRequest>,
     ) -> Result<Response<pb::User>, Status> {
-        let token = self.session(&req, "AddUser").await?;
+        // The permission first, so that a refused caller learns nothing of its arguments.
+        let token = self.authorize(&req, "AddUser", Action::ManageUsers).await?;
         let m = req.into_inner();
         let pin = Zeroizing::new(m.pin);
         let role = Role::parse(&m.role).ok_or_else(|| {
@@ -915,6 +927,7 @@ impl Station for Service {
     }
 
     async fn pki_csr(&self, req: Request<pb::PkiCsrRequest>) -> Result<Response<pb::Text>, Status> {
+        self.authorize(&req, "PkiCsr", Action::ManagePki).await?;
         let m = req.get_ref().clone();
         let cmd = Command::PkiCsr {
             role: role_of(&m.role)?,
@@ -932,6 +945,7 @@ impl Station for Service {
         &self,
         req: Request<pb::PkiImportRequest>,
     ) -> Result<Response<pb::Text>, Status> {
+        self.authorize(&req, "PkiImport", Action::ManagePki).await?;
         let m = req.get_ref().clone();
         let cmd = Command::PkiImport {
             role: role_of(&m.role)?,
@@ -945,6 +959,8 @@ impl Station for Service {
         &self,
         req: Request<pb::TlsCertificateRequest>,
     ) -> Result<Response<pb::Text>, Status> {
+        self.authorize(&req, "IssueTlsCertificate", Action::ManagePki)
+            .await?;
         let m = req.get_ref().clone();
         let usage = match pb::TlsUsage::try_from(m.usage) {
             Ok(pb::TlsUsage::Client) => hsm::TlsUsage::Client,

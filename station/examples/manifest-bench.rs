@@ -210,7 +210,7 @@ async fn make_cell(dir: &Path, n: usize) {
     let image = meter_sim::firmware::sign_image(&payload, version, 0x200, &fw_key);
 
     let engine = open(dir).await;
-    let officer = common::add_users(&engine, PIN).await;
+    let officer = common::add_users_in_process(&engine, PIN).await;
     let Reply::Firmware(fw) = engine
         .execute(
             &officer,

@@ -8,8 +8,12 @@
 //! - `cycle_ratio`: the measured cycle time over its theoretical minimum, the wire time of every
 //!   byte exchanged plus the meter's processing time (one nest, 921600 baud, no added latency).
 //!
-//! `station-bench overhead|nests|ratio` runs one of the three. Everything runs in this process on a SoftHSM token with the demo PKI; the emulated meters share
-//! the machine's cores with the station, as a commissioning run on one PC would.
+//! `station-bench overhead|nests|ratio` runs one of the three. The station is `stationd` as it
+//! runs in a cell — its engine and its API on a Unix socket, in this process — and the line is
+//! driven and followed through the API as `station run` does (a client over the socket: log-in,
+//! start, the event stream). Everything runs on a SoftHSM token with the demo PKI; the emulated
+//! meters share the machine's cores with the station, as a commissioning run on one PC would.
+//! The runs share one journal (and so one set of users), as one cell's batches would.
 
 // A benchmark tool: a failed set-up step should stop it with the reason.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -22,9 +26,12 @@ use meter_sim::faults::Faults;
 use meter_sim::flash::Capabilities;
 use meter_sim::linksim::{self, LinkCounters, LinkParams};
 use meter_sim::nest::{FaultScope, NestConfig};
+use station::api::client::{Address, Client};
+use station::api::convert::Update;
 use station::config::Config;
+use station::daemon::Daemon;
 use station::engine::{BatchSpec, Event};
-use station::{Command, Engine, OpenOptions, Reply};
+use station::{Command, Reply, Session};
 
 mod common;
 
@@ -32,6 +39,9 @@ const MODEL: &str = "EM-300";
 
 struct Base {
     dir: PathBuf,
+    /// The first serial number of the next run's batch: the runs share one journal, and system
+    /// titles are unique across batches.
+    next_serial: i64,
     conf_head: String,
     pins: Vec<(String, String)>,
     root: p256::PublicKey,
@@ -42,6 +52,7 @@ async fn base(dir: &Path) -> Base {
     let root = meter_sim::load_root(&pki.join("provisioning-root.pem")).unwrap();
     Base {
         dir: dir.to_path_buf(),
+        next_serial: 1,
         conf_head,
         pins: Vec::new(),
         root,
@@ -143,7 +154,10 @@ async fn linked_nests(
     }
 }
 
-/// Opens a cell with `ports` and a batch of `quantity` meters of `image`.
+const PIN: &str = "246810";
+
+/// Starts the cell's daemon with `ports` and opens a batch of `quantity` meters of `image`
+/// (closing the batch of the run before). Returns the daemon and a client of it.
 async fn cell(
     b: &mut Base,
     run: &str,
@@ -151,33 +165,52 @@ async fn cell(
     image: &[u8],
     quantity: i64,
     latency_ms: u32,
-) -> (Engine, PathBuf) {
+) -> (Daemon, Client) {
     let dir = b.dir.join(run);
     std::fs::create_dir_all(&dir).unwrap();
-    for f in ["hsm-pin", "utility.pem"] {
-        std::fs::copy(b.dir.join(f), dir.join(f)).unwrap();
-    }
     std::fs::write(
         dir.join("station.toml"),
         format!(
-            "{}[line]\nlatency_ms = {latency_ms}\npoll_ms = 20\n\n{}",
-            b.conf_head, ports.config_nests
+            "{}[line]\nlatency_ms = {latency_ms}\npoll_ms = 20\n\n[api]\nsocket = \"{}\"\nexport_dir = \"{}\"\n\n{}",
+            b.conf_head.replace(
+                "database = \"station.db\"",
+                &format!("database = \"{}\"", b.dir.join("station.db").display())
+            ).replace(
+                "pin = { file = \"hsm-pin\" }",
+                &format!("pin = {{ file = \"{}\" }}", b.dir.join("hsm-pin").display())
+            ),
+            dir.join("stationd.sock").display(),
+            dir.join("exports").display(),
+            ports.config_nests
         ),
     )
     .unwrap();
-    let engine = Engine::open(
-        Config::load(&dir.join("station.toml")).unwrap(),
-        OpenOptions {
-            source: "bench".into(),
-            nests: true,
-        },
-    )
-    .await
-    .unwrap();
-    let pin = "246810";
-    let officer = common::add_users(&engine, pin).await;
-    b.pins.push(("officer".into(), pin.into()));
-    let fw = match engine
+    let daemon = Daemon::start(Config::load(&dir.join("station.toml")).unwrap(), "stationd")
+        .await
+        .unwrap();
+    let client = Client::connect(&Address::Unix(daemon.socket().to_path_buf()), "bench")
+        .await
+        .unwrap();
+    let first = b.pins.is_empty();
+    if first {
+        common::add_users(&client, PIN).await;
+        b.pins.push(("officer".into(), PIN.into()));
+    }
+    let officer = client.login("officer", PIN).await.unwrap().session;
+    if first {
+        client
+            .execute(
+                &officer,
+                Command::ImportCustomer {
+                    name: "utility".into(),
+                    cert: std::fs::read(b.dir.join("utility.pem")).unwrap(),
+                },
+            )
+            .await
+            .unwrap();
+    }
+    let sha = hex::encode(line_protocol::crypto::sha256(image));
+    let _ = client
         .execute(
             &officer,
             Command::ImportFirmware {
@@ -185,64 +218,71 @@ async fn cell(
                 image: image.to_vec(),
             },
         )
+        .await;
+    match client
+        .execute(&officer, Command::ListFirmware)
         .await
         .unwrap()
     {
-        Reply::Firmware(f) => f,
+        Reply::Firmwares(fs) => assert!(fs.iter().any(|f| f.sha256 == sha)),
         _ => unreachable!(),
-    };
-    engine
-        .execute(
-            &officer,
-            Command::ImportCustomer {
-                name: format!("utility-{run}"),
-                cert: std::fs::read(dir.join("utility.pem")).unwrap(),
-            },
-        )
-        .await
-        .unwrap();
-    let sup = engine.login("super", pin).await.unwrap();
-    engine
+    }
+    let sup = client.login("super", PIN).await.unwrap().session;
+    if let Some(open) = client.snapshot(&sup).await.unwrap().batch {
+        client
+            .execute(&sup, Command::CloseBatch { id: open.id })
+            .await
+            .unwrap();
+    }
+    client
         .execute(
             &sup,
             Command::OpenBatch(BatchSpec {
                 work_order: format!("WO-{run}"),
                 model: MODEL.into(),
-                firmware: fw.sha256,
-                customer: format!("utility-{run}"),
+                firmware: sha,
+                customer: "utility".into(),
                 quantity,
                 serial_prefix: run.to_uppercase(),
-                serial_first: 1,
-                serial_last: quantity * 2 + 10,
+                serial_first: b.next_serial,
+                serial_last: b.next_serial + quantity * 2 + 10,
             }),
         )
         .await
         .unwrap();
-    (engine, dir)
+    b.next_serial += quantity * 2 + 11;
+    for s in [officer, sup] {
+        let _ = client.logout(&s).await;
+    }
+    (daemon, client)
 }
 
-/// Runs the line until `n` meters are done; returns (elapsed, cycle times in ms).
-async fn produce(engine: &Engine, n: usize) -> (Duration, Vec<u64>) {
-    let mut events = engine.subscribe();
-    let oper = engine.login("oper", "246810").await.unwrap();
+/// Runs the line through the API until `n` meters are done; returns (elapsed, cycle times in
+/// ms).
+async fn produce(client: &Client, n: usize) -> (Duration, Vec<u64>) {
+    let oper: Session = client.login("oper", PIN).await.unwrap().session;
+    let mut events = client.events(&oper).await.unwrap();
+    assert!(matches!(events.next().await, Some(Ok(Update::Snapshot(_)))));
     let t0 = Instant::now();
-    engine.execute(&oper, Command::StartLine).await.unwrap();
+    client.execute(&oper, Command::StartLine).await.unwrap();
     let mut cycles = Vec::new();
     while cycles.len() < n {
-        match tokio::time::timeout(Duration::from_secs(120), events.recv()).await {
-            Ok(Ok(Event::MeterFinished {
+        match tokio::time::timeout(Duration::from_secs(120), events.next()).await {
+            Ok(Some(Ok(Update::Event(Event::MeterFinished {
                 ok: true, cycle_ms, ..
-            })) => cycles.push(cycle_ms),
-            Ok(Ok(Event::MeterFinished {
+            })))) => cycles.push(cycle_ms),
+            Ok(Some(Ok(Update::Event(Event::MeterFinished {
                 ok: false, reason, ..
-            })) => panic!("a meter failed: {reason:?}"),
-            Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
-            Ok(Err(e)) => panic!("events: {e}"),
+            })))) => panic!("a meter failed: {reason:?}"),
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(e))) => panic!("events: {e}"),
+            Ok(None) => panic!("the event stream ended"),
             Err(_) => panic!("no meter finished within two minutes"),
         }
     }
     let elapsed = t0.elapsed();
-    engine.execute(&oper, Command::StopLine).await.unwrap();
+    client.execute(&oper, Command::StopLine).await.unwrap();
+    let _ = client.logout(&oper).await;
     (elapsed, cycles)
 }
 
@@ -309,10 +349,11 @@ async fn main() {
     if part("overhead") {
         let meters = tmp.path().join("overhead-meters");
         let ports = loopback_nests(1, &meters, b.root).await;
-        let (engine, _) = cell(&mut b, "overhead", &ports, &small, 1000, 0).await;
-        produce(&engine, 5).await; // warm-up
-        let (_, cycles) = produce(&engine, 40).await;
-        engine.shutdown().await.unwrap();
+        let (daemon, client) = cell(&mut b, "overhead", &ports, &small, 1000, 0).await;
+        produce(&client, 5).await; // warm-up
+        let (_, cycles) = produce(&client, 40).await;
+        drop(client);
+        daemon.stop().await.unwrap();
         let cycle = mean(&cycles);
         let busy = meter_busy_ms(&meters);
         println!(
@@ -329,13 +370,15 @@ async fn main() {
         }
         let meters = tmp.path().join(format!("mph{nests}-meters"));
         let ports = linked_nests(nests, &meters, b.root, 921_600, Duration::from_millis(4)).await;
-        let (engine, _) = cell(&mut b, &format!("mph{nests}"), &ports, &image, 10_000, 4).await;
-        produce(&engine, nests as usize).await; // warm-up: every nest has done one
+        let (daemon, client) =
+            cell(&mut b, &format!("mph{nests}"), &ports, &image, 10_000, 4).await;
+        produce(&client, nests as usize).await; // warm-up: every nest has done one
         let n = (nests as usize * 4).max(8);
         let cpu0 = cpu_seconds();
-        let (elapsed, cycles) = produce(&engine, n).await;
+        let (elapsed, cycles) = produce(&client, n).await;
         let cpu = cpu_seconds() - cpu0;
-        engine.shutdown().await.unwrap();
+        drop(client);
+        daemon.stop().await.unwrap();
         let mph = n as f64 * 3600.0 / elapsed.as_secs_f64();
         if nests == 1 {
             one = mph;
@@ -351,12 +394,13 @@ async fn main() {
         let meters = tmp.path().join("ratio-meters");
         let baud = 921_600u32;
         let ports = linked_nests(1, &meters, b.root, baud, Duration::ZERO).await;
-        let (engine, _) = cell(&mut b, "ratio", &ports, &image, 1000, 0).await;
-        produce(&engine, 2).await;
+        let (daemon, client) = cell(&mut b, "ratio", &ports, &image, 1000, 0).await;
+        produce(&client, 2).await;
         let before = ports.counters[0].snapshot();
-        let (_, cycles) = produce(&engine, 10).await;
+        let (_, cycles) = produce(&client, 10).await;
         let after = ports.counters[0].snapshot();
-        engine.shutdown().await.unwrap();
+        drop(client);
+        daemon.stop().await.unwrap();
         let bytes = (after.0 - before.0) + (after.1 - before.1);
         let wire_ms = bytes as f64 * 10.0 / baud as f64 * 1000.0 / cycles.len() as f64;
         let busy = meter_busy_ms(&meters);

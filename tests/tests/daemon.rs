@@ -738,6 +738,46 @@ async fn the_pki_changes_through_the_daemon_only_and_a_set_up_token_bootstraps_n
     );
     assert_ne!(code, 0);
     assert!(err.contains("manifest-signer"), "{err}");
+    // Storing a role's certificate (here the manifest signer's own, again): checked against
+    // the role's key and the chain, stored, audited.
+    let (code, o, err) = cell.run(
+        Some("officer"),
+        &[
+            "pki",
+            "import",
+            "--role",
+            "manifest-signer",
+            "--cert",
+            s(&cell.path("pki/manifest-signer.pem")),
+            "--chain",
+            s(&cell.path("pki/root-ca.pem")),
+        ],
+    );
+    assert_eq!(code, 0, "{o}{err}");
+    assert!(o.contains("restart stationd"), "{o}");
+    assert_eq!(
+        count(
+            &cell.db(),
+            "SELECT count(*) FROM audit WHERE kind = 'pki.import' AND actor = 'officer'"
+        ),
+        1
+    );
+    // Another role's certificate for the manifest signer's key: refused by the check.
+    let (code, _, err) = cell.run(
+        Some("officer"),
+        &[
+            "pki",
+            "import",
+            "--role",
+            "manifest-signer",
+            "--cert",
+            s(&cell.path("pki/audit-signer.pem")),
+            "--chain",
+            s(&cell.path("pki/root-ca.pem")),
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("manifest-signer"), "{err}");
     // A console certificate: issued, audited.
     let tls = cell.path("tls");
     let (code, o, err) = cell.run(

@@ -21,7 +21,7 @@ commands:
   test                  install what is missing, then fmt check, clippy, and every test
                         (cargo nextest) — what CI runs
   bench <what>          print benchmark figures as JSON lines; <what> is one of:
-                        link, hsm, station, manifest, gui, all
+                        link, hsm, station, manifest, api, gui, all
   screenshot [OUT.png]  start the touch console in demo mode under Xvfb and save a picture
   fuzz [TARGET] [SECS]  run a fuzz target for SECS seconds (needs a nightly toolchain)
   deps                  only install what is missing
@@ -37,6 +37,8 @@ const BASE_PACKAGES: &[&str] = &[
     "python3",
     "python3-venv",
     "jq",
+    // systemd-analyze checks the service unit of stationd.
+    "systemd",
 ];
 
 /// Debian packages the console's tests and screenshot need (software rendering, a display).
@@ -344,7 +346,7 @@ fn demo(args: &[String]) -> Result<(), String> {
 
 fn bench(what: &str) -> Result<(), String> {
     let imgtool = deps(what == "gui" || what == "all")?;
-    let all = ["link", "hsm", "station", "manifest", "gui"];
+    let all = ["link", "hsm", "station", "manifest", "api", "gui"];
     let list: Vec<&str> = if what == "all" {
         all.to_vec()
     } else {
@@ -356,10 +358,11 @@ fn bench(what: &str) -> Result<(), String> {
             "hsm" => ("hsm", "hsm-bench"),
             "station" => ("station", "station-bench"),
             "manifest" => ("station", "manifest-bench"),
+            "api" => ("station", "api-bench"),
             "gui" => ("gui", "gui-bench"),
             other => {
                 return Err(format!(
-                    "unknown benchmark {other:?}: link, hsm, station, manifest, gui or all"
+                    "unknown benchmark {other:?}: link, hsm, station, manifest, api, gui or all"
                 ));
             }
         };

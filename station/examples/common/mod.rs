@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 /// The cell's PKI directory and the head of its configuration.
+#[allow(dead_code)] // not every benchmark needs the PKI directory
 pub struct BenchCell {
     pub pki: PathBuf,
     pub conf_head: String,
@@ -38,9 +39,33 @@ pub async fn bench_cell(dir: &Path, station_id: &str, model: &str) -> BenchCell 
     BenchCell { pki, conf_head }
 }
 
-/// The cell's people, all with `pin`: the officer (bootstrapped), a supervisor and an operator.
-/// Returns the officer's session.
-pub async fn add_users(engine: &station::Engine, pin: &str) -> station::Session {
+/// The cell's people, all with `pin`, through the daemon: the officer (the cell's first), a
+/// supervisor and an operator.
+#[allow(dead_code)] // each benchmark uses one of the two
+pub async fn add_users(client: &station::api::client::Client, pin: &str) {
+    use station::auth::Role;
+    client.bootstrap("officer", pin).await.unwrap();
+    let officer = client.login("officer", pin).await.unwrap().session;
+    for (name, role) in [("super", Role::Supervisor), ("oper", Role::Operator)] {
+        client
+            .execute(
+                &officer,
+                station::Command::AddUser {
+                    name: name.into(),
+                    role,
+                    pin: zeroize::Zeroizing::new(pin.into()),
+                },
+            )
+            .await
+            .unwrap();
+    }
+    let _ = client.logout(&officer).await;
+}
+
+/// The same people on an engine opened in-process (the manifest benchmark builds its journal
+/// directly); returns the officer's session.
+#[allow(dead_code)] // each benchmark uses one of the two
+pub async fn add_users_in_process(engine: &station::Engine, pin: &str) -> station::Session {
     use station::auth::Role;
     engine.bootstrap_admin("officer", pin).await.unwrap();
     let officer = engine.login("officer", pin).await.unwrap();

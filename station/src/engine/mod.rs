@@ -1110,6 +1110,14 @@ impl Engine {
         admin::execute(self, &user, cmd).await
     }
 
+    /// Publishes `e` to every front end as if the line had produced it, changing nothing in the
+    /// cell: for load tests of the event stream (`cargo xtask bench api`). Only code in the
+    /// daemon's own process can call it; the API offers nothing like it.
+    #[doc(hidden)]
+    pub fn publish_for_load_test(&self, e: Event) {
+        self.inner.emit(e);
+    }
+
     /// Events from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.inner.events.subscribe()

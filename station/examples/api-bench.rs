@@ -95,7 +95,8 @@ async fn main() {
     // 2. Events to four consoles at once.
     let mut consoles = Vec::new();
     let counts: Vec<Arc<AtomicU64>> = (0..CONSOLES).map(|_| Arc::new(AtomicU64::new(0))).collect();
-    for count in counts.iter().cloned() {
+    for count in &counts {
+        let count = Arc::clone(count);
         let c = Client::connect(&addr, "bench-console").await.unwrap();
         let s = c.login("oper", PIN).await.unwrap().session;
         let mut events = c.events(&s).await.unwrap();

@@ -525,9 +525,23 @@ pub fn verify_offline(
                 })?,
         };
         let (cert, _) = crate::engine::keys::parse_cert(&der)?;
+        // Issued by the root itself (no intermediate is taken from the copy, which anyone could
+        // have edited), and no CA: a key under the device CA — a meter's — never qualifies.
         crate::manifest::verify::chain_to_root(&cert, &[], root).map_err(|e| {
             format!("the audit certificate does not chain to the given manufacturer root: {e}")
         })?;
+        let is_ca = cert
+            .tbs_certificate()
+            .get_extension::<x509_cert::ext::pkix::BasicConstraints>()
+            .ok()
+            .flatten()
+            .is_some_and(|(_, bc)| bc.ca);
+        if is_ca {
+            return Err(format!(
+                "{} is a CA certificate, not the audit signer's",
+                cert.tbs_certificate().subject()
+            ));
+        }
         let point = cert
             .tbs_certificate()
             .subject_public_key_info()

@@ -591,6 +591,61 @@ async fn a_copied_journal_yields_no_pin_and_the_cells_files_are_owner_only() {
         );
     }
     daemon.stop().await.unwrap();
+
+    // An auditor verifies the copy without the daemon or the HSM, with the audit certificate the
+    // journal recorded checked against the manufacturer root; against another root it fails.
+    let copy = s(&copy);
+    let (code, out, err) = cell.run(
+        None,
+        &[
+            "audit",
+            "verify",
+            "--offline",
+            "--journal",
+            copy,
+            "--root",
+            s(&cell.path("root-ca.pem")),
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("chains to the given root") && out.contains("audit log verified"),
+        "{out}"
+    );
+    let (code, out, err) = cell.run(
+        None,
+        &[
+            "audit",
+            "verify",
+            "--offline",
+            "--journal",
+            copy,
+            "--root",
+            s(&cell.path("pki/provisioning-root.pem")),
+        ],
+    );
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        err.contains("does not chain to the given manufacturer root"),
+        "{err}"
+    );
+    // Another certificate under the root — a CA's — is not the audit signer's.
+    let (code, _, err) = cell.run(
+        None,
+        &[
+            "audit",
+            "verify",
+            "--offline",
+            "--journal",
+            copy,
+            "--root",
+            s(&cell.path("root-ca.pem")),
+            "--audit-cert",
+            s(&cell.path("pki/device-ca.pem")),
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("is a CA certificate"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -738,8 +793,21 @@ async fn the_pki_changes_through_the_daemon_only_and_a_set_up_token_bootstraps_n
     );
     assert_ne!(code, 0);
     assert!(err.contains("manifest-signer"), "{err}");
-    // Storing a role's certificate (here the manifest signer's own, again): checked against
-    // the role's key and the chain, stored, audited.
+    // Storing a role's certificate (here the manifest signer's own, again, after taking the
+    // token's copy away as a renewal would): checked against the role's key and the chain,
+    // stored, audited.
+    let h = daemon.engine().hsm().clone();
+    tokio::task::spawn_blocking(move || {
+        h.with_session(|s| {
+            let c = s
+                .find_key(hsm::KeyKind::Certificate, "manifest-signer")?
+                .expect("the manifest signer's certificate");
+            s.destroy(&c)
+        })
+        .unwrap()
+    })
+    .await
+    .unwrap();
     let (code, o, err) = cell.run(
         Some("officer"),
         &[
@@ -762,7 +830,7 @@ async fn the_pki_changes_through_the_daemon_only_and_a_set_up_token_bootstraps_n
         ),
         1
     );
-    // Another role's certificate for the manifest signer's key: refused by the check.
+    // Another role's certificate for the manifest signer's key: refused.
     let (code, _, err) = cell.run(
         Some("officer"),
         &[

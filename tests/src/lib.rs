@@ -440,6 +440,20 @@ pub fn stationd_exe() -> PathBuf {
     package_exe("e2e-stationd")
 }
 
+/// Stops a `stationd` child as its service manager would (SIGTERM) and checks that it ended
+/// cleanly (the line stopped, the shut-down checkpoint signed, exit 0).
+pub fn stop_stationd(mut child: std::process::Child) {
+    let st = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(
+        child.wait().unwrap().success(),
+        "stationd did not stop cleanly"
+    );
+}
+
 /// Starts the cell's daemon in-process and runs the line through the API as the operator until
 /// the batch is complete (or `limit` passes); returns the daemon (still serving) and the summary.
 pub async fn run_batch(cell: &Cell, limit: Duration) -> (Daemon, station::run::Summary) {

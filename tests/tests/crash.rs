@@ -81,7 +81,7 @@ async fn killed_twenty_times_the_batch_still_completes_cleanly() {
     assert_eq!(kills, 20);
 
     // Restart and let it finish.
-    let mut daemon = tokio::task::block_in_place(|| cell.spawn_stationd());
+    let daemon = tokio::task::block_in_place(|| cell.spawn_stationd());
     let mut child = cell
         .station(Some("oper"))
         .args(["run", "--plain"])
@@ -155,10 +155,5 @@ async fn killed_twenty_times_the_batch_still_completes_cleanly() {
     let (code, out, err) = cell.run(Some("audit"), &["audit", "verify"]);
     assert_eq!(code, 0, "{out}{err}");
     // A clean stop: SIGTERM, the shut-down checkpoint, exit 0.
-    let st = std::process::Command::new("kill")
-        .args(["-TERM", &daemon.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    assert!(daemon.wait().unwrap().success());
+    e2e::stop_stationd(daemon);
 }

@@ -42,7 +42,7 @@ async fn a_second_stationd_on_the_same_journal_refuses_to_start_and_changes_noth
         ..CellOptions::default()
     })
     .await;
-    let mut first = tokio::task::block_in_place(|| cell.spawn_stationd());
+    let first = tokio::task::block_in_place(|| cell.spawn_stationd());
     // An idle daemon writes nothing: what is on disk now is what the second one must leave.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let files = ["station.db", "station.db-wal", "stationd.sock"];
@@ -67,10 +67,7 @@ async fn a_second_stationd_on_the_same_journal_refuses_to_start_and_changes_noth
     // The first one still serves.
     let (code, out, err) = cell.run(Some("super"), &["batch", "list"]);
     assert_eq!(code, 0, "{out}{err}");
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &first.id().to_string()])
-        .status();
-    assert!(first.wait().unwrap().success());
+    e2e::stop_stationd(first);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -83,7 +80,7 @@ async fn batch_status_during_a_running_batch_changes_nothing() {
         ..CellOptions::default()
     })
     .await;
-    let mut daemon = tokio::task::block_in_place(|| cell.spawn_stationd());
+    let daemon = tokio::task::block_in_place(|| cell.spawn_stationd());
     let mut run = cell
         .station(Some("oper"))
         .args(["run", "--plain"])
@@ -147,10 +144,7 @@ async fn batch_status_during_a_running_batch_changes_nothing() {
     );
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("VERIFIED"), "{out}");
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &daemon.id().to_string()])
-        .status();
-    assert!(daemon.wait().unwrap().success());
+    e2e::stop_stationd(daemon);
 }
 
 // ----- every call, every role ----------------------------------------------------------------
@@ -548,16 +542,12 @@ async fn a_copied_journal_yields_no_pin_and_the_cells_files_are_owner_only() {
         .map(Result::unwrap)
         .collect();
     assert_eq!(hashes.len(), 4);
-    let pepper = {
-        let h = daemon.engine().hsm().clone();
-        tokio::task::spawn_blocking(move || {
-            h.with_session(|s| s.find_key(hsm::KeyKind::Hmac(32), "pin-pepper"))
-                .unwrap()
-                .expect("the pepper key is in the token")
-        })
+    let hsm = daemon.engine().hsm();
+    let pepper = hsm
+        .run(|s| s.find_key(hsm::KeyKind::Hmac(32), "pin-pepper"))
         .await
         .unwrap()
-    };
+        .expect("the pepper key is in the token");
     let argon = argon2::Argon2::default();
     for (name, phc) in &hashes {
         let hash = PasswordHash::new(phc).unwrap();
@@ -569,22 +559,12 @@ async fn a_copied_journal_yields_no_pin_and_the_cells_files_are_owner_only() {
             "{name}: the stored hash must not be a hash of the PIN alone"
         );
         // With the token's pepper (only inside the HSM) it checks.
-        let input = auth::PepperedPin::mac_input(pin);
-        let key = pepper.clone();
-        let h = daemon.engine().hsm().clone();
-        let mac = tokio::task::spawn_blocking(move || {
-            h.with_session(|s| s.hmac_sha256(&key, &input)).unwrap()
-        })
-        .await
-        .unwrap();
+        let (input, key) = (auth::PepperedPin::mac_input(pin), pepper.clone());
+        let mac = hsm.run(move |s| s.hmac_sha256(&key, &input)).await.unwrap();
         assert!(argon.verify_password(&mac, &hash).is_ok(), "{name}");
         // The pepper key cannot be read out of the token.
         let key = pepper.clone();
-        let h = daemon.engine().hsm().clone();
-        let flags =
-            tokio::task::spawn_blocking(move || h.with_session(|s| s.key_flags(&key)).unwrap())
-                .await
-                .unwrap();
+        let flags = hsm.run(move |s| s.key_flags(&key)).await.unwrap();
         assert!(
             flags.sensitive && !flags.extractable && flags.token,
             "{flags}"
@@ -796,18 +776,17 @@ async fn the_pki_changes_through_the_daemon_only_and_a_set_up_token_bootstraps_n
     // Storing a role's certificate (here the manifest signer's own, again, after taking the
     // token's copy away as a renewal would): checked against the role's key and the chain,
     // stored, audited.
-    let h = daemon.engine().hsm().clone();
-    tokio::task::spawn_blocking(move || {
-        h.with_session(|s| {
+    daemon
+        .engine()
+        .hsm()
+        .run(|s| {
             let c = s
                 .find_key(hsm::KeyKind::Certificate, "manifest-signer")?
                 .expect("the manifest signer's certificate");
             s.destroy(&c)
         })
-        .unwrap()
-    })
-    .await
-    .unwrap();
+        .await
+        .unwrap();
     let (code, o, err) = cell.run(
         Some("officer"),
         &[

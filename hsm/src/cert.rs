@@ -39,6 +39,26 @@ pub(crate) const ID_CE_SKI: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5
 /// basicConstraints.
 pub(crate) const ID_CE_BASIC_CONSTRAINTS: ObjectIdentifier =
     ObjectIdentifier::new_unwrap("2.5.29.19");
+/// The role only the manifest signer's certificate carries: the extended key usage
+/// id-kp-documentSigning (RFC 9336), which the manufacturer root issues to the manifest signer
+/// and to no other certificate of the cell (the device CA's meter profile and the service API's
+/// TLS profile never set it; `pki import` refuses it on any other role). Every manifest verifier
+/// requires it, together with issuance by the root itself.
+pub const MANIFEST_SIGNING_EKU: ObjectIdentifier =
+    ObjectIdentifier::new_unwrap("1.3.6.1.5.5.7.3.36");
+
+/// The same, as arcs, for certificate builders.
+pub const MANIFEST_SIGNING_EKU_ARCS: [u64; 9] = [1, 3, 6, 1, 5, 5, 7, 3, 36];
+
+/// Whether `c` carries the manifest signer's role ([`MANIFEST_SIGNING_EKU`]).
+pub fn has_manifest_signing_role(c: &Certificate) -> bool {
+    c.tbs_certificate()
+        .get_extension::<x509_cert::ext::pkix::ExtendedKeyUsage>()
+        .ok()
+        .flatten()
+        .is_some_and(|(_, eku)| eku.0.contains(&MANIFEST_SIGNING_EKU))
+}
+
 /// X.520 serialNumber attribute.
 const ID_AT_SERIAL_NUMBER: [u64; 4] = [2, 5, 4, 5];
 

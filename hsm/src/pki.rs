@@ -189,7 +189,8 @@ fn init_dev_in(s: &HsmSession<'_>, out_dir: &Path, undo: &mut Undo) -> Result<De
     )?;
     let manifest_der = build(
         s,
-        &Spec::leaf("Demo Manifest Signer", years(10)),
+        &Spec::leaf("Demo Manifest Signer", years(10))
+            .with_eku(&[&cert::MANIFEST_SIGNING_EKU_ARCS]),
         &manifest,
         Some(&root_issuer),
     )?;
@@ -361,6 +362,8 @@ struct Spec<'a> {
     cn: &'a str,
     ca: Option<Option<u8>>,
     not_after: OffsetDateTime,
+    /// Extended key usages, as arcs.
+    eku: &'a [&'a [u64]],
 }
 
 impl<'a> Spec<'a> {
@@ -369,6 +372,7 @@ impl<'a> Spec<'a> {
             cn,
             ca: Some(path_len),
             not_after,
+            eku: &[],
         }
     }
 
@@ -377,7 +381,14 @@ impl<'a> Spec<'a> {
             cn,
             ca: None,
             not_after,
+            eku: &[],
         }
+    }
+
+    /// A leaf certificate with these extended key usages.
+    fn with_eku(mut self, eku: &'a [&'a [u64]]) -> Self {
+        self.eku = eku;
+        self
     }
 
     fn params(&self, s: &HsmSession<'_>, point: &[u8]) -> Result<rcgen::CertificateParams> {
@@ -403,6 +414,11 @@ impl<'a> Spec<'a> {
                 p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
             }
         }
+        p.extended_key_usages = self
+            .eku
+            .iter()
+            .map(|arcs| rcgen::ExtendedKeyUsagePurpose::Other(arcs.to_vec()))
+            .collect();
         Ok(p)
     }
 }
@@ -683,6 +699,23 @@ fn check_role_fit(role: KeyRole, label: &str, c: &Certificate) -> Result<()> {
     }
     let is_ca = basic_constraints(c)?.is_some_and(|b| b.ca);
     let ku = key_usage(c)?;
+    // The manifest signer's role is its own: required of it, refused on any other.
+    match (
+        role == KeyRole::ManifestSigner,
+        cert::has_manifest_signing_role(c),
+    ) {
+        (true, false) => {
+            return Err(mismatch(
+                "a manifest signer's certificate must carry the extended key usage id-kp-documentSigning (1.3.6.1.5.5.7.3.36), the role every manifest verifier requires",
+            ));
+        }
+        (false, true) => {
+            return Err(mismatch(
+                "it carries the manifest signer's extended key usage (id-kp-documentSigning), which no other role may have",
+            ));
+        }
+        _ => {}
+    }
     if role == KeyRole::DeviceCa {
         if !is_ca {
             return Err(mismatch(

@@ -415,3 +415,78 @@ fn pki_other_csr_curve(d: &Path, curve: &str) -> String {
     assert!(ok, "{text}");
     text
 }
+
+#[test]
+fn only_the_manifest_signer_carries_the_manifest_signing_role() {
+    let (_t, hsm) = token("roles", 2);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    offline_root(d, "root", "P-256");
+    let root = std::fs::read_to_string(d.join("root.pem")).unwrap();
+    let subject = |cn: &str| CsrSubject {
+        common_name: cn.into(),
+        organization: Some("Meter Works".into()),
+        country: None,
+    };
+    for (role, file) in [
+        (KeyRole::ManifestSigner, "manifest"),
+        (KeyRole::AuditSigner, "audit"),
+    ] {
+        let req = pki::csr(&hsm, role, Curve::P256, &subject(file)).unwrap();
+        write(d, &format!("{file}.csr"), &req.pem);
+        sign_csr(
+            d,
+            "root",
+            &format!("{file}.csr"),
+            &format!("{file}-plain.pem"),
+            LEAF_EXT,
+        );
+        sign_csr(
+            d,
+            "root",
+            &format!("{file}.csr"),
+            &format!("{file}-role.pem"),
+            &format!("{LEAF_EXT}extendedKeyUsage=1.3.6.1.5.5.7.3.36\n"),
+        );
+    }
+    let read = |f: &str| std::fs::read_to_string(d.join(f)).unwrap();
+    let chain = std::slice::from_ref(&root);
+    // A manifest signer without the role: refused; an audit signer with it: refused.
+    let e = pki::import(
+        &hsm,
+        KeyRole::ManifestSigner,
+        &read("manifest-plain.pem"),
+        chain,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("1.3.6.1.5.5.7.3.36"), "{e}");
+    let e = pki::import(&hsm, KeyRole::AuditSigner, &read("audit-role.pem"), chain).unwrap_err();
+    assert!(e.to_string().contains("no other role may have"), "{e}");
+    // Each with what fits it: stored.
+    pki::import(
+        &hsm,
+        KeyRole::ManifestSigner,
+        &read("manifest-role.pem"),
+        chain,
+    )
+    .unwrap();
+    pki::import(&hsm, KeyRole::AuditSigner, &read("audit-plain.pem"), chain).unwrap();
+    // The demo hierarchy gives the role to its manifest signer alone.
+    let (_t2, demo) = token("roles-demo", 2);
+    let out = d.join("demo");
+    pki::init_dev(&demo, &out).unwrap();
+    for f in [
+        "manifest-signer.pem",
+        "audit-signer.pem",
+        "device-ca.pem",
+        "station.pem",
+        "firmware-verification.pem",
+    ] {
+        let (ok, text) = openssl(
+            &out,
+            &["x509", "-in", f, "-noout", "-ext", "extendedKeyUsage"],
+        );
+        let has = ok && text.contains("1.3.6.1.5.5.7.3.36");
+        assert_eq!(has, f == "manifest-signer.pem", "{f}: {text}");
+    }
+}

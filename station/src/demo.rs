@@ -667,7 +667,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         d = dir.display()
     );
     println!(
-        "  openssl cms -verify -binary -inform DER -in {d}/manifest.p7m -CAfile {d}/root-ca.pem -out /dev/null",
+        "  openssl cms -verify -binary -inform DER -purpose any -in {d}/manifest.p7m -CAfile {d}/root-ca.pem -out /dev/null   (the chain only: the recipe in docs/utility.md also checks the signer's role)",
         d = dir.display()
     );
     Ok(())

@@ -927,3 +927,107 @@ async fn tampered_manifests_are_refused_each_with_its_error_and_import_nothing()
     assert_eq!(code, 0, "{out}");
     assert_eq!(files_in(&dest).len(), 2);
 }
+
+// ----- who may sign ------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_manifest_signed_with_a_meters_own_key_is_refused_by_every_verifier() {
+    let (cell, dir) = exported(2).await;
+    let m = manifest(&dir);
+    // A forger holds one meter's signing key (it sits in the meter; a rogue board in a nest
+    // has its own). Its certificate chains to the root through the device CA. It keeps the real
+    // certificates and receipts and swaps two meters' keys, then signs with OpenSSL.
+    let uid = text(&meters(&m)[0], "uid");
+    let forge = cell.path("forge");
+    std::fs::create_dir_all(&forge).unwrap();
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(&forge)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let meter = cell.meter_dir(&uid);
+    openssl(&[
+        "x509",
+        "-inform",
+        "DER",
+        "-in",
+        s(&meter.join("cert-sign.der")),
+        "-out",
+        "meter.pem",
+    ]);
+    openssl(&[
+        "pkcs8",
+        "-inform",
+        "DER",
+        "-nocrypt",
+        "-in",
+        s(&meter.join("key-sign.pk8")),
+        "-out",
+        "meter-key.pem",
+    ]);
+    let mut forged = m.clone();
+    let a = forged["meters"][0]["keys"][0].take();
+    let b = forged["meters"][1]["keys"][0].take();
+    forged["meters"][0]["keys"][0] = b;
+    forged["meters"][1]["keys"][0] = a;
+    std::fs::write(
+        forge.join("manifest.json"),
+        serde_json::to_vec_pretty(&forged).unwrap(),
+    )
+    .unwrap();
+    openssl(&[
+        "cms",
+        "-sign",
+        "-binary",
+        "-nodetach",
+        "-outform",
+        "DER",
+        "-md",
+        "sha256",
+        "-in",
+        "manifest.json",
+        "-signer",
+        "meter.pem",
+        "-inkey",
+        "meter-key.pem",
+        "-certfile",
+        s(&cell.path("pki/device-ca.pem")),
+        "-out",
+        "manifest.p7m",
+    ]);
+    let p7m = forge.join("manifest.p7m");
+    let root = cell.path("root-ca.pem");
+    // Its signature and chain are sound: only the signer's role gives it away.
+    let (code, out) = verify(&cell, &p7m, &root);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("is not the manifest signer"), "{out}");
+    assert!(!out.contains("the signature does not verify"), "{out}");
+    let run = run_recipe(
+        cell.dir.path(),
+        &forge,
+        &root,
+        &cell.path("utility-key.pem"),
+        None,
+    );
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stderr.contains("is not the manifest signer"),
+        "{}",
+        run.stderr
+    );
+    assert!(!run.stdout.contains("kcv"), "{}", run.stdout);
+    let out_dir = cell.path("forged-keys");
+    let (code, out) = import_files(&cell, &p7m, &cell.path("utility-key.pem"), &out_dir);
+    assert_ne!(code, 0, "{out}");
+    assert!(files_in(&out_dir).is_empty(), "nothing is imported");
+    // The real manifest still passes all three.
+    let (code, out) = verify(&cell, &dir.join("manifest.p7m"), &root);
+    assert_eq!(code, 0, "{out}");
+}

@@ -321,7 +321,44 @@ fn check_envelope<'a>(bytes: &'a [u8], root: &Certificate, r: &mut Report) -> Op
             "signature: the signer does not chain to the given root: {e}"
         ));
     }
+    // Only the manifest signer signs manifests: a certificate the root issued itself, no CA,
+    // carrying the role no other certificate of the cell has. A meter's signing certificate,
+    // the audit or firmware signer's, all chain to the root too, and are refused here.
+    if !hsm::cert::has_manifest_signing_role(signer) {
+        return fail(format!(
+            "signature: {} is not the manifest signer: its certificate lacks the manifest signer's extended key usage (id-kp-documentSigning, 1.3.6.1.5.5.7.3.36)",
+            signer.tbs_certificate().subject()
+        ));
+    }
+    if is_ca(signer) {
+        return fail("signature: the signer's certificate is a CA's".into());
+    }
+    if !signed_by(signer, root) {
+        return fail(format!(
+            "signature: the signer {} was not issued by the given root itself",
+            signer.tbs_certificate().subject()
+        ));
+    }
     Some(content)
+}
+
+/// basicConstraints cA.
+fn is_ca(c: &Certificate) -> bool {
+    c.tbs_certificate()
+        .get_extension::<x509_cert::ext::pkix::BasicConstraints>()
+        .ok()
+        .flatten()
+        .is_some_and(|(_, bc)| bc.ca)
+}
+
+/// May `c` issue certificates: basicConstraints cA and, when it has a key usage, keyCertSign.
+fn may_issue(c: &Certificate) -> bool {
+    is_ca(c)
+        && c.tbs_certificate()
+            .get_extension::<KeyUsage>()
+            .ok()
+            .flatten()
+            .is_none_or(|(_, ku)| ku.key_cert_sign())
 }
 
 /// Verifies `sig` (DER ECDSA) over `msg` with the key of `cert` and the algorithm `alg`.
@@ -394,6 +431,13 @@ pub(crate) fn chain_to_root(
             return Ok(());
         }
         match pool.iter().find(|c| *c != &cur && signed_by(&cur, c)) {
+            // Every certificate on the way must be a CA that may sign certificates.
+            Some(next) if !may_issue(next) => {
+                return Err(format!(
+                    "{} is not a CA (basicConstraints cA and keyUsage keyCertSign are required of an issuer)",
+                    next.tbs_certificate().subject()
+                ));
+            }
             Some(next) if next.to_der().ok() != root.to_der().ok() => cur = next.clone(),
             _ => {
                 return Err(format!(
@@ -573,6 +617,12 @@ fn check_content(m: &Manifest, root: &Certificate, r: &mut Report) {
     if !signed_by(&ca, root) {
         r.failures
             .push("device CA: not issued by the given root".into());
+    }
+    if !may_issue(&ca) {
+        r.failures.push(
+            "device CA: not a CA (basicConstraints cA and keyUsage keyCertSign are required)"
+                .into(),
+        );
     }
     // Counts.
     if m.meters.len() as i64 != m.batch.produced {

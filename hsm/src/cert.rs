@@ -379,6 +379,42 @@ pub fn issue_tls_certificate(
     parse_and_verify(cert.der(), ca.key.curve, &ca.key.point)
 }
 
+/// Issues a CRL from `ca` listing `serials` (content octets of each revoked certificate's
+/// serial number) as revoked at `revoked_at`, numbered `number`, valid for `days`. RFC 5280 §5:
+/// CRL number and authority key identifier extensions; DER.
+pub fn issue_crl(
+    session: &HsmSession<'_>,
+    ca: &Issuer,
+    serials: &[(Vec<u8>, OffsetDateTime)],
+    number: u64,
+    days: u32,
+) -> Result<Vec<u8>> {
+    let this_update = now();
+    let params = rcgen::CertificateRevocationListParams {
+        this_update,
+        next_update: this_update + time::Duration::days(i64::from(days.max(1))),
+        crl_number: rcgen::SerialNumber::from(number),
+        issuing_distribution_point: None,
+        revoked_certs: serials
+            .iter()
+            .map(|(serial, at)| rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from_slice(serial),
+                revocation_time: (*at).min(this_update),
+                reason_code: Some(rcgen::RevocationReason::CessationOfOperation),
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: rcgen::KeyIdMethod::PreSpecified(
+            subject_key_identifier(&parse_der(&ca.cert_der)?)
+                .unwrap_or_else(|| key_identifier(&ca.key.point)),
+        ),
+    };
+    let crl = params
+        .signed_by(&ca.rcgen_issuer(session))
+        .map_err(|e| Error::Encoding(e.to_string()))?;
+    Ok(crl.der().to_vec())
+}
+
 /// The subject public point of a certificate (DER).
 pub fn subject_point(der: &[u8]) -> Result<Vec<u8>> {
     let cert = parse_der(der)?;

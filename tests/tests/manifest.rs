@@ -14,6 +14,7 @@ use std::process::Command;
 use std::str::FromStr;
 use std::time::Duration;
 
+use base64::Engine as _;
 use der::{Decode, Encode};
 use e2e::{Cell, CellOptions, MODEL, run_batch};
 use serde_json::Value;
@@ -1030,4 +1031,90 @@ async fn a_manifest_signed_with_a_meters_own_key_is_refused_by_every_verifier() 
     // The real manifest still passes all three.
     let (code, out) = verify(&cell, &dir.join("manifest.p7m"), &root);
     assert_eq!(code, 0, "{out}");
+}
+
+// ----- the voided certificates ---------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn voided_certificates_are_revoked_by_a_crl_that_openssl_checks() {
+    // Nest 1's first meter reports a wrong firmware hash after its certificates were issued:
+    // it fails, and its certificates are voided.
+    let cell = Cell::new(CellOptions {
+        nests: 2,
+        quantity: 3,
+        faults: vec![(1, "wrong-hash".into())],
+        ..CellOptions::default()
+    })
+    .await;
+    let (daemon, summary) = run_batch(&cell, Duration::from_secs(300)).await;
+    assert!(summary.batch_complete, "{summary}");
+    let id = cell.batch_id.unwrap().to_string();
+    let (code, out, err) = cell.run(Some("super"), &["batch", "close", &id]);
+    assert_eq!(code, 0, "{out}{err}");
+    let dir = cell.path("export");
+    let (code, out, err) = cell.run(
+        Some("officer"),
+        &["export", "--batch", &id, "--out", s(&dir)],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    daemon.stop().await.unwrap();
+    // The CRL came with the manifest, and is the one the signed manifest names.
+    let crl = std::fs::read(dir.join("voided.crl")).unwrap();
+    let m = manifest(&dir);
+    assert_eq!(
+        base64::engine::general_purpose::STANDARD
+            .decode(m["device_ca"]["crl"].as_str().unwrap())
+            .unwrap(),
+        crl
+    );
+    assert!(!m["voided_certificates"].as_array().unwrap().is_empty());
+    let (code, out) = verify(&cell, &dir.join("manifest.p7m"), &cell.path("root-ca.pem"));
+    assert_eq!(code, 0, "{out}");
+
+    let db = cell.db();
+    let der_of = |sql: &str| -> Vec<u8> { db.query_row(sql, [], |r| r.get(0)).unwrap() };
+    let voided =
+        der_of("SELECT der FROM certificates WHERE state = 'voided' AND der IS NOT NULL LIMIT 1");
+    let delivered = der_of("SELECT der FROM certificates WHERE state = 'delivered' LIMIT 1");
+    let work = cell.path("crl-check");
+    std::fs::create_dir_all(&work).unwrap();
+    let check = |der: &[u8], name: &str| {
+        let pem = work.join(format!("{name}.pem"));
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        let body: Vec<String> = b64
+            .as_bytes()
+            .chunks(64)
+            .map(|c| String::from_utf8_lossy(c).into_owned())
+            .collect();
+        std::fs::write(
+            &pem,
+            format!(
+                "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+                body.join("\n")
+            ),
+        )
+        .unwrap();
+        let out = Command::new("openssl")
+            .args(["verify", "-crl_check", "-CRLfile"])
+            .arg(dir.join("voided.crl"))
+            .arg("-CAfile")
+            .arg(cell.path("root-ca.pem"))
+            .arg("-untrusted")
+            .arg(cell.path("pki/device-ca.pem"))
+            .arg(&pem)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (ok, text) = check(&voided, "voided");
+    assert!(!ok && text.contains("certificate revoked"), "{text}");
+    let (ok, text) = check(&delivered, "delivered");
+    assert!(ok, "{text}");
 }

@@ -18,7 +18,7 @@ pub mod convert;
 pub mod server;
 
 /// The files of an export, in the order `FetchExport` delivers them.
-pub const EXPORT_FILES: [&str; 2] = ["manifest.json", "manifest.p7m"];
+pub const EXPORT_FILES: [&str; 3] = ["manifest.json", "manifest.p7m", "voided.crl"];
 
 /// The response metadata key that says why a call was refused, for clients that branch on it:
 /// `no-session`, `expired`, `bad-credentials`, `locked`, `disabled`, `forbidden`, `invalid`,

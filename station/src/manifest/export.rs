@@ -237,6 +237,10 @@ fn voided(conn: &Connection, batch: i64) -> Result<Vec<VoidedCertificate>> {
     Ok(rows.collect::<std::result::Result<_, _>>()?)
 }
 
+/// Validity of the device CA's CRL written at each export, days: the next export, or a CRL the
+/// manufacturer publishes, replaces it.
+const CRL_DAYS: u32 = 90;
+
 /// Exports batch `batch_id` into `out_dir`.
 pub(crate) async fn export(
     inner: &Arc<Inner>,
@@ -291,7 +295,36 @@ pub(crate) async fn export(
         })
         .await?;
 
-    // 2. manifest.json.
+    // 2. The device CA's CRL: every certificate the cell ever voided (cumulative, as CRLs are),
+    //    numbered by the checkpoint, so that the voided certificates are refused by anyone
+    //    checking revocation, not only by this manifest's reader.
+    let revoked: Vec<(Vec<u8>, time::OffsetDateTime)> = inner
+        .db
+        .call(|c| -> Result<Vec<(String, i64)>> {
+            let mut st = c.prepare(
+                "SELECT serial, updated_at FROM certificates WHERE state = 'voided' ORDER BY id",
+            )?;
+            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await?
+        .into_iter()
+        .filter_map(|(serial, at)| {
+            let at =
+                time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(at) * 1_000_000).ok()?;
+            Some((hex::decode(serial).ok()?, at))
+        })
+        .collect();
+    let ca = inner.keys.device_ca.clone();
+    let crl_number = u64::try_from(cp_id).unwrap_or(0);
+    let crl = inner
+        .hsm
+        .run(move |s| hsm::cert::issue_crl(s, &ca, &revoked, crl_number, CRL_DAYS))
+        .await?;
+    let crl_tmp = out_dir.join("voided.crl.tmp");
+    std::fs::write(&crl_tmp, &crl).map_err(|e| io(&crl_tmp, e))?;
+
+    // 3. manifest.json.
     let model = inner.cfg.model(&batch.model).cloned();
     let receipt_alg = if model.as_ref().is_some_and(|m| m.suite == 2) {
         "ecdsa-with-SHA384"
@@ -382,6 +415,7 @@ pub(crate) async fn export(
         },
         DeviceCa {
             certificate: b64enc(&inner.keys.device_ca.cert_der),
+            crl: Some(b64enc(&crl)),
         },
     );
     let checkpoint = AuditCheckpoint {
@@ -471,6 +505,8 @@ pub(crate) async fn export(
     .map_err(|e| Error::Invalid(format!("signing task failed: {e}")))??;
     let json_path = out_dir.join("manifest.json");
     let p7m_path = out_dir.join("manifest.p7m");
+    let crl_path = out_dir.join("voided.crl");
+    std::fs::rename(&crl_tmp, &crl_path).map_err(|e| io(&crl_path, e))?;
     std::fs::rename(&json_tmp, &json_path).map_err(|e| io(&json_path, e))?;
     std::fs::rename(&p7m_tmp, &p7m_path).map_err(|e| io(&p7m_path, e))?;
 

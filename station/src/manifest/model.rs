@@ -147,6 +147,10 @@ pub struct TransportKey {
 pub struct DeviceCa {
     /// Its certificate, DER, base64.
     pub certificate: String,
+    /// Its CRL at the export, listing every certificate the cell voided (DER, base64; the same
+    /// bytes as `voided.crl` beside the manifest). Absent in manifests of earlier exports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl: Option<String>,
 }
 
 /// One meter.

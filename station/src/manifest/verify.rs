@@ -682,6 +682,7 @@ fn check_content(m: &Manifest, root: &Certificate, r: &mut Report) {
             ));
         }
     }
+    check_crl(m, &ca, r);
     // Per meter, on every core.
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -756,5 +757,64 @@ fn check_content(m: &Manifest, root: &Certificate, r: &mut Report) {
         Err(e) => r.failures.push(format!(
             "audit checkpoint: the certificate does not parse: {e}"
         )),
+    }
+}
+
+/// The device CA's CRL: signed by the device CA, listing every voided certificate, and no
+/// certificate of a meter this manifest delivers.
+fn check_crl(m: &Manifest, ca: &Certificate, r: &mut Report) {
+    let Some(b64) = &m.device_ca.crl else {
+        if !m.voided_certificates.is_empty() {
+            r.failures.push(
+                "device CA: no CRL although certificates were voided (every verifier of them would still accept them)"
+                    .into(),
+            );
+        }
+        return;
+    };
+    let der = unb64(b64);
+    let crl =
+        match x509_cert::crl::CertificateList::<x509_cert::certificate::Rfc5280>::from_der(&der) {
+            Ok(c) => c,
+            Err(e) => {
+                r.failures
+                    .push(format!("device CA: the CRL does not parse: {e}"));
+                return;
+            }
+        };
+    let signed = crl.tbs_cert_list.to_der().unwrap_or_default();
+    let ok = crl.tbs_cert_list.issuer == *ca.tbs_certificate().subject()
+        && crl.signature.as_bytes().is_some_and(|sig| {
+            verify_sig(ca, &crl.signature_algorithm.oid.to_string(), &signed, sig)
+        });
+    if !ok {
+        r.failures
+            .push("device CA: the CRL is not signed by the device CA".into());
+        return;
+    }
+    let revoked: std::collections::HashSet<String> = crl
+        .tbs_cert_list
+        .revoked_certificates
+        .iter()
+        .flatten()
+        .map(|rc| hex::encode(rc.serial_number.as_bytes()))
+        .collect();
+    for v in &m.voided_certificates {
+        if !revoked.contains(&v.serial.to_lowercase()) {
+            r.failures.push(format!(
+                "device CA: voided certificate {} is missing from the CRL",
+                v.serial
+            ));
+        }
+    }
+    for mr in &m.meters {
+        for c in &mr.certificates {
+            if revoked.contains(&c.serial.to_lowercase()) {
+                r.failures.push(format!(
+                    "device CA: the CRL revokes the {} certificate of {}, which the manifest delivers",
+                    c.slot, mr.serial
+                ));
+            }
+        }
     }
 }

@@ -27,6 +27,7 @@ pub const APPLICATION_ID: i32 = 0x4345_4C4C;
 const MIGRATIONS: &[&str] = &[
     include_str!("schema/001_initial.sql"),
     include_str!("schema/002_guards.sql"),
+    include_str!("schema/003_export_runs.sql"),
 ];
 
 /// Why the journal cannot be used.

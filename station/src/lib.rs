@@ -18,3 +18,13 @@ pub mod records;
 pub mod run;
 
 pub use engine::{Command, Engine, Error, Event, LineView, OpenOptions, Reply, Session};
+
+/// A crash point for the tests of crash safety: when the environment variable
+/// `STATION_FAILPOINT` names `point`, the process aborts here, as a power cut would. Nothing sets
+/// it in a cell; the tests set it for a `stationd` they then restart.
+pub(crate) fn failpoint(point: &str) {
+    if std::env::var_os("STATION_FAILPOINT").is_some_and(|v| v == point) {
+        eprintln!("stationd: failpoint {point}: aborting");
+        std::process::abort();
+    }
+}

@@ -354,10 +354,16 @@ impl Cell {
 
     /// The real `stationd` for this cell, as a child process, once it says it is ready.
     pub fn spawn_stationd(&self) -> std::process::Child {
+        self.spawn_stationd_with(&[])
+    }
+
+    /// [`Cell::spawn_stationd`] with extra environment variables (a crash point, say).
+    pub fn spawn_stationd_with(&self, env: &[(&str, &str)]) -> std::process::Child {
         use std::io::BufRead;
         let mut child = std::process::Command::new(stationd_exe())
             .arg("--config")
             .arg(&self.config)
+            .envs(env.iter().copied())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::inherit())

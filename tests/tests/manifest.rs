@@ -1118,3 +1118,110 @@ async fn voided_certificates_are_revoked_by_a_crl_that_openssl_checks() {
     let (ok, text) = check(&delivered, "delivered");
     assert!(ok, "{text}");
 }
+
+// ----- an export cut short -------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_export_cut_short_is_published_whole_or_not_at_all_and_settled_at_the_next_start() {
+    let cell = Cell::new(CellOptions {
+        nests: 2,
+        quantity: 2,
+        ..CellOptions::default()
+    })
+    .await;
+    let (daemon, summary) = run_batch(&cell, Duration::from_secs(300)).await;
+    assert!(summary.batch_complete, "{summary}");
+    let id = cell.batch_id.unwrap().to_string();
+    let (code, out, err) = cell.run(Some("super"), &["batch", "close", &id]);
+    assert_eq!(code, 0, "{out}{err}");
+    daemon.stop().await.unwrap();
+    let exports = cell.path("exports");
+    let published = || -> Vec<PathBuf> {
+        files_in(&exports)
+            .into_iter()
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("batch-")
+            })
+            .collect()
+    };
+    let staging = || -> Vec<PathBuf> {
+        files_in(&exports)
+            .into_iter()
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .contains(".export-")
+            })
+            .collect()
+    };
+    let q = |sql: &str| -> i64 { cell.db().query_row(sql, [], |r| r.get(0)).unwrap() };
+    let root = cell.path("root-ca.pem");
+
+    // Power cut after the files were published, before the record: the directory is whole.
+    let mut d = tokio::task::block_in_place(|| {
+        cell.spawn_stationd_with(&[("STATION_FAILPOINT", "export.published")])
+    });
+    let (code, _, _) = cell.run(
+        Some("officer"),
+        &["export", "--batch", &id, "--out", s(&cell.path("x1"))],
+    );
+    assert_ne!(code, 0);
+    assert!(
+        !d.wait().unwrap().success(),
+        "the daemon died at the crash point"
+    );
+    assert_eq!(published().len(), 1);
+    assert_eq!(q("SELECT count(*) FROM exports"), 0, "not recorded yet");
+    let first = published().remove(0);
+    // The next start finds it, and records it (audited).
+    let d = tokio::task::block_in_place(|| cell.spawn_stationd());
+    assert_eq!(q("SELECT count(*) FROM exports"), 1);
+    assert_eq!(
+        q("SELECT count(*) FROM audit WHERE kind = 'manifest.export_recovered'"),
+        1
+    );
+    let (code, out) = verify(&cell, &first.join("manifest.p7m"), &root);
+    assert_eq!(code, 0, "{out}");
+    e2e::stop_stationd(d);
+
+    // Power cut while the files were still being written: nothing is published, and the next
+    // start clears the leftovers (audited); the export then runs again.
+    let mut d = tokio::task::block_in_place(|| {
+        cell.spawn_stationd_with(&[("STATION_FAILPOINT", "export.staged")])
+    });
+    let (code, _, _) = cell.run(
+        Some("officer"),
+        &["export", "--batch", &id, "--out", s(&cell.path("x2"))],
+    );
+    assert_ne!(code, 0);
+    assert!(!d.wait().unwrap().success());
+    assert_eq!(
+        published(),
+        vec![first.clone()],
+        "nothing half-made was published"
+    );
+    assert_eq!(staging().len(), 1);
+    let d = tokio::task::block_in_place(|| cell.spawn_stationd());
+    assert!(staging().is_empty());
+    assert_eq!(
+        q("SELECT count(*) FROM audit WHERE kind = 'manifest.export_abandoned'"),
+        1
+    );
+    assert_eq!(
+        q("SELECT count(*) FROM export_runs WHERE state = 'started'"),
+        0
+    );
+    let (code, out, err) = cell.run(
+        Some("officer"),
+        &["export", "--batch", &id, "--out", s(&cell.path("x3"))],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out) = verify(&cell, &cell.path("x3/manifest.p7m"), &root);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(q("SELECT count(*) FROM exports"), 2);
+    e2e::stop_stationd(d);
+}

@@ -721,6 +721,7 @@ impl Engine {
             })
             .await?;
         let recovered = recovery::recover(&inner).await?;
+        crate::manifest::export::recover_exports(&inner).await?;
         let station = inner.cfg.station_id.clone();
         let token = inner.hsm.token().label.clone();
         let mechanisms = match inner.hsm.mechanisms().rsa_oaep {

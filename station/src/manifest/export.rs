@@ -12,6 +12,7 @@
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -259,10 +260,11 @@ pub(crate) async fn export(
             batch.work_order
         )));
     }
-    std::fs::create_dir_all(&out_dir).map_err(|e| io(&out_dir, e))?;
-    let out_dir = std::fs::canonicalize(&out_dir).map_err(|e| io(&out_dir, e))?;
+    // The export appears whole or not at all: its files are written into a staging directory
+    // beside `out_dir`, which is renamed into place once everything is written.
+    let (out_dir, staging) = staging_for(&out_dir)?;
 
-    // 1. The audit checkpoint the manifest names.
+    // 1. The audit checkpoint the manifest names, and the export's intent.
     let audit = inner.audit.clone();
     let (src, actor, dir_s, wo) = (
         inner.source.clone(),
@@ -270,9 +272,10 @@ pub(crate) async fn export(
         out_dir.display().to_string(),
         batch.work_order.clone(),
     );
-    let (cp_id, cp_seq, note) = inner
+    let staging_s = staging.display().to_string();
+    let (cp_id, cp_seq, note, run_id) = inner
         .db
-        .call(move |c| -> Result<(i64, i64, String)> {
+        .call(move |c| -> Result<(i64, i64, String, i64)> {
             let tx = c.transaction()?;
             audit.append(
                 &tx,
@@ -290,10 +293,20 @@ pub(crate) async fn export(
                 [id],
                 |r| r.get(0),
             )?;
+            tx.execute(
+                "INSERT INTO export_runs (batch_id, out_dir, staging_dir, checkpoint_id, state, started_at, started_by)
+                 VALUES (?1, ?2, ?3, ?4, 'started', ?5, ?6)",
+                params![batch_id, dir_s, staging_s, id, now_ms(), actor],
+            )?;
+            let run = tx.last_insert_rowid();
             tx.commit()?;
-            Ok((id, seq, note))
+            Ok((id, seq, note, run))
         })
         .await?;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&staging)
+        .map_err(|e| io(&staging, e))?;
 
     // 2. The device CA's CRL: every certificate the cell ever voided (cumulative, as CRLs are),
     //    numbered by the checkpoint, so that the voided certificates are refused by anyone
@@ -321,8 +334,8 @@ pub(crate) async fn export(
         .hsm
         .run(move |s| hsm::cert::issue_crl(s, &ca, &revoked, crl_number, CRL_DAYS))
         .await?;
-    let crl_tmp = out_dir.join("voided.crl.tmp");
-    std::fs::write(&crl_tmp, &crl).map_err(|e| io(&crl_tmp, e))?;
+    let crl_path = staging.join("voided.crl");
+    write_synced(&crl_path, &crl)?;
 
     // 3. manifest.json.
     let model = inner.cfg.model(&batch.model).cloned();
@@ -423,7 +436,7 @@ pub(crate) async fn export(
         note,
         audit_certificate: b64enc(&inner.keys.audit_cert),
     };
-    let json_tmp = out_dir.join("manifest.json.tmp");
+    let json_tmp = staging.join("manifest.json");
     let (json_tmp2, batch_id2) = (json_tmp.clone(), batch.id);
     let db = inner.db.clone();
     let (digest, content_len, meters, voided_n) =
@@ -495,7 +508,7 @@ pub(crate) async fn export(
     // 3. manifest.p7m around it.
     let hsm = inner.hsm.clone();
     let keys = inner.keys.clone();
-    let p7m_tmp = out_dir.join("manifest.p7m.tmp");
+    let p7m_tmp = staging.join("manifest.p7m");
     let (jt, pt) = (json_tmp.clone(), p7m_tmp.clone());
     tokio::task::spawn_blocking(move || -> Result<()> {
         let envelope = sign_detached(&hsm, &keys, &digest)?;
@@ -503,12 +516,14 @@ pub(crate) async fn export(
     })
     .await
     .map_err(|e| Error::Invalid(format!("signing task failed: {e}")))??;
-    let json_path = out_dir.join("manifest.json");
-    let p7m_path = out_dir.join("manifest.p7m");
-    let crl_path = out_dir.join("voided.crl");
-    std::fs::rename(&crl_tmp, &crl_path).map_err(|e| io(&crl_path, e))?;
-    std::fs::rename(&json_tmp, &json_path).map_err(|e| io(&json_path, e))?;
-    std::fs::rename(&p7m_tmp, &p7m_path).map_err(|e| io(&p7m_path, e))?;
+    for f in [&json_tmp, &p7m_tmp] {
+        File::open(f)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| io(f, e))?;
+    }
+    crate::failpoint("export.staged");
+    publish(&staging, &out_dir)?;
+    crate::failpoint("export.published");
 
     // 4. The record.
     let audit = inner.audit.clone();
@@ -528,6 +543,11 @@ pub(crate) async fn export(
                 "INSERT INTO exports (batch_id, out_dir, manifest_sha256, checkpoint_id, created_at, created_by) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![batch_id, dir_s, sha2, cp_id, now_ms(), actor],
             )?;
+            let n = tx.execute(
+                "UPDATE export_runs SET state = 'done', finished_at = ?1 WHERE id = ?2 AND state = 'started'",
+                params![now_ms(), run_id],
+            )?;
+            records::guarded(n, &format!("export run {run_id}"), "started")?;
             audit.append(
                 &tx,
                 &NewEvent::new(&src, "manifest.exported", Severity::Notice, &actor, serde_json::json!({
@@ -545,6 +565,130 @@ pub(crate) async fn export(
         manifest_sha256: sha,
         checkpoint_seq: cp_seq,
     })
+}
+
+/// The absolute export directory for `out_dir` (which must not exist, or be empty) and a new
+/// staging directory beside it.
+fn staging_for(out_dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    let abs = if out_dir.is_absolute() {
+        out_dir.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map_err(|e| io(out_dir, e))?
+            .join(out_dir)
+    };
+    let name = abs
+        .file_name()
+        .ok_or_else(|| Error::Invalid(format!("{} names no directory", out_dir.display())))?
+        .to_string_lossy()
+        .into_owned();
+    let parent = abs
+        .parent()
+        .ok_or_else(|| Error::Invalid(format!("{} has no parent directory", out_dir.display())))?;
+    std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
+    let parent = std::fs::canonicalize(parent).map_err(|e| io(parent, e))?;
+    let out = parent.join(&name);
+    if let Ok(mut entries) = std::fs::read_dir(&out)
+        && entries.next().is_some()
+    {
+        return Err(Error::Conflict(format!(
+            "{} exists and is not empty: export into a new directory",
+            out.display()
+        )));
+    }
+    let mut tag = [0u8; 6];
+    rand_core::Rng::fill_bytes(&mut line_protocol::io::system_rng(), &mut tag);
+    let staging = parent.join(format!(".{name}.export-{}", hex::encode(tag)));
+    Ok((out, staging))
+}
+
+/// Writes `bytes` to a new file and syncs it.
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(path).map_err(|e| io(path, e))?;
+    f.write_all(bytes).map_err(|e| io(path, e))?;
+    f.sync_all().map_err(|e| io(path, e))
+}
+
+/// Moves the finished staging directory into place in one rename (an empty `out_dir` is
+/// replaced), and syncs the parent directory so the rename survives a power cut.
+fn publish(staging: &Path, out_dir: &Path) -> Result<()> {
+    if out_dir.exists() {
+        std::fs::remove_dir(out_dir).map_err(|e| io(out_dir, e))?;
+    }
+    std::fs::rename(staging, out_dir).map_err(|e| io(out_dir, e))?;
+    if let Some(parent) = out_dir.parent() {
+        File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io(parent, e))?;
+    }
+    Ok(())
+}
+
+/// Start-up: finishes or abandons the exports a crash interrupted. One whose directory is in
+/// place is complete (it appears in one rename) and is recorded now; one that never got there
+/// is abandoned, its staging directory removed. Both are audited.
+pub(crate) async fn recover_exports(inner: &Arc<Inner>) -> Result<usize> {
+    let runs: Vec<(i64, i64, String, String, i64, String)> = inner
+        .db
+        .call(|c| -> Result<_> {
+            let mut st = c.prepare(
+                "SELECT id, batch_id, out_dir, staging_dir, checkpoint_id, started_by FROM export_runs WHERE state = 'started'",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await?;
+    let n = runs.len();
+    for (run, batch, out_dir, staging, cp_id, by) in runs {
+        let out = PathBuf::from(&out_dir);
+        let json = std::fs::read(out.join("manifest.json")).ok();
+        let complete = json.is_some() && out.join("manifest.p7m").exists();
+        let staging = PathBuf::from(&staging);
+        if staging.exists()
+            && staging
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().contains(".export-"))
+        {
+            let _ = std::fs::remove_dir_all(&staging);
+        }
+        let audit = inner.audit.clone();
+        let src = inner.source.clone();
+        let sha = json.map(|j| hex::encode(Sha256::digest(&j)));
+        inner
+            .db
+            .call(move |c| -> Result<()> {
+                let tx = c.transaction()?;
+                let now = now_ms();
+                let (state, kind, sev, message) = match &sha {
+                    Some(sha) if complete => {
+                        tx.execute(
+                            "INSERT INTO exports (batch_id, out_dir, manifest_sha256, checkpoint_id, created_at, created_by) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                            params![batch, out_dir, sha, cp_id, now, by],
+                        )?;
+                        ("done", "manifest.export_recovered", Severity::Warning,
+                         "the export was written in full but the station stopped before recording it; it is recorded now")
+                    }
+                    _ => ("abandoned", "manifest.export_abandoned", Severity::Warning,
+                          "the station stopped while the export was being written; nothing of it was published, export again"),
+                };
+                tx.execute(
+                    "UPDATE export_runs SET state = ?1, finished_at = ?2 WHERE id = ?3 AND state = 'started'",
+                    params![state, now, run],
+                )?;
+                audit.append(
+                    &tx,
+                    &NewEvent::new(&src, kind, sev, "system", serde_json::json!({
+                        "batch_id": batch, "out_dir": out_dir, "manifest_sha256": sha, "message": message,
+                    })),
+                )?;
+                tx.commit()?;
+                Ok(())
+            })
+            .await?;
+    }
+    Ok(n)
 }
 
 /// Signs `json` as a manifest with the cell's manifest signer, writing `out` (a `.p7m`). Used by

@@ -1336,6 +1336,25 @@ impl<'a> HsmSession<'a> {
         })
     }
 
+    /// SHA-256 over `prefix` followed by the value of the secret key `key`, computed in the
+    /// token (C_DigestKey): a commitment to the key that reveals nothing of it, e.g. to bind a
+    /// key to the meter and key id it was made for.
+    pub fn digest_key_sha256(&self, prefix: &[u8], key: &KeyHandle) -> Result<[u8; 32]> {
+        if !matches!(key.kind, KeyKind::Aes(_)) {
+            return Err(Error::InvalidInput("only secret keys are digested".into()));
+        }
+        let h = self.resolve(key)?;
+        self.session
+            .digest_init(&Mechanism::Sha256)
+            .ck("start a digest")?;
+        self.session.digest_update(prefix).ck("digest")?;
+        self.session.digest_key(h).ck("digest a key")?;
+        let d = self.session.digest_final().ck("finish a digest")?;
+        d.try_into().map_err(|_| {
+            Error::InvalidInput("the token returned a digest of the wrong length".into())
+        })
+    }
+
     /// The value of the private token data object labelled `label` (CKO_DATA, visible only after
     /// login), if there is one.
     pub fn find_data(&self, label: &str) -> Result<Option<Vec<u8>>> {

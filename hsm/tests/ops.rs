@@ -309,8 +309,13 @@ fn rsa_oaep_transport_key_and_aes_kw_meter_keys_unwrap_in_a_second_token() {
             .unwrap();
         let wrapped = station.with_session(|s| s.wrap(&tk, &key, alg)).unwrap();
         let kcv = station.with_session(|s| s.kcv(&key)).unwrap();
+        // A commitment to the key, computed in the token (the station binds each meter key to
+        // its meter this way).
+        let binding = station
+            .with_session(|s| s.digest_key_sha256(b"binding-test", &key))
+            .unwrap();
         station.with_session(|s| s.destroy(&key)).unwrap();
-        delivered.push((size, alg, wrapped, kcv));
+        delivered.push((size, alg, wrapped, kcv, binding));
     }
 
     // The utility: RSA-OAEP unwrap of the transport key (with the hash the station recorded),
@@ -328,7 +333,7 @@ fn rsa_oaep_transport_key_and_aes_kw_meter_keys_unwrap_in_a_second_token() {
             )
         })
         .unwrap();
-    for (i, (size, alg, wrapped, kcv)) in delivered.into_iter().enumerate() {
+    for (i, (size, alg, wrapped, kcv, binding)) in delivered.into_iter().enumerate() {
         // Imported meter keys are token objects, labelled one by one.
         let label = format!("meter-key/{i}");
         assert!(matches!(
@@ -351,6 +356,14 @@ fn rsa_oaep_transport_key_and_aes_kw_meter_keys_unwrap_in_a_second_token() {
             .unwrap();
         assert_eq!(k.label(), Some(label.as_str()));
         assert_eq!(utility.with_session(|s| s.kcv(&k)).unwrap(), kcv);
+        // The utility's token computes the same commitment over the imported key, which is
+        // neither readable nor extractable.
+        assert_eq!(
+            utility
+                .with_session(|s| s.digest_key_sha256(b"binding-test", &k))
+                .unwrap(),
+            binding
+        );
         assert!(matches!(
             utility.with_session(|s| s.try_read_value(&k)),
             Err(Error::NotPermitted(_))

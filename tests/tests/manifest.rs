@@ -1225,3 +1225,83 @@ async fn an_export_cut_short_is_published_whole_or_not_at_all_and_settled_at_the
     assert_eq!(q("SELECT count(*) FROM exports"), 2);
     e2e::stop_stationd(d);
 }
+
+// ----- keys bound to their meters ------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_moved_to_another_meter_with_its_check_value_is_refused() {
+    let cell = Cell::new(CellOptions {
+        nests: 2,
+        quantity: 2,
+        ..CellOptions::default()
+    })
+    .await;
+    let (daemon, summary) = run_batch(&cell, Duration::from_secs(300)).await;
+    assert!(summary.batch_complete, "{summary}");
+    let id = cell.batch_id.unwrap().to_string();
+    let (code, out, err) = cell.run(Some("super"), &["batch", "close", &id]);
+    assert_eq!(code, 0, "{out}{err}");
+    daemon.stop().await.unwrap();
+    // Someone with the journal swaps two meters' GBEKs, each with everything stored beside it
+    // (check value and binding), before the manifest is exported and signed.
+    let db = cell.db();
+    db.execute_batch(
+        "CREATE TEMP TABLE k AS SELECT meter_id, wrapped, kcv, binding FROM wrapped_keys WHERE key_id = 'gbek';
+         UPDATE wrapped_keys SET
+           wrapped = (SELECT wrapped FROM k WHERE k.meter_id <> wrapped_keys.meter_id),
+           kcv = (SELECT kcv FROM k WHERE k.meter_id <> wrapped_keys.meter_id),
+           binding = (SELECT binding FROM k WHERE k.meter_id <> wrapped_keys.meter_id)
+         WHERE key_id = 'gbek';",
+    )
+    .unwrap();
+    drop(db);
+    let d = tokio::task::block_in_place(|| cell.spawn_stationd());
+    let dir = cell.path("export");
+    let (code, out, err) = cell.run(
+        Some("officer"),
+        &["export", "--batch", &id, "--out", s(&dir)],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    e2e::stop_stationd(d);
+    // The manifest is genuinely signed, and the key still matches its check value…
+    let root = cell.path("root-ca.pem");
+    let (code, out) = verify(&cell, &dir.join("manifest.p7m"), &root);
+    assert_eq!(code, 0, "{out}");
+    // …but not its binding: the utility refuses, with the station's importer and with OpenSSL.
+    let keys = cell.path("keys");
+    let (code, out) = import_files(
+        &cell,
+        &dir.join("manifest.p7m"),
+        &cell.path("utility-key.pem"),
+        &keys,
+    );
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("gbek is not bound to this meter"), "{out}");
+    assert!(files_in(&keys).is_empty(), "nothing is imported");
+    let run = run_recipe(
+        cell.dir.path(),
+        &dir,
+        &root,
+        &cell.path("utility-key.pem"),
+        None,
+    );
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert_eq!(
+        run.stdout
+            .lines()
+            .filter(|l| l.ends_with("gbek NOT BOUND to this meter"))
+            .count(),
+        2,
+        "{}",
+        run.stdout
+    );
+    assert_eq!(
+        run.stdout
+            .lines()
+            .filter(|l| l.ends_with(" kcv ok"))
+            .count(),
+        1 + 2 * 3,
+        "{}",
+        run.stdout
+    );
+}

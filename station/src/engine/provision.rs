@@ -917,6 +917,11 @@ impl Ctx<'_> {
         } else {
             (KeyType::Aes128, "aes-128")
         };
+        let title = run
+            .identity
+            .as_ref()
+            .map(|i| i.system_title)
+            .ok_or_else(|| db_failure(Step::Keys, "no system title assigned"))?;
         let keys = self
             .inner
             .hsm
@@ -939,7 +944,9 @@ impl Ctx<'_> {
                         let for_meter = s.wrap(&ktk, &k, hsm::WrapAlg::AesKw)?;
                         let for_utility = s.wrap(&btk, &k, hsm::WrapAlg::AesKw)?;
                         let kcv = s.kcv(&k)?;
-                        Ok((id, for_meter, for_utility, kcv))
+                        let prefix = crate::manifest::model::key_binding_prefix(&title, id.name());
+                        let binding = s.digest_key_sha256(&prefix, &k)?;
+                        Ok((id, for_meter, for_utility, kcv, hex::encode(&binding[..16])))
                     })();
                     let d = s.destroy(&k);
                     out.push(r?);
@@ -952,19 +959,19 @@ impl Ctx<'_> {
         let meter_id = run
             .meter_id
             .ok_or_else(|| db_failure(Step::Keys, "no meter record"))?;
-        let rows: Vec<(&'static str, Vec<u8>, String)> = keys
+        let rows: Vec<(&'static str, Vec<u8>, String, String)> = keys
             .iter()
-            .map(|(id, _, u, kcv)| (id.name(), u.clone(), hex::encode(kcv)))
+            .map(|(id, _, u, kcv, b)| (id.name(), u.clone(), hex::encode(kcv), b.clone()))
             .collect();
         self.inner
             .db
             .call(move |c| -> super::Result<()> {
                 let tx = c.transaction()?;
                 let now = now_ms();
-                for (id, wrapped, kcv) in rows {
+                for (id, wrapped, kcv, binding) in rows {
                     tx.execute(
-                        "INSERT INTO wrapped_keys (meter_id, key_id, key_type, wrap_alg, wrapped, kcv, created_at) VALUES (?1, ?2, ?3, 'aes-kw', ?4, ?5, ?6)",
-                        params![meter_id, id, type_name, wrapped, kcv, now],
+                        "INSERT INTO wrapped_keys (meter_id, key_id, key_type, wrap_alg, wrapped, kcv, binding, created_at) VALUES (?1, ?2, ?3, 'aes-kw', ?4, ?5, ?6, ?7)",
+                        params![meter_id, id, type_name, wrapped, kcv, binding, now],
                     )?;
                 }
                 tx.commit()?;
@@ -974,7 +981,7 @@ impl Ctx<'_> {
             .map_err(|e| db_failure(Step::Keys, e))?;
         Ok(keys
             .into_iter()
-            .map(|(key_id, wrapped, _, kcv)| PutKey {
+            .map(|(key_id, wrapped, _, kcv, _)| PutKey {
                 key_id,
                 key_type,
                 wrap: WrapAlg::AesKw,

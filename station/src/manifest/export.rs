@@ -189,7 +189,7 @@ fn load_page(
         .collect::<std::result::Result<Vec<_>, _>>()?;
     let mut certs = conn.prepare_cached("SELECT slot, serial, fingerprint, der FROM certificates WHERE meter_id = ?1 AND state = 'delivered' ORDER BY slot DESC")?;
     let mut keys = conn.prepare_cached(
-        "SELECT key_id, key_type, wrap_alg, wrapped, kcv FROM wrapped_keys WHERE meter_id = ?1
+        "SELECT key_id, key_type, wrap_alg, wrapped, kcv, COALESCE(binding, '') FROM wrapped_keys WHERE meter_id = ?1
          ORDER BY CASE key_id WHEN 'guek' THEN 1 WHEN 'gbek' THEN 2 WHEN 'ak' THEN 3 ELSE 4 END",
     )?;
     let mut out = Vec::with_capacity(rows.len());
@@ -212,6 +212,7 @@ fn load_page(
                     wrap: r.get(2)?,
                     wrapped: b64enc(&r.get::<_, Vec<u8>>(3)?),
                     kcv: r.get(4)?,
+                    binding: r.get(5)?,
                 })
             })?
             .collect::<std::result::Result<_, _>>()?;

@@ -117,6 +117,17 @@ pub fn import(
     }
 }
 
+/// A system title as the manifest gives it (16 hex digits), as bytes.
+fn title_bytes(hex_title: &str) -> Vec<u8> {
+    hex::decode(hex_title).unwrap_or_default()
+}
+
+fn not_bound(serial: &str, id: &str) -> String {
+    format!(
+        "meter {serial}: key {id} is not bound to this meter (it was made for another meter or key id); nothing was imported"
+    )
+}
+
 fn kcv_of(key: &[u8]) -> String {
     line_protocol::crypto::kcv_aes(key)
         .map(hex::encode)
@@ -186,6 +197,9 @@ fn import_files(m: &Manifest, key_pem: &Path, out_dir: &Path) -> Result<ImportRe
                     "meter {}: key {} does not match its check value (swapped or damaged)",
                     mr.serial, k.id
                 )));
+            }
+            if key_binding(&title_bytes(&mr.system_title), &k.id, &clear) != k.binding {
+                return Err(ImportError::KeyCheck(not_bound(&mr.serial, &k.id)));
             }
             keys.insert(
                 k.id.clone(),
@@ -362,6 +376,11 @@ fn import_meter_keys(
                         "meter {}: key {} does not match its check value (swapped or damaged)",
                         mr.serial, k.id
                     )));
+                }
+                let prefix = key_binding_prefix(&title_bytes(&mr.system_title), &k.id);
+                let binding = s.digest_key_sha256(&prefix, &key)?;
+                if hex::encode(&binding[..16]) != k.binding {
+                    return Err(hsm::Error::InvalidInput(not_bound(&mr.serial, &k.id)));
                 }
             }
         }

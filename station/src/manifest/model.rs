@@ -214,6 +214,29 @@ pub struct KeyEntry {
     pub wrapped: String,
     /// Key check value, hex.
     pub kcv: String,
+    /// The key's binding to this meter and key id: the first 16 bytes of SHA-256 over
+    /// [`key_binding_prefix`] and the key, hex. The key's reader recomputes it.
+    pub binding: String,
+}
+
+/// What precedes the key in its binding: `"cell-key-binding-v1" NUL ‖ system title (8 bytes) ‖
+/// key id NUL`.
+pub fn key_binding_prefix(system_title: &[u8], key_id: &str) -> Vec<u8> {
+    let mut v = Vec::with_capacity(40);
+    v.extend_from_slice(b"cell-key-binding-v1\0");
+    v.extend_from_slice(system_title);
+    v.extend_from_slice(key_id.as_bytes());
+    v.push(0);
+    v
+}
+
+/// The binding of `key` (clear, as a reader holds it after unwrapping) to a meter and key id.
+pub fn key_binding(system_title: &[u8], key_id: &str, key: &[u8]) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(key_binding_prefix(system_title, key_id));
+    h.update(key);
+    hex::encode(&h.finalize()[..16])
 }
 
 /// The attestation receipt.

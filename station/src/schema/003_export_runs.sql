@@ -12,3 +12,8 @@ CREATE TABLE export_runs (
     started_by      TEXT NOT NULL,
     finished_at     INTEGER
 );
+
+-- Each wrapped key's binding to its meter: the first 16 bytes of SHA-256 over
+-- "cell-key-binding-v1" NUL ‖ system title (8 bytes) ‖ key id NUL ‖ the key, computed in the HSM
+-- when the key is made. Moving a key to another meter's row cannot carry a binding that holds.
+ALTER TABLE wrapped_keys ADD COLUMN binding TEXT;

@@ -583,3 +583,95 @@ async fn firmware_signed_by_imgtool_is_accepted_and_anything_else_refused() {
     assert!(st.success());
     daemon.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batches_may_not_share_numbers_whatever_their_prefixes() {
+    // System titles are the FLAG ID and the serial number without its prefix: two batches with
+    // different prefixes and the same numbers would make the same system titles.
+    let cell = Cell::new(CellOptions {
+        nests: 1,
+        quantity: 2,
+        ..CellOptions::default()
+    })
+    .await;
+    let daemon = cell.daemon().await;
+    let id = cell.batch_id.unwrap().to_string();
+    let (code, out, err) = cell.run(Some("super"), &["batch", "close", &id]);
+    assert_eq!(code, 0, "{out}{err}");
+    let open = |prefix: &str, serials: &str, wo: &str| {
+        cell.run(
+            Some("super"),
+            &[
+                "batch",
+                "open",
+                "--work-order",
+                wo,
+                "--model",
+                e2e::MODEL,
+                "--firmware",
+                &cell.firmware_sha,
+                "--customer",
+                "utility",
+                "--quantity",
+                "2",
+                "--serials",
+                serials,
+                "--prefix",
+                prefix,
+            ],
+        )
+    };
+    let (code, _, err) = open("OTHER", "1010-1030", "WO-OVERLAP");
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("overlap batch WO-E2E-1") && err.contains("system title"),
+        "{err}"
+    );
+    let (code, out, err) = open("OTHER", "5000-5010", "WO-NEXT");
+    assert_eq!(code, 0, "{out}{err}");
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_number_another_batch_used_stops_the_line_instead_of_blaming_each_meter() {
+    // A journal from before batches were kept apart: a meter of another batch holds the system
+    // title the open batch will draw next.
+    let cell = Cell::new(CellOptions {
+        nests: 1,
+        quantity: 2,
+        ..CellOptions::default()
+    })
+    .await;
+    let mut title = *b"DMW\0\0\0\0\0";
+    title[3..].copy_from_slice(&1000u64.to_be_bytes()[3..]);
+    cell.db()
+        .execute(
+            "INSERT INTO meters (batch_id, uid, nest, state, serial, system_title, operator, started_at)
+             VALUES (?1, 'feedbeef', 1, 'failed', 'OLD000001000', ?2, 'oper', 0)",
+            rusqlite::params![cell.batch_id.unwrap(), hex::encode(title)],
+        )
+        .unwrap();
+    let daemon = cell.daemon().await;
+    let client = cell.client().await;
+    let oper = cell.login(&client, "oper").await;
+    let summary = tokio::time::timeout(
+        Duration::from_secs(120),
+        station::run::run_line(&client, &oper, false, true),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let why = summary.halted.clone().expect("the line stopped");
+    assert!(
+        why.contains("already used by another batch's meter"),
+        "{why}"
+    );
+    let kinds = audit_kinds(&cell);
+    assert!(
+        !kinds.contains_key("meter.duplicate_uid"),
+        "no meter is blamed: {kinds:?}"
+    );
+    assert!(kinds.contains_key("station.halted"), "{kinds:?}");
+    drop(client);
+    daemon.stop().await.unwrap();
+}

@@ -718,17 +718,18 @@ async fn open_batch(inner: &Arc<Inner>, who: &str, spec: BatchSpec) -> Result<re
                             s2.work_order
                         )));
                     }
-                    if b.serial_prefix == s2.serial_prefix
-                        && b.serial_first <= s2.serial_last
-                        && s2.serial_first <= b.serial_last
-                    {
+                    // System titles are the FLAG ID and the number alone: two batches may
+                    // not share numbers, whatever their prefixes.
+                    if b.serial_first <= s2.serial_last && s2.serial_first <= b.serial_last {
                         return Err(Error::Conflict(format!(
-                            "serials {}{}..{} overlap batch {} ({}..{})",
-                            s2.serial_prefix,
+                            "serial numbers {}..{} overlap batch {} ({}{}..{}{}): a meter's system title is the FLAG ID and its number without the prefix, so batches may not share numbers; choose numbers after {}",
                             s2.serial_first,
                             s2.serial_last,
                             b.work_order,
+                            b.serial_prefix,
                             b.serial_first,
+                            b.serial_prefix,
+                            b.serial_last,
                             b.serial_last
                         )));
                     }

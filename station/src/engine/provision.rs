@@ -34,6 +34,9 @@ use crate::config::{Keygen, ModelSettings};
 use crate::db::now_ms;
 use crate::records::{self, BatchRow, MeterRow};
 
+/// The start of the reason when the next serial number is already another batch's.
+const NUMBER_TAKEN: &str = "the batch's next number is taken";
+
 /// How a meter left the nest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Outcome {
@@ -683,8 +686,16 @@ impl Ctx<'_> {
                     Ok(_) => {}
                     Err(e) => {
                         let e = crate::db::DbError::from(e);
-                        if matches!(e, crate::db::DbError::Constraint(_)) {
-                            return Ok(Err(format!("UID {uid} is being provisioned in another nest")));
+                        if let crate::db::DbError::Constraint(what) = &e {
+                            // Which of the unique columns: the meter's UID (another nest has
+                            // it), or the number (another batch used it).
+                            if what.contains("meters.uid") {
+                                return Ok(Err(format!("UID {uid} is being provisioned in another nest")));
+                            }
+                            return Ok(Err(format!(
+                                "{NUMBER_TAKEN}: serial number {next} (system title {}) is already used by another batch's meter; the batch's serial range must not overlap another batch's numbers",
+                                hex::encode_upper(title)
+                            )));
                         }
                         return Err(e.into());
                     }
@@ -705,15 +716,14 @@ impl Ctx<'_> {
             .await
             .map_err(|e| db_failure(Step::Assign, e))?;
         let ((id, serial, _no, title, ldn), ids) = r.map_err(|reason| {
-            let kind = if reason.contains("another nest") {
-                "meter.duplicate_uid"
+            let (kind, sev) = if reason.contains("another nest") {
+                ("meter.duplicate_uid", Severity::Critical)
+            } else if reason.starts_with(NUMBER_TAKEN) {
+                // Every following meter would draw the same number: the cell's fault, not the
+                // meter's; the line stops with the reason.
+                ("station.error", Severity::Critical)
             } else {
-                "meter.refused"
-            };
-            let sev = if kind == "meter.duplicate_uid" {
-                Severity::Critical
-            } else {
-                Severity::Notice
+                ("meter.refused", Severity::Notice)
             };
             Failure::new(kind, sev, reason)
         })?;

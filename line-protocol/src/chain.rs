@@ -101,10 +101,11 @@ pub fn verify_chain(chain: &[Vec<u8>], root: &PublicKey) -> Result<PublicKey, Ch
         certs.push((cert, key));
     }
     let (leaf, leaf_key) = &certs[0];
-    if let Ok(Some((_, ku))) = leaf.tbs_certificate().get_extension::<KeyUsage>()
-        && !ku.digital_signature()
-    {
-        return Err(ChainError::LeafKeyUsage);
+    // Fail closed: the leaf must state digitalSignature; a missing or malformed key usage is
+    // refused like a wrong one.
+    match leaf.tbs_certificate().get_extension::<KeyUsage>() {
+        Ok(Some((_, ku))) if ku.digital_signature() => {}
+        _ => return Err(ChainError::LeafKeyUsage),
     }
     for i in 0..certs.len() {
         let (cert, _) = &certs[i];
@@ -139,4 +140,61 @@ pub fn verify_chain(chain: &[Vec<u8>], root: &PublicKey) -> Result<PublicKey, Ch
         }
     }
     Ok(*leaf_key)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use p256::ecdsa::SigningKey;
+    use p256::ecdsa::signature::Signer;
+
+    /// The test station certificate with its key-usage value replaced by `ku` (the same length)
+    /// and signed again by a root of the test's own, whose public key is returned.
+    fn station_with_key_usage(ku: [u8; 2]) -> (Vec<u8>, PublicKey) {
+        let der = crate::testkit::STATION_DER;
+        // SEQUENCE { tbs, algorithm, signature }: the TBS is the first element.
+        let outer = der::asn1::AnyRef::from_der(der).unwrap();
+        let mut reader = der::SliceReader::new(outer.value()).unwrap();
+        let tbs = der::asn1::AnyRef::decode(&mut reader).unwrap();
+        let mut tbs = tbs.to_der().unwrap();
+        let at = tbs
+            .windows(10)
+            .position(|w| w == [0x06, 0x03, 0x55, 0x1d, 0x0f, 0x01, 0x01, 0xff, 0x04, 0x04])
+            .unwrap()
+            + 10;
+        assert_eq!(&tbs[at..at + 2], [0x03, 0x02]);
+        tbs[at + 2..at + 4].copy_from_slice(&ku);
+        let root = SigningKey::from_slice(&[7u8; 32]).unwrap();
+        let sig: p256::ecdsa::DerSignature = root.sign(&tbs);
+        let alg = der::asn1::AnyRef::decode(&mut reader)
+            .unwrap()
+            .to_der()
+            .unwrap();
+        let bits = der::asn1::BitString::from_bytes(sig.as_bytes())
+            .unwrap()
+            .to_der()
+            .unwrap();
+        let body = [tbs, alg, bits].concat();
+        let mut cert = vec![0x30];
+        der::Length::try_from(body.len())
+            .unwrap()
+            .encode_to_vec(&mut cert)
+            .unwrap();
+        cert.extend_from_slice(&body);
+        (cert, PublicKey::from(root.verifying_key()))
+    }
+
+    #[test]
+    fn a_leaf_without_a_sound_digital_signature_key_usage_is_refused() {
+        // Re-signed as it was: accepted.
+        let (ok, root) = station_with_key_usage([0x07, 0x80]);
+        assert!(verify_chain(&[ok], &root).is_ok());
+        // keyAgreement instead of digitalSignature.
+        let (ka, root) = station_with_key_usage([0x03, 0x08]);
+        assert_eq!(verify_chain(&[ka], &root), Err(ChainError::LeafKeyUsage));
+        // A key usage that does not parse (nine unused bits): refused, not skipped.
+        let (bad, root) = station_with_key_usage([0x09, 0x80]);
+        assert_eq!(verify_chain(&[bad], &root), Err(ChainError::LeafKeyUsage));
+    }
 }

@@ -29,6 +29,8 @@ pub struct Faults {
     pub fake_seal: bool,
     /// Stop answering from the first request of this type on.
     pub silent_at: Option<u8>,
+    /// A broken random generator: every key pair generated is the same one.
+    pub broken_trng: bool,
 }
 
 /// Names accepted for request types in `replay:` and `silent-at:`.
@@ -63,6 +65,7 @@ bad-pop             certificate requests carry an invalid proof of possession
 lie-lifecycle:STATE report lifecycle STATE (blank, personalized, sealed) in HELLO
 fake-seal           answer SEAL as sealed without sealing
 silent-at:REQ       stop answering from the first REQ on
+broken-trng         generate the same key pair every time (a broken random generator)
 REQ is one of: hello channel-open status identity keygen put-cert put-anchor put-key
 fw-begin fw-data fw-end seal attest";
 
@@ -113,6 +116,7 @@ impl Faults {
             }
             "fake-seal" => self.fake_seal = true,
             "silent-at" => self.silent_at = Some(req(need(value)?)?),
+            "broken-trng" => self.broken_trng = true,
             other => {
                 return Err(format!(
                     "unknown fault {other:?}; known faults:\n{FAULT_HELP}"

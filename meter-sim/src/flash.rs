@@ -484,15 +484,26 @@ impl MeterApp for FlashMeter {
             fs::read(self.dir.join(&key_file)).map_err(storage)?
         } else {
             use p256::pkcs8::EncodePrivateKey;
-            let mut rng = line_protocol::io::system_rng();
-            let der = match curve {
-                Curve::P256 => p256::SecretKey::generate_from_rng(&mut rng)
-                    .to_pkcs8_der()
-                    .map_err(storage)?,
-                Curve::P384 => p384::SecretKey::generate_from_rng(&mut rng)
-                    .to_pkcs8_der()
-                    .map_err(storage)?,
-            };
+            let der = if self.faults.broken_trng {
+                // The same "random" bytes every time, in every meter with this fault.
+                let a = crypto::sha256(b"a broken random generator");
+                let b = crypto::sha256(&a);
+                match curve {
+                    Curve::P256 => p256::SecretKey::from_slice(&a)
+                        .map_err(storage)?
+                        .to_pkcs8_der(),
+                    Curve::P384 => p384::SecretKey::from_slice(&[&a[..], &b[..16]].concat())
+                        .map_err(storage)?
+                        .to_pkcs8_der(),
+                }
+            } else {
+                let mut rng = line_protocol::io::system_rng();
+                match curve {
+                    Curve::P256 => p256::SecretKey::generate_from_rng(&mut rng).to_pkcs8_der(),
+                    Curve::P384 => p384::SecretKey::generate_from_rng(&mut rng).to_pkcs8_der(),
+                }
+            }
+            .map_err(storage)?;
             let bytes = der.as_bytes().to_vec();
             self.write_file(&key_file, &bytes)?;
             self.state.key_pairs.retain(|(ps, _)| *ps != s);

@@ -208,6 +208,8 @@ pub const DEFAULT_CRITICAL: &[&str] = &[
     "security.bad_certificate_request",
     "security.firmware_mismatch",
     "security.attestation_failed",
+    "security.reused_key",
+    "security.protocol_violation",
     "meter.duplicate_uid",
     "meter.unknown_lifecycle",
     "auth.lockout",

@@ -49,6 +49,8 @@ pub struct CellOptions {
     pub extra_config: String,
     /// Open the batch.
     pub open_batch: bool,
+    /// The model has a key-agreement certificate besides the signing one.
+    pub key_agreement: bool,
 }
 
 impl Default for CellOptions {
@@ -63,6 +65,7 @@ impl Default for CellOptions {
             emulator_numbers: Vec::new(),
             extra_config: String::new(),
             open_batch: true,
+            key_agreement: true,
         }
     }
 }
@@ -214,7 +217,7 @@ impl Cell {
                 opts.baud
             ));
         }
-        t.push_str(&format!("[[models]]\nname = \"{MODEL}\"\nsuite = 1\nkeygen = \"meter\"\nkey_agreement = true\n\n[audit]\ncheckpoint_interval = 25\n"));
+        t.push_str(&format!("[[models]]\nname = \"{MODEL}\"\nsuite = 1\nkeygen = \"meter\"\nkey_agreement = {}\n\n[audit]\ncheckpoint_interval = 25\n", opts.key_agreement));
         t.push_str(&opts.extra_config);
         let config = d.join("station.toml");
         std::fs::write(&config, t).unwrap();

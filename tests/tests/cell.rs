@@ -675,3 +675,61 @@ async fn a_number_another_batch_used_stops_the_line_instead_of_blaming_each_mete
     drop(client);
     daemon.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_meter_whose_new_key_was_certified_before_is_refused() {
+    // Two meters with a broken random generator make the same key pair: the first is
+    // certified, the second refused, however the two nests race.
+    let cell = Cell::new(CellOptions {
+        nests: 2,
+        quantity: 2,
+        key_agreement: false,
+        faults: vec![(1, "broken-trng".into()), (2, "broken-trng".into())],
+        ..CellOptions::default()
+    })
+    .await;
+    let (daemon, summary) = run_batch(&cell, Duration::from_secs(300)).await;
+    daemon.stop().await.unwrap();
+    assert!(summary.batch_complete, "{summary}");
+    let failed = failures_by_nest(&cell);
+    let reasons: Vec<&String> = failed.values().flatten().collect();
+    assert_eq!(reasons.len(), 1, "{failed:?}");
+    assert!(reasons[0].contains("certified"), "{failed:?}");
+    assert!(audit_kinds(&cell).contains_key("security.reused_key"));
+    let db = cell.db();
+    let dup: i64 = db
+        .query_row(
+            "SELECT count(*) FROM (SELECT key_sha256 FROM certificates WHERE key_sha256 IS NOT NULL GROUP BY key_sha256 HAVING count(*) > 1)",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(dup, 0);
+    let alarm: i64 = db
+        .query_row(
+            "SELECT count(*) FROM alarms WHERE kind = 'security.reused_key'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(alarm, 1);
+
+    // The same meter with both its slots: the same pair twice is refused at once.
+    let cell = Cell::new(CellOptions {
+        nests: 1,
+        quantity: 1,
+        faults: vec![(1, "broken-trng".into())],
+        ..CellOptions::default()
+    })
+    .await;
+    let (daemon, summary) = run_batch(&cell, Duration::from_secs(300)).await;
+    daemon.stop().await.unwrap();
+    assert!(summary.batch_complete, "{summary}");
+    let failed = failures_by_nest(&cell);
+    assert!(
+        failed
+            .get(&1)
+            .is_some_and(|v| v.len() == 1 && v[0].contains("same key pair for both slots")),
+        "{failed:?}"
+    );
+}

@@ -34,6 +34,16 @@ use crate::config::{Keygen, ModelSettings};
 use crate::db::now_ms;
 use crate::records::{self, BatchRow, MeterRow};
 
+fn reused_key(why: &str) -> Failure {
+    Failure::new(
+        "security.reused_key",
+        Severity::Critical,
+        format!(
+            "{why}: its random generator is broken or it is a clone; take it out of production"
+        ),
+    )
+}
+
 /// The start of the reason when the next serial number is already another batch's.
 const NUMBER_TAKEN: &str = "the batch's next number is taken";
 
@@ -888,9 +898,10 @@ impl Ctx<'_> {
             self.secret_keys(run, ktk)
         )?;
         if run.model.keygen == Keygen::Meter {
-            for answer in answers.into_iter().skip(1) {
-                let csr = match answer {
-                    Message::KeyGenRsp { csr, .. } => csr,
+            let mut points: Vec<String> = Vec::new();
+            for (answer, (asked, _)) in answers.into_iter().skip(1).zip(slots) {
+                let (slot, csr) = match answer {
+                    Message::KeyGenRsp { slot, csr } => (slot, csr),
                     other => {
                         return Err(Failure::new(
                             "meter.failed",
@@ -899,17 +910,66 @@ impl Ctx<'_> {
                         ));
                     }
                 };
-                hsm::cert::check_csr(&csr, hcurve).map_err(|e| {
+                if slot != *asked {
+                    return Err(Failure::new(
+                        "security.protocol_violation",
+                        Severity::Critical,
+                        format!(
+                            "the meter answered KEYGEN for slot {} with a key for slot {}",
+                            slot_name(*asked),
+                            slot_name(slot)
+                        ),
+                    ));
+                }
+                let point = hsm::cert::check_csr(&csr, hcurve).map_err(|e| {
                     Failure::new(
                         "security.bad_certificate_request",
                         Severity::Critical,
                         format!("the meter's certificate request was refused: {e}"),
                     )
                 })?;
+                points.push(hex::encode(sha256(&point)));
                 subjects.push(hsm::cert::Subject::Csr(csr));
             }
+            self.refuse_reused_keys(points).await?;
         }
         Ok((subjects, secrets))
+    }
+
+    /// A meter's new public keys must be new: one certified before — for another meter, or for
+    /// this one's other slot — means its random generator is broken (or it is a clone), and its
+    /// keys protect nothing.
+    async fn refuse_reused_keys(&self, hashes: Vec<String>) -> Result<(), Failure> {
+        let mut seen = std::collections::HashSet::new();
+        if hashes.iter().any(|h| !seen.insert(h.clone())) {
+            return Err(reused_key(
+                "the meter generated the same key pair for both slots",
+            ));
+        }
+        let before = self
+            .inner
+            .db
+            .call(move |c| -> super::Result<Option<String>> {
+                for h in &hashes {
+                    let who: Option<String> = rusqlite::OptionalExtension::optional(c.query_row(
+                        "SELECT COALESCE(m.serial, m.uid) FROM certificates c JOIN meters m ON m.id = c.meter_id WHERE c.key_sha256 = ?1",
+                        [h],
+                        |r| r.get(0),
+                    ))?;
+                    if who.is_some() {
+                        return Ok(who);
+                    }
+                }
+                Ok(None)
+            })
+            .await
+            .map_err(|e| db_failure(Step::Keys, e))?;
+        match before {
+            Some(other) => Err(reused_key(&format!(
+                "the meter's new public key was certified before, for meter {other}"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// The meter's secret keys, made in the HSM: each wrapped under the channel's key for the
@@ -1114,7 +1174,12 @@ impl Ctx<'_> {
                 }
                 let point =
                     hsm::cert::subject_point(&cert.der).map_err(|e| hsm_failure(Step::Keys, e))?;
-                rows.push((intent.id, cert.der.clone(), cert.fingerprint_hex()));
+                rows.push((
+                    intent.id,
+                    cert.der.clone(),
+                    cert.fingerprint_hex(),
+                    hex::encode(sha256(&point)),
+                ));
                 out.push((intent.slot, cert.der.clone(), point));
             }
             inner
@@ -1122,10 +1187,10 @@ impl Ctx<'_> {
                 .call(move |c| -> super::Result<()> {
                     let tx = c.transaction()?;
                     let now = now_ms();
-                    for (id, der, fp) in &rows {
+                    for (id, der, fp, key) in &rows {
                         let n = tx.execute(
-                            "UPDATE certificates SET state = 'issued', der = ?1, fingerprint = ?2, updated_at = ?3 WHERE id = ?4 AND state = 'intent'",
-                            params![der, fp, now, id],
+                            "UPDATE certificates SET state = 'issued', der = ?1, fingerprint = ?2, key_sha256 = ?3, updated_at = ?4 WHERE id = ?5 AND state = 'intent'",
+                            params![der, fp, key, now, id],
                         )?;
                         records::guarded(n, &format!("certificate {id}"), "intent")?;
                     }
@@ -1133,7 +1198,16 @@ impl Ctx<'_> {
                     Ok(())
                 })
                 .await
-                .map_err(|e| db_failure(Step::Keys, e))?;
+                .map_err(|e| match &e {
+                    // Two nests certified one key at the same moment: the journal's unique key
+                    // index refuses the second.
+                    super::Error::Db(crate::db::DbError::Constraint(what))
+                        if what.contains("key_sha256") =>
+                    {
+                        reused_key("the meter's new public key was certified for another meter at the same moment")
+                    }
+                    _ => db_failure(Step::Keys, e),
+                })?;
             Ok(out)
         }
     }

@@ -17,3 +17,8 @@ CREATE TABLE export_runs (
 -- "cell-key-binding-v1" NUL ‖ system title (8 bytes) ‖ key id NUL ‖ the key, computed in the HSM
 -- when the key is made. Moving a key to another meter's row cannot carry a binding that holds.
 ALTER TABLE wrapped_keys ADD COLUMN binding TEXT;
+
+-- The SHA-256 of each certified public key: a key certified before (a meter with a broken random
+-- generator) is refused, and the journal refuses a second certificate for one key.
+ALTER TABLE certificates ADD COLUMN key_sha256 TEXT;
+CREATE UNIQUE INDEX certificates_key ON certificates(key_sha256) WHERE key_sha256 IS NOT NULL;

@@ -733,3 +733,146 @@ async fn a_meter_whose_new_key_was_certified_before_is_refused() {
         "{failed:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_customer_certificate_must_be_fit_to_receive_the_batch_key() {
+    let cell = Cell::new(CellOptions {
+        nests: 1,
+        open_batch: false,
+        ..CellOptions::default()
+    })
+    .await;
+    let daemon = cell.daemon().await;
+    let dir = cell.path("customers");
+    std::fs::create_dir_all(&dir).unwrap();
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    for (name, bits, exp) in [
+        ("k3072", "3072", "65537"),
+        ("k2048", "2048", "65537"),
+        ("ke3", "3072", "3"),
+    ] {
+        openssl(&[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            &format!("rsa_keygen_bits:{bits}"),
+            "-pkeyopt",
+            &format!("rsa_keygen_pubexp:{exp}"),
+            "-out",
+            &format!("{name}.pem"),
+        ]);
+    }
+    let leaf = "basicConstraints=critical,CA:FALSE";
+    let cert = |out: &str, key: &str, days: &str, exts: &[&str]| {
+        let mut args = vec![
+            "req",
+            "-x509",
+            "-key",
+            key,
+            "-subj",
+            "/CN=Utility Key Import",
+            "-days",
+            days,
+            "-out",
+            out,
+        ];
+        for e in exts {
+            args.extend(["-addext", e]);
+        }
+        openssl(&args);
+    };
+    cert(
+        "good.pem",
+        "k3072.pem",
+        "365",
+        &[leaf, "keyUsage=critical,keyEncipherment"],
+    );
+    cert(
+        "weak.pem",
+        "k2048.pem",
+        "365",
+        &[leaf, "keyUsage=critical,keyEncipherment"],
+    );
+    cert(
+        "e3.pem",
+        "ke3.pem",
+        "365",
+        &[leaf, "keyUsage=critical,keyEncipherment"],
+    );
+    cert(
+        "ca.pem",
+        "k3072.pem",
+        "365",
+        &[
+            "basicConstraints=critical,CA:TRUE",
+            "keyUsage=critical,keyCertSign,keyEncipherment",
+        ],
+    );
+    cert(
+        "sign-only.pem",
+        "k3072.pem",
+        "365",
+        &[leaf, "keyUsage=critical,digitalSignature"],
+    );
+    openssl(&[
+        "req",
+        "-new",
+        "-key",
+        "k3072.pem",
+        "-subj",
+        "/CN=Utility Key Import",
+        "-out",
+        "u.csr",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,keyEncipherment\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "u.csr",
+        "-signkey",
+        "k3072.pem",
+        "-days",
+        "-1",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "expired.pem",
+    ]);
+    let import = |name: &str, file: &str| {
+        cell.run(
+            Some("officer"),
+            &["customer", "import", name, dir.join(file).to_str().unwrap()],
+        )
+    };
+    for (file, why) in [
+        ("weak.pem", "has 2048 bits; at least 3072"),
+        ("e3.pem", "only 65537"),
+        ("ca.pem", "is a CA certificate"),
+        ("sign-only.pem", "does not allow keyEncipherment"),
+        ("expired.pem", "has expired"),
+    ] {
+        let (code, _, err) = import("refused", file);
+        assert_ne!(code, 0, "{file}");
+        assert!(err.contains(why), "{file}: {err}");
+    }
+    let (code, out, err) = import("fit", "good.pem");
+    assert_eq!(code, 0, "{out}{err}");
+    daemon.stop().await.unwrap();
+}

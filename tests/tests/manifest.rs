@@ -1305,3 +1305,35 @@ async fn a_key_moved_to_another_meter_with_its_check_value_is_refused() {
         run.stdout
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_link_planted_at_the_import_temporary_name_does_not_redirect_the_keys() {
+    let (cell, dir) = exported(1).await;
+    let m = manifest(&dir);
+    let title = text(&meters(&m)[0], "system_title");
+    let out = cell.path("keys");
+    std::fs::create_dir_all(&out).unwrap();
+    // Someone who can write into the key directory plants a link where the importer writes
+    // its temporary file, hoping the clear keys land in a file of theirs.
+    let theirs = cell.path("theirs.txt");
+    std::fs::write(&theirs, "untouched\n").unwrap();
+    std::os::unix::fs::symlink(&theirs, out.join(format!("{title}.json.tmp"))).unwrap();
+    let (code, o) = import_files(
+        &cell,
+        &dir.join("manifest.p7m"),
+        &cell.path("utility-key.pem"),
+        &out,
+    );
+    assert_eq!(code, 0, "{o}");
+    assert_eq!(std::fs::read_to_string(&theirs).unwrap(), "untouched\n");
+    let written = out.join(format!("{title}.json"));
+    let meta = std::fs::symlink_metadata(&written).unwrap();
+    assert!(meta.file_type().is_file(), "a regular file, not a link");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let doc: Value = serde_json::from_slice(&std::fs::read(&written).unwrap()).unwrap();
+    assert_eq!(doc["keys"].as_object().unwrap().len(), 4);
+    assert_eq!(
+        hex::decode(doc["keys"]["gbek"].as_str().unwrap()).unwrap(),
+        flash_key(&cell, &meters(&m)[0], "gbek")
+    );
+}

@@ -599,6 +599,7 @@ async fn import_customer(
             "the customer certificate must carry an RSA key (the batch transport key is wrapped to it with RSA-OAEP); it has {alg}"
         )));
     }
+    check_customer_certificate(&parsed)?;
     let fp = hex::encode(line_protocol::crypto::sha256(&der));
     let label = customer_label(&name);
     let hsm = inner.hsm.clone();
@@ -913,4 +914,65 @@ fn p256_point(spki_der: &[u8]) -> Result<Vec<u8>> {
     let key = p256::PublicKey::try_from(spki)
         .map_err(|_| Error::Invalid("the public key must be an EC P-256 key".into()))?;
     Ok(key.to_sec1_bytes().to_vec())
+}
+
+/// What a utility's key-transport certificate must be: an end-entity certificate valid now,
+/// allowed keyEncipherment, for an RSA key of at least 3072 bits with the exponent 65537.
+fn check_customer_certificate(c: &x509_cert::Certificate) -> Result<()> {
+    use der::Decode;
+    use x509_cert::ext::pkix::{BasicConstraints, KeyUsage};
+    let bad = |why: String| Error::Invalid(format!("the customer certificate is refused: {why}"));
+    let tbs = c.tbs_certificate();
+    let key_bytes = tbs
+        .subject_public_key_info()
+        .subject_public_key
+        .as_bytes()
+        .ok_or_else(|| bad("its key cannot be read".into()))?;
+    let key = rsa::pkcs1::RsaPublicKey::<der::asn1::UintRef<'_>>::from_der(key_bytes)
+        .map_err(|e| bad(format!("its RSA key does not decode ({e})")))?;
+    let modulus = key.modulus.as_bytes();
+    let bits = modulus
+        .iter()
+        .position(|b| *b != 0)
+        .map(|i| (modulus.len() - i) * 8 - modulus[i].leading_zeros() as usize)
+        .unwrap_or(0);
+    if bits < 3072 {
+        return Err(bad(format!(
+            "its RSA key has {bits} bits; at least 3072 are required"
+        )));
+    }
+    if key.public_exponent.as_bytes() != [0x01, 0x00, 0x01] {
+        return Err(bad(format!(
+            "its RSA exponent is 0x{}; only 65537 is accepted",
+            hex::encode(key.public_exponent.as_bytes())
+        )));
+    }
+    if tbs
+        .get_extension::<BasicConstraints>()
+        .map_err(|e| bad(format!("its basic constraints do not decode ({e})")))?
+        .is_some_and(|(_, bc)| bc.ca)
+    {
+        return Err(bad(
+            "it is a CA certificate; import the utility's key-transport certificate itself".into(),
+        ));
+    }
+    match tbs.get_extension::<KeyUsage>() {
+        Ok(Some((_, ku))) if ku.key_encipherment() => {}
+        Ok(_) => {
+            return Err(bad(
+                "it does not allow keyEncipherment, which wrapping the batch transport key is"
+                    .into(),
+            ));
+        }
+        Err(e) => return Err(bad(format!("its key usage does not decode ({e})"))),
+    }
+    let now = std::time::SystemTime::now();
+    let validity = tbs.validity();
+    if validity.not_before.to_system_time() > now {
+        return Err(bad("it is not valid yet".into()));
+    }
+    if validity.not_after.to_system_time() < now {
+        return Err(bad("it has expired".into()));
+    }
+    Ok(())
 }

@@ -13,7 +13,7 @@
 //! manifest twice changes nothing the second time.
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use hsm::{AesKeySize, Hsm, HsmConfig, KeyHandle, KeyRole, OaepHash, PinSource, WrapAlg};
@@ -178,8 +178,17 @@ fn import_files(m: &Manifest, key_pem: &Path, out_dir: &Path) -> Result<ImportRe
     // Unwrap everything first; write nothing unless all of it checks out.
     let mut files = Vec::with_capacity(m.meters.len());
     for mr in &m.meters {
-        let mut keys = serde_json::Map::new();
-        for k in &mr.keys {
+        // The document is built in one owner-wiped buffer, large enough never to be moved:
+        // no copy of a clear key is left behind in freed memory.
+        let mut doc = Zeroizing::new(String::with_capacity(1024 + 160 * mr.keys.len()));
+        let head = serde_json::json!({
+            "serial": mr.serial, "system_title": mr.system_title, "logical_device_name": mr.logical_device_name,
+            "uid": mr.uid, "batch": m.batch.work_order,
+        });
+        let head = serde_json::to_string_pretty(&head).unwrap_or_default();
+        doc.push_str(head.trim_end().trim_end_matches('}').trim_end());
+        doc.push_str(",\n  \"keys\": {");
+        for (i, k) in mr.keys.iter().enumerate() {
             let clear = line_protocol::crypto::unwrap_key(
                 &tk,
                 line_protocol::msg::WrapAlg::AesKw,
@@ -201,23 +210,26 @@ fn import_files(m: &Manifest, key_pem: &Path, out_dir: &Path) -> Result<ImportRe
             if key_binding(&title_bytes(&mr.system_title), &k.id, &clear) != k.binding {
                 return Err(ImportError::KeyCheck(not_bound(&mr.serial, &k.id)));
             }
-            keys.insert(
-                k.id.clone(),
-                serde_json::Value::String(hex::encode(&*clear)),
-            );
+            let key_hex = Zeroizing::new(hex::encode(&*clear));
+            if i > 0 {
+                doc.push(',');
+            }
+            doc.push_str("\n    \"");
+            doc.push_str(&k.id);
+            doc.push_str("\": \"");
+            doc.push_str(&key_hex);
+            doc.push('"');
         }
-        let doc = Zeroizing::new(
-            serde_json::to_string_pretty(&serde_json::json!({
-                "serial": mr.serial, "system_title": mr.system_title, "logical_device_name": mr.logical_device_name,
-                "uid": mr.uid, "batch": m.batch.work_order, "keys": keys,
-            }))
-            .unwrap_or_default(),
-        );
+        doc.push_str("\n  }\n}");
         files.push((out_dir.join(format!("{}.json", mr.system_title)), doc));
     }
-    std::fs::create_dir_all(out_dir).map_err(|e| {
-        ImportError::Destination(format!("cannot create {}: {e}", out_dir.display()))
-    })?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(out_dir)
+        .map_err(|e| {
+            ImportError::Destination(format!("cannot create {}: {e}", out_dir.display()))
+        })?;
     let (mut written, mut present) = (0, 0);
     for (path, doc) in &files {
         if let Ok(existing) = std::fs::read_to_string(path) {
@@ -232,10 +244,12 @@ fn import_files(m: &Manifest, key_pem: &Path, out_dir: &Path) -> Result<ImportRe
             )));
         }
         let tmp = path.with_extension("json.tmp");
+        // A file (or a link planted to redirect the keys) left at the temporary name is
+        // removed, never written through: the new file is created exclusively.
+        let _ = std::fs::remove_file(&tmp);
         let mut f = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
             .open(&tmp)
             .map_err(|e| {

@@ -876,3 +876,66 @@ async fn a_customer_certificate_must_be_fit_to_receive_the_batch_key() {
     assert_eq!(code, 0, "{out}{err}");
     daemon.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn firmware_changed_in_the_journal_is_caught_before_any_meter_is_flashed() {
+    // Someone with the journal swaps the batch's image for another release the firmware signer
+    // signed (an older one, say): every meter would verify it and run it.
+    let cell = Cell::new(CellOptions {
+        nests: 1,
+        quantity: 1,
+        firmware_kib: 8,
+        ..CellOptions::default()
+    })
+    .await;
+    let key_pem = std::fs::read_to_string(cell.path("pki/firmware-signing-key.pem")).unwrap();
+    let key = <p256::ecdsa::SigningKey as p256::pkcs8::DecodePrivateKey>::from_pkcs8_pem(&key_pem)
+        .unwrap();
+    let other = meter_sim::firmware::sign_image(
+        &meter_sim::firmware::firmware_like_payload(8 * 1024, 0.6, 99),
+        line_protocol::image::ImageVersion {
+            major: 1,
+            minor: 9,
+            revision: 0,
+            build: 0,
+        },
+        0x200,
+        &key,
+    );
+    cell.db()
+        .execute("UPDATE firmware SET image = ?1", [other])
+        .unwrap();
+    let daemon = cell.daemon().await;
+    let client = cell.client().await;
+    let oper = cell.login(&client, "oper").await;
+    let summary = tokio::time::timeout(
+        Duration::from_secs(120),
+        station::run::run_line(&client, &oper, false, true),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let why = summary.halted.clone().expect("the line stopped");
+    assert!(why.contains("but the batch pinned"), "{why}");
+    drop(client);
+    daemon.stop().await.unwrap();
+    // No meter got an image, and none was sealed.
+    let db = cell.db();
+    let sealed: i64 = db
+        .query_row(
+            "SELECT count(*) FROM meters WHERE state IN ('flashed', 'sealed', 'done')",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(sealed, 0);
+    for entry in std::fs::read_dir(&cell.meters_dir).unwrap().flatten() {
+        if entry.path().is_dir() {
+            assert!(
+                !entry.path().join("image.bin").exists(),
+                "{}",
+                entry.path().display()
+            );
+        }
+    }
+}

@@ -1461,7 +1461,23 @@ impl Inner {
         if let Some(p) = lock(&self.plans).get(&key) {
             return Ok(Arc::clone(p));
         }
-        let plan = TransferPlan::new(&image()?, params);
+        // Before any meter is flashed from it: the image the journal holds must be the one the
+        // batch pinned, and signed by the firmware signer (checked once per image and plan).
+        let image = image()?;
+        let got = hex::encode(line_protocol::crypto::sha256(&image));
+        if got != sha {
+            return Err(Error::Setup(format!(
+                "the firmware image in the journal has SHA-256 {} but the batch pinned {}: it was changed after it was imported; nothing was flashed",
+                &got[..16],
+                &sha[..sha.len().min(16)]
+            )));
+        }
+        line_protocol::image::verify(&image, &self.keys.firmware_key).map_err(|e| {
+            Error::Setup(format!(
+                "the firmware image in the journal does not verify with the firmware signer's key ({e}); nothing was flashed"
+            ))
+        })?;
+        let plan = TransferPlan::new(&image, params);
         lock(&self.plans).insert(key, Arc::clone(&plan));
         Ok(plan)
     }

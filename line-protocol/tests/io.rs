@@ -276,3 +276,91 @@ async fn call_many_names_the_refused_request() {
     }
     meter.abort();
 }
+
+/// A meter that answers FW_BEGIN and then only babbles — bytes that are no frame and
+/// acknowledge nothing, as idle fill or a noisy line would look — never holds the host: the
+/// transfer gives up on acknowledged progress, not on bytes received.
+#[tokio::test]
+async fn a_babbling_meter_does_not_hold_the_firmware_transfer() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (host_side, mut relay_host) = io::memory_pair(64 * 1024);
+    let (mut relay_meter, meter_side) = io::memory_pair(64 * 1024);
+    let meter = tokio::spawn(async move {
+        let mut session = MeterSession::new(8192);
+        let mut app = MemMeter::new(&[3; 8]);
+        let _ = io::serve_meter(meter_side, &mut session, &mut app).await;
+    });
+    let babble = Arc::new(AtomicBool::new(false));
+    let b2 = Arc::clone(&babble);
+    let relay = tokio::spawn(async move {
+        let (mut hb, mut mb) = ([0u8; 4096], [0u8; 4096]);
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(2));
+        loop {
+            tokio::select! {
+                n = relay_host.read(&mut hb) => {
+                    let Ok(n) = n else { return };
+                    if n == 0 { return }
+                    // Once babbling, the meter hears nothing more: no FW_DATA is acknowledged.
+                    if !b2.load(Ordering::SeqCst) && relay_meter.write_all(&hb[..n]).await.is_err() {
+                        return;
+                    }
+                }
+                n = relay_meter.read(&mut mb) => {
+                    let Ok(n) = n else { return };
+                    if n == 0 { return }
+                    if relay_host.write_all(&mb[..n]).await.is_err() { return }
+                }
+                _ = tick.tick() => {
+                    if b2.load(Ordering::SeqCst) && relay_host.write_all(&[0x5A; 16]).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let mut link = HostLink::new(host_side, HostConfig::default(), fast_timing());
+    open_session(&mut link).await;
+    let neg = link.session().negotiated().unwrap();
+    let plan = TransferPlan::new(
+        &image(128 * 1024),
+        PlanParams {
+            max_payload: neg.max_payload,
+            max_block: neg.max_block,
+            compress: neg.compression,
+        },
+    );
+    let have = match link
+        .call(&Message::FwBegin {
+            size: plan.size,
+            sha256: plan.sha256,
+            compression: u8::from(neg.compression),
+        })
+        .await
+        .unwrap()
+    {
+        Message::FwBeginRsp { have } => have,
+        other => panic!("{other:?}"),
+    };
+    babble.store(true, Ordering::SeqCst);
+    let t0 = std::time::Instant::now();
+    let r = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        link.send_firmware(Arc::clone(&plan), have, &mut |_, _| {}),
+    )
+    .await
+    .expect("the transfer gave up on its own, babble or not");
+    match r {
+        Err(LinkError::Timeout {
+            what: "FW_DATA", ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        t0.elapsed()
+    );
+    relay.abort();
+    meter.abort();
+}

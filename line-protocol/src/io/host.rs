@@ -512,8 +512,12 @@ impl HostLink {
         let mut tx = FirmwareSender::new(plan.clone(), have, neg.window, rto);
         let total = u64::from(plan.size);
         progress(tx.acked_bytes(), total);
-        // Give up when nothing is acknowledged across several retransmission timeouts.
+        // Give up when nothing is acknowledged across several retransmission timeouts (bytes that
+        // arrive but acknowledge nothing — idle fill, noise, a babbling meter — are no progress),
+        // and in any case when the whole transfer takes far longer than the wire needs.
         let mut last_progress = self.now_ms();
+        let overall_ms = overall_transfer_ms(&self.timing, total);
+        let give_up_at = last_progress + overall_ms;
         let mut last_acked = tx.acked_bytes();
         let mut batch = Vec::with_capacity(64 * 1024);
         let mut totals = SenderStats::default();
@@ -557,9 +561,10 @@ impl HostLink {
             let wake = tx
                 .next_deadline()
                 .unwrap_or(now + rto)
-                .min(last_progress + stall_ms);
+                .min(last_progress + stall_ms)
+                .min(give_up_at);
             let deadline = self.epoch + Duration::from_millis(wake.max(now + 1));
-            let got = self.pump(deadline).await?;
+            self.pump(deadline).await?;
             while let Some(ev) = self.next_event() {
                 match ev? {
                     (reference, Message::FwAck(ack)) => tx.on_ack(&ack, reference),
@@ -582,10 +587,16 @@ impl HostLink {
                 last_acked = tx.acked_bytes();
                 last_progress = self.now_ms();
                 progress(last_acked, total);
-            } else if !got && self.now_ms() >= last_progress + stall_ms {
+            } else if self.now_ms() >= last_progress + stall_ms {
                 return Err(LinkError::Timeout {
                     what: "FW_DATA",
                     ms: stall_ms,
+                });
+            }
+            if !tx.is_complete() && self.now_ms() >= give_up_at {
+                return Err(LinkError::Timeout {
+                    what: "the firmware transfer",
+                    ms: overall_ms,
                 });
             }
         }
@@ -593,6 +604,14 @@ impl HostLink {
         self.stats.firmware = totals;
         Ok(totals)
     }
+}
+
+/// The longest a whole firmware transfer of `size` bytes may take: eight times its wire time
+/// (room for a lossy line's retransmissions and shorter frames, a slow flash, resumes within the
+/// transfer) and a minute more.
+fn overall_transfer_ms(timing: &LinkTiming, size: u64) -> u64 {
+    let wire = timing.wire_ms(usize::try_from(size).unwrap_or(usize::MAX));
+    wire.saturating_mul(8).saturating_add(60_000)
 }
 
 /// Frames between two looks at the loss rate.

@@ -907,6 +907,53 @@ async fn the_pki_changes_through_the_daemon_only_and_a_set_up_token_bootstraps_n
     drop(c);
     other.stop().await.unwrap();
 
+    let daemon = cell.daemon().await;
+    // A new key for a role (here the station identity's, taken out of the token first as a
+    // renewal would): generated in the HSM, its request written, audited.
+    daemon
+        .engine()
+        .hsm()
+        .run(|s| {
+            let pair = s.find_ec_keypair("station")?;
+            s.destroy(&pair.private)?;
+            s.destroy(&pair.public)?;
+            if let Some(c) = s.find_key(hsm::KeyKind::Certificate, "station")? {
+                s.destroy(&c)?;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+    let req = cell.path("station.csr");
+    let (code, o, err) = cell.run(
+        Some("officer"),
+        &[
+            "pki",
+            "csr",
+            "--role",
+            "station",
+            "--cn",
+            "Line 3 Station",
+            "--out",
+            s(&req),
+        ],
+    );
+    assert_eq!(code, 0, "{o}{err}");
+    let v = std::process::Command::new("openssl")
+        .args(["req", "-verify", "-noout", "-in"])
+        .arg(&req)
+        .output()
+        .unwrap();
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    assert_eq!(
+        count(
+            &cell.db(),
+            "SELECT count(*) FROM audit WHERE kind = 'pki.csr' AND actor = 'officer'"
+        ),
+        1
+    );
+    daemon.stop().await.unwrap();
+
     // `pki init-dev` never overwrites PIN files.
     let dir = cell.path("dev");
     std::fs::create_dir_all(&dir).unwrap();
@@ -1390,12 +1437,33 @@ except grpc.RpcError as e:
         "{text}"
     );
     assert!(lines.contains(&"after logout: UNAUTHENTICATED"), "{text}");
-    // The log-ins name their client.
+    // The log-ins name their client and the local peer process.
     assert!(
         count(
             &cell.db(),
             "SELECT count(*) FROM audit WHERE kind = 'auth.success' AND details LIKE '%python-grpcio%'"
         ) == 2
     );
+    let details: String = cell
+        .db()
+        .query_row(
+            "SELECT details FROM audit WHERE kind = 'auth.success' AND details LIKE '%python-grpcio%' LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let d: serde_json::Value = serde_json::from_str(&details).unwrap();
+    assert_eq!(d["origin"]["transport"], "unix", "{details}");
+    assert_eq!(d["origin"]["uid"].as_u64(), Some(own_uid()), "{details}");
+    assert!(
+        d["origin"]["pid"].as_u64().is_some_and(|p| p > 0),
+        "{details}"
+    );
     daemon.stop().await.unwrap();
+}
+
+/// This process's user id (`id -u`), as the daemon sees its peers.
+fn own_uid() -> u64 {
+    let out = std::process::Command::new("id").arg("-u").output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }

@@ -18,8 +18,9 @@ commands:
   demo [ARGS...]        install what is missing, build, and run `station demo ARGS...`
                         (a whole batch on emulated meters with a real software HSM),
                         replacing the demo cell an earlier run left in demo-out/
-  test                  install what is missing, then fmt check, clippy, and every test
-                        (cargo nextest) — what CI runs
+  test                  install what is missing, then fmt check, cargo deny (licences,
+                        bans, sources), clippy, and every test (cargo nextest) — what CI
+                        runs
   bench <what>          print benchmark figures as JSON lines; <what> is one of:
                         link, hsm, station, manifest, api, gui, all
   screenshot [OUT.png]  start the touch console in demo mode under Xvfb and save a picture
@@ -297,10 +298,36 @@ fn with_tool_env(cmd: &mut Command, imgtool: &Path) {
     }
 }
 
+/// cargo-deny, from crates.io (without its network features: licences, bans and sources are
+/// checked from the lock file and the registry).
+fn ensure_deny() -> Result<(), String> {
+    let ok = cargo()
+        .args(["deny", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if ok {
+        return Ok(());
+    }
+    eprintln!("xtask: installing cargo-deny from crates.io");
+    run(cargo().args([
+        "install",
+        "--locked",
+        "cargo-deny",
+        "--version",
+        "0.20.2",
+        "--no-default-features",
+    ]))
+}
+
 fn test() -> Result<(), String> {
     let imgtool = deps(true)?;
     ensure_nextest()?;
+    ensure_deny()?;
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo().args(["deny", "check", "licenses", "bans", "sources"]))?;
     run(cargo().args([
         "clippy",
         "--workspace",

@@ -1385,6 +1385,61 @@ impl<'a> HsmSession<'a> {
         }))
     }
 
+    /// Replaces the private token data object labelled `label` with one holding `value`: the new
+    /// object is created first and the older ones destroyed after, so that a crash in between
+    /// leaves both (read them with [`HsmSession::find_data_all`]) rather than none. Tokens do
+    /// not let an application change a data object's value in place.
+    pub fn put_data(&self, label: &str, value: &[u8]) -> Result<()> {
+        let _cache = lock(&self.inner().objects);
+        let old = self
+            .session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::DATA),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ])
+            .ck("find data objects")?;
+        self.session
+            .create_object(&[
+                Attribute::Class(ObjectClass::DATA),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Label(label.as_bytes().to_vec()),
+                Attribute::Application(b"station".to_vec()),
+                Attribute::Value(value.to_vec()),
+                Attribute::Modifiable(false),
+            ])
+            .ck("create a data object")?;
+        for h in old {
+            self.session.destroy_object(h).ck("destroy a data object")?;
+        }
+        Ok(())
+    }
+
+    /// The values of every private token data object labelled `label`.
+    pub fn find_data_all(&self, label: &str) -> Result<Vec<Vec<u8>>> {
+        let found = self
+            .session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::DATA),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ])
+            .ck("find data objects")?;
+        let mut out = Vec::with_capacity(found.len());
+        for h in found {
+            let attrs = self
+                .session
+                .get_attributes(h, &[AttributeType::Value])
+                .ck("read a data object")?;
+            if let Some(v) = attrs.into_iter().find_map(|a| match a {
+                Attribute::Value(v) => Some(v),
+                _ => None,
+            }) {
+                out.push(v);
+            }
+        }
+        Ok(out)
+    }
+
     /// Creates a private, unmodifiable token data object labelled `label` holding `value`
     /// (nothing secret: a marker or a record). Refused when one with that label exists.
     pub fn create_data(&self, label: &str, value: &[u8]) -> Result<()> {

@@ -117,7 +117,7 @@ pub enum AuditError {
     Sign(String),
     /// The log is frozen: its newest entries do not match the signed head.
     #[error(
-        "the audit log is damaged ({0}); the cell is frozen: an auditor runs `station audit verify` and the security officer decides"
+        "the audit log is damaged ({0}); the cell is frozen: an auditor runs `station audit verify`, and a security officer resumes the log with `station audit recover --reason ...`"
     )]
     Frozen(String),
 }
@@ -230,6 +230,115 @@ impl Audit {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Freezes the log for `why` (nothing is appended until a recovery).
+    pub fn freeze(&self, why: String) {
+        *self.frozen.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+    }
+
+    fn set_frozen(&self, why: Option<String>) {
+        *self.frozen.lock().unwrap_or_else(|p| p.into_inner()) = why;
+    }
+
+    /// Checks the journal against the anchor the HSM keeps of it (`anchor`: the newest entry
+    /// anchored, as sequence number and chain hash). The journal may run ahead of its anchor
+    /// (the anchor follows a few seconds behind), never behind it or off it. Returns what is
+    /// wrong.
+    pub fn check_anchor(
+        conn: &rusqlite::Connection,
+        anchor: Option<(i64, [u8; 32])>,
+    ) -> Result<Option<String>, AuditError> {
+        let Some((aseq, ahash)) = anchor else {
+            return Ok(None);
+        };
+        let newest: i64 =
+            conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM audit", [], |r| r.get(0))?;
+        if newest < aseq {
+            return Ok(Some(format!(
+                "the journal ends at entry {newest} but the HSM's anchor shows entry {aseq} was written: the newest entries were cut off, or an older copy of the journal was put back"
+            )));
+        }
+        let hash: Option<Vec<u8>> = conn
+            .query_row("SELECT hash FROM audit WHERE seq = ?1", [aseq], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        if hash.as_deref() != Some(&ahash[..]) {
+            return Ok(Some(format!(
+                "entry {aseq} is not the entry the HSM anchored: the log was rewritten"
+            )));
+        }
+        Ok(None)
+    }
+
+    /// The newest entry, as sequence number and chain hash.
+    pub fn newest(conn: &rusqlite::Connection) -> Result<Option<(i64, Vec<u8>)>, AuditError> {
+        Ok(conn
+            .query_row(
+                "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
+    }
+
+    /// Resumes a frozen log inside `tx`: signs a new head over the newest entry there is,
+    /// appends `audit.recovered` (critical: an alarm) with `reason` and why the log was frozen,
+    /// and writes a checkpoint. What is damaged stays damaged — `verify` still names it — but
+    /// the cell can record again. Returns the entry and why the log had been frozen; on error
+    /// the log stays frozen.
+    pub fn recover(
+        &self,
+        tx: &Transaction<'_>,
+        source: &str,
+        actor: &str,
+        reason: &str,
+    ) -> Result<(Appended, String), AuditError> {
+        let Some(why) = self.frozen() else {
+            return Err(AuditError::Frozen(
+                "the log is not frozen; there is nothing to recover".into(),
+            ));
+        };
+        let newest = Self::newest(tx)?;
+        match &newest {
+            Some((seq, hash)) => {
+                let head_sig = self.sign(&signed_message(HEAD_DOMAIN, *seq, hash))?;
+                tx.execute(
+                    "INSERT INTO audit_head (id, seq, hash, signature) VALUES (1, ?1, ?2, ?3)
+                     ON CONFLICT(id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, signature = excluded.signature",
+                    params![seq, hash, head_sig],
+                )?;
+            }
+            None => {
+                tx.execute("DELETE FROM audit_head", [])?;
+            }
+        }
+        self.set_frozen(None);
+        let r = self
+            .append(
+                tx,
+                &NewEvent::new(
+                    source,
+                    "audit.recovered",
+                    Severity::Critical,
+                    actor,
+                    serde_json::json!({
+                        "message": format!("the audit log was resumed after it was frozen: {reason}"),
+                        "reason": reason,
+                        "frozen_because": why,
+                        "newest_entry_before": newest.as_ref().map(|(s, _)| *s),
+                    }),
+                ),
+            )
+            .and_then(|a| self.checkpoint(tx, "recovery").map(|_| a));
+        match r {
+            Ok(a) => Ok((a, why)),
+            Err(e) => {
+                self.set_frozen(Some(why));
+                Err(e)
+            }
+        }
     }
 
     /// Checks that the newest entry is the signed head (at start-up, before anything is

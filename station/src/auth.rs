@@ -105,6 +105,8 @@ pub enum Action {
     VerifyAudit,
     /// Export the audit log.
     ExportAudit,
+    /// Resume a frozen audit log.
+    RecoverAudit,
 }
 
 impl Action {
@@ -127,6 +129,7 @@ impl Action {
             Action::ViewAudit => "read the audit log",
             Action::VerifyAudit => "verify the audit log",
             Action::ExportAudit => "export the audit log",
+            Action::RecoverAudit => "resume a frozen audit log",
         }
     }
 }
@@ -160,6 +163,7 @@ pub const PERMISSIONS: &[(Action, &[Role])] = &[
     ),
     (Action::VerifyAudit, &[Role::SecurityOfficer, Role::Auditor]),
     (Action::ExportAudit, &[Role::Auditor, Role::SecurityOfficer]),
+    (Action::RecoverAudit, &[Role::SecurityOfficer]),
 ];
 
 /// May `role` perform `action`?
@@ -815,6 +819,7 @@ mod tests {
             Action::ViewAudit,
             Action::VerifyAudit,
             Action::ExportAudit,
+            Action::RecoverAudit,
         ];
         for a in actions {
             assert_eq!(

@@ -371,6 +371,14 @@ enum AuditCmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Resume a frozen log (security officer): a new signed head over the newest entry there
+    /// is, and a critical `audit.recovered` entry with the reason. What was damaged stays
+    /// damaged for `audit verify` to report.
+    Recover {
+        /// Why the log may be resumed (it goes into the log).
+        #[arg(long)]
+        reason: String,
+    },
     /// The newest entries.
     Tail {
         /// How many.
@@ -848,6 +856,15 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 None => println!("{text}"),
             }
             return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Audit(AuditCmd::Recover { reason }) => {
+            one(
+                &cli,
+                Command::RecoverAudit {
+                    reason: reason.clone(),
+                },
+            )
+            .await?
         }
         Cmd::Audit(AuditCmd::Tail { n, follow }) => {
             let client = connect(&cli).await?;

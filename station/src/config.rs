@@ -215,6 +215,7 @@ pub const DEFAULT_CRITICAL: &[&str] = &[
     "auth.lockout",
     "firmware.rejected",
     "audit.verification_failed",
+    "audit.recovered",
     "hsm.unavailable",
     "station.halted",
 ];

@@ -357,6 +357,9 @@ fn sample_commands() -> Vec<Command> {
         Command::AuditExport,
         Command::ListAlarms,
         Command::HsmInfo,
+        Command::RecoverAudit {
+            reason: "nothing is frozen here".into(),
+        },
         Command::Export {
             batch: 9999,
             out_dir: std::env::temp_dir().join("e2e-never-written"),
@@ -938,4 +941,95 @@ async fn firmware_changed_in_the_journal_is_caught_before_any_meter_is_flashed()
             );
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_older_copy_of_the_journal_put_back_freezes_the_cell_until_a_security_officer_resumes_it()
+ {
+    let cell = Cell::new(CellOptions {
+        nests: 1,
+        ..CellOptions::default()
+    })
+    .await;
+    // A saved copy of the journal, consistent in itself: its own signed head matches.
+    let daemon = cell.daemon().await;
+    daemon.stop().await.unwrap();
+    let backup = cell.path("backup");
+    std::fs::create_dir_all(&backup).unwrap();
+    for f in ["station.db", "station.db-wal"] {
+        if cell.path(f).exists() {
+            std::fs::copy(cell.path(f), backup.join(f)).unwrap();
+        }
+    }
+    // The cell goes on, and records more.
+    let daemon = cell.daemon().await;
+    let (code, out, err) = cell.run(Some("super"), &["batch", "list"]);
+    assert_eq!(code, 0, "{out}{err}");
+    daemon.stop().await.unwrap();
+    // The copy is put back, cutting those entries off.
+    for f in ["station.db", "station.db-wal", "station.db-shm"] {
+        let _ = std::fs::remove_file(cell.path(f));
+        if backup.join(f).exists() {
+            std::fs::copy(backup.join(f), cell.path(f)).unwrap();
+        }
+    }
+    let daemon = cell.daemon().await;
+    let (code, _, err) = cell.run(Some("super"), &["batch", "list"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("an older copy of the journal was put back"),
+        "{err}"
+    );
+    // Only a security officer resumes it, with a reason that goes into the log.
+    let (code, _, err) = cell.run(
+        Some("super"),
+        &[
+            "audit",
+            "recover",
+            "--reason",
+            "restored from the backup of last night",
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("may not resume a frozen audit log"), "{err}");
+    let (code, out, err) = cell.run(
+        Some("officer"),
+        &[
+            "audit",
+            "recover",
+            "--reason",
+            "restored from the backup of last night",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("resumed"), "{out}");
+    let (code, out, err) = cell.run(Some("super"), &["batch", "list"]);
+    assert_eq!(code, 0, "{out}{err}");
+    daemon.stop().await.unwrap();
+    let details: String = cell
+        .db()
+        .query_row(
+            "SELECT details FROM audit WHERE kind = 'audit.recovered'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        details.contains("older copy") && details.contains("last night"),
+        "{details}"
+    );
+    let alarm: i64 = cell
+        .db()
+        .query_row(
+            "SELECT count(*) FROM alarms WHERE kind = 'audit.recovered'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(alarm, 1);
+    // The resumed log starts again cleanly: the next start is not frozen.
+    let daemon = cell.daemon().await;
+    let (code, out, err) = cell.run(Some("audit"), &["audit", "verify"]);
+    assert_eq!(code, 0, "{out}{err}");
+    daemon.stop().await.unwrap();
 }

@@ -180,6 +180,7 @@ const CALLS: &[(&str, Option<Action>)] = &[
     ("AuditTail", Some(Action::ViewAudit)),
     ("AuditSince", Some(Action::ViewAudit)),
     ("AuditExport", Some(Action::ExportAudit)),
+    ("AuditRecover", Some(Action::RecoverAudit)),
     ("HsmInfo", Some(Action::ViewHsm)),
     ("PkiCsr", Some(Action::ManagePki)),
     ("PkiImport", Some(Action::ManagePki)),
@@ -342,6 +343,15 @@ async fn call(
             .map(drop),
         "AuditExport" => c.audit_export(with(e(), token)).await.map(drop),
         "HsmInfo" => c.hsm_info(with(e(), token)).await.map(drop),
+        "AuditRecover" => c
+            .audit_recover(with(
+                pb::AuditRecoverRequest {
+                    reason: "nothing is frozen here".into(),
+                },
+                token,
+            ))
+            .await
+            .map(drop),
         "PkiCsr" => c
             .pki_csr(with(
                 pb::PkiCsrRequest {

@@ -509,6 +509,12 @@ impl Client {
                     .collect(),
             ),
             Command::HsmInfo => Reply::Text(rpc.hsm_info(r(e)).await?.into_inner().text),
+            Command::RecoverAudit { reason } => Reply::Text(
+                rpc.audit_recover(with_session(s, pb::AuditRecoverRequest { reason }))
+                    .await?
+                    .into_inner()
+                    .text,
+            ),
             Command::Export { batch, out_dir } => {
                 let x = rpc
                     .export_manifest(with_session(s, pb::BatchRequest { id: batch }))

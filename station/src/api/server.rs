@@ -919,6 +919,18 @@ impl Station for Service {
         }
     }
 
+    async fn audit_recover(
+        &self,
+        req: Request<pb::AuditRecoverRequest>,
+    ) -> Result<Response<pb::Text>, Status> {
+        let reason = req.get_ref().reason.clone();
+        text(
+            self.run(&req, "AuditRecover", Command::RecoverAudit { reason })
+                .await?,
+            "AuditRecover",
+        )
+    }
+
     async fn hsm_info(&self, req: Request<pb::Empty>) -> Result<Response<pb::Text>, Status> {
         text(
             self.run(&req, "HsmInfo", Command::HsmInfo).await?,

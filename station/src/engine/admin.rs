@@ -479,6 +479,50 @@ pub(super) async fn execute(engine: &Engine, user: &User, cmd: Command) -> Resul
                 crate::api::pem("CERTIFICATE", &inner.keys.device_ca.cert_der)
             )))
         }
+        Command::RecoverAudit { reason } => {
+            let reason = reason.trim().to_string();
+            if reason.len() < 10 || reason.len() > 500 {
+                return Err(Error::Invalid(
+                    "say why the log may be resumed, in 10 to 500 characters (it goes into the log)"
+                        .into(),
+                ));
+            }
+            if inner.audit.frozen().is_none() {
+                return Err(Error::Conflict(
+                    "the audit log is not frozen; there is nothing to recover".into(),
+                ));
+            }
+            let a = inner.audit.clone();
+            let (a2, src2, who2) = (a.clone(), src.clone(), who.clone());
+            let r = inner
+                .db
+                .call(move |c| -> Result<(audit::Appended, String)> {
+                    let tx = c.transaction()?;
+                    let r = a2.recover(&tx, &src2, &who2, &reason)?;
+                    tx.commit()?;
+                    Ok(r)
+                })
+                .await;
+            let (appended, why) = match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Nothing was committed: the log stays frozen.
+                    if a.frozen().is_none() {
+                        a.freeze("a recovery of the log failed; run it again".into());
+                    }
+                    return Err(e);
+                }
+            };
+            inner.anchor_audit(true).await?;
+            if let Some(id) = appended.alarm {
+                inner.publish_alarm(id).await;
+            }
+            tracing::warn!(by = %who, was = %why, "the audit log was resumed");
+            Ok(Reply::Text(format!(
+                "the audit log is resumed at entry {} (it had been frozen: {why}); `station audit verify` still reports what was damaged",
+                appended.seq
+            )))
+        }
         Command::HsmInfo => {
             let hsm = inner.hsm.clone();
             let info = tokio::task::spawn_blocking(move || hsm::pki::info(&hsm))

@@ -187,6 +187,11 @@ impl TranscriptSigner for StationSigner {
 /// that has served a cell bootstraps nothing.
 pub const CELL_MARKER: &str = "station-cell";
 
+/// Label of the token data object that anchors the audit log outside the journal's reach: the
+/// newest entry the station has seen committed (sequence number, big-endian u64, and chain
+/// hash). A journal put back from an older copy, or cut short, no longer reaches it.
+pub const AUDIT_ANCHOR: &str = "audit-anchor";
+
 /// Label of the PIN pepper key ([`hsm::KeyRole::PinPepper`]).
 pub const PEPPER_LABEL: &str = "pin-pepper";
 

@@ -407,6 +407,11 @@ pub enum Command {
         /// Issuer certificates up to a self-signed root, PEM.
         chain_pem: Vec<String>,
     },
+    /// Resume a frozen audit log (security officer; audited as a critical event).
+    RecoverAudit {
+        /// Why, in words, for the log.
+        reason: String,
+    },
     /// Issue a TLS certificate of the service API from the device CA.
     IssueTls {
         /// The console's or host's name.
@@ -453,6 +458,7 @@ impl Command {
             Command::PkiCsr { .. } | Command::PkiImport { .. } | Command::IssueTls { .. } => {
                 Action::ManagePki
             }
+            Command::RecoverAudit { .. } => Action::RecoverAudit,
         }
     }
 
@@ -485,6 +491,7 @@ impl Command {
             Command::PkiCsr { .. } => "pki csr",
             Command::PkiImport { .. } => "pki import",
             Command::IssueTls { .. } => "issue tls certificate",
+            Command::RecoverAudit { .. } => "recover the audit log",
         }
     }
 }
@@ -566,6 +573,8 @@ pub(crate) struct Inner {
     pub(crate) keys: CellKeys,
     /// The PIN pepper key in the token.
     pepper: hsm::KeyHandle,
+    /// The newest audit entry anchored in the token (-1: not known yet).
+    anchored: std::sync::atomic::AtomicI64,
     pub(crate) source: String,
     events: broadcast::Sender<Event>,
     state: Mutex<State>,
@@ -651,6 +660,7 @@ impl Engine {
             audit,
             keys,
             pepper: access.pepper.clone(),
+            anchored: std::sync::atomic::AtomicI64::new(-1),
             source: opts.source.clone(),
             events,
             wake: watch::channel(0).0,
@@ -690,6 +700,18 @@ impl Engine {
             .await?
         {
             tracing::error!(reason = %why, "the audit log is damaged; the cell is frozen");
+            return Ok(());
+        }
+        // The anchor the HSM keeps of the log: a journal cut short or put back from an older
+        // copy (with its own, valid signed head) no longer reaches it.
+        let anchor = inner.read_audit_anchor().await?;
+        if let Some(why) = inner
+            .db
+            .call(move |c| Audit::check_anchor(c, anchor).map_err(Error::from))
+            .await?
+        {
+            tracing::error!(reason = %why, "the journal does not reach the HSM's anchor; the cell is frozen");
+            inner.audit.freeze(why);
             return Ok(());
         }
         // The certificates an auditor needs to verify a copy of this journal off-line, and no
@@ -1102,6 +1124,7 @@ impl Engine {
                     | Command::AuditSince { .. }
                     | Command::AuditExport
                     | Command::ListAlarms
+                    | Command::RecoverAudit { .. }
             );
             if !reads_the_log {
                 return Err(Error::Audit(audit::AuditError::Frozen(why)));
@@ -1168,7 +1191,8 @@ impl Engine {
                 tx.commit()?;
                 Ok(())
             })
-            .await
+            .await?;
+        inner.anchor_audit(false).await
     }
 
     /// Waits until the open batch has all its meters, the line stops, or `stop` resolves.
@@ -1214,6 +1238,50 @@ impl Engine {
 }
 
 impl Inner {
+    /// The audit anchor the token holds, if any.
+    async fn read_audit_anchor(&self) -> Result<Option<(i64, [u8; 32])>> {
+        let raw = self
+            .hsm
+            .run(|s| s.find_data_all(keys::AUDIT_ANCHOR))
+            .await?;
+        // Two anchors only after a crash while one replaced the other: the higher one counts.
+        Ok(raw
+            .iter()
+            .filter_map(|v| {
+                let seq = i64::from_be_bytes(v.get(..8)?.try_into().ok()?);
+                let hash: [u8; 32] = v.get(8..40)?.try_into().ok()?;
+                Some((seq, hash))
+            })
+            .max_by_key(|(seq, _)| *seq))
+    }
+
+    /// Moves the token's audit anchor to the newest committed entry, when it is newer than the
+    /// last one anchored (or always, with `force`: after a recovery, which may start the log
+    /// again below it). A frozen log is not anchored.
+    pub(crate) async fn anchor_audit(&self, force: bool) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        if self.audit.frozen().is_some() {
+            return Ok(());
+        }
+        let Some((seq, hash)) = self
+            .db
+            .call(|c| Audit::newest(c).map_err(Error::from))
+            .await?
+        else {
+            return Ok(());
+        };
+        if !force && seq <= self.anchored.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let mut value = seq.to_be_bytes().to_vec();
+        value.extend_from_slice(&hash);
+        self.hsm
+            .run(move |s| s.put_data(keys::AUDIT_ANCHOR, &value))
+            .await?;
+        self.anchored.store(seq, Ordering::SeqCst);
+        Ok(())
+    }
+
     /// The HSM's MAC of a PIN ([`PepperedPin`]): the PIN is never hashed or compared otherwise.
     pub(crate) async fn pepper_pin(&self, pin: &str) -> Result<PepperedPin> {
         let input = PepperedPin::mac_input(pin);
@@ -1494,6 +1562,9 @@ async fn watchdog(inner: Arc<Inner>) {
             _ = tokio::time::sleep(Duration::from_secs(3)) => {}
         }
         let hsm_ok = inner.hsm.run(|s| s.random(1).map(|_| ())).await.is_ok();
+        if hsm_ok && let Err(e) = inner.anchor_audit(false).await {
+            tracing::warn!(error = %e, "the audit anchor could not be moved");
+        }
         let db_ok = {
             let db = inner.db.clone();
             tokio::task::spawn_blocking(move || db.writable())

@@ -32,11 +32,16 @@ pub enum PinSource {
 }
 
 impl PinSource {
-    /// Obtains the PIN.
+    /// Obtains the user PIN.
     pub fn read(&self) -> Result<SecretString> {
+        self.read_as("user")
+    }
+
+    /// Obtains the PIN of `who` ("user", "security officer"): the prompt names it.
+    pub fn read_as(&self, who: &str) -> Result<SecretString> {
         match self {
             PinSource::Prompt => {
-                let pin = rpassword::prompt_password("HSM user PIN: ")
+                let pin = rpassword::prompt_password(format!("HSM {who} PIN: "))
                     .map_err(|e| Error::PinUnavailable(format!("cannot prompt for it: {e}")))?;
                 non_empty(SecretString::from(pin), "the prompt")
             }

@@ -54,6 +54,25 @@ pub enum Error {
         /// Token label.
         label: String,
     },
+    /// The token refused the security officer's PIN, or it is locked.
+    #[error(
+        "the token {label:?} refused the security officer pin{}; check the pin (repeated failures lock it)",
+        if *locked { " (it is locked)" } else { "" }
+    )]
+    SoPinRefused {
+        /// Token label.
+        label: String,
+        /// Whether the SO PIN is locked.
+        locked: bool,
+    },
+    /// A customer's transport key in the token is not the one the security officer approved.
+    #[error("refusing to wrap for the customer key {label:?}: {reason}")]
+    CustomerKeyNotApproved {
+        /// The key's label.
+        label: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The PIN could not be obtained from its source.
     #[error("cannot read the hsm pin: {0}")]
     PinUnavailable(String),

@@ -5,6 +5,7 @@
 //! - [`HsmSession`]: the operations — EC and AES keys, ECDSA, AES key wrap (RFC 3394/5649),
 //!   RSA-OAEP, ECDH, the key-transport key of the jig line protocol, imports, key check values.
 //! - [`policy`]: the key policy table, the one place where key attributes are decided.
+//! - [`so`]: the token security officer's operations (approving a utility's transport key).
 //! - [`signer`]: HSM keys as `rcgen` signing keys and as `signature::Signer`s (for CMS).
 //! - [`cert`]: the device-CA meter certificate profile (PKCS#10 in, checked; certificate out).
 //! - [`pki`]: PKI set-up for the `station` CLI (demo hierarchy, CSR, import, info).
@@ -24,6 +25,7 @@ pub mod policy;
 pub mod pool;
 pub mod session;
 pub mod signer;
+pub mod so;
 pub mod softhsm;
 mod sync;
 pub mod testkit;
@@ -41,6 +43,7 @@ pub use session::{
     RsaKeyPairHandle, WrapAlg,
 };
 pub use signer::{HsmSigner, SessionSigner};
+pub use so::{CustomerKey, SecurityOfficer};
 
 /// Re-exported so that callers can hold PINs without depending on `secrecy` themselves.
 pub use secrecy::SecretString;

@@ -54,7 +54,8 @@ impl OaepHash {
         }
     }
 
-    pub(crate) fn params(self) -> PkcsOaepParams<'static> {
+    /// The `CK_RSA_PKCS_OAEP_PARAMS` of this hash (empty label).
+    pub fn params(self) -> PkcsOaepParams<'static> {
         match self {
             OaepHash::Sha256 => PkcsOaepParams::new(
                 MechanismType::SHA256,

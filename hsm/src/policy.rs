@@ -77,6 +77,47 @@ pub struct Usage {
     pub decrypt: bool,
 }
 
+/// A mechanism a key may be used with (CKA_ALLOWED_MECHANISMS). Named here rather than as a
+/// raw `MechanismType` so that the table reads as a list of choices; PKCS#1 v1.5 has no name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mech {
+    /// CKM_ECDSA (the digest is computed in software).
+    Ecdsa,
+    /// CKM_ECDH1_DERIVE.
+    Ecdh,
+    /// CKM_AES_ECB_ENCRYPT_DATA (the key-transport key's derivation).
+    AesEcbEncryptData,
+    /// CKM_AES_KEY_WRAP (RFC 3394).
+    AesKeyWrap,
+    /// CKM_AES_KEY_WRAP_PAD (RFC 5649).
+    AesKeyWrapPad,
+    /// CKM_RSA_PKCS_OAEP.
+    RsaOaep,
+    /// CKM_SHA256_HMAC.
+    Sha256Hmac,
+}
+
+impl Mech {
+    /// The PKCS#11 mechanism type.
+    pub fn mechanism_type(self) -> cryptoki::mechanism::MechanismType {
+        use cryptoki::mechanism::MechanismType as M;
+        match self {
+            Mech::Ecdsa => M::ECDSA,
+            Mech::Ecdh => M::ECDH1_DERIVE,
+            Mech::AesEcbEncryptData => crate::mechanisms::aes_ecb_encrypt_data_type(),
+            Mech::AesKeyWrap => M::AES_KEY_WRAP,
+            Mech::AesKeyWrapPad => M::AES_KEY_WRAP_PAD,
+            Mech::RsaOaep => M::RSA_PKCS_OAEP,
+            Mech::Sha256Hmac => M::SHA256_HMAC,
+        }
+    }
+}
+
+const ANY: &[Mech] = &[];
+const ECDSA: &[Mech] = &[Mech::Ecdsa];
+const AES_KW: &[Mech] = &[Mech::AesKeyWrap, Mech::AesKeyWrapPad];
+const OAEP: &[Mech] = &[Mech::RsaOaep];
+
 /// Attributes of one object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ObjectPolicy {
@@ -92,7 +133,39 @@ pub struct ObjectPolicy {
     pub modifiable: bool,
     /// What the key may do.
     pub usage: Usage,
+    /// CKA_ALLOWED_MECHANISMS: the only mechanisms the token lets the key be used with (empty:
+    /// the token's default, any mechanism the usage flags allow).
+    pub mechanisms: &'static [Mech],
+    /// CKA_WRAP_WITH_TRUSTED: the key can be wrapped only under a key with CKA_TRUSTED
+    /// (private and secret keys). Once set, the token never clears it, not even on a copy.
+    pub wrap_with_trusted: bool,
+    /// CKA_TRUSTED: the key may wrap keys marked CKA_WRAP_WITH_TRUSTED (public and secret
+    /// wrapping keys). Only a security officer's session may set it: see [`crate::so`].
+    pub trusted: bool,
+    /// CKA_COPYABLE: C_CopyObject may duplicate the object.
+    pub copyable: bool,
 }
+
+/// The defaults of a key the station makes: no restriction beyond the usage flags.
+const OBJECT: ObjectPolicy = ObjectPolicy {
+    token: false,
+    private: true,
+    sensitive: true,
+    extractable: false,
+    modifiable: false,
+    usage: NONE,
+    mechanisms: ANY,
+    wrap_with_trusted: false,
+    trusted: false,
+    copyable: true,
+};
+/// The defaults of the public half of a key pair.
+const PUBLIC: ObjectPolicy = ObjectPolicy {
+    private: false,
+    sensitive: false,
+    extractable: true,
+    ..OBJECT
+};
 
 /// Algorithm family of a role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,19 +243,15 @@ const fn token_signer(role: KeyRole, label: &'static str) -> KeyPolicy {
         family: KeyFamily::EcPair,
         key: ObjectPolicy {
             token: true,
-            private: true,
-            sensitive: true,
-            extractable: false,
-            modifiable: false,
             usage: SIGN,
+            mechanisms: ECDSA,
+            copyable: false,
+            ..OBJECT
         },
         public: Some(ObjectPolicy {
             token: true,
-            private: false,
-            sensitive: false,
-            extractable: true,
-            modifiable: false,
             usage: VERIFY,
+            ..PUBLIC
         }),
     }
 }
@@ -190,36 +259,35 @@ const fn token_signer(role: KeyRole, label: &'static str) -> KeyPolicy {
 /// A per-meter secret key: a session object, sensitive, extractable only so that it can be
 /// wrapped (for the meter under the KTK, for the utility under the batch transport key); the
 /// station itself may do nothing else with it.
+///
+/// It is not CKA_WRAP_WITH_TRUSTED: the KTK that wraps it for the meter is derived per meter
+/// from an ECDH exchange in the station's user session, and only a security officer's session
+/// may mark a key CKA_TRUSTED. What keeps it from being wrapped out instead is that it is a
+/// session object: no other process, PIN or not, can see it, and it is destroyed as soon as
+/// its two wraps are made.
 const fn meter_secret(role: KeyRole) -> KeyPolicy {
     KeyPolicy {
         role,
         label: None,
         family: KeyFamily::Aes,
         key: ObjectPolicy {
-            token: false,
-            private: true,
-            sensitive: true,
             extractable: true,
-            modifiable: false,
-            usage: NONE,
+            ..OBJECT
         },
         public: None,
     }
 }
 
-/// A session secret key that never leaves the HSM.
-const fn session_secret(role: KeyRole, usage: Usage) -> KeyPolicy {
+/// A session secret key that never leaves the HSM, used only with `mechanisms`.
+const fn session_secret(role: KeyRole, usage: Usage, mechanisms: &'static [Mech]) -> KeyPolicy {
     KeyPolicy {
         role,
         label: None,
         family: KeyFamily::Aes,
         key: ObjectPolicy {
-            token: false,
-            private: true,
-            sensitive: true,
-            extractable: false,
-            modifiable: false,
             usage,
+            mechanisms,
+            ..OBJECT
         },
         public: None,
     }
@@ -239,12 +307,15 @@ pub static POLICY: [KeyPolicy; 20] = [
         family: KeyFamily::Aes,
         key: ObjectPolicy {
             token: true,
-            private: true,
-            sensitive: true,
-            // Extractable only so that the utility's RSA key can wrap it; never readable.
+            // Extractable only so that the utility's RSA key can wrap it, and then only under a
+            // key the security officer marked trusted (a customer key they approved): a user
+            // session cannot wrap it out under a key of its own, nor copy it without the mark.
             extractable: true,
-            modifiable: false,
+            wrap_with_trusted: true,
+            copyable: false,
             usage: WRAP,
+            mechanisms: AES_KW,
+            ..OBJECT
         },
         public: None,
     },
@@ -253,12 +324,14 @@ pub static POLICY: [KeyPolicy; 20] = [
         label: Some("customer-transport"),
         family: KeyFamily::RsaPublic,
         key: ObjectPolicy {
+            // Installed by the security officer (crate::so), who alone can set CKA_TRUSTED; it
+            // wraps with RSA-OAEP only, never PKCS#1 v1.5.
             token: true,
-            private: false,
-            sensitive: false,
-            extractable: true,
-            modifiable: false,
             usage: WRAP,
+            mechanisms: OAEP,
+            trusted: true,
+            copyable: false,
+            ..PUBLIC
         },
         public: None,
     },
@@ -267,24 +340,18 @@ pub static POLICY: [KeyPolicy; 20] = [
         label: None,
         family: KeyFamily::EcPair,
         key: ObjectPolicy {
-            token: false,
-            private: true,
-            sensitive: true,
-            extractable: false,
-            modifiable: false,
             usage: DERIVE,
+            mechanisms: &[Mech::Ecdh],
+            ..OBJECT
         },
-        public: Some(ObjectPolicy {
-            token: false,
-            private: false,
-            sensitive: false,
-            extractable: true,
-            modifiable: false,
-            usage: NONE,
-        }),
+        public: Some(PUBLIC),
     },
-    session_secret(KeyRole::KeyTransportSecret, DERIVE),
-    session_secret(KeyRole::KeyTransport, WRAP),
+    session_secret(
+        KeyRole::KeyTransportSecret,
+        DERIVE,
+        &[Mech::AesEcbEncryptData],
+    ),
+    session_secret(KeyRole::KeyTransport, WRAP, AES_KW),
     meter_secret(KeyRole::MeterGuek),
     meter_secret(KeyRole::MeterGbek),
     meter_secret(KeyRole::MeterAk),
@@ -294,22 +361,12 @@ pub static POLICY: [KeyPolicy; 20] = [
         label: None,
         family: KeyFamily::EcPair,
         key: ObjectPolicy {
-            token: false,
-            private: true,
-            sensitive: true,
-            // Travels wrapped to a meter without a TRNG; the station never uses it.
+            // Travels wrapped to a meter without a TRNG under the per-meter KTK; the station
+            // never uses it. A session object, like the meter secrets (see `meter_secret`).
             extractable: true,
-            modifiable: false,
-            usage: NONE,
+            ..OBJECT
         },
-        public: Some(ObjectPolicy {
-            token: false,
-            private: false,
-            sensitive: false,
-            extractable: true,
-            modifiable: false,
-            usage: NONE,
-        }),
+        public: Some(PUBLIC),
     },
     KeyPolicy {
         role: KeyRole::UtilityTransportPair,
@@ -317,22 +374,19 @@ pub static POLICY: [KeyPolicy; 20] = [
         family: KeyFamily::RsaPair,
         key: ObjectPolicy {
             token: true,
-            private: true,
-            sensitive: true,
-            extractable: false,
-            modifiable: false,
             usage: UNWRAP,
+            mechanisms: OAEP,
+            copyable: false,
+            ..OBJECT
         },
         public: Some(ObjectPolicy {
             token: true,
-            private: false,
-            sensitive: false,
-            extractable: true,
-            modifiable: false,
             usage: WRAP,
+            mechanisms: OAEP,
+            ..PUBLIC
         }),
     },
-    session_secret(KeyRole::UtilityBatchTransport, UNWRAP),
+    session_secret(KeyRole::UtilityBatchTransport, UNWRAP, AES_KW),
     KeyPolicy {
         role: KeyRole::UtilityMeterKey,
         label: None,
@@ -340,11 +394,9 @@ pub static POLICY: [KeyPolicy; 20] = [
         key: ObjectPolicy {
             // Imported meter keys are the utility's to keep: token objects, labelled by meter.
             token: true,
-            private: true,
-            sensitive: true,
-            extractable: false,
-            modifiable: false,
             usage: CIPHER,
+            copyable: false,
+            ..OBJECT
         },
         public: None,
     },
@@ -354,11 +406,10 @@ pub static POLICY: [KeyPolicy; 20] = [
         family: KeyFamily::Hmac,
         key: ObjectPolicy {
             token: true,
-            private: true,
-            sensitive: true,
-            extractable: false,
-            modifiable: false,
             usage: SIGN,
+            mechanisms: &[Mech::Sha256Hmac],
+            copyable: false,
+            ..OBJECT
         },
         public: None,
     },
@@ -435,10 +486,19 @@ impl ObjectPolicy {
             Attribute::Private(self.private),
             Attribute::Derive(u.derive),
         ]);
+        if !self.mechanisms.is_empty() {
+            t.push(Attribute::AllowedMechanisms(
+                self.mechanisms.iter().map(|m| m.mechanism_type()).collect(),
+            ));
+        }
+        if !self.copyable {
+            t.push(Attribute::Copyable(false));
+        }
         match class {
             Class::Secret => t.extend([
                 Attribute::Sensitive(self.sensitive),
                 Attribute::Extractable(self.extractable),
+                Attribute::WrapWithTrusted(self.wrap_with_trusted),
                 Attribute::Sign(u.sign),
                 Attribute::Verify(u.verify),
                 Attribute::Wrap(u.wrap),
@@ -449,6 +509,7 @@ impl ObjectPolicy {
             Class::Private => t.extend([
                 Attribute::Sensitive(self.sensitive),
                 Attribute::Extractable(self.extractable),
+                Attribute::WrapWithTrusted(self.wrap_with_trusted),
                 Attribute::Sign(u.sign),
                 Attribute::Unwrap(u.unwrap),
                 Attribute::Decrypt(u.decrypt),
@@ -458,6 +519,11 @@ impl ObjectPolicy {
                 Attribute::Wrap(u.wrap),
                 Attribute::Encrypt(u.encrypt),
             ]),
+        }
+        // Only a security officer's session may write CKA_TRUSTED true; a user session's
+        // template never mentions it.
+        if self.trusted && matches!(class, Class::Public | Class::Secret) {
+            t.push(Attribute::Trusted(true));
         }
         t.push(Attribute::Modifiable(self.modifiable));
         t
@@ -582,6 +648,50 @@ mod tests {
             let p = policy(role);
             assert_eq!(p.key.usage, NONE);
             assert!(p.key.sensitive && p.key.extractable && !p.key.token);
+        }
+    }
+
+    #[test]
+    fn an_extractable_token_key_is_wrapped_only_under_a_trusted_key() {
+        // A token key that can leave the token (the batch transport key) leaves only under a
+        // key the security officer marked trusted; session keys that leave (meter secrets) live
+        // in the station's own session and are not visible to any other.
+        for row in &POLICY {
+            let k = row.key;
+            if k.token && k.extractable && k.sensitive {
+                assert!(k.wrap_with_trusted && !k.copyable, "{:?}", row.role);
+            }
+        }
+        assert!(policy(KeyRole::BatchTransport).key.wrap_with_trusted);
+        // The customer key is the only trusted one: an SO installs it.
+        let trusted: Vec<KeyRole> = POLICY
+            .iter()
+            .filter(|r| r.key.trusted || r.public.is_some_and(|p| p.trusted))
+            .map(|r| r.role)
+            .collect();
+        assert_eq!(trusted, [KeyRole::CustomerTransport]);
+    }
+
+    #[test]
+    fn every_wrapping_key_is_held_to_oaep_or_aes_key_wrap() {
+        for row in &POLICY {
+            for (obj, what) in [(Some(row.key), "key"), (row.public, "public")] {
+                let Some(o) = obj else { continue };
+                if o.usage.wrap || o.usage.unwrap {
+                    assert!(!o.mechanisms.is_empty(), "{:?} {what}", row.role);
+                    assert!(
+                        o.mechanisms.iter().all(|m| matches!(
+                            m,
+                            Mech::RsaOaep | Mech::AesKeyWrap | Mech::AesKeyWrapPad
+                        )),
+                        "{:?} {what}",
+                        row.role
+                    );
+                }
+                if o.usage.sign && row.family == KeyFamily::EcPair {
+                    assert_eq!(o.mechanisms, ECDSA, "{:?}", row.role);
+                }
+            }
         }
     }
 }

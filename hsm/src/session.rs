@@ -300,6 +300,10 @@ pub struct KeyFlags {
     pub encrypt: bool,
     /// CKA_DECRYPT.
     pub decrypt: bool,
+    /// CKA_WRAP_WITH_TRUSTED.
+    pub wrap_with_trusted: bool,
+    /// CKA_TRUSTED.
+    pub trusted: bool,
 }
 
 impl std::fmt::Display for KeyFlags {
@@ -316,6 +320,8 @@ impl std::fmt::Display for KeyFlags {
             (self.derive, "derive"),
             (self.encrypt, "encrypt"),
             (self.decrypt, "decrypt"),
+            (self.wrap_with_trusted, "wrap-with-trusted"),
+            (self.trusted, "trusted"),
         ];
         let on: Vec<&str> = flags.iter().filter(|(b, _)| *b).map(|(_, n)| *n).collect();
         f.write_str(&on.join(","))
@@ -1155,55 +1161,85 @@ impl<'a> HsmSession<'a> {
         Ok(self.handle_for(h, KeyKind::EcPublic(curve), None, None))
     }
 
-    /// Imports the RSA public key of a utility's certificate ([`KeyRole::CustomerTransport`]),
-    /// labelled `customer-transport/<name>`, so that it can wrap batch transport keys.
-    pub fn import_customer_transport_key(&self, name: &str, cert_der: &[u8]) -> Result<KeyHandle> {
-        let cert = x509_cert::Certificate::from_der(cert_der)
-            .map_err(|e| crate::error::CertError::NotACertificate(e.to_string()))?;
-        let spki = cert.tbs_certificate().subject_public_key_info();
-        const RSA_ENCRYPTION: der::oid::ObjectIdentifier =
-            der::oid::ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.1");
-        if spki.algorithm.oid != RSA_ENCRYPTION {
-            return Err(Error::InvalidInput(format!(
-                "the customer transport certificate carries a {} key; an rsa key is required",
-                spki.algorithm.oid
-            )));
-        }
-        let key = pkcs1::RsaPublicKey::<der::asn1::UintRef<'_>>::from_der(
-            spki.subject_public_key.raw_bytes(),
-        )
-        .map_err(|e| Error::InvalidInput(format!("malformed rsa public key: {e}")))?;
-        let row = policy::policy(KeyRole::CustomerTransport);
-        let label = format!("{}/{name}", row.label.unwrap_or("customer-transport"));
-        let t = row.key.template(
-            Class::Public,
-            [
-                Attribute::Class(ObjectClass::PUBLIC_KEY),
-                Attribute::KeyType(KeyType::RSA),
-                Attribute::Modulus(key.modulus.as_bytes().to_vec()),
-                Attribute::PublicExponent(key.public_exponent.as_bytes().to_vec()),
-                Attribute::Label(label.as_bytes().to_vec()),
-                Attribute::Id(sha2::Sha256::digest(cert_der)[..16].to_vec()),
-            ],
-        );
-        let mut cache = lock(&self.inner().objects);
-        if self
-            .find_one_locked(&mut cache, KeyKind::RsaPublic, &label)?
-            .is_some()
-        {
-            return Err(Error::RoleExists {
-                label,
-                what: "public key",
-            });
-        }
-        let h = self
+    /// The transport key of customer `name`, after checking it is the one the security officer
+    /// approved for the DER certificate `cert_der`: exactly one public key object labelled
+    /// `customer-transport/<name>`, CKA_TRUSTED, wrapping allowed with RSA-OAEP only, and the
+    /// certificate's modulus and exponent. Call it before every wrap for a customer: the token
+    /// is read afresh each time, never from a cache.
+    pub fn approved_customer_key(&self, name: &str, cert_der: &[u8]) -> Result<KeyHandle> {
+        let want = crate::so::rsa_public_of_certificate(cert_der)?;
+        let label = crate::so::customer_label(name);
+        let refuse = |reason: &str| Error::CustomerKeyNotApproved {
+            label: label.clone(),
+            reason: reason.to_owned(),
+        };
+        let found = self
             .session
-            .create_object(&t)
-            .ck("import an rsa public key")?;
-        cache
-            .handles
-            .insert((KeyKind::RsaPublic.class_code(), label.clone()), h);
-        drop(cache);
+            .find_objects(&[Attribute::Label(label.as_bytes().to_vec())])
+            .ck("find objects")?;
+        let h = match found.as_slice() {
+            [] => {
+                return Err(refuse(
+                    "the token holds no such key; the token's security officer installs it",
+                ));
+            }
+            [h] => *h,
+            many => {
+                return Err(refuse(&format!(
+                    "{} objects carry its label; the security officer must remove the extra ones",
+                    many.len()
+                )));
+            }
+        };
+        let attrs = self
+            .session
+            .get_attributes(
+                h,
+                &[
+                    AttributeType::Class,
+                    AttributeType::KeyType,
+                    AttributeType::Trusted,
+                    AttributeType::Wrap,
+                    AttributeType::Modulus,
+                    AttributeType::PublicExponent,
+                    AttributeType::AllowedMechanisms,
+                ],
+            )
+            .ck("read the customer key")?;
+        let (mut class, mut rsa, mut trusted, mut wrap) = (None, false, false, false);
+        let (mut n, mut e, mut mechs) = (Vec::new(), Vec::new(), None);
+        for a in attrs {
+            match a {
+                Attribute::Class(c) => class = Some(c),
+                Attribute::KeyType(k) => rsa = k == KeyType::RSA,
+                Attribute::Trusted(t) => trusted = t,
+                Attribute::Wrap(w) => wrap = w,
+                Attribute::Modulus(m) => n = m,
+                Attribute::PublicExponent(x) => e = x,
+                Attribute::AllowedMechanisms(m) => mechs = Some(m),
+                _ => {}
+            }
+        }
+        if class != Some(ObjectClass::PUBLIC_KEY) || !rsa {
+            return Err(refuse("it is not an rsa public key"));
+        }
+        if !trusted {
+            return Err(refuse(
+                "it is not marked trusted, so the token's security officer did not install it",
+            ));
+        }
+        if crate::so::strip_zeros(&n) != want.modulus.as_slice()
+            || crate::so::strip_zeros(&e) != want.exponent.as_slice()
+        {
+            return Err(refuse(
+                "it is not the key of the customer's approved certificate",
+            ));
+        }
+        if !wrap || mechs.as_deref() != Some(&[MechanismType::RSA_PKCS_OAEP][..]) {
+            return Err(refuse(
+                "it is not restricted to wrapping with rsa-oaep (CKA_WRAP, CKA_ALLOWED_MECHANISMS)",
+            ));
+        }
         Ok(self.handle_for(
             h,
             KeyKind::RsaPublic,
@@ -1504,6 +1540,8 @@ impl<'a> HsmSession<'a> {
                     AttributeType::Derive,
                     AttributeType::Encrypt,
                     AttributeType::Decrypt,
+                    AttributeType::WrapWithTrusted,
+                    AttributeType::Trusted,
                 ],
             )
             .ck("read key attributes")?;
@@ -1521,6 +1559,8 @@ impl<'a> HsmSession<'a> {
                 Attribute::Derive(b) => f.derive = b,
                 Attribute::Encrypt(b) => f.encrypt = b,
                 Attribute::Decrypt(b) => f.decrypt = b,
+                Attribute::WrapWithTrusted(b) => f.wrap_with_trusted = b,
+                Attribute::Trusted(b) => f.trusted = b,
                 _ => {}
             }
         }

@@ -169,6 +169,25 @@ impl TestToken {
         config
     }
 
+    /// As the token's security officer, installs the RSA key of `cert` (PEM or DER) as customer
+    /// `name`'s trusted transport key. Run it before this process opens the token as its user
+    /// (a process is logged in to a token as one user type at a time).
+    pub fn trust_customer(&self, name: &str, cert: &[u8]) -> Result<crate::so::CustomerKey> {
+        let der = if cert.starts_with(b"-----BEGIN") {
+            der::pem::decode_vec(cert)
+                .map_err(|e| Error::InvalidInput(format!("not a pem certificate: {e}")))?
+                .1
+        } else {
+            cert.to_vec()
+        };
+        let officer = crate::so::SecurityOfficer::login(
+            Path::new(SOFTHSM_MODULE),
+            &self.label,
+            &SecretString::from(SO_PIN),
+        )?;
+        officer.trust_customer_key(name, &der)
+    }
+
     /// Opens the token with a pool of `pool_size` sessions.
     pub fn open(&self, pool_size: usize) -> Result<Hsm> {
         Hsm::open(&self.config(pool_size))

@@ -256,30 +256,27 @@ fn hsm_generated_meter_key_pair_travels_wrapped() {
 /// Wrap here, unwrap in a second token, as the utility would.
 #[test]
 fn rsa_oaep_transport_key_and_aes_kw_meter_keys_unwrap_in_a_second_token() {
-    let (_t1, station) = token("station", 2);
-    let (_t2, utility) = token("utility", 2);
+    // The utility's RSA key lives in token 2; its public key reaches the station as a
+    // certificate, which the station token's security officer installs as a trusted key before
+    // the station opens the token.
+    let (_t2, utility, rsa, cert_der) = utility_certificate();
+    let t1 = TestToken::new("station").unwrap();
+    let trusted = t1.trust_customer("utility-a", &cert_der).unwrap();
+    assert!(trusted.trusted);
+    assert_eq!(trusted.bits, 2048);
+    let station = t1.open(2).unwrap();
     let oaep = station
         .mechanisms()
         .rsa_oaep
         .expect("the token offers rsa-oaep");
     assert!(station.mechanisms().chosen().contains("CKM_RSA_PKCS_OAEP"));
-
-    // The utility's RSA key lives in token 2; its public key reaches the station as a
-    // certificate.
-    let rsa = utility
-        .with_session(|s| s.generate_rsa_keypair(2048, "utility-transport"))
-        .unwrap();
-    let ca = station
-        .with_session(|s| {
-            s.generate_ec_keypair(KeyRole::ManufacturerRoot, Curve::P256, Some("some-ca"))
-        })
-        .unwrap();
-    let cert_der = rsa_certificate(&station, &ca, &rsa.spki_der().unwrap());
     let customer = station
-        .with_session(move |s| s.import_customer_transport_key("utility-a", &cert_der))
+        .with_session(move |s| s.approved_customer_key("utility-a", &cert_der))
         .unwrap();
     assert_eq!(customer.label(), Some("customer-transport/utility-a"));
     assert_eq!(customer.kind(), KeyKind::RsaPublic);
+    let flags = station.with_session(|s| s.key_flags(&customer)).unwrap();
+    assert!(flags.trusted && flags.wrap && !flags.encrypt, "{flags}");
 
     // Batch transport key: AES-256 in the station's token, wrapped for the utility.
     let tk = station
@@ -711,4 +708,200 @@ fn meter_csr_helper_is_sane() {
     // Guards the harness itself: a request from it parses.
     let key = util::SoftKey::new(Curve::P256, "x");
     assert!(hsm::cert::check_csr(&util::meter_csr(&key), Curve::P256).is_ok());
+}
+
+/// A utility's RSA-2048 transport key in a token of its own, and its certificate.
+fn utility_certificate() -> (TestToken, hsm::Hsm, hsm::RsaKeyPairHandle, Vec<u8>) {
+    let (t, utility) = token("utility", 1);
+    let rsa = utility
+        .with_session(|s| s.generate_rsa_keypair(2048, "utility-transport"))
+        .unwrap();
+    let ca = utility
+        .with_session(|s| {
+            s.generate_ec_keypair(KeyRole::ManufacturerRoot, Curve::P256, Some("some-ca"))
+        })
+        .unwrap();
+    let cert = rsa_certificate(&utility, &ca, &rsa.spki_der().unwrap());
+    (t, utility, rsa, cert)
+}
+
+fn rv(r: cryptoki::error::Result<impl std::fmt::Debug>) -> Option<cryptoki::error::RvError> {
+    match r {
+        Err(cryptoki::error::Error::Pkcs11(rv, _)) => Some(rv),
+        Err(e) => panic!("not a pkcs#11 refusal: {e}"),
+        Ok(v) => panic!("the token allowed it: {v:?}"),
+    }
+}
+
+/// Someone holding the user PIN — a shell on the station, or the service's own session —
+/// tries every way PKCS#11 offers to get the batch transport key out under a key of their own
+/// (with it, every meter key of the batch). The token refuses each: the key is
+/// CKA_WRAP_WITH_TRUSTED, not copyable, not modifiable, and only the security officer can make
+/// a trusted key.
+#[test]
+fn the_batch_transport_key_cannot_be_wrapped_out_with_the_user_pin() {
+    use cryptoki::error::RvError;
+    use cryptoki::object::{KeyType, ObjectClass};
+    let (_u, _utility, _, cert) = utility_certificate();
+    let t = TestToken::new("wrap-out").unwrap();
+    t.trust_customer("utility-a", &cert).unwrap();
+    let station = t.open(1).unwrap();
+    let tk = station
+        .with_session(|s| {
+            s.generate_aes_key(
+                KeyRole::BatchTransport,
+                AesKeySize::Aes256,
+                Some("batch-transport/WO-1"),
+            )
+        })
+        .unwrap();
+    let f = station.with_session(|s| s.key_flags(&tk)).unwrap();
+    assert!(f.wrap_with_trusted && f.extractable && f.sensitive, "{f}");
+    station
+        .with_session(move |s| {
+            let raw = s.raw_session_for_tests();
+            let tkh = tk.raw_handle_for_tests();
+            // 1. An AES key of their own.
+            let own_aes = raw
+                .generate_key(
+                    &Mechanism::AesKeyGen,
+                    &[
+                        Attribute::Class(ObjectClass::SECRET_KEY),
+                        Attribute::KeyType(KeyType::AES),
+                        Attribute::ValueLen(32u64.into()),
+                        Attribute::Token(false),
+                        Attribute::Wrap(true),
+                        Attribute::Unwrap(true),
+                    ],
+                )
+                .unwrap();
+            for m in [Mechanism::AesKeyWrap, Mechanism::AesKeyWrapPad] {
+                assert_eq!(
+                    rv(raw.wrap_key(&m, own_aes, tkh)),
+                    Some(RvError::KeyNotWrappable)
+                );
+            }
+            // 2. An RSA key pair of their own, with OAEP and with PKCS#1 v1.5.
+            let (own_pub, _own_priv) = raw
+                .generate_key_pair(
+                    &Mechanism::RsaPkcsKeyPairGen,
+                    &[
+                        Attribute::Token(false),
+                        Attribute::ModulusBits(2048u64.into()),
+                        Attribute::PublicExponent(vec![1, 0, 1]),
+                        Attribute::Wrap(true),
+                    ],
+                    &[Attribute::Token(false), Attribute::Unwrap(true)],
+                )
+                .unwrap();
+            let oaep = hsm::OaepHash::Sha1;
+            assert_eq!(
+                rv(raw.wrap_key(&Mechanism::RsaPkcsOaep(oaep.params()), own_pub, tkh)),
+                Some(RvError::KeyNotWrappable)
+            );
+            assert_eq!(
+                rv(raw.wrap_key(&Mechanism::RsaPkcs, own_pub, tkh)),
+                Some(RvError::KeyNotWrappable)
+            );
+            // 3. Make their own key trusted: only the security officer may.
+            assert_eq!(
+                rv(raw.update_attributes(own_aes, &[Attribute::Trusted(true)])),
+                Some(RvError::AttributeReadOnly)
+            );
+            assert_eq!(
+                rv(raw.generate_key(
+                    &Mechanism::AesKeyGen,
+                    &[
+                        Attribute::Class(ObjectClass::SECRET_KEY),
+                        Attribute::KeyType(KeyType::AES),
+                        Attribute::ValueLen(32u64.into()),
+                        Attribute::Token(false),
+                        Attribute::Wrap(true),
+                        Attribute::Trusted(true),
+                    ],
+                )),
+                Some(RvError::AttributeReadOnly)
+            );
+            // 4. Clear the batch key's mark, or copy it without the mark.
+            assert!(rv(raw.update_attributes(tkh, &[Attribute::WrapWithTrusted(false)])).is_some());
+            assert!(rv(raw.copy_object(tkh, &[Attribute::WrapWithTrusted(false)])).is_some());
+            assert_eq!(
+                rv(raw.copy_object(tkh, &[Attribute::Token(false)])),
+                Some(RvError::ActionProhibited),
+                "the batch key is not copyable at all"
+            );
+            // 5. The trusted customer key, but with PKCS#1 v1.5 (its allowed mechanisms say
+            //    RSA-OAEP only), or used to encrypt.
+            let customer = s.approved_customer_key("utility-a", &cert)?;
+            let ch = customer.raw_handle_for_tests();
+            assert_eq!(
+                rv(raw.wrap_key(&Mechanism::RsaPkcs, ch, tkh)),
+                Some(RvError::MechanismInvalid)
+            );
+            // 6. What the station does: RSA-OAEP under the key the security officer approved.
+            let oaep = s.mechanisms().rsa_oaep.expect("rsa-oaep");
+            let wrapped = s.wrap(&customer, &tk, WrapAlg::RsaOaepWith(oaep))?;
+            assert_eq!(wrapped.len(), 256);
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// The customer key is read afresh before every wrap; a key that is not the approved
+/// certificate's, or not trusted, or not restricted to RSA-OAEP, is refused by name.
+#[test]
+fn a_customer_key_is_compared_with_the_approved_certificate_before_a_wrap() {
+    let (_u, _utility, _, cert) = utility_certificate();
+    let (_u2, _utility2, _, other) = utility_certificate();
+    let t = TestToken::new("cust-check").unwrap();
+    t.trust_customer("utility-a", &cert).unwrap();
+    // The security officer refuses a second key under the same name.
+    let e = t.trust_customer("utility-a", &other).unwrap_err();
+    assert!(matches!(e, Error::RoleExists { .. }), "{e}");
+    let station = t.open(1).unwrap();
+    let (c1, c2) = (cert.clone(), other.clone());
+    station
+        .with_session(move |s| {
+            s.approved_customer_key("utility-a", &c1)?;
+            let e = s.approved_customer_key("utility-a", &c2).unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains("not the key of the customer's approved certificate"),
+                "{e}"
+            );
+            let e = s.approved_customer_key("utility-b", &c1).unwrap_err();
+            assert!(e.to_string().contains("holds no such key"), "{e}");
+            Ok(())
+        })
+        .unwrap();
+    // A user session cannot install a customer key under the role's policy: the policy says
+    // trusted, and the token refuses that outside a security officer's session.
+    let row = hsm::policy::policy(KeyRole::CustomerTransport);
+    assert!(row.key.trusted);
+    drop(station);
+    // The security officer's view, and the withdrawal.
+    let officer = hsm::SecurityOfficer::login(
+        std::path::Path::new(hsm::SOFTHSM_MODULE),
+        &t.label,
+        &SecretString::from(hsm::testkit::SO_PIN),
+    )
+    .unwrap();
+    let keys = officer.customer_keys().unwrap();
+    assert_eq!(keys.len(), 1);
+    assert!(keys[0].trusted && keys[0].name == "utility-a");
+    let spki = hsm::so::rsa_public_of_certificate(&cert).unwrap();
+    assert_eq!(keys[0].spki_sha256, hex::encode(spki.spki_sha256));
+    assert!(officer.remove_customer_key("utility-a").unwrap());
+    assert!(!officer.remove_customer_key("utility-a").unwrap());
+    drop(officer);
+    let e = hsm::SecurityOfficer::login(
+        std::path::Path::new(hsm::SOFTHSM_MODULE),
+        &t.label,
+        &SecretString::from("wrong-so-pin"),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, Error::SoPinRefused { locked: false, .. }),
+        "{e}"
+    );
 }

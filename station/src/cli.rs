@@ -271,6 +271,41 @@ enum PkiCmd {
 enum HsmCmd {
     /// Token, mechanisms, objects by role — nothing secret.
     Info,
+    /// The token's security officer approves a utility's key-transport certificate: its RSA key
+    /// goes into the token as a trusted key, the only kind that may wrap a batch transport key.
+    /// Run on the station's host with the token's SO PIN; stationd may keep running. A
+    /// security officer of the cell then records the customer with `station customer import`.
+    TrustCustomer {
+        /// Customer name (the name `customer import` and `batch open` use).
+        name: String,
+        /// The utility's certificate, PEM or DER.
+        cert: PathBuf,
+        #[command(flatten)]
+        so: SoPin,
+    },
+    /// The token's security officer withdraws a customer's transport key: no batch can be
+    /// opened for the customer until a key is trusted again.
+    UntrustCustomer {
+        /// Customer name.
+        name: String,
+        #[command(flatten)]
+        so: SoPin,
+    },
+    /// The customer transport keys in the token, with their SubjectPublicKeyInfo fingerprints
+    /// (to compare with the utility's, read aloud or on paper).
+    Customers {
+        #[command(flatten)]
+        so: SoPin,
+    },
+}
+
+/// The token security officer's PIN: an owner-only file, or a prompt on the terminal.
+#[derive(Args, Debug)]
+struct SoPin {
+    /// File holding the token's security officer PIN (owner-only permissions); without it, the
+    /// PIN is asked on the terminal.
+    #[arg(long)]
+    so_pin_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -455,8 +490,13 @@ fn prepare_environment(cli: &Cli) -> Result<()> {
             hsm::softhsm::use_conf(&conf);
             Ok(())
         }
-        // Only the set-up of a fresh token opens the HSM here.
-        Cmd::Pki(PkiCmd::Csr { local: true, .. } | PkiCmd::Import { local: true, .. }) => {
+        // Only the set-up of a fresh token and the token's security officer open the HSM here.
+        Cmd::Pki(PkiCmd::Csr { local: true, .. } | PkiCmd::Import { local: true, .. })
+        | Cmd::Hsm(
+            HsmCmd::TrustCustomer { .. }
+            | HsmCmd::UntrustCustomer { .. }
+            | HsmCmd::Customers { .. },
+        ) => {
             if let Ok(cfg) = Config::load(&cli.config)
                 && let Some(conf) = &cfg.hsm.softhsm_conf
             {
@@ -753,6 +793,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Pki(p) => return pki(&cli, p).await,
         Cmd::Hsm(HsmCmd::Info) => one(&cli, Command::HsmInfo).await?,
+        Cmd::Hsm(h) => return hsm_so(&cli, h).await,
         Cmd::Firmware(FirmwareCmd::Import { image }) => {
             let bytes =
                 std::fs::read(image).with_context(|| format!("cannot read {}", image.display()))?;
@@ -1124,6 +1165,79 @@ async fn pki(cli: &Cli, p: &PkiCmd) -> Result<ExitCode> {
                 out.display()
             );
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The token security officer's commands: they log in to the token here, as its SO, in a
+/// process of their own (stationd stays logged in as the token's user).
+async fn hsm_so(cli: &Cli, h: &HsmCmd) -> Result<ExitCode> {
+    let cfg = Config::load(&cli.config)?;
+    let so = match h {
+        HsmCmd::TrustCustomer { so, .. }
+        | HsmCmd::UntrustCustomer { so, .. }
+        | HsmCmd::Customers { so } => so,
+        HsmCmd::Info => return Ok(ExitCode::SUCCESS),
+    };
+    let source = match &so.so_pin_file {
+        Some(f) => hsm::PinSource::File(f.clone()),
+        None if std::io::stdin().is_terminal() => hsm::PinSource::Prompt,
+        None => bail!(
+            "no security officer PIN: pass --so-pin-file (an owner-only file) or run on a terminal to be asked"
+        ),
+    };
+    let pin = source.read_as("security officer")?;
+    enum Op {
+        Trust(String, Vec<u8>),
+        Untrust(String),
+        List,
+    }
+    let op = match h {
+        HsmCmd::TrustCustomer { name, cert, .. } => {
+            let bytes =
+                std::fs::read(cert).with_context(|| format!("cannot read {}", cert.display()))?;
+            let der = crate::engine::accept_customer_certificate(name, &bytes)?;
+            Op::Trust(name.clone(), der)
+        }
+        HsmCmd::UntrustCustomer { name, .. } => Op::Untrust(name.clone()),
+        _ => Op::List,
+    };
+    let (module, token) = (cfg.hsm.module.clone(), cfg.hsm.token.clone());
+    let lines = tokio::task::spawn_blocking(move || -> Result<Vec<String>> {
+        let officer = hsm::SecurityOfficer::login(&module, &token, &pin)?;
+        Ok(match op {
+            Op::Trust(name, der) => {
+                let k = officer.trust_customer_key(&name, &der)?;
+                vec![
+                    format!("customer {name}: its key is trusted in token {token}"),
+                    k.to_string(),
+                    format!(
+                        "next, a security officer of the cell records it: station customer import {name} CERT"
+                    ),
+                ]
+            }
+            Op::Untrust(name) => {
+                if officer.remove_customer_key(&name)? {
+                    vec![format!(
+                        "customer {name}: its key is removed from token {token}; no batch can be opened for it"
+                    )]
+                } else {
+                    bail!("token {token} holds no key for customer {name}")
+                }
+            }
+            Op::List => {
+                let keys = officer.customer_keys()?;
+                if keys.is_empty() {
+                    vec![format!("token {token} holds no customer transport key")]
+                } else {
+                    keys.iter().map(ToString::to_string).collect()
+                }
+            }
+        })
+    })
+    .await??;
+    for l in lines {
+        println!("{l}");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -514,6 +514,22 @@ pub async fn build(args: &DemoArgs) -> Result<DemoCell> {
         "  utility: {} and its key utility-key.pem",
         utility_cert.display()
     );
+    // The token's security officer approves the utility's key: only a key they install may
+    // wrap a batch transport key (as `station hsm trust-customer` does on a real cell).
+    let so_pin = hsm::PinSource::File(dir.join("hsm-so.pin")).read_as("security officer")?;
+    let cert_der =
+        crate::engine::accept_customer_certificate("demo-utility", &std::fs::read(&utility_cert)?)?;
+    let trusted = tokio::task::spawn_blocking(move || {
+        let officer =
+            hsm::SecurityOfficer::login(Path::new(hsm::SOFTHSM_MODULE), TOKEN_LABEL, &so_pin)?;
+        officer.trust_customer_key("demo-utility", &cert_der)
+    })
+    .await??;
+    println!(
+        "  the token's security officer trusts the utility's key (rsa-{}, spki sha-256 {}…)",
+        trusted.bits,
+        &trusted.spki_sha256[..16]
+    );
 
     // 4. Emulated meters, each behind a link emulator at the chosen baud rate.
     let root =

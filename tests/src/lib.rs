@@ -112,6 +112,7 @@ impl Cell {
         let token = hsm::testkit::TestToken::new("cell").unwrap();
         let softhsm_conf = hsm::testkit::dir().unwrap().join("softhsm2.conf");
         write_owner_only(&d.join("hsm-pin"), hsm::testkit::USER_PIN);
+        write_owner_only(&d.join("hsm-so-pin"), hsm::testkit::SO_PIN);
         let h = token.open(2).unwrap();
         let pki = d.join("pki");
         let h2 = h.clone();
@@ -269,6 +270,9 @@ impl Cell {
             )
             .await
             .unwrap();
+        // The token's security officer approves the utility's key (a process of its own, beside
+        // the running daemon); then the cell's security officer records the customer.
+        cell.trust_customer("utility", &std::fs::read(cell.path("utility.pem")).unwrap());
         client
             .execute(
                 &officer,
@@ -402,6 +406,27 @@ impl Cell {
             .env_remove("STATION_CONNECT")
             .stdin(std::process::Stdio::null());
         c
+    }
+
+    /// The token's security officer approves `cert` (PEM or DER) as customer `name`'s key, with
+    /// `station hsm trust-customer` (a process of its own).
+    pub fn trust_customer(&self, name: &str, cert: &[u8]) {
+        let dir = self.path("customers");
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join(format!("{name}.cert"));
+        std::fs::write(&file, cert).unwrap();
+        let (code, out, err) = self.run(
+            None,
+            &[
+                "hsm",
+                "trust-customer",
+                name,
+                file.to_str().unwrap(),
+                "--so-pin-file",
+                self.path("hsm-so-pin").to_str().unwrap(),
+            ],
+        );
+        assert_eq!(code, 0, "trust-customer {name}: {out}{err}");
     }
 
     /// Runs the `station` command to completion; returns (status code, stdout, stderr).

@@ -864,6 +864,19 @@ async fn a_customer_certificate_must_be_fit_to_receive_the_batch_key() {
             &["customer", "import", name, dir.join(file).to_str().unwrap()],
         )
     };
+    let trust = |name: &str, file: &str| {
+        cell.run(
+            None,
+            &[
+                "hsm",
+                "trust-customer",
+                name,
+                dir.join(file).to_str().unwrap(),
+                "--so-pin-file",
+                cell.path("hsm-so-pin").to_str().unwrap(),
+            ],
+        )
+    };
     for (file, why) in [
         ("weak.pem", "has 2048 bits; at least 3072"),
         ("e3.pem", "only 65537"),
@@ -871,12 +884,157 @@ async fn a_customer_certificate_must_be_fit_to_receive_the_batch_key() {
         ("sign-only.pem", "does not allow keyEncipherment"),
         ("expired.pem", "has expired"),
     ] {
+        // Neither the token's security officer nor the cell's takes it.
+        let (code, _, err) = trust("refused", file);
+        assert_ne!(code, 0, "{file}");
+        assert!(err.contains(why), "trust {file}: {err}");
         let (code, _, err) = import("refused", file);
         assert_ne!(code, 0, "{file}");
         assert!(err.contains(why), "{file}: {err}");
     }
-    let (code, out, err) = import("fit", "good.pem");
-    assert_eq!(code, 0, "{out}{err}");
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_customer_key_the_token_security_officer_did_not_trust_is_never_wrapped_for() {
+    // The batch transport key can be wrapped only under a CKA_TRUSTED key, which only the
+    // token's security officer can make. Someone with the user PIN (the station's own session)
+    // who puts a key of their own into the token under a customer's label gets no batch key.
+    let cell = Cell::new(CellOptions {
+        nests: 1,
+        open_batch: false,
+        ..CellOptions::default()
+    })
+    .await;
+    let daemon = cell.daemon().await;
+    let cert = std::fs::read(cell.path("utility.pem")).unwrap();
+    let der = der::pem::decode_vec(&cert).unwrap().1;
+    let import = |name: &str| {
+        cell.run(
+            Some("officer"),
+            &[
+                "customer",
+                "import",
+                name,
+                cell.path("utility.pem").to_str().unwrap(),
+            ],
+        )
+    };
+    // 1. Not installed by the token's security officer: the cell's security officer cannot
+    //    record the customer.
+    let (code, _, err) = import("second");
+    assert_ne!(code, 0);
+    assert!(err.contains("holds no such key"), "{err}");
+    assert!(err.contains("station hsm trust-customer second"), "{err}");
+
+    // 2. A user session plants the certificate's own key under the label, untrusted (it
+    //    cannot be made trusted: the token refuses CKA_TRUSTED outside an SO session).
+    let token = hsm::testkit::TestToken {
+        label: cell.token.clone(),
+    };
+    // Creates the certificate's key as a token object labelled for `name` in a user session
+    // (`extra` added); whether the token took it.
+    let plant = |name: &str, extra: Vec<cryptoki::object::Attribute>| {
+        use cryptoki::object::{Attribute, KeyType, ObjectClass};
+        let key = hsm::so::rsa_public_of_certificate(&der).unwrap();
+        let mut t = vec![
+            Attribute::Class(ObjectClass::PUBLIC_KEY),
+            Attribute::KeyType(KeyType::RSA),
+            Attribute::Token(true),
+            Attribute::Wrap(true),
+            Attribute::Modulus(key.modulus),
+            Attribute::PublicExponent(key.exponent),
+            Attribute::AllowedMechanisms(vec![cryptoki::mechanism::MechanismType::RSA_PKCS_OAEP]),
+            Attribute::Label(format!("customer-transport/{name}").into_bytes()),
+        ];
+        t.extend(extra);
+        let hsm = token.open(1).unwrap();
+        hsm.with_session(move |s| Ok(s.raw_session_for_tests().create_object(&t).is_ok()))
+            .unwrap()
+    };
+    assert!(
+        !plant("second", vec![cryptoki::object::Attribute::Trusted(true)]),
+        "a user session must not be able to make a trusted key"
+    );
+    assert!(plant("second", vec![]));
+    let (code, _, err) = import("second");
+    assert_ne!(code, 0);
+    assert!(err.contains("not marked trusted"), "{err}");
+
+    // 3. The customer the token's SO approved opens batches; when its token object is
+    //    swapped for an untrusted one after the import, the next batch is refused before any
+    //    wrap, and no batch key is left behind.
+    let so_pin = cell.path("hsm-so-pin");
+    let officer_so = |args: &[&str]| {
+        let mut a = vec!["hsm"];
+        a.extend_from_slice(args);
+        a.extend(["--so-pin-file", so_pin.to_str().unwrap()]);
+        cell.run(None, &a)
+    };
+    let (code, out, err) = officer_so(&["customers"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("utility") && out.contains("trusted"), "{out}");
+    // The fingerprint the officer reads out is the one OpenSSL computes from the certificate.
+    let pubkey = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl x509 -in '{}' -pubkey -noout | openssl pkey -pubin -outform der | sha256sum",
+            cell.path("utility.pem").display()
+        ))
+        .output()
+        .unwrap();
+    let fp = String::from_utf8_lossy(&pubkey.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    assert_eq!(fp.len(), 64);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("utility ") && l.ends_with(&fp)),
+        "{out}"
+    );
+    assert!(
+        out.contains("second") && out.contains("NOT TRUSTED"),
+        "{out}"
+    );
+    let (code, _, err) = officer_so(&["untrust-customer", "utility"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(plant("utility", vec![]));
+    let (code, _, err) = cell.run(
+        Some("super"),
+        &[
+            "batch",
+            "open",
+            "--work-order",
+            "WO-SWAP",
+            "--model",
+            e2e::MODEL,
+            "--firmware",
+            &cell.firmware_sha,
+            "--customer",
+            "utility",
+            "--quantity",
+            "1",
+            "--prefix",
+            "SWP",
+            "--serials",
+            "1-20",
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("not marked trusted"), "{err}");
+    let keys: i64 = cell
+        .db()
+        .query_row("SELECT COUNT(*) FROM batches", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(keys, 0, "no batch is recorded");
+    let hsm = token.open(1).unwrap();
+    let left = hsm
+        .run(|s| s.find_key(hsm::KeyKind::Aes(32), "batch-transport/WO-SWAP"))
+        .await
+        .unwrap();
+    assert!(left.is_none(), "the refused batch's key is destroyed");
     daemon.stop().await.unwrap();
 }
 

@@ -555,6 +555,7 @@ async fn import_into_the_utility_token_delivers_keys_that_work() {
     let (other, other_hsm, _) = utility_token("other").await;
 
     // The batch is made for the token's key.
+    cell.trust_customer("util-hsm", &cert);
     let engine = cell.engine(false).await;
     let officer = cell.login_engine(&engine, "officer").await;
     engine

@@ -23,9 +23,13 @@ pub async fn bench_cell(dir: &Path, station_id: &str, model: &str) -> BenchCell 
         .unwrap()
         .unwrap();
     let d2 = dir.to_path_buf();
-    tokio::task::spawn_blocking(move || station::demo::make_utility(&d2))
+    let (utility, _) = tokio::task::spawn_blocking(move || station::demo::make_utility(&d2))
         .await
         .unwrap()
+        .unwrap();
+    // The token's security officer approves the utility's key before the cell opens the token.
+    token
+        .trust_customer("utility", &std::fs::read(utility).unwrap())
         .unwrap();
     let conf_head = format!(
         "station_id = \"{station_id}\"\ndatabase = \"station.db\"\n\n[manufacturer]\nname = \"{}\"\nflag_id = \"DMW\"\n\n\

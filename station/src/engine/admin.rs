@@ -614,12 +614,9 @@ fn customer_label(name: &str) -> String {
     format!("customer-transport/{name}")
 }
 
-async fn import_customer(
-    inner: &Arc<Inner>,
-    who: &str,
-    name: String,
-    cert: Vec<u8>,
-) -> Result<records::CustomerRow> {
+/// A utility's key-transport certificate as the station accepts it (PEM or DER) for customer
+/// `name`: its DER, once the name and [`check_customer_certificate`] pass.
+pub(crate) fn accept_customer_certificate(name: &str, cert: &[u8]) -> Result<Vec<u8>> {
     if name.is_empty()
         || name.len() > 24
         || !name
@@ -630,7 +627,7 @@ async fn import_customer(
             "customer names are 1 to 24 letters, digits, '-', '_' or '.'".into(),
         ));
     }
-    let (parsed, der) = super::keys::parse_cert(&cert)
+    let (parsed, der) = super::keys::parse_cert(cert)
         .map_err(|e| Error::Invalid(format!("the customer certificate: {e}")))?;
     let alg = parsed
         .tbs_certificate()
@@ -644,17 +641,31 @@ async fn import_customer(
         )));
     }
     check_customer_certificate(&parsed)?;
+    Ok(der)
+}
+
+/// Records a customer whose transport key the token's security officer has installed
+/// (`station hsm trust-customer`): the token object must be that certificate's key, trusted.
+async fn import_customer(
+    inner: &Arc<Inner>,
+    who: &str,
+    name: String,
+    cert: Vec<u8>,
+) -> Result<records::CustomerRow> {
+    let der = accept_customer_certificate(&name, &cert)?;
     let fp = hex::encode(line_protocol::crypto::sha256(&der));
     let label = customer_label(&name);
     let hsm = inner.hsm.clone();
     let (l2, d2) = (name.clone(), der.clone());
-    let key = hsm
-        .run(move |s| s.import_customer_transport_key(&l2, &d2))
+    hsm.run(move |s| s.approved_customer_key(&l2, &d2).map(|_| ()))
         .await
-        .map_err(|e| {
-            Error::Invalid(format!(
-                "the customer certificate could not be imported into the HSM: {e}"
-            ))
+        .map_err(|e| match e {
+            hsm::Error::CustomerKeyNotApproved { .. } => Error::Invalid(format!(
+                "{e}: on the station's host, `station hsm trust-customer {name} CERT` with the token's security officer PIN"
+            )),
+            other => Error::Invalid(format!(
+                "the customer's key in the HSM cannot be checked: {other}"
+            )),
         })?;
     let a = inner.audit.clone();
     let src = inner.source.clone();
@@ -677,17 +688,14 @@ async fn import_customer(
                     "customer.imported",
                     Severity::Notice,
                     &who,
-                    serde_json::json!({"customer": n2, "fingerprint": fp, "hsm_label": label}),
+                    serde_json::json!({"customer": n2, "fingerprint": fp, "hsm_label": label, "hsm_trusted": true}),
                 ),
             )?;
             tx.commit()?;
             Ok(())
         })
         .await;
-    if let Err(e) = r {
-        let _ = hsm.run(move |s| s.destroy(&key)).await;
-        return Err(e);
-    }
+    r?;
     let all = inner
         .db
         .call(|c| records::list_customers(c).map_err(Error::from))
@@ -800,26 +808,25 @@ async fn open_batch(inner: &Arc<Inner>, who: &str, spec: BatchSpec) -> Result<re
         .await?;
     // The batch transport key: AES-256 in the HSM, wrapped for the customer with RSA-OAEP.
     let tk_label = format!("batch-transport/{}", spec.work_order);
-    let cust_label = customer_label(&customer.name);
     let cust_id = customer.id;
     let cert = inner
         .db
         .call(move |c| records::customer_cert(c, cust_id).map_err(Error::from))
         .await?;
+    // The certificate was accepted at import; it may have expired since.
+    let (parsed, _) = super::keys::parse_cert(&cert)
+        .map_err(|e| Error::Invalid(format!("the customer certificate: {e}")))?;
+    check_customer_certificate(&parsed)?;
     let hsm = inner.hsm.clone();
-    let (l1, l2) = (tk_label.clone(), cust_label.clone());
+    let (l1, l2) = (tk_label.clone(), customer.name.clone());
     let made = hsm
         .run(move |s| {
             let tk =
                 s.generate_aes_key(KeyRole::BatchTransport, hsm::AesKeySize::Aes256, Some(&l1))?;
             let wrapped = (|| {
-                let ck = match s.find_key(hsm::KeyKind::RsaPublic, &l2)? {
-                    Some(k) => k,
-                    None => s.import_customer_transport_key(
-                        l2.trim_start_matches("customer-transport/"),
-                        &cert,
-                    )?,
-                };
+                // Read afresh from the token before the wrap: the key the security officer
+                // approved for this certificate, or nothing.
+                let ck = s.approved_customer_key(&l2, &cert)?;
                 let w = s.wrap(&ck, &tk, hsm::WrapAlg::RsaOaep)?;
                 Ok((w, s.kcv(&tk)?))
             })();
@@ -831,7 +838,14 @@ async fn open_batch(inner: &Arc<Inner>, who: &str, spec: BatchSpec) -> Result<re
                 }
             }
         })
-        .await?;
+        .await
+        .map_err(|e| match e {
+            hsm::Error::CustomerKeyNotApproved { .. } => Error::Invalid(format!(
+                "{e}: the token's security officer approves the customer's certificate again (`station hsm trust-customer {} CERT`)",
+                customer.name
+            )),
+            other => other.into(),
+        })?;
     let (tk, wrapped, kcv) = made;
     let oaep = match inner.hsm.mechanisms().rsa_oaep {
         Some(h) => format!("{h:?}").to_lowercase(),

@@ -50,6 +50,23 @@ pub const MANIFEST_SIGNING_EKU: ObjectIdentifier =
 /// The same, as arcs, for certificate builders.
 pub const MANIFEST_SIGNING_EKU_ARCS: [u64; 9] = [1, 3, 6, 1, 5, 5, 7, 3, 36];
 
+/// The role of the firmware-verification certificate, the anchor every meter checks firmware
+/// against: id-kp-codeSigning. The station refuses, at start-up, a firmware-verification
+/// certificate without it (so a meter's or a signer's certificate cannot stand in for it).
+pub const CODE_SIGNING_EKU: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.6.1.5.5.7.3.3");
+
+/// The same, as arcs, for certificate builders.
+pub const CODE_SIGNING_EKU_ARCS: [u64; 9] = [1, 3, 6, 1, 5, 5, 7, 3, 3];
+
+/// Whether `c` carries the extended key usage `oid`.
+pub fn has_eku(c: &Certificate, oid: ObjectIdentifier) -> bool {
+    c.tbs_certificate()
+        .get_extension::<x509_cert::ext::pkix::ExtendedKeyUsage>()
+        .ok()
+        .flatten()
+        .is_some_and(|(_, eku)| eku.0.contains(&oid))
+}
+
 /// Whether `c` carries the manifest signer's role ([`MANIFEST_SIGNING_EKU`]).
 pub fn has_manifest_signing_role(c: &Certificate) -> bool {
     c.tbs_certificate()

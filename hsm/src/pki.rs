@@ -230,7 +230,7 @@ fn init_dev_in(s: &HsmSession<'_>, out_dir: &Path, undo: &mut Undo) -> Result<De
     };
     let fw_der = build_for(
         s,
-        &Spec::leaf("Demo Firmware Signing", years(10)),
+        &Spec::leaf("Demo Firmware Signing", years(10)).with_eku(&[&cert::CODE_SIGNING_EKU_ARCS]),
         &fw_key,
         &root_issuer,
     )?;
@@ -778,6 +778,81 @@ fn check_chain(leaf: &Certificate, chain: &[Certificate]) -> Result<Vec<String>>
         subject: current.tbs_certificate().subject().to_string(),
     }
     .into())
+}
+
+// ----- the cell's anchors ----------------------------------------------------------------------
+
+/// The anchors the cell installs into every meter, checked against the manufacturer root at
+/// start-up: the device CA (a CA with keyCertSign) and the firmware-verification certificate (an
+/// end-entity certificate with id-kp-codeSigning), each issued by the self-signed root `root`
+/// itself with a verifying signature. A token whose objects were swapped for others that do not
+/// chain to the root is refused before any meter sees them.
+pub fn check_cell_anchors(root: &[u8], device_ca: &[u8], firmware: &[u8]) -> Result<()> {
+    let parse = |what: &str, der: &[u8]| -> Result<Certificate> {
+        Certificate::from_der(der)
+            .map_err(|e| CertError::NotACertificate(format!("the {what} certificate: {e}")).into())
+    };
+    let root = parse("manufacturer root", root)?;
+    let (curve, point) = cert::ec_key_of(root.tbs_certificate().subject_public_key_info())?;
+    if root.tbs_certificate().subject() != root.tbs_certificate().issuer()
+        || cert::verify_signed_by(&root, curve, &point).is_err()
+    {
+        return Err(CertError::ChainBroken {
+            subject: root.tbs_certificate().subject().to_string(),
+        }
+        .into());
+    }
+    let issued_by_root = |what: &str, c: &Certificate| -> Result<()> {
+        if c.tbs_certificate().issuer() != root.tbs_certificate().subject()
+            || cert::verify_signed_by(c, curve, &point).is_err()
+        {
+            return Err(CertError::RoleMismatch {
+                role: what.to_owned(),
+                reason: format!(
+                    "{:?} is not issued by the manufacturer root {:?}",
+                    c.tbs_certificate().subject().to_string(),
+                    root.tbs_certificate().subject().to_string()
+                ),
+            }
+            .into());
+        }
+        Ok(())
+    };
+    let ca = parse("device CA", device_ca)?;
+    issued_by_root(role_label(KeyRole::DeviceCa)?, &ca)?;
+    if !basic_constraints(&ca)?.is_some_and(|b| b.ca)
+        || !key_usage(&ca)?.is_some_and(|k| k.key_cert_sign())
+    {
+        return Err(CertError::IssuerNotCa {
+            subject: ca.tbs_certificate().subject().to_string(),
+        }
+        .into());
+    }
+    let fw = parse("firmware verification", firmware)?;
+    issued_by_root(FIRMWARE_LABEL, &fw)?;
+    let mismatch = |reason: &str| -> Error {
+        CertError::RoleMismatch {
+            role: FIRMWARE_LABEL.to_owned(),
+            reason: reason.to_owned(),
+        }
+        .into()
+    };
+    if basic_constraints(&fw)?.is_some_and(|b| b.ca) {
+        return Err(mismatch(
+            "it is a ca certificate; it must be an end-entity certificate",
+        ));
+    }
+    if !cert::has_eku(&fw, cert::CODE_SIGNING_EKU) {
+        return Err(mismatch(
+            "it lacks the extended key usage id-kp-codeSigning (1.3.6.1.5.5.7.3.3), the firmware signer's role",
+        ));
+    }
+    if cert::has_manifest_signing_role(&fw) {
+        return Err(mismatch(
+            "it carries the manifest signer's extended key usage, which no other role may have",
+        ));
+    }
+    Ok(())
 }
 
 // ----- info ------------------------------------------------------------------------------------

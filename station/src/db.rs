@@ -28,6 +28,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("schema/001_initial.sql"),
     include_str!("schema/002_guards.sql"),
     include_str!("schema/003_export_runs.sql"),
+    include_str!("schema/004_batch_anchors.sql"),
 ];
 
 /// Why the journal cannot be used.

@@ -319,6 +319,81 @@ pub fn insert_batch(
     Ok(tx.last_insert_rowid())
 }
 
+/// One trust anchor a batch's meters receive, pinned when the batch opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnchorRow {
+    /// "device-ca", "firmware-verification", "utility-ca" or "utility-client".
+    pub kind: String,
+    /// Index among the anchors of its kind.
+    pub index: u8,
+    /// SHA-256 of the certificate's DER, hex.
+    pub sha256: String,
+    /// The certificate.
+    pub der: Vec<u8>,
+}
+
+/// The digest of a pinned anchor set, hex: SHA-256 over each anchor's `kind NUL index sha256`
+/// (the index as one byte, the SHA-256 as 32 bytes), in order. Recorded in the batch's audit
+/// entry; every use of the set recomputes and compares it.
+pub fn anchors_digest(anchors: &[AnchorRow]) -> String {
+    let mut buf = Vec::with_capacity(anchors.len() * 64);
+    for a in anchors {
+        buf.extend_from_slice(a.kind.as_bytes());
+        buf.push(0);
+        buf.push(a.index);
+        buf.extend_from_slice(&hex::decode(&a.sha256).unwrap_or_default());
+    }
+    hex::encode(line_protocol::crypto::sha256(&buf))
+}
+
+/// Pins `anchors` for batch `batch_id`, in order.
+pub fn insert_anchors(
+    tx: &Transaction<'_>,
+    batch_id: i64,
+    anchors: &[AnchorRow],
+) -> Result<(), DbError> {
+    let mut st = tx.prepare(
+        "INSERT INTO batch_anchors (batch_id, position, kind, idx, sha256, der) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    for (i, a) in anchors.iter().enumerate() {
+        st.execute(params![
+            batch_id, i as i64, a.kind, a.index, a.sha256, a.der
+        ])?;
+    }
+    Ok(())
+}
+
+/// The anchors pinned for batch `batch_id`, in order (none for a batch opened before anchors
+/// were pinned).
+pub fn batch_anchors(conn: &Connection, batch_id: i64) -> Result<Vec<AnchorRow>, DbError> {
+    let mut st = conn.prepare(
+        "SELECT kind, idx, sha256, der FROM batch_anchors WHERE batch_id = ?1 ORDER BY position",
+    )?;
+    let rows = st.query_map(params![batch_id], |r| {
+        Ok(AnchorRow {
+            kind: r.get(0)?,
+            index: r.get(1)?,
+            sha256: r.get(2)?,
+            der: r.get(3)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// The anchor digest the audit log recorded when batch `batch_id` opened.
+pub fn audited_anchors_digest(conn: &Connection, batch_id: i64) -> Result<Option<String>, DbError> {
+    Ok(conn
+        .query_row(
+            "SELECT json_extract(details, '$.anchors_sha256') FROM audit
+             WHERE kind = 'batch.opened' AND json_extract(details, '$.batch') = ?1
+             ORDER BY seq LIMIT 1",
+            params![batch_id],
+            |r| r.get::<_, Option<String>>(0),
+        )
+        .optional()?
+        .flatten())
+}
+
 /// A meter record as the engine and reports see it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct MeterRow {

@@ -218,7 +218,7 @@ impl Cell {
                 opts.baud
             ));
         }
-        t.push_str(&format!("[[models]]\nname = \"{MODEL}\"\nsuite = 1\nkeygen = \"meter\"\nkey_agreement = {}\n\n[audit]\ncheckpoint_interval = 25\n", opts.key_agreement));
+        t.push_str(&format!("[[models]]\nname = \"{MODEL}\"\nsuite = 1\nkeygen = \"meter\"\nkey_agreement = {}\nanchors = [\"utility.pem\"]\n\n[audit]\ncheckpoint_interval = 25\n", opts.key_agreement));
         t.push_str(&opts.extra_config);
         let config = d.join("station.toml");
         std::fs::write(&config, t).unwrap();
@@ -448,6 +448,54 @@ impl Cell {
     pub fn meter_dir(&self, uid: &str) -> PathBuf {
         self.meters_dir.join(uid)
     }
+}
+
+/// Makes, with `openssl`, a self-signed P-256 certificate for a fresh key of its own (written
+/// beside `out` as `<out>.key`): `subject` as openssl takes it, `exts` as `-addext` values, PEM
+/// or DER by `out`'s extension. What someone with a shell makes to stand in for a real anchor.
+pub fn rogue_certificate(out: &Path, subject: &str, exts: &[&str]) {
+    let mut c = std::process::Command::new("openssl");
+    c.args([
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ])
+    .arg("-keyout")
+    .arg(out.with_extension("key"))
+    .args(["-subj", subject, "-days", "30"]);
+    for e in exts {
+        c.args(["-addext", e]);
+    }
+    if out.extension().is_some_and(|e| e == "der") {
+        c.args(["-outform", "DER"]);
+    }
+    let o = c.arg("-out").arg(out).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// The SHA-256 (hex) `sha256sum` prints for the output of the shell pipeline `cmd`.
+pub fn sha256_of_pipeline(cmd: &str) -> String {
+    let o = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{cmd} | sha256sum"))
+        .output()
+        .unwrap();
+    let fp = String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(
+        fp.len(),
+        64,
+        "{cmd}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    fp
 }
 
 /// A binary of this package: cargo builds it next to the test executables

@@ -975,20 +975,10 @@ async fn a_customer_key_the_token_security_officer_did_not_trust_is_never_wrappe
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("utility") && out.contains("trusted"), "{out}");
     // The fingerprint the officer reads out is the one OpenSSL computes from the certificate.
-    let pubkey = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "openssl x509 -in '{}' -pubkey -noout | openssl pkey -pubin -outform der | sha256sum",
-            cell.path("utility.pem").display()
-        ))
-        .output()
-        .unwrap();
-    let fp = String::from_utf8_lossy(&pubkey.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
-    assert_eq!(fp.len(), 64);
+    let fp = e2e::sha256_of_pipeline(&format!(
+        "openssl x509 -in '{}' -pubkey -noout | openssl pkey -pubin -outform der",
+        cell.path("utility.pem").display()
+    ));
     assert!(
         out.lines()
             .any(|l| l.starts_with("utility ") && l.ends_with(&fp)),
@@ -1190,4 +1180,118 @@ async fn an_older_copy_of_the_journal_put_back_freezes_the_cell_until_a_security
     let (code, out, err) = cell.run(Some("audit"), &["audit", "verify"]);
     assert_eq!(code, 0, "{out}{err}");
     daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pinned_anchor_changed_in_the_journal_halts_the_line_before_any_meter() {
+    // Someone with the journal file puts a certificate of their own in place of the batch's
+    // pinned utility anchor (the triggers refuse it; they drop the triggers first).
+    let cell = Cell::new(CellOptions {
+        nests: 1,
+        quantity: 1,
+        ..CellOptions::default()
+    })
+    .await;
+    let db = cell.db();
+    let refused = db.execute(
+        "UPDATE batch_anchors SET der = x'00' WHERE position = 2",
+        [],
+    );
+    assert!(
+        refused.is_err(),
+        "the journal refuses to change a pinned anchor"
+    );
+    assert!(db.execute("DELETE FROM batch_anchors", []).is_err());
+    let rogue = cell.path("pki/provisioning-root.pem");
+    let der = der::pem::decode_vec(&std::fs::read(rogue).unwrap())
+        .unwrap()
+        .1;
+    let sha = hex::encode(sha2::Digest::finalize(sha2::Digest::chain_update(
+        <sha2::Sha256 as sha2::Digest>::new(),
+        &der,
+    )));
+    db.execute_batch("DROP TRIGGER batch_anchors_never_change")
+        .unwrap();
+    db.execute(
+        "UPDATE batch_anchors SET der = ?1, sha256 = ?2 WHERE position = 2",
+        rusqlite::params![der, sha],
+    )
+    .unwrap();
+    drop(db);
+    let (daemon, summary) = run_batch(&cell, Duration::from_secs(120)).await;
+    let halted = summary.halted.clone().unwrap_or_default();
+    assert!(
+        halted.contains("are not those its audit entry recorded"),
+        "{summary}"
+    );
+    assert_eq!(summary.done + summary.failed, 0, "{summary}");
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_firmware_anchor_swapped_into_the_token_stops_the_cell_at_start() {
+    // Someone with the HSM user PIN replaces the firmware-verification certificate with one for
+    // a key of their own: every meter would then accept their firmware. The cell checks its
+    // anchors against the manufacturer root when it starts, and refuses.
+    let cell = Cell::new(CellOptions {
+        nests: 1,
+        open_batch: false,
+        ..CellOptions::default()
+    })
+    .await;
+    e2e::rogue_certificate(
+        &cell.path("rogue-fw.der"),
+        "/O=Demo Meter Works/CN=Demo Firmware Signing",
+        &[
+            "basicConstraints=critical,CA:FALSE",
+            "extendedKeyUsage=codeSigning",
+        ],
+    );
+    let rogue = std::fs::read(cell.path("rogue-fw.der")).unwrap();
+    // The root issued the manifest signer's certificate: right issuer, wrong role.
+    let wrong_role =
+        der::pem::decode_vec(&std::fs::read(cell.path("pki/manifest-signer.pem")).unwrap())
+            .unwrap()
+            .1;
+    let token = hsm::testkit::TestToken {
+        label: cell.token.clone(),
+    };
+    for (cert, why) in [
+        (rogue, "is not issued by the manufacturer root"),
+        (wrong_role, "id-kp-codeSigning"),
+    ] {
+        let hsm = token.open(1).unwrap();
+        hsm.with_session(move |s| {
+            use cryptoki::object::{Attribute, ObjectClass};
+            let raw = s.raw_session_for_tests();
+            for h in raw
+                .find_objects(&[
+                    Attribute::Class(ObjectClass::CERTIFICATE),
+                    Attribute::Label(b"firmware-verification".to_vec()),
+                ])
+                .unwrap()
+            {
+                raw.destroy_object(h).unwrap();
+            }
+            s.import_certificate("firmware-verification", &[7; 20], &cert, true)?;
+            Ok(())
+        })
+        .unwrap();
+        drop(hsm);
+        let cfg = station::config::Config::load(&cell.config).unwrap();
+        let opened = station::Engine::open(
+            cfg,
+            station::engine::OpenOptions {
+                source: "test".into(),
+                nests: false,
+            },
+        )
+        .await;
+        let e = match opened {
+            Ok(_) => panic!("the cell started with a firmware anchor that is not the root's"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains("do not chain to the manufacturer root"), "{e}");
+        assert!(e.contains(why), "{e}");
+    }
 }

@@ -840,6 +840,14 @@ async fn tampered_manifests_are_refused_each_with_its_error_and_import_nothing()
             root.clone(),
             vec![format!("schema: meters[0] ({first}): kcv is not 3 bytes of hex")],
         ),
+        (
+            "another device CA among the anchors",
+            resigned(&engine, &dir, &cell.path("anchor"), |m| {
+                m["trust_anchors"][0]["sha256"] = "00".repeat(32).into();
+            }),
+            root.clone(),
+            vec!["trust anchors: the device CA the meters received is not the manifest's device CA".into()],
+        ),
     ];
     let swapped = resigned(&engine, &dir, &cell.path("swapped"), |m| {
         let a = m["meters"][0]["keys"][0]["wrapped"].take();
@@ -1337,4 +1345,67 @@ async fn a_link_planted_at_the_import_temporary_name_does_not_redirect_the_keys(
         hex::decode(doc["keys"]["gbek"].as_str().unwrap()).unwrap(),
         flash_key(&cell, &meters(&m)[0], "gbek")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_utility_anchor_changed_on_disk_after_the_batch_opened_never_reaches_a_meter() {
+    // The batch pinned the model's utility anchor (utility.pem) when it opened. Someone with the
+    // configuration's files then swaps it for a CA of their own: meters would trust it.
+    let cell = Cell::new(CellOptions {
+        nests: 1,
+        quantity: 1,
+        ..CellOptions::default()
+    })
+    .await;
+    let anchor = cell.path("utility.pem");
+    let original = cell.path("original-utility.pem");
+    std::fs::copy(&anchor, &original).unwrap();
+    e2e::rogue_certificate(&anchor, "/CN=Rogue Utility CA", &[]);
+
+    let dir = finish_and_export(&cell, cell.batch_id.unwrap()).await;
+    let pem = std::fs::read(&original).unwrap();
+    let der = der::pem::decode_vec(&pem).unwrap().1;
+    // The meter holds the pinned certificate, byte for byte.
+    let m = manifest(&dir);
+    let meter_dir = cell.meter_dir(&text(&meters(&m)[0], "uid"));
+    let installed: Vec<Vec<u8>> = std::fs::read_dir(&meter_dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("anchor-"))
+        .map(|e| std::fs::read(e.path()).unwrap())
+        .collect();
+    assert_eq!(installed.len(), 2, "the firmware anchor and the utility's");
+    assert!(installed.contains(&der), "the pinned utility anchor");
+    let rogue = der::pem::decode_vec(&std::fs::read(&anchor).unwrap())
+        .unwrap()
+        .1;
+    assert!(!installed.contains(&rogue));
+    // The manifest lists it with the SHA-256 OpenSSL computes of the original certificate, and
+    // the batch's audit entry recorded the same set.
+    let fp = e2e::sha256_of_pipeline(&format!(
+        "openssl x509 -in '{}' -outform der",
+        original.display()
+    ));
+    let anchors = m["trust_anchors"].as_array().unwrap();
+    let kinds: Vec<&str> = anchors
+        .iter()
+        .map(|a| a["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["device-ca", "firmware-verification", "utility-client"]
+    );
+    assert_eq!(anchors[2]["sha256"].as_str().unwrap(), fp);
+    let audited: String = cell
+        .db()
+        .query_row(
+            "SELECT details FROM audit WHERE kind = 'batch.opened'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(audited.contains(&fp), "{audited}");
+    let (code, out) = verify(&cell, &dir.join("manifest.p7m"), &cell.path("root-ca.pem"));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&format!("utility-client 0 {fp}")), "{out}");
 }

@@ -717,14 +717,15 @@ async fn open_batch(inner: &Arc<Inner>, who: &str, spec: BatchSpec) -> Result<re
             "work orders are 1 to 32 letters, digits, '-', '_', '.' or '/'".into(),
         ));
     }
-    if inner.cfg.model(&spec.model).is_none() {
+    let Some(model) = inner.cfg.model(&spec.model) else {
         let known: Vec<_> = inner.cfg.models.iter().map(|m| m.name.as_str()).collect();
         return Err(Error::Invalid(format!(
             "model {} is not configured; configured models: {}",
             spec.model,
             known.join(", ")
         )));
-    }
+    };
+    let anchors = pin_anchors(inner, model)?;
     if spec.quantity < 1 {
         return Err(Error::Invalid("the quantity must be at least 1".into()));
     }
@@ -868,11 +869,20 @@ async fn open_batch(inner: &Arc<Inner>, who: &str, spec: BatchSpec) -> Result<re
     let a = inner.audit.clone();
     let src = inner.source.clone();
     let who = who.to_string();
+    let anchors_sha256 = records::anchors_digest(&anchors);
+    let anchors_listed: Vec<serde_json::Value> = anchors
+        .iter()
+        .map(|x| {
+            serde_json::json!({"kind": x.kind, "index": x.index, "sha256": x.sha256,
+                "subject": cert_subject(&x.der)})
+        })
+        .collect();
     let r = inner
         .db
         .call(move |c| -> Result<i64> {
             let tx = c.transaction()?;
             let id = records::insert_batch(&tx, &nb, &who, now_ms())?;
+            records::insert_anchors(&tx, id, &anchors)?;
             a.append(
                 &tx,
                 &ev(&src, "batch.opened", Severity::Notice, &who, serde_json::json!({
@@ -880,6 +890,7 @@ async fn open_batch(inner: &Arc<Inner>, who: &str, spec: BatchSpec) -> Result<re
                     "firmware_version": firmware.version, "customer": customer.name, "quantity": nb.quantity,
                     "serials": format!("{}{:09}..{}{:09}", nb.serial_prefix, nb.serial_first, nb.serial_prefix, nb.serial_last),
                     "transport_key": nb.transport_key, "oaep": oaep,
+                    "anchors": anchors_listed, "anchors_sha256": anchors_sha256,
                 })),
             )?;
             tx.commit()?;
@@ -901,6 +912,64 @@ async fn open_batch(inner: &Arc<Inner>, who: &str, spec: BatchSpec) -> Result<re
     inner.emit(Event::Batch(Some(b.clone())));
     inner.bump();
     Ok(b)
+}
+
+/// The trust anchors a batch of `model` installs into every meter, read and checked once, when
+/// the batch opens: the device CA and the firmware-verification certificate from the token (both
+/// checked against the manufacturer root at start-up), then the model's utility anchors from
+/// their files, in the configured order.
+fn pin_anchors(
+    inner: &Arc<Inner>,
+    model: &crate::config::ModelSettings,
+) -> Result<Vec<records::AnchorRow>> {
+    let row = |kind: &str, index: u8, der: Vec<u8>| records::AnchorRow {
+        kind: kind.into(),
+        index,
+        sha256: hex::encode(line_protocol::crypto::sha256(&der)),
+        der,
+    };
+    let mut out = vec![
+        row("device-ca", 0, inner.keys.device_ca.cert_der.clone()),
+        row("firmware-verification", 0, inner.keys.firmware_cert.clone()),
+    ];
+    if model.anchors.len() > 16 {
+        return Err(Error::Invalid(format!(
+            "model {} names {} utility trust anchors; a meter takes at most 16",
+            model.name,
+            model.anchors.len()
+        )));
+    }
+    for (i, path) in model.anchors.iter().enumerate() {
+        let bytes = std::fs::read(path).map_err(|e| {
+            Error::Invalid(format!(
+                "cannot read the trust anchor {} of model {}: {e}",
+                path.display(),
+                model.name
+            ))
+        })?;
+        let (cert, der) = super::keys::parse_cert(&bytes)
+            .map_err(|e| Error::Invalid(format!("the trust anchor {}: {e}", path.display())))?;
+        let is_ca = matches!(
+            cert.tbs_certificate()
+                .get_extension::<x509_cert::ext::pkix::BasicConstraints>(),
+            Ok(Some((_, bc))) if bc.ca
+        );
+        let kind = if is_ca {
+            "utility-ca"
+        } else {
+            "utility-client"
+        };
+        out.push(row(kind, i as u8, der));
+    }
+    Ok(out)
+}
+
+/// A certificate's subject, for people (empty when it does not parse).
+fn cert_subject(der: &[u8]) -> String {
+    use der::Decode;
+    x509_cert::Certificate::from_der(der)
+        .map(|c| c.tbs_certificate().subject().to_string())
+        .unwrap_or_default()
 }
 
 async fn close_batch(inner: &Arc<Inner>, who: &str, id: i64) -> Result<records::BatchRow> {

@@ -35,8 +35,8 @@ pub struct CellKeys {
     pub manifest: KeyPairHandle,
     /// Its certificate.
     pub manifest_cert: Vec<u8>,
-    /// The manufacturer root certificate, if the token holds it.
-    pub root_cert: Option<Vec<u8>>,
+    /// The manufacturer root certificate: every anchor above chains to it.
+    pub root_cert: Vec<u8>,
 }
 
 fn missing(what: &str) -> Error {
@@ -104,6 +104,14 @@ impl CellKeys {
         })?;
         let firmware_key = line_protocol::chain::p256_key(&fw_parsed).ok_or_else(|| {
             Error::Setup("the firmware verification certificate is not a P-256 key".into())
+        })?;
+        // The anchors every meter receives are the root's, or the cell does not start.
+        let root =
+            root.ok_or_else(|| missing("manufacturer root certificate (label manufacturer-root)"))?;
+        hsm::pki::check_cell_anchors(&root, &device_ca.cert_der, &firmware_cert).map_err(|e| {
+            Error::Setup(format!(
+                "the trust anchors in the HSM token do not chain to the manufacturer root, so no meter is given them: {e}"
+            ))
         })?;
         Ok(CellKeys {
             device_ca,

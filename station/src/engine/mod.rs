@@ -576,6 +576,8 @@ pub(crate) struct Inner {
     pepper: hsm::KeyHandle,
     /// The newest audit entry anchored in the token (-1: not known yet).
     anchored: std::sync::atomic::AtomicI64,
+    /// The trust anchors pinned for the open batch, once checked: (batch id, anchors).
+    pinned: Mutex<Option<(i64, Arc<Vec<records::AnchorRow>>)>>,
     pub(crate) source: String,
     events: broadcast::Sender<Event>,
     state: Mutex<State>,
@@ -662,6 +664,7 @@ impl Engine {
             keys,
             pepper: access.pepper.clone(),
             anchored: std::sync::atomic::AtomicI64::new(-1),
+            pinned: Mutex::new(None),
             source: opts.source.clone(),
             events,
             wake: watch::channel(0).0,
@@ -1391,6 +1394,59 @@ impl Inner {
     /// Stops the line because the cell itself failed (the journal cannot be written, the HSM is
     /// gone): every further meter would fail the same way. The meters in progress end as they
     /// can; the line stays stopped until someone starts it again.
+    /// The trust anchors pinned when `batch` opened, checked before its first meter after a
+    /// start: every row is the certificate its SHA-256 names, the set is the one the batch's
+    /// audit entry recorded, and the token's device CA and firmware-verification certificate
+    /// are still the pinned ones. The reason, when they are not: the line cannot go on.
+    pub(crate) async fn pinned_anchors(
+        self: &Arc<Self>,
+        batch: &BatchRow,
+    ) -> std::result::Result<Arc<Vec<records::AnchorRow>>, String> {
+        if let Some((id, a)) = lock(&self.pinned).as_ref()
+            && *id == batch.id
+        {
+            return Ok(Arc::clone(a));
+        }
+        let (id, wo) = (batch.id, batch.work_order.clone());
+        let (rows, audited) = self
+            .db
+            .call(move |c| {
+                Ok::<_, Error>((
+                    records::batch_anchors(c, id)?,
+                    records::audited_anchors_digest(c, id)?,
+                ))
+            })
+            .await
+            .map_err(|e| format!("the trust anchors pinned for batch {wo} cannot be read: {e}"))?;
+        if rows.is_empty() {
+            return Err(format!(
+                "batch {wo} was opened before this version pinned trust anchors; close it and open a new batch"
+            ));
+        }
+        let changed = rows
+            .iter()
+            .any(|r| hex::encode(line_protocol::crypto::sha256(&r.der)) != r.sha256);
+        if changed || audited.as_deref() != Some(records::anchors_digest(&rows).as_str()) {
+            return Err(format!(
+                "the trust anchors pinned for batch {wo} are not those its audit entry recorded: the journal was changed"
+            ));
+        }
+        for (kind, der) in [
+            ("device-ca", &self.keys.device_ca.cert_der),
+            ("firmware-verification", &self.keys.firmware_cert),
+        ] {
+            let sha = hex::encode(line_protocol::crypto::sha256(der));
+            if !rows.iter().any(|r| r.kind == kind && r.sha256 == sha) {
+                return Err(format!(
+                    "the HSM token's {kind} certificate is not the one pinned when batch {wo} opened; close the batch and open a new one"
+                ));
+            }
+        }
+        let rows = Arc::new(rows);
+        *lock(&self.pinned) = Some((id, Arc::clone(&rows)));
+        Ok(rows)
+    }
+
     pub(crate) async fn halt(self: &Arc<Self>, reason: &str) {
         {
             let mut st = lock(&self.state);

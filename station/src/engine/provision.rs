@@ -207,6 +207,8 @@ struct Run {
     uid: String,
     batch: BatchRow,
     model: ModelSettings,
+    /// The trust anchors pinned when the batch opened, in order.
+    anchors: Arc<Vec<records::AnchorRow>>,
     meter_id: Option<i64>,
     serial: Option<String>,
     identity: Option<Identity>,
@@ -265,7 +267,7 @@ impl Ctx<'_> {
     /// Runs one meter that answered HELLO with `ack`.
     pub(super) async fn provision(&self, link: &mut HostLink, ack: HelloAck) -> Outcome {
         let uid = hex::encode(&ack.uid);
-        let (batch, model) = match self.batch_and_model().await {
+        let (batch, model, anchors) = match self.batch_and_model().await {
             Ok(x) => x,
             Err(o) => return o,
         };
@@ -273,6 +275,7 @@ impl Ctx<'_> {
             uid: uid.clone(),
             batch,
             model,
+            anchors,
             meter_id: None,
             serial: None,
             identity: None,
@@ -329,7 +332,9 @@ impl Ctx<'_> {
         outcome
     }
 
-    async fn batch_and_model(&self) -> Result<(BatchRow, ModelSettings), Outcome> {
+    async fn batch_and_model(
+        &self,
+    ) -> Result<(BatchRow, ModelSettings, Arc<Vec<records::AnchorRow>>), Outcome> {
         let batch = self
             .inner
             .db
@@ -357,7 +362,15 @@ impl Ctx<'_> {
             .ok_or_else(|| Outcome::NoRoom {
                 reason: format!("model {} of the open batch is not configured", batch.model),
             })?;
-        Ok((batch, model))
+        // A meter gets the anchors pinned when the batch opened, or none at all.
+        let anchors = match self.inner.pinned_anchors(&batch).await {
+            Ok(a) => a,
+            Err(reason) => {
+                self.inner.halt(&reason).await;
+                return Err(Outcome::NoRoom { reason });
+            }
+        };
+        Ok((batch, model, anchors))
     }
 
     /// The steps after HELLO. Work that does not depend on the meter's next answer (HSM
@@ -1061,49 +1074,37 @@ impl Ctx<'_> {
             .collect())
     }
 
-    /// The device CA, the firmware-verification anchor and the model's utility anchors.
+    /// The anchors pinned when the batch opened: the device CA, the firmware-verification
+    /// certificate and the model's utility anchors, byte for byte.
     fn anchors(&self, run: &Run) -> Result<Vec<Message>, Failure> {
-        let mut out = vec![
-            Message::PutCert {
-                slot: CertSlot::DeviceCa,
-                der: self.inner.keys.device_ca.cert_der.clone(),
-            },
-            Message::PutAnchor {
-                kind: AnchorKind::FirmwareVerification,
-                index: 0,
-                der: self.inner.keys.firmware_cert.clone(),
-            },
-        ];
-        for (i, path) in run.model.anchors.iter().enumerate() {
-            let bytes = std::fs::read(path).map_err(|e| {
-                Failure::new(
-                    "station.error",
-                    Severity::Warning,
-                    format!("cannot read trust anchor {}: {e}", path.display()),
-                )
-                .quiet()
-            })?;
-            let (cert, der) = super::keys::parse_cert(&bytes).map_err(|e| {
-                Failure::new(
-                    "station.error",
-                    Severity::Warning,
-                    format!("trust anchor {}: {e}", path.display()),
-                )
-                .quiet()
-            })?;
-            let is_ca = matches!(cert.tbs_certificate().get_extension::<x509_cert::ext::pkix::BasicConstraints>(), Ok(Some((_, bc))) if bc.ca);
-            let kind = if is_ca {
-                AnchorKind::UtilityCa
-            } else {
-                AnchorKind::UtilityClient
-            };
-            out.push(Message::PutAnchor {
-                kind,
-                index: i as u8,
-                der,
-            });
-        }
-        Ok(out)
+        run.anchors
+            .iter()
+            .map(|a| {
+                let der = a.der.clone();
+                Ok(match a.kind.as_str() {
+                    "device-ca" => Message::PutCert {
+                        slot: CertSlot::DeviceCa,
+                        der,
+                    },
+                    kind => Message::PutAnchor {
+                        kind: match kind {
+                            "firmware-verification" => AnchorKind::FirmwareVerification,
+                            "utility-ca" => AnchorKind::UtilityCa,
+                            "utility-client" => AnchorKind::UtilityClient,
+                            other => {
+                                return Err(Failure::new(
+                                    "station.error",
+                                    Severity::Critical,
+                                    format!("the batch pins an anchor of unknown kind {other:?}"),
+                                ));
+                            }
+                        },
+                        index: a.index,
+                        der,
+                    },
+                })
+            })
+            .collect()
     }
 
     /// Signs one certificate per intent, with the intent's serial, and journals them as issued.

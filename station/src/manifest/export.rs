@@ -367,6 +367,21 @@ pub(crate) async fn export(
             })
             .await?
     };
+    let bid = batch.id;
+    let anchors: Vec<TrustAnchor> = inner
+        .db
+        .call(move |c| records::batch_anchors(c, bid).map_err(Error::from))
+        .await?
+        .into_iter()
+        .map(|a| TrustAnchor {
+            subject: Certificate::from_der(&a.der)
+                .map(|c| c.tbs_certificate().subject().to_string())
+                .unwrap_or_default(),
+            kind: a.kind,
+            index: a.index,
+            sha256: a.sha256,
+        })
+        .collect();
     let mut id = [0u8; 16];
     rand_core::Rng::fill_bytes(&mut line_protocol::io::system_rng(), &mut id);
     let oaep = batch.oaep_hash.clone();
@@ -474,6 +489,9 @@ pub(crate) async fn export(
             field(&mut w, "customer", &customer, false).map_err(wio)?;
             field(&mut w, "transport_key", &tk, false).map_err(wio)?;
             field(&mut w, "device_ca", &ca, false).map_err(wio)?;
+            if !anchors.is_empty() {
+                field(&mut w, "trust_anchors", &anchors, false).map_err(wio)?;
+            }
             let (meters, voided_n) = db.with(|c| -> Result<(usize, usize)> {
                 let n = write_list(
                     &mut w,
@@ -742,13 +760,11 @@ fn sign_detached(
     builder
         .add_certificate(CertificateChoices::Certificate(cert))
         .map_err(cms_err)?;
-    if let Some(root) = &keys.root_cert {
-        let root = Certificate::from_der(root)
-            .map_err(|e| Error::Setup(format!("the manufacturer root certificate: {e}")))?;
-        builder
-            .add_certificate(CertificateChoices::Certificate(root))
-            .map_err(cms_err)?;
-    }
+    let root = Certificate::from_der(&keys.root_cert)
+        .map_err(|e| Error::Setup(format!("the manufacturer root certificate: {e}")))?;
+    builder
+        .add_certificate(CertificateChoices::Certificate(root))
+        .map_err(cms_err)?;
     builder
         .add_signer_info::<_, p256::ecdsa::DerSignature>(sib, &signer)
         .map_err(cms_err)?;

@@ -39,6 +39,10 @@ pub struct Manifest {
     pub transport_key: TransportKey,
     /// The CA that issued the meter certificates.
     pub device_ca: DeviceCa,
+    /// The trust anchors every meter of the batch received, pinned when the batch opened, in
+    /// the order they were installed. Absent in manifests of earlier exports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trust_anchors: Vec<TrustAnchor>,
     /// Every meter produced.
     pub meters: Vec<MeterRecord>,
     /// Certificates issued to meters that failed: never to be trusted.
@@ -152,6 +156,28 @@ pub struct DeviceCa {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crl: Option<String>,
 }
+
+/// A trust anchor installed into every meter of the batch.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TrustAnchor {
+    /// "device-ca", "firmware-verification", "utility-ca" or "utility-client".
+    pub kind: String,
+    /// Its index among the meter's anchors of its kind.
+    pub index: u8,
+    /// SHA-256 of the certificate's DER, hex.
+    pub sha256: String,
+    /// The certificate's subject.
+    pub subject: String,
+}
+
+/// The kinds of [`TrustAnchor`].
+pub const ANCHOR_KINDS: [&str; 4] = [
+    "device-ca",
+    "firmware-verification",
+    "utility-ca",
+    "utility-client",
+];
 
 /// One meter.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -399,6 +425,24 @@ impl Manifest {
             b64(&self.device_ca.certificate),
             "device_ca.certificate is not base64".into(),
         );
+        need(
+            self.trust_anchors.len() <= 18,
+            "trust_anchors lists more than 18 anchors".into(),
+        );
+        for (i, a) in self.trust_anchors.iter().enumerate() {
+            need(
+                ANCHOR_KINDS.contains(&a.kind.as_str()),
+                format!("trust_anchors[{i}].kind is not one of {ANCHOR_KINDS:?}"),
+            );
+            need(
+                hex_of(&a.sha256, Some(32)),
+                format!("trust_anchors[{i}].sha256 is not 32 bytes of hex"),
+            );
+            need(
+                a.subject.len() <= 1024,
+                format!("trust_anchors[{i}].subject is longer than 1024 bytes"),
+            );
+        }
         for (i, m) in self.meters.iter().enumerate() {
             let at = format!("meters[{i}] ({})", m.serial);
             need(

@@ -42,6 +42,8 @@ pub struct Report {
     pub content_sha256: Option<String>,
     /// Audit checkpoint named.
     pub checkpoint_seq: Option<i64>,
+    /// The trust anchors every meter received: "kind index sha256 subject".
+    pub anchors: Vec<String>,
 }
 
 impl Report {
@@ -79,6 +81,15 @@ impl std::fmt::Display for Report {
         )?;
         if let Some(s) = &self.signer {
             writeln!(f, "  signed by {s}")?;
+        }
+        if !self.anchors.is_empty() {
+            writeln!(
+                f,
+                "  trust anchors in every meter (SHA-256 of the certificate):"
+            )?;
+            for a in &self.anchors {
+                writeln!(f, "    {a}")?;
+            }
         }
         if let Some(c) = self.checkpoint_seq {
             write!(f, "  audit checkpoint at entry {c}")?;
@@ -133,6 +144,7 @@ pub fn verify_bytes(bytes: &[u8], root: &Certificate) -> (Report, Option<Manifes
         signer: None,
         content_sha256: None,
         checkpoint_seq: None,
+        anchors: Vec::new(),
     };
     let content = match check_envelope(bytes, root, &mut r) {
         Some(c) => c,
@@ -154,6 +166,11 @@ pub fn verify_bytes(bytes: &[u8], root: &Certificate) -> (Report, Option<Manifes
     r.voided = manifest.voided_certificates.len();
     r.work_order = Some(manifest.batch.work_order.clone());
     r.customer = Some(manifest.customer.name.clone());
+    r.anchors = manifest
+        .trust_anchors
+        .iter()
+        .map(|a| format!("{} {} {} {}", a.kind, a.index, a.sha256, a.subject))
+        .collect();
     r.checkpoint_seq = Some(manifest.audit_checkpoint.seq);
     if r.failures.iter().any(|f| f.starts_with("schema:")) {
         return (r, Some(manifest));
@@ -623,6 +640,30 @@ fn check_content(m: &Manifest, root: &Certificate, r: &mut Report) {
             "device CA: not a CA (basicConstraints cA and keyUsage keyCertSign are required)"
                 .into(),
         );
+    }
+    // The anchors the meters received: the device CA above among them, one firmware anchor.
+    if !m.trust_anchors.is_empty() {
+        let ca_sha = hex::encode(line_protocol::crypto::sha256(&unb64(
+            &m.device_ca.certificate,
+        )));
+        let count = |kind: &str| m.trust_anchors.iter().filter(|a| a.kind == kind).count();
+        if count("device-ca") != 1
+            || !m
+                .trust_anchors
+                .iter()
+                .any(|a| a.kind == "device-ca" && a.sha256 == ca_sha)
+        {
+            r.failures.push(
+                "trust anchors: the device CA the meters received is not the manifest's device CA"
+                    .into(),
+            );
+        }
+        if count("firmware-verification") != 1 {
+            r.failures.push(
+                "trust anchors: the meters did not receive exactly one firmware-verification anchor"
+                    .into(),
+            );
+        }
     }
     // Counts.
     if m.meters.len() as i64 != m.batch.produced {

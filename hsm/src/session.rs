@@ -1760,7 +1760,7 @@ pub(crate) fn probe_mechanisms(ctx: &Pkcs11, slot: Slot, session: &Session) -> R
     }
     listed.sort();
     let rsa_oaep = if has(MechanismType::RSA_PKCS_OAEP) && has(MechanismType::AES_KEY_GEN) {
-        probe_oaep(session)
+        probe_oaep(session)?
     } else {
         None
     };
@@ -1780,8 +1780,14 @@ pub(crate) fn probe_mechanisms(ctx: &Pkcs11, slot: Slot, session: &Session) -> R
 
 /// Finds the best OAEP hash the token accepts by wrapping a throw-away key under a throw-away
 /// public key. Both are session objects and destroyed afterwards.
-fn probe_oaep(session: &Session) -> Option<OaepHash> {
-    let modulus = hex::decode(PROBE_RSA_MODULUS).ok()?;
+///
+/// SHA-1 is chosen only when the token refuses SHA-256's parameters as such (SoftHSM 2.6.1
+/// answers CKR_ARGUMENTS_BAD, others CKR_MECHANISM_PARAM_INVALID); any other failure of the
+/// probe is an error, never a quiet step down to SHA-1.
+fn probe_oaep(session: &Session) -> Result<Option<OaepHash>> {
+    let Ok(modulus) = hex::decode(PROBE_RSA_MODULUS) else {
+        return Ok(None);
+    };
     let public = session
         .create_object(&[
             Attribute::Class(ObjectClass::PUBLIC_KEY),
@@ -1792,28 +1798,109 @@ fn probe_oaep(session: &Session) -> Option<OaepHash> {
             Attribute::Modulus(modulus),
             Attribute::PublicExponent(vec![1, 0, 1]),
         ])
-        .ok()?;
-    let secret = session.generate_key(
-        &Mechanism::AesKeyGen,
-        &[
-            Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::KeyType(KeyType::AES),
-            Attribute::ValueLen(16u64.into()),
-            Attribute::Token(false),
-            Attribute::Sensitive(true),
-            Attribute::Extractable(true),
-        ],
-    );
-    let chosen = secret.as_ref().ok().and_then(|&secret| {
-        [OaepHash::Sha256, OaepHash::Sha1].into_iter().find(|hash| {
-            session
-                .wrap_key(&Mechanism::RsaPkcsOaep(hash.params()), public, secret)
-                .is_ok()
-        })
-    });
+        .ck("create the rsa-oaep probe key")?;
+    let secret = session
+        .generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::ValueLen(16u64.into()),
+                Attribute::Token(false),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(true),
+            ],
+        )
+        .ck("create the rsa-oaep probe secret");
+    // (the secret's failure is reported below, after the public key is destroyed)
+    let chosen = match &secret {
+        Ok(secret) => {
+            let wrap = |hash: OaepHash| {
+                session
+                    .wrap_key(&Mechanism::RsaPkcsOaep(hash.params()), public, *secret)
+                    .map(drop)
+            };
+            oaep_choice(wrap(OaepHash::Sha256), || wrap(OaepHash::Sha1))
+        }
+        Err(e) => Err(Error::Wrapper(format!("the rsa-oaep probe: {e}"))),
+    };
     if let Ok(secret) = secret {
         let _ = session.destroy_object(secret);
     }
     let _ = session.destroy_object(public);
     chosen
+}
+
+/// The OAEP hash to use, from the outcome of a SHA-256 wrap and (called only when SHA-256's
+/// parameters were refused as such) a SHA-1 wrap.
+fn oaep_choice(
+    sha256: std::result::Result<(), cryptoki::error::Error>,
+    sha1: impl FnOnce() -> std::result::Result<(), cryptoki::error::Error>,
+) -> Result<Option<OaepHash>> {
+    use cryptoki::error::{Error as CkError, RvError};
+    let refused_params = |e: &CkError| {
+        matches!(
+            e,
+            CkError::Pkcs11(
+                RvError::ArgumentsBad | RvError::MechanismParamInvalid | RvError::MechanismInvalid,
+                _
+            )
+        )
+    };
+    match sha256 {
+        Ok(()) => Ok(Some(OaepHash::Sha256)),
+        Err(e) if refused_params(&e) => match sha1() {
+            Ok(()) => Ok(Some(OaepHash::Sha1)),
+            Err(e) if refused_params(&e) => Ok(None),
+            Err(e) => Err(Error::ck("probe rsa-oaep with sha-1", e)),
+        },
+        Err(e) => Err(Error::ck("probe rsa-oaep with sha-256", e)),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use cryptoki::context::Function;
+    use cryptoki::error::{Error as CkError, RvError};
+
+    #[test]
+    fn oaep_steps_down_to_sha1_only_when_sha256_parameters_are_refused() {
+        let rv = |rv| Err(CkError::Pkcs11(rv, Function::WrapKey));
+        let never = || -> std::result::Result<(), CkError> { panic!("sha-1 must not be tried") };
+        assert_eq!(oaep_choice(Ok(()), never).unwrap(), Some(OaepHash::Sha256));
+        for refused in [
+            RvError::ArgumentsBad,
+            RvError::MechanismParamInvalid,
+            RvError::MechanismInvalid,
+        ] {
+            assert_eq!(
+                oaep_choice(rv(refused), || Ok(())).unwrap(),
+                Some(OaepHash::Sha1)
+            );
+            assert_eq!(oaep_choice(rv(refused), || rv(refused)).unwrap(), None);
+        }
+        // A fault of the token is no reason to use SHA-1: it is an error, and SHA-1 is never
+        // tried.
+        for fault in [
+            RvError::DeviceError,
+            RvError::SessionHandleInvalid,
+            RvError::KeyHandleInvalid,
+        ] {
+            let e = oaep_choice(rv(fault), never).unwrap_err();
+            assert!(matches!(e, Error::Pkcs11 { rv, .. } if rv == fault), "{e}");
+        }
+        let e = oaep_choice(rv(RvError::ArgumentsBad), || rv(RvError::DeviceError)).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Pkcs11 {
+                    rv: RvError::DeviceError,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
 }

@@ -110,7 +110,10 @@ pub trait MeterApp {
     fn fw_progress(&mut self, have: u32);
     /// FW_END with every byte held: hash, verify the signature, activate if good.
     fn fw_end(&mut self, size: u32, sha256: &[u8; 32]) -> FwResult;
-    /// SEAL.
+    /// SEAL: disable the interfaces `disable` names (the provisioning bit is always set) and
+    /// seal; returns the lifecycle and the interfaces now disabled. On a meter already sealed
+    /// (a retry after a lost SEAL_RSP) it changes nothing: when every interface `disable` names
+    /// is already disabled it answers as the first SEAL did, otherwise it refuses with `LOCKED`.
     fn seal(&mut self, disable: u16) -> Result<(Lifecycle, u16), Refusal>;
     /// ATTEST: the receipt bytes and its signature.
     fn attest(&mut self, nonce: &[u8; 16]) -> Result<(Vec<u8>, Vec<u8>), Refusal>;
@@ -496,9 +499,11 @@ impl MeterSession {
         };
         let (th, compression, max_block, slot_size) = (*th, *compression, *max_block, *slot_size);
         let sealed = app.lifecycle() == Lifecycle::Sealed;
+        // SEAL too: a repeated SEAL (its answer was lost) answers as the first did.
         let allowed_when_sealed = matches!(
             msg,
             Message::Status
+                | Message::Seal { .. }
                 | Message::Attest { .. }
                 | Message::Reset {
                     mode: ResetMode::Reboot | ResetMode::Release

@@ -296,6 +296,16 @@ impl MeterApp for MemMeter {
         }
     }
     fn seal(&mut self, disable: u16) -> Result<(Lifecycle, u16), Refusal> {
+        if self.lifecycle == Lifecycle::Sealed {
+            return if disable & !self.disabled == 0 {
+                Ok((self.lifecycle, self.disabled))
+            } else {
+                Err(Refusal::new(
+                    ErrorCode::Locked,
+                    "sealed: its interfaces cannot change",
+                ))
+            };
+        }
         self.lifecycle = Lifecycle::Sealed;
         self.disabled = disable;
         Ok((self.lifecycle, disable))

@@ -177,6 +177,24 @@ fn full_provisioning_exchange_in_memory() {
         }
         other => panic!("{other:?}"),
     }
+    // A repeated SEAL (its answer was lost) answers as the first; one that asks for more is
+    // LOCKED and changes nothing.
+    for disable in [iface::DEBUG, 0, iface::PROVISIONING | iface::DEBUG] {
+        assert_eq!(
+            p.call(&Message::Seal { disable }),
+            Message::SealRsp {
+                lifecycle: Lifecycle::Sealed,
+                disabled: iface::DEBUG | iface::PROVISIONING,
+            }
+        );
+    }
+    assert_eq!(
+        error_code(&p.call(&Message::Seal {
+            disable: iface::OPTICAL
+        })),
+        ErrorCode::Locked
+    );
+    assert_eq!(p.app.disabled, iface::DEBUG | iface::PROVISIONING);
     // Sealed: provisioning messages are refused, status and attestation still answer.
     assert_eq!(
         error_code(&p.call(&Message::Identity(id))),

@@ -597,6 +597,54 @@ fn check_channel(c: &Value) {
 
 use der::Decode;
 
+/// SEAL on a sealed meter: a repeat answers as the first, asking for more is LOCKED. Each step is
+/// the request's payload and the answer's type and payload (plaintext, as inside the channel).
+fn sealing_vector() -> Value {
+    let mut p = line_protocol::testkit::Pair::new(11);
+    p.app.lifecycle = Lifecycle::Personalized;
+    p.open();
+    let steps: Vec<Value> = [
+        ("seal", iface::DEBUG),
+        ("seal repeated: its SEAL_RSP was lost", iface::DEBUG),
+        ("seal naming an interface still enabled", iface::DEBUG | iface::OPTICAL),
+    ]
+    .into_iter()
+    .map(|(what, disable)| {
+        let req = Message::Seal { disable };
+        let rsp = p.call(&req);
+        json!({"step": what, "request": h(&req.to_bytes()), "response_type": rsp.msg_type(), "response_name": rsp.name(), "response": h(&rsp.to_bytes())})
+    })
+    .collect();
+    json!(steps)
+}
+
+fn check_sealing(v: &Value) {
+    let steps = v.as_array().unwrap();
+    let answer = |i: usize| {
+        Message::decode(
+            steps[i]["response_type"].as_u64().unwrap() as u8,
+            &hex::decode(steps[i]["response"].as_str().unwrap()).unwrap(),
+        )
+        .unwrap()
+    };
+    let first = answer(0);
+    assert_eq!(
+        first,
+        Message::SealRsp {
+            lifecycle: Lifecycle::Sealed,
+            disabled: iface::DEBUG | iface::PROVISIONING
+        }
+    );
+    assert_eq!(answer(1), first, "a repeated SEAL answers as the first");
+    assert!(matches!(
+        answer(2),
+        Message::Error {
+            code: ErrorCode::Locked,
+            ..
+        }
+    ));
+}
+
 fn receipt_vector() -> Value {
     let r = Receipt {
         uid: vec![0xA5; 12],
@@ -626,6 +674,7 @@ fn generate() -> Value {
         "frames": frames,
         "messages": messages,
         "channel": channel_vector(),
+        "sealing": sealing_vector(),
         "receipt": receipt_vector(),
     })
 }
@@ -661,6 +710,7 @@ fn vectors_decode_to_their_stated_meaning_and_do_not_drift() {
         }
     }
     check_channel(&file["channel"]);
+    check_sealing(&file["sealing"]);
     let r = &file["receipt"];
     let decoded = Receipt::decode(&hex::decode(r["hex"].as_str().unwrap()).unwrap()).unwrap();
     assert_eq!(h(&decoded.uid), r["uid"]);

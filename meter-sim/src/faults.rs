@@ -31,6 +31,10 @@ pub struct Faults {
     pub silent_at: Option<u8>,
     /// A broken random generator: every key pair generated is the same one.
     pub broken_trng: bool,
+    /// The first answer to a request of this type is lost on the line (the request was handled).
+    pub lose_response: Option<u8>,
+    /// The debug port stays enabled through SEAL (the meter reports it truthfully).
+    pub debug_open: bool,
 }
 
 /// Names accepted for request types in `replay:` and `silent-at:`.
@@ -66,6 +70,8 @@ lie-lifecycle:STATE report lifecycle STATE (blank, personalized, sealed) in HELL
 fake-seal           answer SEAL as sealed without sealing
 silent-at:REQ       stop answering from the first REQ on
 broken-trng         generate the same key pair every time (a broken random generator)
+lose-response:REQ   handle the first REQ but lose its answer on the line
+debug-open          leave the debug port enabled through SEAL (and say so)
 REQ is one of: hello channel-open status identity keygen put-cert put-anchor put-key
 fw-begin fw-data fw-end seal attest";
 
@@ -117,6 +123,8 @@ impl Faults {
             "fake-seal" => self.fake_seal = true,
             "silent-at" => self.silent_at = Some(req(need(value)?)?),
             "broken-trng" => self.broken_trng = true,
+            "lose-response" => self.lose_response = Some(req(need(value)?)?),
+            "debug-open" => self.debug_open = true,
             other => {
                 return Err(format!(
                     "unknown fault {other:?}; known faults:\n{FAULT_HELP}"
@@ -142,7 +150,9 @@ mod tests {
 
     #[test]
     fn parses_every_fault_and_refuses_nonsense() {
-        let f = Faults::parse("drop-bytes:0.01,corrupt-bytes:1e-4,delay:5,reboot-at:50,wrong-hash,replay:status,bad-pop,lie-lifecycle:sealed,fake-seal,silent-at:seal").unwrap();
+        let f = Faults::parse("drop-bytes:0.01,corrupt-bytes:1e-4,delay:5,reboot-at:50,wrong-hash,replay:status,bad-pop,lie-lifecycle:sealed,fake-seal,silent-at:seal,lose-response:seal,debug-open").unwrap();
+        assert_eq!(f.lose_response, Some(ty::SEAL));
+        assert!(f.debug_open);
         assert_eq!(f.drop_bytes, 0.01);
         assert_eq!(f.reboot_at_percent, Some(50));
         assert_eq!(f.replay_after, Some(ty::STATUS));

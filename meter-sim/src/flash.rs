@@ -690,6 +690,23 @@ impl MeterApp for FlashMeter {
         if self.faults.fake_seal {
             return Ok((Lifecycle::Sealed, disable));
         }
+        if self.true_lifecycle() == Lifecycle::Sealed {
+            // A repeat (its answer was lost): the same answer, nothing changes.
+            return if disable & !self.state.disabled == 0 {
+                Ok((Lifecycle::Sealed, self.state.disabled))
+            } else {
+                Err(Refusal::new(
+                    ErrorCode::Locked,
+                    "sealed: its interfaces cannot change",
+                ))
+            };
+        }
+        // A board whose debug port stays open whatever it is told (and says so).
+        let disable = if self.faults.debug_open {
+            disable & !msg::iface::DEBUG
+        } else {
+            disable
+        };
         if self.state.identity.is_none() {
             return Err(Refusal::new(ErrorCode::NotReady, "no identity"));
         }

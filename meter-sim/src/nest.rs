@@ -210,6 +210,7 @@ async fn run_meter(
     // Has the station gone past HELLO with this meter, and how many HELLOs since?
     let mut worked = false;
     let mut hellos = 0u32;
+    let mut lost_one = false;
     loop {
         let n = rd.read(buf).await?;
         if n == 0 {
@@ -229,6 +230,7 @@ async fn run_meter(
         let mut released = false;
         let mut reboot_now = false;
         let mut replay = false;
+        let mut lose = false;
         let mut flash_bytes = 0u64;
         for ev in &out.events {
             match ev {
@@ -244,6 +246,10 @@ async fn run_meter(
                     }
                     if faults.replay_after == Some(*msg_type) {
                         replay = true;
+                    }
+                    if faults.lose_response == Some(*msg_type) && !lost_one {
+                        lost_one = true;
+                        lose = true;
                     }
                     if *msg_type == ty::FW_BEGIN {
                         fw_size = app.state().staging.as_ref().map(|s| s.0);
@@ -278,6 +284,10 @@ async fn run_meter(
             session.reboot();
             tracing::info!(nest = cfg.nest, "meter reboots mid-transfer (fault)");
             discard_for(rd, buf, Duration::from_millis(300)).await?;
+            continue;
+        }
+        if lose {
+            tracing::info!(nest = cfg.nest, "an answer is lost on the line (fault)");
             continue;
         }
         if !out.bytes.is_empty() {

@@ -158,6 +158,9 @@ pub struct ModelSettings {
     pub anchors: Vec<PathBuf>,
     /// Certificate end of validity (RFC 3339); none means 9999-12-31T23:59:59Z.
     pub not_after: Option<String>,
+    /// The interfaces a meter must have disabled once sealed (line-protocol `iface` bits; the
+    /// provisioning interface always among them).
+    pub disable: u16,
 }
 
 impl ModelSettings {
@@ -344,6 +347,7 @@ struct RawModel {
     #[serde(default)]
     anchors: Vec<String>,
     not_after: Option<Spanned<String>>,
+    disable: Option<Spanned<Vec<String>>>,
 }
 
 fn default_keygen() -> Spanned<String> {
@@ -597,7 +601,28 @@ impl Config {
                     "not_after must be an RFC 3339 time such as 2045-12-31T23:59:59Z",
                 );
             }
+            let mut disable = line_protocol::msg::iface::PROVISIONING;
+            match &m.disable {
+                // Every interface the protocol knows, unless the model says otherwise.
+                None => disable = line_protocol::msg::iface::ALL,
+                Some(list) => {
+                    for name in list.get_ref() {
+                        disable |= match name.as_str() {
+                            "debug" => line_protocol::msg::iface::DEBUG,
+                            "optical" => line_protocol::msg::iface::OPTICAL,
+                            "provisioning" => line_protocol::msg::iface::PROVISIONING,
+                            other => {
+                                return cx.err(
+                                    list.span(),
+                                    format!("unknown interface {other:?} in disable: the interfaces are \"debug\", \"optical\" and \"provisioning\" (always disabled)"),
+                                );
+                            }
+                        };
+                    }
+                }
+            }
             models.push(ModelSettings {
+                disable,
                 name: m.name.get_ref().clone(),
                 suite: *m.suite.get_ref(),
                 keygen,

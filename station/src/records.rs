@@ -380,18 +380,45 @@ pub fn batch_anchors(conn: &Connection, batch_id: i64) -> Result<Vec<AnchorRow>,
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-/// The anchor digest the audit log recorded when batch `batch_id` opened.
-pub fn audited_anchors_digest(conn: &Connection, batch_id: i64) -> Result<Option<String>, DbError> {
+/// What the audit log recorded when batch `batch_id` opened: the anchor digest and the
+/// interfaces its meters must disable.
+pub fn audited_pins(
+    conn: &Connection,
+    batch_id: i64,
+) -> Result<(Option<String>, Option<i64>), DbError> {
     Ok(conn
         .query_row(
-            "SELECT json_extract(details, '$.anchors_sha256') FROM audit
+            "SELECT json_extract(details, '$.anchors_sha256'), json_extract(details, '$.disable') FROM audit
              WHERE kind = 'batch.opened' AND json_extract(details, '$.batch') = ?1
              ORDER BY seq LIMIT 1",
             params![batch_id],
-            |r| r.get::<_, Option<String>>(0),
+            |r| Ok((r.get::<_, Option<String>>(0)?, r.get::<_, Option<i64>>(1)?)),
         )
         .optional()?
-        .flatten())
+        .unwrap_or((None, None)))
+}
+
+/// Records the interfaces batch `batch_id`'s meters must disable when they seal.
+pub fn set_disable_mask(tx: &Transaction<'_>, batch_id: i64, mask: u16) -> Result<(), DbError> {
+    tx.execute(
+        "UPDATE batches SET disable_mask = ?1 WHERE id = ?2 AND disable_mask IS NULL",
+        params![mask, batch_id],
+    )?;
+    Ok(())
+}
+
+/// The interfaces batch `batch_id`'s meters must disable (none recorded for a batch opened
+/// before masks were).
+pub fn disable_mask(conn: &Connection, batch_id: i64) -> Result<Option<u16>, DbError> {
+    Ok(conn
+        .query_row(
+            "SELECT disable_mask FROM batches WHERE id = ?1",
+            params![batch_id],
+            |r| r.get::<_, Option<i64>>(0),
+        )
+        .optional()?
+        .flatten()
+        .and_then(|m| u16::try_from(m).ok()))
 }
 
 /// A meter record as the engine and reports see it.

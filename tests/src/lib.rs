@@ -51,6 +51,8 @@ pub struct CellOptions {
     pub open_batch: bool,
     /// The model has a key-agreement certificate besides the signing one.
     pub key_agreement: bool,
+    /// Extra lines of the model's `[[models]]` table.
+    pub model_extra: String,
 }
 
 impl Default for CellOptions {
@@ -66,6 +68,7 @@ impl Default for CellOptions {
             extra_config: String::new(),
             open_batch: true,
             key_agreement: true,
+            model_extra: String::new(),
         }
     }
 }
@@ -218,7 +221,7 @@ impl Cell {
                 opts.baud
             ));
         }
-        t.push_str(&format!("[[models]]\nname = \"{MODEL}\"\nsuite = 1\nkeygen = \"meter\"\nkey_agreement = {}\nanchors = [\"utility.pem\"]\n\n[audit]\ncheckpoint_interval = 25\n", opts.key_agreement));
+        t.push_str(&format!("[[models]]\nname = \"{MODEL}\"\nsuite = 1\nkeygen = \"meter\"\nkey_agreement = {}\nanchors = [\"utility.pem\"]\n{}\n[audit]\ncheckpoint_interval = 25\n", opts.key_agreement, opts.model_extra));
         t.push_str(&opts.extra_config);
         let config = d.join("station.toml");
         std::fs::write(&config, t).unwrap();

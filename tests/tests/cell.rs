@@ -1295,3 +1295,57 @@ async fn a_firmware_anchor_swapped_into_the_token_stops_the_cell_at_start() {
         assert!(e.contains(why), "{e}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_seal_answer_lost_on_the_line_does_not_scrap_a_sealed_meter() {
+    // The meter seals, its SEAL_RSP is lost; the station's retry must get the same answer, not
+    // LOCKED (which scrapped a sealed meter holding valid keys).
+    let cell = Cell::new(CellOptions {
+        nests: 1,
+        quantity: 1,
+        faults: vec![(1, "lose-response:seal".into())],
+        ..CellOptions::default()
+    })
+    .await;
+    let (daemon, summary) = run_batch(&cell, Duration::from_secs(120)).await;
+    daemon.stop().await.unwrap();
+    assert!(summary.batch_complete, "{summary}");
+    assert_eq!((summary.done, summary.failed), (1, 0), "{summary}");
+    assert_eq!(failures_by_nest(&cell), BTreeMap::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_meter_that_seals_with_its_debug_port_open_is_not_recorded_done() {
+    // The model requires every interface disabled; the first meter leaves its debug port
+    // enabled (and says so in SEAL_RSP and its receipt).
+    let cell = Cell::new(CellOptions {
+        nests: 1,
+        quantity: 1,
+        faults: vec![(1, "debug-open".into())],
+        ..CellOptions::default()
+    })
+    .await;
+    let (daemon, summary) = run_batch(&cell, Duration::from_secs(120)).await;
+    daemon.stop().await.unwrap();
+    assert!(summary.batch_complete, "{summary}");
+    assert_eq!((summary.done, summary.failed), (1, 1), "{summary}");
+    let failed = failures_by_nest(&cell);
+    assert!(
+        failed.get(&1).is_some_and(|v| v.len() == 1
+            && v[0].contains("the meter sealed with interfaces still enabled: debug")),
+        "{failed:?}"
+    );
+    // The batch fixed the mask when it opened, in its audit entry.
+    let audited: String = cell
+        .db()
+        .query_row(
+            "SELECT details FROM audit WHERE kind = 'batch.opened'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        audited.contains("\"disable_names\":\"provisioning, debug, optical\""),
+        "{audited}"
+    );
+}

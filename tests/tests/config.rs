@@ -53,6 +53,13 @@ fn bad_configurations_are_refused_by_both() {
         ),
         ("pool of 0", good.replace("pool_size = 4", "pool_size = 0")),
         (
+            "an interface that does not exist",
+            good.replace(
+                "disable = [\"debug\", \"optical\"]",
+                "disable = [\"debug\", \"usb\"]",
+            ),
+        ),
+        (
             "keygen in the cloud",
             good.replace("keygen = \"hsm\"", "keygen = \"cloud\""),
         ),

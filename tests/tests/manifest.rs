@@ -1409,3 +1409,40 @@ async fn a_utility_anchor_changed_on_disk_after_the_batch_opened_never_reaches_a
     assert_eq!(code, 0, "{out}");
     assert!(out.contains(&format!("utility-client 0 {fp}")), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_receipt_is_checked_against_the_interfaces_the_model_disables() {
+    // The model disables the optical port only; a meter leaves its debug port open, which this
+    // model allows. The manifest says so, and a manifest that claims more than the receipts show
+    // is refused.
+    let cell = Cell::new(CellOptions {
+        nests: 1,
+        quantity: 1,
+        faults: vec![(1, "debug-open".into())],
+        model_extra: "disable = [\"optical\"]\n".into(),
+        ..CellOptions::default()
+    })
+    .await;
+    let dir = finish_and_export(&cell, cell.batch_id.unwrap()).await;
+    let m = manifest(&dir);
+    assert_eq!(
+        m["batch"]["interfaces_disabled"], 5,
+        "provisioning and optical"
+    );
+    let root = cell.path("root-ca.pem");
+    let (code, out) = verify(&cell, &dir.join("manifest.p7m"), &root);
+    assert_eq!(code, 0, "{out}");
+    let engine = cell.engine(false).await;
+    let claimed = resigned(&engine, &dir, &cell.path("claimed"), |m| {
+        m["batch"]["interfaces_disabled"] = 7.into();
+    });
+    engine.shutdown().await.unwrap();
+    let (code, out) = verify(&cell, &claimed, &root);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains(
+            "the receipt says interfaces are still enabled that the model disables: debug"
+        ),
+        "{out}"
+    );
+}

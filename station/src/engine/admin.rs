@@ -726,6 +726,7 @@ async fn open_batch(inner: &Arc<Inner>, who: &str, spec: BatchSpec) -> Result<re
         )));
     };
     let anchors = pin_anchors(inner, model)?;
+    let disable = model.disable | line_protocol::msg::iface::PROVISIONING;
     if spec.quantity < 1 {
         return Err(Error::Invalid("the quantity must be at least 1".into()));
     }
@@ -883,6 +884,7 @@ async fn open_batch(inner: &Arc<Inner>, who: &str, spec: BatchSpec) -> Result<re
             let tx = c.transaction()?;
             let id = records::insert_batch(&tx, &nb, &who, now_ms())?;
             records::insert_anchors(&tx, id, &anchors)?;
+            records::set_disable_mask(&tx, id, disable)?;
             a.append(
                 &tx,
                 &ev(&src, "batch.opened", Severity::Notice, &who, serde_json::json!({
@@ -891,6 +893,7 @@ async fn open_batch(inner: &Arc<Inner>, who: &str, spec: BatchSpec) -> Result<re
                     "serials": format!("{}{:09}..{}{:09}", nb.serial_prefix, nb.serial_first, nb.serial_prefix, nb.serial_last),
                     "transport_key": nb.transport_key, "oaep": oaep,
                     "anchors": anchors_listed, "anchors_sha256": anchors_sha256,
+                    "disable": disable, "disable_names": super::provision::iface_names(disable),
                 })),
             )?;
             tx.commit()?;

@@ -25,6 +25,7 @@ pub(crate) use admin::accept_customer_certificate;
 pub use admin::{BatchSpec, ExportOutcome};
 pub use keys::{CELL_MARKER, CellAccess, CellKeys, open_hsm};
 use line_protocol::firmware::{PlanParams, TransferPlan};
+pub(crate) use provision::iface_names;
 
 use crate::audit::{self, Alarm, Audit, NewEvent, Severity, Verification};
 use crate::auth::{self, Action, AuthError, LoginOutcome, PepperedPin, Role, SessionToken, User};
@@ -566,6 +567,15 @@ struct State {
     health: Health,
 }
 
+/// What a batch fixed when it opened, for each of its meters.
+#[derive(Debug)]
+pub(crate) struct Pinned {
+    /// The trust anchors, in the order they are installed.
+    pub(crate) anchors: Vec<records::AnchorRow>,
+    /// The interfaces a meter must have disabled once sealed (line-protocol `iface` bits).
+    pub(crate) disable: u16,
+}
+
 pub(crate) struct Inner {
     pub(crate) cfg: Config,
     pub(crate) db: Db,
@@ -576,8 +586,8 @@ pub(crate) struct Inner {
     pepper: hsm::KeyHandle,
     /// The newest audit entry anchored in the token (-1: not known yet).
     anchored: std::sync::atomic::AtomicI64,
-    /// The trust anchors pinned for the open batch, once checked: (batch id, anchors).
-    pinned: Mutex<Option<(i64, Arc<Vec<records::AnchorRow>>)>>,
+    /// What the open batch pinned, once checked: (batch id, pins).
+    pinned: Mutex<Option<(i64, Arc<Pinned>)>>,
     pub(crate) source: String,
     events: broadcast::Sender<Event>,
     state: Mutex<State>,
@@ -1394,41 +1404,46 @@ impl Inner {
     /// Stops the line because the cell itself failed (the journal cannot be written, the HSM is
     /// gone): every further meter would fail the same way. The meters in progress end as they
     /// can; the line stays stopped until someone starts it again.
-    /// The trust anchors pinned when `batch` opened, checked before its first meter after a
-    /// start: every row is the certificate its SHA-256 names, the set is the one the batch's
-    /// audit entry recorded, and the token's device CA and firmware-verification certificate
-    /// are still the pinned ones. The reason, when they are not: the line cannot go on.
-    pub(crate) async fn pinned_anchors(
+    /// What `batch` pinned when it opened, checked before its first meter after a start: every
+    /// anchor row is the certificate its SHA-256 names, the anchor set and the interface mask are
+    /// those the batch's audit entry recorded, and the token's device CA and
+    /// firmware-verification certificate are still the pinned ones. The reason, when they are
+    /// not: the line cannot go on.
+    pub(crate) async fn pinned(
         self: &Arc<Self>,
         batch: &BatchRow,
-    ) -> std::result::Result<Arc<Vec<records::AnchorRow>>, String> {
+    ) -> std::result::Result<Arc<Pinned>, String> {
         if let Some((id, a)) = lock(&self.pinned).as_ref()
             && *id == batch.id
         {
             return Ok(Arc::clone(a));
         }
         let (id, wo) = (batch.id, batch.work_order.clone());
-        let (rows, audited) = self
+        let (rows, mask, (audited, audited_mask)) = self
             .db
             .call(move |c| {
                 Ok::<_, Error>((
                     records::batch_anchors(c, id)?,
-                    records::audited_anchors_digest(c, id)?,
+                    records::disable_mask(c, id)?,
+                    records::audited_pins(c, id)?,
                 ))
             })
             .await
-            .map_err(|e| format!("the trust anchors pinned for batch {wo} cannot be read: {e}"))?;
-        if rows.is_empty() {
+            .map_err(|e| format!("what batch {wo} pinned cannot be read: {e}"))?;
+        let Some(disable) = mask.filter(|_| !rows.is_empty()) else {
             return Err(format!(
-                "batch {wo} was opened before this version pinned trust anchors; close it and open a new batch"
+                "batch {wo} was opened before this version pinned trust anchors and interfaces; close it and open a new batch"
             ));
-        }
+        };
         let changed = rows
             .iter()
             .any(|r| hex::encode(line_protocol::crypto::sha256(&r.der)) != r.sha256);
-        if changed || audited.as_deref() != Some(records::anchors_digest(&rows).as_str()) {
+        if changed
+            || audited.as_deref() != Some(records::anchors_digest(&rows).as_str())
+            || audited_mask != Some(i64::from(disable))
+        {
             return Err(format!(
-                "the trust anchors pinned for batch {wo} are not those its audit entry recorded: the journal was changed"
+                "the trust anchors or interfaces pinned for batch {wo} are not those its audit entry recorded: the journal was changed"
             ));
         }
         for (kind, der) in [
@@ -1442,9 +1457,12 @@ impl Inner {
                 ));
             }
         }
-        let rows = Arc::new(rows);
-        *lock(&self.pinned) = Some((id, Arc::clone(&rows)));
-        Ok(rows)
+        let pins = Arc::new(Pinned {
+            anchors: rows,
+            disable,
+        });
+        *lock(&self.pinned) = Some((id, Arc::clone(&pins)));
+        Ok(pins)
     }
 
     pub(crate) async fn halt(self: &Arc<Self>, reason: &str) {

@@ -207,8 +207,8 @@ struct Run {
     uid: String,
     batch: BatchRow,
     model: ModelSettings,
-    /// The trust anchors pinned when the batch opened, in order.
-    anchors: Arc<Vec<records::AnchorRow>>,
+    /// What the batch pinned when it opened: its anchors and the interfaces to disable.
+    pins: Arc<super::Pinned>,
     meter_id: Option<i64>,
     serial: Option<String>,
     identity: Option<Identity>,
@@ -220,6 +220,24 @@ struct Run {
     /// The attestation challenge, drawn by the HSM.
     nonce: [u8; 16],
     started: Instant,
+}
+
+/// The interfaces of a line-protocol `iface` mask, by name.
+pub(crate) fn iface_names(mask: u16) -> String {
+    let names: Vec<&str> = [
+        (iface::PROVISIONING, "provisioning"),
+        (iface::DEBUG, "debug"),
+        (iface::OPTICAL, "optical"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| mask & bit != 0)
+    .map(|(_, n)| n)
+    .collect();
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
+    }
 }
 
 /// (slot, certificate DER, subject key point) of an issued certificate.
@@ -267,7 +285,7 @@ impl Ctx<'_> {
     /// Runs one meter that answered HELLO with `ack`.
     pub(super) async fn provision(&self, link: &mut HostLink, ack: HelloAck) -> Outcome {
         let uid = hex::encode(&ack.uid);
-        let (batch, model, anchors) = match self.batch_and_model().await {
+        let (batch, model, pins) = match self.batch_and_model().await {
             Ok(x) => x,
             Err(o) => return o,
         };
@@ -275,7 +293,7 @@ impl Ctx<'_> {
             uid: uid.clone(),
             batch,
             model,
-            anchors,
+            pins,
             meter_id: None,
             serial: None,
             identity: None,
@@ -334,7 +352,7 @@ impl Ctx<'_> {
 
     async fn batch_and_model(
         &self,
-    ) -> Result<(BatchRow, ModelSettings, Arc<Vec<records::AnchorRow>>), Outcome> {
+    ) -> Result<(BatchRow, ModelSettings, Arc<super::Pinned>), Outcome> {
         let batch = self
             .inner
             .db
@@ -362,15 +380,15 @@ impl Ctx<'_> {
             .ok_or_else(|| Outcome::NoRoom {
                 reason: format!("model {} of the open batch is not configured", batch.model),
             })?;
-        // A meter gets the anchors pinned when the batch opened, or none at all.
-        let anchors = match self.inner.pinned_anchors(&batch).await {
-            Ok(a) => a,
+        // A meter gets what the batch pinned when it opened, or nothing at all.
+        let pins = match self.inner.pinned(&batch).await {
+            Ok(p) => p,
             Err(reason) => {
                 self.inner.halt(&reason).await;
                 return Err(Outcome::NoRoom { reason });
             }
         };
-        Ok((batch, model, anchors))
+        Ok((batch, model, pins))
     }
 
     /// The steps after HELLO. Work that does not depend on the meter's next answer (HSM
@@ -443,18 +461,28 @@ impl Ctx<'_> {
         put.map_err(|e| link_failure(Step::Seal, e))?;
         flashed?;
 
-        // 8. Seal.
+        // 8. Seal, with the interfaces the batch requires disabled.
+        let required = run.pins.disable | iface::PROVISIONING;
         match link
-            .call(&Message::Seal {
-                disable: iface::PROVISIONING | iface::DEBUG | iface::OPTICAL,
-            })
+            .call(&Message::Seal { disable: required })
             .await
             .map_err(|e| link_failure(Step::Seal, e))?
         {
             Message::SealRsp {
                 lifecycle: Lifecycle::Sealed,
-                ..
-            } => {}
+                disabled,
+            } => {
+                if disabled & required != required {
+                    return Err(Failure::new(
+                        "meter.failed",
+                        Severity::Warning,
+                        format!(
+                            "the meter sealed with interfaces still enabled: {}",
+                            iface_names(required & !disabled)
+                        ),
+                    ));
+                }
+            }
             other => {
                 return Err(Failure::new(
                     "meter.failed",
@@ -1077,7 +1105,8 @@ impl Ctx<'_> {
     /// The anchors pinned when the batch opened: the device CA, the firmware-verification
     /// certificate and the model's utility anchors, byte for byte.
     fn anchors(&self, run: &Run) -> Result<Vec<Message>, Failure> {
-        run.anchors
+        run.pins
+            .anchors
             .iter()
             .map(|a| {
                 let der = a.der.clone();
@@ -1445,6 +1474,13 @@ impl Ctx<'_> {
         }
         if hex::encode(r.fw_sha256) != run.batch.firmware_sha256 {
             return Err(bad("the receipt names another firmware image".into()));
+        }
+        let required = run.pins.disable | iface::PROVISIONING;
+        if r.disabled & required != required {
+            return Err(bad(format!(
+                "the receipt says interfaces are still enabled: {}",
+                iface_names(required & !r.disabled)
+            )));
         }
         for (slot, der, _) in &run.certs {
             if !r

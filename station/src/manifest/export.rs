@@ -368,6 +368,10 @@ pub(crate) async fn export(
             .await?
     };
     let bid = batch.id;
+    let disable_mask = inner
+        .db
+        .call(move |c| records::disable_mask(c, bid).map_err(Error::from))
+        .await?;
     let anchors: Vec<TrustAnchor> = inner
         .db
         .call(move |c| records::batch_anchors(c, bid).map_err(Error::from))
@@ -411,6 +415,7 @@ pub(crate) async fn export(
             opened_by: batch.opened_by.clone(),
             closed_at: rfc3339(closed_at),
             closed_by,
+            interfaces_disabled: disable_mask,
         },
         FirmwareInfo {
             version: batch.firmware_version.clone(),

@@ -99,6 +99,11 @@ pub struct BatchInfo {
     pub closed_at: String,
     /// By.
     pub closed_by: String,
+    /// The interfaces every meter had to disable when it sealed (line-protocol bits: 1 the jig
+    /// interface, 2 debug, 4 optical), checked against each receipt. Absent in manifests of
+    /// earlier exports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interfaces_disabled: Option<u16>,
 }
 
 /// The firmware release.

@@ -486,7 +486,8 @@ const CN: &str = "2.5.4.3";
 const SERIAL_NUMBER: &str = "2.5.4.5";
 
 /// Checks one meter; returns its problems.
-fn check_meter(m: &MeterRecord, fw_sha: &str, model: &str, ca: &Certificate) -> Vec<String> {
+fn check_meter(m: &MeterRecord, batch: &BatchInfo, fw_sha: &str, ca: &Certificate) -> Vec<String> {
+    let model = batch.model.as_str();
     let at = format!("meter {} (uid {})", m.serial, m.uid);
     let mut out = Vec::new();
     if m.firmware_sha256 != fw_sha {
@@ -607,6 +608,14 @@ fn check_meter(m: &MeterRecord, fw_sha: &str, model: &str, ca: &Certificate) -> 
     }
     if hex::encode(rc.fw_sha256) != m.firmware_sha256 {
         out.push(format!("{at}: the receipt names another firmware image"));
+    }
+    if let Some(required) = batch.interfaces_disabled
+        && rc.disabled & required != required
+    {
+        out.push(format!(
+            "{at}: the receipt says interfaces are still enabled that the model disables: {}",
+            crate::engine::iface_names(required & !rc.disabled)
+        ));
     }
     for (slot, fp) in &fps {
         if !rc
@@ -738,7 +747,7 @@ fn check_content(m: &Manifest, root: &Certificate, r: &mut Report) {
                 let ca = &ca;
                 s.spawn(move || {
                     part.iter()
-                        .flat_map(|mr| check_meter(mr, &m.firmware.sha256, &m.batch.model, ca))
+                        .flat_map(|mr| check_meter(mr, &m.batch, &m.firmware.sha256, ca))
                         .collect::<Vec<_>>()
                 })
             })

@@ -22,3 +22,7 @@ CREATE TRIGGER batch_anchors_never_go BEFORE DELETE ON batch_anchors
 BEGIN
     SELECT RAISE(ABORT, 'a batch''s pinned trust anchors are never removed');
 END;
+
+-- The interfaces every meter of a batch must have disabled when it seals (iface bits of the line
+-- protocol, the provisioning bit always among them), fixed when the batch opens.
+ALTER TABLE batches ADD COLUMN disable_mask INTEGER CHECK (disable_mask BETWEEN 1 AND 65535);

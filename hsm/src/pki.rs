@@ -855,6 +855,39 @@ pub fn check_cell_anchors(root: &[u8], device_ca: &[u8], firmware: &[u8]) -> Res
     Ok(())
 }
 
+/// A signer of the cell (the audit signer, the manifest signer) checked against the manufacturer
+/// root at start-up: its certificate `cert` is issued by the root `root` itself, is no CA, fits
+/// the role (`role` is its policy role; the manifest signer's id-kp-documentSigning is required
+/// of it and refused on any other), and certifies the key the token holds for the role (`point`,
+/// SEC1). A key pair swapped in the token, or a certificate that no longer matches it, is refused
+/// before anything is signed with it.
+pub fn check_cell_signer(root: &[u8], role: KeyRole, cert: &[u8], point: &[u8]) -> Result<()> {
+    let label = role_label(role)?;
+    let parsed = Certificate::from_der(cert)
+        .map_err(|e| CertError::NotACertificate(format!("the {label} certificate: {e}")))?;
+    let root_c = Certificate::from_der(root)
+        .map_err(|e| CertError::NotACertificate(format!("the manufacturer root: {e}")))?;
+    let (curve, rpoint) = cert::ec_key_of(root_c.tbs_certificate().subject_public_key_info())?;
+    if parsed.tbs_certificate().issuer() != root_c.tbs_certificate().subject()
+        || cert::verify_signed_by(&parsed, curve, &rpoint).is_err()
+    {
+        return Err(CertError::RoleMismatch {
+            role: label.to_owned(),
+            reason: "it is not issued by the manufacturer root".into(),
+        }
+        .into());
+    }
+    check_role_fit(role, label, &parsed)?;
+    let (_, p) = cert::ec_key_of(parsed.tbs_certificate().subject_public_key_info())?;
+    if p != point {
+        return Err(CertError::KeyMismatch {
+            role: label.to_owned(),
+        }
+        .into());
+    }
+    Ok(())
+}
+
 // ----- info ------------------------------------------------------------------------------------
 
 /// What `station hsm info` prints: nothing secret.

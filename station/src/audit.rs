@@ -789,14 +789,30 @@ pub fn verify(conn: &rusqlite::Connection, key: &VerifyingKey) -> Result<Verific
     })?;
     let mut checkpoints = 0;
     for cp in cps {
-        let (seq, hash, text) = cp?;
+        let (row_seq, row_hash, text) = cp?;
         checkpoints += 1;
         if !verify_note(&text, key, &key_id) {
             note(
-                seq.max(1),
-                format!("checkpoint at entry {seq} is not signed by the audit key"),
+                row_seq.max(1),
+                format!("checkpoint at entry {row_seq} is not signed by the audit key"),
             );
             continue;
+        }
+        // What counts is what the note signs, not the row's copy of it.
+        let Some((seq, hash)) = checkpoint_values(&text) else {
+            note(
+                row_seq.max(1),
+                format!("checkpoint at entry {row_seq}: its signed note is not a checkpoint"),
+            );
+            continue;
+        };
+        if seq != row_seq || hash != row_hash {
+            note(
+                seq.min(row_seq).max(1),
+                format!(
+                    "a checkpoint row says entry {row_seq} but its signed note says entry {seq}: the row was edited"
+                ),
+            );
         }
         if seq == 0 {
             continue;
@@ -822,6 +838,21 @@ pub fn verify(conn: &rusqlite::Connection, key: &VerifyingKey) -> Result<Verific
         checkpoints,
         first_bad,
     })
+}
+
+/// The entry and chain hash a checkpoint note's signed text names ([`checkpoint_text`]), if it
+/// is one.
+pub fn checkpoint_values(note: &str) -> Option<(i64, Vec<u8>)> {
+    let (text, _) = note.split_once("\n\n")?;
+    let mut lines = text.lines();
+    let _origin = lines.next()?;
+    let seq = lines.next()?.parse::<i64>().ok().filter(|s| *s >= 0)?;
+    let hash = base64::engine::general_purpose::STANDARD
+        .decode(lines.next()?)
+        .ok()
+        .filter(|h| h.len() == 32)?;
+    (lines.next()? == "chain sha256 cell-audit-chain-v1" && lines.next().is_none())
+        .then_some((seq, hash))
 }
 
 /// Verifies a C2SP signed note made by [`Audit::checkpoint`].
@@ -964,6 +995,49 @@ mod tests {
         });
         assert!(note.starts_with("cell-t/audit\n5\n"), "{note}");
         assert!(note.contains("\n\n\u{2014} cell-t/audit-key "), "{note}");
+    }
+
+    #[test]
+    fn a_checkpoint_is_read_from_its_signed_note_not_from_its_row() {
+        // Someone with a saved copy of the signed head (taken at entry 7) cuts the log back to
+        // 7, puts the old head back, and points the checkpoint that covers entry 10 at entry 5
+        // (row values that match the short log), keeping its signed note.
+        let (_d, db, audit, vk) = setup();
+        add(&db, &audit, 7);
+        let head: (i64, Vec<u8>, Vec<u8>) = db.with(|c| {
+            c.query_row("SELECT seq, hash, signature FROM audit_head", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .unwrap()
+        });
+        add(&db, &audit, 5);
+        assert!(verify_db(&db, &vk).ok());
+        db.with(|c| {
+            c.execute("DELETE FROM alarms WHERE audit_seq > 7", [])
+                .unwrap();
+            c.execute("DELETE FROM audit WHERE seq > 7", []).unwrap();
+            c.execute(
+                "UPDATE audit_head SET seq = ?1, hash = ?2, signature = ?3",
+                params![head.0, head.1, head.2],
+            )
+            .unwrap();
+            let h5: Vec<u8> = c
+                .query_row("SELECT hash FROM audit WHERE seq = 5", [], |r| r.get(0))
+                .unwrap();
+            let n = c
+                .execute(
+                    "UPDATE audit_checkpoints SET seq = 5, hash = ?1 WHERE seq = 10",
+                    params![h5],
+                )
+                .unwrap();
+            assert_eq!(n, 1);
+        });
+        let v = verify_db(&db, &vk);
+        assert!(!v.ok(), "the cut went unnoticed: {v:?}");
+        let (at, why) = v.first_bad.clone().unwrap();
+        assert_eq!(at, 5, "{why}");
+        assert!(why.contains("its signed note says entry 10"), "{why}");
+        assert!(checkpoint_values("not a note").is_none());
     }
 
     #[test]

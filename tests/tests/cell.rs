@@ -1349,3 +1349,102 @@ async fn a_meter_that_seals_with_its_debug_port_open_is_not_recorded_done() {
         "{audited}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_signer_key_swapped_in_the_token_is_refused_at_start() {
+    // Someone with the HSM user PIN replaces the audit signer's key pair with one of their own
+    // (to sign a rewritten log), keeping the certificate; or puts another certificate the root
+    // issued (the manifest signer's) under the audit signer's label. The cell refuses to start:
+    // what it signs with must be what the root certified for the role.
+    let cell = Cell::new(CellOptions {
+        nests: 1,
+        open_batch: false,
+        ..CellOptions::default()
+    })
+    .await;
+    let token = hsm::testkit::TestToken {
+        label: cell.token.clone(),
+    };
+    let open = || async {
+        let cfg = station::config::Config::load(&cell.config).unwrap();
+        match station::Engine::open(
+            cfg,
+            station::engine::OpenOptions {
+                source: "test".into(),
+                nests: false,
+            },
+        )
+        .await
+        {
+            Ok(_) => panic!("the cell started with a signer the root did not certify"),
+            Err(e) => e.to_string(),
+        }
+    };
+    // 1. Another certificate the root issued, under the audit signer's label.
+    let manifest_cert =
+        der::pem::decode_vec(&std::fs::read(cell.path("pki/manifest-signer.pem")).unwrap())
+            .unwrap()
+            .1;
+    let original = der::pem::decode_vec(&std::fs::read(cell.path("pki/audit-signer.pem")).unwrap())
+        .unwrap()
+        .1;
+    let swap_cert = |der: Vec<u8>| {
+        let hsm = token.open(1).unwrap();
+        hsm.with_session(move |s| {
+            use cryptoki::object::{Attribute, ObjectClass};
+            let raw = s.raw_session_for_tests();
+            for h in raw
+                .find_objects(&[
+                    Attribute::Class(ObjectClass::CERTIFICATE),
+                    Attribute::Label(b"audit-signer".to_vec()),
+                ])
+                .unwrap()
+            {
+                raw.destroy_object(h).unwrap();
+            }
+            s.import_certificate("audit-signer", &[9; 20], &der, true)?;
+            Ok(())
+        })
+        .unwrap();
+    };
+    swap_cert(manifest_cert);
+    let e = open().await;
+    assert!(
+        e.contains("does not stand for the manufacturer root"),
+        "{e}"
+    );
+    assert!(e.contains("documentSigning"), "{e}");
+    swap_cert(original);
+
+    // 2. A key pair of their own under the audit signer's label, the certificate kept.
+    let hsm = token.open(1).unwrap();
+    hsm.with_session(|s| {
+        use cryptoki::object::{Attribute, ObjectClass};
+        let raw = s.raw_session_for_tests();
+        for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
+            for h in raw
+                .find_objects(&[
+                    Attribute::Class(class),
+                    Attribute::Label(b"audit-signer".to_vec()),
+                ])
+                .unwrap()
+            {
+                raw.destroy_object(h).unwrap();
+            }
+        }
+        s.generate_ec_keypair(
+            hsm::KeyRole::AuditSigner,
+            hsm::Curve::P256,
+            Some("audit-signer"),
+        )?;
+        Ok(())
+    })
+    .unwrap();
+    drop(hsm);
+    let e = open().await;
+    assert!(
+        e.contains("does not stand for the manufacturer root"),
+        "{e}"
+    );
+    assert!(e.contains("is not the audit-signer key"), "{e}");
+}

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use der::{Decode, DecodePem};
-use hsm::{Hsm, HsmConfig, KeyPairHandle, PinSource};
+use hsm::{Hsm, HsmConfig, KeyPairHandle, KeyRole, PinSource};
 use line_protocol::io::TranscriptSigner;
 use x509_cert::Certificate;
 
@@ -113,6 +113,18 @@ impl CellKeys {
                 "the trust anchors in the HSM token do not chain to the manufacturer root, so no meter is given them: {e}"
             ))
         })?;
+        // And the signers: what verifies the audit log and the manifests is the root's word,
+        // not whatever key pair the token holds under the label.
+        for (role, cert, point) in [
+            (KeyRole::AuditSigner, &audit_cert, &audit.point),
+            (KeyRole::ManifestSigner, &manifest_cert, &manifest.point),
+        ] {
+            hsm::pki::check_cell_signer(&root, role, cert, point).map_err(|e| {
+                Error::Setup(format!(
+                    "the HSM token's {role:?} does not stand for the manufacturer root, so nothing is signed with it: {e}"
+                ))
+            })?;
+        }
         Ok(CellKeys {
             device_ca,
             station,
@@ -237,7 +249,7 @@ impl CellAccess {
             ))),
             (None, None) => {
                 let pepper = hsm
-                    .run(|s| s.generate_hmac_key(hsm::KeyRole::PinPepper, PEPPER_LABEL))
+                    .run(|s| s.generate_hmac_key(KeyRole::PinPepper, PEPPER_LABEL))
                     .await?;
                 Ok(CellAccess {
                     pepper,

@@ -905,3 +905,47 @@ fn a_customer_key_is_compared_with_the_approved_certificate_before_a_wrap() {
         "{e}"
     );
 }
+
+/// Meter secrets cannot be CKA_WRAP_WITH_TRUSTED: the KTK that wraps them for the meter is
+/// derived per meter in the user session, and only a security officer may mark a key trusted.
+/// What keeps them from being wrapped out is that they are session objects: `pkcs11-tool`, logged
+/// in with the user PIN in a process of its own, sees the token's batch key but not the meter
+/// key this process holds at the same moment.
+#[test]
+fn meter_secrets_are_invisible_to_another_process_holding_the_user_pin() {
+    let (t, hsm) = token("sess-obj", 1);
+    let tk = hsm
+        .with_session(|s| {
+            s.generate_aes_key(
+                KeyRole::BatchTransport,
+                AesKeySize::Aes256,
+                Some("batch-transport/WO-7"),
+            )
+        })
+        .unwrap();
+    let meter_key = hsm
+        .with_session(|s| s.generate_aes_key(KeyRole::MeterGuek, AesKeySize::Aes128, None))
+        .unwrap();
+    let here = hsm.with_session(|s| s.list_objects()).unwrap();
+    let secret = |o: &&hsm::ObjectInfo| o.class == "secret key";
+    assert_eq!(here.iter().filter(secret).count(), 2, "{here:?}");
+    let out = std::process::Command::new("pkcs11-tool")
+        .env(
+            "SOFTHSM2_CONF",
+            hsm::testkit::dir().unwrap().join("softhsm2.conf"),
+        )
+        .args(["--module", hsm::SOFTHSM_MODULE, "--token-label", &t.label])
+        .args(["--login", "--pin", hsm::testkit::USER_PIN])
+        .args(["--list-objects", "--type", "secrkey"])
+        .output()
+        .expect("pkcs11-tool (Debian's opensc; `cargo xtask test` installs it)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(text.matches("Secret Key Object").count(), 1, "{text}");
+    assert!(text.contains("batch-transport/WO-7"), "{text}");
+    drop((tk, meter_key));
+}

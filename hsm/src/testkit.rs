@@ -17,6 +17,12 @@
 //! # Ok(()) }
 //! ```
 //!
+//! The same for Kryoptic, the second PKCS#11 implementation of the tests
+//! ([`TestToken::kryoptic`]): a configuration of its own (`KRYOPTIC_CONF`) with a few dozen
+//! SQLite-backed slots per process, tokens made in-process on free slots. Its module is found
+//! through `KRYOPTIC_MODULE` (`cargo xtask` sets it) or at `target/kryoptic/`, and built there
+//! from `tools/kryoptic` when it is missing, so plain `cargo test` works too.
+//!
 //! This module is for tests and demos only: its PINs are fixed and public.
 
 use std::path::{Path, PathBuf};
@@ -80,12 +86,17 @@ fn setup() -> Result<TestEnv> {
 
 #[allow(unsafe_code)]
 fn set_softhsm_conf(conf: &Path) {
+    set_env("SOFTHSM2_CONF", conf);
+}
+
+#[allow(unsafe_code)]
+fn set_env(var: &str, value: &Path) {
     // SAFETY: `set_var` is unsafe because another thread may read the environment at the same
-    // time. This runs once per process (inside `OnceLock::get_or_init`), before the PKCS#11
-    // module is loaded; the only concurrent readers are other test threads, and on Linux glibc's
-    // `setenv` never frees the strings a concurrent `getenv` may be reading, so the race cannot
-    // corrupt memory. Nothing else in this crate writes the environment.
-    unsafe { std::env::set_var("SOFTHSM2_CONF", conf) };
+    // time. This runs once per process and module (inside `OnceLock::get_or_init`), before that
+    // PKCS#11 module is loaded; the only concurrent readers are other test threads, and on Linux
+    // glibc's `setenv` never frees the strings a concurrent `getenv` may be reading, so the race
+    // cannot corrupt memory. Nothing else in this crate writes the environment.
+    unsafe { std::env::set_var(var, value) };
 }
 
 /// Removes directories left by processes that no longer run.
@@ -114,54 +125,172 @@ pub fn dir() -> Result<PathBuf> {
     Ok(env()?.dir.clone())
 }
 
-/// A freshly initialised SoftHSM token with a unique label and the fixed test PINs.
+/// A freshly initialised test token with a unique label and the fixed test PINs.
 #[derive(Debug, Clone)]
 pub struct TestToken {
     /// The token's label.
     pub label: String,
+    /// The PKCS#11 module that holds it.
+    pub module: PathBuf,
+}
+
+/// `<prefix>-<n>`, unique in this process, at most 32 bytes.
+fn new_label(prefix: &str) -> Result<String> {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let label = format!("{prefix}-{n}");
+    if label.len() > 32 {
+        return Err(Error::InvalidInput(format!(
+            "token label {label:?} is longer than 32 bytes"
+        )));
+    }
+    Ok(label)
+}
+
+/// Initialises a token labelled `label` on a free slot of `ctx`, with the test PINs.
+fn init_on_free_slot(ctx: &Pkcs11, label: &str) -> Result<()> {
+    let _guard = lock(&TOKEN_INIT);
+    let slot = ctx
+        .get_all_slots()
+        .ck("list slots")?
+        .into_iter()
+        .find(|s| ctx.get_token_info(*s).is_ok_and(|i| !i.token_initialized()))
+        .ok_or_else(|| {
+            Error::InvalidInput("the module offers no free slot for a new token".into())
+        })?;
+    let so_pin = SecretString::from(SO_PIN);
+    ctx.init_token(slot, &so_pin, label)
+        .ck("initialise a token")?;
+    let slot = crate::pool::find_slot(ctx, label)?;
+    let session = ctx.open_rw_session(slot).ck("open a session")?;
+    session
+        .login(UserType::So, Some(&so_pin))
+        .ck("log in as so")?;
+    session
+        .init_pin(&SecretString::from(USER_PIN))
+        .ck("set the user pin")?;
+    session.logout().ck("log out")?;
+    Ok(())
+}
+
+/// Slots of the per-process Kryoptic configuration (each test process makes at most this many
+/// Kryoptic tokens).
+const KRYOPTIC_SLOTS: u32 = 48;
+
+static KRYOPTIC: OnceLock<std::result::Result<(PathBuf, Pkcs11), String>> = OnceLock::new();
+
+/// Kryoptic's PKCS#11 module: `KRYOPTIC_MODULE`, else `target/kryoptic/release/`, built there
+/// from `tools/kryoptic` when it is missing.
+pub fn kryoptic_module() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("KRYOPTIC_MODULE") {
+        return Ok(PathBuf::from(p));
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+        .join("kryoptic");
+    let module = target.join("release").join("libkryoptic_pkcs11.so");
+    if !module.exists() {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let st = std::process::Command::new(cargo)
+            .args([
+                "build",
+                "--release",
+                "--locked",
+                "--quiet",
+                "-p",
+                "kryoptic",
+            ])
+            .arg("--manifest-path")
+            .arg(root.join("tools").join("kryoptic").join("Cargo.toml"))
+            .arg("--target-dir")
+            .arg(&target)
+            .status()
+            .map_err(|e| Error::io("run cargo to build", &module, e))?;
+        if !st.success() || !module.exists() {
+            return Err(Error::ModuleLoad {
+                path: module,
+                reason: "building Kryoptic from tools/kryoptic failed (it needs Debian's libssl-dev and libclang-dev: `cargo xtask deps` installs them)".into(),
+            });
+        }
+    }
+    Ok(module)
+}
+
+fn kryoptic_env() -> Result<&'static (PathBuf, Pkcs11)> {
+    KRYOPTIC
+        .get_or_init(|| kryoptic_setup().map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|reason| Error::ModuleLoad {
+            path: PathBuf::from("kryoptic"),
+            reason: reason.clone(),
+        })
+}
+
+fn kryoptic_setup() -> Result<(PathBuf, Pkcs11)> {
+    let module = kryoptic_module()?;
+    let base = std::env::temp_dir().join("hsm-testkit-kryoptic");
+    std::fs::create_dir_all(&base).map_err(|e| Error::io("create", &base, e))?;
+    remove_dead_dirs(&base);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let dir = base.join(format!("{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+    let mut conf = String::new();
+    for n in 1..=KRYOPTIC_SLOTS {
+        conf.push_str(&format!(
+            "[[slots]]\nslot = {n}\ndbtype = \"sqlite\"\ndbargs = \"{}\"\n\n",
+            dir.join(format!("slot-{n}.sql")).display()
+        ));
+    }
+    let path = dir.join("kryoptic.conf");
+    std::fs::write(&path, conf).map_err(|e| Error::io("write", &path, e))?;
+    set_env("KRYOPTIC_CONF", &path);
+    let ctx = context::shared(&module)?;
+    Ok((module, ctx))
 }
 
 impl TestToken {
-    /// Initialises a new token labelled `<prefix>-<n>` (at most 32 bytes; keep the prefix short).
+    /// A token that exists already in SoftHSM's test environment, by label.
+    pub fn softhsm(label: &str) -> TestToken {
+        TestToken {
+            label: label.to_owned(),
+            module: PathBuf::from(SOFTHSM_MODULE),
+        }
+    }
+
+    /// Initialises a new Kryoptic token labelled `<prefix>-<n>`.
+    pub fn kryoptic(prefix: &str) -> Result<TestToken> {
+        let (module, ctx) = kryoptic_env()?;
+        let label = new_label(prefix)?;
+        init_on_free_slot(ctx, &label)?;
+        Ok(TestToken {
+            label,
+            module: module.clone(),
+        })
+    }
+
+    /// Initialises a new SoftHSM token labelled `<prefix>-<n>` (at most 32 bytes; keep the
+    /// prefix short).
     pub fn new(prefix: &str) -> Result<TestToken> {
         let env = env()?;
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let label = format!("{prefix}-{n}");
-        if label.len() > 32 {
-            return Err(Error::InvalidInput(format!(
-                "token label {label:?} is longer than 32 bytes"
-            )));
-        }
-        let _guard = lock(&TOKEN_INIT);
-        let ctx = &env.ctx;
-        let slot = ctx
-            .get_all_slots()
-            .ck("list slots")?
-            .into_iter()
-            .find(|s| ctx.get_token_info(*s).is_ok_and(|i| !i.token_initialized()))
-            .ok_or_else(|| {
-                Error::InvalidInput("softhsm offers no free slot for a new token".into())
-            })?;
-        let so_pin = SecretString::from(SO_PIN);
-        ctx.init_token(slot, &so_pin, &label)
-            .ck("initialise a token")?;
-        let slot = crate::pool::find_slot(ctx, &label)?;
-        let session = ctx.open_rw_session(slot).ck("open a session")?;
-        session
-            .login(UserType::So, Some(&so_pin))
-            .ck("log in as so")?;
-        session
-            .init_pin(&SecretString::from(USER_PIN))
-            .ck("set the user pin")?;
-        session.logout().ck("log out")?;
-        drop(session);
-        Ok(TestToken { label })
+        let label = new_label(prefix)?;
+        init_on_free_slot(&env.ctx, &label)?;
+        Ok(TestToken {
+            label,
+            module: PathBuf::from(SOFTHSM_MODULE),
+        })
     }
 
     /// A configuration for this token with a pool of `pool_size` sessions.
     pub fn config(&self, pool_size: usize) -> HsmConfig {
         let mut config = HsmConfig::new(
-            SOFTHSM_MODULE,
+            self.module.clone(),
             self.label.clone(),
             PinSource::Secret(SecretString::from(USER_PIN)),
         );
@@ -181,7 +310,7 @@ impl TestToken {
             cert.to_vec()
         };
         let officer = crate::so::SecurityOfficer::login(
-            Path::new(SOFTHSM_MODULE),
+            &self.module,
             &self.label,
             &SecretString::from(SO_PIN),
         )?;

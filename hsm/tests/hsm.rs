@@ -5,5 +5,6 @@
 mod util;
 
 mod certs;
+mod kryoptic;
 mod ops;
 mod pki;

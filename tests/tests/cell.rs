@@ -929,9 +929,7 @@ async fn a_customer_key_the_token_security_officer_did_not_trust_is_never_wrappe
 
     // 2. A user session plants the certificate's own key under the label, untrusted (it
     //    cannot be made trusted: the token refuses CKA_TRUSTED outside an SO session).
-    let token = hsm::testkit::TestToken {
-        label: cell.token.clone(),
-    };
+    let token = hsm::testkit::TestToken::softhsm(&cell.token);
     // Creates the certificate's key as a token object labelled for `name` in a user session
     // (`extra` added); whether the token took it.
     let plant = |name: &str, extra: Vec<cryptoki::object::Attribute>| {
@@ -1253,9 +1251,7 @@ async fn a_firmware_anchor_swapped_into_the_token_stops_the_cell_at_start() {
         der::pem::decode_vec(&std::fs::read(cell.path("pki/manifest-signer.pem")).unwrap())
             .unwrap()
             .1;
-    let token = hsm::testkit::TestToken {
-        label: cell.token.clone(),
-    };
+    let token = hsm::testkit::TestToken::softhsm(&cell.token);
     for (cert, why) in [
         (rogue, "is not issued by the manufacturer root"),
         (wrong_role, "id-kp-codeSigning"),
@@ -1362,9 +1358,7 @@ async fn a_signer_key_swapped_in_the_token_is_refused_at_start() {
         ..CellOptions::default()
     })
     .await;
-    let token = hsm::testkit::TestToken {
-        label: cell.token.clone(),
-    };
+    let token = hsm::testkit::TestToken::softhsm(&cell.token);
     let open = || async {
         let cfg = station::config::Config::load(&cell.config).unwrap();
         match station::Engine::open(

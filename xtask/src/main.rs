@@ -40,6 +40,10 @@ const BASE_PACKAGES: &[&str] = &[
     "jq",
     // systemd-analyze checks the service unit of stationd.
     "systemd",
+    // Kryoptic, the second PKCS#11 token of the tests, binds OpenSSL through bindgen.
+    "libssl-dev",
+    "libclang-dev",
+    "pkg-config",
 ];
 
 /// Debian packages the console's tests and screenshot need (software rendering, a display).
@@ -281,12 +285,40 @@ fn deps(gui: bool) -> Result<PathBuf, String> {
         pkgs.extend_from_slice(GUI_PACKAGES);
     }
     ensure_packages(&pkgs)?;
+    ensure_kryoptic()?;
     ensure_imgtool()
+}
+
+/// Where Kryoptic's PKCS#11 module is built.
+fn kryoptic_module() -> PathBuf {
+    target_dir()
+        .join("kryoptic")
+        .join("release")
+        .join("libkryoptic_pkcs11.so")
+}
+
+/// Kryoptic, the second PKCS#11 implementation the tests use, built from crates.io (pinned in
+/// tools/kryoptic) into target/kryoptic. Cargo makes it a no-op when nothing changed.
+fn ensure_kryoptic() -> Result<(), String> {
+    run(cargo()
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--quiet",
+            "-p",
+            "kryoptic",
+        ])
+        .arg("--manifest-path")
+        .arg(root().join("tools").join("kryoptic").join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(target_dir().join("kryoptic")))
 }
 
 /// Environment for every test and benchmark run.
 fn with_tool_env(cmd: &mut Command, imgtool: &Path) {
     cmd.env("IMGTOOL", imgtool);
+    cmd.env("KRYOPTIC_MODULE", kryoptic_module());
     if let Some(dir) = imgtool.parent() {
         cmd.env("CELL_PYTHON", dir.join("python3"));
         let path = env::var_os("PATH").unwrap_or_default();

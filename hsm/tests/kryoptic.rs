@@ -1,0 +1,49 @@
+//! The cell's HSM operations on Kryoptic, a second PKCS#11 implementation that differs where
+//! real HSMs differ (PKCS#11 3.0 numbering of AES-KWP, OAEP with SHA-256 and labels).
+
+use hsm::testkit::TestToken;
+use hsm::{AesKeySize, Curve, KeyRole, WrapAlg};
+
+fn token(prefix: &str) -> (TestToken, hsm::Hsm) {
+    let t = TestToken::kryoptic(prefix).expect("a kryoptic token");
+    let h = t.open(2).expect("open the kryoptic token");
+    (t, h)
+}
+
+#[test]
+fn kryoptic_opens_signs_and_wraps_with_the_cell_policy() {
+    let (_t, hsm) = token("kry-ops");
+    let m = hsm.mechanisms();
+    assert!(m.ec_keygen && m.ecdsa && m.aes_key_wrap && m.ecdh && m.aes_ecb_encrypt_data);
+    assert_eq!(m.rsa_oaep, Some(hsm::OaepHash::Sha256), "{}", m.chosen());
+    let pair = hsm
+        .with_session(|s| s.generate_ec_keypair(KeyRole::ManifestSigner, Curve::P256, Some("m")))
+        .unwrap();
+    let sig = hsm
+        .with_session(|s| s.sign(&pair.private, b"hello"))
+        .unwrap();
+    assert!(sig.len() > 8);
+    let tk = hsm
+        .with_session(|s| {
+            s.generate_aes_key(
+                KeyRole::BatchTransport,
+                AesKeySize::Aes256,
+                Some("batch-transport/W"),
+            )
+        })
+        .unwrap();
+    let f = hsm.with_session(|s| s.key_flags(&tk)).unwrap();
+    assert!(f.wrap_with_trusted && f.sensitive && f.extractable, "{f}");
+    let key = hsm
+        .with_session(|s| s.generate_aes_key(KeyRole::MeterGuek, AesKeySize::Aes128, None))
+        .unwrap();
+    let w = hsm
+        .with_session(|s| s.wrap(&tk, &key, WrapAlg::AesKw))
+        .unwrap();
+    assert_eq!(w.len(), 24);
+    let e = hsm.with_session(|s| s.try_read_value(&key)).unwrap_err();
+    assert!(
+        matches!(e, hsm::Error::NotPermitted(_) | hsm::Error::Pkcs11 { .. }),
+        "{e}"
+    );
+}

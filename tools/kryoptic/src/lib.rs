@@ -1,0 +1,1 @@
+//! Nothing here: this package only pins the Kryoptic build (`cargo build -p kryoptic`).

@@ -16,17 +16,59 @@ use cryptoki::mechanism::{Mechanism, MechanismType};
 /// `CKM_AES_ECB_ENCRYPT_DATA` (PKCS#11 2.40 §2.10.2 / 3.0 §6.14).
 const CKM_AES_ECB_ENCRYPT_DATA: std::os::raw::c_ulong = 0x1104;
 
-/// The `MechanismType` of `CKM_AES_ECB_ENCRYPT_DATA`, which cryptoki 0.12.1 cannot name: it
+/// `CKM_AES_KEY_WRAP_KWP` (PKCS#11 3.0): RFC 5649 on tokens that number it so (Kryoptic, Luna);
+/// SoftHSM 2.6 uses `CKM_AES_KEY_WRAP_PAD` (0x210A) for it. Which number does RFC 5649 on a token
+/// is decided by a known-answer wrap, never by the number alone (on one HSM family 0x210B is a
+/// PKCS#7-padded variant).
+const CKM_AES_KEY_WRAP_KWP: std::os::raw::c_ulong = 0x210B;
+
+/// The `MechanismType` of a standard mechanism number that cryptoki 0.12.1 cannot name: it
 /// offers no constant for it and refuses to convert the number (only vendor-defined numbers may
-/// be built). The mechanism is standard and needed for the key-transport key.
+/// be built).
 #[allow(unsafe_code)]
-pub(crate) fn aes_ecb_encrypt_data_type() -> MechanismType {
+pub(crate) fn raw_type(n: std::os::raw::c_ulong) -> MechanismType {
     // SAFETY: `MechanismType` is `#[repr(transparent)]` over `CK_MECHANISM_TYPE` (cryptoki relies
     // on this itself to pass `&[MechanismType]` to C as `CK_MECHANISM_TYPE*`), `transmute`
     // checks that the sizes match, and every `CK_MECHANISM_TYPE` value is a valid mechanism type
     // (unknown values print as numbers). `mechanism_type_round_trips` checks the result.
-    unsafe { std::mem::transmute::<std::os::raw::c_ulong, MechanismType>(CKM_AES_ECB_ENCRYPT_DATA) }
+    unsafe { std::mem::transmute::<std::os::raw::c_ulong, MechanismType>(n) }
 }
+
+/// The `MechanismType` of `CKM_AES_ECB_ENCRYPT_DATA`, needed for the key-transport key.
+pub(crate) fn aes_ecb_encrypt_data_type() -> MechanismType {
+    raw_type(CKM_AES_ECB_ENCRYPT_DATA)
+}
+
+/// The `MechanismType` of `CKM_AES_KEY_WRAP_KWP` (0x210B).
+pub(crate) fn aes_key_wrap_kwp_type() -> MechanismType {
+    raw_type(CKM_AES_KEY_WRAP_KWP)
+}
+
+/// A mechanism without parameters, by type.
+pub(crate) fn bare(t: MechanismType) -> Mechanism<'static> {
+    if t == MechanismType::AES_KEY_WRAP_PAD {
+        Mechanism::AesKeyWrapPad
+    } else {
+        Mechanism::VendorDefined(VendorDefinedMechanism::new::<()>(t, None))
+    }
+}
+
+/// The known answer of the RFC 5649 probe: the 16-byte key [`KWP_KAT_KEY`] wrapped under the
+/// AES-256 key [`KWP_KAT_KEK`] (checked against the `aes-kw` crate in this module's tests).
+pub(crate) const KWP_KAT_KEK: [u8; 32] = [
+    0x4b, 0x57, 0x50, 0x2d, 0x6b, 0x61, 0x74, 0x2d, 0x6b, 0x65, 0x6b, 0x2d, 0x30, 0x31, 0x32, 0x33,
+    0x34, 0x35, 0x36, 0x37, 0x38, 0x39, 0x61, 0x62, 0x63, 0x64, 0x65, 0x66, 0x67, 0x68, 0x69, 0x6a,
+];
+/// The key of the RFC 5649 probe.
+pub(crate) const KWP_KAT_KEY: [u8; 16] = [
+    0x6b, 0x77, 0x70, 0x20, 0x70, 0x72, 0x6f, 0x62, 0x65, 0x20, 0x6b, 0x65, 0x79, 0x20, 0x31, 0x36,
+];
+/// [`KWP_KAT_KEY`] wrapped under [`KWP_KAT_KEK`] by RFC 5649 (what `openssl enc
+/// -id-aes256-wrap-pad -iv A65959A6` gives too).
+pub(crate) const KWP_KAT_WRAPPED: [u8; 24] = [
+    0x94, 0x96, 0x1b, 0x3f, 0xaf, 0xeb, 0xee, 0x54, 0xce, 0x03, 0x5a, 0x76, 0xac, 0x88, 0x03, 0x3d,
+    0x2b, 0x30, 0xfe, 0x9e, 0x1d, 0xb7, 0x9e, 0x10,
+];
 
 /// `CKM_AES_ECB_ENCRYPT_DATA` with its `CK_KEY_DERIVATION_STRING_DATA` parameter.
 pub(crate) fn aes_ecb_encrypt_data<'a>(params: &'a KeyDerivationStringData<'a>) -> Mechanism<'a> {
@@ -84,8 +126,12 @@ pub struct Mechanisms {
     pub aes_keygen: bool,
     /// RFC 3394 AES key wrap (CKM_AES_KEY_WRAP).
     pub aes_key_wrap: bool,
-    /// RFC 5649 AES key wrap with padding (CKM_AES_KEY_WRAP_PAD, 0x210A).
+    /// RFC 5649 AES key wrap with padding, under whichever number the token does it
+    /// (CKM_AES_KEY_WRAP_PAD 0x210A, or CKM_AES_KEY_WRAP_KWP 0x210B), found by a known-answer
+    /// wrap when the token opens.
     pub aes_key_wrap_pad: bool,
+    /// The mechanism that does RFC 5649 on this token, when one does.
+    pub kwp: Option<MechanismType>,
     /// ECDH (CKM_ECDH1_DERIVE, null KDF).
     pub ecdh: bool,
     /// CKM_AES_ECB_ENCRYPT_DATA (key-transport key derivation).
@@ -111,10 +157,9 @@ impl Mechanisms {
             } else {
                 "none"
             },
-            if self.aes_key_wrap_pad {
-                "CKM_AES_KEY_WRAP_PAD (RFC 5649)"
-            } else {
-                "none"
+            match self.kwp {
+                Some(t) => format!("{t} (RFC 5649, known answer checked)"),
+                None => "none".into(),
             },
             if self.ecdh && self.aes_ecb_encrypt_data {
                 "CKM_ECDH1_DERIVE(null kdf) + CKM_AES_ECB_ENCRYPT_DATA"
@@ -148,6 +193,25 @@ impl Mechanisms {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_rfc5649_known_answer_is_what_an_independent_implementation_computes() {
+        let mut kek = [0u8; 32];
+        kek.copy_from_slice(&KWP_KAT_KEK);
+        let expected = line_protocol::crypto::wrap_key(
+            &kek,
+            line_protocol::msg::WrapAlg::AesKwp,
+            &KWP_KAT_KEY,
+        )
+        .unwrap();
+        assert_eq!(
+            KWP_KAT_WRAPPED.to_vec(),
+            expected,
+            "{}",
+            hex::encode(&expected)
+        );
+        assert_eq!(*aes_key_wrap_kwp_type(), 0x210B);
+    }
 
     #[test]
     fn mechanism_type_round_trips() {

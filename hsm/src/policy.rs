@@ -98,17 +98,21 @@ pub enum Mech {
 }
 
 impl Mech {
-    /// The PKCS#11 mechanism type.
-    pub fn mechanism_type(self) -> cryptoki::mechanism::MechanismType {
+    /// The PKCS#11 mechanism types: RFC 5649 goes by two numbers (0x210A, and 0x210B in
+    /// PKCS#11 3.0); a key allowed it is allowed both, whichever the token uses.
+    pub fn mechanism_types(self) -> Vec<cryptoki::mechanism::MechanismType> {
         use cryptoki::mechanism::MechanismType as M;
         match self {
-            Mech::Ecdsa => M::ECDSA,
-            Mech::Ecdh => M::ECDH1_DERIVE,
-            Mech::AesEcbEncryptData => crate::mechanisms::aes_ecb_encrypt_data_type(),
-            Mech::AesKeyWrap => M::AES_KEY_WRAP,
-            Mech::AesKeyWrapPad => M::AES_KEY_WRAP_PAD,
-            Mech::RsaOaep => M::RSA_PKCS_OAEP,
-            Mech::Sha256Hmac => M::SHA256_HMAC,
+            Mech::Ecdsa => vec![M::ECDSA],
+            Mech::Ecdh => vec![M::ECDH1_DERIVE],
+            Mech::AesEcbEncryptData => vec![crate::mechanisms::aes_ecb_encrypt_data_type()],
+            Mech::AesKeyWrap => vec![M::AES_KEY_WRAP],
+            Mech::AesKeyWrapPad => vec![
+                M::AES_KEY_WRAP_PAD,
+                crate::mechanisms::aes_key_wrap_kwp_type(),
+            ],
+            Mech::RsaOaep => vec![M::RSA_PKCS_OAEP],
+            Mech::Sha256Hmac => vec![M::SHA256_HMAC],
         }
     }
 }
@@ -488,7 +492,10 @@ impl ObjectPolicy {
         ]);
         if !self.mechanisms.is_empty() {
             t.push(Attribute::AllowedMechanisms(
-                self.mechanisms.iter().map(|m| m.mechanism_type()).collect(),
+                self.mechanisms
+                    .iter()
+                    .flat_map(|m| m.mechanism_types())
+                    .collect(),
             ));
         }
         if !self.copyable {

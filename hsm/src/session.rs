@@ -936,7 +936,9 @@ impl<'a> HsmSession<'a> {
         let m = self.mechanisms();
         match alg {
             WrapAlg::AesKw if m.aes_key_wrap => Ok(Mechanism::AesKeyWrap),
-            WrapAlg::AesKwPad if m.aes_key_wrap_pad => Ok(Mechanism::AesKeyWrapPad),
+            WrapAlg::AesKwPad if m.kwp.is_some() => Ok(mechanisms::bare(
+                m.kwp.unwrap_or(MechanismType::AES_KEY_WRAP_PAD),
+            )),
             WrapAlg::RsaOaepWith(hash) => Ok(Mechanism::RsaPkcsOaep(hash.params())),
             WrapAlg::RsaOaep => match m.rsa_oaep {
                 Some(hash) => Ok(Mechanism::RsaPkcsOaep(hash.params())),
@@ -1759,6 +1761,15 @@ pub(crate) fn probe_mechanisms(ctx: &Pkcs11, slot: Slot, session: &Session) -> R
         listed.push(mechanisms::aes_ecb_encrypt_data_type().to_string());
     }
     listed.sort();
+    let kwp = [
+        MechanismType::AES_KEY_WRAP_PAD,
+        mechanisms::aes_key_wrap_kwp_type(),
+    ]
+    .into_iter()
+    // cryptoki's mechanism list leaves out numbers it cannot name (0x210B among them): ask for
+    // each by number.
+    .filter(|t| ctx.get_mechanism_info(slot, *t).is_ok_and(|i| i.wrap()))
+    .find(|t| kwp_answers_known(session, *t));
     let rsa_oaep = if has(MechanismType::RSA_PKCS_OAEP) && has(MechanismType::AES_KEY_GEN) {
         probe_oaep(session)?
     } else {
@@ -1770,12 +1781,39 @@ pub(crate) fn probe_mechanisms(ctx: &Pkcs11, slot: Slot, session: &Session) -> R
         ecdsa: has(MechanismType::ECDSA),
         aes_keygen: has(MechanismType::AES_KEY_GEN),
         aes_key_wrap: has(MechanismType::AES_KEY_WRAP),
-        aes_key_wrap_pad: has(MechanismType::AES_KEY_WRAP_PAD),
+        aes_key_wrap_pad: kwp.is_some(),
+        kwp,
         ecdh: has(MechanismType::ECDH1_DERIVE),
         aes_ecb_encrypt_data: ecb_encrypt_data,
         rsa_keygen: has(MechanismType::RSA_PKCS_KEY_PAIR_GEN),
         rsa_oaep,
     })
+}
+
+/// Whether mechanism `t` does RFC 5649 on this token: it wraps a known key under a known key
+/// (both session objects, destroyed afterwards) to the known answer.
+fn kwp_answers_known(session: &Session, t: MechanismType) -> bool {
+    let secret = |value: &[u8], wrap: bool| {
+        session.create_object(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Token(false),
+            Attribute::Value(value.to_vec()),
+            Attribute::Sensitive(false),
+            Attribute::Extractable(true),
+            Attribute::Wrap(wrap),
+        ])
+    };
+    let Ok(kek) = secret(&mechanisms::KWP_KAT_KEK, true) else {
+        return false;
+    };
+    let answer = secret(&mechanisms::KWP_KAT_KEY, false).ok().map(|key| {
+        let w = session.wrap_key(&mechanisms::bare(t), kek, key);
+        let _ = session.destroy_object(key);
+        w
+    });
+    let _ = session.destroy_object(kek);
+    matches!(answer, Some(Ok(w)) if w == mechanisms::KWP_KAT_WRAPPED)
 }
 
 /// Finds the best OAEP hash the token accepts by wrapping a throw-away key under a throw-away

@@ -41,6 +41,15 @@ fn kryoptic_opens_signs_and_wraps_with_the_cell_policy() {
         .with_session(|s| s.wrap(&tk, &key, WrapAlg::AesKw))
         .unwrap();
     assert_eq!(w.len(), 24);
+    // RFC 5649 is 0x210B here, found by its known answer.
+    assert_eq!(m.kwp.map(|t| *t), Some(0x210B), "{}", m.chosen());
+    let kek = hsm
+        .with_session(|s| s.generate_aes_key(KeyRole::MeterKek, AesKeySize::Aes256, None))
+        .unwrap();
+    let w = hsm
+        .with_session(|s| s.wrap(&tk, &kek, WrapAlg::AesKwPad))
+        .unwrap();
+    assert_eq!(w.len(), 40);
     let e = hsm.with_session(|s| s.try_read_value(&key)).unwrap_err();
     assert!(
         matches!(e, hsm::Error::NotPermitted(_) | hsm::Error::Pkcs11 { .. }),

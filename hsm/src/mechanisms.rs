@@ -140,6 +140,9 @@ pub struct Mechanisms {
     pub rsa_keygen: bool,
     /// RSA-OAEP and the hash chosen for it (`None`: the token has no usable RSA-OAEP).
     pub rsa_oaep: Option<OaepHash>,
+    /// The token gives AES keys a CKA_CHECK_VALUE (else keys that need a check value may
+    /// ECB-encrypt to compute one; see `ObjectPolicy::with_ecb_check_value`).
+    pub check_value: bool,
 }
 
 impl Mechanisms {
@@ -151,7 +154,7 @@ impl Mechanisms {
             None => "none",
         };
         format!(
-            "sign: CKM_ECDSA over a software SHA-256/384 digest; wrap: {}; wrap with padding: {}; transport-key wrap: {oaep}; ktk: {}",
+            "sign: CKM_ECDSA over a software SHA-256/384 digest; wrap: {}; wrap with padding: {}; transport-key wrap: {oaep}; ktk: {}; check values: {}",
             if self.aes_key_wrap {
                 "CKM_AES_KEY_WRAP (RFC 3394)"
             } else {
@@ -165,6 +168,11 @@ impl Mechanisms {
                 "CKM_ECDH1_DERIVE(null kdf) + CKM_AES_ECB_ENCRYPT_DATA"
             } else {
                 "unavailable"
+            },
+            if self.check_value {
+                "CKA_CHECK_VALUE"
+            } else {
+                "CKM_AES_ECB over a zero block (the token gives no CKA_CHECK_VALUE)"
             },
         )
     }

@@ -95,6 +95,8 @@ pub enum Mech {
     RsaOaep,
     /// CKM_SHA256_HMAC.
     Sha256Hmac,
+    /// CKM_AES_ECB: only to compute a key check value, on tokens that give no CKA_CHECK_VALUE.
+    AesEcb,
 }
 
 impl Mech {
@@ -113,6 +115,7 @@ impl Mech {
             ],
             Mech::RsaOaep => vec![M::RSA_PKCS_OAEP],
             Mech::Sha256Hmac => vec![M::SHA256_HMAC],
+            Mech::AesEcb => vec![M::AES_ECB],
         }
     }
 }
@@ -121,6 +124,8 @@ const ANY: &[Mech] = &[];
 const ECDSA: &[Mech] = &[Mech::Ecdsa];
 const AES_KW: &[Mech] = &[Mech::AesKeyWrap, Mech::AesKeyWrapPad];
 const OAEP: &[Mech] = &[Mech::RsaOaep];
+const ECB_CHECK: &[Mech] = &[Mech::AesEcb];
+const AES_KW_ECB_CHECK: &[Mech] = &[Mech::AesKeyWrap, Mech::AesKeyWrapPad, Mech::AesEcb];
 
 /// Attributes of one object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,6 +153,44 @@ pub struct ObjectPolicy {
     pub trusted: bool,
     /// CKA_COPYABLE: C_CopyObject may duplicate the object.
     pub copyable: bool,
+}
+
+impl ObjectPolicy {
+    /// The same key on a token that gives no CKA_CHECK_VALUE (Kryoptic): it may also encrypt,
+    /// with CKM_AES_ECB only, so that its check value — the first three bytes of AES-ECB over a
+    /// zero block — can be computed in the token. An encryption oracle under a key does not
+    /// reveal it, nor undo an AES key wrap made with it (that needs decryption).
+    pub fn with_ecb_check_value(self) -> ObjectPolicy {
+        let mechanisms = if self.mechanisms.is_empty() {
+            ECB_CHECK
+        } else if self.mechanisms == AES_KW {
+            AES_KW_ECB_CHECK
+        } else {
+            self.mechanisms
+        };
+        ObjectPolicy {
+            usage: Usage {
+                encrypt: true,
+                ..self.usage
+            },
+            mechanisms,
+            ..self
+        }
+    }
+}
+
+/// Whether keys of `role` need a key check value (the meter checks it at PUT_KEY, the utility
+/// at import).
+pub fn needs_check_value(role: KeyRole) -> bool {
+    matches!(
+        role,
+        KeyRole::MeterGuek
+            | KeyRole::MeterGbek
+            | KeyRole::MeterAk
+            | KeyRole::MeterKek
+            | KeyRole::BatchTransport
+            | KeyRole::UtilityBatchTransport
+    )
 }
 
 /// The defaults of a key the station makes: no restriction beyond the usage flags.

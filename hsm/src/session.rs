@@ -577,6 +577,17 @@ impl<'a> HsmSession<'a> {
         Ok(point)
     }
 
+    /// The policy of an AES key of `role` on this token: the table's, and, where the token gives
+    /// no CKA_CHECK_VALUE and the role needs a check value, allowed ECB for it.
+    fn aes_policy(&self, role: KeyRole) -> policy::ObjectPolicy {
+        let p = policy::policy(role).key;
+        if !self.mechanisms().check_value && policy::needs_check_value(role) {
+            p.with_ecb_check_value()
+        } else {
+            p
+        }
+    }
+
     /// Generates an AES key for `role`. Token roles are labelled `label` (required for them).
     pub fn generate_aes_key(
         &self,
@@ -608,7 +619,7 @@ impl<'a> HsmSession<'a> {
             extra.push(Attribute::Label(l.as_bytes().to_vec()));
             extra.push(Attribute::Id(self.random(16)?));
         }
-        let t = row.key.template(Class::Secret, extra);
+        let t = self.aes_policy(role).template(Class::Secret, extra);
         let kind = KeyKind::Aes(size.bytes());
         let mut cache = lock(&self.inner().objects);
         if let Some(l) = label
@@ -998,7 +1009,7 @@ impl<'a> HsmSession<'a> {
             extra.push(Attribute::Label(l.as_bytes().to_vec()));
             extra.push(Attribute::Id(self.random(16)?));
         }
-        let t = row.key.template(Class::Secret, extra);
+        let t = self.aes_policy(role).template(Class::Secret, extra);
         let kind = KeyKind::Aes(size.bytes());
         let guard = lock(&self.inner().objects);
         let h = self
@@ -1783,11 +1794,37 @@ pub(crate) fn probe_mechanisms(ctx: &Pkcs11, slot: Slot, session: &Session) -> R
         aes_key_wrap: has(MechanismType::AES_KEY_WRAP),
         aes_key_wrap_pad: kwp.is_some(),
         kwp,
+        check_value: has(MechanismType::AES_KEY_GEN) && gives_check_value(session),
         ecdh: has(MechanismType::ECDH1_DERIVE),
         aes_ecb_encrypt_data: ecb_encrypt_data,
         rsa_keygen: has(MechanismType::RSA_PKCS_KEY_PAIR_GEN),
         rsa_oaep,
     })
+}
+
+/// Whether the token gives a fresh AES key a CKA_CHECK_VALUE (PKCS#11 2.40 and later; some
+/// tokens ignore it).
+fn gives_check_value(session: &Session) -> bool {
+    let Ok(key) = session.generate_key(
+        &Mechanism::AesKeyGen,
+        &[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::ValueLen(16u64.into()),
+            Attribute::Token(false),
+        ],
+    ) else {
+        return false;
+    };
+    let got = session
+        .get_attributes(key, &[AttributeType::CheckValue])
+        .ok()
+        .is_some_and(|v| {
+            v.iter()
+                .any(|a| matches!(a, Attribute::CheckValue(c) if c.len() >= 3))
+        });
+    let _ = session.destroy_object(key);
+    got
 }
 
 /// Whether mechanism `t` does RFC 5649 on this token: it wraps a known key under a known key

@@ -50,9 +50,22 @@ fn kryoptic_opens_signs_and_wraps_with_the_cell_policy() {
         .with_session(|s| s.wrap(&tk, &kek, WrapAlg::AesKwPad))
         .unwrap();
     assert_eq!(w.len(), 40);
+    // No CKA_CHECK_VALUE here: keys that need one may ECB-encrypt (and nothing else more).
+    assert!(!m.check_value, "{}", m.chosen());
+    let kcv = hsm.with_session(|s| s.kcv(&key)).unwrap();
+    let f = hsm.with_session(|s| s.key_flags(&key)).unwrap();
+    assert!(f.encrypt && !f.decrypt && !f.wrap && !f.sign, "{f}");
+    assert_ne!(kcv, [0; 3]);
+    hsm.with_session(|s| s.kcv(&tk)).unwrap();
     let e = hsm.with_session(|s| s.try_read_value(&key)).unwrap_err();
     assert!(
         matches!(e, hsm::Error::NotPermitted(_) | hsm::Error::Pkcs11 { .. }),
         "{e}"
     );
+}
+
+#[test]
+fn kryoptic_derives_the_ktk_and_check_values_like_the_software_meter() {
+    let (_t, hsm) = token("kry-ktk");
+    crate::ops::ktk_and_check_values_agree_with_software(&hsm);
 }

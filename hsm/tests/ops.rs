@@ -110,6 +110,12 @@ fn random_bytes_come_from_the_token() {
 #[test]
 fn ktk_equals_software_derivation_and_wrapped_meter_keys_unwrap() {
     let (_t, hsm) = token("ktk", 2);
+    ktk_and_check_values_agree_with_software(&hsm);
+}
+
+/// The key-transport key and the check values of meter keys on `hsm`, against the software
+/// implementation of the line protocol (run on each PKCS#11 implementation).
+pub(crate) fn ktk_and_check_values_agree_with_software(hsm: &hsm::Hsm) {
     let (kt_private, kt_pub) = hsm.with_session(|s| s.generate_kt_keypair()).unwrap();
     assert_eq!(kt_pub[0], 0x04);
     let flags = hsm.with_session(|s| s.key_flags(&kt_private)).unwrap();

@@ -110,6 +110,10 @@ pub struct HsmConfig {
     /// An async call whose kind has recently taken less than this runs in place on its worker
     /// instead of being handed off ([`crate::IN_PLACE_BELOW`] by default; zero: never).
     pub in_place_below: Duration,
+    /// Batch transport keys may be wrapped only under keys the token's security officer marked
+    /// CKA_TRUSTED (CKA_WRAP_WITH_TRUSTED; the default). Off only for tokens that cannot mark a
+    /// key trusted (Kryoptic): then anyone with the user PIN can wrap a batch key out.
+    pub trusted_wrap: bool,
 }
 
 impl HsmConfig {
@@ -123,6 +127,7 @@ impl HsmConfig {
             max_retries: 3,
             retry_backoff: Duration::from_millis(50),
             in_place_below: crate::pool::IN_PLACE_BELOW,
+            trusted_wrap: true,
         }
     }
 }

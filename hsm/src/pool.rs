@@ -82,6 +82,8 @@ pub(crate) struct Inner {
     backoff: Duration,
     pub(crate) token: TokenIdentity,
     pub(crate) mechanisms: Mechanisms,
+    /// See [`HsmConfig::trusted_wrap`].
+    pub(crate) trusted_wrap: bool,
     /// Slot, anchor session and generation. Held while repairing, so that one thread repairs and
     /// the others wait for it.
     live: Mutex<Live>,
@@ -198,6 +200,7 @@ impl Hsm {
             objects,
             recent_us: Mutex::new(HashMap::new()),
             in_place_below_us: u64::try_from(config.in_place_below.as_micros()).unwrap_or(u64::MAX),
+            trusted_wrap: config.trusted_wrap,
             in_place: AtomicU64::new(0),
         };
         {
@@ -220,6 +223,12 @@ impl Hsm {
     /// What the token offers and what was chosen (record it in what you produce).
     pub fn mechanisms(&self) -> &Mechanisms {
         &self.inner.mechanisms
+    }
+
+    /// Whether batch transport keys may be wrapped only under trusted keys
+    /// ([`HsmConfig::trusted_wrap`]).
+    pub fn trusted_wrap(&self) -> bool {
+        self.inner.trusted_wrap
     }
 
     /// Number of sessions in the pool.

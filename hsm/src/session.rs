@@ -580,12 +580,15 @@ impl<'a> HsmSession<'a> {
     /// The policy of an AES key of `role` on this token: the table's, and, where the token gives
     /// no CKA_CHECK_VALUE and the role needs a check value, allowed ECB for it.
     fn aes_policy(&self, role: KeyRole) -> policy::ObjectPolicy {
-        let p = policy::policy(role).key;
+        let mut p = policy::policy(role).key;
         if !self.mechanisms().check_value && policy::needs_check_value(role) {
-            p.with_ecb_check_value()
-        } else {
-            p
+            p = p.with_ecb_check_value();
         }
+        if !self.inner().trusted_wrap {
+            // A token that cannot mark a key trusted could never wrap such a key.
+            p.wrap_with_trusted = false;
+        }
+        p
     }
 
     /// Generates an AES key for `role`. Token roles are labelled `label` (required for them).
@@ -1236,7 +1239,7 @@ impl<'a> HsmSession<'a> {
         if class != Some(ObjectClass::PUBLIC_KEY) || !rsa {
             return Err(refuse("it is not an rsa public key"));
         }
-        if !trusted {
+        if !trusted && self.inner().trusted_wrap {
             return Err(refuse(
                 "it is not marked trusted, so the token's security officer did not install it",
             ));

@@ -158,6 +158,18 @@ impl SecurityOfficer {
     /// transport key: CKA_TRUSTED, wrapping with RSA-OAEP only. Refused when any object already
     /// carries the label (remove it first with [`SecurityOfficer::remove_customer_key`]).
     pub fn trust_customer_key(&self, name: &str, cert_der: &[u8]) -> Result<CustomerKey> {
+        self.install_customer_key(name, cert_der, true)
+    }
+
+    /// As [`SecurityOfficer::trust_customer_key`], with CKA_TRUSTED only when `trusted`: for a
+    /// cell configured without trusted wrapping (`hsm.trusted_wrap = false`), on tokens that
+    /// cannot mark a key trusted.
+    pub fn install_customer_key(
+        &self,
+        name: &str,
+        cert_der: &[u8],
+        trusted: bool,
+    ) -> Result<CustomerKey> {
         check_name(name)?;
         let key = rsa_public_of_certificate(cert_der)?;
         let label = customer_label(name);
@@ -168,8 +180,9 @@ impl SecurityOfficer {
                 what: "key or object",
             });
         }
-        let row = policy::policy(KeyRole::CustomerTransport);
-        let t = row.key.template(
+        let mut key_policy = policy::policy(KeyRole::CustomerTransport).key;
+        key_policy.trusted = trusted;
+        let t = key_policy.template(
             Class::Public,
             [
                 Attribute::Class(ObjectClass::PUBLIC_KEY),
@@ -188,7 +201,7 @@ impl SecurityOfficer {
             label,
             bits: key.bits(),
             spki_sha256: hex::encode(key.spki_sha256),
-            trusted: true,
+            trusted,
         })
     }
 

@@ -69,3 +69,57 @@ fn kryoptic_derives_the_ktk_and_check_values_like_the_software_meter() {
     let (_t, hsm) = token("kry-ktk");
     crate::ops::ktk_and_check_values_agree_with_software(&hsm);
 }
+
+/// Kryoptic cannot mark a key trusted, not even for its security officer: a batch key that may
+/// be wrapped only under a trusted key could never reach the utility there. The officer's
+/// command says so by name; a cell on such a token runs with `trusted_wrap` off (and warns).
+#[test]
+fn kryoptic_cannot_mark_a_key_trusted_and_wraps_for_the_customer_without_the_mark() {
+    let (_u, _utility, _, cert) = crate::ops::utility_certificate();
+    let t = TestToken::kryoptic("kry-cust").unwrap();
+    let e = t.trust_customer("utility-a", &cert).unwrap_err();
+    use cryptoki::error::RvError;
+    assert!(
+        matches!(
+            e,
+            hsm::Error::Pkcs11 {
+                rv: RvError::AttributeTypeInvalid | RvError::AttributeReadOnly,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let officer = hsm::SecurityOfficer::login(
+        &t.module,
+        &t.label,
+        &hsm::SecretString::from(hsm::testkit::SO_PIN),
+    )
+    .unwrap();
+    let k = officer
+        .install_customer_key("utility-a", &cert, false)
+        .unwrap();
+    assert!(!k.trusted);
+    drop(officer);
+
+    let mut config = t.config(1);
+    config.trusted_wrap = false;
+    let hsm = hsm::Hsm::open(&config).unwrap();
+    let tk = hsm
+        .with_session(|s| {
+            s.generate_aes_key(
+                KeyRole::BatchTransport,
+                AesKeySize::Aes256,
+                Some("batch-transport/W"),
+            )
+        })
+        .unwrap();
+    let f = hsm.with_session(|s| s.key_flags(&tk)).unwrap();
+    assert!(!f.wrap_with_trusted, "{f}");
+    let wrapped = hsm
+        .with_session(move |s| {
+            let c = s.approved_customer_key("utility-a", &cert)?;
+            s.wrap(&c, &tk, WrapAlg::RsaOaep)
+        })
+        .unwrap();
+    assert_eq!(wrapped.len(), 256);
+}

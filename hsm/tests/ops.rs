@@ -717,7 +717,7 @@ fn meter_csr_helper_is_sane() {
 }
 
 /// A utility's RSA-2048 transport key in a token of its own, and its certificate.
-fn utility_certificate() -> (TestToken, hsm::Hsm, hsm::RsaKeyPairHandle, Vec<u8>) {
+pub(crate) fn utility_certificate() -> (TestToken, hsm::Hsm, hsm::RsaKeyPairHandle, Vec<u8>) {
     let (t, utility) = token("utility", 1);
     let rsa = utility
         .with_session(|s| s.generate_rsa_keypair(2048, "utility-transport"))

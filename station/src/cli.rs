@@ -1203,11 +1203,12 @@ async fn hsm_so(cli: &Cli, h: &HsmCmd) -> Result<ExitCode> {
         _ => Op::List,
     };
     let (module, token) = (cfg.hsm.module.clone(), cfg.hsm.token.clone());
+    let trusted_wrap = cfg.hsm.trusted_wrap;
     let lines = tokio::task::spawn_blocking(move || -> Result<Vec<String>> {
         let officer = hsm::SecurityOfficer::login(&module, &token, &pin)?;
         Ok(match op {
             Op::Trust(name, der) => {
-                let k = officer.trust_customer_key(&name, &der)?;
+                let k = officer.install_customer_key(&name, &der, trusted_wrap)?;
                 vec![
                     format!("customer {name}: its key is trusted in token {token}"),
                     k.to_string(),

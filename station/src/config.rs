@@ -108,6 +108,10 @@ pub struct HsmSettings {
     pub pool_size: usize,
     /// `SOFTHSM2_CONF` for this process (software tokens only).
     pub softhsm_conf: Option<PathBuf>,
+    /// Batch transport keys leave the token only under keys its security officer marked trusted
+    /// (the default). Off only for tokens that cannot mark a key trusted; the daemon then warns
+    /// in the audit log at every start.
+    pub trusted_wrap: bool,
 }
 
 /// Line settings.
@@ -296,6 +300,8 @@ struct RawHsm {
     #[serde(default = "default_pool")]
     pool_size: Spanned<u32>,
     softhsm_conf: Option<String>,
+    #[serde(default = "yes")]
+    trusted_wrap: bool,
 }
 
 fn default_pool() -> Spanned<u32> {
@@ -721,6 +727,7 @@ impl Config {
                 pin,
                 pool_size: pool as usize,
                 softhsm_conf: raw.hsm.softhsm_conf.as_deref().map(resolve),
+                trusted_wrap: raw.hsm.trusted_wrap,
             },
             line: LineSettings {
                 latency_ms: raw.line.latency_ms,

@@ -54,6 +54,7 @@ pub fn open_hsm(cfg: &Config) -> Result<Hsm> {
     };
     let mut hc = HsmConfig::new(cfg.hsm.module.clone(), cfg.hsm.token.clone(), pin);
     hc.pool_size = cfg.hsm.pool_size;
+    hc.trusted_wrap = cfg.hsm.trusted_wrap;
     Ok(Hsm::open(&hc)?)
 }
 

@@ -779,6 +779,17 @@ impl Engine {
                 }),
             ))
             .await?;
+        if !inner.cfg.hsm.trusted_wrap {
+            inner
+                .record(NewEvent::new(
+                    &source,
+                    "security.untrusted_wrap",
+                    Severity::Warning,
+                    "system",
+                    serde_json::json!({"message": "hsm.trusted_wrap = false: batch transport keys are not CKA_WRAP_WITH_TRUSTED, so anyone with the HSM user PIN can wrap one out; use a token that can mark keys trusted"}),
+                ))
+                .await?;
+        }
         if access.created {
             inner
                 .record(NewEvent::new(

@@ -34,11 +34,18 @@ pub fn write_conf(dir: &Path) -> Result<PathBuf> {
 /// `main`, before an async runtime starts).
 #[allow(unsafe_code)]
 pub fn use_conf(conf: &Path) {
+    use_module_env("SOFTHSM2_CONF", conf);
+}
+
+/// Sets a software token's configuration variable (`SOFTHSM2_CONF`, `KRYOPTIC_CONF`) for this
+/// process. Call it before any other thread exists, like [`use_conf`].
+#[allow(unsafe_code)]
+pub fn use_module_env(var: &str, value: &Path) {
     // SAFETY: `set_var` is unsafe because another thread may read the environment at the same
     // time. The contract of this function is that it runs before any other thread exists (the
     // station calls it at the top of `main`, before the runtime starts), so nothing can read the
     // environment concurrently.
-    unsafe { std::env::set_var("SOFTHSM2_CONF", conf) };
+    unsafe { std::env::set_var(var, value) };
 }
 
 /// Initialises a fresh token labelled `label` on a free slot of `module`, with `so_pin` and

@@ -178,6 +178,14 @@ const KRYOPTIC_SLOTS: u32 = 48;
 
 static KRYOPTIC: OnceLock<std::result::Result<(PathBuf, Pkcs11), String>> = OnceLock::new();
 
+/// The per-process Kryoptic configuration (`KRYOPTIC_CONF`), set up on first use.
+pub fn kryoptic_conf() -> Result<PathBuf> {
+    kryoptic_env()?;
+    std::env::var_os("KRYOPTIC_CONF")
+        .map(PathBuf::from)
+        .ok_or_else(|| Error::InvalidInput("KRYOPTIC_CONF is not set".into()))
+}
+
 /// Kryoptic's PKCS#11 module: `KRYOPTIC_MODULE`, else `target/kryoptic/release/`, built there
 /// from `tools/kryoptic` when it is missing.
 pub fn kryoptic_module() -> Result<PathBuf> {

@@ -497,10 +497,8 @@ fn prepare_environment(cli: &Cli) -> Result<()> {
             | HsmCmd::UntrustCustomer { .. }
             | HsmCmd::Customers { .. },
         ) => {
-            if let Ok(cfg) = Config::load(&cli.config)
-                && let Some(conf) = &cfg.hsm.softhsm_conf
-            {
-                hsm::softhsm::use_conf(conf);
+            if let Ok(cfg) = Config::load(&cli.config) {
+                cfg.hsm.use_module_env();
             }
             Ok(())
         }

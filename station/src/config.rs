@@ -108,10 +108,26 @@ pub struct HsmSettings {
     pub pool_size: usize,
     /// `SOFTHSM2_CONF` for this process (software tokens only).
     pub softhsm_conf: Option<PathBuf>,
+    /// `KRYOPTIC_CONF` for this process (Kryoptic, a software token).
+    pub kryoptic_conf: Option<PathBuf>,
     /// Batch transport keys leave the token only under keys its security officer marked trusted
     /// (the default). Off only for tokens that cannot mark a key trusted; the daemon then warns
     /// in the audit log at every start.
     pub trusted_wrap: bool,
+}
+
+impl HsmSettings {
+    /// Puts a software token's configuration (`hsm.softhsm_conf`, `hsm.kryoptic_conf`) into this
+    /// process's environment. The module reads it once, when it loads: call this before any
+    /// thread starts.
+    pub fn use_module_env(&self) {
+        if let Some(conf) = &self.softhsm_conf {
+            hsm::softhsm::use_module_env("SOFTHSM2_CONF", conf);
+        }
+        if let Some(conf) = &self.kryoptic_conf {
+            hsm::softhsm::use_module_env("KRYOPTIC_CONF", conf);
+        }
+    }
 }
 
 /// Line settings.
@@ -300,6 +316,7 @@ struct RawHsm {
     #[serde(default = "default_pool")]
     pool_size: Spanned<u32>,
     softhsm_conf: Option<String>,
+    kryoptic_conf: Option<String>,
     #[serde(default = "yes")]
     trusted_wrap: bool,
 }
@@ -727,6 +744,7 @@ impl Config {
                 pin,
                 pool_size: pool as usize,
                 softhsm_conf: raw.hsm.softhsm_conf.as_deref().map(resolve),
+                kryoptic_conf: raw.hsm.kryoptic_conf.as_deref().map(resolve),
                 trusted_wrap: raw.hsm.trusted_wrap,
             },
             line: LineSettings {

@@ -236,10 +236,9 @@ pub fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    // SoftHSM reads its configuration once, when loaded: set it before any thread starts.
-    if let Some(conf) = &cfg.hsm.softhsm_conf {
-        hsm::softhsm::use_conf(conf);
-    }
+    // A software token reads its configuration once, when loaded: set it before any thread
+    // starts.
+    cfg.hsm.use_module_env();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

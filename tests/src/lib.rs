@@ -53,6 +53,9 @@ pub struct CellOptions {
     pub key_agreement: bool,
     /// Extra lines of the model's `[[models]]` table.
     pub model_extra: String,
+    /// The cell's token is a Kryoptic one (else SoftHSM): a second PKCS#11 implementation, which
+    /// cannot mark keys trusted (the cell runs with `hsm.trusted_wrap = false`).
+    pub kryoptic: bool,
 }
 
 impl Default for CellOptions {
@@ -69,6 +72,7 @@ impl Default for CellOptions {
             open_batch: true,
             key_agreement: true,
             model_extra: String::new(),
+            kryoptic: false,
         }
     }
 }
@@ -112,8 +116,20 @@ impl Cell {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().to_path_buf();
         // The token: in-process SoftHSM (one configuration per test process).
-        let token = hsm::testkit::TestToken::new("cell").unwrap();
+        let token = if opts.kryoptic {
+            hsm::testkit::TestToken::kryoptic("cell").unwrap()
+        } else {
+            hsm::testkit::TestToken::new("cell").unwrap()
+        };
         let softhsm_conf = hsm::testkit::dir().unwrap().join("softhsm2.conf");
+        let module_conf = if opts.kryoptic {
+            format!(
+                "kryoptic_conf = \"{}\"\ntrusted_wrap = false\n",
+                hsm::testkit::kryoptic_conf().unwrap().display()
+            )
+        } else {
+            format!("softhsm_conf = \"{}\"\n", softhsm_conf.display())
+        };
         write_owner_only(&d.join("hsm-pin"), hsm::testkit::USER_PIN);
         write_owner_only(&d.join("hsm-so-pin"), hsm::testkit::SO_PIN);
         let h = token.open(2).unwrap();
@@ -208,11 +224,10 @@ impl Cell {
         // Configuration.
         let mut t = format!(
             "station_id = \"e2e-cell\"\ndatabase = \"station.db\"\n\n[manufacturer]\nname = \"{}\"\nflag_id = \"DMW\"\n\n\
-             [hsm]\nmodule = \"{}\"\ntoken = \"{}\"\npin = {{ file = \"hsm-pin\" }}\nsofthsm_conf = \"{}\"\npool_size = 4\n\n[line]\nlatency_ms = 2\npoll_ms = 50\n\n",
+             [hsm]\nmodule = \"{}\"\ntoken = \"{}\"\npin = {{ file = \"hsm-pin\" }}\n{module_conf}pool_size = 4\n\n[line]\nlatency_ms = 2\npoll_ms = 50\n\n",
             hsm::pki::DEMO_ORGANIZATION,
-            hsm::SOFTHSM_MODULE,
+            token.module.display(),
             token.label,
-            softhsm_conf.display()
         );
         for (i, p) in ports.iter().enumerate() {
             t.push_str(&format!(

@@ -1446,3 +1446,39 @@ async fn every_receipt_is_checked_against_the_interfaces_the_model_disables() {
         "{out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_on_kryoptic_ends_in_a_manifest_the_utility_verifies_and_imports() {
+    // The whole cell on a second PKCS#11 implementation: RFC 5649 at 0x210B, no
+    // CKA_CHECK_VALUE, RSA-OAEP with SHA-256, no trusted keys (the cell says so in its log).
+    let cell = Cell::new(CellOptions {
+        nests: 2,
+        quantity: 3,
+        kryoptic: true,
+        ..CellOptions::default()
+    })
+    .await;
+    let dir = finish_and_export(&cell, cell.batch_id.unwrap()).await;
+    let m = manifest(&dir);
+    assert_eq!(meters(&m).len(), 3);
+    assert_eq!(m["transport_key"]["oaep_hash"], "sha256");
+    let (code, out) = verify(&cell, &dir.join("manifest.p7m"), &cell.path("root-ca.pem"));
+    assert_eq!(code, 0, "{out}");
+    let dest = cell.path("keys");
+    let (code, out) = import_files(
+        &cell,
+        &dir.join("manifest.p7m"),
+        &cell.path("utility-key.pem"),
+        &dest,
+    );
+    assert_eq!(code, 0, "{out}");
+    let warned: i64 = cell
+        .db()
+        .query_row(
+            "SELECT COUNT(*) FROM audit WHERE kind = 'security.untrusted_wrap'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(warned >= 1);
+}

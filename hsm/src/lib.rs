@@ -39,8 +39,8 @@ pub use mechanisms::{Mechanisms, OaepHash};
 pub use policy::{KeyPolicy, KeyRole, POLICY};
 pub use pool::{Hsm, IN_PLACE_BELOW, TokenIdentity};
 pub use session::{
-    AesKeySize, Curve, HsmSession, KeyFlags, KeyHandle, KeyKind, KeyPairHandle, ObjectInfo,
-    RsaKeyPairHandle, WrapAlg,
+    AesKeySize, Curve, HsmSession, KeyFlags, KeyHandle, KeyKind, KeyPairHandle, OaepLabel,
+    ObjectInfo, RsaKeyPairHandle, WrapAlg,
 };
 pub use signer::{HsmSigner, SessionSigner};
 pub use so::{CustomerKey, SecurityOfficer};

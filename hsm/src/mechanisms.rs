@@ -96,6 +96,15 @@ impl OaepHash {
         }
     }
 
+    /// The `CK_RSA_PKCS_OAEP_PARAMS` of this hash with `label`.
+    pub fn params_with_label(self, label: &[u8]) -> PkcsOaepParams<'_> {
+        let (hash, mgf) = match self {
+            OaepHash::Sha256 => (MechanismType::SHA256, PkcsMgfType::MGF1_SHA256),
+            OaepHash::Sha1 => (MechanismType::SHA1, PkcsMgfType::MGF1_SHA1),
+        };
+        PkcsOaepParams::new(hash, mgf, PkcsOaepSource::data_specified(label))
+    }
+
     /// The `CK_RSA_PKCS_OAEP_PARAMS` of this hash (empty label).
     pub fn params(self) -> PkcsOaepParams<'static> {
         match self {
@@ -140,6 +149,9 @@ pub struct Mechanisms {
     pub rsa_keygen: bool,
     /// RSA-OAEP and the hash chosen for it (`None`: the token has no usable RSA-OAEP).
     pub rsa_oaep: Option<OaepHash>,
+    /// RSA-OAEP takes a label (SoftHSM 2.6.1 refuses every label): the batch transport key is
+    /// then wrapped with its work order as the label.
+    pub oaep_label: bool,
     /// The token gives AES keys a CKA_CHECK_VALUE (else keys that need a check value may
     /// ECB-encrypt to compute one; see `ObjectPolicy::with_ecb_check_value`).
     pub check_value: bool,
@@ -149,6 +161,12 @@ impl Mechanisms {
     /// A one-line summary of the choices, for logs and `station hsm info`.
     pub fn chosen(&self) -> String {
         let oaep = match self.rsa_oaep {
+            Some(OaepHash::Sha256) if self.oaep_label => {
+                "CKM_RSA_PKCS_OAEP(SHA-256, MGF1-SHA-256, the work order as label)"
+            }
+            Some(OaepHash::Sha1) if self.oaep_label => {
+                "CKM_RSA_PKCS_OAEP(SHA-1, MGF1-SHA-1, the work order as label)"
+            }
             Some(OaepHash::Sha256) => "CKM_RSA_PKCS_OAEP(SHA-256, MGF1-SHA-256, empty label)",
             Some(OaepHash::Sha1) => "CKM_RSA_PKCS_OAEP(SHA-1, MGF1-SHA-1, empty label)",
             None => "none",

@@ -141,6 +141,48 @@ pub enum WrapAlg {
     RsaOaep,
     /// RSA-OAEP with a given hash (the utility side follows what the manifest says), empty label.
     RsaOaepWith(OaepHash),
+    /// RSA-OAEP with a given hash and a label (at most [`OaepLabel::MAX`] bytes), on tokens that
+    /// take one ([`Mechanisms::oaep_label`]).
+    RsaOaepLabelled(OaepHash, OaepLabel),
+}
+
+/// An RSA-OAEP label, held inline so that [`WrapAlg`] stays `Copy`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct OaepLabel {
+    len: u8,
+    bytes: [u8; OaepLabel::MAX],
+}
+
+impl OaepLabel {
+    /// The longest label (a work order has at most 32 bytes).
+    pub const MAX: usize = 64;
+
+    /// A label of `bytes`; `None` when it is longer than [`OaepLabel::MAX`].
+    pub fn new(bytes: &[u8]) -> Option<OaepLabel> {
+        let mut l = OaepLabel {
+            len: u8::try_from(bytes.len())
+                .ok()
+                .filter(|n| usize::from(*n) <= Self::MAX)?,
+            bytes: [0; Self::MAX],
+        };
+        l.bytes[..bytes.len()].copy_from_slice(bytes);
+        Some(l)
+    }
+
+    /// The label.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+impl std::fmt::Debug for OaepLabel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "OaepLabel({:?})",
+            String::from_utf8_lossy(self.as_bytes())
+        )
+    }
 }
 
 /// What kind of key (or object) a handle refers to.
@@ -946,9 +988,20 @@ impl<'a> HsmSession<'a> {
 
     // ----- wrapping ------------------------------------------------------------------------
 
-    fn wrap_mechanism(&self, alg: WrapAlg) -> Result<Mechanism<'static>> {
+    fn wrap_mechanism<'w>(&self, alg: &'w WrapAlg) -> Result<Mechanism<'w>> {
         let m = self.mechanisms();
         match alg {
+            WrapAlg::RsaOaepLabelled(hash, label) => {
+                if !m.oaep_label {
+                    return Err(Error::MechanismMissing {
+                        mechanism: "CKM_RSA_PKCS_OAEP with a label",
+                        purpose: "binding the batch transport key to its work order",
+                    });
+                }
+                Ok(Mechanism::RsaPkcsOaep(
+                    hash.params_with_label(label.as_bytes()),
+                ))
+            }
             WrapAlg::AesKw if m.aes_key_wrap => Ok(Mechanism::AesKeyWrap),
             WrapAlg::AesKwPad if m.kwp.is_some() => Ok(mechanisms::bare(
                 m.kwp.unwrap_or(MechanismType::AES_KEY_WRAP_PAD),
@@ -974,7 +1027,7 @@ impl<'a> HsmSession<'a> {
 
     /// Wraps `key` under `wrapping` with `alg` (inside the token).
     pub fn wrap(&self, wrapping: &KeyHandle, key: &KeyHandle, alg: WrapAlg) -> Result<Vec<u8>> {
-        let mech = self.wrap_mechanism(alg)?;
+        let mech = self.wrap_mechanism(&alg)?;
         let w = self.resolve(wrapping)?;
         let k = self.resolve(key)?;
         self.session.wrap_key(&mech, w, k).ck("wrap a key")
@@ -991,7 +1044,7 @@ impl<'a> HsmSession<'a> {
         size: AesKeySize,
         label: Option<&str>,
     ) -> Result<KeyHandle> {
-        let mech = self.wrap_mechanism(alg)?;
+        let mech = self.wrap_mechanism(&alg)?;
         let row = policy::policy(role);
         if row.family != KeyFamily::Aes {
             return Err(Error::InvalidInput(format!(
@@ -1784,11 +1837,12 @@ pub(crate) fn probe_mechanisms(ctx: &Pkcs11, slot: Slot, session: &Session) -> R
     // each by number.
     .filter(|t| ctx.get_mechanism_info(slot, *t).is_ok_and(|i| i.wrap()))
     .find(|t| kwp_answers_known(session, *t));
-    let rsa_oaep = if has(MechanismType::RSA_PKCS_OAEP) && has(MechanismType::AES_KEY_GEN) {
-        probe_oaep(session)?
-    } else {
-        None
-    };
+    let (rsa_oaep, oaep_label) =
+        if has(MechanismType::RSA_PKCS_OAEP) && has(MechanismType::AES_KEY_GEN) {
+            probe_oaep(session)?
+        } else {
+            (None, false)
+        };
     Ok(Mechanisms {
         listed,
         ec_keygen: has(MechanismType::ECC_KEY_PAIR_GEN),
@@ -1802,6 +1856,7 @@ pub(crate) fn probe_mechanisms(ctx: &Pkcs11, slot: Slot, session: &Session) -> R
         aes_ecb_encrypt_data: ecb_encrypt_data,
         rsa_keygen: has(MechanismType::RSA_PKCS_KEY_PAIR_GEN),
         rsa_oaep,
+        oaep_label,
     })
 }
 
@@ -1862,9 +1917,9 @@ fn kwp_answers_known(session: &Session, t: MechanismType) -> bool {
 /// SHA-1 is chosen only when the token refuses SHA-256's parameters as such (SoftHSM 2.6.1
 /// answers CKR_ARGUMENTS_BAD, others CKR_MECHANISM_PARAM_INVALID); any other failure of the
 /// probe is an error, never a quiet step down to SHA-1.
-fn probe_oaep(session: &Session) -> Result<Option<OaepHash>> {
+fn probe_oaep(session: &Session) -> Result<(Option<OaepHash>, bool)> {
     let Ok(modulus) = hex::decode(PROBE_RSA_MODULUS) else {
-        return Ok(None);
+        return Ok((None, false));
     };
     let public = session
         .create_object(&[
@@ -1898,7 +1953,19 @@ fn probe_oaep(session: &Session) -> Result<Option<OaepHash>> {
                     .wrap_key(&Mechanism::RsaPkcsOaep(hash.params()), public, *secret)
                     .map(drop)
             };
-            oaep_choice(wrap(OaepHash::Sha256), || wrap(OaepHash::Sha1))
+            oaep_choice(wrap(OaepHash::Sha256), || wrap(OaepHash::Sha1)).map(|hash| {
+                // Does it take a label with that hash?
+                let labelled = hash.is_some_and(|h| {
+                    session
+                        .wrap_key(
+                            &Mechanism::RsaPkcsOaep(h.params_with_label(b"label probe")),
+                            public,
+                            *secret,
+                        )
+                        .is_ok()
+                });
+                (hash, labelled)
+            })
         }
         Err(e) => Err(Error::Wrapper(format!("the rsa-oaep probe: {e}"))),
     };

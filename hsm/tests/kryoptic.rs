@@ -123,3 +123,63 @@ fn kryoptic_cannot_mark_a_key_trusted_and_wraps_for_the_customer_without_the_mar
         .unwrap();
     assert_eq!(wrapped.len(), 256);
 }
+
+/// Kryoptic takes RSA-OAEP labels: the batch key wrapped with its work order as the label
+/// opens with that label only — under another work order, or with the empty label, the token
+/// refuses it.
+#[test]
+fn kryoptic_binds_the_batch_key_to_its_work_order_with_an_oaep_label() {
+    let t = TestToken::kryoptic("kry-label").unwrap();
+    let mut config = t.config(1);
+    config.trusted_wrap = false;
+    let hsm = hsm::Hsm::open(&config).unwrap();
+    let m = hsm.mechanisms();
+    assert!(m.oaep_label, "{}", m.chosen());
+    assert!(
+        m.chosen().contains("the work order as label"),
+        "{}",
+        m.chosen()
+    );
+    let hash = m.rsa_oaep.unwrap();
+    let label = |s: &str| hsm::OaepLabel::new(s.as_bytes()).unwrap();
+    let (tk, wrapped) = hsm
+        .with_session(|s| {
+            let pair = s.generate_rsa_keypair(3072, "utility-transport")?;
+            let tk = s.generate_aes_key(
+                KeyRole::BatchTransport,
+                AesKeySize::Aes256,
+                Some("batch-transport/WO-A"),
+            )?;
+            let w = s.wrap(
+                &pair.public,
+                &tk,
+                WrapAlg::RsaOaepLabelled(hash, label("WO-A")),
+            )?;
+            Ok((tk, w))
+        })
+        .unwrap();
+    let kcv = hsm.with_session(|s| s.kcv(&tk)).unwrap();
+    let unwrap = |alg: WrapAlg| {
+        hsm.with_session(|s| {
+            let private = s
+                .find_key(hsm::KeyKind::RsaPrivate, "utility-transport")?
+                .expect("the private key");
+            let k = s.unwrap_aes(
+                &private,
+                &wrapped,
+                alg,
+                KeyRole::UtilityBatchTransport,
+                AesKeySize::Aes256,
+                None,
+            )?;
+            s.kcv(&k)
+        })
+    };
+    assert_eq!(
+        unwrap(WrapAlg::RsaOaepLabelled(hash, label("WO-A"))).unwrap(),
+        kcv
+    );
+    unwrap(WrapAlg::RsaOaepLabelled(hash, label("WO-B"))).unwrap_err();
+    unwrap(WrapAlg::RsaOaepWith(hash)).unwrap_err();
+    assert!(hsm::OaepLabel::new(&[b'x'; 65]).is_none());
+}

@@ -276,6 +276,13 @@ fn rsa_oaep_transport_key_and_aes_kw_meter_keys_unwrap_in_a_second_token() {
         .rsa_oaep
         .expect("the token offers rsa-oaep");
     assert!(station.mechanisms().chosen().contains("CKM_RSA_PKCS_OAEP"));
+    // SoftHSM 2.6.1 refuses every OAEP label: the probe finds that, and a labelled wrap says
+    // which mechanism is missing rather than failing inside the token.
+    assert!(
+        !station.mechanisms().oaep_label,
+        "{}",
+        station.mechanisms().chosen()
+    );
     let customer = station
         .with_session(move |s| s.approved_customer_key("utility-a", &cert_der))
         .unwrap();
@@ -298,6 +305,11 @@ fn rsa_oaep_transport_key_and_aes_kw_meter_keys_unwrap_in_a_second_token() {
         .with_session(|s| s.wrap(&customer, &tk, WrapAlg::RsaOaep))
         .unwrap();
     assert_eq!(tk_wrapped.len(), 256);
+    let labelled = WrapAlg::RsaOaepLabelled(oaep, hsm::OaepLabel::new(b"B-1").unwrap());
+    let e = station
+        .with_session(|s| s.wrap(&customer, &tk, labelled))
+        .unwrap_err();
+    assert!(matches!(e, Error::MechanismMissing { .. }), "{e}");
 
     // Per-meter keys wrapped under the transport key.
     let mut delivered = Vec::new();

@@ -1462,16 +1462,72 @@ async fn a_batch_on_kryoptic_ends_in_a_manifest_the_utility_verifies_and_imports
     let m = manifest(&dir);
     assert_eq!(meters(&m).len(), 3);
     assert_eq!(m["transport_key"]["oaep_hash"], "sha256");
-    let (code, out) = verify(&cell, &dir.join("manifest.p7m"), &cell.path("root-ca.pem"));
+    // Kryoptic takes OAEP labels: the transport key is bound to its work order.
+    assert_eq!(m["transport_key"]["oaep_label"], m["batch"]["work_order"]);
+    python_validate(&dir.join("manifest.json")).unwrap();
+    let (root, key) = (cell.path("root-ca.pem"), cell.path("utility-key.pem"));
+    let (code, out) = verify(&cell, &dir.join("manifest.p7m"), &root);
     assert_eq!(code, 0, "{out}");
     let dest = cell.path("keys");
-    let (code, out) = import_files(
-        &cell,
-        &dir.join("manifest.p7m"),
-        &cell.path("utility-key.pem"),
-        &dest,
-    );
+    let (code, out) = import_files(&cell, &dir.join("manifest.p7m"), &key, &dest);
     assert_eq!(code, 0, "{out}");
+    // OpenSSL, following the documented recipe, unwraps it with the label.
+    let run = run_recipe(cell.dir.path(), &dir, &root, &key, None);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout
+            .lines()
+            .any(|l| l == "transport key: unwrapped, kcv ok"),
+        "{}",
+        run.stdout
+    );
+
+    // A label that is not the work order is refused by every verifier; a transport key moved
+    // into another work order's manifest (label and work order both renamed) does not unwrap.
+    let engine = cell.engine(false).await;
+    let relabelled = resigned(&engine, &dir, &cell.path("relabelled"), |m| {
+        m["transport_key"]["oaep_label"] = "WO-ELSEWHERE".into();
+    });
+    let (code, out) = verify(&cell, &relabelled, &root);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("transport_key.oaep_label \"WO-ELSEWHERE\" is not the batch's work order"),
+        "{out}"
+    );
+    let run = run_recipe(
+        cell.dir.path(),
+        relabelled.parent().unwrap(),
+        &root,
+        &key,
+        None,
+    );
+    assert_ne!(run.code, 0, "{}", run.stdout);
+    assert!(
+        run.stderr
+            .contains("transport key: its OAEP label is not the batch's work order"),
+        "{}",
+        run.stderr
+    );
+    let moved = resigned(&engine, &dir, &cell.path("moved"), |m| {
+        m["transport_key"]["oaep_label"] = "WO-ELSEWHERE".into();
+        m["batch"]["work_order"] = "WO-ELSEWHERE".into();
+    });
+    let (code, out) = verify(&cell, &moved, &root);
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = import_files(&cell, &moved, &key, &cell.path("moved-keys"));
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("the batch transport key does not unwrap with this key"),
+        "{out}"
+    );
+    assert!(!cell.path("moved-keys").exists() || files_in(&cell.path("moved-keys")).is_empty());
+    let run = run_recipe(cell.dir.path(), moved.parent().unwrap(), &root, &key, None);
+    assert_ne!(run.code, 0, "{}", run.stdout);
+    assert!(
+        !run.stdout.contains("transport key: unwrapped"),
+        "{}",
+        run.stdout
+    );
     let warned: i64 = cell
         .db()
         .query_row(

@@ -820,6 +820,21 @@ async fn open_batch(inner: &Arc<Inner>, who: &str, spec: BatchSpec) -> Result<re
         .map_err(|e| Error::Invalid(format!("the customer certificate: {e}")))?;
     check_customer_certificate(&parsed)?;
     let hsm = inner.hsm.clone();
+    // On a token that takes OAEP labels, the work order is the label: the wrapped key then opens
+    // only as the key of this work order.
+    let oaep_label = hsm.mechanisms().oaep_label.then(|| spec.work_order.clone());
+    let alg = match (&oaep_label, hsm.mechanisms().rsa_oaep) {
+        (Some(l), Some(h)) => hsm::WrapAlg::RsaOaepLabelled(
+            h,
+            hsm::OaepLabel::new(l.as_bytes()).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "work order {l} is longer than an OAEP label may be ({} bytes)",
+                    hsm::OaepLabel::MAX
+                ))
+            })?,
+        ),
+        _ => hsm::WrapAlg::RsaOaep,
+    };
     let (l1, l2) = (tk_label.clone(), customer.name.clone());
     let made = hsm
         .run(move |s| {
@@ -829,7 +844,7 @@ async fn open_batch(inner: &Arc<Inner>, who: &str, spec: BatchSpec) -> Result<re
                 // Read afresh from the token before the wrap: the key the security officer
                 // approved for this certificate, or nothing.
                 let ck = s.approved_customer_key(&l2, &cert)?;
-                let w = s.wrap(&ck, &tk, hsm::WrapAlg::RsaOaep)?;
+                let w = s.wrap(&ck, &tk, alg)?;
                 Ok((w, s.kcv(&tk)?))
             })();
             match wrapped {
@@ -866,6 +881,7 @@ async fn open_batch(inner: &Arc<Inner>, who: &str, spec: BatchSpec) -> Result<re
         transport_wrapped: wrapped,
         transport_kcv: hex::encode(kcv),
         oaep_hash: oaep.clone(),
+        oaep_label: oaep_label.clone(),
     };
     let a = inner.audit.clone();
     let src = inner.source.clone();
@@ -891,7 +907,7 @@ async fn open_batch(inner: &Arc<Inner>, who: &str, spec: BatchSpec) -> Result<re
                     "batch": id, "work_order": nb.work_order, "model": nb.model, "firmware": firmware.sha256,
                     "firmware_version": firmware.version, "customer": customer.name, "quantity": nb.quantity,
                     "serials": format!("{}{:09}..{}{:09}", nb.serial_prefix, nb.serial_first, nb.serial_prefix, nb.serial_last),
-                    "transport_key": nb.transport_key, "oaep": oaep,
+                    "transport_key": nb.transport_key, "oaep": oaep, "oaep_label": nb.oaep_label,
                     "anchors": anchors_listed, "anchors_sha256": anchors_sha256,
                     "disable": disable, "disable_names": super::provision::iface_names(disable),
                 })),

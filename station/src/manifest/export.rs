@@ -356,13 +356,14 @@ pub(crate) async fn export(
         .ok()
         .and_then(|c| c.tbs_certificate().subject_public_key_info().to_der().ok())
         .unwrap_or_default();
-    let (wrapped_tk, tk_kcv, closed_at, closed_by): (Vec<u8>, String, i64, String) = {
+    type Sealed = (Vec<u8>, String, i64, String, Option<String>);
+    let (wrapped_tk, tk_kcv, closed_at, closed_by, oaep_label): Sealed = {
         let id = batch.id;
         inner
             .db
             .call(move |c| -> Result<_> {
-                Ok(c.query_row("SELECT transport_wrapped, transport_kcv, closed_at, closed_by FROM batches WHERE id = ?1", [id], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                Ok(c.query_row("SELECT transport_wrapped, transport_kcv, closed_at, closed_by, oaep_label FROM batches WHERE id = ?1", [id], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
                 })?)
             })
             .await?
@@ -444,6 +445,7 @@ pub(crate) async fn export(
             wrapping: "RSA-OAEP".into(),
             oaep_hash: oaep.clone(),
             mgf1_hash: oaep,
+            oaep_label,
             wrapped: b64enc(&wrapped_tk),
             kcv: tk_kcv,
         },

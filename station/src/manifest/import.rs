@@ -158,9 +158,17 @@ fn import_files(m: &Manifest, key_pem: &Path, out_dir: &Path) -> Result<ImportRe
     }
     let wrapped = unb64(&m.transport_key.wrapped);
     let tk = Zeroizing::new(
-        match oaep(m) {
-            OaepHash::Sha1 => key.decrypt(rsa::Oaep::<sha1::Sha1>::new(), &wrapped),
-            OaepHash::Sha256 => key.decrypt(rsa::Oaep::<Sha256>::new(), &wrapped),
+        match (oaep(m), m.transport_key.oaep_label.clone()) {
+            (OaepHash::Sha1, None) => key.decrypt(rsa::Oaep::<sha1::Sha1>::new(), &wrapped),
+            (OaepHash::Sha256, None) => key.decrypt(rsa::Oaep::<Sha256>::new(), &wrapped),
+            (OaepHash::Sha1, Some(l)) => key.decrypt(
+                rsa::Oaep::<sha1::Sha1>::new_with_label(l.into_bytes()),
+                &wrapped,
+            ),
+            (OaepHash::Sha256, Some(l)) => key.decrypt(
+                rsa::Oaep::<Sha256>::new_with_label(l.into_bytes()),
+                &wrapped,
+            ),
         }
         .map_err(|_| {
             ImportError::WrongKey("the batch transport key does not unwrap with this key".into())
@@ -285,7 +293,18 @@ fn import_token(
     cfg.pool_size = 1;
     let hsm = Hsm::open(&cfg).map_err(dest)?;
     let wrapped_tk = unb64(&m.transport_key.wrapped);
-    let hash = oaep(m);
+    let alg = match &m.transport_key.oaep_label {
+        None => WrapAlg::RsaOaepWith(oaep(m)),
+        Some(l) => WrapAlg::RsaOaepLabelled(
+            oaep(m),
+            hsm::OaepLabel::new(l.as_bytes()).ok_or_else(|| {
+                ImportError::Destination(format!(
+                    "the OAEP label is longer than {} bytes",
+                    hsm::OaepLabel::MAX
+                ))
+            })?,
+        ),
+    };
     let tk_kcv = m.transport_key.kcv.clone();
     let label = key_label.to_string();
     let meters = m.meters.clone();
@@ -300,7 +319,7 @@ fn import_token(
             .unwrap_aes(
                 &private,
                 &wrapped_tk,
-                WrapAlg::RsaOaepWith(hash),
+                alg,
                 KeyRole::UtilityBatchTransport,
                 AesKeySize::Aes256,
                 None,

@@ -144,6 +144,10 @@ pub struct TransportKey {
     pub oaep_hash: String,
     /// MGF1 hash: "sha1" or "sha256".
     pub mgf1_hash: String,
+    /// The OAEP label the key was wrapped with: the batch's work order (UTF-8), on tokens that
+    /// take labels. Absent: the empty label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oaep_label: Option<String>,
     /// The key wrapped for the utility's certificate, base64.
     pub wrapped: String,
     /// Key check value (first 3 bytes of AES-ECB of a zero block), hex.
@@ -418,6 +422,15 @@ impl Manifest {
             matches!(t.mgf1_hash.as_str(), "sha1" | "sha256"),
             "transport_key.mgf1_hash is not sha1 or sha256".into(),
         );
+        if let Some(label) = &t.oaep_label {
+            need(
+                *label == self.batch.work_order,
+                format!(
+                    "transport_key.oaep_label {label:?} is not the batch's work order {:?}",
+                    self.batch.work_order
+                ),
+            );
+        }
         need(
             b64(&t.wrapped),
             "transport_key.wrapped is not base64".into(),

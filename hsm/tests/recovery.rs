@@ -182,7 +182,10 @@ async fn signing_tasks_survive_a_reinitialisation_mid_run() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// Held across awaits on purpose: the other tests of this binary finalise the library.
+#[allow(clippy::await_holding_lock)]
 async fn only_calls_that_have_been_short_run_in_place() {
+    let _g = serial();
     let (_t, hsm) = util::token("inplace", 2);
     let pair = hsm
         .with_session(|s| s.generate_ec_keypair(KeyRole::StationIdentity, Curve::P256, None))

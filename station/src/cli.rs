@@ -1208,7 +1208,13 @@ async fn hsm_so(cli: &Cli, h: &HsmCmd) -> Result<ExitCode> {
             Op::Trust(name, der) => {
                 let k = officer.install_customer_key(&name, &der, trusted_wrap)?;
                 vec![
-                    format!("customer {name}: its key is trusted in token {token}"),
+                    if k.trusted {
+                        format!("customer {name}: its key is trusted in token {token}")
+                    } else {
+                        format!(
+                            "customer {name}: its key is installed in token {token}, not marked trusted (hsm.trusted_wrap is off)"
+                        )
+                    },
                     k.to_string(),
                     format!(
                         "next, a security officer of the cell records it: station customer import {name} CERT"

@@ -19,8 +19,9 @@ commands:
                         (a whole batch on emulated meters with a real software HSM),
                         replacing the demo cell an earlier run left in demo-out/
   test                  install what is missing, then fmt check, cargo deny (licences,
-                        bans, sources), clippy, and every test (cargo nextest) — what CI
-                        runs
+                        bans, sources), clippy, every test (cargo nextest), the doc
+                        tests, and the HSM tests again under plain `cargo test` — what
+                        CI runs
   bench <what>          print benchmark figures as JSON lines; <what> is one of:
                         link, hsm, station, manifest, api, gui, all
   screenshot [OUT.png]  start the touch console in demo mode under Xvfb and save a picture
@@ -386,7 +387,13 @@ fn test() -> Result<(), String> {
     let mut doc = cargo();
     doc.args(["test", "--workspace", "--doc", "--locked"]);
     with_tool_env(&mut doc, &imgtool);
-    run(&mut doc)
+    run(&mut doc)?;
+    // The HSM crate's tests under plain `cargo test` as well: many tests in one process share
+    // one initialised PKCS#11 library (nextest gives each test a process of its own).
+    let mut plain = cargo();
+    plain.args(["test", "--locked", "-p", "hsm", "--tests"]);
+    with_tool_env(&mut plain, &imgtool);
+    run(&mut plain)
 }
 
 fn demo(args: &[String]) -> Result<(), String> {

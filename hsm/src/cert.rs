@@ -287,7 +287,7 @@ pub fn issue_with_serial(
     let issuer = ca.rcgen_issuer(session);
     let cert = params
         .signed_by(&subject, &issuer)
-        .map_err(|e| Error::Encoding(e.to_string()))?;
+        .map_err(crate::signer::rcgen_error)?;
     match ca.verification {
         Verification::Software => parse_and_verify(cert.der(), ca.key.curve, &ca.key.point),
         Verification::Token => parse_and_verify_with(cert.der(), ca.key.curve, |msg, sig| {
@@ -392,7 +392,7 @@ pub fn issue_tls_certificate(
     let issuer = ca.rcgen_issuer(session);
     let cert = params
         .signed_by(&subject, &issuer)
-        .map_err(|e| Error::Encoding(e.to_string()))?;
+        .map_err(crate::signer::rcgen_error)?;
     parse_and_verify(cert.der(), ca.key.curve, &ca.key.point)
 }
 
@@ -428,7 +428,7 @@ pub fn issue_crl(
     };
     let crl = params
         .signed_by(&ca.rcgen_issuer(session))
-        .map_err(|e| Error::Encoding(e.to_string()))?;
+        .map_err(crate::signer::rcgen_error)?;
     Ok(crl.der().to_vec())
 }
 

@@ -115,8 +115,10 @@ pub enum Error {
         last: String,
     },
     /// Any other PKCS#11 failure.
-    #[error("pkcs#11 {function} failed with {rv}; {hint}")]
+    #[error("{operation}: {function} returned {}; {hint}", ckr_name(*rv))]
     Pkcs11 {
+        /// What the station was doing, with the mechanism where there is one.
+        operation: String,
         /// The PKCS#11 function.
         function: String,
         /// The return value, by name.
@@ -312,26 +314,30 @@ impl Error {
     /// Converts a cryptoki error, naming the function it came from.
     pub(crate) fn ck(function: &str, e: CkError) -> Self {
         match e {
-            CkError::Pkcs11(rv, f) => Error::from_rv(format!("C_{f:?}"), rv),
+            CkError::Pkcs11(rv, f) => Error::from_rv(function, format!("C_{f:?}"), rv),
             other => Error::Wrapper(format!("{function}: {other}")),
         }
     }
 
-    fn from_rv(function: String, rv: RvError) -> Self {
+    fn from_rv(operation: &str, function: String, rv: RvError) -> Self {
         match rv {
-            RvError::KeyFunctionNotPermitted => {
-                Error::NotPermitted(format!("{function} is not permitted for this key"))
-            }
-            RvError::AttributeSensitive => {
-                Error::NotPermitted("the key is sensitive: its value cannot be read".into())
-            }
-            RvError::KeyUnextractable => {
-                Error::NotPermitted("the key is not extractable: it cannot be wrapped".into())
-            }
-            RvError::KeyNotWrappable => {
-                Error::NotPermitted("the key may not be wrapped by this key".into())
+            RvError::KeyFunctionNotPermitted
+            | RvError::AttributeSensitive
+            | RvError::KeyUnextractable
+            | RvError::KeyNotWrappable => {
+                let why = match rv {
+                    RvError::AttributeSensitive => "the key is sensitive: its value cannot be read",
+                    RvError::KeyUnextractable => "the key is not extractable: it cannot be wrapped",
+                    RvError::KeyNotWrappable => "the key may not be wrapped by this key",
+                    _ => "the key may not do this",
+                };
+                Error::NotPermitted(format!(
+                    "{why} ({operation}: {function} returned {})",
+                    ckr_name(rv)
+                ))
             }
             _ => Error::Pkcs11 {
+                operation: operation.to_owned(),
                 function,
                 rv,
                 hint: hint(rv),
@@ -375,6 +381,25 @@ impl Error {
             action,
             path: path.into(),
             source,
+        }
+    }
+}
+
+/// The PKCS#11 name of a return value, e.g. `CKR_MECHANISM_INVALID` (cryptoki's `Display`
+/// gives the specification's prose instead).
+pub fn ckr_name(rv: RvError) -> String {
+    match rv {
+        RvError::VendorDefined(code) => format!("CKR_VENDOR_DEFINED ({code:#x})"),
+        RvError::UnknownErrorCode(code) => format!("CK_RV {code:#x}"),
+        other => {
+            let mut name = String::from("CKR");
+            for c in format!("{other:?}").chars() {
+                if c.is_ascii_uppercase() {
+                    name.push('_');
+                }
+                name.push(c.to_ascii_uppercase());
+            }
+            name
         }
     }
 }

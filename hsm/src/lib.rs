@@ -34,7 +34,7 @@ pub use cert::{
     IssuedCertificate, Issuer, MeterKeyUsage, MeterProfile, TlsProfile, TlsUsage, Verification,
 };
 pub use config::{HsmConfig, PinSource, SOFTHSM_MODULE};
-pub use error::{CertError, CsrError, Error, Result};
+pub use error::{CertError, CsrError, Error, Result, ckr_name};
 pub use mechanisms::{Mechanisms, OaepHash};
 pub use policy::{KeyPolicy, KeyRole, POLICY};
 pub use pool::{Hsm, IN_PLACE_BELOW, TokenIdentity};

@@ -436,7 +436,7 @@ fn build(
             let params = spec.params(s, &pair.point)?;
             let cert = params
                 .self_signed(&SessionSigner::new(s, pair))
-                .map_err(|e| Error::Encoding(e.to_string()))?;
+                .map_err(crate::signer::rcgen_error)?;
             Ok(cert::parse_and_verify(cert.der(), pair.curve, &pair.point)?.der)
         }
     }
@@ -453,7 +453,7 @@ fn build_for(
     params.use_authority_key_identifier_extension = true;
     let cert = params
         .signed_by(subject, &issuer.rcgen_issuer(s))
-        .map_err(|e| Error::Encoding(e.to_string()))?;
+        .map_err(crate::signer::rcgen_error)?;
     Ok(cert::parse_and_verify(cert.der(), issuer.key.curve, &issuer.key.point)?.der)
 }
 
@@ -559,7 +559,7 @@ pub fn csr(hsm: &Hsm, role: KeyRole, curve: Curve, subject: &CsrSubject) -> Resu
         let pair = s.generate_ec_keypair(role, curve, None)?;
         let made = params
             .serialize_request(&SessionSigner::new(s, &pair))
-            .map_err(|e| Error::Encoding(e.to_string()));
+            .map_err(crate::signer::rcgen_error);
         match made {
             Ok(req) => Ok(CsrOutput {
                 role,

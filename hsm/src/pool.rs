@@ -372,6 +372,7 @@ impl Inner {
         let live = lock(&self.live);
         if live.anchor.is_none() {
             return Err(Error::Pkcs11 {
+                operation: "open a session".into(),
                 function: "C_OpenSession".into(),
                 rv: RvError::SessionHandleInvalid,
                 hint: "the hsm session was lost; the operation can be retried",

@@ -574,7 +574,7 @@ impl<'a> HsmSession<'a> {
         let (pub_h, priv_h) = self
             .session
             .generate_key_pair(&Mechanism::EccKeyPairGen, &pub_t, &priv_t)
-            .ck("generate an ec key pair")?;
+            .ck("generate an ec key pair with CKM_EC_KEY_PAIR_GEN")?;
         let point = match self.read_ec_point(pub_h, curve) {
             Ok(p) => p,
             Err(e) => {
@@ -678,7 +678,7 @@ impl<'a> HsmSession<'a> {
         let h = self
             .session
             .generate_key(&Mechanism::AesKeyGen, &t)
-            .ck("generate an aes key")?;
+            .ck("generate an aes key with CKM_AES_KEY_GEN")?;
         if let Some(l) = label {
             cache.handles.insert((kind.class_code(), l.to_owned()), h);
         }
@@ -730,7 +730,7 @@ impl<'a> HsmSession<'a> {
         let (pub_h, priv_h) = self
             .session
             .generate_key_pair(&Mechanism::RsaPkcsKeyPairGen, &pub_t, &priv_t)
-            .ck("generate an rsa key pair")?;
+            .ck("generate an rsa key pair with CKM_RSA_PKCS_KEY_PAIR_GEN")?;
         let attrs = self
             .session
             .get_attributes(
@@ -861,7 +861,7 @@ impl<'a> HsmSession<'a> {
         let h = self
             .session
             .derive_key(&Mechanism::Ecdh1Derive(params), base, &t)
-            .ck("derive an ecdh secret")?;
+            .ck("derive an ecdh secret with CKM_ECDH1_DERIVE (null kdf)")?;
         Ok(self.handle_for(h, KeyKind::Aes(size.bytes()), Some(role), None))
     }
 
@@ -886,7 +886,7 @@ impl<'a> HsmSession<'a> {
         let h = self
             .session
             .derive_key(&mechanisms::aes_ecb_encrypt_data(&params), base_h, &t)
-            .ck("derive the key-transport key")?;
+            .ck("derive the key-transport key with CKM_AES_ECB_ENCRYPT_DATA")?;
         Ok(self.handle_for(h, KeyKind::Aes(32), Some(role), None))
     }
 
@@ -903,10 +903,8 @@ impl<'a> HsmSession<'a> {
         let der = match curve {
             Curve::P256 => {
                 let digest = sha2::Sha256::digest(msg);
-                let raw = self
-                    .session
-                    .sign(&Mechanism::Ecdsa, h, &digest)
-                    .ck("sign")?;
+                let raw = transient(|| self.session.sign(&Mechanism::Ecdsa, h, &digest))
+                    .ck("sign with CKM_ECDSA")?;
                 p256::ecdsa::Signature::from_slice(&raw)
                     .map_err(|_| {
                         Error::InvalidInput("the token returned a malformed signature".into())
@@ -917,10 +915,8 @@ impl<'a> HsmSession<'a> {
             }
             Curve::P384 => {
                 let digest = sha2::Sha384::digest(msg);
-                let raw = self
-                    .session
-                    .sign(&Mechanism::Ecdsa, h, &digest)
-                    .ck("sign")?;
+                let raw = transient(|| self.session.sign(&Mechanism::Ecdsa, h, &digest))
+                    .ck("sign with CKM_ECDSA")?;
                 p384::ecdsa::Signature::from_slice(&raw)
                     .map_err(|_| {
                         Error::InvalidInput("the token returned a malformed signature".into())
@@ -1030,7 +1026,9 @@ impl<'a> HsmSession<'a> {
         let mech = self.wrap_mechanism(&alg)?;
         let w = self.resolve(wrapping)?;
         let k = self.resolve(key)?;
-        self.session.wrap_key(&mech, w, k).ck("wrap a key")
+        self.session
+            .wrap_key(&mech, w, k)
+            .ck(&format!("wrap a key with {}", mech.mechanism_type()))
     }
 
     /// Unwraps an AES key of `size` under `unwrapping` into a new key with `role`'s attributes
@@ -1071,7 +1069,7 @@ impl<'a> HsmSession<'a> {
         let h = self
             .session
             .unwrap_key(&mech, u, wrapped, &t)
-            .ck("unwrap a key")?;
+            .ck(&format!("unwrap a key with {}", mech.mechanism_type()))?;
         drop(guard);
         let key = self.handle_for(h, kind, Some(role), label);
         // Some tokens (SoftHSM 2.6.1) leave CKA_VALUE_LEN at 0 after an unwrap; a length they do
@@ -1125,7 +1123,7 @@ impl<'a> HsmSession<'a> {
             let block = self
                 .session
                 .encrypt(&Mechanism::AesEcb, h, &[0u8; 16])
-                .ck("encrypt")?;
+                .ck("compute a check value with CKM_AES_ECB")?;
             if block.len() >= 3 {
                 return Ok([block[0], block[1], block[2]]);
             }
@@ -1154,7 +1152,7 @@ impl<'a> HsmSession<'a> {
             .map_err(|e| Error::InvalidInput(format!("aes-gcm parameters: {e}")))?;
         self.session
             .encrypt(&Mechanism::AesGcm(params), h, data)
-            .ck("encrypt with aes-gcm")
+            .ck("encrypt with CKM_AES_GCM")
     }
 
     // ----- imports -------------------------------------------------------------------------
@@ -1435,7 +1433,7 @@ impl<'a> HsmSession<'a> {
         let mac = self
             .session
             .sign(&Mechanism::Sha256Hmac, h, data)
-            .ck("compute an hmac")?;
+            .ck("compute an hmac with CKM_SHA256_HMAC")?;
         mac.try_into().map_err(|_| {
             Error::InvalidInput("the token returned an hmac of the wrong length".into())
         })
@@ -1817,6 +1815,30 @@ const PROBE_RSA_MODULUS: &str = concat!(
 );
 
 /// Reads the token's mechanism list and makes the choices recorded in [`Mechanisms`].
+/// Pauses before each retry of a call that met a transient `CKR_DEVICE_ERROR`.
+const TRANSIENT_PAUSES: [std::time::Duration; 2] = [
+    std::time::Duration::from_millis(5),
+    std::time::Duration::from_millis(50),
+];
+
+/// Runs `call`, and again (twice at most, after a short pause) while it fails with
+/// `CKR_DEVICE_ERROR`: network HSMs and HSMs under load report a passing fault that way. A
+/// signature is safe to repeat; an error that stays is the caller's (and the pool's recovery).
+fn transient<T>(
+    mut call: impl FnMut() -> std::result::Result<T, cryptoki::error::Error>,
+) -> std::result::Result<T, cryptoki::error::Error> {
+    for pause in TRANSIENT_PAUSES {
+        match call() {
+            Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::DeviceError, f)) => {
+                tracing::warn!(function = ?f, "CKR_DEVICE_ERROR from the token; trying again");
+                std::thread::sleep(pause);
+            }
+            done => return done,
+        }
+    }
+    call()
+}
+
 pub(crate) fn probe_mechanisms(ctx: &Pkcs11, slot: Slot, session: &Session) -> Result<Mechanisms> {
     let list = ctx.get_mechanism_list(slot).ck("list mechanisms")?;
     let has = |m: MechanismType| list.contains(&m);
@@ -2047,5 +2069,28 @@ mod tests {
             ),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_transient_device_error_is_retried_twice_and_nothing_else_is() {
+        let failing = |rv: RvError, times: usize| {
+            let mut calls = 0;
+            let r = transient(|| {
+                calls += 1;
+                if calls <= times {
+                    Err(CkError::Pkcs11(rv, Function::Sign))
+                } else {
+                    Ok(calls)
+                }
+            });
+            (r, calls)
+        };
+        assert_eq!(failing(RvError::DeviceError, 2).0.unwrap(), 3);
+        let (r, calls) = failing(RvError::DeviceError, 3);
+        assert!(matches!(r, Err(CkError::Pkcs11(RvError::DeviceError, _))));
+        assert_eq!(calls, 3);
+        let (r, calls) = failing(RvError::KeyHandleInvalid, 1);
+        assert!(r.is_err());
+        assert_eq!(calls, 1, "only CKR_DEVICE_ERROR is retried here");
     }
 }

@@ -74,12 +74,30 @@ impl rcgen::PublicKeyData for SessionSigner<'_> {
     }
 }
 
+thread_local! {
+    /// The token's error behind the last `rcgen::Error::RemoteKeyError` of this thread: rcgen
+    /// can only say "remote key error", so the cause waits here for [`rcgen_error`].
+    static SIGN_ERROR: std::cell::RefCell<Option<Error>> = const { std::cell::RefCell::new(None) };
+}
+
 impl rcgen::SigningKey for SessionSigner<'_> {
     fn sign(&self, msg: &[u8]) -> std::result::Result<Vec<u8>, rcgen::Error> {
         self.session.sign(&self.key, msg).map_err(|e| {
             tracing::warn!(error = %e, "hsm signature for a certificate failed");
+            SIGN_ERROR.with(|slot| *slot.borrow_mut() = Some(e));
             rcgen::Error::RemoteKeyError
         })
+    }
+}
+
+/// Our error for an rcgen failure: the token's own error when a [`SessionSigner`] signature
+/// failed (so that it names the CKR, and the pool can recover and retry), else an encoding
+/// error.
+pub(crate) fn rcgen_error(e: rcgen::Error) -> Error {
+    let cause = SIGN_ERROR.with(|slot| slot.borrow_mut().take());
+    match (e, cause) {
+        (rcgen::Error::RemoteKeyError, Some(cause)) => cause,
+        (e, _) => Error::Encoding(e.to_string()),
     }
 }
 

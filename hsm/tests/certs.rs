@@ -361,6 +361,24 @@ fn an_issuer_must_hold_the_key_of_its_certificate() {
     );
 }
 
+/// A certificate signature the token refuses surfaces as the token's error (operation, CKR),
+/// not as the certificate library's "remote key error".
+#[test]
+fn a_failed_certificate_signature_names_the_token_error() {
+    let (hsm, ca, _dir) = demo();
+    let csr = meter_csr(&SoftKey::new(Curve::P256, "m9"));
+    let p = profile(Curve::P256, MeterKeyUsage::DigitalSignature);
+    // The CA's private key is gone from the token (deleted behind the station's back).
+    hsm.with_session(|s| s.destroy(&ca.key.private)).unwrap();
+    let e = hsm
+        .with_session(|s| issue_meter_certificate(s, &ca, &csr, &p))
+        .unwrap_err();
+    let text = e.to_string();
+    assert!(!text.to_lowercase().contains("remote key"), "{text}");
+    assert!(text.contains("sign with CKM_ECDSA"), "{text}");
+    assert!(text.contains("C_Sign"), "{text}");
+}
+
 #[test]
 fn hsm_signer_serves_the_signature_traits() {
     use signature::{Keypair, Signer, Verifier};

@@ -721,6 +721,76 @@ fn missing_mechanism_error_names_it() {
     );
 }
 
+/// A token's refusal names the operation, the mechanism and the CKR by its PKCS#11 name (not
+/// the specification's prose), then what to do.
+#[test]
+fn a_token_error_names_the_operation_the_mechanism_and_the_ckr() {
+    let (_t, hsm) = token("ckr", 1);
+    let tk = hsm
+        .with_session(|s| {
+            s.generate_aes_key(
+                KeyRole::BatchTransport,
+                AesKeySize::Aes256,
+                Some("batch-transport/CKR"),
+            )
+        })
+        .unwrap();
+    // A failure of the token: garbage to unwrap under a key that may unwrap.
+    let e = hsm
+        .with_session(|s| {
+            let kek =
+                s.generate_aes_key(KeyRole::UtilityBatchTransport, AesKeySize::Aes256, None)?;
+            s.unwrap_aes(
+                &kek,
+                &[0x5a; 24],
+                WrapAlg::AesKw,
+                KeyRole::MeterGuek,
+                AesKeySize::Aes128,
+                None,
+            )
+        })
+        .unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.starts_with("unwrap a key with CKM_AES_KEY_WRAP: C_UnwrapKey returned CKR_"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("  "),
+        "no prose from the specification: {text}"
+    );
+    // A refusal by the key's policy says so, and names the same.
+    let e = hsm
+        .with_session(|s| {
+            s.unwrap_aes(
+                &tk,
+                &[0x5a; 24],
+                WrapAlg::AesKw,
+                KeyRole::MeterGuek,
+                AesKeySize::Aes128,
+                None,
+            )
+        })
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "the key policy forbids this: the key may not do this (unwrap a key with CKM_AES_KEY_WRAP: C_UnwrapKey returned CKR_KEY_FUNCTION_NOT_PERMITTED)"
+    );
+    use cryptoki::error::RvError;
+    assert_eq!(
+        hsm::ckr_name(RvError::MechanismInvalid),
+        "CKR_MECHANISM_INVALID"
+    );
+    assert_eq!(
+        hsm::ckr_name(RvError::SessionReadWriteSoExists),
+        "CKR_SESSION_READ_WRITE_SO_EXISTS"
+    );
+    assert_eq!(
+        hsm::ckr_name(RvError::VendorDefined(0x8000_0101)),
+        "CKR_VENDOR_DEFINED (0x80000101)"
+    );
+}
+
 #[test]
 fn meter_csr_helper_is_sane() {
     // Guards the harness itself: a request from it parses.

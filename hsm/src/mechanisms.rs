@@ -158,9 +158,9 @@ pub struct Mechanisms {
 }
 
 impl Mechanisms {
-    /// A one-line summary of the choices, for logs and `station hsm info`.
-    pub fn chosen(&self) -> String {
-        let oaep = match self.rsa_oaep {
+    /// The RSA-OAEP choice, e.g. `CKM_RSA_PKCS_OAEP(SHA-256, MGF1-SHA-256, empty label)`.
+    pub fn chosen_oaep(&self) -> &'static str {
+        match self.rsa_oaep {
             Some(OaepHash::Sha256) if self.oaep_label => {
                 "CKM_RSA_PKCS_OAEP(SHA-256, MGF1-SHA-256, the work order as label)"
             }
@@ -170,7 +170,12 @@ impl Mechanisms {
             Some(OaepHash::Sha256) => "CKM_RSA_PKCS_OAEP(SHA-256, MGF1-SHA-256, empty label)",
             Some(OaepHash::Sha1) => "CKM_RSA_PKCS_OAEP(SHA-1, MGF1-SHA-1, empty label)",
             None => "none",
-        };
+        }
+    }
+
+    /// A one-line summary of the choices, for logs and `station hsm info`.
+    pub fn chosen(&self) -> String {
+        let oaep = self.chosen_oaep();
         format!(
             "sign: CKM_ECDSA over a software SHA-256/384 digest; wrap: {}; wrap with padding: {}; transport-key wrap: {oaep}; ktk: {}; check values: {}",
             if self.aes_key_wrap {

@@ -78,6 +78,7 @@ pub(crate) struct Inner {
     ctx: Pkcs11,
     pin: SecretString,
     pool_size: usize,
+    session_limit: Option<usize>,
     max_retries: u32,
     backoff: Duration,
     pub(crate) token: TokenIdentity,
@@ -159,6 +160,25 @@ impl Hsm {
             model: info.model().trim().to_owned(),
             serial: info.serial_number().trim().to_owned(),
         };
+        // The pool and its anchor session stay within the token's session limits (a YubiHSM 2
+        // allows 16 sessions, some network HSMs fewer per client); a larger pool is cut down.
+        let session_limit = [info.max_session_count(), info.max_rw_session_count()]
+            .into_iter()
+            .filter_map(|l| match l {
+                cryptoki::slot::Limit::Max(n) if n > 0 => usize::try_from(n).ok(),
+                _ => None,
+            })
+            .min();
+        let pool_size = pool_within(config.pool_size, session_limit);
+        if pool_size < config.pool_size {
+            tracing::warn!(
+                token = %config.token_label,
+                configured = config.pool_size,
+                limit = ?session_limit,
+                pool = pool_size,
+                "the token allows fewer sessions than the configured pool; the pool is smaller"
+            );
+        }
         let anchor = ctx.open_rw_session(slot).ck("open a session")?;
         login(&anchor, &config.token_label, &pin)?;
         let objects = Mutex::new(ObjectCache::default());
@@ -174,14 +194,15 @@ impl Hsm {
         tracing::info!(
             token = %token.label,
             model = %token.model,
-            pool = config.pool_size,
+            pool = pool_size,
             chosen = %mechanisms.chosen(),
             "hsm opened"
         );
         let inner = Inner {
             ctx,
             pin,
-            pool_size: config.pool_size,
+            pool_size,
+            session_limit,
             max_retries: config.max_retries,
             backoff: config.retry_backoff,
             token,
@@ -192,9 +213,9 @@ impl Hsm {
                 anchor: Some(anchor),
             }),
             generation: AtomicU64::new(0),
-            idle: Mutex::new(Vec::with_capacity(config.pool_size)),
+            idle: Mutex::new(Vec::with_capacity(pool_size)),
             returned: Condvar::new(),
-            gate: Arc::new(Semaphore::new(config.pool_size)),
+            gate: Arc::new(Semaphore::new(pool_size)),
             alive: Mutex::new(HashSet::new()),
             next_id: AtomicU64::new(1),
             objects,
@@ -205,7 +226,7 @@ impl Hsm {
         };
         {
             let mut idle = lock(&inner.idle);
-            for _ in 0..config.pool_size {
+            for _ in 0..pool_size {
                 let pooled = inner.open_pooled()?;
                 idle.push(Some(pooled));
             }
@@ -231,9 +252,16 @@ impl Hsm {
         self.inner.trusted_wrap
     }
 
-    /// Number of sessions in the pool.
+    /// Number of sessions in the pool (the configured size, or less where the token allows
+    /// fewer sessions).
     pub fn pool_size(&self) -> usize {
         self.inner.pool_size
+    }
+
+    /// The token's session limit, where it states one (`ulMaxSessionCount`,
+    /// `ulMaxRwSessionCount`, the lower).
+    pub fn session_limit(&self) -> Option<usize> {
+        self.inner.session_limit
     }
 
     /// Current generation: it grows each time the pool had to re-initialise or re-open its
@@ -526,13 +554,34 @@ impl Drop for Lease<'_> {
     }
 }
 
+/// The pool size for `configured` sessions under a token's session `limit`: the pool and its
+/// anchor session fit, and there is at least one pooled session.
+fn pool_within(configured: usize, limit: Option<usize>) -> usize {
+    match limit {
+        Some(limit) if configured + 1 > limit => limit.saturating_sub(1).max(1),
+        _ => configured,
+    }
+}
+
 /// Finds the slot whose token carries `label` (never by slot number: modules renumber).
 pub(crate) fn find_slot(ctx: &Pkcs11, label: &str) -> Result<Slot> {
     let slots = ctx.get_slots_with_token().ck("list slots")?;
     let mut seen = Vec::new();
     for slot in slots {
-        let Ok(info) = ctx.get_token_info(slot) else {
-            continue;
+        let info = match ctx.get_token_info(slot) {
+            Ok(info) => info,
+            Err(e) => {
+                // Reported, never skipped: it may be the token asked for.
+                let why = match e {
+                    CkError::Pkcs11(rv, _) => crate::error::ckr_name(rv),
+                    other => other.to_string(),
+                };
+                tracing::warn!(slot = %slot, error = %why, "a slot's token information cannot be read");
+                seen.push(format!(
+                    "<slot {slot}: token information unreadable, {why}>"
+                ));
+                continue;
+            }
         };
         let l = info.label().trim_end();
         if l == label {
@@ -579,6 +628,17 @@ fn anchor_healthy(anchor: &Session, slot: Slot) -> bool {
 mod tests {
     use super::*;
     use cryptoki::context::Function;
+
+    /// A token of 16 sessions (YubiHSM 2) gets a pool of 15 and the anchor, whatever was
+    /// configured; tokens that state no limit get the configured pool.
+    #[test]
+    fn the_pool_stays_within_the_tokens_session_limit() {
+        assert_eq!(pool_within(64, Some(16)), 15);
+        assert_eq!(pool_within(15, Some(16)), 15);
+        assert_eq!(pool_within(8, Some(16)), 8);
+        assert_eq!(pool_within(4, Some(1)), 1);
+        assert_eq!(pool_within(64, None), 64);
+    }
 
     /// SoftHSM 2.6.1 never locks its user PIN (it only raises CKF_USER_PIN_COUNT_LOW), so the
     /// locked case cannot be provoked against it; the mapping is checked here instead.

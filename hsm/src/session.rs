@@ -621,7 +621,7 @@ impl<'a> HsmSession<'a> {
 
     /// The policy of an AES key of `role` on this token: the table's, and, where the token gives
     /// no CKA_CHECK_VALUE and the role needs a check value, allowed ECB for it.
-    fn aes_policy(&self, role: KeyRole) -> policy::ObjectPolicy {
+    pub fn aes_policy(&self, role: KeyRole) -> policy::ObjectPolicy {
         let mut p = policy::policy(role).key;
         if !self.mechanisms().check_value && policy::needs_check_value(role) {
             p = p.with_ecb_check_value();
@@ -1019,6 +1019,61 @@ impl<'a> HsmSession<'a> {
                 purpose: "aes key wrap with padding (rfc 5649)",
             }),
         }
+    }
+
+    /// The known-answer test of RSA-OAEP wrapping: a throw-away AES-128 key of a value the
+    /// caller learns, wrapped with `alg` under a throw-away public key of `modulus` (exponent
+    /// 65537). Both are session objects, destroyed before this returns. The caller decrypts
+    /// with the matching private key in software and compares. Returns (wrapped, value).
+    pub fn oaep_known_answer(
+        &self,
+        modulus: &[u8],
+        alg: WrapAlg,
+    ) -> Result<(Vec<u8>, zeroize::Zeroizing<Vec<u8>>)> {
+        let mech = self.wrap_mechanism(&alg)?;
+        if !matches!(
+            alg,
+            WrapAlg::RsaOaep | WrapAlg::RsaOaepWith(_) | WrapAlg::RsaOaepLabelled(..)
+        ) {
+            return Err(Error::InvalidInput(
+                "the rsa-oaep known-answer test takes an rsa-oaep algorithm".into(),
+            ));
+        }
+        let value = zeroize::Zeroizing::new(self.random(16)?);
+        let public = self
+            .session
+            .create_object(&[
+                Attribute::Class(ObjectClass::PUBLIC_KEY),
+                Attribute::KeyType(KeyType::RSA),
+                Attribute::Token(false),
+                Attribute::Private(false),
+                Attribute::Wrap(true),
+                Attribute::Modulus(modulus.to_vec()),
+                Attribute::PublicExponent(vec![1, 0, 1]),
+            ])
+            .ck("create the rsa-oaep known-answer key")?;
+        let secret = self
+            .session
+            .create_object(&[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::Token(false),
+                Attribute::Sensitive(false),
+                Attribute::Extractable(true),
+                Attribute::Value(value.to_vec()),
+            ])
+            .ck("create the rsa-oaep known-answer secret");
+        let wrapped = match &secret {
+            Ok(secret) => self
+                .session
+                .wrap_key(&mech, public, *secret)
+                .ck(&format!("wrap a key with {}", mech.mechanism_type())),
+            Err(_) => Err(Error::Wrapper("no known-answer secret".into())),
+        };
+        let _ = self.session.destroy_object(public);
+        let secret = secret?;
+        let _ = self.session.destroy_object(secret);
+        Ok((wrapped?, value))
     }
 
     /// Wraps `key` under `wrapping` with `alg` (inside the token).

@@ -271,6 +271,10 @@ enum PkiCmd {
 enum HsmCmd {
     /// Token, mechanisms, objects by role — nothing secret.
     Info,
+    /// The HSM's known-answer self-test: the meter's key transport, ECDSA, RSA-OAEP and the
+    /// attributes of what the token makes, checked against software; prints every finding and
+    /// fails if any does (stationd runs it at every start too).
+    Check,
     /// The token's security officer approves a utility's key-transport certificate: its RSA key
     /// goes into the token as a trusted key, the only kind that may wrap a batch transport key.
     /// Run on the station's host with the token's SO PIN; stationd may keep running. A
@@ -791,6 +795,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Pki(p) => return pki(&cli, p).await,
         Cmd::Hsm(HsmCmd::Info) => one(&cli, Command::HsmInfo).await?,
+        Cmd::Hsm(HsmCmd::Check) => one(&cli, Command::HsmCheck).await?,
         Cmd::Hsm(h) => return hsm_so(&cli, h).await,
         Cmd::Firmware(FirmwareCmd::Import { image }) => {
             let bytes =
@@ -1175,7 +1180,7 @@ async fn hsm_so(cli: &Cli, h: &HsmCmd) -> Result<ExitCode> {
         HsmCmd::TrustCustomer { so, .. }
         | HsmCmd::UntrustCustomer { so, .. }
         | HsmCmd::Customers { so } => so,
-        HsmCmd::Info => return Ok(ExitCode::SUCCESS),
+        HsmCmd::Info | HsmCmd::Check => return Ok(ExitCode::SUCCESS),
     };
     let source = match &so.so_pin_file {
         Some(f) => hsm::PinSource::File(f.clone()),

@@ -357,6 +357,7 @@ fn sample_commands() -> Vec<Command> {
         Command::AuditExport,
         Command::ListAlarms,
         Command::HsmInfo,
+        Command::HsmCheck,
         Command::RecoverAudit {
             reason: "nothing is frozen here".into(),
         },
@@ -1441,4 +1442,97 @@ async fn a_signer_key_swapped_in_the_token_is_refused_at_start() {
         "{e}"
     );
     assert!(e.contains("is not the audit-signer key"), "{e}");
+}
+
+/// The HSM self-test on both tokens: every check runs and passes, names what it compared,
+/// and the start of the cell records it in the audit log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hsm_self_test_passes_on_both_tokens_and_reports_every_check() {
+    use station::engine::hsm_check;
+    let soft = hsm::testkit::TestToken::new("selftest").unwrap();
+    let kry = hsm::testkit::TestToken::kryoptic("selftest").unwrap();
+    let mut kry_config = kry.config(2);
+    kry_config.trusted_wrap = false;
+    for (name, hsm) in [
+        ("softhsm", soft.open(2).unwrap()),
+        ("kryoptic", hsm::Hsm::open(&kry_config).unwrap()),
+    ] {
+        // The demo hierarchy gives it every signing key of a cell.
+        let pem = tempfile::tempdir().unwrap();
+        let h = hsm.clone();
+        let dir = pem.path().to_path_buf();
+        tokio::task::spawn_blocking(move || hsm::pki::init_dev(&h, &dir))
+            .await
+            .unwrap()
+            .unwrap();
+        let report = tokio::task::spawn_blocking(move || hsm_check::run(&hsm))
+            .await
+            .unwrap();
+        assert!(report.passed(), "{name}:\n{report}");
+        let checks: Vec<&str> = report.findings.iter().map(|f| f.check).collect();
+        assert_eq!(
+            checks,
+            ["token", "signing keys", "key transport", "rsa-oaep"],
+            "{name}"
+        );
+        let text = report.to_string();
+        assert!(
+            text.contains("ECDH and the KTK derivation match the meter's; AES-KW and AES-KWP"),
+            "{name}: {text}"
+        );
+        let oaep = match name {
+            "softhsm" => "CKM_RSA_PKCS_OAEP(SHA-1, MGF1-SHA-1, empty label) opens in software",
+            _ => {
+                "CKM_RSA_PKCS_OAEP(SHA-256, MGF1-SHA-256, the work order as label) opens in software"
+            }
+        };
+        assert!(text.contains(oaep), "{name}: {text}");
+        assert!(
+            text.contains("device-ca (p-256), manifest-signer (p-256), audit-signer (p-256)"),
+            "{name}: {text}"
+        );
+        assert!(text.contains("\n4 checks, 0 failed, in "), "{text}");
+    }
+
+    // A cell records it at start; `hsm check` runs it on demand.
+    let cell = Cell::new(CellOptions::default()).await;
+    let n: i64 = cell
+        .db()
+        .query_row(
+            "SELECT COUNT(*) FROM audit WHERE kind = 'hsm.self_test' AND json_extract(details, '$.passed') = 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(n >= 1);
+}
+
+#[test]
+fn a_failed_self_test_finding_is_shown_with_the_others() {
+    use station::engine::hsm_check::{Finding, Report};
+    let report = Report {
+        findings: vec![
+            Finding {
+                check: "ecdsa p-256",
+                ok: true,
+                detail: "verifies".into(),
+            },
+            Finding {
+                check: "key transport",
+                ok: false,
+                detail: "the meter cannot unwrap".into(),
+            },
+            Finding {
+                check: "rsa-oaep",
+                ok: false,
+                detail: "no usable RSA-OAEP".into(),
+            },
+        ],
+        elapsed: Duration::from_millis(12),
+    };
+    assert!(!report.passed());
+    assert_eq!(
+        report.to_string(),
+        "ok    ecdsa p-256: verifies\nFAIL  key transport: the meter cannot unwrap\nFAIL  rsa-oaep: no usable RSA-OAEP\n3 checks, 2 failed, in 12 ms"
+    );
 }

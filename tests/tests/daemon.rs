@@ -182,6 +182,7 @@ const CALLS: &[(&str, Option<Action>)] = &[
     ("AuditExport", Some(Action::ExportAudit)),
     ("AuditRecover", Some(Action::RecoverAudit)),
     ("HsmInfo", Some(Action::ViewHsm)),
+    ("HsmCheck", Some(Action::ViewHsm)),
     ("PkiCsr", Some(Action::ManagePki)),
     ("PkiImport", Some(Action::ManagePki)),
     ("IssueTlsCertificate", Some(Action::ManagePki)),
@@ -343,6 +344,7 @@ async fn call(
             .map(drop),
         "AuditExport" => c.audit_export(with(e(), token)).await.map(drop),
         "HsmInfo" => c.hsm_info(with(e(), token)).await.map(drop),
+        "HsmCheck" => c.hsm_check(with(e(), token)).await.map(drop),
         "AuditRecover" => c
             .audit_recover(with(
                 pb::AuditRecoverRequest {

@@ -509,6 +509,7 @@ impl Client {
                     .collect(),
             ),
             Command::HsmInfo => Reply::Text(rpc.hsm_info(r(e)).await?.into_inner().text),
+            Command::HsmCheck => Reply::Text(rpc.hsm_check(r(e)).await?.into_inner().text),
             Command::RecoverAudit { reason } => Reply::Text(
                 rpc.audit_recover(with_session(s, pb::AuditRecoverRequest { reason }))
                     .await?

@@ -938,6 +938,13 @@ impl Station for Service {
         )
     }
 
+    async fn hsm_check(&self, req: Request<pb::Empty>) -> Result<Response<pb::Text>, Status> {
+        text(
+            self.run(&req, "HsmCheck", Command::HsmCheck).await?,
+            "HsmCheck",
+        )
+    }
+
     async fn pki_csr(&self, req: Request<pb::PkiCsrRequest>) -> Result<Response<pb::Text>, Status> {
         self.authorize(&req, "PkiCsr", Action::ManagePki).await?;
         let m = req.get_ref().clone();

@@ -523,6 +523,16 @@ pub(super) async fn execute(engine: &Engine, user: &User, cmd: Command) -> Resul
                 appended.seq
             )))
         }
+        Command::HsmCheck => {
+            let report = super::self_test(inner).await?;
+            if report.passed() {
+                Ok(Reply::Text(report.to_string()))
+            } else {
+                Err(Error::Setup(format!(
+                    "the HSM failed its self-test:\n{report}"
+                )))
+            }
+        }
         Command::HsmInfo => {
             let hsm = inner.hsm.clone();
             let info = tokio::task::spawn_blocking(move || hsm::pki::info(&hsm))

@@ -7,6 +7,7 @@
 //! recovery is in [`recovery`].
 
 mod admin;
+pub mod hsm_check;
 pub mod keys;
 pub mod nest;
 mod provision;
@@ -384,6 +385,8 @@ pub enum Command {
     ListAlarms,
     /// HSM information.
     HsmInfo,
+    /// The HSM's known-answer self-test, every finding.
+    HsmCheck,
     /// Export a closed batch's manifest.
     Export {
         /// Batch id.
@@ -455,7 +458,7 @@ impl Command {
             Command::AuditVerify => Action::VerifyAudit,
             Command::AuditTail { .. } | Command::AuditSince { .. } => Action::ViewAudit,
             Command::AuditExport => Action::ExportAudit,
-            Command::HsmInfo => Action::ViewHsm,
+            Command::HsmInfo | Command::HsmCheck => Action::ViewHsm,
             Command::Export { .. } => Action::ExportManifest,
             Command::PkiCsr { .. } | Command::PkiImport { .. } | Command::IssueTls { .. } => {
                 Action::ManagePki
@@ -489,6 +492,7 @@ impl Command {
             Command::AuditExport => "export audit log",
             Command::ListAlarms => "list alarms",
             Command::HsmInfo => "hsm info",
+            Command::HsmCheck => "hsm check",
             Command::Export { .. } => "export manifest",
             Command::PkiCsr { .. } => "pki csr",
             Command::PkiImport { .. } => "pki import",
@@ -756,6 +760,14 @@ impl Engine {
                 Ok(())
             })
             .await?;
+        // The token's known-answer self-test, before any meter or export is touched: a token
+        // that fails it never starts the line.
+        let report = self_test(&inner).await?;
+        if !report.passed() {
+            return Err(Error::Setup(format!(
+                "the HSM failed its self-test; nothing was started (`station hsm check` runs it again):\n{report}"
+            )));
+        }
         let recovered = recovery::recover(&inner).await?;
         crate::manifest::export::recover_exports(&inner).await?;
         let station = inner.cfg.station_id.clone();
@@ -1691,4 +1703,35 @@ async fn watchdog(inner: Arc<Inner>) {
         last_wall = wall;
         last_mono = std::time::Instant::now();
     }
+}
+
+/// Runs the HSM's self-test and records its outcome in the audit log.
+pub(crate) async fn self_test(inner: &Arc<Inner>) -> Result<hsm_check::Report> {
+    let hsm = inner.hsm.clone();
+    let report = tokio::task::spawn_blocking(move || hsm_check::run(&hsm))
+        .await
+        .map_err(|e| Error::Setup(format!("the hsm self-test: {e}")))?;
+    let failures: Vec<serde_json::Value> = report
+        .failures()
+        .map(|f| serde_json::json!({"check": f.check, "detail": f.detail}))
+        .collect();
+    inner
+        .record(NewEvent::new(
+            &inner.source,
+            "hsm.self_test",
+            if report.passed() {
+                Severity::Info
+            } else {
+                Severity::Critical
+            },
+            "system",
+            serde_json::json!({
+                "passed": report.passed(),
+                "checks": report.findings.len(),
+                "ms": u64::try_from(report.elapsed.as_millis()).unwrap_or(u64::MAX),
+                "failures": failures,
+            }),
+        ))
+        .await?;
+    Ok(report)
 }

@@ -635,7 +635,7 @@ fn signature_oid(curve: Curve) -> ObjectIdentifier {
 }
 
 /// Verifies a DER ECDSA signature over `msg` (SHA-256 for P-256, SHA-384 for P-384).
-pub(crate) fn verify_ecdsa(curve: Curve, point: &[u8], msg: &[u8], sig_der: &[u8]) -> bool {
+pub fn verify_ecdsa(curve: Curve, point: &[u8], msg: &[u8], sig_der: &[u8]) -> bool {
     use signature::Verifier;
     match curve {
         Curve::P256 => {

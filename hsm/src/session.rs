@@ -1042,15 +1042,7 @@ impl<'a> HsmSession<'a> {
         let value = zeroize::Zeroizing::new(self.random(16)?);
         let public = self
             .session
-            .create_object(&[
-                Attribute::Class(ObjectClass::PUBLIC_KEY),
-                Attribute::KeyType(KeyType::RSA),
-                Attribute::Token(false),
-                Attribute::Private(false),
-                Attribute::Wrap(true),
-                Attribute::Modulus(modulus.to_vec()),
-                Attribute::PublicExponent(vec![1, 0, 1]),
-            ])
+            .create_object(&throwaway_rsa_public(modulus.to_vec()))
             .ck("create the rsa-oaep known-answer key")?;
         let secret = self
             .session
@@ -1988,6 +1980,20 @@ fn kwp_answers_known(session: &Session, t: MechanismType) -> bool {
     matches!(answer, Some(Ok(w)) if w == mechanisms::KWP_KAT_WRAPPED)
 }
 
+/// The template of a throw-away RSA public key (session object, exponent 65537) that may only
+/// wrap: the OAEP probe's and the known-answer test's.
+fn throwaway_rsa_public(modulus: Vec<u8>) -> [Attribute; 7] {
+    [
+        Attribute::Class(ObjectClass::PUBLIC_KEY),
+        Attribute::KeyType(KeyType::RSA),
+        Attribute::Token(false),
+        Attribute::Private(false),
+        Attribute::Wrap(true),
+        Attribute::Modulus(modulus),
+        Attribute::PublicExponent(vec![1, 0, 1]),
+    ]
+}
+
 /// Finds the best OAEP hash the token accepts by wrapping a throw-away key under a throw-away
 /// public key. Both are session objects and destroyed afterwards.
 ///
@@ -1999,15 +2005,7 @@ fn probe_oaep(session: &Session) -> Result<(Option<OaepHash>, bool)> {
         return Ok((None, false));
     };
     let public = session
-        .create_object(&[
-            Attribute::Class(ObjectClass::PUBLIC_KEY),
-            Attribute::KeyType(KeyType::RSA),
-            Attribute::Token(false),
-            Attribute::Private(false),
-            Attribute::Wrap(true),
-            Attribute::Modulus(modulus),
-            Attribute::PublicExponent(vec![1, 0, 1]),
-        ])
+        .create_object(&throwaway_rsa_public(modulus))
         .ck("create the rsa-oaep probe key")?;
     let secret = session
         .generate_key(

@@ -7,7 +7,7 @@
 use std::fmt;
 use std::time::{Duration, Instant};
 
-use hsm::{AesKeySize, Curve, Hsm, HsmSession, KeyFlags, KeyRole, OaepHash, WrapAlg};
+use hsm::{AesKeySize, Hsm, HsmSession, KeyFlags, KeyRole, OaepHash, WrapAlg};
 use line_protocol::crypto;
 use line_protocol::msg::WrapAlg as LineWrap;
 use p256::elliptic_curve::sec1::ToSec1Point;
@@ -182,11 +182,7 @@ fn signing_keys(s: &HsmSession<'_>) -> Result<String, String> {
         let sig = s
             .sign(&pair.private, msg)
             .map_err(|e| format!("{label}: {e}"))?;
-        let ok = match pair.curve {
-            Curve::P256 => verify_p256(&pair.point, msg, &sig),
-            Curve::P384 => verify_p384(&pair.point, msg, &sig),
-        };
-        if !ok {
+        if !hsm::cert::verify_ecdsa(pair.curve, &pair.point, msg, &sig) {
             return Err(format!(
                 "{label}: the token's signature does not verify in software"
             ));
@@ -201,28 +197,6 @@ fn signing_keys(s: &HsmSession<'_>) -> Result<String, String> {
             checked.join(", ")
         ))
     }
-}
-
-fn verify_p256(point: &[u8], msg: &[u8], sig: &[u8]) -> bool {
-    use p256::ecdsa::signature::Verifier;
-    let (Ok(k), Ok(sig)) = (
-        p256::ecdsa::VerifyingKey::from_sec1_bytes(point),
-        p256::ecdsa::DerSignature::from_bytes(sig),
-    ) else {
-        return false;
-    };
-    k.verify(msg, &sig).is_ok()
-}
-
-fn verify_p384(point: &[u8], msg: &[u8], sig: &[u8]) -> bool {
-    use p384::ecdsa::signature::Verifier;
-    let (Ok(k), Ok(sig)) = (
-        p384::ecdsa::VerifyingKey::from_sec1_bytes(point),
-        p384::ecdsa::DerSignature::from_bytes(sig),
-    ) else {
-        return false;
-    };
-    k.verify(msg, &sig).is_ok()
 }
 
 /// Where the attributes the token reports for a key differ from the policy it was made

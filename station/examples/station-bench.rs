@@ -341,7 +341,7 @@ async fn main() {
         &fw_key,
     );
 
-    // `station-bench [overhead|nests|ratio]` runs one part; no argument runs all three.
+    // `station-bench [overhead|nests|ratio|selftest]` runs one part; no argument runs all.
     let only = std::env::args().nth(1);
     let part = |name: &str| only.as_deref().is_none_or(|o| o == name);
 
@@ -409,5 +409,31 @@ async fn main() {
             "{}",
             serde_json::json!({"metric": "cycle_ratio", "value": cycle / (wire_ms + busy), "cycle_ms": cycle, "wire_ms": wire_ms, "meter_busy_ms": busy})
         );
+    }
+
+    // 4. The HSM self-test that every start runs, on both tokens (goal: at most 1 s).
+    if part("selftest") {
+        let soft = hsm::testkit::TestToken::new("bench-selftest").unwrap();
+        let kry = hsm::testkit::TestToken::kryoptic("bench-selftest").unwrap();
+        let mut kry_config = kry.config(4);
+        kry_config.trusted_wrap = false;
+        for (token, h) in [
+            ("softhsm", soft.open(4).unwrap()),
+            ("kryoptic", hsm::Hsm::open(&kry_config).unwrap()),
+        ] {
+            let dir = tmp.path().join(format!("selftest-{token}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            hsm::pki::init_dev(&h, &dir).unwrap();
+            let mut ms = Vec::new();
+            for _ in 0..5 {
+                let r = station::engine::hsm_check::run(&h);
+                assert!(r.passed(), "{r}");
+                ms.push(u64::try_from(r.elapsed.as_micros()).unwrap_or(u64::MAX));
+            }
+            println!(
+                "{}",
+                serde_json::json!({"metric": "hsm_self_test_ms", "token": token, "value": mean(&ms) / 1000.0, "max_ms": ms.iter().max().copied().unwrap_or(0) as f64 / 1000.0, "runs": ms.len()})
+            );
+        }
     }
 }

@@ -96,6 +96,17 @@ pub enum Error {
         /// What it is needed for.
         purpose: &'static str,
     },
+    /// The token did not give a key the attributes its template asked for (read back after
+    /// the operation); the key was destroyed again.
+    #[error(
+        "the token did not keep the key policy on {operation}: {details}; the key was destroyed — this token cannot hold these keys safely"
+    )]
+    PolicyNotKept {
+        /// The operation, e.g. "unwrap".
+        operation: &'static str,
+        /// What differs.
+        details: String,
+    },
     /// A session object belongs to a session that was lost (HSM restart, library re-initialised).
     #[error(
         "the hsm session that held this key was lost (hsm restart or reconnect); the key is gone: start the operation again"

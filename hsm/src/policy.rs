@@ -156,6 +156,33 @@ pub struct ObjectPolicy {
 }
 
 impl ObjectPolicy {
+    /// Where the attributes a token reports for a key (`flags`, read back) differ from this
+    /// policy: a token that ignores CKA_SENSITIVE, CKA_EXTRACTABLE or a usage flag shows here.
+    /// Empty when the token kept the policy.
+    pub fn mismatches(&self, flags: &crate::session::KeyFlags) -> Vec<String> {
+        let (f, u) = (flags, &self.usage);
+        [
+            ("CKA_TOKEN", f.token, self.token),
+            ("CKA_SENSITIVE", f.sensitive, self.sensitive),
+            ("CKA_EXTRACTABLE", f.extractable, self.extractable),
+            (
+                "CKA_WRAP_WITH_TRUSTED",
+                f.wrap_with_trusted,
+                self.wrap_with_trusted,
+            ),
+            ("CKA_SIGN", f.sign, u.sign),
+            ("CKA_WRAP", f.wrap, u.wrap),
+            ("CKA_UNWRAP", f.unwrap, u.unwrap),
+            ("CKA_DERIVE", f.derive, u.derive),
+            ("CKA_ENCRYPT", f.encrypt, u.encrypt),
+            ("CKA_DECRYPT", f.decrypt, u.decrypt),
+        ]
+        .iter()
+        .filter(|(_, have, want)| have != want)
+        .map(|(name, have, want)| format!("{name} is {have}, the policy says {want}"))
+        .collect()
+    }
+
     /// The same key on a token that gives no CKA_CHECK_VALUE (Kryoptic): it may also encrypt,
     /// with CKM_AES_ECB only, so that its check value — the first three bytes of AES-ECB over a
     /// zero block — can be computed in the token. An encryption oracle under a key does not
@@ -583,6 +610,40 @@ impl ObjectPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A token that ignores CKA_SENSITIVE (or any usage flag) on unwrap or generate is named
+    /// by what differs; one that keeps the policy is not.
+    #[test]
+    fn read_back_attributes_are_compared_with_the_policy() {
+        let p = policy(KeyRole::UtilityMeterKey).key;
+        let kept = crate::session::KeyFlags {
+            token: p.token,
+            sensitive: p.sensitive,
+            extractable: p.extractable,
+            wrap_with_trusted: p.wrap_with_trusted,
+            sign: p.usage.sign,
+            wrap: p.usage.wrap,
+            unwrap: p.usage.unwrap,
+            derive: p.usage.derive,
+            encrypt: p.usage.encrypt,
+            decrypt: p.usage.decrypt,
+            ..Default::default()
+        };
+        assert_eq!(p.mismatches(&kept), Vec::<String>::new());
+        let ignored = crate::session::KeyFlags {
+            sensitive: false,
+            extractable: true,
+            ..kept
+        };
+        assert!(p.sensitive && !p.extractable);
+        assert_eq!(
+            p.mismatches(&ignored),
+            [
+                "CKA_SENSITIVE is false, the policy says true",
+                "CKA_EXTRACTABLE is true, the policy says false"
+            ]
+        );
+    }
 
     /// Fails to compile when a role is added without being listed in `KeyRole::ALL`.
     fn listed(role: KeyRole) -> bool {

@@ -1140,6 +1140,22 @@ impl<'a> HsmSession<'a> {
                 size.bytes()
             )));
         }
+        // Read back: a token that ignores part of the template on unwrap (CKA_SENSITIVE,
+        // CKA_EXTRACTABLE, a usage flag) would leave the key weaker than the policy.
+        let wrong = match self.flags_of(h) {
+            Ok(f) => self.aes_policy(role).mismatches(&f),
+            Err(e) => {
+                let _ = self.destroy(&key);
+                return Err(e);
+            }
+        };
+        if !wrong.is_empty() {
+            let _ = self.destroy(&key);
+            return Err(Error::PolicyNotKept {
+                operation: "unwrap",
+                details: wrong.join(", "),
+            });
+        }
         Ok(key)
     }
 

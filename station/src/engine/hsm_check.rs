@@ -199,31 +199,9 @@ fn signing_keys(s: &HsmSession<'_>) -> Result<String, String> {
     }
 }
 
-/// Where the attributes the token reports for a key differ from the policy it was made
-/// with (a token that ignores CKA_SENSITIVE or a usage flag shows here).
+/// Where the attributes the token reports for a key differ from the policy it was made with.
 fn differs_from_policy(f: &KeyFlags, p: &hsm::policy::ObjectPolicy) -> Result<(), String> {
-    let u = &p.usage;
-    let pairs = [
-        ("CKA_TOKEN", f.token, p.token),
-        ("CKA_SENSITIVE", f.sensitive, p.sensitive),
-        ("CKA_EXTRACTABLE", f.extractable, p.extractable),
-        (
-            "CKA_WRAP_WITH_TRUSTED",
-            f.wrap_with_trusted,
-            p.wrap_with_trusted,
-        ),
-        ("CKA_SIGN", f.sign, u.sign),
-        ("CKA_WRAP", f.wrap, u.wrap),
-        ("CKA_UNWRAP", f.unwrap, u.unwrap),
-        ("CKA_DERIVE", f.derive, u.derive),
-        ("CKA_ENCRYPT", f.encrypt, u.encrypt),
-        ("CKA_DECRYPT", f.decrypt, u.decrypt),
-    ];
-    let wrong: Vec<String> = pairs
-        .iter()
-        .filter(|(_, have, want)| have != want)
-        .map(|(name, have, want)| format!("{name} is {have}, the policy says {want}"))
-        .collect();
+    let wrong = p.mismatches(f);
     if wrong.is_empty() {
         Ok(())
     } else {

@@ -186,20 +186,79 @@ pub fn kryoptic_conf() -> Result<PathBuf> {
         .ok_or_else(|| Error::InvalidInput("KRYOPTIC_CONF is not set".into()))
 }
 
-/// Kryoptic's PKCS#11 module: `KRYOPTIC_MODULE`, else `target/kryoptic/release/`, built there
-/// from `tools/kryoptic` when it is missing.
-pub fn kryoptic_module() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("KRYOPTIC_MODULE") {
-        return Ok(PathBuf::from(p));
+/// The test-only quirks module (`hsm-quirks`) as a copy named for `quirks` (e.g.
+/// `"no-null-kdf"`, `"sessions=16,device-error-every=3"`): SoftHSM behaving like another HSM.
+/// Each profile is a file of its own, so one process can load several. The module is
+/// `HSM_QUIRKS_LIB` (`cargo xtask` builds it and sets it), else built into
+/// `target/hsm-quirks/` with cargo.
+pub fn quirks_module(quirks: &str) -> Result<PathBuf> {
+    if !quirks
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-=,".contains(c))
+    {
+        return Err(Error::InvalidInput(format!("quirks {quirks:?}")));
     }
+    let lib = match std::env::var_os("HSM_QUIRKS_LIB") {
+        Some(p) => PathBuf::from(p),
+        None => build_quirks()?,
+    };
+    let dir = std::env::temp_dir()
+        .join("hsm-testkit-quirks")
+        .join(std::process::id().to_string());
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+    let copy = dir.join(format!("quirks-{quirks}.so"));
+    if !copy.exists() {
+        let tmp = dir.join(format!(".quirks-{quirks}.so.tmp"));
+        std::fs::copy(&lib, &tmp).map_err(|e| Error::io("copy", &lib, e))?;
+        std::fs::rename(&tmp, &copy).map_err(|e| Error::io("rename", &tmp, e))?;
+    }
+    Ok(copy)
+}
+
+/// The workspace's root and its target directory.
+fn workspace_dirs() -> (PathBuf, PathBuf) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default();
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"))
-        .join("kryoptic");
+        .unwrap_or_else(|| root.join("target"));
+    (root, target)
+}
+
+/// Builds `hsm-quirks` into `target/hsm-quirks` (a target directory of its own, so that a test
+/// run's cargo never waits for the one that started it).
+fn build_quirks() -> Result<PathBuf> {
+    let (root, target) = workspace_dirs();
+    let target = target.join("hsm-quirks");
+    let lib = target.join("debug").join("libhsm_quirks.so");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let st = std::process::Command::new(cargo)
+        .args(["build", "--locked", "--quiet", "-p", "hsm-quirks"])
+        .arg("--manifest-path")
+        .arg(root.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target)
+        .status()
+        .map_err(|e| Error::io("run cargo to build", &lib, e))?;
+    if !st.success() || !lib.exists() {
+        return Err(Error::ModuleLoad {
+            path: lib,
+            reason: "building hsm-quirks failed".into(),
+        });
+    }
+    Ok(lib)
+}
+
+/// Kryoptic's PKCS#11 module: `KRYOPTIC_MODULE`, else `target/kryoptic/release/`, built there
+/// from `tools/kryoptic` when it is missing.
+pub fn kryoptic_module() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("KRYOPTIC_MODULE") {
+        return Ok(PathBuf::from(p));
+    }
+    let (root, target) = workspace_dirs();
+    let target = target.join("kryoptic");
     let module = target.join("release").join("libkryoptic_pkcs11.so");
     if !module.exists() {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -270,6 +329,14 @@ impl TestToken {
             label: label.to_owned(),
             module: PathBuf::from(SOFTHSM_MODULE),
         }
+    }
+
+    /// A new SoftHSM token seen through the quirks module with `quirks` (see
+    /// [`quirks_module`]).
+    pub fn with_quirks(prefix: &str, quirks: &str) -> Result<TestToken> {
+        let mut t = TestToken::new(prefix)?;
+        t.module = quirks_module(quirks)?;
+        Ok(t)
     }
 
     /// Initialises a new Kryoptic token labelled `<prefix>-<n>`.

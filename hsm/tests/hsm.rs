@@ -8,3 +8,4 @@ mod certs;
 mod kryoptic;
 mod ops;
 mod pki;
+mod quirks;

@@ -287,7 +287,17 @@ fn deps(gui: bool) -> Result<PathBuf, String> {
     }
     ensure_packages(&pkgs)?;
     ensure_kryoptic()?;
+    ensure_quirks()?;
     ensure_imgtool()
+}
+
+/// Where the test-only quirks module (SoftHSM behaving like other HSMs) is built.
+fn quirks_lib() -> PathBuf {
+    target_dir().join("debug").join("libhsm_quirks.so")
+}
+
+fn ensure_quirks() -> Result<(), String> {
+    run(cargo().args(["build", "--locked", "--quiet", "-p", "hsm-quirks"]))
 }
 
 /// Where Kryoptic's PKCS#11 module is built.
@@ -320,6 +330,7 @@ fn ensure_kryoptic() -> Result<(), String> {
 fn with_tool_env(cmd: &mut Command, imgtool: &Path) {
     cmd.env("IMGTOOL", imgtool);
     cmd.env("KRYOPTIC_MODULE", kryoptic_module());
+    cmd.env("HSM_QUIRKS_LIB", quirks_lib());
     if let Some(dir) = imgtool.parent() {
         cmd.env("CELL_PYTHON", dir.join("python3"));
         let path = env::var_os("PATH").unwrap_or_default();

@@ -56,6 +56,9 @@ pub struct CellOptions {
     /// The cell's token is a Kryoptic one (else SoftHSM): a second PKCS#11 implementation, which
     /// cannot mark keys trusted (the cell runs with `hsm.trusted_wrap = false`).
     pub kryoptic: bool,
+    /// The cell's SoftHSM token is seen through the quirks module with these quirks (see
+    /// `hsm::testkit::quirks_module`): SoftHSM behaving like another HSM.
+    pub quirks: Option<&'static str>,
 }
 
 impl Default for CellOptions {
@@ -73,6 +76,7 @@ impl Default for CellOptions {
             key_agreement: true,
             model_extra: String::new(),
             kryoptic: false,
+            quirks: None,
         }
     }
 }
@@ -118,6 +122,8 @@ impl Cell {
         // The token: in-process SoftHSM (one configuration per test process).
         let token = if opts.kryoptic {
             hsm::testkit::TestToken::kryoptic("cell").unwrap()
+        } else if let Some(q) = opts.quirks {
+            hsm::testkit::TestToken::with_quirks("cell", q).unwrap()
         } else {
             hsm::testkit::TestToken::new("cell").unwrap()
         };

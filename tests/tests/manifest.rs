@@ -1538,3 +1538,115 @@ async fn a_batch_on_kryoptic_ends_in_a_manifest_the_utility_verifies_and_imports
         .unwrap();
     assert!(warned >= 1);
 }
+
+// ----- HSMs that differ from SoftHSM --------------------------------------------------------
+
+/// A whole batch on SoftHSM made to behave like another HSM: it completes, and the manifest
+/// verifies.
+async fn a_batch_completes_on(quirks: &'static str) {
+    let cell = Cell::new(CellOptions {
+        nests: 2,
+        quantity: 3,
+        quirks: Some(quirks),
+        ..CellOptions::default()
+    })
+    .await;
+    let dir = finish_and_export(&cell, cell.batch_id.unwrap()).await;
+    assert_eq!(meters(&manifest(&dir)).len(), 3, "{quirks}");
+    let (code, out) = verify(&cell, &dir.join("manifest.p7m"), &cell.path("root-ca.pem"));
+    assert_eq!(code, 0, "{quirks}: {out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_completes_where_rfc_5649_is_only_0x210b() {
+    a_batch_completes_on("kwp-at-210b").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_completes_on_a_token_without_check_values() {
+    a_batch_completes_on("no-check-value").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_completes_through_transient_device_errors() {
+    a_batch_completes_on("device-error-every=5").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_completes_on_a_token_of_few_sessions() {
+    // The cell asks for a pool of 4; the token allows 3 sessions.
+    a_batch_completes_on("sessions=3").await;
+}
+
+/// Tokens that cannot do the line's key transport: the cell refuses to start, naming what is
+/// missing, before any meter — not at the first meter with the line stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_token_that_cannot_do_the_key_transport_is_refused_at_start() {
+    let cell = Cell::new(CellOptions {
+        nests: 1,
+        quantity: 1,
+        ..CellOptions::default()
+    })
+    .await;
+    let config = std::fs::read_to_string(&cell.config).unwrap();
+    for (quirks, says) in [
+        (
+            "no-ecb-encrypt-data",
+            "FAIL  key transport: the token does not offer CKM_AES_ECB_ENCRYPT_DATA",
+        ),
+        (
+            "no-null-kdf",
+            "FAIL  key transport: derive an ecdh secret with CKM_ECDH1_DERIVE (null kdf): C_DeriveKey returned CKR_MECHANISM_PARAM_INVALID",
+        ),
+    ] {
+        let module = hsm::testkit::quirks_module(quirks).unwrap();
+        let line = config.lines().find(|l| l.starts_with("module = ")).unwrap();
+        std::fs::write(
+            &cell.config,
+            config.replace(line, &format!("module = \"{}\"", module.display())),
+        )
+        .unwrap();
+        let before: i64 = cell
+            .db()
+            .query_row("SELECT COUNT(*) FROM meters", [], |r| r.get(0))
+            .unwrap();
+        let cfg = station::config::Config::load(&cell.config).unwrap();
+        let e = station::Engine::open(
+            cfg,
+            station::OpenOptions {
+                source: "test".into(),
+                nests: true,
+            },
+        )
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("{quirks}: the cell started"));
+        let text = e.to_string();
+        assert!(
+            text.contains("the HSM failed its self-test; nothing was started"),
+            "{text}"
+        );
+        assert!(text.contains(says), "{quirks}: {text}");
+        assert!(
+            text.contains("ok    signing keys"),
+            "every finding is shown: {text}"
+        );
+        let after: i64 = cell
+            .db()
+            .query_row("SELECT COUNT(*) FROM meters", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(before, after);
+        let failed: i64 = cell
+            .db()
+            .query_row(
+                "SELECT COUNT(*) FROM audit WHERE kind = 'hsm.self_test' AND json_extract(details, '$.passed') = 0",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(
+            failed >= 1,
+            "{quirks}: the failed self-test is in the audit log"
+        );
+    }
+}

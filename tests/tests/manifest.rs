@@ -1611,7 +1611,7 @@ async fn a_token_that_cannot_do_the_key_transport_is_refused_at_start() {
             .query_row("SELECT COUNT(*) FROM meters", [], |r| r.get(0))
             .unwrap();
         let cfg = station::config::Config::load(&cell.config).unwrap();
-        let e = station::Engine::open(
+        let e = Engine::open(
             cfg,
             station::OpenOptions {
                 source: "test".into(),

@@ -43,6 +43,8 @@ use crate::{KeyRole, policy};
 pub const DEMO_ORGANIZATION: &str = "Demo Meter Works";
 /// Label of the firmware verification certificate.
 pub const FIRMWARE_LABEL: &str = "firmware-verification";
+/// Label of the manufacturer root certificate (and, in the demo hierarchy only, its key).
+pub const ROOT_LABEL: &str = "manufacturer-root";
 
 /// The files `init_dev` writes, by name.
 pub const DEV_FILES: [&str; 8] = [
@@ -788,38 +790,9 @@ fn check_chain(leaf: &Certificate, chain: &[Certificate]) -> Result<Vec<String>>
 /// itself with a verifying signature. A token whose objects were swapped for others that do not
 /// chain to the root is refused before any meter sees them.
 pub fn check_cell_anchors(root: &[u8], device_ca: &[u8], firmware: &[u8]) -> Result<()> {
-    let parse = |what: &str, der: &[u8]| -> Result<Certificate> {
-        Certificate::from_der(der)
-            .map_err(|e| CertError::NotACertificate(format!("the {what} certificate: {e}")).into())
-    };
-    let root = parse("manufacturer root", root)?;
-    let (curve, point) = cert::ec_key_of(root.tbs_certificate().subject_public_key_info())?;
-    if root.tbs_certificate().subject() != root.tbs_certificate().issuer()
-        || cert::verify_signed_by(&root, curve, &point).is_err()
-    {
-        return Err(CertError::ChainBroken {
-            subject: root.tbs_certificate().subject().to_string(),
-        }
-        .into());
-    }
-    let issued_by_root = |what: &str, c: &Certificate| -> Result<()> {
-        if c.tbs_certificate().issuer() != root.tbs_certificate().subject()
-            || cert::verify_signed_by(c, curve, &point).is_err()
-        {
-            return Err(CertError::RoleMismatch {
-                role: what.to_owned(),
-                reason: format!(
-                    "{:?} is not issued by the manufacturer root {:?}",
-                    c.tbs_certificate().subject().to_string(),
-                    root.tbs_certificate().subject().to_string()
-                ),
-            }
-            .into());
-        }
-        Ok(())
-    };
-    let ca = parse("device CA", device_ca)?;
-    issued_by_root(role_label(KeyRole::DeviceCa)?, &ca)?;
+    let root = Root::parse(root)?;
+    let ca = parse_anchor("device CA", device_ca)?;
+    root.issued(role_label(KeyRole::DeviceCa)?, &ca)?;
     if !basic_constraints(&ca)?.is_some_and(|b| b.ca)
         || !key_usage(&ca)?.is_some_and(|k| k.key_cert_sign())
     {
@@ -828,8 +801,59 @@ pub fn check_cell_anchors(root: &[u8], device_ca: &[u8], firmware: &[u8]) -> Res
         }
         .into());
     }
-    let fw = parse("firmware verification", firmware)?;
-    issued_by_root(FIRMWARE_LABEL, &fw)?;
+    check_firmware_anchor(&root, &parse_anchor("firmware verification", firmware)?)
+}
+
+fn parse_anchor(what: &str, der: &[u8]) -> Result<Certificate> {
+    Certificate::from_der(der)
+        .map_err(|e| CertError::NotACertificate(format!("the {what} certificate: {e}")).into())
+}
+
+/// A manufacturer root: self-signed, its signature verifying with its own key.
+struct Root {
+    cert: Certificate,
+    curve: Curve,
+    point: Vec<u8>,
+}
+
+impl Root {
+    fn parse(der: &[u8]) -> Result<Root> {
+        let cert = parse_anchor("manufacturer root", der)?;
+        let (curve, point) = cert::ec_key_of(cert.tbs_certificate().subject_public_key_info())?;
+        if cert.tbs_certificate().subject() != cert.tbs_certificate().issuer()
+            || cert::verify_signed_by(&cert, curve, &point).is_err()
+        {
+            return Err(CertError::ChainBroken {
+                subject: cert.tbs_certificate().subject().to_string(),
+            }
+            .into());
+        }
+        Ok(Root { cert, curve, point })
+    }
+
+    /// `c` (of the role `what`) is issued by this root itself.
+    fn issued(&self, what: &str, c: &Certificate) -> Result<()> {
+        if c.tbs_certificate().issuer() != self.cert.tbs_certificate().subject()
+            || cert::verify_signed_by(c, self.curve, &self.point).is_err()
+        {
+            return Err(CertError::RoleMismatch {
+                role: what.to_owned(),
+                reason: format!(
+                    "{:?} is not issued by the manufacturer root {:?}",
+                    c.tbs_certificate().subject().to_string(),
+                    self.cert.tbs_certificate().subject().to_string()
+                ),
+            }
+            .into());
+        }
+        Ok(())
+    }
+}
+
+/// The firmware-verification certificate: issued by the root itself, an end entity with
+/// id-kp-codeSigning and no other role's mark.
+fn check_firmware_anchor(root: &Root, fw: &Certificate) -> Result<()> {
+    root.issued(FIRMWARE_LABEL, fw)?;
     let mismatch = |reason: &str| -> Error {
         CertError::RoleMismatch {
             role: FIRMWARE_LABEL.to_owned(),
@@ -837,22 +861,108 @@ pub fn check_cell_anchors(root: &[u8], device_ca: &[u8], firmware: &[u8]) -> Res
         }
         .into()
     };
-    if basic_constraints(&fw)?.is_some_and(|b| b.ca) {
+    if basic_constraints(fw)?.is_some_and(|b| b.ca) {
         return Err(mismatch(
             "it is a ca certificate; it must be an end-entity certificate",
         ));
     }
-    if !cert::has_eku(&fw, cert::CODE_SIGNING_EKU) {
+    if !cert::has_eku(fw, cert::CODE_SIGNING_EKU) {
         return Err(mismatch(
             "it lacks the extended key usage id-kp-codeSigning (1.3.6.1.5.5.7.3.3), the firmware signer's role",
         ));
     }
-    if cert::has_manifest_signing_role(&fw) {
+    if cert::has_manifest_signing_role(fw) {
         return Err(mismatch(
             "it carries the manifest signer's extended key usage, which no other role may have",
         ));
     }
     Ok(())
+}
+
+/// A certificate the cell holds without its key: the manufacturer root (the anchor every check
+/// at start-up leads to) or the firmware-verification certificate (what meters check firmware
+/// against; its key signs releases offline).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Anchor {
+    /// `manufacturer-root`.
+    ManufacturerRoot,
+    /// `firmware-verification`.
+    FirmwareVerification,
+}
+
+impl Anchor {
+    /// Its token label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Anchor::ManufacturerRoot => ROOT_LABEL,
+            Anchor::FirmwareVerification => FIRMWARE_LABEL,
+        }
+    }
+}
+
+/// Stores an anchor certificate in the token while a cell is set up. The manufacturer root must
+/// be self-signed, a CA that may sign certificates; it is stored once and never replaced (the
+/// same certificate again is accepted). The firmware-verification certificate must be issued by
+/// the root already in the token, fit its role (id-kp-codeSigning, no CA) and hold a P-256 key
+/// (what meters verify); it is stored once too. Blocks.
+pub fn import_anchor(hsm: &Hsm, anchor: Anchor, cert_pem: &str) -> Result<ImportOutcome> {
+    let (der, parsed) = parse_one_pem(cert_pem)?;
+    let label = anchor.label();
+    hsm.with_session(|s| {
+        let subjects = match anchor {
+            Anchor::ManufacturerRoot => {
+                let root = Root::parse(&der)?;
+                if !basic_constraints(&root.cert)?.is_some_and(|b| b.ca)
+                    || !key_usage(&root.cert)?.is_some_and(|k| k.key_cert_sign())
+                {
+                    return Err(CertError::IssuerNotCa {
+                        subject: root.cert.tbs_certificate().subject().to_string(),
+                    }
+                    .into());
+                }
+                vec![root.cert.tbs_certificate().subject().to_string()]
+            }
+            Anchor::FirmwareVerification => {
+                let root_der = s.find_certificate(ROOT_LABEL)?.ok_or_else(|| {
+                    Error::InvalidInput(
+                        "the token holds no manufacturer root yet: import it first (`station pki import --role manufacturer-root --local`)".into(),
+                    )
+                })?;
+                let root = Root::parse(&root_der)?;
+                check_firmware_anchor(&root, &parsed)?;
+                let (curve, _) = cert::ec_key_of(parsed.tbs_certificate().subject_public_key_info())?;
+                if curve != Curve::P256 {
+                    return Err(CertError::WrongCurve {
+                        expected: Curve::P256.name().into(),
+                        found: curve.name().into(),
+                    }
+                    .into());
+                }
+                vec![
+                    parsed.tbs_certificate().subject().to_string(),
+                    root.cert.tbs_certificate().subject().to_string(),
+                ]
+            }
+        };
+        match s.find_certificate(label)? {
+            Some(existing) if existing == der => {}
+            Some(_) => {
+                return Err(Error::RoleExists {
+                    label: label.to_owned(),
+                    what: "different certificate (an anchor is never replaced)",
+                });
+            }
+            None => {
+                let (_, point) =
+                    cert::ec_key_of(parsed.tbs_certificate().subject_public_key_info())?;
+                s.import_certificate(label, &key_identifier(&point), &der, true)?;
+            }
+        }
+        Ok(ImportOutcome {
+            certificate: summary(label, &der)?,
+            chain: subjects,
+        })
+    })
 }
 
 /// A signer of the cell (the audit signer, the manifest signer) checked against the manufacturer

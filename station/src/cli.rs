@@ -227,9 +227,12 @@ enum PkiCmd {
         local: bool,
     },
     /// Import the certificate the offline root issued for a role's key (the chain is checked;
-    /// security officer, audited).
+    /// security officer, audited); or, while setting up a fresh token (`--local`), one of the
+    /// cell's anchors without a key in the token: manufacturer-root (first), then
+    /// firmware-verification.
     Import {
-        /// The role.
+        /// device-ca, manifest-signer, audit-signer, station; with --local also
+        /// manufacturer-root or firmware-verification.
         #[arg(long)]
         role: String,
         /// The certificate (PEM).
@@ -1094,6 +1097,11 @@ async fn pki(cli: &Cli, p: &PkiCmd) -> Result<ExitCode> {
                 out.display()
             );
         }
+        PkiCmd::Import { role, .. } if anchor_of(role).is_some() => {
+            bail!(
+                "{role} is stored while a fresh token is set up, before stationd first starts: add --local (a running cell's anchors never change under it)"
+            );
+        }
         PkiCmd::Import {
             role, cert, chain, ..
         } => {
@@ -1255,6 +1263,15 @@ async fn hsm_so(cli: &Cli, h: &HsmCmd) -> Result<ExitCode> {
 /// `pki csr --local` and `pki import --local`: the set-up of a fresh token on the HSM's host,
 /// before stationd first starts. Refused once the token marks the cell as set up: from then on
 /// only the daemon changes the PKI, for a security officer, audited.
+/// The anchor a `pki import --role` names, if it names one.
+fn anchor_of(role: &str) -> Option<hsm::pki::Anchor> {
+    match role {
+        "manufacturer-root" => Some(hsm::pki::Anchor::ManufacturerRoot),
+        "firmware-verification" => Some(hsm::pki::Anchor::FirmwareVerification),
+        _ => None,
+    }
+}
+
 async fn pki_local(cli: &Cli, p: &PkiCmd) -> Result<ExitCode> {
     let cfg = Config::load(&cli.config)?;
     let hsm = crate::engine::open_hsm(&cfg)?;
@@ -1297,6 +1314,21 @@ async fn pki_local(cli: &Cli, p: &PkiCmd) -> Result<ExitCode> {
                 role,
                 out.display()
             );
+        }
+        PkiCmd::Import {
+            role, cert, chain, ..
+        } if anchor_of(role).is_some() => {
+            if !chain.is_empty() {
+                bail!("{role} takes no --chain: it is checked against the manufacturer root");
+            }
+            let anchor = anchor_of(role).ok_or_else(|| anyhow!("{role}"))?;
+            let pem = std::fs::read_to_string(cert)
+                .with_context(|| format!("cannot read {}", cert.display()))?;
+            let h = hsm.clone();
+            let outcome =
+                tokio::task::spawn_blocking(move || hsm::pki::import_anchor(&h, anchor, &pem))
+                    .await??;
+            println!("{outcome}");
         }
         PkiCmd::Import {
             role, cert, chain, ..

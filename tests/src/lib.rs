@@ -660,3 +660,18 @@ pub fn validate_with_jsonschema(schema: &Path, doc: &Path) -> Result<(), String>
         Err(format!("{}{stderr}", String::from_utf8_lossy(&out.stdout)))
     }
 }
+
+/// Runs `openssl ARGS` in `dir` (an independent peer, or an offline root); panics with its
+/// output when it fails.
+pub fn openssl(args: &[&str], dir: &Path) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1536,3 +1536,241 @@ fn a_failed_self_test_finding_is_shown_with_the_others() {
         "ok    ecdsa p-256: verifies\nFAIL  key transport: the meter cannot unwrap\nFAIL  rsa-oaep: no usable RSA-OAEP\n3 checks, 2 failed, in 12 ms"
     );
 }
+
+/// `openssl ARGS` in `dir`.
+fn openssl_in(dir: &std::path::Path, args: &[&str]) {
+    e2e::openssl(args, dir);
+}
+
+/// The offline root `ca` (`<ca>.pem`, `<ca>.key` in `dir`) certifies the request `csr` with
+/// the extensions in the file `ext`, into `out`.
+fn root_issues(dir: &std::path::Path, ca: &str, csr: &str, ext: &str, out: &str) {
+    let (cert, key) = (format!("{ca}.pem"), format!("{ca}.key"));
+    openssl_in(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            csr,
+            "-CA",
+            &cert,
+            "-CAkey",
+            &key,
+            "-CAcreateserial",
+            "-days",
+            "365",
+            "-extfile",
+            ext,
+            "-out",
+            out,
+        ],
+    );
+}
+
+/// The production set-up path on a token that is not SoftHSM, with OpenSSL as the offline
+/// root: every role's key generated in the token with its request written, the certificates the
+/// root issued imported, the manufacturer root and the firmware-verification certificate
+/// stored — with the station's own commands only — and the cell then starts, its self-test
+/// passing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cell_is_set_up_on_kryoptic_with_its_own_commands_and_an_offline_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let token = hsm::testkit::TestToken::kryoptic("prod").unwrap();
+    station::demo::write_secret(&d.join("hsm-pin"), hsm::testkit::USER_PIN).unwrap();
+    let config = d.join("station.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "station_id = \"prod-cell\"\ndatabase = \"station.db\"\n\n[manufacturer]\nname = \"Meter Works\"\nflag_id = \"MWK\"\n\n\
+             [hsm]\nmodule = \"{}\"\ntoken = \"{}\"\npin = {{ file = \"hsm-pin\" }}\nkryoptic_conf = \"{}\"\ntrusted_wrap = false\npool_size = 2\n",
+            token.module.display(),
+            token.label,
+            hsm::testkit::kryoptic_conf().unwrap().display()
+        ),
+    )
+    .unwrap();
+    let station = |args: &[&str]| -> (bool, String) {
+        let out = std::process::Command::new(e2e::station_exe())
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .current_dir(d)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+
+    let import_local = |role: &str, cert: &str| {
+        station(&["pki", "import", "--local", "--role", role, "--cert", cert])
+    };
+
+    // The offline roots (manufacturer; provisioning, which the meters' bootloaders trust).
+    for root in ["root", "prov-root"] {
+        openssl_in(
+            d,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &format!("{root}.key"),
+                "-out",
+                &format!("{root}.pem"),
+                "-subj",
+                &format!("/O=Meter Works/CN={root}"),
+                "-days",
+                "3650",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+        );
+    }
+    let leaf = "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n";
+    let roles = [
+        (
+            "device-ca",
+            "root",
+            "basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign\n"
+                .to_string(),
+        ),
+        (
+            "manifest-signer",
+            "root",
+            format!("{leaf}extendedKeyUsage=1.3.6.1.5.5.7.3.36\n"),
+        ),
+        ("audit-signer", "root", leaf.to_string()),
+        ("station", "prov-root", leaf.to_string()),
+    ];
+
+    // Anchors: the firmware certificate needs the root in the token first.
+    openssl_in(
+        d,
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            "fw.key",
+        ],
+    );
+    openssl_in(
+        d,
+        &[
+            "req",
+            "-new",
+            "-key",
+            "fw.key",
+            "-subj",
+            "/O=Meter Works/CN=Firmware Signer",
+            "-out",
+            "fw.csr",
+        ],
+    );
+    std::fs::write(
+        d.join("fw.cnf"),
+        format!("{leaf}extendedKeyUsage=codeSigning\n"),
+    )
+    .unwrap();
+    root_issues(d, "root", "fw.csr", "fw.cnf", "fw.pem");
+    let (ok, out) = import_local("firmware-verification", "fw.pem");
+    assert!(
+        !ok && out.contains("holds no manufacturer root yet"),
+        "{out}"
+    );
+    let (ok, out) = station(&[
+        "pki",
+        "import",
+        "--role",
+        "manufacturer-root",
+        "--cert",
+        "root.pem",
+    ]);
+    assert!(!ok && out.contains("add --local"), "{out}");
+    let (ok, out) = import_local("manufacturer-root", "root.pem");
+    assert!(ok, "{out}");
+    let (ok, out) = import_local("manufacturer-root", "prov-root.pem");
+    assert!(!ok && out.contains("an anchor is never replaced"), "{out}");
+    // A firmware certificate without the code-signing role is refused.
+    std::fs::write(d.join("leaf.cnf"), leaf).unwrap();
+    root_issues(d, "root", "fw.csr", "leaf.cnf", "fw-plain.pem");
+    let (ok, out) = import_local("firmware-verification", "fw-plain.pem");
+    assert!(!ok && out.contains("id-kp-codeSigning"), "{out}");
+    let (ok, out) = import_local("firmware-verification", "fw.pem");
+    assert!(ok, "{out}");
+
+    // Every role: a key in the token, its request, the root's certificate imported.
+    for (role, root, ext) in &roles {
+        let (ok, out) = station(&[
+            "pki",
+            "csr",
+            "--local",
+            "--role",
+            role,
+            "--cn",
+            &format!("Line 1 {role}"),
+            "--out",
+            &format!("{role}.csr"),
+        ]);
+        assert!(ok, "{role}: {out}");
+        std::fs::write(d.join(format!("{role}.cnf")), ext).unwrap();
+        root_issues(
+            d,
+            root,
+            &format!("{role}.csr"),
+            &format!("{role}.cnf"),
+            &format!("{role}.pem"),
+        );
+        let (ok, out) = station(&[
+            "pki",
+            "import",
+            "--local",
+            "--role",
+            role,
+            "--cert",
+            &format!("{role}.pem"),
+            "--chain",
+            &format!("{root}.pem"),
+        ]);
+        assert!(ok, "{role}: {out}");
+    }
+
+    // The cell starts on it: anchors chained to the root, signers checked, the self-test passed.
+    let cfg = station::config::Config::load(&config).unwrap();
+    let engine = station::Engine::open(
+        cfg,
+        station::OpenOptions {
+            source: "test".into(),
+            nests: false,
+        },
+    )
+    .await
+    .unwrap();
+    engine.shutdown().await.unwrap();
+    let db = rusqlite::Connection::open(d.join("station.db")).unwrap();
+    let passed: i64 = db
+        .query_row(
+            "SELECT COUNT(*) FROM audit WHERE kind = 'hsm.self_test' AND json_extract(details, '$.passed') = 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(passed, 1);
+}

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use e2e::{Cell, CellOptions};
+use e2e::{Cell, CellOptions, openssl};
 use station::api::client::{Address, Client, TlsClient};
 use station::api::convert::Update;
 use station::api::pb;
@@ -980,19 +980,6 @@ async fn the_pki_changes_through_the_daemon_only_and_a_set_up_token_bootstraps_n
 }
 
 // ----- remote consoles over mutual TLS -------------------------------------------------------
-
-fn openssl(args: &[&str], dir: &Path) {
-    let out = std::process::Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// A CA and a console certificate (clientAuth) of another cell's PKI, made with openssl.
 fn foreign_console(dir: &Path) -> (PathBuf, PathBuf) {

@@ -29,6 +29,8 @@ pub const CHANNEL_SIG_LABEL: &[u8] = b"jig-line-v1 channel";
 pub const SESSION_KEYS_INFO: &[u8] = b"jig-line-v1 session keys";
 /// Prefix of the key-transport key derivation data.
 pub const KTK_LABEL: &[u8] = b"jig-line-v1 ktk";
+/// Prefix of the X9.63 KDF's SharedInfo for the key-transport key.
+pub const KTK_X963_LABEL: &[u8] = b"jig-line-v1 ktk x963";
 /// Prefix of the proof-of-possession and receipt domains (see [`crate::receipt`]).
 pub const RECEIPT_MAGIC: &[u8; 4] = b"JIGR";
 
@@ -106,6 +108,63 @@ pub fn ktk_from_shared(z2: &[u8; 32], th: &[u8; 32]) -> Zeroizing<[u8; 32]> {
     out
 }
 
+/// How the key-transport key is derived from the ECDH value (section 5.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KtkMethod {
+    /// `AES-256-ECB(Z2, SHA-256("jig-line-v1 ktk" ‖ TH))` (the HSM: `CKM_ECDH1_DERIVE` with the
+    /// null KDF, then `CKM_AES_ECB_ENCRYPT_DATA`). Every meter does it.
+    AesEcb,
+    /// The ANSI X9.63 KDF with SHA-256 and SharedInfo `"jig-line-v1 ktk x963" ‖ TH` (the HSM:
+    /// `CKM_ECDH1_DERIVE` with `CKD_SHA256_KDF`, offered by every HSM family). Used when both the
+    /// host's HELLO and the meter's HELLO_ACK set [`crate::msg::FEATURE_KTK_X963`].
+    X963,
+}
+
+impl KtkMethod {
+    /// The method a HELLO's and a HELLO_ACK's feature bytes agree on.
+    pub fn negotiate(host_features: u8, meter_features: u8) -> KtkMethod {
+        if host_features & meter_features & crate::msg::FEATURE_KTK_X963 != 0 {
+            KtkMethod::X963
+        } else {
+            KtkMethod::AesEcb
+        }
+    }
+
+    /// The key-transport key from the ECDH value `z2` and the transcript hash.
+    pub fn derive(self, z2: &[u8; 32], th: &[u8; 32]) -> Zeroizing<[u8; 32]> {
+        match self {
+            KtkMethod::AesEcb => ktk_from_shared(z2, th),
+            KtkMethod::X963 => ktk_x963_from_shared(z2, th),
+        }
+    }
+
+    /// Its name in logs and records: `aes-ecb` or `x963`.
+    pub fn name(self) -> &'static str {
+        match self {
+            KtkMethod::AesEcb => "aes-ecb",
+            KtkMethod::X963 => "x963",
+        }
+    }
+}
+
+/// The X9.63 KDF's SharedInfo: `"jig-line-v1 ktk x963" ‖ TH` (52 bytes).
+pub fn ktk_x963_shared_info(th: &[u8; 32]) -> Vec<u8> {
+    let mut info = Vec::with_capacity(KTK_X963_LABEL.len() + 32);
+    info.extend_from_slice(KTK_X963_LABEL);
+    info.extend_from_slice(th);
+    info
+}
+
+/// `KTK = SHA-256(Z2 ‖ 00000001 ‖ SharedInfo)`: the ANSI X9.63 KDF for one 32-byte block, what an
+/// HSM computes with `CKM_ECDH1_DERIVE` and `CKD_SHA256_KDF`.
+pub fn ktk_x963_from_shared(z2: &[u8; 32], th: &[u8; 32]) -> Zeroizing<[u8; 32]> {
+    let mut h = Sha256::new();
+    h.update(z2);
+    h.update(1u32.to_be_bytes());
+    h.update(ktk_x963_shared_info(th));
+    Zeroizing::new(h.finalize().into())
+}
+
 /// Raw ECDH: the x-coordinate of `secret · public`.
 pub fn ecdh_x(secret: &NonZeroScalar, public: &PublicKey) -> Zeroizing<[u8; 32]> {
     let shared = diffie_hellman(secret, public.as_affine());
@@ -114,7 +173,18 @@ pub fn ecdh_x(secret: &NonZeroScalar, public: &PublicKey) -> Zeroizing<[u8; 32]>
     x
 }
 
-/// The meter's key-transport key from its ephemeral secret and the host's `kt_pub`.
+/// The meter's key-transport key by `method`, from its ephemeral secret and the host's `kt_pub`.
+pub fn meter_ktk_with(
+    method: KtkMethod,
+    meter_eph: &NonZeroScalar,
+    kt_pub: &PublicKey,
+    th: &[u8; 32],
+) -> Zeroizing<[u8; 32]> {
+    method.derive(&ecdh_x(meter_eph, kt_pub), th)
+}
+
+/// The meter's key-transport key (AES-ECB construction) from its ephemeral secret and the
+/// host's `kt_pub`.
 pub fn meter_ktk(
     meter_eph: &NonZeroScalar,
     kt_pub: &PublicKey,

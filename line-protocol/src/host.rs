@@ -12,7 +12,7 @@ use p256::{PublicKey, SecretKey};
 use rand_core::CryptoRng;
 
 use crate::crypto::{
-    self, channel_signed_message, parse_p256_point, session_keys, transcript_hash,
+    self, KtkMethod, channel_signed_message, parse_p256_point, session_keys, transcript_hash,
 };
 use crate::endpoint::{Endpoint, Opened, Violation};
 use crate::firmware::Block;
@@ -222,6 +222,13 @@ impl HostSession {
     /// The meter's HELLO_ACK.
     pub fn meter(&self) -> Option<&HelloAck> {
         self.meter.as_ref()
+    }
+
+    /// The key-transport derivation this host and the meter agreed on (after HELLO_ACK).
+    pub fn ktk_method(&self) -> Option<KtkMethod> {
+        self.meter
+            .as_ref()
+            .map(|a| KtkMethod::negotiate(self.cfg.features, a.features))
     }
 
     /// What was negotiated.

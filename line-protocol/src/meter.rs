@@ -167,6 +167,7 @@ enum Phase {
         ack: Vec<u8>,
         eph: SecretKey,
         compression: bool,
+        ktk: crypto::KtkMethod,
         max_block: u32,
     },
     Secure {
@@ -419,6 +420,7 @@ impl MeterSession {
             ack: ack_bytes,
             eph,
             compression: h.features & info.features & msg::FEATURE_DEFLATE != 0,
+            ktk: crypto::KtkMethod::negotiate(h.features, info.features),
             max_block: info.max_block,
         };
         Ok(())
@@ -437,6 +439,7 @@ impl MeterSession {
             ack,
             eph,
             compression,
+            ktk: ktk_method,
             max_block,
         } = phase
         else {
@@ -460,7 +463,7 @@ impl MeterSession {
             .ok_or_else(|| Refusal::new(ErrorCode::Malformed, "invalid key-transport key"))?;
         let scalar = eph.to_nonzero_scalar();
         let keys = session_keys(&crypto::ecdh_x(&scalar, &host_eph), &th);
-        let ktk = crypto::meter_ktk(&scalar, &kt_pub, &th);
+        let ktk = crypto::meter_ktk_with(ktk_method, &scalar, &kt_pub, &th);
         self.ep.set_keys(&keys.meter_to_host, &keys.host_to_meter);
         let slot_size = app.info().slot_size;
         self.phase = Phase::Secure {

@@ -219,6 +219,9 @@ pub const FEATURE_DEFLATE: u8 = 0x01;
 pub const FEATURE_KEYGEN_P256: u8 = 0x02;
 /// Feature bit: the meter generates P-384 key pairs on chip.
 pub const FEATURE_KEYGEN_P384: u8 = 0x04;
+/// Feature bit (HELLO and HELLO_ACK): the key-transport key by the ANSI X9.63 KDF (section 5.3);
+/// used when both sides set it, else the AES-ECB construction.
+pub const FEATURE_KTK_X963: u8 = 0x08;
 
 /// Interface bits for SEAL.
 pub mod iface {

@@ -405,7 +405,8 @@ impl Pair {
                 .eph_pub,
         )
         .unwrap_or_else(|| panic!("bad meter key"));
-        crypto::ktk_from_shared(
+        let method = self.host.ktk_method().unwrap_or_else(|| panic!("no hello"));
+        method.derive(
             &crypto::ecdh_x(&self.kt_secret.to_nonzero_scalar(), &meter_eph),
             &th,
         )

@@ -448,14 +448,23 @@ fn check_frames(vectors: &[Value]) {
     }
 }
 
-fn channel_vector() -> Value {
+/// A whole handshake; `host_features` decides the key-transport derivation (the meter offers
+/// both).
+fn channel_vector(host_features: u8) -> Value {
     let (host_seed, meter_seed, kt_seed) = (101u64, 202u64, 303u64);
     let e_h = p256::SecretKey::generate_from_rng(&mut SeededRng::new(host_seed));
     let e_m = p256::SecretKey::generate_from_rng(&mut SeededRng::new(meter_seed));
     let kt = p256::SecretKey::generate_from_rng(&mut SeededRng::new(kt_seed));
-    let mut host = HostSession::new(HostConfig::default());
+    let config = HostConfig {
+        features: host_features,
+        ..HostConfig::default()
+    };
+    let mut host = HostSession::new(config.clone());
     let mut meter = MeterSession::new(8192);
     let mut app = MemMeter::new(&[0xA5; 12]);
+    // A meter that offers the X9.63 key transport when the host does (the version-1 vector's
+    // meter offers only the AES-ECB one).
+    app.info.features |= host_features & FEATURE_KTK_X963;
     let mut meter_rng = SeededRng::new(meter_seed);
     let mut host_rng = SeededRng::new(host_seed);
 
@@ -481,9 +490,9 @@ fn channel_vector() -> Value {
         version_min: 1,
         version_max: 1,
         nonce: [0x11; 16],
-        max_payload: HostConfig::default().max_payload,
-        window: HostConfig::default().window,
-        features: HostConfig::default().features,
+        max_payload: config.max_payload,
+        window: config.window,
+        features: config.features,
     })
     .to_bytes();
     let ack_payload = Message::HelloAck(ack.clone()).to_bytes();
@@ -500,7 +509,8 @@ fn channel_vector() -> Value {
     let z1 = crypto::ecdh_x(&e_m.to_nonzero_scalar(), &e_h.public_key());
     let keys = crypto::session_keys(&z1, &th);
     let z2 = crypto::ecdh_x(&e_m.to_nonzero_scalar(), &kt.public_key());
-    let ktk = crypto::ktk_from_shared(&z2, &th);
+    let method = host.ktk_method().unwrap();
+    let ktk = method.derive(&z2, &th);
     let guek = [0x0Fu8; 16];
     let wrapped = wrap_key(&ktk, WrapAlg::AesKw, &guek).unwrap();
     json!({
@@ -515,7 +525,12 @@ fn channel_vector() -> Value {
         "signed_message": h(&crypto::channel_signed_message(&th)),
         "signature": h(&signature),
         "z1": h(&z1[..]), "k_hm": h(&keys.host_to_meter[..]), "k_mh": h(&keys.meter_to_host[..]),
-        "z2": h(&z2[..]), "ktk_data": h(&crypto::ktk_derivation_data(&th)), "ktk": h(&ktk[..]),
+        "z2": h(&z2[..]), "ktk_method": method.name(),
+        "ktk_data": match method {
+            crypto::KtkMethod::AesEcb => h(&crypto::ktk_derivation_data(&th)),
+            crypto::KtkMethod::X963 => h(&crypto::ktk_x963_shared_info(&th)),
+        },
+        "ktk": h(&ktk[..]),
         "channel_ready_frame": h(&ready_frame),
         "status_frame": h(&status_frame), "status_frame_seq": 2,
         "put_key": {"clear": h(&guek), "kcv": h(&kcv_aes(&guek).unwrap()), "wrap": 1, "wrapped": h(&wrapped)}
@@ -548,8 +563,27 @@ fn check_channel(c: &Value) {
     assert_eq!(keys.meter_to_host.to_vec(), hx("k_mh"));
     let z2 = crypto::ecdh_x(&e_m.to_nonzero_scalar(), &t.public_key());
     assert_eq!(z2.to_vec(), hx("z2"));
-    let ktk = crypto::ktk_from_shared(&z2, &th);
+    // The method both sides' feature bytes agree on, and its key.
+    let host_features = match Message::decode(ty::HELLO, &hx("hello_payload")).unwrap() {
+        Message::Hello(x) => x.features,
+        other => panic!("{other:?}"),
+    };
+    let meter_features = match Message::decode(ty::HELLO_ACK, &hx("hello_ack_payload")).unwrap() {
+        Message::HelloAck(x) => x.features,
+        other => panic!("{other:?}"),
+    };
+    let method = crypto::KtkMethod::negotiate(host_features, meter_features);
+    assert_eq!(method.name(), c["ktk_method"]);
+    let ktk = method.derive(&z2, &th);
     assert_eq!(ktk.to_vec(), hx("ktk"));
+    match method {
+        crypto::KtkMethod::AesEcb => {
+            assert_eq!(crypto::ktk_derivation_data(&th).to_vec(), hx("ktk_data"))
+        }
+        crypto::KtkMethod::X963 => {
+            assert_eq!(crypto::ktk_x963_shared_info(&th), hx("ktk_data"))
+        }
+    }
     // The signature verifies with the station certificate's key.
     let station = x509_cert::Certificate::from_der(STATION_DER).unwrap();
     let key = line_protocol::chain::p256_key(&station).unwrap();
@@ -673,7 +707,8 @@ fn generate() -> Value {
         "version": 1,
         "frames": frames,
         "messages": messages,
-        "channel": channel_vector(),
+        "channel": channel_vector(HostConfig::default().features),
+        "channel_x963": channel_vector(HostConfig::default().features | FEATURE_KTK_X963),
         "sealing": sealing_vector(),
         "receipt": receipt_vector(),
     })
@@ -710,6 +745,9 @@ fn vectors_decode_to_their_stated_meaning_and_do_not_drift() {
         }
     }
     check_channel(&file["channel"]);
+    assert_eq!(file["channel"]["ktk_method"], "aes-ecb");
+    check_channel(&file["channel_x963"]);
+    assert_eq!(file["channel_x963"]["ktk_method"], "x963");
     check_sealing(&file["sealing"]);
     let r = &file["receipt"];
     let decoded = Receipt::decode(&hex::decode(r["hex"].as_str().unwrap()).unwrap()).unwrap();

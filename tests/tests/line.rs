@@ -126,3 +126,43 @@ async fn batch_of_40_over_4_nests() {
     assert_eq!(code, 0, "{out}{err}");
     daemon.stop().await.unwrap();
 }
+
+/// The X9.63 key-transport vector, recomputed by an implementation we did not write: Python's
+/// `cryptography` (its `X963KDF`, the ANSI X9.63 KDF an HSM's `CKD_SHA256_KDF` computes), from
+/// the vector's Z2 and SharedInfo, gives the vector's KTK.
+#[test]
+fn the_x963_key_transport_vector_matches_pythons_x963kdf() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../schemas/line-protocol-vectors.json");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let c = &v["channel_x963"];
+    assert_eq!(c["ktk_method"], "x963");
+    let python = std::env::var("CELL_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = "import sys\n\
+        from cryptography.hazmat.primitives import hashes\n\
+        from cryptography.hazmat.primitives.kdf.x963kdf import X963KDF\n\
+        kdf = X963KDF(algorithm=hashes.SHA256(), length=32, sharedinfo=bytes.fromhex(sys.argv[2]))\n\
+        print(kdf.derive(bytes.fromhex(sys.argv[1])).hex())\n";
+    let out = std::process::Command::new(&python)
+        .args(["-c", script])
+        .arg(c["z2"].as_str().unwrap())
+        .arg(c["ktk_data"].as_str().unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{python}: {} (run through `cargo xtask test`, which installs `cryptography`)",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), c["ktk"]);
+    // And the SharedInfo is the label and the transcript hash.
+    assert_eq!(
+        c["ktk_data"].as_str().unwrap(),
+        format!(
+            "{}{}",
+            hex::encode(b"jig-line-v1 ktk x963"),
+            c["th"].as_str().unwrap()
+        )
+    );
+}

@@ -15,6 +15,9 @@
 //! | `device-error-every=N` | a network HSM under load: every Nth `C_Sign` is `CKR_DEVICE_ERROR` |
 //! | `ignore-sensitive-on-unwrap` | a token that makes unwrapped keys readable whatever was asked |
 //! | `sessions=N` | YubiHSM 2 (16): at most N sessions, stated in the token information |
+//! | `x963-kdf` | the HSMs SoftHSM is not: `CKM_ECDH1_DERIVE` with `CKD_SHA256_KDF` (emulated) |
+//!
+//! FIPS-mode Luna is `no-null-kdf,x963-kdf`, CloudHSM `no-ecb-encrypt-data,x963-kdf`.
 //!
 //! Everything else passes straight through to the module named by `HSM_QUIRKS_UNDER` (default:
 //! Debian's SoftHSM). `C_Finalize` leaves the module under it initialised: other copies and the
@@ -43,6 +46,7 @@ struct Quirks {
     device_error_every: u64,
     ignore_sensitive_on_unwrap: bool,
     sessions: Option<CK_ULONG>,
+    x963_kdf: bool,
 }
 
 impl Quirks {
@@ -60,6 +64,7 @@ impl Quirks {
                 "ignore-sensitive-on-unwrap" => q.ignore_sensitive_on_unwrap = true,
                 "device-error-every" => q.device_error_every = value.parse().ok()?,
                 "sessions" => q.sessions = Some(value.parse().ok()?),
+                "x963-kdf" => q.x963_kdf = true,
                 "none" => {}
                 _ => return None,
             }
@@ -474,6 +479,18 @@ unsafe extern "C" fn derive_key(
         Ok(x) => x,
         Err(rv) => return rv,
     };
+    if m.quirks.x963_kdf
+        && mech.mechanism == CKM_ECDH1_DERIVE
+        && !mech.pParameter.is_null()
+        && mech.ulParameterLen as usize >= size_of::<CK_ECDH1_DERIVE_PARAMS>()
+    {
+        // SAFETY: checked non-null and large enough for the parameters of this mechanism.
+        let params = unsafe { *mech.pParameter.cast::<CK_ECDH1_DERIVE_PARAMS>() };
+        if params.kdf == CKD_SHA256_KDF {
+            // SAFETY: the caller's template and output handle, passed on.
+            return unsafe { derive_x963(m, session, params, base, template, count, key) };
+        }
+    }
     if m.quirks.no_null_kdf
         && mech.mechanism == CKM_ECDH1_DERIVE
         && !mech.pParameter.is_null()
@@ -487,4 +504,113 @@ unsafe extern "C" fn derive_key(
     }
     // SAFETY: passed through with our copy of the mechanism.
     unsafe { under!(m, C_DeriveKey)(session, &mut mech, base, template, count, key) }
+}
+
+/// `CKD_SHA256_KDF` on a module without it: ECDH with the null KDF into a readable session
+/// secret, the ANSI X9.63 KDF (`SHA-256(Z ‖ 00000001 ‖ SharedInfo)`) here, and the result made
+/// an object with the caller's template. A test device: a real HSM never shows Z.
+///
+/// # Safety
+/// `params` are the caller's; `template` has `count` entries; `key` is writable.
+unsafe fn derive_x963(
+    m: &Module,
+    session: CK_SESSION_HANDLE,
+    params: CK_ECDH1_DERIVE_PARAMS,
+    base: CK_OBJECT_HANDLE,
+    template: *mut CK_ATTRIBUTE,
+    count: CK_ULONG,
+    key: *mut CK_OBJECT_HANDLE,
+) -> CK_RV {
+    use sha2::{Digest, Sha256};
+    let mut raw = CK_ECDH1_DERIVE_PARAMS {
+        kdf: CKD_NULL,
+        ulSharedDataLen: 0,
+        pSharedData: std::ptr::null_mut(),
+        ..params
+    };
+    let mut mech = CK_MECHANISM {
+        mechanism: CKM_ECDH1_DERIVE,
+        pParameter: (&raw mut raw).cast(),
+        ulParameterLen: size_of::<CK_ECDH1_DERIVE_PARAMS>() as CK_ULONG,
+    };
+    let (mut class, mut kind, mut len) = (CKO_SECRET_KEY, CKK_GENERIC_SECRET, 32 as CK_ULONG);
+    let (mut no, mut yes) = (CK_FALSE, CK_TRUE);
+    let attr = |t: CK_ATTRIBUTE_TYPE, p: *mut c_void, n: usize| CK_ATTRIBUTE {
+        type_: t,
+        pValue: p,
+        ulValueLen: n as CK_ULONG,
+    };
+    let mut secret_template = [
+        attr(CKA_CLASS, (&raw mut class).cast(), size_of::<CK_ULONG>()),
+        attr(CKA_KEY_TYPE, (&raw mut kind).cast(), size_of::<CK_ULONG>()),
+        attr(CKA_VALUE_LEN, (&raw mut len).cast(), size_of::<CK_ULONG>()),
+        attr(CKA_TOKEN, (&raw mut no).cast(), 1),
+        attr(CKA_SENSITIVE, (&raw mut no).cast(), 1),
+        attr(CKA_EXTRACTABLE, (&raw mut yes).cast(), 1),
+    ];
+    let mut z_handle: CK_OBJECT_HANDLE = 0;
+    // SAFETY: our own mechanism and template, the caller's base key.
+    let rv = unsafe {
+        under!(m, C_DeriveKey)(
+            session,
+            &mut mech,
+            base,
+            secret_template.as_mut_ptr(),
+            secret_template.len() as CK_ULONG,
+            &mut z_handle,
+        )
+    };
+    if rv != CKR_OK {
+        return rv;
+    }
+    let mut z = [0u8; 32];
+    let mut read = [attr(CKA_VALUE, z.as_mut_ptr().cast(), z.len())];
+    // SAFETY: reads into our own buffer; then our own object is destroyed.
+    let rv = unsafe {
+        let rv = under!(m, C_GetAttributeValue)(session, z_handle, read.as_mut_ptr(), 1);
+        under!(m, C_DestroyObject)(session, z_handle);
+        rv
+    };
+    if rv != CKR_OK {
+        return rv;
+    }
+    let shared: &[u8] = if params.pSharedData.is_null() {
+        &[]
+    } else {
+        // SAFETY: the caller's shared data of the length it gives.
+        unsafe { std::slice::from_raw_parts(params.pSharedData, params.ulSharedDataLen as usize) }
+    };
+    let mut h = Sha256::new();
+    h.update(z);
+    h.update(1u32.to_be_bytes());
+    h.update(shared);
+    let mut value: [u8; 32] = h.finalize().into();
+    // The caller's template, its CKA_VALUE_LEN (at most 32 here) giving way to the value.
+    let attrs: &[CK_ATTRIBUTE] = if template.is_null() {
+        &[]
+    } else {
+        // SAFETY: the caller's template has `count` entries.
+        unsafe { std::slice::from_raw_parts(template, count as usize) }
+    };
+    let mut want = 32usize;
+    let mut create: Vec<CK_ATTRIBUTE> = Vec::with_capacity(attrs.len() + 1);
+    for a in attrs {
+        if a.type_ == CKA_VALUE_LEN && !a.pValue.is_null() {
+            // SAFETY: CKA_VALUE_LEN holds a CK_ULONG.
+            want = unsafe { *a.pValue.cast::<CK_ULONG>() } as usize;
+        } else {
+            create.push(*a);
+        }
+    }
+    if want == 0 || want > value.len() {
+        return CKR_TEMPLATE_INCONSISTENT;
+    }
+    create.push(attr(CKA_VALUE, value.as_mut_ptr().cast(), want));
+    // SAFETY: the caller's attributes and our value, into the caller's handle.
+    let rv = unsafe {
+        under!(m, C_CreateObject)(session, create.as_mut_ptr(), create.len() as CK_ULONG, key)
+    };
+    value.fill(0);
+    z.fill(0);
+    rv
 }

@@ -155,6 +155,13 @@ pub struct Mechanisms {
     /// The token gives AES keys a CKA_CHECK_VALUE (else keys that need a check value may
     /// ECB-encrypt to compute one; see `ObjectPolicy::with_ecb_check_value`).
     pub check_value: bool,
+    /// The line protocol's AES-ECB key transport works here: a probe derived with
+    /// CKM_ECDH1_DERIVE and the null KDF, then CKM_AES_ECB_ENCRYPT_DATA (FIPS-mode HSMs refuse
+    /// the null KDF even where they list the mechanism).
+    pub ktk_aes_ecb: bool,
+    /// The line protocol's X9.63 key transport works here: a probe derived with
+    /// CKM_ECDH1_DERIVE and CKD_SHA256_KDF.
+    pub ktk_x963: bool,
 }
 
 impl Mechanisms {
@@ -187,10 +194,15 @@ impl Mechanisms {
                 Some(t) => format!("{t} (RFC 5649, known answer checked)"),
                 None => "none".into(),
             },
-            if self.ecdh && self.aes_ecb_encrypt_data {
-                "CKM_ECDH1_DERIVE(null kdf) + CKM_AES_ECB_ENCRYPT_DATA"
-            } else {
-                "unavailable"
+            match (self.ktk_x963, self.ktk_aes_ecb) {
+                (true, true) => {
+                    "CKM_ECDH1_DERIVE(CKD_SHA256_KDF) with meters that offer X9.63, else CKM_ECDH1_DERIVE(null kdf) + CKM_AES_ECB_ENCRYPT_DATA"
+                }
+                (true, false) => {
+                    "CKM_ECDH1_DERIVE(CKD_SHA256_KDF) only: meters must offer the X9.63 key transport"
+                }
+                (false, true) => "CKM_ECDH1_DERIVE(null kdf) + CKM_AES_ECB_ENCRYPT_DATA",
+                (false, false) => "unavailable",
             },
             if self.check_value {
                 "CKA_CHECK_VALUE"

@@ -805,6 +805,12 @@ impl<'a> HsmSession<'a> {
                 purpose: "the key-transport key",
             });
         }
+        if !self.mechanisms().ktk_aes_ecb {
+            return Err(Error::MechanismMissing {
+                mechanism: "CKM_ECDH1_DERIVE with the null KDF",
+                purpose: "the AES-ECB key-transport key",
+            });
+        }
         let z = self.ecdh_derive(
             kt_private,
             meter_eph_pub,
@@ -819,6 +825,47 @@ impl<'a> HsmSession<'a> {
             return Err(e);
         }
         Ok(ktk)
+    }
+
+    /// The key-transport key of a secure channel by the line protocol's X9.63 construction:
+    /// `CKM_ECDH1_DERIVE` of `kt_private` with the meter's ephemeral point, `CKD_SHA256_KDF`
+    /// with `shared_info` (`line_protocol::crypto::ktk_x963_shared_info(th)`), straight into a
+    /// session AES-256 key that can only wrap. It equals
+    /// `line_protocol::crypto::ktk_x963_from_shared(z, th)`.
+    pub fn derive_ktk_x963(
+        &self,
+        kt_private: &KeyHandle,
+        meter_eph_pub: &[u8; 65],
+        shared_info: &[u8],
+    ) -> Result<KeyHandle> {
+        if !self.mechanisms().ktk_x963 {
+            return Err(Error::MechanismMissing {
+                mechanism: "CKM_ECDH1_DERIVE with CKD_SHA256_KDF",
+                purpose: "the X9.63 key-transport key",
+            });
+        }
+        if !matches!(kt_private.kind, KeyKind::EcPrivate(Curve::P256)) {
+            return Err(Error::InvalidInput(
+                "the key transport needs a p-256 private key".into(),
+            ));
+        }
+        Curve::P256.check_point(meter_eph_pub)?;
+        let base = self.resolve(kt_private)?;
+        let t = self.aes_policy(KeyRole::KeyTransport).template(
+            Class::Secret,
+            [
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::ValueLen(32u64.into()),
+            ],
+        );
+        let params = Ecdh1DeriveParams::new(EcKdf::sha256(shared_info), meter_eph_pub);
+        let _guard = lock(&self.inner().objects);
+        let h = self
+            .session
+            .derive_key(&Mechanism::Ecdh1Derive(params), base, &t)
+            .ck("derive the key-transport key with CKM_ECDH1_DERIVE (CKD_SHA256_KDF)")?;
+        Ok(self.handle_for(h, KeyKind::Aes(32), Some(KeyRole::KeyTransport), None))
     }
 
     /// ECDH (CKM_ECDH1_DERIVE, null KDF) of `private` with `peer_point` into an AES key of
@@ -1922,6 +1969,12 @@ pub(crate) fn probe_mechanisms(ctx: &Pkcs11, slot: Slot, session: &Session) -> R
     // each by number.
     .filter(|t| ctx.get_mechanism_info(slot, *t).is_ok_and(|i| i.wrap()))
     .find(|t| kwp_answers_known(session, *t));
+    let (ktk_aes_ecb, ktk_x963) =
+        if has(MechanismType::ECC_KEY_PAIR_GEN) && has(MechanismType::ECDH1_DERIVE) {
+            probe_ktk(session, ecb_encrypt_data)
+        } else {
+            (false, false)
+        };
     let (rsa_oaep, oaep_label) =
         if has(MechanismType::RSA_PKCS_OAEP) && has(MechanismType::AES_KEY_GEN) {
             probe_oaep(session)?
@@ -1942,7 +1995,88 @@ pub(crate) fn probe_mechanisms(ctx: &Pkcs11, slot: Slot, session: &Session) -> R
         rsa_keygen: has(MechanismType::RSA_PKCS_KEY_PAIR_GEN),
         rsa_oaep,
         oaep_label,
+        ktk_aes_ecb,
+        ktk_x963,
     })
+}
+
+/// The P-256 base point, uncompressed: a peer point every token accepts, for the probes.
+const P256_G: &str = concat!(
+    "04",
+    "6b17d1f2e12c4247f8bce6e563a440f277037d812deb33a0f4a13945d898c296",
+    "4fe342e2fe1a7f9b8ee7eb4a7c0f9e162bce33576b315ececbb6406837bf51f5"
+);
+
+/// Which key-transport derivations really work (a listed mechanism may still refuse the null
+/// KDF): (AES-ECB, X9.63). Every object made is a session object, destroyed again.
+fn probe_ktk(session: &Session, ecb_encrypt_data: bool) -> (bool, bool) {
+    let Ok(g) = hex::decode(P256_G) else {
+        return (false, false);
+    };
+    let params = Curve::P256.ec_params().to_vec();
+    let Ok((public, private)) = session.generate_key_pair(
+        &Mechanism::EccKeyPairGen,
+        &[Attribute::Token(false), Attribute::EcParams(params)],
+        &[
+            Attribute::Token(false),
+            Attribute::Sensitive(true),
+            Attribute::Derive(true),
+        ],
+    ) else {
+        return (false, false);
+    };
+    let aes = |derive: bool| {
+        vec![
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::ValueLen(32u64.into()),
+            Attribute::Token(false),
+            Attribute::Sensitive(true),
+            Attribute::Derive(derive),
+        ]
+    };
+    let mut made = vec![public, private];
+    let mut aes_ecb = false;
+    if let Ok(z) = session.derive_key(
+        &Mechanism::Ecdh1Derive(Ecdh1DeriveParams::new(EcKdf::null(), &g)),
+        private,
+        &aes(true),
+    ) {
+        made.push(z);
+        if ecb_encrypt_data {
+            let data = [0u8; 32];
+            let params = KeyDerivationStringData::new(&data);
+            if let Ok(k) =
+                session.derive_key(&mechanisms::aes_ecb_encrypt_data(&params), z, &aes(false))
+            {
+                made.push(k);
+                aes_ecb = true;
+            }
+        }
+    }
+    let info = crypto_x963_probe_info();
+    let x963 = match session.derive_key(
+        &Mechanism::Ecdh1Derive(Ecdh1DeriveParams::new(EcKdf::sha256(&info), &g)),
+        private,
+        &aes(false),
+    ) {
+        Ok(k) => {
+            made.push(k);
+            true
+        }
+        Err(_) => false,
+    };
+    for h in made {
+        let _ = session.destroy_object(h);
+    }
+    (aes_ecb, x963)
+}
+
+/// SharedInfo of the X9.63 probe: the shape the line protocol uses (label and 32 bytes).
+fn crypto_x963_probe_info() -> Vec<u8> {
+    let mut info = b"jig-line-v1 ktk x963".to_vec();
+    info.extend_from_slice(&[0u8; 32]);
+    info
 }
 
 /// Whether the token gives a fresh AES key a CKA_CHECK_VALUE (PKCS#11 2.40 and later; some

@@ -167,14 +167,19 @@ fn a_token_without_ecb_encrypt_data_names_it() {
     );
 }
 
-/// ECDH with the null KDF refused (FIPS-mode Luna, CloudHSM): the refusal names the mechanism
-/// and the CKR.
+/// ECDH with the null KDF refused, CKD_SHA256_KDF offered (FIPS-mode Luna): the probe finds
+/// that only the X9.63 key transport works here (the mechanism list says both would), the
+/// AES-ECB one is refused by name, and the X9.63 key equals the meter's in software.
 #[test]
-fn a_token_that_refuses_the_null_kdf_says_so() {
-    let (_t, hsm) = token("q-kdf", "no-null-kdf", 1);
-    let station = hsm.with_session(|s| s.generate_kt_keypair()).unwrap();
-    let meter = p256::SecretKey::from_slice(&[7; 32]).unwrap();
+fn a_fips_token_without_the_null_kdf_does_the_x963_key_transport() {
+    use line_protocol::crypto;
     use p256::elliptic_curve::sec1::ToSec1Point;
+    let (_t, hsm) = token("q-kdf", "no-null-kdf,x963-kdf", 1);
+    let m = hsm.mechanisms();
+    assert!(m.ecdh && m.aes_ecb_encrypt_data, "listed: {}", m.chosen());
+    assert!(!m.ktk_aes_ecb && m.ktk_x963, "{}", m.chosen());
+    let (kt, kt_pub) = hsm.with_session(|s| s.generate_kt_keypair()).unwrap();
+    let meter = p256::SecretKey::from_slice(&[7; 32]).unwrap();
     let point: [u8; 65] = meter
         .public_key()
         .to_sec1_point(false)
@@ -182,11 +187,44 @@ fn a_token_that_refuses_the_null_kdf_says_so() {
         .try_into()
         .unwrap();
     let e = hsm
-        .with_session(|s| s.derive_ktk(&station.0, &point, &[0; 32]))
+        .with_session(|s| s.derive_ktk(&kt, &point, &[0; 32]))
         .unwrap_err();
-    let text = e.to_string();
     assert!(
-        text.contains("CKM_ECDH1_DERIVE") && text.contains("CKR_MECHANISM_PARAM_INVALID"),
-        "{text}"
+        matches!(
+            e,
+            Error::MechanismMissing {
+                mechanism: "CKM_ECDH1_DERIVE with the null KDF",
+                ..
+            }
+        ),
+        "{e}"
     );
+    let th = [0x44; 32];
+    let ktk = hsm
+        .with_session(|s| s.derive_ktk_x963(&kt, &point, &crypto::ktk_x963_shared_info(&th)))
+        .unwrap();
+    let key = hsm
+        .with_session(|s| s.generate_aes_key(KeyRole::MeterAk, AesKeySize::Aes128, None))
+        .unwrap();
+    let kcv = hsm.with_session(|s| s.kcv(&key)).unwrap();
+    let wrapped = hsm
+        .with_session(|s| s.wrap(&ktk, &key, WrapAlg::AesKw))
+        .unwrap();
+    let sw = crypto::meter_ktk_with(
+        crypto::KtkMethod::X963,
+        &meter.to_nonzero_scalar(),
+        &crypto::parse_p256_point(&kt_pub).unwrap(),
+        &th,
+    );
+    let clear = crypto::unwrap_key(&sw, line_protocol::msg::WrapAlg::AesKw, &wrapped).unwrap();
+    assert_eq!(crypto::kcv_aes(&clear), Some(kcv));
+}
+
+/// The null KDF refused and no other: no key transport at all, and the probe says so.
+#[test]
+fn a_token_with_no_usable_key_transport_is_found_out_by_the_probe() {
+    let (_t, hsm) = token("q-none", "no-null-kdf", 1);
+    let m = hsm.mechanisms();
+    assert!(!m.ktk_aes_ecb && !m.ktk_x963, "{}", m.chosen());
+    assert!(m.chosen().contains("ktk: unavailable"), "{}", m.chosen());
 }

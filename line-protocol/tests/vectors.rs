@@ -459,7 +459,7 @@ fn channel_vector(host_features: u8) -> Value {
         features: host_features,
         ..HostConfig::default()
     };
-    let mut host = HostSession::new(config.clone());
+    let mut host = HostSession::new(config);
     let mut meter = MeterSession::new(8192);
     let mut app = MemMeter::new(&[0xA5; 12]);
     // A meter that offers the X9.63 key transport when the host does (the version-1 vector's

@@ -180,6 +180,20 @@ impl Mechanisms {
         }
     }
 
+    /// The key-transport derivations this token does.
+    pub fn chosen_ktk(&self) -> &'static str {
+        match (self.ktk_x963, self.ktk_aes_ecb) {
+            (true, true) => {
+                "CKM_ECDH1_DERIVE(CKD_SHA256_KDF) with meters that offer X9.63, else CKM_ECDH1_DERIVE(null kdf) + CKM_AES_ECB_ENCRYPT_DATA"
+            }
+            (true, false) => {
+                "CKM_ECDH1_DERIVE(CKD_SHA256_KDF) only: meters must offer the X9.63 key transport"
+            }
+            (false, true) => "CKM_ECDH1_DERIVE(null kdf) + CKM_AES_ECB_ENCRYPT_DATA",
+            (false, false) => "unavailable",
+        }
+    }
+
     /// A one-line summary of the choices, for logs and `station hsm info`.
     pub fn chosen(&self) -> String {
         let oaep = self.chosen_oaep();
@@ -194,16 +208,7 @@ impl Mechanisms {
                 Some(t) => format!("{t} (RFC 5649, known answer checked)"),
                 None => "none".into(),
             },
-            match (self.ktk_x963, self.ktk_aes_ecb) {
-                (true, true) => {
-                    "CKM_ECDH1_DERIVE(CKD_SHA256_KDF) with meters that offer X9.63, else CKM_ECDH1_DERIVE(null kdf) + CKM_AES_ECB_ENCRYPT_DATA"
-                }
-                (true, false) => {
-                    "CKM_ECDH1_DERIVE(CKD_SHA256_KDF) only: meters must offer the X9.63 key transport"
-                }
-                (false, true) => "CKM_ECDH1_DERIVE(null kdf) + CKM_AES_ECB_ENCRYPT_DATA",
-                (false, false) => "unavailable",
-            },
+            self.chosen_ktk(),
             if self.check_value {
                 "CKA_CHECK_VALUE"
             } else {

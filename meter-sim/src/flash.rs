@@ -48,6 +48,8 @@ pub struct Capabilities {
     pub deflate: bool,
     /// On-chip key generation (a TRNG).
     pub keygen: bool,
+    /// The X9.63 key transport (line protocol 5.3, feature bit 3) besides the AES-ECB one.
+    pub ktk_x963: bool,
     /// Largest decoded block.
     pub max_block: u32,
     /// Firmware slot size.
@@ -63,6 +65,7 @@ impl Default for Capabilities {
             window: 16,
             deflate: true,
             keygen: true,
+            ktk_x963: true,
             max_block: 65536,
             slot_size: 1 << 20,
         }
@@ -376,6 +379,9 @@ impl MeterApp for FlashMeter {
         }
         if self.caps.keygen {
             features |= msg::FEATURE_KEYGEN_P256 | msg::FEATURE_KEYGEN_P384;
+        }
+        if self.caps.ktk_x963 {
+            features |= msg::FEATURE_KTK_X963;
         }
         MeterInfo {
             uid: self.uid.clone(),

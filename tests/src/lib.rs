@@ -59,6 +59,8 @@ pub struct CellOptions {
     /// The cell's SoftHSM token is seen through the quirks module with these quirks (see
     /// `hsm::testkit::quirks_module`): SoftHSM behaving like another HSM.
     pub quirks: Option<&'static str>,
+    /// The emulated meters know only the AES-ECB key transport (not X9.63).
+    pub meters_without_x963: bool,
 }
 
 impl Default for CellOptions {
@@ -77,6 +79,7 @@ impl Default for CellOptions {
             model_extra: String::new(),
             kryoptic: false,
             quirks: None,
+            meters_without_x963: false,
         }
     }
 }
@@ -199,6 +202,7 @@ impl Cell {
                 state_dir: meters_dir.clone(),
                 caps: Capabilities {
                     model: MODEL.into(),
+                    ktk_x963: !opts.meters_without_x963,
                     ..Capabilities::default()
                 },
                 root,

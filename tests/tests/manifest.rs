@@ -1537,13 +1537,29 @@ async fn a_batch_on_kryoptic_ends_in_a_manifest_the_utility_verifies_and_imports
         )
         .unwrap();
     assert!(warned >= 1);
+    // Kryoptic derives with CKD_SHA256_KDF and the meters offer it: the X9.63 key transport.
+    assert_eq!(key_transports(&cell), ["x963"]);
+}
+
+/// The key transports the cell's provisioned meters used (line protocol 5.3), distinct.
+fn key_transports(cell: &Cell) -> Vec<String> {
+    let db = cell.db();
+    let mut stmt = db
+        .prepare("SELECT DISTINCT json_extract(details, '$.key_transport') FROM audit WHERE kind = 'meter.provisioned'")
+        .unwrap();
+    let v: Vec<String> = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    v
 }
 
 // ----- HSMs that differ from SoftHSM --------------------------------------------------------
 
 /// A whole batch on SoftHSM made to behave like another HSM: it completes, and the manifest
 /// verifies.
-async fn a_batch_completes_on(quirks: &'static str) {
+async fn a_batch_completes_on(quirks: &'static str) -> Cell {
     let cell = Cell::new(CellOptions {
         nests: 2,
         quantity: 3,
@@ -1555,11 +1571,82 @@ async fn a_batch_completes_on(quirks: &'static str) {
     assert_eq!(meters(&manifest(&dir)).len(), 3, "{quirks}");
     let (code, out) = verify(&cell, &dir.join("manifest.p7m"), &cell.path("root-ca.pem"));
     assert_eq!(code, 0, "{quirks}: {out}");
+    cell
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_batch_completes_where_rfc_5649_is_only_0x210b() {
-    a_batch_completes_on("kwp-at-210b").await;
+    let cell = a_batch_completes_on("kwp-at-210b").await;
+    // SoftHSM derives with the null KDF only: the AES-ECB key transport.
+    assert_eq!(key_transports(&cell), ["aes-ecb"]);
+}
+
+/// A FIPS-mode HSM (the null KDF refused, CKD_SHA256_KDF offered): the batch completes with the
+/// X9.63 key transport. (Before: no key transport, every meter failed.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_completes_on_a_fips_token_with_the_x963_key_transport() {
+    let cell = a_batch_completes_on("no-null-kdf,x963-kdf").await;
+    assert_eq!(key_transports(&cell), ["x963"]);
+}
+
+/// A cloud HSM (no CKM_AES_ECB_ENCRYPT_DATA): the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_completes_on_a_token_without_ecb_encrypt_data() {
+    let cell = a_batch_completes_on("no-ecb-encrypt-data,x963-kdf").await;
+    assert_eq!(key_transports(&cell), ["x963"]);
+}
+
+/// On such an HSM, a meter that knows only the AES-ECB key transport is refused with that
+/// reason before any key is made for it; the line goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_meter_without_the_x963_key_transport_is_refused_on_a_fips_token() {
+    let cell = Cell::new(CellOptions {
+        nests: 1,
+        quantity: 1,
+        quirks: Some("no-null-kdf,x963-kdf"),
+        meters_without_x963: true,
+        ..CellOptions::default()
+    })
+    .await;
+    let daemon = cell.daemon().await;
+    let client = cell.client().await;
+    let oper = cell.login(&client, "oper").await;
+    let line = tokio::spawn(async move {
+        let _ = station::run::run_line(&client, &oper, false, true).await;
+    });
+    // The meters keep coming and each is refused: wait for the first refusal, then stop.
+    let find = || -> Option<String> {
+        cell.db()
+            .query_row(
+                "SELECT COALESCE(json_extract(details, '$.message'), json_extract(details, '$.reason')) FROM audit
+                 WHERE kind IN ('meter.refused', 'meter.failed') ORDER BY seq LIMIT 1",
+                [],
+                |r| r.get::<_, String>(0),
+            )
+            .ok()
+    };
+    let mut reason = None;
+    for _ in 0..300 {
+        reason = find();
+        if reason.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    line.abort();
+    daemon.stop().await.unwrap();
+    let reason = reason.expect("a meter was refused");
+    assert!(
+        reason.contains(
+            "the meter offers only the AES-ECB key transport, which this HSM cannot derive"
+        ),
+        "{reason}"
+    );
+    let keys: i64 = cell
+        .db()
+        .query_row("SELECT COUNT(*) FROM wrapped_keys", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(keys, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1592,11 +1679,11 @@ async fn a_token_that_cannot_do_the_key_transport_is_refused_at_start() {
     for (quirks, says) in [
         (
             "no-ecb-encrypt-data",
-            "FAIL  key transport: the token does not offer CKM_AES_ECB_ENCRYPT_DATA",
+            "FAIL  key transport: neither key transport of the line protocol works on this token — AES-ECB: the token does not offer CKM_AES_ECB_ENCRYPT_DATA",
         ),
         (
             "no-null-kdf",
-            "FAIL  key transport: derive an ecdh secret with CKM_ECDH1_DERIVE (null kdf): C_DeriveKey returned CKR_MECHANISM_PARAM_INVALID",
+            "FAIL  key transport: neither key transport of the line protocol works on this token — AES-ECB: the token does not offer CKM_ECDH1_DERIVE with the null KDF",
         ),
     ] {
         let module = hsm::testkit::quirks_module(quirks).unwrap();

@@ -57,6 +57,9 @@ struct Args {
     /// Meters without a key generator (keys must come wrapped from the HSM).
     #[arg(long)]
     no_keygen: bool,
+    /// Meters that know only the AES-ECB key transport (line protocol 5.3), not the X9.63 one.
+    #[arg(long)]
+    no_ktk_x963: bool,
     /// A fault, optionally for one nest only: "2:wrong-hash". See FAULTS below.
     #[arg(long = "fault")]
     faults: Vec<String>,
@@ -117,6 +120,7 @@ async fn main() -> Result<()> {
         window: args.window,
         deflate: !args.no_deflate,
         keygen: !args.no_keygen,
+        ktk_x963: !args.no_ktk_x963,
         max_block: args.max_block,
         slot_size: args.slot_size,
         ..Capabilities::default()

@@ -213,6 +213,37 @@ fn differs_from_policy(f: &KeyFlags, p: &hsm::policy::ObjectPolicy) -> Result<()
 /// token's KTK must be the meter's, and meter keys it wraps must unwrap there to keys of the
 /// token's check values.
 fn key_transport(s: &HsmSession<'_>) -> Result<String, String> {
+    let m = s.mechanisms();
+    let methods: Vec<crypto::KtkMethod> = [
+        (crypto::KtkMethod::X963, m.ktk_x963),
+        (crypto::KtkMethod::AesEcb, m.ktk_aes_ecb),
+    ]
+    .into_iter()
+    .filter_map(|(method, works)| works.then_some(method))
+    .collect();
+    if methods.is_empty() {
+        // Say why each is out of reach, in the token's own words.
+        let why = |method| match key_transport_by(s, method) {
+            Ok(_) => "it worked when tried again".to_string(),
+            Err(e) => e,
+        };
+        return Err(format!(
+            "neither key transport of the line protocol works on this token — AES-ECB: {}; X9.63: {}",
+            why(crypto::KtkMethod::AesEcb),
+            why(crypto::KtkMethod::X963)
+        ));
+    }
+    let mut done = Vec::new();
+    for method in methods {
+        let detail = key_transport_by(s, method)
+            .map_err(|e| format!("{} key transport: {e}", method.name()))?;
+        done.push(format!("{}: {detail}", method.name()));
+    }
+    Ok(done.join("; "))
+}
+
+/// The key transport by `method` against a meter played in software.
+fn key_transport_by(s: &HsmSession<'_>, method: crypto::KtkMethod) -> Result<String, String> {
     let (kt_private, kt_point) = s
         .generate_kt_keypair()
         .map_err(|e| format!("the key-agreement key pair: {e}"))?;
@@ -225,13 +256,22 @@ fn key_transport(s: &HsmSession<'_>) -> Result<String, String> {
         .try_into()
         .map_err(|_| "the test's meter point".to_string())?;
     let th = crypto::sha256(b"station hsm self-test transcript");
-    let ktk = s.derive_ktk(&kt_private, &meter_point, &crypto::ktk_derivation_data(&th));
+    let ktk = match method {
+        crypto::KtkMethod::AesEcb => {
+            s.derive_ktk(&kt_private, &meter_point, &crypto::ktk_derivation_data(&th))
+        }
+        crypto::KtkMethod::X963 => s.derive_ktk_x963(
+            &kt_private,
+            &meter_point,
+            &crypto::ktk_x963_shared_info(&th),
+        ),
+    };
     let _ = s.destroy(&kt_private);
     let ktk = ktk.map_err(|e| e.to_string())?;
     let result = (|| {
         let station = crypto::parse_p256_point(&kt_point)
             .ok_or_else(|| "the token's key-agreement point is not on P-256".to_string())?;
-        let ktk_sw = crypto::meter_ktk(&meter.to_nonzero_scalar(), &station, &th);
+        let ktk_sw = crypto::meter_ktk_with(method, &meter.to_nonzero_scalar(), &station, &th);
         let f = s.key_flags(&ktk).map_err(|e| e.to_string())?;
         differs_from_policy(&f, &s.aes_policy(KeyRole::KeyTransport))
             .map_err(|w| format!("the key-transport key as the token derived it: {w}"))?;

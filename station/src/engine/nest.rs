@@ -22,10 +22,16 @@ pub(super) async fn connect(inner: &Inner, i: usize) -> Result<HostLink, String>
     let n = &inner.cfg.nests[i];
     let addr = PortAddr::parse(&n.port).map_err(|e| e.to_string())?;
     let port = io::open(&addr, n.baud).await.map_err(|e| e.to_string())?;
+    // The X9.63 key transport is offered when the HSM does it (found by a probe at open).
+    let x963 = if inner.hsm.mechanisms().ktk_x963 {
+        line_protocol::msg::FEATURE_KTK_X963
+    } else {
+        0
+    };
     let cfg = HostConfig {
         max_payload: inner.cfg.line.max_payload,
         window: inner.cfg.line.window,
-        ..HostConfig::default()
+        features: HostConfig::default().features | x963,
     };
     Ok(HostLink::new(
         port,

@@ -18,7 +18,9 @@ use std::time::Instant;
 
 use hsm::{AesKeySize, KeyHandle, KeyRole, MeterKeyUsage, MeterProfile};
 use line_protocol::Violation;
-use line_protocol::crypto::{kcv_ec_public, ktk_derivation_data, sha256};
+use line_protocol::crypto::{
+    KtkMethod, kcv_ec_public, ktk_derivation_data, ktk_x963_shared_info, sha256,
+};
 use line_protocol::firmware::PlanParams;
 use line_protocol::io::{HostLink, LinkError};
 use line_protocol::msg::{
@@ -216,6 +218,8 @@ struct Run {
     /// Session objects to destroy at the end.
     scratch: Vec<KeyHandle>,
     ktk: Option<KeyHandle>,
+    /// How the key-transport key was derived (line protocol section 5.3).
+    ktk_method: Option<KtkMethod>,
     certs: Vec<IssuedCert>,
     /// The attestation challenge, drawn by the HSM.
     nonce: [u8; 16],
@@ -300,6 +304,7 @@ impl Ctx<'_> {
             step: Step::Hello,
             scratch: Vec::new(),
             ktk: None,
+            ktk_method: None,
             certs: Vec::new(),
             nonce: [0; 16],
             started: Instant::now(),
@@ -516,6 +521,19 @@ impl Ctx<'_> {
         run: &mut Run,
     ) -> Result<(), Failure> {
         let hsm = self.inner.hsm.clone();
+        // The key transport both sides offer (the host offers X9.63 only where its HSM does it):
+        // a meter that knows only the AES-ECB one cannot be given keys by an HSM without it.
+        let method = link.session().ktk_method().unwrap_or(KtkMethod::AesEcb);
+        if method == KtkMethod::AesEcb && !hsm.mechanisms().ktk_aes_ecb {
+            return Err(Failure::new(
+                "meter.refused",
+                Severity::Warning,
+                format!(
+                    "the meter offers only the AES-ECB key transport, which this HSM cannot derive ({}); provision meters whose bootloader offers the X9.63 key transport (line protocol 5.3, feature bit 3)",
+                    hsm.mechanisms().chosen_ktk()
+                ),
+            ));
+        }
         let (kt, kt_pub) = hsm
             .run(|s| s.generate_kt_keypair())
             .await
@@ -540,13 +558,20 @@ impl Ctx<'_> {
             Err(e) => return Err(link_failure(Step::Channel, e)),
         };
         let eph = ack.eph_pub;
-        let data = ktk_derivation_data(&th);
-        let ktk = hsm
-            .run(move |s| s.derive_ktk(&kt, &eph, &data))
-            .await
-            .map_err(|e| hsm_failure(Step::Channel, e))?;
+        let ktk = match method {
+            KtkMethod::AesEcb => {
+                let data = ktk_derivation_data(&th);
+                hsm.run(move |s| s.derive_ktk(&kt, &eph, &data)).await
+            }
+            KtkMethod::X963 => {
+                let info = ktk_x963_shared_info(&th);
+                hsm.run(move |s| s.derive_ktk_x963(&kt, &eph, &info)).await
+            }
+        }
+        .map_err(|e| hsm_failure(Step::Channel, e))?;
         run.scratch.push(ktk.clone());
         run.ktk = Some(ktk);
+        run.ktk_method = Some(method);
         Ok(())
     }
 
@@ -1519,6 +1544,7 @@ impl Ctx<'_> {
             "firmware": run.batch.firmware_sha256,
             "certificates": run.certs.iter().map(|(s, der, _)| serde_json::json!({"slot": format!("{s:?}"), "sha256": hex::encode(sha256(der))})).collect::<Vec<_>>(),
             "keys": ["guek", "gbek", "ak", "kek"],
+            "key_transport": run.ktk_method.map(KtkMethod::name),
             "nest": self.nest + 1,
             "cycle_ms": cycle_ms,
         });

@@ -604,3 +604,92 @@ fn stale_hello_ack_is_ignored() {
     let _ = testkit::provisioning_root();
     let _ = HostConfig::default();
 }
+
+/// A pair whose host and meter both offer the X9.63 key transport.
+fn x963_pair(seed: u64) -> Pair {
+    let mut p = Pair::new(seed);
+    p.host = HostSession::new(HostConfig {
+        features: HostConfig::default().features | line_protocol::msg::FEATURE_KTK_X963,
+        ..HostConfig::default()
+    });
+    p.app.info.features |= line_protocol::msg::FEATURE_KTK_X963;
+    p
+}
+
+#[test]
+fn both_sides_offering_x963_use_it_and_keys_unwrap_at_the_meter() {
+    let mut p = x963_pair(21);
+    p.open();
+    assert_eq!(p.host.ktk_method(), Some(crypto::KtkMethod::X963));
+    let ktk = p.host_ktk();
+    let kek = [0x22u8; 32];
+    let put = PutKey {
+        key_id: KeyId::Kek,
+        key_type: KeyType::Aes256,
+        wrap: WrapAlg::AesKwp,
+        kcv: kcv_aes(&kek).unwrap(),
+        wrapped: wrap_key(&ktk, WrapAlg::AesKwp, &kek).unwrap(),
+    };
+    assert_eq!(p.call(&Message::PutKey(put)), Message::Ack);
+    assert_eq!(p.app.secrets.get(&(KeyId::Kek as u8)), Some(&kek.to_vec()));
+    // A key wrapped under the other derivation's key does not unwrap there.
+    let mut q = x963_pair(21);
+    q.open();
+    let th = q.host.transcript_hash().unwrap();
+    let meter_eph = crypto::parse_p256_point(&q.host.meter().unwrap().eph_pub).unwrap();
+    let wrong = crypto::KtkMethod::AesEcb.derive(
+        &crypto::ecdh_x(&q.kt_secret.to_nonzero_scalar(), &meter_eph),
+        &th,
+    );
+    let put = PutKey {
+        key_id: KeyId::Kek,
+        key_type: KeyType::Aes256,
+        wrap: WrapAlg::AesKwp,
+        kcv: kcv_aes(&kek).unwrap(),
+        wrapped: wrap_key(&wrong, WrapAlg::AesKwp, &kek).unwrap(),
+    };
+    assert_ne!(q.call(&Message::PutKey(put)), Message::Ack);
+}
+
+/// Someone on the line clears the host's X9.63 bit in HELLO to force the other derivation: the
+/// meter's transcript then differs from the one the host signed, and the channel never opens.
+#[test]
+fn a_downgraded_key_transport_offer_fails_the_channel() {
+    use line_protocol::frame::{self, Decoded, FrameDecoder};
+    let mut p = x963_pair(22);
+    let hello = p.host.hello([3; 16]);
+    let mut dec = FrameDecoder::new(8192);
+    let mut out = Vec::new();
+    dec.push(&hello, &mut out);
+    let Decoded::Frame(f) = &out[0] else {
+        panic!("{out:?}")
+    };
+    let mut payload = f.payload.clone();
+    // version_min, version_max, nonce[16], max_payload u16, window, features.
+    assert_ne!(payload[21] & line_protocol::msg::FEATURE_KTK_X963, 0);
+    payload[21] &= !line_protocol::msg::FEATURE_KTK_X963;
+    let mut tampered = Vec::new();
+    frame::encode(&f.header, &payload, &mut tampered);
+    p.exchange(&tampered);
+    let mut kt = [0u8; 65];
+    kt.copy_from_slice(&p.kt_secret.public_key().to_sec1_bytes());
+    let draft = p
+        .host
+        .prepare_open(&mut p.rng, kt, vec![STATION_DER.to_vec()])
+        .unwrap();
+    let open = p.host.finish_open(station_sign(&draft.to_sign)).unwrap();
+    let ev = p.exchange(&open);
+    assert!(
+        matches!(
+            &ev[..],
+            [Inbound::Message {
+                msg: Message::Error {
+                    code: ErrorCode::BadSignature,
+                    ..
+                },
+                ..
+            }]
+        ),
+        "{ev:?}"
+    );
+}

@@ -1,7 +1,7 @@
-//! Throughput of the hsm crate on a temporary SoftHSM token.
+//! Throughput of the hsm crate on a temporary SoftHSM token and a temporary Kryoptic token.
 //!
 //! `cargo run --release -p hsm --example hsm-bench` prints one JSON object per line:
-//! `{"op": ..., "tasks": N, "ops_per_s": F}` for `sign` (ECDSA P-256), `keygen` (session key
+//! `{"token": ..., "op": ..., "tasks": N, "ops_per_s": F}` for `sign` (ECDSA P-256), `keygen` (session key
 //! pair), `issue_cert` (request check + build + HSM signature + parse back and verify) and
 //! `secret_key` (AES key generation + AES-KW under a KTK + AES-KW under a batch transport key).
 //! `issue_cert` lines say where signatures were verified (`"verify": "software"` or `"token"`,
@@ -37,12 +37,14 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-fn line(op: &str, tasks: usize, rate: f64, ratio: Option<f64>) {
+fn line(token: &str, op: &str, tasks: usize, rate: f64, ratio: Option<f64>) {
     match ratio {
         Some(r) => println!(
-            r#"{{"op": "{op}", "tasks": {tasks}, "ops_per_s": {rate:.0}, "overhead_ratio": {r:.3}}}"#
+            r#"{{"token": "{token}", "op": "{op}", "tasks": {tasks}, "ops_per_s": {rate:.0}, "overhead_ratio": {r:.3}}}"#
         ),
-        None => println!(r#"{{"op": "{op}", "tasks": {tasks}, "ops_per_s": {rate:.0}}}"#),
+        None => println!(
+            r#"{{"token": "{token}", "op": "{op}", "tasks": {tasks}, "ops_per_s": {rate:.0}}}"#
+        ),
     }
 }
 
@@ -82,8 +84,8 @@ where
 }
 
 /// The same signing loop directly on cryptoki: `threads` threads, one session each.
-fn direct_sign(label: &str, threads: usize, run: Duration) -> f64 {
-    let ctx = hsm::testkit::pkcs11().unwrap();
+fn direct_sign(module: &std::path::Path, label: &str, threads: usize, run: Duration) -> f64 {
+    let ctx = hsm::context::shared(module).unwrap();
     let slot = ctx
         .get_slots_with_token()
         .unwrap()
@@ -142,7 +144,15 @@ impl rcgen::SigningKey for SoftKey {
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
-    let token = hsm::testkit::TestToken::new("bench").unwrap();
+    bench("softhsm", hsm::testkit::TestToken::new("bench").unwrap()).await;
+    bench(
+        "kryoptic",
+        hsm::testkit::TestToken::kryoptic("bench").unwrap(),
+    )
+    .await;
+}
+
+async fn bench(name: &str, token: hsm::testkit::TestToken) {
     let hsm: Hsm = token.open(POOL).unwrap();
     let out = std::env::temp_dir().join(format!("hsm-bench-{}", std::process::id()));
     hsm::pki::init_dev(&hsm, &out).unwrap();
@@ -164,15 +174,22 @@ async fn main() {
                 }
             })
             .await;
-            let label = token.label.clone();
-            let direct =
-                tokio::task::spawn_blocking(move || direct_sign(&label, tasks, SIGN_ROUND))
-                    .await
-                    .unwrap();
+            let (module, label) = (token.module.clone(), token.label.clone());
+            let direct = tokio::task::spawn_blocking(move || {
+                direct_sign(&module, &label, tasks, SIGN_ROUND)
+            })
+            .await
+            .unwrap();
             rates.push(ours);
             ratios.push(direct / ours);
         }
-        line("sign", tasks, median(&mut rates), Some(median(&mut ratios)));
+        line(
+            name,
+            "sign",
+            tasks,
+            median(&mut rates),
+            Some(median(&mut ratios)),
+        );
     }
 
     // keygen: a session key pair, generated and destroyed
@@ -191,7 +208,7 @@ async fn main() {
             }
         })
         .await;
-        line("keygen", tasks, rate, None);
+        line(name, "keygen", tasks, rate, None);
     }
 
     // issue_cert
@@ -231,12 +248,12 @@ async fn main() {
             }
         })
         .await;
-        let name = match verification {
+        let how = match verification {
             Verification::Software => "software",
             Verification::Token => "token",
         };
         println!(
-            r#"{{"op": "issue_cert", "tasks": {tasks}, "ops_per_s": {rate:.0}, "verify": "{name}"}}"#
+            r#"{{"token": "{name}", "op": "issue_cert", "tasks": {tasks}, "ops_per_s": {rate:.0}, "verify": "{how}"}}"#
         );
     }
 
@@ -275,6 +292,6 @@ async fn main() {
             }
         })
         .await;
-        line("secret_key", tasks, rate, None);
+        line(name, "secret_key", tasks, rate, None);
     }
 }

@@ -62,10 +62,48 @@ pub struct DemoArgs {
     /// (see `meter-sim --help` for the catalogue). Repeatable.
     #[arg(long = "fault")]
     pub faults: Vec<String>,
+    /// The software token the cell runs on: softhsm, or kryoptic (a second PKCS#11
+    /// implementation; its module from KRYOPTIC_MODULE, which `cargo xtask demo` builds and
+    /// sets; it cannot mark keys trusted, so the cell runs with `hsm.trusted_wrap = false`).
+    #[arg(long, value_enum, default_value_t = DemoToken::Softhsm)]
+    pub token: DemoToken,
     /// The `stationd` binary to run the cell with; `None` runs the daemon inside this process
     /// (the console's demo mode and the tests).
     #[arg(skip)]
     pub stationd: Option<PathBuf>,
+}
+
+/// The software token of a demo cell.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DemoToken {
+    /// SoftHSM 2 (Debian's `softhsm2`).
+    Softhsm,
+    /// Kryoptic.
+    Kryoptic,
+}
+
+impl DemoToken {
+    /// Its PKCS#11 module.
+    pub fn module(self) -> Result<PathBuf> {
+        match self {
+            DemoToken::Softhsm => Ok(PathBuf::from(hsm::SOFTHSM_MODULE)),
+            DemoToken::Kryoptic => std::env::var_os("KRYOPTIC_MODULE")
+                .map(PathBuf::from)
+                .filter(|p| p.exists())
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "Kryoptic's module is not built: run the demo as `cargo xtask demo --token kryoptic`, which builds it and sets KRYOPTIC_MODULE"
+                    )
+                }),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            DemoToken::Softhsm => "SoftHSM",
+            DemoToken::Kryoptic => "Kryoptic",
+        }
+    }
 }
 
 impl Default for DemoArgs {
@@ -81,6 +119,7 @@ impl Default for DemoArgs {
             known_pins: false,
             insert_delay_ms: 200,
             faults: Vec::new(),
+            token: DemoToken::Softhsm,
             stationd: None,
         }
     }
@@ -208,8 +247,26 @@ pub fn prepare(args: &DemoArgs) -> Result<()> {
     }
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     std::fs::write(out.join(MARKER), "made by station demo\n")?;
-    let conf = hsm::softhsm::write_conf(&out.join("hsm"))?;
-    hsm::softhsm::use_conf(&conf);
+    match args.token {
+        DemoToken::Softhsm => {
+            let conf = hsm::softhsm::write_conf(&out.join("hsm"))?;
+            hsm::softhsm::use_conf(&conf);
+        }
+        DemoToken::Kryoptic => {
+            args.token.module()?;
+            let dir = out.join("hsm");
+            std::fs::create_dir_all(&dir)?;
+            let conf = dir.join("kryoptic.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "# Kryoptic configuration of this cell's software token\n[[slots]]\nslot = 1\ndbtype = \"sqlite\"\ndbargs = \"{}\"\n",
+                    dir.join("kryoptic.sql").display()
+                ),
+            )?;
+            hsm::softhsm::use_module_env("KRYOPTIC_CONF", &conf);
+        }
+    }
     Ok(())
 }
 
@@ -249,6 +306,17 @@ pub fn write_secret(path: &Path, secret: &str) -> Result<()> {
 /// `station pki init-dev`: a new SoftHSM token under `token_dir` (PINs in owner-only files) with
 /// the whole demo hierarchy; the public certificates go to `out` (default `token_dir/pki`).
 pub async fn init_dev_token(token_dir: &Path, label: &str, out: Option<&Path>) -> Result<String> {
+    init_dev_token_on(&PathBuf::from(hsm::SOFTHSM_MODULE), token_dir, label, out).await
+}
+
+/// [`init_dev_token`] on the token module `module` (its configuration already in this
+/// process's environment).
+pub async fn init_dev_token_on(
+    module: &Path,
+    token_dir: &Path,
+    label: &str,
+    out: Option<&Path>,
+) -> Result<String> {
     let user_file = token_dir.join("hsm-user.pin");
     for f in [&user_file, &token_dir.join("hsm-so.pin")] {
         if f.exists() {
@@ -262,7 +330,7 @@ pub async fn init_dev_token(token_dir: &Path, label: &str, out: Option<&Path>) -
     let so_pin = random_digits(12);
     write_secret(&user_file, &user_pin)?;
     write_secret(&token_dir.join("hsm-so.pin"), &so_pin)?;
-    let module = PathBuf::from(hsm::SOFTHSM_MODULE);
+    let module = module.to_path_buf();
     let (m, l) = (module.clone(), label.to_string());
     let (u, s) = (
         SecretString::from(user_pin.to_string()),
@@ -271,7 +339,11 @@ pub async fn init_dev_token(token_dir: &Path, label: &str, out: Option<&Path>) -
     tokio::task::spawn_blocking(move || hsm::softhsm::init_token(&m, &l, &s, &u))
         .await?
         .with_context(|| format!("cannot create the token {label}"))?;
-    let mut cfg = hsm::HsmConfig::new(module, label, hsm::PinSource::File(user_file.clone()));
+    let mut cfg = hsm::HsmConfig::new(
+        module.clone(),
+        label,
+        hsm::PinSource::File(user_file.clone()),
+    );
     cfg.pool_size = 2;
     let hsm = hsm::Hsm::open(&cfg)?;
     let out_dir = out
@@ -279,10 +351,7 @@ pub async fn init_dev_token(token_dir: &Path, label: &str, out: Option<&Path>) -
         .unwrap_or_else(|| token_dir.join("pki"));
     let o2 = out_dir.clone();
     let made = tokio::task::spawn_blocking(move || hsm::pki::init_dev(&hsm, &o2)).await??;
-    let mut text = format!(
-        "token {label} created (SoftHSM configuration {})\n",
-        token_dir.join("hsm/softhsm2.conf").display()
-    );
+    let mut text = format!("token {label} created in {}\n", module.display());
     let _ = writeln!(
         text,
         "user PIN in {} and SO PIN in {} (owner-only)",
@@ -362,7 +431,7 @@ impl x509_cert::builder::profile::BuilderProfile for UtilityProfile {
     }
 }
 
-fn config_text(dir: &Path, ports: &[String], baud: u32) -> String {
+fn config_text(dir: &Path, ports: &[String], baud: u32, token: DemoToken, module: &Path) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
@@ -376,10 +445,16 @@ fn config_text(dir: &Path, ports: &[String], baud: u32) -> String {
         "[manufacturer]\nname = \"{}\"\nflag_id = \"DMW\"\n",
         hsm::pki::DEMO_ORGANIZATION
     );
+    let module_conf = match token {
+        DemoToken::Softhsm => "softhsm_conf = \"hsm/softhsm2.conf\"",
+        DemoToken::Kryoptic => {
+            "kryoptic_conf = \"hsm/kryoptic.conf\"\n# Kryoptic cannot mark keys trusted (CKA_TRUSTED): a weaker policy, chosen here and warned of\ntrusted_wrap = false"
+        }
+    };
     let _ = writeln!(
         t,
-        "[hsm]\nmodule = \"{}\"\ntoken = \"{TOKEN_LABEL}\"\npin = {{ file = \"hsm-user.pin\" }}\nsofthsm_conf = \"hsm/softhsm2.conf\"\npool_size = 4\n",
-        hsm::SOFTHSM_MODULE
+        "[hsm]\nmodule = \"{}\"\ntoken = \"{TOKEN_LABEL}\"\npin = {{ file = \"hsm-user.pin\" }}\n{module_conf}\npool_size = 4\n",
+        module.display()
     );
     let _ = writeln!(t, "[line]\nlatency_ms = 4\n");
     for (i, p) in ports.iter().enumerate() {
@@ -475,10 +550,12 @@ pub async fn build(args: &DemoArgs) -> Result<DemoCell> {
     let dir = std::fs::canonicalize(&args.out)?;
 
     // 1. Token and PKI.
-    init_dev_token(&dir, TOKEN_LABEL, Some(&dir.join("pki"))).await?;
+    let module = args.token.module()?;
+    init_dev_token_on(&module, &dir, TOKEN_LABEL, Some(&dir.join("pki"))).await?;
     std::fs::copy(dir.join("pki/root-ca.pem"), dir.join("root-ca.pem"))?;
     println!(
-        "  HSM: SoftHSM token {TOKEN_LABEL} with the demo PKI (certificates in {}/pki)",
+        "  HSM: {} token {TOKEN_LABEL} with the demo PKI (certificates in {}/pki)",
+        args.token.name(),
         dir.display()
     );
 
@@ -519,14 +596,22 @@ pub async fn build(args: &DemoArgs) -> Result<DemoCell> {
     let so_pin = hsm::PinSource::File(dir.join("hsm-so.pin")).read_as("security officer")?;
     let cert_der =
         crate::engine::accept_customer_certificate("demo-utility", &std::fs::read(&utility_cert)?)?;
+    // Kryoptic cannot mark a key trusted: there the key is installed unmarked, and the cell
+    // runs with `hsm.trusted_wrap = false` (and says so in its audit log).
+    let mark = args.token == DemoToken::Softhsm;
+    let m2 = module.clone();
     let trusted = tokio::task::spawn_blocking(move || {
-        let officer =
-            hsm::SecurityOfficer::login(Path::new(hsm::SOFTHSM_MODULE), TOKEN_LABEL, &so_pin)?;
-        officer.trust_customer_key("demo-utility", &cert_der)
+        let officer = hsm::SecurityOfficer::login(&m2, TOKEN_LABEL, &so_pin)?;
+        officer.install_customer_key("demo-utility", &cert_der, mark)
     })
     .await??;
     println!(
-        "  the token's security officer trusts the utility's key (rsa-{}, spki sha-256 {}…)",
+        "  the token's security officer {} the utility's key (rsa-{}, spki sha-256 {}…)",
+        if mark {
+            "trusts"
+        } else {
+            "installs (unmarked)"
+        },
         trusted.bits,
         &trusted.spki_sha256[..16]
     );
@@ -592,7 +677,10 @@ pub async fn build(args: &DemoArgs) -> Result<DemoCell> {
 
     // 5. The cell: its daemon, and a client of it.
     let config_path = dir.join("station.toml");
-    std::fs::write(&config_path, config_text(&dir, &ports, args.baud))?;
+    std::fs::write(
+        &config_path,
+        config_text(&dir, &ports, args.baud, args.token, &module),
+    )?;
     let cfg = Config::load(&config_path)?;
     let daemon = start_daemon(&config_path, args.stationd.as_deref()).await?;
     println!(

@@ -1774,3 +1774,38 @@ async fn a_cell_is_set_up_on_kryoptic_with_its_own_commands_and_an_offline_root(
         .unwrap();
     assert_eq!(passed, 1);
 }
+
+/// `station demo --token kryoptic`: the whole demo — PKI, a batch on emulated meters, the export
+/// and the utility's verification, the audit log verified off-line — on the second token.
+#[test]
+fn the_demo_runs_a_whole_batch_on_kryoptic() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo");
+    let run = std::process::Command::new(e2e::station_exe())
+        .args([
+            "demo", "--token", "kryoptic", "--meters", "3", "--nests", "2", "--plain",
+        ])
+        .args(["--firmware-kib", "16", "--insert-delay-ms", "20", "--out"])
+        .arg(&out)
+        .env("KRYOPTIC_MODULE", hsm::testkit::kryoptic_module().unwrap())
+        .env_remove("KRYOPTIC_CONF")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(run.status.success(), "{text}");
+    for line in [
+        "HSM: Kryoptic token",
+        "meters done: 3   failed: 0",
+        "utility side: manifest VERIFIED",
+        "audit log verified off-line",
+    ] {
+        assert!(text.contains(line), "{line}: {text}");
+    }
+    let config = std::fs::read_to_string(out.join("station.toml")).unwrap();
+    assert!(config.contains("trusted_wrap = false"), "{config}");
+}

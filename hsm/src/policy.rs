@@ -52,6 +52,12 @@ pub enum KeyRole {
     UtilityBatchTransport,
     /// Utility side: a meter key after unwrap, for use in the utility's HSM.
     UtilityMeterKey,
+    /// Utility side: the one token key a key store file is wrapped under (a batch of 20 000
+    /// meters is 80 000 keys; a small HSM holds a few hundred objects).
+    UtilityKeyStore,
+    /// Utility side: a meter key on its way into a key store: a session object, checked, then
+    /// wrapped under the store key and destroyed.
+    UtilityMeterKeyToStore,
     /// The station's PIN pepper: an HMAC-SHA256 key that never leaves the token. Users' PINs
     /// are hashed over its MAC, so a copied journal yields no PIN without the HSM.
     PinPepper,
@@ -217,6 +223,7 @@ pub fn needs_check_value(role: KeyRole) -> bool {
             | KeyRole::MeterKek
             | KeyRole::BatchTransport
             | KeyRole::UtilityBatchTransport
+            | KeyRole::UtilityMeterKeyToStore
     )
 }
 
@@ -368,7 +375,7 @@ const fn session_secret(role: KeyRole, usage: Usage, mechanisms: &'static [Mech]
 }
 
 /// The key policy table. Read it as: role → label → (key attributes, public-half attributes).
-pub static POLICY: [KeyPolicy; 20] = [
+pub static POLICY: [KeyPolicy; 22] = [
     token_signer(KeyRole::ManufacturerRoot, "manufacturer-root"),
     token_signer(KeyRole::DeviceCa, "device-ca"),
     token_signer(KeyRole::ManifestSigner, "manifest-signer"),
@@ -475,6 +482,43 @@ pub static POLICY: [KeyPolicy; 20] = [
         public: None,
     },
     KeyPolicy {
+        role: KeyRole::UtilityKeyStore,
+        label: Some("utility-key-store"),
+        family: KeyFamily::Aes,
+        key: ObjectPolicy {
+            // One token key for a whole store file: it wraps meter keys in, and unwraps them
+            // into the HSM when the head-end needs one; it never leaves.
+            token: true,
+            usage: Usage {
+                wrap: true,
+                unwrap: true,
+                ..NONE
+            },
+            mechanisms: AES_KW,
+            copyable: false,
+            ..OBJECT
+        },
+        public: None,
+    },
+    KeyPolicy {
+        role: KeyRole::UtilityMeterKeyToStore,
+        label: None,
+        family: KeyFamily::Aes,
+        key: ObjectPolicy {
+            // Checked (check value, binding) as a session object, then wrapped under the store
+            // key: extractable for that, and good for nothing else — but AES-ECB for its check
+            // value, which tokens do not give an unwrapped key (SoftHSM 2.6.1).
+            extractable: true,
+            usage: Usage {
+                encrypt: true,
+                ..NONE
+            },
+            mechanisms: ECB_CHECK,
+            ..OBJECT
+        },
+        public: None,
+    },
+    KeyPolicy {
         role: KeyRole::PinPepper,
         label: Some("pin-pepper"),
         family: KeyFamily::Hmac,
@@ -498,7 +542,7 @@ pub fn policy(role: KeyRole) -> &'static KeyPolicy {
 
 impl KeyRole {
     /// Every role, in table order.
-    pub const ALL: [KeyRole; 20] = [
+    pub const ALL: [KeyRole; 22] = [
         KeyRole::ManufacturerRoot,
         KeyRole::DeviceCa,
         KeyRole::ManifestSigner,
@@ -518,6 +562,8 @@ impl KeyRole {
         KeyRole::UtilityTransportPair,
         KeyRole::UtilityBatchTransport,
         KeyRole::UtilityMeterKey,
+        KeyRole::UtilityKeyStore,
+        KeyRole::UtilityMeterKeyToStore,
         KeyRole::PinPepper,
     ];
 
@@ -667,6 +713,8 @@ mod tests {
             | KeyRole::UtilityTransportPair
             | KeyRole::UtilityBatchTransport
             | KeyRole::UtilityMeterKey
+            | KeyRole::UtilityKeyStore
+            | KeyRole::UtilityMeterKeyToStore
             | KeyRole::PinPepper => KeyRole::ALL.contains(&role),
         }
     }

@@ -163,6 +163,11 @@ struct ImportArgs {
     /// Owner-only file with your token's user PIN (default: prompt, or STATION_TOKEN_PIN).
     #[arg(long)]
     token_pin_file: Option<PathBuf>,
+    /// With --token: keep the meter keys out of the token, wrapped under one token key
+    /// (utility-key-store, made on first use) into this new file — for a token too small for
+    /// four objects per meter. Each key is checked before it is wrapped.
+    #[arg(long)]
+    store: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -979,6 +984,9 @@ fn manifest(cli: &Cli, m: &ManifestCmd) -> Result<ExitCode> {
                     if !a.clear_keys {
                         bail!("--key writes meter keys in clear: add --clear-keys to confirm");
                     }
+                    if a.store.is_some() {
+                        bail!("--store keeps keys wrapped under a token key: use it with --token");
+                    }
                     import::Target::Files {
                         key_pem: key.clone(),
                         out_dir: a
@@ -1001,6 +1009,7 @@ fn manifest(cli: &Cli, m: &ManifestCmd) -> Result<ExitCode> {
                         None => hsm::PinSource::Prompt,
                     },
                     key_label: a.key_label.clone(),
+                    store: a.store.clone(),
                 },
                 _ => bail!(
                     "choose where the keys go: --pkcs11-module M --token LABEL (into your HSM), or --key KEY.pem --out DIR --clear-keys (files)"

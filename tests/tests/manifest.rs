@@ -541,6 +541,148 @@ fn import_token(cell: &Cell, p7m: &Path, token: &str) -> (i32, String) {
     (code, format!("{o}{e}"))
 }
 
+/// Opens a batch of `quantity` meters for customer `name` whose key-transport certificate is
+/// `cert` (the token's security officer approves it first); returns the batch id.
+async fn batch_for(cell: &Cell, name: &str, cert: Vec<u8>, work_order: &str, quantity: i64) -> i64 {
+    cell.trust_customer(name, &cert);
+    let engine = cell.engine(false).await;
+    let officer = cell.login_engine(&engine, "officer").await;
+    engine
+        .execute(
+            &officer,
+            station::Command::ImportCustomer {
+                name: name.into(),
+                cert,
+            },
+        )
+        .await
+        .unwrap();
+    let sup = cell.login_engine(&engine, "super").await;
+    let batch = match engine
+        .execute(
+            &sup,
+            station::Command::OpenBatch(BatchSpec {
+                work_order: work_order.into(),
+                model: MODEL.into(),
+                firmware: cell.firmware_sha.clone(),
+                customer: name.into(),
+                quantity,
+                serial_prefix: "UTL".into(),
+                serial_first: 1,
+                serial_last: 100,
+            }),
+        )
+        .await
+        .unwrap()
+    {
+        Reply::Batch(b) => b.id,
+        other => panic!("{other:?}"),
+    };
+    engine.shutdown().await.unwrap();
+    batch
+}
+
+/// A token too small for four objects per meter: `--store` keeps every meter key out of it,
+/// checked and wrapped under one token key into a file; a key taken back from the file into the
+/// HSM works as the meter's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn import_into_a_key_store_keeps_one_object_in_the_token_for_a_whole_batch() {
+    let cell = Cell::new(CellOptions {
+        nests: 2,
+        quantity: 3,
+        open_batch: false,
+        ..CellOptions::default()
+    })
+    .await;
+    let (token, util, cert) = utility_token("store").await;
+    let batch = batch_for(&cell, "util-store", cert, "WO-STORE-1", 3).await;
+    let dir = finish_and_export(&cell, batch).await;
+    let m = manifest(&dir);
+    let before = util.run(|s| s.list_objects()).await.unwrap().len();
+    let store = cell.path("keys.store");
+    let pin = cell.path("store.pin");
+    station::demo::write_secret(&pin, hsm::testkit::USER_PIN).unwrap();
+    let import = |extra: &[&str]| {
+        let p7m = dir.join("manifest.p7m");
+        let root = cell.path("root-ca.pem");
+        let mut args = vec![
+            "manifest",
+            "import",
+            s(&p7m),
+            "--root",
+            s(&root),
+            "--pkcs11-module",
+            hsm::SOFTHSM_MODULE,
+            "--token",
+            &token.label,
+            "--token-pin-file",
+            s(&pin),
+        ];
+        args.extend_from_slice(extra);
+        let (code, o, e) = cell.run(None, &args);
+        (code, format!("{o}{e}"))
+    };
+    let (code, out) = import(&["--store", s(&store)]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("imported 12 key(s) of 3 meter(s)"), "{out}");
+    // One object more in the token: the store key.
+    let objects = util.run(|s| s.list_objects()).await.unwrap();
+    assert_eq!(objects.len(), before + 1, "{objects:?}");
+    assert!(objects.iter().any(|o| o.label == "utility-key-store"));
+    // A second import never overwrites the store.
+    let (code, out) = import(&["--store", s(&store)]);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("is never overwritten"), "{out}");
+
+    // The file: every key, wrapped; taken back into the HSM it is the meter's key.
+    let st: station::manifest::import::KeyStore =
+        serde_json::from_slice(&std::fs::read(&store).unwrap()).unwrap();
+    assert_eq!(st.keys.len(), 12);
+    assert_eq!(st.work_order, "WO-STORE-1");
+    use aes_gcm::aead::{Aead, KeyInit, Payload};
+    for meter in meters(&m) {
+        let title = text(meter, "system_title");
+        let k = st
+            .keys
+            .iter()
+            .find(|k| k.system_title == title && k.key_id == "guek")
+            .unwrap();
+        let wrapped = station::manifest::model::unb64(&k.wrapped);
+        let label = format!("{title}/guek");
+        let (l, iv, aad) = (label.clone(), [9u8; 12], b"apdu".to_vec());
+        let sealed = util
+            .run(move |s| {
+                let store = s
+                    .find_key(hsm::KeyKind::Aes(32), "utility-key-store")?
+                    .expect("the store key");
+                let key = s.unwrap_aes(
+                    &store,
+                    &wrapped,
+                    hsm::WrapAlg::AesKw,
+                    hsm::KeyRole::UtilityMeterKey,
+                    hsm::AesKeySize::Aes128,
+                    Some(&l),
+                )?;
+                let out = s.aes_gcm_encrypt(&key, &iv, &aad, b"hello meter")?;
+                s.destroy(&key)?;
+                Ok(out)
+            })
+            .await
+            .unwrap();
+        let opened = aes_gcm::Aes128Gcm::new_from_slice(&flash_key(&cell, meter, "guek"))
+            .unwrap()
+            .decrypt(
+                &iv.into(),
+                Payload {
+                    msg: &sealed,
+                    aad: b"apdu",
+                },
+            )
+            .unwrap_or_else(|_| panic!("{label}: the meter's key does not open it"));
+        assert_eq!(opened, b"hello meter");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn import_into_the_utility_token_delivers_keys_that_work() {
     let cell = Cell::new(CellOptions {
@@ -554,42 +696,7 @@ async fn import_into_the_utility_token_delivers_keys_that_work() {
     let (token, util, cert) = utility_token("util").await;
     let (other, other_hsm, _) = utility_token("other").await;
 
-    // The batch is made for the token's key.
-    cell.trust_customer("util-hsm", &cert);
-    let engine = cell.engine(false).await;
-    let officer = cell.login_engine(&engine, "officer").await;
-    engine
-        .execute(
-            &officer,
-            station::Command::ImportCustomer {
-                name: "util-hsm".into(),
-                cert,
-            },
-        )
-        .await
-        .unwrap();
-    let sup = cell.login_engine(&engine, "super").await;
-    let batch = match engine
-        .execute(
-            &sup,
-            station::Command::OpenBatch(BatchSpec {
-                work_order: "WO-UTIL-1".into(),
-                model: MODEL.into(),
-                firmware: cell.firmware_sha.clone(),
-                customer: "util-hsm".into(),
-                quantity: 2,
-                serial_prefix: "UTL".into(),
-                serial_first: 1,
-                serial_last: 100,
-            }),
-        )
-        .await
-        .unwrap()
-    {
-        Reply::Batch(b) => b.id,
-        other => panic!("{other:?}"),
-    };
-    engine.shutdown().await.unwrap();
+    let batch = batch_for(&cell, "util-hsm", cert, "WO-UTIL-1", 2).await;
     let dir = finish_and_export(&cell, batch).await;
     let m = manifest(&dir);
     let p7m = dir.join("manifest.p7m");

@@ -44,7 +44,50 @@ pub enum Target {
         pin: PinSource,
         /// Label of the utility's RSA key pair in the token.
         key_label: String,
+        /// Keep the meter keys out of the token: wrapped under one token key
+        /// (`utility-key-store`, made on first use) into this file, for tokens that cannot
+        /// hold four objects per meter. `None`: one token object per meter key.
+        store: Option<PathBuf>,
     },
+}
+
+/// The label of the token key a key store file is wrapped under.
+pub const STORE_KEY_LABEL: &str = "utility-key-store";
+
+/// A key store file: a batch's meter keys wrapped (RFC 3394) under the token key
+/// [`STORE_KEY_LABEL`], each checked against the manifest (check value and binding) before it
+/// was wrapped. To use a key, unwrap it into the HSM with that key.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct KeyStore {
+    /// "cell-key-store".
+    pub format: String,
+    /// 1.
+    pub version: u32,
+    /// The token that holds the store key.
+    pub token: String,
+    /// The store key's label.
+    pub store_key: String,
+    /// The batch's work order.
+    pub work_order: String,
+    /// The keys.
+    pub keys: Vec<StoredKey>,
+}
+
+/// One meter key in a [`KeyStore`].
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct StoredKey {
+    /// The meter's serial number.
+    pub serial: String,
+    /// Its system title, hex.
+    pub system_title: String,
+    /// guek, gbek, ak or kek.
+    pub key_id: String,
+    /// aes-128 or aes-256.
+    pub key_type: String,
+    /// The key wrapped under the store key with AES key wrap (RFC 3394), base64.
+    pub wrapped: String,
+    /// Its check value, hex (as in the manifest).
+    pub kcv: String,
 }
 
 /// What an import did.
@@ -113,7 +156,8 @@ pub fn import(
             token,
             pin,
             key_label,
-        } => import_token(&manifest, module, token, pin, key_label),
+            store,
+        } => import_token(&manifest, module, token, pin, key_label, store.as_deref()),
     }
 }
 
@@ -287,8 +331,17 @@ fn import_token(
     token: &str,
     pin: &PinSource,
     key_label: &str,
+    store: Option<&Path>,
 ) -> Result<ImportReport, ImportError> {
     let dest = |e: hsm::Error| ImportError::Destination(format!("utility token {token}: {e}"));
+    if let Some(path) = store
+        && path.exists()
+    {
+        return Err(ImportError::Destination(format!(
+            "{} exists; a key store is never overwritten — choose another path",
+            path.display()
+        )));
+    }
     let mut cfg = HsmConfig::new(module, token, pin.clone());
     cfg.pool_size = 1;
     let hsm = Hsm::open(&cfg).map_err(dest)?;
@@ -329,7 +382,10 @@ fn import_token(
                     "the batch transport key does not unwrap with {label}: {e}"
                 ))
             })?;
-        let result = import_meter_keys(s, &tk, &tk_kcv, &meters);
+        let result = match store {
+            None => import_meter_keys(s, &tk, &tk_kcv, &meters).map(|r| (r, Vec::new())),
+            Some(_) => store_meter_keys(s, &tk, &tk_kcv, &meters).map(|k| ((k.len(), 0), k)),
+        };
         let _ = s.destroy(&tk);
         result
     })
@@ -340,12 +396,128 @@ fn import_token(
         }
         other => dest(other),
     })
-    .map(|(imported, present)| ImportReport {
-        meters: m.meters.len(),
-        keys_imported: imported,
-        keys_present: present,
-        destination: format!("token {token}"),
+    .and_then(|((imported, present), stored)| {
+        let destination = match store {
+            None => format!("token {token}"),
+            Some(path) => {
+                write_store(
+                    path,
+                    &KeyStore {
+                        format: "cell-key-store".into(),
+                        version: 1,
+                        token: token.to_owned(),
+                        store_key: STORE_KEY_LABEL.into(),
+                        work_order: m.batch.work_order.clone(),
+                        keys: stored,
+                    },
+                )?;
+                format!(
+                    "{} (wrapped under {STORE_KEY_LABEL} in token {token})",
+                    path.display()
+                )
+            }
+        };
+        Ok(ImportReport {
+            meters: m.meters.len(),
+            keys_imported: imported,
+            keys_present: present,
+            destination,
+        })
     })
+}
+
+/// Writes a key store file: created exclusively beside its final name, then renamed.
+fn write_store(path: &Path, store: &KeyStore) -> Result<(), ImportError> {
+    use std::io::Write;
+    let fail = |e: std::io::Error| {
+        ImportError::Destination(format!("cannot write {}: {e}", path.display()))
+    };
+    let tmp = path.with_extension("store.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(fail)?;
+    let text = serde_json::to_vec_pretty(store).map_err(|e| fail(std::io::Error::other(e)))?;
+    f.write_all(&text).map_err(fail)?;
+    f.sync_all().map_err(fail)?;
+    std::fs::rename(&tmp, path).map_err(fail)
+}
+
+/// Checks every meter key like [`import_meter_keys`], as a session object, and wraps it under
+/// the token's store key (made on first use); nothing else stays in the token.
+fn store_meter_keys(
+    s: &hsm::HsmSession<'_>,
+    tk: &KeyHandle,
+    tk_kcv: &str,
+    meters: &[MeterRecord],
+) -> hsm::Result<Vec<StoredKey>> {
+    if let Ok(kcv) = s.kcv(tk)
+        && hex::encode(kcv) != tk_kcv
+    {
+        return Err(hsm::Error::InvalidInput(
+            "the batch transport key does not match its check value".into(),
+        ));
+    }
+    let store = match s.find_key(hsm::KeyKind::Aes(32), STORE_KEY_LABEL)? {
+        Some(k) => k,
+        None => s.generate_aes_key(
+            KeyRole::UtilityKeyStore,
+            AesKeySize::Aes256,
+            Some(STORE_KEY_LABEL),
+        )?,
+    };
+    let mut out = Vec::new();
+    for mr in meters {
+        for k in &mr.keys {
+            let size = if k.key_type == "aes-256" {
+                AesKeySize::Aes256
+            } else {
+                AesKeySize::Aes128
+            };
+            let key = s
+                .unwrap_aes(
+                    tk,
+                    &unb64(&k.wrapped),
+                    WrapAlg::AesKw,
+                    KeyRole::UtilityMeterKeyToStore,
+                    size,
+                    None,
+                )
+                .map_err(|_| {
+                    hsm::Error::InvalidInput(format!(
+                        "meter {}: key {} does not match its check value (it does not unwrap)",
+                        mr.serial, k.id
+                    ))
+                })?;
+            let checked = (|| {
+                if hex::encode(s.kcv(&key)?) != k.kcv {
+                    return Err(hsm::Error::InvalidInput(format!(
+                        "meter {}: key {} does not match its check value (swapped or damaged)",
+                        mr.serial, k.id
+                    )));
+                }
+                let prefix = key_binding_prefix(&title_bytes(&mr.system_title), &k.id);
+                let binding = s.digest_key_sha256(&prefix, &key)?;
+                if hex::encode(&binding[..16]) != k.binding {
+                    return Err(hsm::Error::InvalidInput(not_bound(&mr.serial, &k.id)));
+                }
+                s.wrap(&store, &key, WrapAlg::AesKw)
+            })();
+            let _ = s.destroy(&key);
+            out.push(StoredKey {
+                serial: mr.serial.clone(),
+                system_title: mr.system_title.clone(),
+                key_id: k.id.clone(),
+                key_type: k.key_type.clone(),
+                wrapped: b64enc(&checked?),
+                kcv: k.kcv.clone(),
+            });
+        }
+    }
+    Ok(out)
 }
 
 fn import_meter_keys(

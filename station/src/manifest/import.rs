@@ -446,6 +446,64 @@ fn write_store(path: &Path, store: &KeyStore) -> Result<(), ImportError> {
     std::fs::rename(&tmp, path).map_err(fail)
 }
 
+/// The size of a manifest key type.
+fn key_size(key_type: &str) -> AesKeySize {
+    if key_type == "aes-256" {
+        AesKeySize::Aes256
+    } else {
+        AesKeySize::Aes128
+    }
+}
+
+/// Unwraps meter `mr`'s key `k` under the batch transport key as a key of `role` (labelled
+/// `label` for token roles) and checks it against the manifest: its check value, then its
+/// binding to this meter and key id. A key that fails is destroyed again.
+fn unwrap_checked(
+    s: &hsm::HsmSession<'_>,
+    tk: &KeyHandle,
+    mr: &MeterRecord,
+    k: &KeyEntry,
+    role: KeyRole,
+    label: Option<&str>,
+) -> hsm::Result<KeyHandle> {
+    let key = s
+        .unwrap_aes(
+            tk,
+            &unb64(&k.wrapped),
+            WrapAlg::AesKw,
+            role,
+            key_size(&k.key_type),
+            label,
+        )
+        .map_err(|_| {
+            hsm::Error::InvalidInput(format!(
+                "meter {}: key {} does not match its check value (it does not unwrap)",
+                mr.serial, k.id
+            ))
+        })?;
+    let checked = (|| {
+        if hex::encode(s.kcv(&key)?) != k.kcv {
+            return Err(hsm::Error::InvalidInput(format!(
+                "meter {}: key {} does not match its check value (swapped or damaged)",
+                mr.serial, k.id
+            )));
+        }
+        let prefix = key_binding_prefix(&title_bytes(&mr.system_title), &k.id);
+        let binding = s.digest_key_sha256(&prefix, &key)?;
+        if hex::encode(&binding[..16]) != k.binding {
+            return Err(hsm::Error::InvalidInput(not_bound(&mr.serial, &k.id)));
+        }
+        Ok(())
+    })();
+    match checked {
+        Ok(()) => Ok(key),
+        Err(e) => {
+            let _ = s.destroy(&key);
+            Err(e)
+        }
+    }
+}
+
 /// Checks every meter key like [`import_meter_keys`], as a session object, and wraps it under
 /// the token's store key (made on first use); nothing else stays in the token.
 fn store_meter_keys(
@@ -472,40 +530,8 @@ fn store_meter_keys(
     let mut out = Vec::new();
     for mr in meters {
         for k in &mr.keys {
-            let size = if k.key_type == "aes-256" {
-                AesKeySize::Aes256
-            } else {
-                AesKeySize::Aes128
-            };
-            let key = s
-                .unwrap_aes(
-                    tk,
-                    &unb64(&k.wrapped),
-                    WrapAlg::AesKw,
-                    KeyRole::UtilityMeterKeyToStore,
-                    size,
-                    None,
-                )
-                .map_err(|_| {
-                    hsm::Error::InvalidInput(format!(
-                        "meter {}: key {} does not match its check value (it does not unwrap)",
-                        mr.serial, k.id
-                    ))
-                })?;
-            let checked = (|| {
-                if hex::encode(s.kcv(&key)?) != k.kcv {
-                    return Err(hsm::Error::InvalidInput(format!(
-                        "meter {}: key {} does not match its check value (swapped or damaged)",
-                        mr.serial, k.id
-                    )));
-                }
-                let prefix = key_binding_prefix(&title_bytes(&mr.system_title), &k.id);
-                let binding = s.digest_key_sha256(&prefix, &key)?;
-                if hex::encode(&binding[..16]) != k.binding {
-                    return Err(hsm::Error::InvalidInput(not_bound(&mr.serial, &k.id)));
-                }
-                s.wrap(&store, &key, WrapAlg::AesKw)
-            })();
+            let key = unwrap_checked(s, tk, mr, k, KeyRole::UtilityMeterKeyToStore, None)?;
+            let checked = s.wrap(&store, &key, WrapAlg::AesKw);
             let _ = s.destroy(&key);
             out.push(StoredKey {
                 serial: mr.serial.clone(),
@@ -545,11 +571,7 @@ fn import_meter_keys(
         for mr in meters {
             for k in &mr.keys {
                 let label = format!("{}/{}", mr.system_title, k.id);
-                let size = if k.key_type == "aes-256" {
-                    AesKeySize::Aes256
-                } else {
-                    AesKeySize::Aes128
-                };
+                let size = key_size(&k.key_type);
                 if let Some(existing) = s.find_key(hsm::KeyKind::Aes(size.bytes()), &label)? {
                     if hex::encode(s.kcv(&existing)?) == k.kcv {
                         present += 1;
@@ -560,33 +582,8 @@ fn import_meter_keys(
                         mr.serial
                     )));
                 }
-                let key = s
-                    .unwrap_aes(
-                        tk,
-                        &unb64(&k.wrapped),
-                        WrapAlg::AesKw,
-                        KeyRole::UtilityMeterKey,
-                        size,
-                        Some(&label),
-                    )
-                    .map_err(|_| {
-                        hsm::Error::InvalidInput(format!(
-                            "meter {}: key {} does not match its check value (it does not unwrap)",
-                            mr.serial, k.id
-                        ))
-                    })?;
-                created.push(key.clone());
-                if hex::encode(s.kcv(&key)?) != k.kcv {
-                    return Err(hsm::Error::InvalidInput(format!(
-                        "meter {}: key {} does not match its check value (swapped or damaged)",
-                        mr.serial, k.id
-                    )));
-                }
-                let prefix = key_binding_prefix(&title_bytes(&mr.system_title), &k.id);
-                let binding = s.digest_key_sha256(&prefix, &key)?;
-                if hex::encode(&binding[..16]) != k.binding {
-                    return Err(hsm::Error::InvalidInput(not_bound(&mr.serial, &k.id)));
-                }
+                let key = unwrap_checked(s, tk, mr, k, KeyRole::UtilityMeterKey, Some(&label))?;
+                created.push(key);
             }
         }
         Ok(())

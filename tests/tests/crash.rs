@@ -26,11 +26,22 @@ impl Lcg {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killed_twenty_times_the_batch_still_completes_cleanly() {
+    killed_twenty_times(false).await;
+}
+
+/// The same on Kryoptic: its SQLite token store killed with the daemon twenty times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_twenty_times_on_kryoptic_the_batch_still_completes_cleanly() {
+    killed_twenty_times(true).await;
+}
+
+async fn killed_twenty_times(kryoptic: bool) {
     let quantity = 80;
     let cell = Cell::new(CellOptions {
         nests: 3,
         quantity,
         firmware_kib: 16,
+        kryoptic,
         ..CellOptions::default()
     })
     .await;

@@ -1648,6 +1648,62 @@ async fn a_batch_on_kryoptic_ends_in_a_manifest_the_utility_verifies_and_imports
     assert_eq!(key_transports(&cell), ["x963"]);
 }
 
+/// A Kryoptic cell's manifest (its transport key wrapped with the work order as the OAEP
+/// label) imported into the utility's own Kryoptic token, with `manifest import` — the labelled
+/// unwrap in a second token — into token objects and into a key store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_kryoptic_cells_manifest_imports_into_a_kryoptic_utility_token() {
+    let cell = Cell::new(CellOptions {
+        nests: 2,
+        quantity: 2,
+        open_batch: false,
+        kryoptic: true,
+        ..CellOptions::default()
+    })
+    .await;
+    let token = hsm::testkit::TestToken::kryoptic("util").unwrap();
+    let util = token.open(1).unwrap();
+    let spki = util
+        .run(|s| {
+            s.generate_rsa_keypair(3072, "utility-transport")?
+                .spki_der()
+        })
+        .await
+        .unwrap();
+    let batch = batch_for(&cell, "util-kry", utility_certificate(&spki), "WO-KRY-1", 2).await;
+    let dir = finish_and_export(&cell, batch).await;
+    let m = manifest(&dir);
+    assert_eq!(m["transport_key"]["oaep_label"], "WO-KRY-1");
+    let pin = cell.path("kry.pin");
+    station::demo::write_secret(&pin, hsm::testkit::USER_PIN).unwrap();
+    let module = hsm::testkit::kryoptic_module().unwrap();
+    let p7m = dir.join("manifest.p7m");
+    let root = cell.path("root-ca.pem");
+    let store = cell.path("kry.store");
+    for extra in [vec![], vec!["--store", s(&store)]] {
+        let mut args = vec![
+            "manifest",
+            "import",
+            s(&p7m),
+            "--root",
+            s(&root),
+            "--pkcs11-module",
+            s(&module),
+            "--token",
+            &token.label,
+            "--token-pin-file",
+            s(&pin),
+        ];
+        args.extend(extra);
+        let (code, o, e) = cell.run(None, &args);
+        assert_eq!(code, 0, "{o}{e}");
+        assert!(o.contains("imported 8 key(s) of 2 meter(s)"), "{o}");
+    }
+    let mut labels = secret_keys(&util).await;
+    labels.retain(|l| l != "utility-key-store");
+    assert_eq!(labels.len(), 8, "{labels:?}");
+}
+
 /// The key transports the cell's provisioned meters used (line protocol 5.3), distinct.
 fn key_transports(cell: &Cell) -> Vec<String> {
     let db = cell.db();

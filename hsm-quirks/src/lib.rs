@@ -15,6 +15,7 @@
 //! | `device-error-every=N` | a network HSM under load: every Nth `C_Sign` is `CKR_DEVICE_ERROR` |
 //! | `ignore-sensitive-on-unwrap` | a token that makes unwrapped keys readable whatever was asked |
 //! | `sessions=N` | YubiHSM 2 (16): at most N sessions, stated in the token information |
+//! | `no-rng`, `no-login-required` | tokens unfit for a cell: the flags in the token information |
 //! | `x963-kdf` | the HSMs SoftHSM is not: `CKM_ECDH1_DERIVE` with `CKD_SHA256_KDF` (emulated) |
 //!
 //! FIPS-mode Luna is `no-null-kdf,x963-kdf`, CloudHSM `no-ecb-encrypt-data,x963-kdf`.
@@ -47,6 +48,8 @@ struct Quirks {
     ignore_sensitive_on_unwrap: bool,
     sessions: Option<CK_ULONG>,
     x963_kdf: bool,
+    no_rng: bool,
+    no_login_required: bool,
 }
 
 impl Quirks {
@@ -65,6 +68,8 @@ impl Quirks {
                 "device-error-every" => q.device_error_every = value.parse().ok()?,
                 "sessions" => q.sessions = Some(value.parse().ok()?),
                 "x963-kdf" => q.x963_kdf = true,
+                "no-rng" => q.no_rng = true,
+                "no-login-required" => q.no_login_required = true,
                 "none" => {}
                 _ => return None,
             }
@@ -213,15 +218,20 @@ unsafe extern "C" fn get_token_info(slot: CK_SLOT_ID, info: *mut CK_TOKEN_INFO) 
     };
     // SAFETY: passed through; `info` is checked before it is written.
     let rv = unsafe { under!(m, C_GetTokenInfo)(slot, info) };
-    if rv == CKR_OK
-        && !info.is_null()
-        && let Some(n) = m.quirks.sessions
-    {
-        // SAFETY: checked non-null, filled by the module underneath.
-        unsafe {
-            (*info).ulMaxSessionCount = n;
-            (*info).ulMaxRwSessionCount = n;
-        }
+    if rv != CKR_OK || info.is_null() {
+        return rv;
+    }
+    // SAFETY: checked non-null, filled by the module underneath.
+    let info = unsafe { &mut *info };
+    if let Some(n) = m.quirks.sessions {
+        info.ulMaxSessionCount = n;
+        info.ulMaxRwSessionCount = n;
+    }
+    if m.quirks.no_rng {
+        info.flags &= !CKF_RNG;
+    }
+    if m.quirks.no_login_required {
+        info.flags &= !CKF_LOGIN_REQUIRED;
     }
     rv
 }

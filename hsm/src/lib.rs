@@ -37,7 +37,7 @@ pub use config::{HsmConfig, PinSource, SOFTHSM_MODULE};
 pub use error::{CertError, CsrError, Error, Result, ckr_name};
 pub use mechanisms::{Mechanisms, OaepHash};
 pub use policy::{KeyPolicy, KeyRole, POLICY};
-pub use pool::{Hsm, IN_PLACE_BELOW, TokenIdentity};
+pub use pool::{Hsm, IN_PLACE_BELOW, TokenFlags, TokenIdentity};
 pub use session::{
     AesKeySize, Curve, HsmSession, KeyFlags, KeyHandle, KeyKind, KeyPairHandle, OaepLabel,
     ObjectInfo, RsaKeyPairHandle, WrapAlg,

@@ -58,6 +58,27 @@ pub struct TokenIdentity {
     pub serial: String,
 }
 
+/// The CKF_* flags of a token that matter to a cell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TokenFlags {
+    /// CKF_RNG: it has a random number generator (serials and challenges come from it).
+    pub rng: bool,
+    /// CKF_WRITE_PROTECTED: no object can be made.
+    pub write_protected: bool,
+    /// CKF_LOGIN_REQUIRED: nothing private is reachable without a log-in.
+    pub login_required: bool,
+    /// CKF_PROTECTED_AUTHENTICATION_PATH: PINs are entered on the device.
+    pub protected_authentication_path: bool,
+    /// CKF_USER_PIN_COUNT_LOW or CKF_USER_PIN_FINAL_TRY: wrong user PINs were entered.
+    pub user_pin_count_low: bool,
+    /// CKF_USER_PIN_TO_BE_CHANGED.
+    pub user_pin_to_be_changed: bool,
+    /// CKF_SO_PIN_TO_BE_CHANGED.
+    pub so_pin_to_be_changed: bool,
+    /// CKF_ERROR_STATE: the token failed a self-test of its own.
+    pub error_state: bool,
+}
+
 /// A handle on one token through a pool of logged-in sessions. Cheap to clone.
 #[derive(Clone)]
 pub struct Hsm {
@@ -256,6 +277,26 @@ impl Hsm {
     /// fewer sessions).
     pub fn pool_size(&self) -> usize {
         self.inner.pool_size
+    }
+
+    /// What the token says of itself (the CKF_* flags of `C_GetTokenInfo`), read afresh.
+    pub fn token_flags(&self) -> Result<TokenFlags> {
+        let slot = lock(&self.inner.live).slot;
+        let i = self
+            .inner
+            .ctx
+            .get_token_info(slot)
+            .ck("read token information")?;
+        Ok(TokenFlags {
+            rng: i.rng(),
+            write_protected: i.write_protected(),
+            login_required: i.login_required(),
+            protected_authentication_path: i.protected_authentication_path(),
+            user_pin_count_low: i.user_pin_count_low() || i.user_pin_final_try(),
+            user_pin_to_be_changed: i.user_pin_to_be_changed(),
+            so_pin_to_be_changed: i.so_pin_to_be_changed(),
+            error_state: i.error_state(),
+        })
     }
 
     /// The token's session limit, where it states one (`ulMaxSessionCount`,

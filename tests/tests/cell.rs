@@ -1472,7 +1472,13 @@ async fn the_hsm_self_test_passes_on_both_tokens_and_reports_every_check() {
         let checks: Vec<&str> = report.findings.iter().map(|f| f.check).collect();
         assert_eq!(
             checks,
-            ["token", "signing keys", "key transport", "rsa-oaep"],
+            [
+                "token",
+                "token flags",
+                "signing keys",
+                "key transport",
+                "rsa-oaep"
+            ],
             "{name}"
         );
         let text = report.to_string();
@@ -1491,7 +1497,7 @@ async fn the_hsm_self_test_passes_on_both_tokens_and_reports_every_check() {
             text.contains("device-ca (p-256), manifest-signer (p-256), audit-signer (p-256)"),
             "{name}: {text}"
         );
-        assert!(text.contains("\n4 checks, 0 failed, in "), "{text}");
+        assert!(text.contains("\n5 checks, 0 failed, in "), "{text}");
     }
 
     // A cell records it at start; `hsm check` runs it on demand.

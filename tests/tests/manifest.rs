@@ -1828,10 +1828,11 @@ async fn a_batch_completes_on_a_token_of_few_sessions() {
     a_batch_completes_on("sessions=3").await;
 }
 
-/// Tokens that cannot do the line's key transport: the cell refuses to start, naming what is
-/// missing, before any meter — not at the first meter with the line stopped.
+/// Tokens unfit for a cell — no key transport of the line protocol, no random number
+/// generator, no log-in required: the cell refuses to start, naming what is wrong, before any
+/// meter — not at the first meter with the line stopped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_token_that_cannot_do_the_key_transport_is_refused_at_start() {
+async fn a_token_unfit_for_a_cell_is_refused_at_start_with_every_finding() {
     let cell = Cell::new(CellOptions {
         nests: 1,
         quantity: 1,
@@ -1847,6 +1848,14 @@ async fn a_token_that_cannot_do_the_key_transport_is_refused_at_start() {
         (
             "no-null-kdf",
             "FAIL  key transport: neither key transport of the line protocol works on this token — AES-ECB: the token does not offer CKM_ECDH1_DERIVE with the null KDF",
+        ),
+        (
+            "no-rng",
+            "FAIL  token flags: the token has no random number generator (no CKF_RNG)",
+        ),
+        (
+            "no-login-required",
+            "FAIL  token flags: the token needs no log-in (no CKF_LOGIN_REQUIRED)",
         ),
     ] {
         let module = hsm::testkit::quirks_module(quirks).unwrap();

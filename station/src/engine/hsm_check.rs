@@ -103,7 +103,7 @@ const KAT_METER_SEED: &[u8] = b"station hsm self-test: the meter's ephemeral key
 /// objects, destroyed before it returns.
 pub fn run(hsm: &Hsm) -> Report {
     let started = Instant::now();
-    let mut findings = vec![token(hsm)];
+    let mut findings = vec![token(hsm), token_flags(hsm)];
     let mut check = |name: &'static str, r: Result<String, String>| {
         findings.push(match r {
             Ok(detail) => Finding {
@@ -136,6 +136,64 @@ pub fn run(hsm: &Hsm) -> Report {
     Report {
         findings,
         elapsed: started.elapsed(),
+    }
+}
+
+/// The token's own flags: what makes it unfit for a cell fails; what a person should see is
+/// said.
+fn token_flags(hsm: &Hsm) -> Finding {
+    let f = match hsm.token_flags() {
+        Ok(f) => f,
+        Err(e) => {
+            return Finding {
+                check: "token flags",
+                ok: false,
+                detail: e.to_string(),
+            };
+        }
+    };
+    let mut unfit = Vec::new();
+    if f.error_state {
+        unfit.push("the token reports CKF_ERROR_STATE (it failed a self-test of its own)");
+    }
+    if f.write_protected {
+        unfit.push("the token is write-protected (CKF_WRITE_PROTECTED): no key can be made");
+    }
+    if !f.login_required {
+        unfit.push("the token needs no log-in (no CKF_LOGIN_REQUIRED): it does not keep the cell's keys from whoever can reach it");
+    }
+    if !f.rng {
+        unfit.push("the token has no random number generator (no CKF_RNG): serial numbers and challenges come from it");
+    }
+    let mut notes = Vec::new();
+    if f.user_pin_count_low {
+        notes.push("wrong user PINs were entered (CKF_USER_PIN_COUNT_LOW/FINAL_TRY)");
+    }
+    if f.user_pin_to_be_changed || f.so_pin_to_be_changed {
+        notes.push("a PIN is still the initial one and is to be changed");
+    }
+    if f.protected_authentication_path {
+        notes.push("the token has a PIN pad (CKF_PROTECTED_AUTHENTICATION_PATH)");
+    }
+    if unfit.is_empty() {
+        Finding {
+            check: "token flags",
+            ok: true,
+            detail: if notes.is_empty() {
+                "log-in required, a random number generator, writable".into()
+            } else {
+                format!(
+                    "log-in required, a random number generator, writable; note: {}",
+                    notes.join("; ")
+                )
+            },
+        }
+    } else {
+        Finding {
+            check: "token flags",
+            ok: false,
+            detail: unfit.join("; "),
+        }
     }
 }
 

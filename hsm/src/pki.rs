@@ -531,10 +531,46 @@ fn check_production_role(role: KeyRole) -> Result<&'static str> {
     role_label(role)
 }
 
-/// Generates the key of `role` in the HSM (a token object per the policy table) and returns a
-/// PKCS#10 request signed by it, for the offline root. Blocks.
-pub fn csr(hsm: &Hsm, role: KeyRole, curve: Curve, subject: &CsrSubject) -> Result<CsrOutput> {
+/// A request for the key pair of `role` that is already in the token (made with the HSM
+/// vendor's tools, labelled as the role), for the offline root: adopted only if its private key
+/// carries the policy's attributes (a token object, sensitive, not extractable, sign only) and
+/// no certificate is stored for the role yet. Blocks.
+pub fn csr_adopting(hsm: &Hsm, role: KeyRole, subject: &CsrSubject) -> Result<CsrOutput> {
     let label = check_production_role(role)?;
+    let params = csr_params(subject)?;
+    hsm.with_session(|s| {
+        if s.find_certificate(label)?.is_some() {
+            return Err(Error::RoleExists {
+                label: label.to_owned(),
+                what: "certificate",
+            });
+        }
+        let pair = s.find_ec_keypair(label)?;
+        let wrong = policy::policy(role)
+            .key
+            .mismatches(&s.key_flags(&pair.private)?);
+        if !wrong.is_empty() {
+            return Err(Error::PolicyNotKept {
+                operation: "adopt",
+                details: format!("the private key labelled {label:?}: {}", wrong.join(", ")),
+            });
+        }
+        let req = params
+            .serialize_request(&SessionSigner::new(s, &pair))
+            .map_err(crate::signer::rcgen_error)?;
+        Ok(CsrOutput {
+            role,
+            label: label.to_owned(),
+            key_id: pair.id.clone(),
+            curve: pair.curve,
+            der: req.der().to_vec(),
+            pem: cert::to_pem("CERTIFICATE REQUEST", req.der()),
+        })
+    })
+}
+
+/// The subject of a request.
+fn csr_params(subject: &CsrSubject) -> Result<rcgen::CertificateParams> {
     let mut dn = rcgen::DistinguishedName::new();
     if let Some(c) = &subject.country {
         let c = rcgen::string::PrintableString::try_from(c.as_str())
@@ -556,6 +592,14 @@ pub fn csr(hsm: &Hsm, role: KeyRole, curve: Curve, subject: &CsrSubject) -> Resu
     dn.push(DnType::CommonName, subject.common_name.as_str());
     let mut params = rcgen::CertificateParams::default();
     params.distinguished_name = dn;
+    Ok(params)
+}
+
+/// Generates the key of `role` in the HSM (a token object per the policy table) and returns a
+/// PKCS#10 request signed by it, for the offline root. Blocks.
+pub fn csr(hsm: &Hsm, role: KeyRole, curve: Curve, subject: &CsrSubject) -> Result<CsrOutput> {
+    let label = check_production_role(role)?;
+    let params = csr_params(subject)?;
     hsm.with_session(|s| {
         ensure_absent(s, label)?;
         let pair = s.generate_ec_keypair(role, curve, None)?;

@@ -230,6 +230,11 @@ enum PkiCmd {
         /// configuration's HSM PIN). Refused once the cell has been set up.
         #[arg(long)]
         local: bool,
+        /// With --local: do not generate; adopt the key pair already in the token under the
+        /// role's label (made with the HSM vendor's tools), if its private key carries the key
+        /// policy's attributes (token object, sensitive, not extractable, sign only).
+        #[arg(long)]
+        adopt: bool,
     },
     /// Import the certificate the offline root issued for a role's key (the chain is checked;
     /// security officer, audited); or, while setting up a fresh token (`--local`), one of the
@@ -1079,6 +1084,11 @@ async fn pki(cli: &Cli, p: &PkiCmd) -> Result<ExitCode> {
         PkiCmd::Csr { local: true, .. } | PkiCmd::Import { local: true, .. } => {
             return pki_local(cli, p).await;
         }
+        PkiCmd::Csr { adopt: true, .. } => {
+            bail!(
+                "--adopt is for setting up a fresh token before stationd first starts: add --local"
+            )
+        }
         PkiCmd::Csr {
             role,
             cn,
@@ -1303,6 +1313,7 @@ async fn pki_local(cli: &Cli, p: &PkiCmd) -> Result<ExitCode> {
             org,
             curve,
             out,
+            adopt,
             ..
         } => {
             let role = crate::api::key_role(role).map_err(anyhow::Error::msg)?;
@@ -1312,10 +1323,15 @@ async fn pki_local(cli: &Cli, p: &PkiCmd) -> Result<ExitCode> {
                 organization: org.clone(),
                 country: None,
             };
-            let h = hsm.clone();
-            let outp =
-                tokio::task::spawn_blocking(move || hsm::pki::csr(&h, role, curve, &subject))
-                    .await??;
+            let (h, adopt) = (hsm.clone(), *adopt);
+            let outp = tokio::task::spawn_blocking(move || {
+                if adopt {
+                    hsm::pki::csr_adopting(&h, role, &subject)
+                } else {
+                    hsm::pki::csr(&h, role, curve, &subject)
+                }
+            })
+            .await??;
             std::fs::write(out, outp.pem.as_bytes())
                 .with_context(|| format!("cannot write {}", out.display()))?;
             println!(

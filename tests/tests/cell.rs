@@ -1722,20 +1722,109 @@ async fn a_cell_is_set_up_on_kryoptic_with_its_own_commands_and_an_offline_root(
     let (ok, out) = import_local("firmware-verification", "fw.pem");
     assert!(ok, "{out}");
 
-    // Every role: a key in the token, its request, the root's certificate imported.
-    for (role, root, ext) in &roles {
-        let (ok, out) = station(&[
+    // The audit signer's key pair made with the HSM's own tools (OpenSC's pkcs11-tool), as a
+    // factory with a vendor key ceremony would, and adopted: first one that may be extracted
+    // (refused, by attribute), then one as the policy wants.
+    let keypair = |extra: &[&str]| {
+        let module = token.module.to_str().unwrap().to_owned();
+        let mut args = vec![
+            "--module",
+            module.as_str(),
+            "--token-label",
+            &token.label,
+            "--login",
+            "--pin",
+            hsm::testkit::USER_PIN,
+            "--keypairgen",
+            "--key-type",
+            "EC:prime256v1",
+            "--label",
+            "audit-signer",
+            "--id",
+            "a1",
+            "--usage-sign",
+            "--sensitive",
+            "--private",
+        ];
+        args.extend_from_slice(extra);
+        let out = std::process::Command::new("pkcs11-tool")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let adopt = || {
+        station(&[
             "pki",
             "csr",
             "--local",
+            "--adopt",
             "--role",
-            role,
+            "audit-signer",
             "--cn",
-            &format!("Line 1 {role}"),
+            "Line 1 audit",
             "--out",
-            &format!("{role}.csr"),
-        ]);
-        assert!(ok, "{role}: {out}");
+            "audit-signer.csr",
+        ])
+        .1
+    };
+    keypair(&["--extractable"]);
+    let out = adopt();
+    assert!(
+        out.contains("the token did not keep the key policy on adopt")
+            && out.contains("CKA_EXTRACTABLE is true, the policy says false"),
+        "{out}"
+    );
+    for class in ["privkey", "pubkey"] {
+        let module = token.module.to_str().unwrap().to_owned();
+        let out = std::process::Command::new("pkcs11-tool")
+            .args([
+                "--module",
+                module.as_str(),
+                "--token-label",
+                &token.label,
+                "--login",
+                "--pin",
+                hsm::testkit::USER_PIN,
+                "--delete-object",
+                "--type",
+                class,
+                "--label",
+                "audit-signer",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    keypair(&[]);
+    let out = adopt();
+    assert!(out.contains("certificate request"), "{out}");
+
+    // Every role: a key in the token (the audit signer's adopted above), its request, the
+    // root's certificate imported.
+    for (role, root, ext) in &roles {
+        if *role != "audit-signer" {
+            let (ok, out) = station(&[
+                "pki",
+                "csr",
+                "--local",
+                "--role",
+                role,
+                "--cn",
+                &format!("Line 1 {role}"),
+                "--out",
+                &format!("{role}.csr"),
+            ]);
+            assert!(ok, "{role}: {out}");
+        }
         std::fs::write(d.join(format!("{role}.cnf")), ext).unwrap();
         root_issues(
             d,

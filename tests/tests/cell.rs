@@ -1725,16 +1725,24 @@ async fn a_cell_is_set_up_on_kryoptic_with_its_own_commands_and_an_offline_root(
     // The audit signer's key pair made with the HSM's own tools (OpenSC's pkcs11-tool), as a
     // factory with a vendor key ceremony would, and adopted: first one that may be extracted
     // (refused, by attribute), then one as the policy wants.
+    // pkcs11-tool, logged in to the cell's token.
+    let p11 = |args: &[&str]| {
+        let out = std::process::Command::new("pkcs11-tool")
+            .arg("--module")
+            .arg(&token.module)
+            .args(["--token-label", &token.label, "--login", "--pin"])
+            .arg(hsm::testkit::USER_PIN)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
     let keypair = |extra: &[&str]| {
-        let module = token.module.to_str().unwrap().to_owned();
         let mut args = vec![
-            "--module",
-            module.as_str(),
-            "--token-label",
-            &token.label,
-            "--login",
-            "--pin",
-            hsm::testkit::USER_PIN,
             "--keypairgen",
             "--key-type",
             "EC:prime256v1",
@@ -1747,15 +1755,7 @@ async fn a_cell_is_set_up_on_kryoptic_with_its_own_commands_and_an_offline_root(
             "--private",
         ];
         args.extend_from_slice(extra);
-        let out = std::process::Command::new("pkcs11-tool")
-            .args(&args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        p11(&args);
     };
     let adopt = || {
         station(&[
@@ -1780,29 +1780,13 @@ async fn a_cell_is_set_up_on_kryoptic_with_its_own_commands_and_an_offline_root(
         "{out}"
     );
     for class in ["privkey", "pubkey"] {
-        let module = token.module.to_str().unwrap().to_owned();
-        let out = std::process::Command::new("pkcs11-tool")
-            .args([
-                "--module",
-                module.as_str(),
-                "--token-label",
-                &token.label,
-                "--login",
-                "--pin",
-                hsm::testkit::USER_PIN,
-                "--delete-object",
-                "--type",
-                class,
-                "--label",
-                "audit-signer",
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        p11(&[
+            "--delete-object",
+            "--type",
+            class,
+            "--label",
+            "audit-signer",
+        ]);
     }
     keypair(&[]);
     let out = adopt();

@@ -15,6 +15,7 @@
 //! | `device-error-every=N` | a network HSM under load: every Nth `C_Sign` is `CKR_DEVICE_ERROR` |
 //! | `ignore-sensitive-on-unwrap` | a token that makes unwrapped keys readable whatever was asked |
 //! | `sessions=N` | YubiHSM 2 (16): at most N sessions, stated in the token information |
+//! | `no-session-objects` | YubiHSM 2: every key is a token object (`CKA_TOKEN` false refused) |
 //! | `no-rng`, `no-login-required` | tokens unfit for a cell: the flags in the token information |
 //! | `x963-kdf` | the HSMs SoftHSM is not: `CKM_ECDH1_DERIVE` with `CKD_SHA256_KDF` (emulated) |
 //!
@@ -50,6 +51,7 @@ struct Quirks {
     x963_kdf: bool,
     no_rng: bool,
     no_login_required: bool,
+    no_session_objects: bool,
 }
 
 impl Quirks {
@@ -69,6 +71,7 @@ impl Quirks {
                 "sessions" => q.sessions = Some(value.parse().ok()?),
                 "x963-kdf" => q.x963_kdf = true,
                 "no-rng" => q.no_rng = true,
+                "no-session-objects" => q.no_session_objects = true,
                 "no-login-required" => q.no_login_required = true,
                 "none" => {}
                 _ => return None,
@@ -139,6 +142,9 @@ fn load() -> Option<Module> {
     ours.C_WrapKey = Some(wrap_key);
     ours.C_UnwrapKey = Some(unwrap_key);
     ours.C_DeriveKey = Some(derive_key);
+    ours.C_GenerateKey = Some(generate_key);
+    ours.C_GenerateKeyPair = Some(generate_key_pair);
+    ours.C_CreateObject = Some(create_object);
     Some(Module {
         _lib: lib,
         under,
@@ -448,6 +454,9 @@ unsafe extern "C" fn unwrap_key(
         Ok(x) => x,
         Err(rv) => return rv,
     };
+    if refuses_session_objects(template, count) {
+        return CKR_TEMPLATE_INCONSISTENT;
+    }
     let mut attrs: Vec<CK_ATTRIBUTE> = if template.is_null() {
         Vec::new()
     } else {
@@ -489,6 +498,9 @@ unsafe extern "C" fn derive_key(
         Ok(x) => x,
         Err(rv) => return rv,
     };
+    if refuses_session_objects(template, count) {
+        return CKR_TEMPLATE_INCONSISTENT;
+    }
     if m.quirks.x963_kdf
         && mech.mechanism == CKM_ECDH1_DERIVE
         && !mech.pParameter.is_null()
@@ -623,4 +635,92 @@ unsafe fn derive_x963(
     value.fill(0);
     z.fill(0);
     rv
+}
+
+/// Whether a template asks for a session object (CKA_TOKEN false, or left to its default).
+///
+/// # Safety
+/// `template` is null or has `count` valid entries.
+unsafe fn session_object(template: *const CK_ATTRIBUTE, count: CK_ULONG) -> bool {
+    if template.is_null() {
+        return true;
+    }
+    // SAFETY: by the caller's contract.
+    let attrs = unsafe { std::slice::from_raw_parts(template, count as usize) };
+    match attrs.iter().find(|a| a.type_ == CKA_TOKEN) {
+        // SAFETY: CKA_TOKEN holds one CK_BBOOL.
+        Some(a) if !a.pValue.is_null() => unsafe { *a.pValue.cast::<CK_BBOOL>() == CK_FALSE },
+        _ => true,
+    }
+}
+
+/// `no-session-objects`: a session object asked for is refused, as a token without them does.
+fn refuses_session_objects(template: *const CK_ATTRIBUTE, count: CK_ULONG) -> bool {
+    // SAFETY: the caller's template, passed on from a PKCS#11 call.
+    quirks().no_session_objects && unsafe { session_object(template, count) }
+}
+
+unsafe extern "C" fn generate_key(
+    session: CK_SESSION_HANDLE,
+    mechanism: *mut CK_MECHANISM,
+    template: *mut CK_ATTRIBUTE,
+    count: CK_ULONG,
+    key: *mut CK_OBJECT_HANDLE,
+) -> CK_RV {
+    let Some(m) = module() else {
+        return CKR_GENERAL_ERROR;
+    };
+    if refuses_session_objects(template, count) {
+        return CKR_TEMPLATE_INCONSISTENT;
+    }
+    // SAFETY: passed through.
+    unsafe { under!(m, C_GenerateKey)(session, mechanism, template, count, key) }
+}
+
+#[allow(clippy::too_many_arguments)] // the PKCS#11 signature
+unsafe extern "C" fn generate_key_pair(
+    session: CK_SESSION_HANDLE,
+    mechanism: *mut CK_MECHANISM,
+    public: *mut CK_ATTRIBUTE,
+    public_count: CK_ULONG,
+    private: *mut CK_ATTRIBUTE,
+    private_count: CK_ULONG,
+    public_key: *mut CK_OBJECT_HANDLE,
+    private_key: *mut CK_OBJECT_HANDLE,
+) -> CK_RV {
+    let Some(m) = module() else {
+        return CKR_GENERAL_ERROR;
+    };
+    if refuses_session_objects(private, private_count) {
+        return CKR_TEMPLATE_INCONSISTENT;
+    }
+    // SAFETY: passed through.
+    unsafe {
+        under!(m, C_GenerateKeyPair)(
+            session,
+            mechanism,
+            public,
+            public_count,
+            private,
+            private_count,
+            public_key,
+            private_key,
+        )
+    }
+}
+
+unsafe extern "C" fn create_object(
+    session: CK_SESSION_HANDLE,
+    template: *mut CK_ATTRIBUTE,
+    count: CK_ULONG,
+    object: *mut CK_OBJECT_HANDLE,
+) -> CK_RV {
+    let Some(m) = module() else {
+        return CKR_GENERAL_ERROR;
+    };
+    if refuses_session_objects(template, count) {
+        return CKR_TEMPLATE_INCONSISTENT;
+    }
+    // SAFETY: passed through.
+    unsafe { under!(m, C_CreateObject)(session, template, count, object) }
 }

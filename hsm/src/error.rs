@@ -96,6 +96,14 @@ pub enum Error {
         /// What it is needed for.
         purpose: &'static str,
     },
+    /// The token cannot hold a cell's keys the way the cell keeps them.
+    #[error("token {label:?} cannot hold a cell: {reason}")]
+    TokenUnfit {
+        /// The token.
+        label: String,
+        /// Why, and what it answered.
+        reason: String,
+    },
     /// The token did not give a key the attributes its template asked for (read back after
     /// the operation); the key was destroyed again.
     #[error(

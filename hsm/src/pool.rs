@@ -203,6 +203,7 @@ impl Hsm {
         let anchor = ctx.open_rw_session(slot).ck("open a session")?;
         login(&anchor, &config.token_label, &pin)?;
         let objects = Mutex::new(ObjectCache::default());
+        session_objects_kept(&anchor, &config.token_label)?;
         let mechanisms = probe_mechanisms(&ctx, slot, &anchor)?;
         for (name, purpose) in crate::mechanisms::REQUIRED {
             if !mechanisms.has_required(name) {
@@ -592,6 +593,47 @@ impl Drop for Lease<'_> {
         let mut idle = lock(&self.inner.idle);
         idle.push(self.slot.take());
         self.inner.returned.notify_one();
+    }
+}
+
+/// The cell makes every meter's keys, and its key-transport keys, as session objects, so that
+/// none outlives its meter (even when the station dies). A token without session objects
+/// (YubiHSM 2 keeps every key) is refused here, by name, before anything is made on it.
+fn session_objects_kept(session: &Session, label: &str) -> Result<()> {
+    use cryptoki::mechanism::Mechanism;
+    use cryptoki::object::{Attribute, KeyType, ObjectClass};
+    let made = session.generate_key(
+        &Mechanism::AesKeyGen,
+        &[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::ValueLen(16u64.into()),
+            Attribute::Token(false),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+        ],
+    );
+    match made {
+        Ok(h) => {
+            let _ = session.destroy_object(h);
+            Ok(())
+        }
+        Err(CkError::Pkcs11(
+            rv @ (RvError::TemplateInconsistent
+            | RvError::TemplateIncomplete
+            | RvError::AttributeValueInvalid
+            | RvError::AttributeTypeInvalid),
+            _,
+        )) => Err(Error::TokenUnfit {
+            label: label.to_owned(),
+            reason: format!(
+                "it keeps no session objects (C_GenerateKey with CKA_TOKEN false returned {}); the cell makes each meter's keys as session objects so that none outlives its meter — use a token that allows them",
+                crate::error::ckr_name(rv)
+            ),
+        }),
+        // No AES key generation at all: the required-mechanism check says so, by name.
+        Err(CkError::Pkcs11(RvError::MechanismInvalid, _)) => Ok(()),
+        Err(e) => Err(Error::ck("generate a session key", e)),
     }
 }
 

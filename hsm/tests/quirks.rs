@@ -228,3 +228,17 @@ fn a_token_with_no_usable_key_transport_is_found_out_by_the_probe() {
     assert!(!m.ktk_aes_ecb && !m.ktk_x963, "{}", m.chosen());
     assert!(m.chosen().contains("ktk: unavailable"), "{}", m.chosen());
 }
+
+/// A token that keeps no session objects (YubiHSM 2): refused when it opens, by name, before
+/// anything is made on it — not at the first meter.
+#[test]
+fn a_token_without_session_objects_is_refused_when_it_opens() {
+    let t = TestToken::with_quirks("q-nosess", "no-session-objects").unwrap();
+    let e = t.open(1).err().expect("the token is refused");
+    assert!(matches!(e, Error::TokenUnfit { .. }), "{e}");
+    let text = e.to_string();
+    assert!(
+        text.contains("it keeps no session objects") && text.contains("CKR_TEMPLATE_INCONSISTENT"),
+        "{text}"
+    );
+}

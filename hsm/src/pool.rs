@@ -601,18 +601,7 @@ impl Drop for Lease<'_> {
 /// (YubiHSM 2 keeps every key) is refused here, by name, before anything is made on it.
 fn session_objects_kept(session: &Session, label: &str) -> Result<()> {
     use cryptoki::mechanism::Mechanism;
-    use cryptoki::object::{Attribute, KeyType, ObjectClass};
-    let made = session.generate_key(
-        &Mechanism::AesKeyGen,
-        &[
-            Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::KeyType(KeyType::AES),
-            Attribute::ValueLen(16u64.into()),
-            Attribute::Token(false),
-            Attribute::Sensitive(true),
-            Attribute::Extractable(false),
-        ],
-    );
+    let made = session.generate_key(&Mechanism::AesKeyGen, &crate::session::throwaway_aes(false));
     match made {
         Ok(h) => {
             let _ = session.destroy_object(h);

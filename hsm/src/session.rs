@@ -2130,6 +2130,18 @@ fn kwp_answers_known(session: &Session, t: MechanismType) -> bool {
     matches!(answer, Some(Ok(w)) if w == mechanisms::KWP_KAT_WRAPPED)
 }
 
+/// The template of a throw-away AES-128 session key (sensitive; `extractable` as asked).
+pub(crate) fn throwaway_aes(extractable: bool) -> [Attribute; 6] {
+    [
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::ValueLen(16u64.into()),
+        Attribute::Token(false),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(extractable),
+    ]
+}
+
 /// The template of a throw-away RSA public key (session object, exponent 65537) that may only
 /// wrap: the OAEP probe's and the known-answer test's.
 fn throwaway_rsa_public(modulus: Vec<u8>) -> [Attribute; 7] {
@@ -2158,17 +2170,7 @@ fn probe_oaep(session: &Session) -> Result<(Option<OaepHash>, bool)> {
         .create_object(&throwaway_rsa_public(modulus))
         .ck("create the rsa-oaep probe key")?;
     let secret = session
-        .generate_key(
-            &Mechanism::AesKeyGen,
-            &[
-                Attribute::Class(ObjectClass::SECRET_KEY),
-                Attribute::KeyType(KeyType::AES),
-                Attribute::ValueLen(16u64.into()),
-                Attribute::Token(false),
-                Attribute::Sensitive(true),
-                Attribute::Extractable(true),
-            ],
-        )
+        .generate_key(&Mechanism::AesKeyGen, &throwaway_aes(true))
         .ck("create the rsa-oaep probe secret");
     // (the secret's failure is reported below, after the public key is destroyed)
     let chosen = match &secret {

@@ -234,7 +234,7 @@ fn a_token_with_no_usable_key_transport_is_found_out_by_the_probe() {
 #[test]
 fn a_token_without_session_objects_is_refused_when_it_opens() {
     let t = TestToken::with_quirks("q-nosess", "no-session-objects").unwrap();
-    let e = t.open(1).err().expect("the token is refused");
+    let e = t.open(1).expect_err("the token is refused");
     assert!(matches!(e, Error::TokenUnfit { .. }), "{e}");
     let text = e.to_string();
     assert!(

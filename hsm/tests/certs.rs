@@ -34,6 +34,16 @@ fn profile(curve: Curve, usage: MeterKeyUsage) -> MeterProfile {
 /// A token with the demo hierarchy, its device CA loaded, and the PEM directory.
 fn demo() -> (hsm::Hsm, Issuer, tempfile::TempDir) {
     let (_t, hsm) = token("certs", 2);
+    with_demo_pki(hsm)
+}
+
+/// The same on a Kryoptic token.
+fn demo_on_kryoptic() -> (hsm::Hsm, Issuer, tempfile::TempDir) {
+    let t = hsm::testkit::TestToken::kryoptic("certs").unwrap();
+    with_demo_pki(t.open(2).unwrap())
+}
+
+fn with_demo_pki(hsm: hsm::Hsm) -> (hsm::Hsm, Issuer, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     hsm::pki::init_dev(&hsm, dir.path()).unwrap();
     let ca = hsm.with_session(|s| Issuer::load(s, "device-ca")).unwrap();
@@ -55,6 +65,16 @@ fn ext<'a, T: Decode<'a, Error = der::Error>>(c: &'a Certificate, oid: &str) -> 
 #[test]
 fn meter_certificates_follow_the_profile_and_openssl_verifies_them() {
     let (hsm, ca, dir) = demo();
+    meter_certificates_follow_the_profile(&hsm, &ca, &dir);
+}
+
+#[test]
+fn on_kryoptic_meter_certificates_follow_the_profile_and_openssl_verifies_them() {
+    let (hsm, ca, dir) = demo_on_kryoptic();
+    meter_certificates_follow_the_profile(&hsm, &ca, &dir);
+}
+
+fn meter_certificates_follow_the_profile(hsm: &hsm::Hsm, ca: &Issuer, dir: &tempfile::TempDir) {
     for (curve, usage, seed, verification) in [
         (
             Curve::P256,
@@ -215,6 +235,14 @@ fn serials_are_unique_and_a_caller_can_choose_the_end_of_validity() {
 #[test]
 fn bad_requests_are_refused_each_with_its_own_error() {
     let (hsm, ca, _dir) = demo();
+    for verification in [Verification::Software, Verification::Token] {
+        bad_requests_are_refused(&hsm, &ca.clone().with_verification(verification));
+    }
+}
+
+#[test]
+fn on_kryoptic_bad_requests_are_refused_each_with_its_own_error() {
+    let (hsm, ca, _dir) = demo_on_kryoptic();
     for verification in [Verification::Software, Verification::Token] {
         bad_requests_are_refused(&hsm, &ca.clone().with_verification(verification));
     }

@@ -210,3 +210,26 @@ async fn only_calls_that_have_been_short_run_in_place() {
     }
     assert!(hsm.calls_in_place() > 0);
 }
+
+/// The same recovery on Kryoptic: the library finalised and initialised behind the pool's back,
+/// its token (kept in SQLite) found again by label, the pool logged in again.
+#[test]
+fn on_kryoptic_the_pool_recovers_after_the_library_is_reinitialised() {
+    let _g = serial();
+    let t = hsm::testkit::TestToken::kryoptic("reinit").unwrap();
+    let hsm = t.open(2).unwrap();
+    let pair = hsm
+        .with_session(|s| s.generate_ec_keypair(KeyRole::ManifestSigner, Curve::P256, None))
+        .unwrap();
+    let before = hsm.with_session(|s| s.sign(&pair.private, b"k1")).unwrap();
+    assert!(verifies(&pair.point, b"k1", &before));
+    let ctx = hsm::context::shared(&t.module).unwrap();
+    ctx.clone().finalize().unwrap();
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => panic!("{e}"),
+    }
+    let after = hsm.with_session(|s| s.sign(&pair.private, b"k2")).unwrap();
+    assert!(verifies(&pair.point, b"k2", &after));
+    assert!(hsm.generation() >= 1, "a new generation began");
+}

@@ -15,6 +15,8 @@
 //! | `device-error-every=N` | a network HSM under load: every Nth `C_Sign` is `CKR_DEVICE_ERROR` |
 //! | `ignore-sensitive-on-unwrap` | a token that makes unwrapped keys readable whatever was asked |
 //! | `sessions=N` | YubiHSM 2 (16): at most N sessions, stated in the token information |
+//! | `always-authenticate` | keys that want a log-in before every use (CKA_ALWAYS_AUTHENTICATE) |
+//! | `drop-allowed-mechanisms` | a token that ignores CKA_ALLOWED_MECHANISMS in key templates |
 //! | `no-session-objects` | YubiHSM 2: every key is a token object (`CKA_TOKEN` false refused) |
 //! | `no-rng`, `no-login-required` | tokens unfit for a cell: the flags in the token information |
 //! | `x963-kdf` | the HSMs SoftHSM is not: `CKM_ECDH1_DERIVE` with `CKD_SHA256_KDF` (emulated) |
@@ -52,6 +54,8 @@ struct Quirks {
     no_rng: bool,
     no_login_required: bool,
     no_session_objects: bool,
+    always_authenticate: bool,
+    drop_allowed_mechanisms: bool,
 }
 
 impl Quirks {
@@ -72,6 +76,8 @@ impl Quirks {
                 "x963-kdf" => q.x963_kdf = true,
                 "no-rng" => q.no_rng = true,
                 "no-session-objects" => q.no_session_objects = true,
+                "always-authenticate" => q.always_authenticate = true,
+                "drop-allowed-mechanisms" => q.drop_allowed_mechanisms = true,
                 "no-login-required" => q.no_login_required = true,
                 "none" => {}
                 _ => return None,
@@ -350,11 +356,22 @@ unsafe extern "C" fn get_attribute_value(
     };
     // SAFETY: passed through; then the caller's template is rewritten within `count`.
     let rv = unsafe { under!(m, C_GetAttributeValue)(session, object, template, count) };
-    if !m.quirks.no_check_value || template.is_null() {
+    if template.is_null() {
         return rv;
     }
     // SAFETY: the caller's template has `count` entries.
     let attrs = unsafe { std::slice::from_raw_parts_mut(template, count as usize) };
+    if m.quirks.always_authenticate {
+        for a in attrs.iter_mut().filter(|a| {
+            a.type_ == CKA_ALWAYS_AUTHENTICATE && !a.pValue.is_null() && a.ulValueLen == 1
+        }) {
+            // SAFETY: a one-byte CK_BBOOL the module underneath filled.
+            unsafe { *a.pValue.cast::<CK_BBOOL>() = CK_TRUE };
+        }
+    }
+    if !m.quirks.no_check_value {
+        return rv;
+    }
     let mut hidden = false;
     for a in attrs.iter_mut().filter(|a| a.type_ == CKA_CHECK_VALUE) {
         a.ulValueLen = UNAVAILABLE;
@@ -694,15 +711,24 @@ unsafe extern "C" fn generate_key_pair(
     if refuses_session_objects(private, private_count) {
         return CKR_TEMPLATE_INCONSISTENT;
     }
-    // SAFETY: passed through.
+    let mut kept: Vec<CK_ATTRIBUTE> = if private.is_null() {
+        Vec::new()
+    } else {
+        // SAFETY: the caller's template has `private_count` entries.
+        unsafe { std::slice::from_raw_parts(private, private_count as usize) }.to_vec()
+    };
+    if m.quirks.drop_allowed_mechanisms {
+        kept.retain(|a| a.type_ != CKA_ALLOWED_MECHANISMS);
+    }
+    // SAFETY: passed through, the private template our copy.
     unsafe {
         under!(m, C_GenerateKeyPair)(
             session,
             mechanism,
             public,
             public_count,
-            private,
-            private_count,
+            kept.as_mut_ptr(),
+            kept.len() as CK_ULONG,
             public_key,
             private_key,
         )

@@ -186,7 +186,44 @@ impl ObjectPolicy {
         .iter()
         .filter(|(_, have, want)| have != want)
         .map(|(name, have, want)| format!("{name} is {have}, the policy says {want}"))
+        .chain(f.always_authenticate.then(|| {
+            "CKA_ALWAYS_AUTHENTICATE is true: the token wants a log-in before every use, which the cell does not give — make the key without it".to_string()
+        }))
+        .chain(self.mechanisms_not_kept(f))
         .collect()
+    }
+
+    /// Where the token's CKA_ALLOWED_MECHANISMS lets the key do more than the policy (a token
+    /// that reports none is taken at its word that it keeps the template's).
+    fn mechanisms_not_kept(&self, f: &crate::session::KeyFlags) -> Option<String> {
+        if self.mechanisms.is_empty() {
+            return None;
+        }
+        let allowed: Vec<u64> = self
+            .mechanisms
+            .iter()
+            .flat_map(|m| m.mechanism_types())
+            .map(|t| *t)
+            .collect();
+        let have = f.allowed_mechanisms.as_ref()?;
+        let extra: Vec<String> = have
+            .iter()
+            .filter(|t| !allowed.contains(t))
+            .map(|t| format!("{t:#x}"))
+            .collect();
+        if have.is_empty() {
+            Some(
+                "CKA_ALLOWED_MECHANISMS is empty: the token dropped the policy's restriction"
+                    .into(),
+            )
+        } else if !extra.is_empty() {
+            Some(format!(
+                "CKA_ALLOWED_MECHANISMS allows mechanisms the policy does not: {}",
+                extra.join(", ")
+            ))
+        } else {
+            None
+        }
     }
 
     /// The same key on a token that gives no CKA_CHECK_VALUE (Kryoptic): it may also encrypt,

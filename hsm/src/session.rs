@@ -346,6 +346,10 @@ pub struct KeyFlags {
     pub wrap_with_trusted: bool,
     /// CKA_TRUSTED.
     pub trusted: bool,
+    /// CKA_ALWAYS_AUTHENTICATE (private keys): a log-in before every use.
+    pub always_authenticate: bool,
+    /// CKA_ALLOWED_MECHANISMS as the token reports it (`None`: it reports none).
+    pub allowed_mechanisms: Option<Vec<u64>>,
 }
 
 impl std::fmt::Display for KeyFlags {
@@ -364,6 +368,7 @@ impl std::fmt::Display for KeyFlags {
             (self.decrypt, "decrypt"),
             (self.wrap_with_trusted, "wrap-with-trusted"),
             (self.trusted, "trusted"),
+            (self.always_authenticate, "always-authenticate"),
         ];
         let on: Vec<&str> = flags.iter().filter(|(b, _)| *b).map(|(_, n)| *n).collect();
         f.write_str(&on.join(","))
@@ -1719,6 +1724,7 @@ impl<'a> HsmSession<'a> {
                     AttributeType::Decrypt,
                     AttributeType::WrapWithTrusted,
                     AttributeType::Trusted,
+                    AttributeType::AlwaysAuthenticate,
                 ],
             )
             .ck("read key attributes")?;
@@ -1738,7 +1744,20 @@ impl<'a> HsmSession<'a> {
                 Attribute::Decrypt(b) => f.decrypt = b,
                 Attribute::WrapWithTrusted(b) => f.wrap_with_trusted = b,
                 Attribute::Trusted(b) => f.trusted = b,
+                Attribute::AlwaysAuthenticate(b) => f.always_authenticate = b,
                 _ => {}
+            }
+        }
+        // Apart: cryptoki cannot represent a list holding a number it has no name for (0x210B,
+        // RFC 5649 in PKCS#11 3.0), and fails the whole read; such a list stays unread.
+        if let Ok(attrs) = self
+            .session
+            .get_attributes(h, &[AttributeType::AllowedMechanisms])
+        {
+            for a in attrs {
+                if let Attribute::AllowedMechanisms(m) = a {
+                    f.allowed_mechanisms = Some(m.iter().map(|t| **t).collect());
+                }
             }
         }
         Ok(f)

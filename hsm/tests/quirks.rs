@@ -242,3 +242,36 @@ fn a_token_without_session_objects_is_refused_when_it_opens() {
         "{text}"
     );
 }
+
+/// A token that ignores CKA_ALLOWED_MECHANISMS when it makes a key pair: what it reports back
+/// no longer restricts the key, and the comparison with the policy says so.
+#[test]
+fn a_token_that_drops_allowed_mechanisms_is_caught_by_the_read_back() {
+    let (_t, hsm) = token("q-mechs", "drop-allowed-mechanisms", 1);
+    let pair = hsm
+        .with_session(|s| s.generate_ec_keypair(KeyRole::ManifestSigner, Curve::P256, None))
+        .unwrap();
+    let flags = hsm.with_session(|s| s.key_flags(&pair.private)).unwrap();
+    let wrong = hsm::policy::policy(KeyRole::ManifestSigner)
+        .key
+        .mismatches(&flags);
+    assert!(
+        wrong
+            .iter()
+            .any(|w| w.starts_with("CKA_ALLOWED_MECHANISMS")),
+        "{wrong:?} ({flags:?})"
+    );
+    // Where it is kept (plain SoftHSM), nothing is said.
+    let (_u, plain) = crate::util::token("q-mechs-ok", 1);
+    let pair = plain
+        .with_session(|s| s.generate_ec_keypair(KeyRole::ManifestSigner, Curve::P256, None))
+        .unwrap();
+    let flags = plain.with_session(|s| s.key_flags(&pair.private)).unwrap();
+    assert_eq!(
+        hsm::policy::policy(KeyRole::ManifestSigner)
+            .key
+            .mismatches(&flags),
+        Vec::<String>::new(),
+        "{flags:?}"
+    );
+}

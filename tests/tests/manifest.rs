@@ -1857,6 +1857,10 @@ async fn a_token_unfit_for_a_cell_is_refused_at_start_with_every_finding() {
             "no-login-required",
             "FAIL  token flags: the token needs no log-in (no CKF_LOGIN_REQUIRED)",
         ),
+        (
+            "always-authenticate",
+            "CKA_ALWAYS_AUTHENTICATE is true: the token wants a log-in before every use",
+        ),
     ] {
         let module = hsm::testkit::quirks_module(quirks).unwrap();
         let line = config.lines().find(|l| l.starts_with("module = ")).unwrap();
@@ -1887,7 +1891,7 @@ async fn a_token_unfit_for_a_cell_is_refused_at_start_with_every_finding() {
         );
         assert!(text.contains(says), "{quirks}: {text}");
         assert!(
-            text.contains("ok    signing keys"),
+            text.contains("  signing keys: ") && text.contains("  rsa-oaep: "),
             "every finding is shown: {text}"
         );
         let after: i64 = cell

@@ -1861,6 +1861,10 @@ async fn a_token_unfit_for_a_cell_is_refused_at_start_with_every_finding() {
             "always-authenticate",
             "CKA_ALWAYS_AUTHENTICATE is true: the token wants a log-in before every use",
         ),
+        (
+            "no-session-objects",
+            "cannot hold a cell: it keeps no session objects",
+        ),
     ] {
         let module = hsm::testkit::quirks_module(quirks).unwrap();
         let line = config.lines().find(|l| l.starts_with("module = ")).unwrap();
@@ -1885,11 +1889,15 @@ async fn a_token_unfit_for_a_cell_is_refused_at_start_with_every_finding() {
         .err()
         .unwrap_or_else(|| panic!("{quirks}: the cell started"));
         let text = e.to_string();
+        assert!(text.contains(says), "{quirks}: {text}");
+        if quirks == "no-session-objects" {
+            // Refused when the HSM opens, before the journal is touched.
+            continue;
+        }
         assert!(
             text.contains("the HSM failed its self-test; nothing was started"),
             "{text}"
         );
-        assert!(text.contains(says), "{quirks}: {text}");
         assert!(
             text.contains("  signing keys: ") && text.contains("  rsa-oaep: "),
             "every finding is shown: {text}"

@@ -177,6 +177,10 @@ pub struct HostSession {
     phase: Phase,
     negotiated: Option<Negotiated>,
     meter: Option<HelloAck>,
+    /// The CHANNEL_READY frame accepted on this channel (counter and ciphertext): a copy of it
+    /// arriving late — the meter's answer to a repeated CHANNEL_OPEN — is dropped, not taken
+    /// for a replay.
+    ready: Option<(u32, Vec<u8>)>,
 }
 
 impl HostSession {
@@ -188,6 +192,7 @@ impl HostSession {
             phase: Phase::Idle,
             negotiated: None,
             meter: None,
+            ready: None,
         }
     }
 
@@ -248,6 +253,7 @@ impl HostSession {
         self.ep.decoder.set_max_payload(limits::INITIAL_MAX_PAYLOAD);
         self.negotiated = None;
         self.meter = None;
+        self.ready = None;
         let hello = Message::Hello(Hello {
             version_min: PROTOCOL_VERSION,
             version_max: PROTOCOL_VERSION,
@@ -295,6 +301,18 @@ impl HostSession {
     fn on_frame(&mut self, f: crate::frame::Frame) -> Option<Inbound> {
         if f.header.is_encrypted() && matches!(self.phase, Phase::OpenSent { .. }) {
             return self.try_ready(&f);
+        }
+        if f.header.msg_type == ty::CHANNEL_READY
+            && matches!(self.phase, Phase::Secure { .. })
+            && self
+                .ready
+                .as_ref()
+                .is_some_and(|(seq, p)| *seq == f.header.seq && *p == f.payload)
+        {
+            return Some(Inbound::Ignored {
+                msg_type: f.header.msg_type,
+                reason: "a second copy of CHANNEL_READY (the CHANNEL_OPEN was sent again)",
+            });
         }
         let (h, payload, encrypted) = match self.ep.open(f) {
             Opened::Violation(v) => return self.fail(v),
@@ -480,6 +498,7 @@ impl HostSession {
                 self.ep.set_keys(&send, &recv);
                 // CHANNEL_READY's counter is the first one accepted on this channel.
                 self.ep.accept_seq(f.header.seq);
+                self.ready = Some((f.header.seq, f.payload.clone()));
                 self.phase = Phase::Secure { th };
                 Some(Inbound::Message {
                     seq: f.header.seq,

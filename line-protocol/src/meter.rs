@@ -176,6 +176,10 @@ enum Phase {
         compression: bool,
         max_block: u32,
         slot_size: u32,
+        /// Until the first encrypted host frame: the CHANNEL_OPEN payload that opened the
+        /// channel and the CHANNEL_READY frame it got, sent again, byte for byte, if the same
+        /// CHANNEL_OPEN comes again (its answer was lost on the line).
+        repeat: Option<(Vec<u8>, Vec<u8>)>,
     },
 }
 
@@ -310,6 +314,22 @@ impl MeterSession {
                 return;
             }
         };
+        if let Phase::Secure { repeat, .. } = &mut self.phase {
+            if encrypted {
+                // The host has the channel: a CHANNEL_OPEN from now on is no repeat.
+                *repeat = None;
+            } else if msg_type == ty::CHANNEL_OPEN
+                && let Some((open, ready)) = repeat.as_ref()
+                && *open == payload
+            {
+                out.bytes.extend_from_slice(ready);
+                out.events.push(MeterEvent::Handled {
+                    msg_type,
+                    error: None,
+                });
+                return;
+            }
+        }
         if self.is_secure() && !encrypted && msg_type != ty::HELLO {
             let v = Violation::Downgrade { msg_type };
             self.drop_channel();
@@ -343,7 +363,16 @@ impl MeterSession {
         };
         let result = match msg {
             Message::Hello(h) => self.on_hello(h, payload, seq, app, rng, out),
-            Message::ChannelOpen(o) => self.on_open(o, seq, app, out),
+            Message::ChannelOpen(o) => {
+                let start = out.bytes.len();
+                let r = self.on_open(o, seq, app, out);
+                if r.is_ok()
+                    && let Phase::Secure { repeat, .. } = &mut self.phase
+                {
+                    *repeat = Some((payload.clone(), out.bytes[start..].to_vec()));
+                }
+                r
+            }
             other => {
                 if self.is_secure() {
                     self.on_secure(other, seq, app, out)
@@ -472,6 +501,7 @@ impl MeterSession {
             compression,
             max_block,
             slot_size,
+            repeat: None,
         };
         let mut session_id = [0u8; 8];
         session_id.copy_from_slice(&th[..8]);
@@ -493,6 +523,7 @@ impl MeterSession {
             compression,
             max_block,
             slot_size,
+            ..
         } = &self.phase
         else {
             return Err(Refusal::new(

@@ -693,3 +693,49 @@ fn a_downgraded_key_transport_offer_fails_the_channel() {
         "{ev:?}"
     );
 }
+
+/// CHANNEL_READY lost on the line: the host sends the identical CHANNEL_OPEN again and the
+/// meter answers with the identical CHANNEL_READY; a late copy of it is dropped by the host, not
+/// taken for a replay. Once an encrypted frame has come, a CHANNEL_OPEN is a downgrade again.
+#[test]
+fn a_repeated_channel_open_gets_the_same_channel_ready() {
+    let mut p = Pair::new(31);
+    let hello = p.host.hello([5; 16]);
+    p.exchange(&hello);
+    let mut kt = [0u8; 65];
+    kt.copy_from_slice(&p.kt_secret.public_key().to_sec1_bytes());
+    let draft = p
+        .host
+        .prepare_open(&mut p.rng, kt, vec![STATION_DER.to_vec()])
+        .unwrap();
+    let open = p.host.finish_open(station_sign(&draft.to_sign)).unwrap();
+    // The first answer is lost.
+    let first = p.meter.receive(&open, &mut p.app, &mut p.rng).bytes;
+    assert!(!p.host.is_secure());
+    // The same bytes again: the same answer.
+    let second = p.meter.receive(&open, &mut p.app, &mut p.rng).bytes;
+    assert_eq!(first, second);
+    let ev = p.host.receive(&second);
+    assert!(p.host.is_secure(), "{ev:?}");
+    // The lost first answer arrives after all: dropped.
+    let ev = p.host.receive(&first);
+    assert!(matches!(&ev[..], [Inbound::Ignored { .. }]), "{ev:?}");
+    assert!(p.host.is_secure());
+    assert_eq!(
+        p.call(&Message::Status).msg_type(),
+        line_protocol::msg::ty::STATUS_RSP
+    );
+    // After an encrypted frame, the same CHANNEL_OPEN is a downgrade: the channel ends.
+    let ev = p.exchange(&open);
+    assert!(
+        matches!(
+            &ev[..],
+            [Inbound::ChannelLost {
+                code: ErrorCode::Unexpected,
+                ..
+            }]
+        ),
+        "{ev:?}"
+    );
+    assert!(!p.meter.is_secure());
+}

@@ -33,6 +33,8 @@ pub struct Faults {
     pub broken_trng: bool,
     /// The first answer to a request of this type is lost on the line (the request was handled).
     pub lose_response: Option<u8>,
+    /// Lose the first answer to every request type (`lose-response:all`).
+    pub lose_response_all: bool,
     /// The debug port stays enabled through SEAL (the meter reports it truthfully).
     pub debug_open: bool,
 }
@@ -70,7 +72,8 @@ lie-lifecycle:STATE report lifecycle STATE (blank, personalized, sealed) in HELL
 fake-seal           answer SEAL as sealed without sealing
 silent-at:REQ       stop answering from the first REQ on
 broken-trng         generate the same key pair every time (a broken random generator)
-lose-response:REQ   handle the first REQ but lose its answer on the line
+lose-response:REQ   handle the first REQ but lose its answer on the line (REQ all: the
+                    first answer to each request type, in turn)
 debug-open          leave the debug port enabled through SEAL (and say so)
 REQ is one of: hello channel-open status identity keygen put-cert put-anchor put-key
 fw-begin fw-data fw-end seal attest";
@@ -123,6 +126,7 @@ impl Faults {
             "fake-seal" => self.fake_seal = true,
             "silent-at" => self.silent_at = Some(req(need(value)?)?),
             "broken-trng" => self.broken_trng = true,
+            "lose-response" if value == Some("all") => self.lose_response_all = true,
             "lose-response" => self.lose_response = Some(req(need(value)?)?),
             "debug-open" => self.debug_open = true,
             other => {

@@ -211,6 +211,7 @@ async fn run_meter(
     let mut worked = false;
     let mut hellos = 0u32;
     let mut lost_one = false;
+    let mut lost_types = std::collections::HashSet::new();
     loop {
         let n = rd.read(buf).await?;
         if n == 0 {
@@ -249,6 +250,9 @@ async fn run_meter(
                     }
                     if faults.lose_response == Some(*msg_type) && !lost_one {
                         lost_one = true;
+                        lose = true;
+                    }
+                    if faults.lose_response_all && lost_types.insert(*msg_type) {
                         lose = true;
                     }
                     if *msg_type == ty::FW_BEGIN {

@@ -166,3 +166,25 @@ fn the_x963_key_transport_vector_matches_pythons_x963kdf() {
         )
     );
 }
+
+/// One lost frame never fails a meter: the first answer to every request type in turn is lost
+/// on the line (meter-sim `lose-response:all`: HELLO_ACK, CHANNEL_READY, every response of the
+/// channel, the first FW_ACK, SEAL_RSP, ...) and the meter still ends done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_answer_to_any_request_never_fails_a_meter() {
+    let cell = Cell::new(CellOptions {
+        nests: 1,
+        quantity: 2,
+        firmware_kib: 16,
+        faults: vec![(1, "lose-response:all".into())],
+        ..CellOptions::default()
+    })
+    .await;
+    let (daemon, summary) = run_batch(&cell, Duration::from_secs(180)).await;
+    daemon.stop().await.unwrap();
+    assert!(summary.batch_complete, "{summary}");
+    // Not failed, and not refused and taken out either: the meter that lost its answers is one
+    // of the two done.
+    assert_eq!((summary.failed, summary.refused), (0, 0), "{summary}");
+    assert_eq!(summary.done, 2, "{summary}");
+}

@@ -362,12 +362,21 @@ impl HostLink {
         let seq = self.session.next_seq();
         let bytes = self.session.finish_open(signature)?;
         let size = bytes.len();
-        self.send(bytes).await?;
         let ms = self
             .timing
             .request_timeout_ms(ty::CHANNEL_OPEN, size, 64, 0);
-        let deadline = Instant::now() + Duration::from_millis(ms);
-        match self.await_response(&[seq], deadline).await? {
+        // A lost CHANNEL_OPEN or CHANNEL_READY: the identical frame again (spec 4.3); the meter
+        // answers a repeat with the same CHANNEL_READY.
+        let mut answer = None;
+        for _ in 0..ATTEMPTS {
+            self.send(bytes.clone()).await?;
+            let deadline = Instant::now() + Duration::from_millis(ms);
+            answer = self.await_response(&[seq], deadline).await?;
+            if answer.is_some() {
+                break;
+            }
+        }
+        match answer {
             Some(Message::ChannelReady { .. }) => Ok(draft.th),
             Some(Message::Error { code, detail }) => Err(LinkError::Refused {
                 what: "CHANNEL_OPEN",

@@ -254,12 +254,7 @@ fn wrong_transcript_signature_is_refused() {
     let mut p = Pair::new(12);
     let hello = p.host.hello([2; 16]);
     p.exchange(&hello);
-    let mut kt = [0u8; 65];
-    kt.copy_from_slice(&p.kt_secret.public_key().to_sec1_bytes());
-    let _draft = p
-        .host
-        .prepare_open(&mut p.rng, kt, vec![STATION_DER.to_vec()])
-        .unwrap();
+    let _draft = draft(&mut p);
     let open = p.host.finish_open(station_sign(b"something else")).unwrap();
     let ev = p.exchange(&open);
     assert!(
@@ -671,12 +666,7 @@ fn a_downgraded_key_transport_offer_fails_the_channel() {
     let mut tampered = Vec::new();
     frame::encode(&f.header, &payload, &mut tampered);
     p.exchange(&tampered);
-    let mut kt = [0u8; 65];
-    kt.copy_from_slice(&p.kt_secret.public_key().to_sec1_bytes());
-    let draft = p
-        .host
-        .prepare_open(&mut p.rng, kt, vec![STATION_DER.to_vec()])
-        .unwrap();
+    let draft = draft(&mut p);
     let open = p.host.finish_open(station_sign(&draft.to_sign)).unwrap();
     let ev = p.exchange(&open);
     assert!(
@@ -702,12 +692,7 @@ fn a_repeated_channel_open_gets_the_same_channel_ready() {
     let mut p = Pair::new(31);
     let hello = p.host.hello([5; 16]);
     p.exchange(&hello);
-    let mut kt = [0u8; 65];
-    kt.copy_from_slice(&p.kt_secret.public_key().to_sec1_bytes());
-    let draft = p
-        .host
-        .prepare_open(&mut p.rng, kt, vec![STATION_DER.to_vec()])
-        .unwrap();
+    let draft = draft(&mut p);
     let open = p.host.finish_open(station_sign(&draft.to_sign)).unwrap();
     // The first answer is lost.
     let first = p.meter.receive(&open, &mut p.app, &mut p.rng).bytes;
@@ -738,4 +723,14 @@ fn a_repeated_channel_open_gets_the_same_channel_ready() {
         "{ev:?}"
     );
     assert!(!p.meter.is_secure());
+}
+
+/// The CHANNEL_OPEN draft with the pair's key-transport key and the test station chain (HELLO
+/// already exchanged).
+fn draft(p: &mut Pair) -> line_protocol::host::OpenDraft {
+    let mut kt = [0u8; 65];
+    kt.copy_from_slice(&p.kt_secret.public_key().to_sec1_bytes());
+    p.host
+        .prepare_open(&mut p.rng, kt, vec![STATION_DER.to_vec()])
+        .unwrap()
 }

@@ -364,3 +364,65 @@ async fn a_babbling_meter_does_not_hold_the_firmware_transfer() {
     relay.abort();
     meter.abort();
 }
+
+/// A meter that advertised a window of one never has more than one request in flight, even when
+/// the station has several independent ones (`call_many`), over a real pseudo-terminal.
+#[tokio::test]
+async fn call_many_keeps_to_the_meters_window() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut master, _slave, path) = io::pty_pair().unwrap();
+    // The most requests handled from one read: requests that were in flight together.
+    let most = Arc::new(AtomicUsize::new(0));
+    let seen = most.clone();
+    let meter = tokio::spawn(async move {
+        let mut session = MeterSession::new(8192);
+        let mut app = MemMeter::new(&[6; 8]);
+        app.info.window = 1;
+        let mut rng = SeededRng::new(4);
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match master.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let out = session.receive(&buf[..n], &mut app, &mut rng);
+            let handled = out
+                .events
+                .iter()
+                .filter(|e| matches!(e, line_protocol::meter::MeterEvent::Handled { .. }))
+                .count();
+            seen.fetch_max(handled, Ordering::SeqCst);
+            if session.is_secure() {
+                // A meter that takes its time: the next request would pile up behind.
+                tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+            }
+            if master.write_all(&out.bytes).await.is_err() {
+                return;
+            }
+        }
+    });
+    let port = io::open(&PortAddr::parse(&path).unwrap(), 921_600)
+        .await
+        .unwrap();
+    let mut link = HostLink::new(port, HostConfig::default(), fast_timing());
+    open_session(&mut link).await;
+    assert_eq!(link.session().negotiated().unwrap().window, 1);
+    let answers = link
+        .call_many(&[
+            Message::Identity(identity("W1")),
+            Message::Status,
+            Message::Status,
+            Message::Status,
+        ])
+        .await
+        .unwrap();
+    assert_eq!(answers.len(), 4);
+    assert_eq!(link.stats().retries, 0);
+    meter.abort();
+    assert_eq!(
+        most.load(Ordering::SeqCst),
+        1,
+        "requests in flight together"
+    );
+}

@@ -61,6 +61,8 @@ pub struct CellOptions {
     pub quirks: Option<&'static str>,
     /// The emulated meters know only the AES-ECB key transport (not X9.63).
     pub meters_without_x963: bool,
+    /// The frames the emulated meters buffer (their advertised window), if not the default.
+    pub meter_window: Option<u8>,
 }
 
 impl Default for CellOptions {
@@ -80,6 +82,7 @@ impl Default for CellOptions {
             kryoptic: false,
             quirks: None,
             meters_without_x963: false,
+            meter_window: None,
         }
     }
 }
@@ -203,6 +206,7 @@ impl Cell {
                 caps: Capabilities {
                     model: MODEL.into(),
                     ktk_x963: !opts.meters_without_x963,
+                    window: opts.meter_window.unwrap_or(Capabilities::default().window),
                     ..Capabilities::default()
                 },
                 root,

@@ -188,3 +188,21 @@ async fn a_lost_answer_to_any_request_never_fails_a_meter() {
     assert_eq!((summary.failed, summary.refused), (0, 0), "{summary}");
     assert_eq!(summary.done, 2, "{summary}");
 }
+
+/// A meter that buffers one frame (window 1) is provisioned end to end: every request and every
+/// firmware block waits for the answer to the one before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_window_one_meter_is_provisioned() {
+    let cell = Cell::new(CellOptions {
+        nests: 1,
+        quantity: 2,
+        firmware_kib: 16,
+        meter_window: Some(1),
+        ..CellOptions::default()
+    })
+    .await;
+    let (daemon, summary) = run_batch(&cell, Duration::from_secs(180)).await;
+    daemon.stop().await.unwrap();
+    assert!(summary.batch_complete, "{summary}");
+    assert_eq!((summary.failed, summary.refused), (0, 0), "{summary}");
+}

@@ -436,10 +436,26 @@ impl HostLink {
     /// Sends independent requests back to back and returns their responses in the same order.
     ///
     /// The meter handles them in order while the rest are still on the wire, so a run of small
-    /// requests costs one turnaround instead of one each. Unanswered requests are sent again (every
-    /// request is idempotent within a session), so only requests that do not depend on an earlier
-    /// one of the same call may share it. The first ERROR answer becomes [`LinkError::Refused`].
+    /// requests costs one turnaround instead of one each — at most the negotiated `window` of
+    /// them in flight at once (spec 4.2: a meter sizes its receive buffer by its window).
+    /// Unanswered requests are sent again (every request is idempotent within a session), so only
+    /// requests that do not depend on an earlier one of the same call may share it. The first
+    /// ERROR answer becomes [`LinkError::Refused`].
     pub async fn call_many(&mut self, msgs: &[Message]) -> Result<Vec<Message>, LinkError> {
+        let window = self
+            .session
+            .negotiated()
+            .map(|n| n.window.max(1))
+            .unwrap_or(1);
+        let mut answers = Vec::with_capacity(msgs.len());
+        for group in msgs.chunks(window) {
+            answers.extend(self.call_window(group).await?);
+        }
+        Ok(answers)
+    }
+
+    /// [`HostLink::call_many`] for at most one window of requests.
+    async fn call_window(&mut self, msgs: &[Message]) -> Result<Vec<Message>, LinkError> {
         self.check_alive()?;
         let mut answers: Vec<Option<Message>> = vec![None; msgs.len()];
         // Every sequence number sent so far, with the request it carried.

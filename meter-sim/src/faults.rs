@@ -35,6 +35,8 @@ pub struct Faults {
     pub lose_response: Option<u8>,
     /// Lose the first answer to every request type (`lose-response:all`).
     pub lose_response_all: bool,
+    /// Report another image version in FW_RESULT than the image header carries.
+    pub wrong_version: bool,
     /// The debug port stays enabled through SEAL (the meter reports it truthfully).
     pub debug_open: bool,
 }
@@ -66,6 +68,7 @@ corrupt-bytes:P     flip one bit of each byte with probability P (both direction
 delay:MS            delay every write of the meter by MS milliseconds
 reboot-at:PCT       reboot once when the firmware transfer passes PCT percent
 wrong-hash          report a wrong image hash after verifying the image
+wrong-version       report another image version than the header's after verifying it
 replay:REQ          after answering REQ, send the previous frame again
 bad-pop             certificate requests carry an invalid proof of possession
 lie-lifecycle:STATE report lifecycle STATE (blank, personalized, sealed) in HELLO
@@ -113,6 +116,7 @@ impl Faults {
                 self.reboot_at_percent = Some(p);
             }
             "wrong-hash" => self.wrong_hash = true,
+            "wrong-version" => self.wrong_version = true,
             "replay" => self.replay_after = Some(req(need(value)?)?),
             "bad-pop" => self.bad_pop = true,
             "lie-lifecycle" => {

@@ -685,10 +685,14 @@ impl MeterApp for FlashMeter {
         if self.faults.wrong_hash {
             reported[0] ^= 0xFF;
         }
+        let mut version = info.version.to_bytes();
+        if self.faults.wrong_version {
+            version[0] = version[0].wrapping_add(1);
+        }
         FwResult {
             status: 0,
             sha256: reported,
-            version: info.version.to_bytes(),
+            version,
         }
     }
 

@@ -63,6 +63,8 @@ pub struct CellOptions {
     pub meters_without_x963: bool,
     /// The frames the emulated meters buffer (their advertised window), if not the default.
     pub meter_window: Option<u8>,
+    /// The emulated meters' firmware slot, bytes, if not the default.
+    pub meter_slot_size: Option<u32>,
 }
 
 impl Default for CellOptions {
@@ -83,6 +85,7 @@ impl Default for CellOptions {
             quirks: None,
             meters_without_x963: false,
             meter_window: None,
+            meter_slot_size: None,
         }
     }
 }
@@ -207,6 +210,9 @@ impl Cell {
                     model: MODEL.into(),
                     ktk_x963: !opts.meters_without_x963,
                     window: opts.meter_window.unwrap_or(Capabilities::default().window),
+                    slot_size: opts
+                        .meter_slot_size
+                        .unwrap_or(Capabilities::default().slot_size),
                     ..Capabilities::default()
                 },
                 root,

@@ -208,3 +208,76 @@ async fn a_window_one_meter_is_provisioned() {
     .await;
     every_meter_done(&cell, 2).await;
 }
+
+/// What a meter reports is checked: a release that cannot fit the meter's slot (HELLO_ACK) is
+/// refused before any key is made for the meter; a FW_RESULT whose version is not the image
+/// header's fails the meter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_meter_whose_slot_is_too_small_or_that_misreads_the_version_is_stopped() {
+    let small = Cell::new(CellOptions {
+        nests: 1,
+        quantity: 1,
+        firmware_kib: 16,
+        meter_slot_size: Some(8 * 1024),
+        ..CellOptions::default()
+    })
+    .await;
+    let daemon = small.daemon().await;
+    let client = small.client().await;
+    let oper = small.login(&client, "oper").await;
+    let line = tokio::spawn(async move {
+        let _ = station::run::run_line(&client, &oper, false, true).await;
+    });
+    let mut reason = None;
+    for _ in 0..300 {
+        reason = small
+            .db()
+            .query_row(
+                "SELECT json_extract(details, '$.message') FROM audit WHERE kind = 'meter.refused' LIMIT 1",
+                [],
+                |r| r.get::<_, String>(0),
+            )
+            .ok();
+        if reason.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    line.abort();
+    daemon.stop().await.unwrap();
+    let reason = reason.expect("the meter was refused");
+    assert!(
+        reason.contains("does not fit the meter's slot (8192 bytes)"),
+        "{reason}"
+    );
+    let keys: i64 = small
+        .db()
+        .query_row("SELECT COUNT(*) FROM meters", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(keys, 0, "no meter record, no key");
+
+    let liar = Cell::new(CellOptions {
+        nests: 1,
+        quantity: 1,
+        firmware_kib: 16,
+        faults: vec![(1, "wrong-version".into())],
+        ..CellOptions::default()
+    })
+    .await;
+    let (daemon, summary) = run_batch(&liar, Duration::from_secs(120)).await;
+    daemon.stop().await.unwrap();
+    assert_eq!(summary.failed, 1, "{summary}");
+    let reason: String = liar
+        .db()
+        .query_row(
+            "SELECT failure FROM meters WHERE state = 'failed'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        reason.contains("meter reported image version")
+            && reason.contains("image header says 2.1.0"),
+        "{reason}"
+    );
+}

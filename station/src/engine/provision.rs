@@ -610,6 +610,30 @@ impl Ctx<'_> {
                 ),
             ));
         }
+        // The release must fit the meter's slot: found now, before any key is made for it.
+        let fw_id = run.batch.firmware_id;
+        let size: i64 = self
+            .inner
+            .db
+            .call(move |c| -> super::Result<i64> {
+                Ok(
+                    c.query_row("SELECT size FROM firmware WHERE id = ?1", [fw_id], |r| {
+                        r.get(0)
+                    })?,
+                )
+            })
+            .await
+            .map_err(|e| db_failure(Step::Check, e))?;
+        if size > i64::from(ack.slot_size) {
+            return Err(Failure::new(
+                "meter.refused",
+                Severity::Warning,
+                format!(
+                    "the firmware release ({size} bytes) does not fit the meter's slot ({} bytes); this meter cannot take batch {}'s release",
+                    ack.slot_size, run.batch.work_order
+                ),
+            ));
+        }
         if let Some(live) = history.iter().find(|m| m.state != "failed") {
             return Err(Failure::new(
                 "meter.duplicate_uid",
@@ -1347,6 +1371,22 @@ impl Ctx<'_> {
                                 "meter reported image hash {} but was sent {}",
                                 hex::encode(&r.sha256[..8]),
                                 hex::encode(&plan.sha256[..8])
+                            ),
+                        ));
+                    }
+                    // The version the meter read from the header is the header's.
+                    let version = line_protocol::image::parse(&plan.image)
+                        .map(|i| i.version)
+                        .map_err(|e| db_failure(Step::Firmware, e))?;
+                    if r.version != version.to_bytes() {
+                        self.firmware_rejected(run, "meter reported another image version")
+                            .await;
+                        return Err(Failure::new(
+                            "meter.failed",
+                            Severity::Warning,
+                            format!(
+                                "meter reported image version {} but the image header says {version}",
+                                hex::encode(r.version)
                             ),
                         ));
                     }

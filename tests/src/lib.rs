@@ -689,3 +689,35 @@ pub fn openssl(args: &[&str], dir: &Path) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Starts the cell's daemon and its line and waits (at most 30 s) for the first meter the
+/// station refuses or fails; stops both and returns the reason it gave.
+pub async fn first_stopped_meter(cell: &Cell) -> String {
+    let daemon = cell.daemon().await;
+    let client = cell.client().await;
+    let oper = cell.login(&client, "oper").await;
+    let line = tokio::spawn(async move {
+        let _ = station::run::run_line(&client, &oper, false, true).await;
+    });
+    let find = || -> Option<String> {
+        cell.db()
+            .query_row(
+                "SELECT COALESCE(json_extract(details, '$.message'), json_extract(details, '$.reason')) FROM audit
+                 WHERE kind IN ('meter.refused', 'meter.failed') ORDER BY seq LIMIT 1",
+                [],
+                |r| r.get::<_, String>(0),
+            )
+            .ok()
+    };
+    let mut reason = None;
+    for _ in 0..300 {
+        reason = find();
+        if reason.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    line.abort();
+    daemon.stop().await.unwrap();
+    reason.expect("a meter was refused or failed")
+}

@@ -222,30 +222,7 @@ async fn a_meter_whose_slot_is_too_small_or_that_misreads_the_version_is_stopped
         ..CellOptions::default()
     })
     .await;
-    let daemon = small.daemon().await;
-    let client = small.client().await;
-    let oper = small.login(&client, "oper").await;
-    let line = tokio::spawn(async move {
-        let _ = station::run::run_line(&client, &oper, false, true).await;
-    });
-    let mut reason = None;
-    for _ in 0..300 {
-        reason = small
-            .db()
-            .query_row(
-                "SELECT json_extract(details, '$.message') FROM audit WHERE kind = 'meter.refused' LIMIT 1",
-                [],
-                |r| r.get::<_, String>(0),
-            )
-            .ok();
-        if reason.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    line.abort();
-    daemon.stop().await.unwrap();
-    let reason = reason.expect("the meter was refused");
+    let reason = e2e::first_stopped_meter(&small).await;
     assert!(
         reason.contains("does not fit the meter's slot (8192 bytes)"),
         "{reason}"

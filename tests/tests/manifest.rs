@@ -1771,34 +1771,8 @@ async fn a_meter_without_the_x963_key_transport_is_refused_on_a_fips_token() {
         ..CellOptions::default()
     })
     .await;
-    let daemon = cell.daemon().await;
-    let client = cell.client().await;
-    let oper = cell.login(&client, "oper").await;
-    let line = tokio::spawn(async move {
-        let _ = station::run::run_line(&client, &oper, false, true).await;
-    });
-    // The meters keep coming and each is refused: wait for the first refusal, then stop.
-    let find = || -> Option<String> {
-        cell.db()
-            .query_row(
-                "SELECT COALESCE(json_extract(details, '$.message'), json_extract(details, '$.reason')) FROM audit
-                 WHERE kind IN ('meter.refused', 'meter.failed') ORDER BY seq LIMIT 1",
-                [],
-                |r| r.get::<_, String>(0),
-            )
-            .ok()
-    };
-    let mut reason = None;
-    for _ in 0..300 {
-        reason = find();
-        if reason.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    line.abort();
-    daemon.stop().await.unwrap();
-    let reason = reason.expect("a meter was refused");
+    // The meters keep coming and each is refused: the first refusal.
+    let reason = e2e::first_stopped_meter(&cell).await;
     assert!(
         reason.contains(
             "the meter offers only the AES-ECB key transport, which this HSM cannot derive"

@@ -37,6 +37,8 @@ pub struct Faults {
     pub lose_response_all: bool,
     /// Report another image version in FW_RESULT than the image header carries.
     pub wrong_version: bool,
+    /// List a certificate twice in the attestation receipt.
+    pub extra_receipt_cert: bool,
     /// The debug port stays enabled through SEAL (the meter reports it truthfully).
     pub debug_open: bool,
 }
@@ -69,6 +71,7 @@ delay:MS            delay every write of the meter by MS milliseconds
 reboot-at:PCT       reboot once when the firmware transfer passes PCT percent
 wrong-hash          report a wrong image hash after verifying the image
 wrong-version       report another image version than the header's after verifying it
+extra-receipt-cert  list a certificate twice in the attestation receipt
 replay:REQ          after answering REQ, send the previous frame again
 bad-pop             certificate requests carry an invalid proof of possession
 lie-lifecycle:STATE report lifecycle STATE (blank, personalized, sealed) in HELLO
@@ -117,6 +120,7 @@ impl Faults {
             }
             "wrong-hash" => self.wrong_hash = true,
             "wrong-version" => self.wrong_version = true,
+            "extra-receipt-cert" => self.extra_receipt_cert = true,
             "replay" => self.replay_after = Some(req(need(value)?)?),
             "bad-pop" => self.bad_pop = true,
             "lie-lifecycle" => {

@@ -751,6 +751,12 @@ impl MeterApp for FlashMeter {
                 fs::read(self.dir.join(format!("cert-{}.der", slot_name(s)))).map_err(storage)?;
             certs.push((s, crypto::sha256(&der)));
         }
+        if self.faults.extra_receipt_cert
+            && let Some(first) = certs.first().copied()
+        {
+            // A certificate the station never issued, listed twice over.
+            certs.push(first);
+        }
         let receipt = Receipt {
             uid: self.uid.clone(),
             serial: id.serial,

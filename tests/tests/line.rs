@@ -258,3 +258,32 @@ async fn a_meter_whose_slot_is_too_small_or_that_misreads_the_version_is_stopped
         "{reason}"
     );
 }
+
+/// The receipt lists exactly the certificates the station issued: a receipt with one listed
+/// twice fails the meter at attestation (before: any receipt that included them passed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_receipt_listing_more_certificates_than_issued_fails_the_meter() {
+    let cell = Cell::new(CellOptions {
+        nests: 1,
+        quantity: 1,
+        firmware_kib: 16,
+        faults: vec![(1, "extra-receipt-cert".into())],
+        ..CellOptions::default()
+    })
+    .await;
+    let (daemon, summary) = run_batch(&cell, Duration::from_secs(120)).await;
+    daemon.stop().await.unwrap();
+    assert_eq!(summary.failed, 1, "{summary}");
+    let reason: String = cell
+        .db()
+        .query_row(
+            "SELECT failure FROM meters WHERE state = 'failed'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        reason.contains("the receipt lists 4 certificates (slots [1, 2, 3, 1]), the meter was given 3 (slots [1, 2, 3])"),
+        "{reason}"
+    );
+}

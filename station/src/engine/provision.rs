@@ -1547,6 +1547,30 @@ impl Ctx<'_> {
                 iface_names(required & !r.disabled)
             )));
         }
+        // Exactly the certificates the meter was given — those issued for it and the device
+        // CA's (slot 3) — each once, in ascending slot (spec 4.14).
+        let mut given: Vec<(u8, [u8; 32])> = run
+            .certs
+            .iter()
+            .map(|(slot, der, _)| (*slot as u8, sha256(der)))
+            .chain(
+                run.pins
+                    .anchors
+                    .iter()
+                    .filter(|a| a.kind == "device-ca")
+                    .map(|a| (CertSlot::DeviceCa as u8, sha256(&a.der))),
+            )
+            .collect();
+        given.sort_unstable();
+        if r.certs != given {
+            return Err(bad(format!(
+                "the receipt lists {} certificates (slots {:?}), the meter was given {} (slots {:?})",
+                r.certs.len(),
+                r.certs.iter().map(|c| c.0).collect::<Vec<_>>(),
+                given.len(),
+                given.iter().map(|c| c.0).collect::<Vec<_>>()
+            )));
+        }
         for (slot, der, _) in &run.certs {
             if !r
                 .certs

@@ -617,6 +617,23 @@ fn check_meter(m: &MeterRecord, batch: &BatchInfo, fw_sha: &str, ca: &Certificat
             crate::engine::iface_names(required & !rc.disabled)
         ));
     }
+    // Exactly the meter's certificates and the device CA's (slot 3), each once.
+    let ca_fp = ca
+        .to_der()
+        .map(|d| Sha256::digest(&d).to_vec())
+        .unwrap_or_default();
+    if rc.certs.len() != fps.len() + 1
+        || !rc
+            .certs
+            .iter()
+            .any(|(s, f)| *s == 3 && f.as_slice() == ca_fp.as_slice())
+    {
+        out.push(format!(
+            "{at}: the receipt lists {} certificates; the meter holds its {} and the device CA's",
+            rc.certs.len(),
+            fps.len()
+        ));
+    }
     for (slot, fp) in &fps {
         if !rc
             .certs

@@ -233,25 +233,7 @@ async fn a_meter_whose_slot_is_too_small_or_that_misreads_the_version_is_stopped
         .unwrap();
     assert_eq!(keys, 0, "no meter record, no key");
 
-    let liar = Cell::new(CellOptions {
-        nests: 1,
-        quantity: 1,
-        firmware_kib: 16,
-        faults: vec![(1, "wrong-version".into())],
-        ..CellOptions::default()
-    })
-    .await;
-    let (daemon, summary) = run_batch(&liar, Duration::from_secs(120)).await;
-    daemon.stop().await.unwrap();
-    assert_eq!(summary.failed, 1, "{summary}");
-    let reason: String = liar
-        .db()
-        .query_row(
-            "SELECT failure FROM meters WHERE state = 'failed'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let reason = failure_with_fault("wrong-version").await;
     assert!(
         reason.contains("meter reported image version")
             && reason.contains("image header says 2.1.0"),
@@ -263,27 +245,32 @@ async fn a_meter_whose_slot_is_too_small_or_that_misreads_the_version_is_stopped
 /// twice fails the meter at attestation (before: any receipt that included them passed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_receipt_listing_more_certificates_than_issued_fails_the_meter() {
+    let reason = failure_with_fault("extra-receipt-cert").await;
+    assert!(
+        reason.contains("the receipt lists 4 certificates (slots [1, 2, 3, 1]), the meter was given 3 (slots [1, 2, 3])"),
+        "{reason}"
+    );
+}
+
+/// A one-meter batch whose meter has `fault`: the meter fails (the next one is done); returns
+/// the failure recorded for it.
+async fn failure_with_fault(fault: &str) -> String {
     let cell = Cell::new(CellOptions {
         nests: 1,
         quantity: 1,
         firmware_kib: 16,
-        faults: vec![(1, "extra-receipt-cert".into())],
+        faults: vec![(1, fault.into())],
         ..CellOptions::default()
     })
     .await;
     let (daemon, summary) = run_batch(&cell, Duration::from_secs(120)).await;
     daemon.stop().await.unwrap();
     assert_eq!(summary.failed, 1, "{summary}");
-    let reason: String = cell
-        .db()
+    cell.db()
         .query_row(
             "SELECT failure FROM meters WHERE state = 'failed'",
             [],
             |r| r.get(0),
         )
-        .unwrap();
-    assert!(
-        reason.contains("the receipt lists 4 certificates (slots [1, 2, 3, 1]), the meter was given 3 (slots [1, 2, 3])"),
-        "{reason}"
-    );
+        .unwrap()
 }

@@ -426,3 +426,51 @@ async fn call_many_keeps_to_the_meters_window() {
         "requests in flight together"
     );
 }
+
+/// A queued request's clock starts when the one before it is answered (spec 6.3): when a whole
+/// burst of answers is lost, the host asks again after one request's allowance, not after the
+/// sum of the burst's (in virtual time, so the figure is exact).
+#[tokio::test]
+async fn a_lost_burst_is_asked_again_after_one_allowance() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (a, mut b) = io::memory_pair(64 * 1024);
+    let meter = tokio::spawn(async move {
+        let mut session = MeterSession::new(8192);
+        let mut app = MemMeter::new(&[8; 8]);
+        let mut rng = SeededRng::new(5);
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut reads = 0;
+        loop {
+            let n = b.read(&mut buf).await.unwrap();
+            if n == 0 {
+                return;
+            }
+            reads += 1;
+            let out = session.receive(&buf[..n], &mut app, &mut rng);
+            if reads == 3 {
+                continue; // the first burst's answers are lost
+            }
+            b.write_all(&out.bytes).await.unwrap();
+        }
+    });
+    let mut link = HostLink::new(a, HostConfig::default(), fast_timing());
+    open_session(&mut link).await;
+    tokio::time::pause();
+    let burst = [
+        Message::Status,
+        Message::Status,
+        Message::Status,
+        Message::Status,
+    ];
+    let one = fast_timing().request_timeout_ms(line_protocol::msg::ty::STATUS, 64, 256, 0);
+    let t0 = tokio::time::Instant::now();
+    let answers = link.call_many(&burst).await.unwrap();
+    let waited = t0.elapsed().as_millis() as u64;
+    assert_eq!(answers.len(), 4);
+    assert_eq!(link.stats().retries, 1);
+    assert!(
+        waited > one / 2 && waited < 2 * one,
+        "asked again after {waited} ms; one STATUS allowance is {one} ms"
+    );
+    meter.abort();
+}

@@ -460,16 +460,18 @@ impl HostLink {
         let mut answers: Vec<Option<Message>> = vec![None; msgs.len()];
         // Every sequence number sent so far, with the request it carried.
         let mut sent: Vec<(u32, usize)> = Vec::new();
+        // Each request's own allowance: the meter handles them in order, so a queued request's
+        // clock starts when the one before it is answered (spec 6.3), not when it was sent.
+        let mut own = vec![0u64; msgs.len()];
         let mut ms = 0;
         for attempt in 0..ATTEMPTS {
             let mut bytes = Vec::new();
-            ms = 0;
             for (i, msg) in msgs.iter().enumerate() {
                 if answers[i].is_some() {
                     continue;
                 }
                 let (seq, b) = self.session.request(msg)?;
-                ms += self.timing.request_timeout_ms(
+                own[i] = self.timing.request_timeout_ms(
                     msg.msg_type(),
                     b.len(),
                     max_response(msg.msg_type()),
@@ -479,19 +481,22 @@ impl HostLink {
                 bytes.extend_from_slice(&b);
             }
             self.send(bytes).await?;
-            let deadline = Instant::now() + Duration::from_millis(ms);
+            let mut last = Instant::now();
             loop {
                 let refs: Vec<u32> = sent
                     .iter()
                     .filter(|(_, i)| answers[*i].is_none())
                     .map(|(s, _)| *s)
                     .collect();
-                if refs.is_empty() {
+                let Some(next) = answers.iter().position(Option::is_none) else {
                     return Ok(answers.into_iter().flatten().collect());
-                }
+                };
+                ms = own[next];
+                let deadline = last + Duration::from_millis(ms);
                 let Some((reference, rsp)) = self.await_response_ref(&refs, deadline).await? else {
                     break;
                 };
+                last = Instant::now();
                 let i = sent
                     .iter()
                     .find(|(s, _)| *s == reference)

@@ -77,3 +77,33 @@ pub fn host_input(data: &[u8]) {
     pair.open();
     let _ = pair.host.receive(data);
 }
+
+/// MCUboot image parsing and verification (a firmware release from outside): what parses is
+/// consistent with the bytes, and verification never panics.
+pub fn image(data: &[u8]) {
+    if let Ok(info) = crate::image::parse(data) {
+        assert!(usize::from(info.hdr_size) <= data.len());
+        assert!(info.img_size as usize <= data.len());
+    }
+    // A signature check against some key: it must refuse without panicking.
+    let _ = crate::image::verify(data, &crate::testkit::provisioning_root());
+}
+
+/// The attestation receipt: what decodes re-encodes to the same bytes.
+pub fn receipt(data: &[u8]) {
+    if let Some(r) = crate::receipt::Receipt::decode(data) {
+        assert_eq!(crate::receipt::Receipt::decode(&r.encode()), Some(r));
+    }
+}
+
+/// A station certificate chain as CHANNEL_OPEN carries it: the input split into up to four
+/// certificates, checked against the test provisioning root; never panics.
+pub fn station_chain(data: &[u8]) {
+    let root = crate::testkit::provisioning_root();
+    let chain: Vec<Vec<u8>> = data
+        .split(|b| *b == 0xFF)
+        .take(4)
+        .map(<[u8]>::to_vec)
+        .collect();
+    let _ = crate::chain::verify_chain(&chain, &root);
+}

@@ -92,6 +92,13 @@ proptest! {
     }
 
     #[test]
+    fn random_images_receipts_and_chains_never_panic(data in proptest::collection::vec(any::<u8>(), 0..3000)) {
+        fuzz::image(&data);
+        fuzz::receipt(&data);
+        fuzz::station_chain(&data);
+    }
+
+    #[test]
     fn random_messages_on_the_channel_never_panic(data in proptest::collection::vec(any::<u8>(), 0..2000)) {
         fuzz::meter_secure(&data);
     }

@@ -7,7 +7,6 @@
 //! depends on the standard library only, so it compiles in seconds.
 
 use std::env;
-use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 
@@ -20,12 +19,14 @@ commands:
                         replacing the demo cell an earlier run left in demo-out/
   test                  install what is missing, then fmt check, cargo deny (licences,
                         bans, sources), clippy, every test (cargo nextest), the doc
-                        tests, and the HSM tests again under plain `cargo test` — what
-                        CI runs
+                        tests, the HSM tests again under plain `cargo test`, and every
+                        fuzz target for 30 s — what CI runs
   bench <what>          print benchmark figures as JSON lines; <what> is one of:
                         link, hsm, station, manifest, api, gui, all
   screenshot [OUT.png]  start the touch console in demo mode under Xvfb and save a picture
-  fuzz [TARGET] [SECS]  run a fuzz target for SECS seconds (needs a nightly toolchain)
+  fuzz [TARGET|all] [SECS]
+                        fuzz one target (or all) with libFuzzer on stable for SECS s
+                        (default 60); seeds in fuzz/corpus/TARGET
   deps                  only install what is missing
 ";
 
@@ -404,8 +405,13 @@ fn test() -> Result<(), String> {
     let mut plain = cargo();
     plain.args(["test", "--locked", "-p", "hsm", "--tests"]);
     with_tool_env(&mut plain, &imgtool);
-    run(&mut plain)
+    run(&mut plain)?;
+    // Every parser of outside input under libFuzzer, for a bounded time each.
+    fuzz(Some("all"), Some(FUZZ_SECS_IN_TEST))
 }
+
+/// Seconds each fuzz target runs in `cargo xtask test`.
+const FUZZ_SECS_IN_TEST: &str = "30";
 
 fn demo(args: &[String]) -> Result<(), String> {
     let imgtool = deps(false)?;
@@ -492,38 +498,76 @@ fn screenshot(out: Option<&str>) -> Result<(), String> {
     Ok(())
 }
 
+/// Every fuzz target (`fuzz/fuzz_targets/<name>.rs`).
+const FUZZ_TARGETS: [&str; 9] = [
+    "frame_decoder",
+    "message",
+    "meter_input",
+    "meter_secure",
+    "host_input",
+    "image",
+    "receipt",
+    "station_chain",
+    "csr",
+];
+
+/// Coverage-guided fuzzing with libFuzzer on the stable toolchain: the `fuzz/` crate built with
+/// LLVM's sanitizer-coverage passes (for the explicit target triple, so that the flags stay off
+/// build scripts), then each target run for `secs` seconds over its seed corpus in
+/// `fuzz/corpus/<target>` (read only) and a working corpus under `target/fuzz/`. A crash is
+/// saved under `target/fuzz/artifacts/` and fails the run.
 fn fuzz(target: Option<&str>, secs: Option<&str>) -> Result<(), String> {
-    let target = target.unwrap_or("frame_decoder");
-    let secs = secs.unwrap_or("60");
-    let nightly = Command::new("rustup")
-        .args(["run", "nightly", "rustc", "--version"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !nightly {
-        return Err("fuzzing with libFuzzer needs a nightly toolchain (`rustup toolchain install nightly`); \
-                    the test suite runs the same entry points as a bounded property run"
-            .into());
-    }
-    if !have_command("cargo-fuzz") {
-        run(cargo().args(["install", "--locked", "cargo-fuzz"]))?;
-    }
-    run(Command::new("cargo")
+    let secs: u32 = secs
+        .unwrap_or("60")
+        .parse()
+        .map_err(|_| "fuzz: SECS is a number of seconds".to_string())?;
+    let targets: Vec<&str> = match target {
+        None | Some("all") => FUZZ_TARGETS.to_vec(),
+        Some(t) if FUZZ_TARGETS.contains(&t) => vec![t],
+        Some(t) => {
+            return Err(format!(
+                "fuzz: unknown target {t:?}; the targets are {}",
+                FUZZ_TARGETS.join(", ")
+            ));
+        }
+    };
+    const TRIPLE: &str = "x86_64-unknown-linux-gnu";
+    let out = target_dir().join("fuzz");
+    run(cargo()
         .args([
-            "+nightly",
-            "fuzz",
-            "run",
-            target,
-            "--",
-            &format!("-max_total_time={secs}"),
+            "build",
+            "--release",
+            "--quiet",
+            "--locked",
+            "--target",
+            TRIPLE,
         ])
-        .current_dir(root().join("fuzz"))
-        .env_remove("RUSTUP_TOOLCHAIN")
-        .env_remove("CARGO")
+        .arg("--manifest-path")
+        .arg(root().join("fuzz").join("Cargo.toml"))
+        .env("CARGO_TARGET_DIR", &out)
         .env(
-            "PATH",
-            env::var_os("PATH").unwrap_or_else(|| OsStr::new("/usr/bin").to_os_string()),
-        ))
+            "RUSTFLAGS",
+            "-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
+             -Cllvm-args=-sanitizer-coverage-inline-8bit-counters \
+             -Cllvm-args=-sanitizer-coverage-pc-table \
+             -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing",
+        ))?;
+    let artifacts = out.join("artifacts");
+    std::fs::create_dir_all(&artifacts).map_err(|e| format!("{}: {e}", artifacts.display()))?;
+    for t in targets {
+        let work = out.join("corpus").join(t);
+        let seeds = root().join("fuzz").join("corpus").join(t);
+        for d in [&work, &seeds] {
+            std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+        }
+        eprintln!("xtask: fuzzing {t} for {secs} s");
+        run(Command::new(out.join(TRIPLE).join("release").join(t))
+            .arg(&work)
+            .arg(&seeds)
+            .arg(format!("-max_total_time={secs}"))
+            .arg(format!("-artifact_prefix={}/{t}-", artifacts.display()))
+            .arg("-print_final_stats=1")
+            .arg("-rss_limit_mb=2048"))?;
+    }
+    Ok(())
 }

@@ -450,6 +450,14 @@ impl HostSession {
             signature: Vec::new(),
         };
         let body = draft.body_bytes();
+        // The whole CHANNEL_OPEN (body, signature length byte, a DER signature of at most 112
+        // bytes) must fit the negotiated payload, or the meter drops it as oversized (spec 3.1).
+        let largest = body.len() + 1 + limits::MAX_SIGNATURE;
+        if let Some(n) = self.negotiated
+            && largest > n.max_payload
+        {
+            return Err(HostError::TooLarge(largest));
+        }
         let th = transcript_hash(hello, ack, &body);
         let z1 = crypto::ecdh_x(&eph.to_nonzero_scalar(), meter_eph);
         let keys = session_keys(&z1, &th);

@@ -734,3 +734,26 @@ fn draft(p: &mut Pair) -> line_protocol::host::OpenDraft {
         .prepare_open(&mut p.rng, kt, vec![STATION_DER.to_vec()])
         .unwrap()
 }
+
+/// A station chain that cannot fit the meter's negotiated payload is not sent (the meter would
+/// drop the frame as oversized and every retry with it): the host says so before signing.
+#[test]
+fn a_chain_too_long_for_the_meter_is_refused_by_the_host() {
+    let mut p = Pair::new(41);
+    p.app.info.max_payload = 2048;
+    let hello = p.host.hello([6; 16]);
+    p.exchange(&hello);
+    assert_eq!(p.host.negotiated().unwrap().max_payload, 2048);
+    let mut kt = [0u8; 65];
+    kt.copy_from_slice(&p.kt_secret.public_key().to_sec1_bytes());
+    let e = p
+        .host
+        .prepare_open(&mut p.rng, kt, vec![STATION_DER.to_vec(), vec![0x30; 1700]])
+        .unwrap_err();
+    assert!(
+        matches!(e, line_protocol::host::HostError::TooLarge(n) if n > 2048),
+        "{e}"
+    );
+    // One certificate fits.
+    p.open();
+}

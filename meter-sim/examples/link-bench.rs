@@ -3,7 +3,8 @@
 //! A station-side link and an emulated meter, joined by `linksim` over two pseudo-terminals, the
 //! secure channel on. For each baud rate and image kind, the time from FW_BEGIN to the meter's
 //! verified FW_RESULT is measured and compared with the ideal wire time of the image,
-//! `10 · bytes / baud`. Prints one JSON object per line.
+//! `10 · bytes / baud`, and with the slower of that and the meter's flash time (rows with a
+//! window-1, 2048-byte meter and a 64 KiB/s flash). Prints one JSON object per line.
 
 // A benchmark tool: a failed set-up step should stop it with the reason.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -35,24 +36,80 @@ async fn main() {
             pki.image(&firmware_like_payload(payload_len, 0.6, 1)),
         ),
     ];
+    // The default meter with both images; a window-1, 2048-byte meter and a meter whose flash
+    // writes 64 KiB/s with the random image.
+    let mut rows = Vec::new();
     for baud in [115_200u32, 921_600] {
         for (kind, image) in &images {
-            let r = run(baud, image, &pki).await;
-            println!(
-                "{}",
-                serde_json::json!({
-                    "baud": baud,
-                    "latency_ms": LATENCY_MS,
-                    "image": kind,
-                    "bytes": image.len(),
-                    "ideal_s": r.ideal_s,
-                    "measured_s": r.measured_s,
-                    "efficiency": r.ideal_s / r.measured_s,
-                    "wire_bytes": r.wire_bytes,
-                    "frames": r.frames,
-                    "retransmits": r.retransmits,
-                })
-            );
+            rows.push((baud, *kind, image, Meter::Default));
+        }
+        rows.push((baud, "random", &images[0].1, Meter::Window1));
+        rows.push((baud, "random", &images[0].1, Meter::SlowFlash));
+    }
+    for (baud, kind, image, meter) in rows {
+        let r = run(baud, image, &pki, meter).await;
+        // The slower of the wire and the meter's flash bounds the transfer.
+        let flash_s = meter
+            .flash_bytes_per_s()
+            .map(|rate| image.len() as f64 / rate as f64)
+            .unwrap_or(0.0);
+        let bound_s = r.ideal_s.max(flash_s);
+        println!(
+            "{}",
+            serde_json::json!({
+                "baud": baud,
+                "latency_ms": LATENCY_MS,
+                "meter": meter.name(),
+                "image": kind,
+                "bytes": image.len(),
+                "ideal_s": r.ideal_s,
+                "flash_s": flash_s,
+                "measured_s": r.measured_s,
+                "efficiency": r.ideal_s / r.measured_s,
+                "efficiency_vs_bound": bound_s / r.measured_s,
+                "wire_bytes": r.wire_bytes,
+                "frames": r.frames,
+                "retransmits": r.retransmits,
+            })
+        );
+    }
+}
+
+/// The emulated meter of a row.
+#[derive(Debug, Clone, Copy)]
+enum Meter {
+    /// meter-sim's defaults (window 16, 16 KiB payloads, fast flash).
+    Default,
+    /// A meter that buffers one frame of 2048 bytes.
+    Window1,
+    /// A meter whose flash writes 64 KiB/s.
+    SlowFlash,
+}
+
+impl Meter {
+    fn name(self) -> &'static str {
+        match self {
+            Meter::Default => "default",
+            Meter::Window1 => "window-1, 2048-byte frames",
+            Meter::SlowFlash => "flash 64 KiB/s",
+        }
+    }
+
+    fn caps(self) -> Capabilities {
+        match self {
+            Meter::Window1 => Capabilities {
+                window: 1,
+                max_payload: 2048,
+                ..Capabilities::default()
+            },
+            _ => Capabilities::default(),
+        }
+    }
+
+    fn flash_bytes_per_s(self) -> Option<u64> {
+        match self {
+            Meter::SlowFlash => Some(64 * 1024),
+            _ => None,
         }
     }
 }
@@ -65,20 +122,20 @@ struct Result {
     retransmits: u64,
 }
 
-async fn run(baud: u32, image: &[u8], pki: &util::SoftPki) -> Result {
+async fn run(baud: u32, image: &[u8], pki: &util::SoftPki, meter: Meter) -> Result {
     let state = tempfile::tempdir().expect("temp dir");
     let (master, _slave, meter_path) = line_protocol::io::pty_pair().expect("pty");
     let cfg = NestConfig {
         nest: 1,
         state_dir: state.path().to_path_buf(),
-        caps: Capabilities::default(),
+        caps: meter.caps(),
         root: meter_sim::load_root(&util::root_cert_path()).expect("root"),
         faults: Faults::default(),
         fault_scope: FaultScope::All,
         meters: None,
         insert_delay: Duration::ZERO,
         seed: Some(1),
-        flash_bytes_per_s: None,
+        flash_bytes_per_s: meter.flash_bytes_per_s(),
     };
     let nest = tokio::spawn(run_nest(master, cfg));
     let params = LinkParams {

@@ -30,6 +30,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("schema/003_export_runs.sql"),
     include_str!("schema/004_batch_anchors.sql"),
     include_str!("schema/005_oaep_label.sql"),
+    include_str!("schema/006_seal_sent.sql"),
 ];
 
 /// Why the journal cannot be used.

@@ -122,7 +122,7 @@ async fn killed_twenty_times(kryoptic: bool) {
     let db = cell.db();
     e2e::assert_journal_consistent(&db, quantity);
     let q = |sql: &str| -> i64 { db.query_row(sql, [], |r| r.get(0)).unwrap() };
-    let interrupted = q("SELECT count(*) FROM meters WHERE failure = 'interrupted'");
+    let interrupted = q("SELECT count(*) FROM meters WHERE failure LIKE 'interrupted%'");
     assert!(
         interrupted >= 3,
         "the kills should have caught meters in flight: {interrupted}"
@@ -167,4 +167,69 @@ async fn killed_twenty_times(kryoptic: bool) {
     assert_eq!(code, 0, "{out}{err}");
     // A clean stop: SIGTERM, the shut-down checkpoint, exit 0.
     e2e::stop_stationd(daemon);
+}
+
+/// The journal leads the meter at SEAL too: a power cut right after the meter sealed, before
+/// the journal's `sealed`, leaves a meter that start-up recovery knows may be sealed (SEAL was
+/// sent), and says so — before, it was failed as a plain "interrupted", as if it never sealed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crash_right_after_seal_is_recovered_as_a_meter_that_may_be_sealed() {
+    let cell = Cell::new(CellOptions {
+        nests: 1,
+        quantity: 1,
+        firmware_kib: 16,
+        ..CellOptions::default()
+    })
+    .await;
+    let mut daemon = tokio::task::block_in_place(|| {
+        cell.spawn_stationd_with(&[("STATION_FAILPOINT", "provision.sealed")])
+    });
+    let mut child = cell
+        .station(Some("oper"))
+        .args(["run", "--plain"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while daemon.try_wait().unwrap().is_none() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the daemon never sealed a meter"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !daemon.wait().unwrap().success(),
+        "the daemon died at the crash point"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    let q = |sql: &str| -> i64 { cell.db().query_row(sql, [], |r| r.get(0)).unwrap() };
+    assert_eq!(
+        q("SELECT count(*) FROM meters WHERE state = 'flashed' AND seal_sent_at IS NOT NULL"),
+        1,
+        "the journal knew SEAL was being sent"
+    );
+    // The next start fails it as a meter that may be sealed, and says so in the audit log.
+    let d = tokio::task::block_in_place(|| cell.spawn_stationd());
+    e2e::stop_stationd(d);
+    let failure: String = cell
+        .db()
+        .query_row(
+            "SELECT failure FROM meters WHERE state = 'failed'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        failure,
+        "interrupted after SEAL was sent: the meter may be sealed; take it out for rework"
+    );
+    assert_eq!(
+        q(
+            "SELECT count(*) FROM audit WHERE kind = 'station.recovery' AND json_extract(details, '$.may_have_sealed') = 1"
+        ),
+        1
+    );
 }

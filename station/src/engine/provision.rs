@@ -466,13 +466,16 @@ impl Ctx<'_> {
         put.map_err(|e| link_failure(Step::Seal, e))?;
         flashed?;
 
-        // 8. Seal, with the interfaces the batch requires disabled.
+        // 8. Seal, with the interfaces the batch requires disabled. The journal first records
+        // that SEAL is being sent: from here on recovery knows the meter may be sealed.
         let required = run.pins.disable | iface::PROVISIONING;
-        match link
+        self.seal_sent(run).await?;
+        let answer = link
             .call(&Message::Seal { disable: required })
             .await
-            .map_err(|e| link_failure(Step::Seal, e))?
-        {
+            .map_err(|e| link_failure(Step::Seal, e))?;
+        crate::failpoint("provision.sealed");
+        match answer {
             Message::SealRsp {
                 lifecycle: Lifecycle::Sealed,
                 disabled,
@@ -1584,6 +1587,25 @@ impl Ctx<'_> {
         }
         let _ = sign_der;
         Ok((r, receipt, signature))
+    }
+
+    /// Records, before SEAL goes on the line, that it is being sent.
+    async fn seal_sent(&self, run: &Run) -> Result<(), Failure> {
+        let Some(id) = run.meter_id else {
+            return Err(db_failure(Step::Seal, "no meter record"));
+        };
+        self.inner
+            .db
+            .call(move |c| -> super::Result<()> {
+                let n = c.execute(
+                    "UPDATE meters SET seal_sent_at = ?1 WHERE id = ?2 AND state = 'flashed'",
+                    rusqlite::params![now_ms(), id],
+                )?;
+                records::guarded(n, &format!("meter {id}"), "flashed")?;
+                Ok(())
+            })
+            .await
+            .map_err(|e| db_failure(Step::Seal, e))
     }
 
     async fn done(

@@ -54,11 +54,26 @@ async fn fail_in_flight(inner: &Arc<Inner>, only: Option<Vec<i64>>) -> Result<us
             let mut voided = 0;
             let mut keys = 0;
             let mut meters = Vec::new();
+            let mut may_have_sealed = 0;
             for m in &in_flight {
-                let (v, k) = records::fail_meter(&tx, m.id, "interrupted", now)?;
+                // SEAL was sent (or the seal recorded): the meter may hold its keys sealed, and
+                // only a rework brings it back; without, it never sealed.
+                let seal_sent: Option<i64> = tx.query_row(
+                    "SELECT seal_sent_at FROM meters WHERE id = ?1",
+                    [m.id],
+                    |r| r.get(0),
+                )?;
+                let sealed = seal_sent.is_some() || m.state == "sealed";
+                let reason = if sealed {
+                    may_have_sealed += 1;
+                    "interrupted after SEAL was sent: the meter may be sealed; take it out for rework"
+                } else {
+                    "interrupted"
+                };
+                let (v, k) = records::fail_meter(&tx, m.id, reason, now)?;
                 voided += v;
                 keys += k;
-                meters.push(serde_json::json!({"uid": m.uid, "serial": m.serial, "nest": m.nest, "step": m.state}));
+                meters.push(serde_json::json!({"uid": m.uid, "serial": m.serial, "nest": m.nest, "step": m.state, "may_have_sealed": sealed}));
             }
             audit.append(
                 &tx,
@@ -74,6 +89,7 @@ async fn fail_in_flight(inner: &Arc<Inner>, only: Option<Vec<i64>>) -> Result<us
                             format!("{} meter(s) found in flight at start-up were failed as interrupted", in_flight.len())
                         },
                         "meters": meters,
+                        "may_have_sealed": may_have_sealed,
                         "certificates_voided": voided,
                         "wrapped_keys_deleted": keys,
                     }),

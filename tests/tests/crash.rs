@@ -50,13 +50,7 @@ async fn killed_twenty_times(kryoptic: bool) {
     let mut finished_early = false;
     while kills < 20 {
         let mut daemon = tokio::task::block_in_place(|| cell.spawn_stationd());
-        let mut child = cell
-            .station(Some("oper"))
-            .args(["run", "--plain"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = station_run(&cell, false);
         let delay = Duration::from_millis(200 + rng.next() % 1200);
         let t0 = Instant::now();
         while t0.elapsed() < delay {
@@ -93,13 +87,7 @@ async fn killed_twenty_times(kryoptic: bool) {
 
     // Restart and let it finish.
     let daemon = tokio::task::block_in_place(|| cell.spawn_stationd());
-    let mut child = cell
-        .station(Some("oper"))
-        .args(["run", "--plain"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = station_run(&cell, true);
     let t0 = Instant::now();
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
@@ -184,13 +172,7 @@ async fn a_crash_right_after_seal_is_recovered_as_a_meter_that_may_be_sealed() {
     let mut daemon = tokio::task::block_in_place(|| {
         cell.spawn_stationd_with(&[("STATION_FAILPOINT", "provision.sealed")])
     });
-    let mut child = cell
-        .station(Some("oper"))
-        .args(["run", "--plain"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = station_run(&cell, false);
     let t0 = Instant::now();
     while daemon.try_wait().unwrap().is_none() {
         assert!(
@@ -232,4 +214,15 @@ async fn a_crash_right_after_seal_is_recovered_as_a_meter_that_may_be_sealed() {
         ),
         1
     );
+}
+
+/// `station run --plain` as the operator, its output kept (`piped`) or dropped.
+fn station_run(cell: &Cell, piped: bool) -> std::process::Child {
+    let out = || if piped { Stdio::piped() } else { Stdio::null() };
+    cell.station(Some("oper"))
+        .args(["run", "--plain"])
+        .stdout(out())
+        .stderr(out())
+        .spawn()
+        .unwrap()
 }

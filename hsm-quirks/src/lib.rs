@@ -474,12 +474,8 @@ unsafe extern "C" fn unwrap_key(
     if refuses_session_objects(template, count) {
         return CKR_TEMPLATE_INCONSISTENT;
     }
-    let mut attrs: Vec<CK_ATTRIBUTE> = if template.is_null() {
-        Vec::new()
-    } else {
-        // SAFETY: the caller's template has `count` entries.
-        unsafe { std::slice::from_raw_parts(template, count as usize) }.to_vec()
-    };
+    // SAFETY: the caller's template has `count` entries.
+    let mut attrs = unsafe { attributes(template, count) }.to_vec();
     let mut no: CK_BBOOL = CK_FALSE;
     if m.quirks.ignore_sensitive_on_unwrap {
         for a in attrs.iter_mut().filter(|a| a.type_ == CKA_SENSITIVE) {
@@ -625,12 +621,8 @@ unsafe fn derive_x963(
     h.update(shared);
     let mut value: [u8; 32] = h.finalize().into();
     // The caller's template, its CKA_VALUE_LEN (at most 32 here) giving way to the value.
-    let attrs: &[CK_ATTRIBUTE] = if template.is_null() {
-        &[]
-    } else {
-        // SAFETY: the caller's template has `count` entries.
-        unsafe { std::slice::from_raw_parts(template, count as usize) }
-    };
+    // SAFETY: the caller's template has `count` entries.
+    let attrs = unsafe { attributes(template, count) };
     let mut want = 32usize;
     let mut create: Vec<CK_ATTRIBUTE> = Vec::with_capacity(attrs.len() + 1);
     for a in attrs {
@@ -654,16 +646,26 @@ unsafe fn derive_x963(
     rv
 }
 
+/// The caller's attribute template as a slice (empty for a null pointer).
+///
+/// # Safety
+/// `template` is null or points to `count` valid attributes that outlive the slice.
+unsafe fn attributes<'a>(template: *const CK_ATTRIBUTE, count: CK_ULONG) -> &'a [CK_ATTRIBUTE] {
+    if template.is_null() {
+        &[]
+    } else {
+        // SAFETY: by the caller's contract.
+        unsafe { std::slice::from_raw_parts(template, count as usize) }
+    }
+}
+
 /// Whether a template asks for a session object (CKA_TOKEN false, or left to its default).
 ///
 /// # Safety
 /// `template` is null or has `count` valid entries.
 unsafe fn session_object(template: *const CK_ATTRIBUTE, count: CK_ULONG) -> bool {
-    if template.is_null() {
-        return true;
-    }
     // SAFETY: by the caller's contract.
-    let attrs = unsafe { std::slice::from_raw_parts(template, count as usize) };
+    let attrs = unsafe { attributes(template, count) };
     match attrs.iter().find(|a| a.type_ == CKA_TOKEN) {
         // SAFETY: CKA_TOKEN holds one CK_BBOOL.
         Some(a) if !a.pValue.is_null() => unsafe { *a.pValue.cast::<CK_BBOOL>() == CK_FALSE },
@@ -711,12 +713,8 @@ unsafe extern "C" fn generate_key_pair(
     if refuses_session_objects(private, private_count) {
         return CKR_TEMPLATE_INCONSISTENT;
     }
-    let mut kept: Vec<CK_ATTRIBUTE> = if private.is_null() {
-        Vec::new()
-    } else {
-        // SAFETY: the caller's template has `private_count` entries.
-        unsafe { std::slice::from_raw_parts(private, private_count as usize) }.to_vec()
-    };
+    // SAFETY: the caller's template has `private_count` entries.
+    let mut kept = unsafe { attributes(private, private_count) }.to_vec();
     if m.quirks.drop_allowed_mechanisms {
         kept.retain(|a| a.type_ != CKA_ALLOWED_MECHANISMS);
     }

@@ -1576,23 +1576,28 @@ impl<'a> HsmSession<'a> {
     /// The value of the private token data object labelled `label` (CKO_DATA, visible only after
     /// login), if there is one.
     pub fn find_data(&self, label: &str) -> Result<Option<Vec<u8>>> {
-        let found = self
-            .session
+        match self.data_objects(label)?.as_slice() {
+            [] => Ok(None),
+            [h] => self.data_value(*h),
+            many => Err(Error::DuplicateObjects {
+                label: label.to_owned(),
+                count: many.len(),
+            }),
+        }
+    }
+
+    /// The data objects labelled `label`.
+    fn data_objects(&self, label: &str) -> Result<Vec<ObjectHandle>> {
+        self.session
             .find_objects(&[
                 Attribute::Class(ObjectClass::DATA),
                 Attribute::Label(label.as_bytes().to_vec()),
             ])
-            .ck("find data objects")?;
-        let h = match found.as_slice() {
-            [] => return Ok(None),
-            [h] => *h,
-            many => {
-                return Err(Error::DuplicateObjects {
-                    label: label.to_owned(),
-                    count: many.len(),
-                });
-            }
-        };
+            .ck("find data objects")
+    }
+
+    /// The value of data object `h`.
+    fn data_value(&self, h: ObjectHandle) -> Result<Option<Vec<u8>>> {
         let attrs = self
             .session
             .get_attributes(h, &[AttributeType::Value])
@@ -1603,19 +1608,8 @@ impl<'a> HsmSession<'a> {
         }))
     }
 
-    /// Replaces the private token data object labelled `label` with one holding `value`: the new
-    /// object is created first and the older ones destroyed after, so that a crash in between
-    /// leaves both (read them with [`HsmSession::find_data_all`]) rather than none. Tokens do
-    /// not let an application change a data object's value in place.
-    pub fn put_data(&self, label: &str, value: &[u8]) -> Result<()> {
-        let _cache = lock(&self.inner().objects);
-        let old = self
-            .session
-            .find_objects(&[
-                Attribute::Class(ObjectClass::DATA),
-                Attribute::Label(label.as_bytes().to_vec()),
-            ])
-            .ck("find data objects")?;
+    /// Stores a private, unmodifiable token data object labelled `label` holding `value`.
+    fn store_data(&self, label: &str, value: &[u8]) -> Result<()> {
         self.session
             .create_object(&[
                 Attribute::Class(ObjectClass::DATA),
@@ -1627,6 +1621,17 @@ impl<'a> HsmSession<'a> {
                 Attribute::Modifiable(false),
             ])
             .ck("create a data object")?;
+        Ok(())
+    }
+
+    /// Replaces the private token data object labelled `label` with one holding `value`: the new
+    /// object is created first and the older ones destroyed after, so that a crash in between
+    /// leaves both (read them with [`HsmSession::find_data_all`]) rather than none. Tokens do
+    /// not let an application change a data object's value in place.
+    pub fn put_data(&self, label: &str, value: &[u8]) -> Result<()> {
+        let _cache = lock(&self.inner().objects);
+        let old = self.data_objects(label)?;
+        self.store_data(label, value)?;
         for h in old {
             self.session.destroy_object(h).ck("destroy a data object")?;
         }
@@ -1635,25 +1640,9 @@ impl<'a> HsmSession<'a> {
 
     /// The values of every private token data object labelled `label`.
     pub fn find_data_all(&self, label: &str) -> Result<Vec<Vec<u8>>> {
-        let found = self
-            .session
-            .find_objects(&[
-                Attribute::Class(ObjectClass::DATA),
-                Attribute::Label(label.as_bytes().to_vec()),
-            ])
-            .ck("find data objects")?;
-        let mut out = Vec::with_capacity(found.len());
-        for h in found {
-            let attrs = self
-                .session
-                .get_attributes(h, &[AttributeType::Value])
-                .ck("read a data object")?;
-            if let Some(v) = attrs.into_iter().find_map(|a| match a {
-                Attribute::Value(v) => Some(v),
-                _ => None,
-            }) {
-                out.push(v);
-            }
+        let mut out = Vec::new();
+        for h in self.data_objects(label)? {
+            out.extend(self.data_value(h)?);
         }
         Ok(out)
     }
@@ -1668,18 +1657,7 @@ impl<'a> HsmSession<'a> {
                 what: "data object",
             });
         }
-        self.session
-            .create_object(&[
-                Attribute::Class(ObjectClass::DATA),
-                Attribute::Token(true),
-                Attribute::Private(true),
-                Attribute::Label(label.as_bytes().to_vec()),
-                Attribute::Application(b"station".to_vec()),
-                Attribute::Value(value.to_vec()),
-                Attribute::Modifiable(false),
-            ])
-            .ck("create a data object")?;
-        Ok(())
+        self.store_data(label, value)
     }
 
     /// Destroys the object behind `key`. A session object that is already gone is fine.

@@ -188,41 +188,8 @@ fn kryoptic_binds_the_batch_key_to_its_work_order_with_an_oaep_label() {
 /// here, with the AES-ECB one).
 #[test]
 fn kryoptic_derives_the_x963_ktk_like_the_software_meter() {
-    use line_protocol::crypto;
-    use p256::elliptic_curve::sec1::ToSec1Point;
     let (_t, hsm) = token("kry-x963");
     let m = hsm.mechanisms();
     assert!(m.ktk_x963 && m.ktk_aes_ecb, "{}", m.chosen());
-    let (kt, kt_pub) = hsm.with_session(|s| s.generate_kt_keypair()).unwrap();
-    let meter = p256::SecretKey::from_slice(&[9; 32]).unwrap();
-    let point: [u8; 65] = meter
-        .public_key()
-        .to_sec1_point(false)
-        .as_bytes()
-        .try_into()
-        .unwrap();
-    let th = [0x33; 32];
-    let ktk = hsm
-        .with_session(|s| s.derive_ktk_x963(&kt, &point, &crypto::ktk_x963_shared_info(&th)))
-        .unwrap();
-    let sw = crypto::meter_ktk_with(
-        crypto::KtkMethod::X963,
-        &meter.to_nonzero_scalar(),
-        &crypto::parse_p256_point(&kt_pub).unwrap(),
-        &th,
-    );
-    let key = hsm
-        .with_session(|s| s.generate_aes_key(KeyRole::MeterGuek, AesKeySize::Aes128, None))
-        .unwrap();
-    let kcv = hsm.with_session(|s| s.kcv(&key)).unwrap();
-    let wrapped = hsm
-        .with_session(|s| s.wrap(&ktk, &key, WrapAlg::AesKw))
-        .unwrap();
-    let clear = crypto::unwrap_key(&sw, line_protocol::msg::WrapAlg::AesKw, &wrapped).unwrap();
-    assert_eq!(crypto::kcv_aes(&clear), Some(kcv));
-    let f = hsm.with_session(|s| s.key_flags(&ktk)).unwrap();
-    assert!(
-        f.wrap && f.sensitive && !f.extractable && !f.encrypt && !f.decrypt,
-        "{f}"
-    );
+    crate::ops::x963_ktk_agrees_with_software(&hsm);
 }

@@ -115,6 +115,38 @@ fn ktk_equals_software_derivation_and_wrapped_meter_keys_unwrap() {
 
 /// The key-transport key and the check values of meter keys on `hsm`, against the software
 /// implementation of the line protocol (run on each PKCS#11 implementation).
+/// The X9.63 key-transport key derived in the token equals the meter's in software: a meter key
+/// the token wraps under it unwraps there to the key of the token's check value, and the KTK
+/// can only wrap.
+pub(crate) fn x963_ktk_agrees_with_software(hsm: &hsm::Hsm) {
+    let (kt, kt_pub) = hsm.with_session(|s| s.generate_kt_keypair()).unwrap();
+    let (meter, point) = util::meter_point(9);
+    let th = [0x33; 32];
+    let ktk = hsm
+        .with_session(|s| s.derive_ktk_x963(&kt, &point, &crypto::ktk_x963_shared_info(&th)))
+        .unwrap();
+    let sw = crypto::meter_ktk_with(
+        crypto::KtkMethod::X963,
+        &meter.to_nonzero_scalar(),
+        &crypto::parse_p256_point(&kt_pub).unwrap(),
+        &th,
+    );
+    let key = hsm
+        .with_session(|s| s.generate_aes_key(KeyRole::MeterGuek, AesKeySize::Aes128, None))
+        .unwrap();
+    let kcv = hsm.with_session(|s| s.kcv(&key)).unwrap();
+    let wrapped = hsm
+        .with_session(|s| s.wrap(&ktk, &key, WrapAlg::AesKw))
+        .unwrap();
+    let clear = crypto::unwrap_key(&sw, LineWrap::AesKw, &wrapped).unwrap();
+    assert_eq!(crypto::kcv_aes(&clear), Some(kcv));
+    let f = hsm.with_session(|s| s.key_flags(&ktk)).unwrap();
+    assert!(
+        f.wrap && f.sensitive && !f.extractable && !f.encrypt && !f.decrypt,
+        "{f}"
+    );
+}
+
 pub(crate) fn ktk_and_check_values_agree_with_software(hsm: &hsm::Hsm) {
     let (kt_private, kt_pub) = hsm.with_session(|s| s.generate_kt_keypair()).unwrap();
     assert_eq!(kt_pub[0], 0x04);

@@ -172,20 +172,12 @@ fn a_token_without_ecb_encrypt_data_names_it() {
 /// AES-ECB one is refused by name, and the X9.63 key equals the meter's in software.
 #[test]
 fn a_fips_token_without_the_null_kdf_does_the_x963_key_transport() {
-    use line_protocol::crypto;
-    use p256::elliptic_curve::sec1::ToSec1Point;
     let (_t, hsm) = token("q-kdf", "no-null-kdf,x963-kdf", 1);
     let m = hsm.mechanisms();
     assert!(m.ecdh && m.aes_ecb_encrypt_data, "listed: {}", m.chosen());
     assert!(!m.ktk_aes_ecb && m.ktk_x963, "{}", m.chosen());
-    let (kt, kt_pub) = hsm.with_session(|s| s.generate_kt_keypair()).unwrap();
-    let meter = p256::SecretKey::from_slice(&[7; 32]).unwrap();
-    let point: [u8; 65] = meter
-        .public_key()
-        .to_sec1_point(false)
-        .as_bytes()
-        .try_into()
-        .unwrap();
+    let (kt, _) = hsm.with_session(|s| s.generate_kt_keypair()).unwrap();
+    let (_, point) = crate::util::meter_point(7);
     let e = hsm
         .with_session(|s| s.derive_ktk(&kt, &point, &[0; 32]))
         .unwrap_err();
@@ -199,25 +191,7 @@ fn a_fips_token_without_the_null_kdf_does_the_x963_key_transport() {
         ),
         "{e}"
     );
-    let th = [0x44; 32];
-    let ktk = hsm
-        .with_session(|s| s.derive_ktk_x963(&kt, &point, &crypto::ktk_x963_shared_info(&th)))
-        .unwrap();
-    let key = hsm
-        .with_session(|s| s.generate_aes_key(KeyRole::MeterAk, AesKeySize::Aes128, None))
-        .unwrap();
-    let kcv = hsm.with_session(|s| s.kcv(&key)).unwrap();
-    let wrapped = hsm
-        .with_session(|s| s.wrap(&ktk, &key, WrapAlg::AesKw))
-        .unwrap();
-    let sw = crypto::meter_ktk_with(
-        crypto::KtkMethod::X963,
-        &meter.to_nonzero_scalar(),
-        &crypto::parse_p256_point(&kt_pub).unwrap(),
-        &th,
-    );
-    let clear = crypto::unwrap_key(&sw, line_protocol::msg::WrapAlg::AesKw, &wrapped).unwrap();
-    assert_eq!(crypto::kcv_aes(&clear), Some(kcv));
+    crate::ops::x963_ktk_agrees_with_software(&hsm);
 }
 
 /// The null KDF refused and no other: no key transport at all, and the probe says so.

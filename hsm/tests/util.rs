@@ -109,3 +109,16 @@ pub fn write(dir: &Path, name: &str, contents: impl AsRef<[u8]>) -> String {
     std::fs::write(dir.join(name), contents).unwrap();
     name.to_owned()
 }
+
+/// A meter's ephemeral key pair from `seed` (its SEC1 uncompressed point alongside).
+pub fn meter_point(seed: u8) -> (p256::SecretKey, [u8; 65]) {
+    use p256::elliptic_curve::sec1::ToSec1Point;
+    let secret = p256::SecretKey::from_slice(&[seed; 32]).unwrap();
+    let point: [u8; 65] = secret
+        .public_key()
+        .to_sec1_point(false)
+        .as_bytes()
+        .try_into()
+        .unwrap();
+    (secret, point)
+}

@@ -1257,24 +1257,7 @@ async fn a_firmware_anchor_swapped_into_the_token_stops_the_cell_at_start() {
         (rogue, "is not issued by the manufacturer root"),
         (wrong_role, "id-kp-codeSigning"),
     ] {
-        let hsm = token.open(1).unwrap();
-        hsm.with_session(move |s| {
-            use cryptoki::object::{Attribute, ObjectClass};
-            let raw = s.raw_session_for_tests();
-            for h in raw
-                .find_objects(&[
-                    Attribute::Class(ObjectClass::CERTIFICATE),
-                    Attribute::Label(b"firmware-verification".to_vec()),
-                ])
-                .unwrap()
-            {
-                raw.destroy_object(h).unwrap();
-            }
-            s.import_certificate("firmware-verification", &[7; 20], &cert, true)?;
-            Ok(())
-        })
-        .unwrap();
-        drop(hsm);
+        replace_token_certificate(&token, "firmware-verification", 7, &cert);
         let cfg = station::config::Config::load(&cell.config).unwrap();
         let opened = station::Engine::open(
             cfg,
@@ -1384,23 +1367,7 @@ async fn a_signer_key_swapped_in_the_token_is_refused_at_start() {
         .unwrap()
         .1;
     let swap_cert = |der: Vec<u8>| {
-        let hsm = token.open(1).unwrap();
-        hsm.with_session(move |s| {
-            use cryptoki::object::{Attribute, ObjectClass};
-            let raw = s.raw_session_for_tests();
-            for h in raw
-                .find_objects(&[
-                    Attribute::Class(ObjectClass::CERTIFICATE),
-                    Attribute::Label(b"audit-signer".to_vec()),
-                ])
-                .unwrap()
-            {
-                raw.destroy_object(h).unwrap();
-            }
-            s.import_certificate("audit-signer", &[9; 20], &der, true)?;
-            Ok(())
-        })
-        .unwrap();
+        replace_token_certificate(&token, "audit-signer", 9, &der);
     };
     swap_cert(manifest_cert);
     let e = open().await;
@@ -1887,4 +1854,27 @@ fn the_demo_runs_a_whole_batch_on_kryoptic() {
     }
     let config = std::fs::read_to_string(out.join("station.toml")).unwrap();
     assert!(config.contains("trusted_wrap = false"), "{config}");
+}
+
+/// Replaces the certificate labelled `label` in `token` with `der` (id `id` repeated), behind
+/// the station's back: what an operator with the token's user PIN could do.
+fn replace_token_certificate(token: &hsm::testkit::TestToken, label: &str, id: u8, der: &[u8]) {
+    let hsm = token.open(1).unwrap();
+    let (label, der) = (label.to_owned(), der.to_vec());
+    hsm.with_session(move |s| {
+        use cryptoki::object::{Attribute, ObjectClass};
+        let raw = s.raw_session_for_tests();
+        for h in raw
+            .find_objects(&[
+                Attribute::Class(ObjectClass::CERTIFICATE),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ])
+            .unwrap()
+        {
+            raw.destroy_object(h).unwrap();
+        }
+        s.import_certificate(&label, &[id; 20], &der, true)?;
+        Ok(())
+    })
+    .unwrap();
 }

@@ -15,6 +15,7 @@
 //! - [`firmware`]: block plan with compression, sliding window with selective acknowledgement.
 //! - [`image`]: MCUboot signed images.
 //! - [`receipt`]: the attestation receipt.
+//! - [`rework`]: the signed token that returns a sealed meter to blank.
 //! - [`host`], [`meter`]: the two session state machines.
 //! - [`timing`]: timeouts that scale with payload size and link speed.
 //! - `io` (feature): transports and async drivers.
@@ -35,6 +36,7 @@ pub mod image;
 pub mod meter;
 pub mod msg;
 pub mod receipt;
+pub mod rework;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 pub mod timing;
@@ -72,6 +74,8 @@ pub mod limits {
     pub const MAX_WRAPPED_KEY: usize = 512;
     /// Bytes of an attestation receipt.
     pub const MAX_RECEIPT: usize = 1024;
+    /// Bytes of a rework token.
+    pub const MAX_REWORK_TOKEN: usize = 128;
     /// Ranges in one FW_ACK.
     pub const MAX_SACK_RANGES: usize = 8;
     /// Bytes of an ERROR detail.

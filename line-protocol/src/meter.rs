@@ -26,6 +26,7 @@ use crate::msg::{
     self, AnchorKind, CertSlot, ChannelOpen, Curve, ErrorCode, FwResult, Hello, HelloAck, Identity,
     KeyId, KeyType, Lifecycle, Message, PutKey, ResetMode, Status, ty,
 };
+use crate::rework::ReworkToken;
 
 /// What a meter says about itself in HELLO_ACK.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,6 +120,12 @@ pub trait MeterApp {
     fn attest(&mut self, nonce: &[u8; 16]) -> Result<(Vec<u8>, Vec<u8>), Refusal>;
     /// RESET (acknowledged before it takes effect).
     fn reset(&mut self, mode: ResetMode) -> Result<(), Refusal>;
+    /// REWORK, after the session has checked the token's UID, channel and signature: refuse
+    /// with `REWORK_REFUSED` unless `cert_sha256` is the SHA-256 of the signing (slot 1)
+    /// certificate held (zeros when none is held); otherwise erase every key, certificate,
+    /// identity, anchor and image, re-enable every interface and return to blank, keeping a
+    /// record of the rework. A meter that cannot be reworked refuses with `UNKNOWN_TYPE`.
+    fn rework(&mut self, cert_sha256: &[u8; 32]) -> Result<(), Refusal>;
 }
 
 /// What happened while processing input, for logs and for the emulator's fault hooks.
@@ -142,6 +149,8 @@ pub enum MeterEvent {
     Dropped(FrameError),
     /// RESET was acknowledged; the caller performs it.
     Reset(ResetMode),
+    /// REWORK was accepted: the meter is blank again and the channel has ended.
+    Reworked,
     /// A firmware block was stored.
     FwBlock {
         /// Its offset.
@@ -172,6 +181,8 @@ enum Phase {
     },
     Secure {
         th: [u8; 32],
+        /// The station key that signed the transcript (it also signs rework tokens).
+        station: p256::PublicKey,
         ktk: Zeroizing<[u8; 32]>,
         compression: bool,
         max_block: u32,
@@ -497,6 +508,7 @@ impl MeterSession {
         let slot_size = app.info().slot_size;
         self.phase = Phase::Secure {
             th,
+            station: leaf,
             ktk,
             compression,
             max_block,
@@ -519,6 +531,7 @@ impl MeterSession {
     ) -> Result<(), Refusal> {
         let Phase::Secure {
             th,
+            station,
             ktk,
             compression,
             max_block,
@@ -531,7 +544,8 @@ impl MeterSession {
                 "secure channel required",
             ));
         };
-        let (th, compression, max_block, slot_size) = (*th, *compression, *max_block, *slot_size);
+        let (th, station, compression, max_block, slot_size) =
+            (*th, *station, *compression, *max_block, *slot_size);
         let sealed = app.lifecycle() == Lifecycle::Sealed;
         // SEAL too: a repeated SEAL (its answer was lost) answers as the first did.
         let allowed_when_sealed = matches!(
@@ -542,6 +556,7 @@ impl MeterSession {
                 | Message::Reset {
                     mode: ResetMode::Reboot | ResetMode::Release
                 }
+                | Message::Rework { .. }
         );
         if sealed && !allowed_when_sealed {
             return Err(Refusal::new(ErrorCode::Locked, "meter is sealed"));
@@ -670,11 +685,44 @@ impl MeterSession {
                 out.events.push(MeterEvent::Reset(mode));
                 return Ok(());
             }
+            Message::Rework { token, signature } => {
+                let token = check_rework(&token, &signature, &station, &th, &app.info().uid)?;
+                app.rework(&token.cert_sha256)?;
+                self.reply(&Message::Ack, seq, out);
+                self.drop_channel();
+                out.events.push(MeterEvent::Reworked);
+                return Ok(());
+            }
             _ => return Err(Refusal::new(ErrorCode::Unexpected, "not a host request")),
         };
         self.reply(&response, seq, out);
         Ok(())
     }
+}
+
+/// The session's checks of a rework token: well formed, signed by the channel's station key,
+/// for this meter and for this channel.
+fn check_rework(
+    token: &[u8],
+    signature: &[u8],
+    station: &p256::PublicKey,
+    th: &[u8; 32],
+    uid: &[u8],
+) -> Result<ReworkToken, Refusal> {
+    let refused = |why: &str| Refusal::new(ErrorCode::ReworkRefused, why);
+    let t = ReworkToken::decode(token)
+        .ok_or_else(|| Refusal::new(ErrorCode::Malformed, "rework token malformed"))?;
+    let sig = Signature::from_der(signature).map_err(|_| refused("signature is not DER ECDSA"))?;
+    VerifyingKey::from(station)
+        .verify(token, &sig)
+        .map_err(|_| refused("token signature invalid"))?;
+    if t.uid != uid {
+        return Err(refused("token is for another meter"));
+    }
+    if t.session != *th {
+        return Err(refused("token is for another channel"));
+    }
+    Ok(t)
 }
 
 fn unwrap_checked(ktk: &Zeroizing<[u8; 32]>, k: &PutKey) -> Result<Zeroizing<Vec<u8>>, Refusal> {

@@ -59,6 +59,8 @@ pub mod ty {
     pub const ATTEST_RSP: u8 = 0x29;
     /// Reboot, release the meter from the nest, or wipe it.
     pub const RESET: u8 = 0x2A;
+    /// A signed rework token: a sealed meter returns to blank.
+    pub const REWORK: u8 = 0x2C;
     /// Failure response with an error code.
     pub const ERROR: u8 = 0x7F;
 }
@@ -222,6 +224,9 @@ pub const FEATURE_KEYGEN_P384: u8 = 0x04;
 /// Feature bit (HELLO and HELLO_ACK): the key-transport key by the ANSI X9.63 KDF (section 5.3);
 /// used when both sides set it, else the AES-ECB construction.
 pub const FEATURE_KTK_X963: u8 = 0x08;
+/// Feature bit (HELLO_ACK): the meter accepts REWORK (section 4.16), so a sealed meter can be
+/// returned to blank with a station-signed token.
+pub const FEATURE_REWORK: u8 = 0x10;
 
 /// Interface bits for SEAL.
 pub mod iface {
@@ -295,6 +300,9 @@ pub enum ErrorCode {
     FwTooLarge,
     /// FW_DATA or FW_END without FW_BEGIN.
     FwNotStarted,
+    /// A rework token is not for this meter, this channel or this certificate, or its
+    /// signature does not verify.
+    ReworkRefused,
     /// Anything else.
     Internal,
     /// A code this implementation does not know.
@@ -325,6 +333,7 @@ impl ErrorCode {
             UnsupportedCurve => 0x0011,
             KeygenFailed => 0x0012,
             Storage => 0x0013,
+            ReworkRefused => 0x0014,
             FwOutOfRange => 0x0020,
             FwDecompress => 0x0021,
             FwIncomplete => 0x0022,
@@ -342,7 +351,7 @@ impl ErrorCode {
     /// Decodes a wire value (unknown values are kept as [`ErrorCode::Other`]).
     pub fn from_code(c: u16) -> Self {
         use ErrorCode::*;
-        const ALL: [ErrorCode; 29] = [
+        const ALL: [ErrorCode; 30] = [
             Malformed,
             UnsupportedVersion,
             UnknownType,
@@ -362,6 +371,7 @@ impl ErrorCode {
             UnsupportedCurve,
             KeygenFailed,
             Storage,
+            ReworkRefused,
             FwOutOfRange,
             FwDecompress,
             FwIncomplete,
@@ -399,6 +409,7 @@ impl ErrorCode {
             UnsupportedCurve => "curve not supported by the meter",
             KeygenFailed => "key generation failed on the meter",
             Storage => "meter flash write failed",
+            ReworkRefused => "rework token refused by the meter",
             FwOutOfRange => "firmware block outside the image",
             FwDecompress => "firmware block failed to decompress",
             FwIncomplete => "firmware image incomplete",
@@ -833,6 +844,13 @@ pub enum Message {
         /// How.
         mode: ResetMode,
     },
+    /// Return a sealed meter to blank.
+    Rework {
+        /// The token; see [`crate::rework`].
+        token: Vec<u8>,
+        /// DER ECDSA P-256/SHA-256 signature over the token by the channel's station key.
+        signature: Vec<u8>,
+    },
     /// A failure.
     Error {
         /// What failed.
@@ -870,6 +888,7 @@ impl Message {
             Message::Attest { .. } => ty::ATTEST,
             Message::AttestRsp { .. } => ty::ATTEST_RSP,
             Message::Reset { .. } => ty::RESET,
+            Message::Rework { .. } => ty::REWORK,
             Message::Error { .. } => ty::ERROR,
         }
     }
@@ -980,6 +999,10 @@ impl Message {
                 put_str8(out, signature);
             }
             Message::Reset { mode } => out.push(*mode as u8),
+            Message::Rework { token, signature } => {
+                put_str8(out, token);
+                put_str8(out, signature);
+            }
             Message::Error { code, detail } => {
                 out.extend_from_slice(&code.code().to_le_bytes());
                 let d = detail.as_bytes();
@@ -1144,6 +1167,10 @@ impl Message {
             ty::RESET => Message::Reset {
                 mode: enum_field(r.u8("mode")?, ResetMode::from_u8, "mode")?,
             },
+            ty::REWORK => Message::Rework {
+                token: r.bytes8(limits::MAX_REWORK_TOKEN, "token")?,
+                signature: r.bytes8(limits::MAX_SIGNATURE, "signature")?,
+            },
             ty::ERROR => Message::Error {
                 code: ErrorCode::from_code(r.u16("code")?),
                 detail: r.str8(0, limits::MAX_ERROR_DETAIL, "detail")?,
@@ -1182,6 +1209,7 @@ pub fn type_name(t: u8) -> &'static str {
         ty::ATTEST => "ATTEST",
         ty::ATTEST_RSP => "ATTEST_RSP",
         ty::RESET => "RESET",
+        ty::REWORK => "REWORK",
         ty::ERROR => "ERROR",
         _ => "UNKNOWN",
     }
@@ -1290,6 +1318,10 @@ mod tests {
             },
             Message::Reset {
                 mode: ResetMode::Release,
+            },
+            Message::Rework {
+                token: vec![9; 102],
+                signature: vec![0x30; 70],
             },
             Message::Error {
                 code: ErrorCode::FwHashMismatch,

@@ -141,6 +141,8 @@ pub struct MemMeter {
     pub disabled: u16,
     /// Resets performed.
     pub resets: Vec<ResetMode>,
+    /// Reworks performed.
+    pub reworks: u32,
 }
 
 impl MemMeter {
@@ -172,6 +174,7 @@ impl MemMeter {
             active: None,
             disabled: 0,
             resets: Vec::new(),
+            reworks: 0,
         }
     }
 }
@@ -315,6 +318,27 @@ impl MeterApp for MemMeter {
     }
     fn reset(&mut self, mode: ResetMode) -> Result<(), Refusal> {
         self.resets.push(mode);
+        Ok(())
+    }
+    fn rework(&mut self, cert_sha256: &[u8; 32]) -> Result<(), Refusal> {
+        if self.info.features & msg::FEATURE_REWORK == 0 {
+            return Err(Refusal::new(ErrorCode::UnknownType, "no rework"));
+        }
+        let held = self
+            .certs
+            .get(&(CertSlot::Sign as u8))
+            .map(|der| sha256(der))
+            .unwrap_or([0; 32]);
+        if held != *cert_sha256 {
+            return Err(Refusal::new(
+                ErrorCode::ReworkRefused,
+                "token names another certificate",
+            ));
+        }
+        let (info, reworks) = (self.info.clone(), self.reworks + 1);
+        *self = MemMeter::new(&info.uid);
+        self.info = info;
+        self.reworks = reworks;
         Ok(())
     }
 }

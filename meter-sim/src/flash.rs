@@ -50,6 +50,8 @@ pub struct Capabilities {
     pub keygen: bool,
     /// The X9.63 key transport (line protocol 5.3, feature bit 3) besides the AES-ECB one.
     pub ktk_x963: bool,
+    /// REWORK of a sealed meter with a station-signed token (line protocol 4.16, feature bit 4).
+    pub rework: bool,
     /// Largest decoded block.
     pub max_block: u32,
     /// Firmware slot size.
@@ -66,6 +68,7 @@ impl Default for Capabilities {
             deflate: true,
             keygen: true,
             ktk_x963: true,
+            rework: true,
             max_block: 65536,
             slot_size: 1 << 20,
         }
@@ -99,6 +102,10 @@ pub struct MeterState {
     pub active: Option<(String, String)>,
     /// Session in which each pending key was generated (slot, transcript hash hex).
     pub pending_keygen: Vec<(u8, String)>,
+    /// The meter's own record of its reworks: for each rework token it accepted, the SHA-256
+    /// (hex) of the signing certificate the token named.
+    #[serde(default)]
+    pub reworks: Vec<String>,
 }
 
 /// Identity as stored.
@@ -379,6 +386,9 @@ impl MeterApp for FlashMeter {
         }
         if self.caps.keygen {
             features |= msg::FEATURE_KEYGEN_P256 | msg::FEATURE_KEYGEN_P384;
+        }
+        if self.caps.rework {
+            features |= msg::FEATURE_REWORK;
         }
         if self.caps.ktk_x963 {
             features |= msg::FEATURE_KTK_X963;
@@ -783,17 +793,48 @@ impl MeterApp for FlashMeter {
                     "sealed meters cannot be wiped over the jig",
                 ));
             }
-            for entry in fs::read_dir(&self.dir).map_err(storage)?.flatten() {
-                let _ = fs::remove_file(entry.path());
-            }
-            self.state = MeterState {
-                uid: hex::encode(&self.uid),
-                model: self.caps.model.clone(),
-                lifecycle: "blank".into(),
-                ..MeterState::default()
-            };
-            self.save()?;
+            self.wipe()?;
         }
         Ok(())
+    }
+
+    fn rework(&mut self, cert_sha256: &[u8; 32]) -> Result<(), Refusal> {
+        if !self.caps.rework {
+            return Err(Refusal::new(ErrorCode::UnknownType, "no REWORK"));
+        }
+        let held = fs::read(
+            self.dir
+                .join(format!("cert-{}.der", slot_name(CertSlot::Sign as u8))),
+        )
+        .map(|der| crypto::sha256(&der))
+        .unwrap_or([0; 32]);
+        if held != *cert_sha256 {
+            return Err(Refusal::new(
+                ErrorCode::ReworkRefused,
+                "token names another certificate",
+            ));
+        }
+        // The record of the rework outlives the wipe.
+        let mut reworks = std::mem::take(&mut self.state.reworks);
+        reworks.push(hex::encode(cert_sha256));
+        self.wipe()?;
+        self.state.reworks = reworks;
+        self.save()
+    }
+}
+
+impl FlashMeter {
+    /// Erases everything back to blank.
+    fn wipe(&mut self) -> Result<(), Refusal> {
+        for entry in fs::read_dir(&self.dir).map_err(storage)?.flatten() {
+            let _ = fs::remove_file(entry.path());
+        }
+        self.state = MeterState {
+            uid: hex::encode(&self.uid),
+            model: self.caps.model.clone(),
+            lifecycle: "blank".into(),
+            ..MeterState::default()
+        };
+        self.save()
     }
 }

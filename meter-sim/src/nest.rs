@@ -270,6 +270,9 @@ async fn run_meter(
                 }
                 MeterEvent::Reset(ResetMode::Release) => released = true,
                 MeterEvent::Reset(_) => session.reboot(),
+                MeterEvent::Reworked => {
+                    tracing::info!(nest = cfg.nest, "meter returned to blank by a rework token");
+                }
                 _ => {}
             }
         }

@@ -87,25 +87,7 @@ async fn killed_twenty_times(kryoptic: bool) {
 
     // Restart and let it finish.
     let daemon = tokio::task::block_in_place(|| cell.spawn_stationd());
-    let mut child = station_run(&cell, true);
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(600),
-            "the final run did not finish"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_to_the_end(&cell, Duration::from_secs(600)).await;
 
     let db = cell.db();
     e2e::assert_journal_consistent(&db, quantity);
@@ -161,7 +143,8 @@ async fn killed_twenty_times(kryoptic: bool) {
 /// the journal's `sealed`, leaves a meter that start-up recovery knows may be sealed (SEAL was
 /// sent), and says so — before, it was failed as a plain "interrupted", as if it never sealed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_crash_right_after_seal_is_recovered_as_a_meter_that_may_be_sealed() {
+async fn a_crash_right_after_seal_leaves_a_meter_that_may_be_sealed_and_a_signed_token_reworks_it()
+{
     let cell = Cell::new(CellOptions {
         nests: 1,
         quantity: 1,
@@ -213,6 +196,101 @@ async fn a_crash_right_after_seal_is_recovered_as_a_meter_that_may_be_sealed() {
             "SELECT count(*) FROM audit WHERE kind = 'station.recovery' AND json_extract(details, '$.may_have_sealed') = 1"
         ),
         1
+    );
+
+    // The meter is sealed; a supervisor approves its rework; the station's next run sends it a
+    // token signed in the HSM (line protocol 4.16); the meter returns to blank and is
+    // provisioned again in the same nest.
+    let (uid, old_cert): (String, Vec<u8>) = cell
+        .db()
+        .query_row(
+            "SELECT m.uid, c.der FROM meters m JOIN certificates c ON c.meter_id = m.id AND c.slot = 'sign'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    let dir = cell.meter_dir(&uid);
+    let state = || -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.join("meter.json")).unwrap()).unwrap()
+    };
+    assert_eq!(state()["lifecycle"], "sealed");
+    let d = tokio::task::block_in_place(|| cell.spawn_stationd());
+    let (code, out, err) = cell.run(Some("super"), &["rework", &uid]);
+    assert_eq!(code, 0, "{out}{err}");
+    run_to_the_end(&cell, Duration::from_secs(120)).await;
+    let q = |sql: &str| -> i64 { cell.db().query_row(sql, [], |r| r.get(0)).unwrap() };
+    assert_eq!(q("SELECT count(*) FROM meters WHERE state = 'done'"), 1);
+    assert_eq!(
+        q("SELECT count(DISTINCT uid) FROM meters"),
+        1,
+        "the same meter"
+    );
+    assert_eq!(
+        q("SELECT count(*) FROM reworks WHERE used_at IS NOT NULL"),
+        1
+    );
+    let new_cert: Vec<u8> = cell
+        .db()
+        .query_row(
+            "SELECT c.der FROM meters m JOIN certificates c ON c.meter_id = m.id AND c.slot = 'sign' WHERE m.state = 'done'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(std::fs::read(dir.join("cert-sign.der")).unwrap(), new_cert);
+    // The meter's own record names the certificate the token was bound to.
+    let s = state();
+    assert_eq!(s["lifecycle"], "sealed");
+    assert_eq!(
+        s["reworks"],
+        serde_json::json!([hex::encode(line_protocol::crypto::sha256(&old_cert))])
+    );
+    // The audit log has the approval, the token as sent (UID, channel, certificate) and the
+    // rework; and it verifies.
+    let token: String = cell
+        .db()
+        .query_row(
+            "SELECT json_extract(details, '$.token') FROM audit WHERE kind = 'meter.rework_sent'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let token = line_protocol::rework::ReworkToken::decode(&hex::decode(token).unwrap()).unwrap();
+    assert_eq!(hex::encode(&token.uid), uid);
+    assert_eq!(token.cert_sha256, line_protocol::crypto::sha256(&old_cert));
+    for kind in [
+        "meter.rework_approved",
+        "meter.rework_sent",
+        "meter.reworked",
+    ] {
+        assert_eq!(
+            q(&format!("SELECT count(*) FROM audit WHERE kind = '{kind}'")),
+            1,
+            "{kind}"
+        );
+    }
+    let (code, out, err) = cell.run(Some("audit"), &["audit", "verify"]);
+    assert_eq!(code, 0, "{out}{err}");
+    e2e::stop_stationd(d);
+}
+
+/// `station run --plain` until the batch is complete; it must end well within `limit`.
+async fn run_to_the_end(cell: &Cell, limit: Duration) {
+    let mut child = station_run(cell, true);
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t0.elapsed() < limit, "the run did not finish");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
 }
 

@@ -60,6 +60,10 @@ struct Args {
     /// Meters that know only the AES-ECB key transport (line protocol 5.3), not the X9.63 one.
     #[arg(long)]
     no_ktk_x963: bool,
+    /// Meters whose bootloader does not offer REWORK (line protocol 4.16): a sealed meter stays
+    /// sealed.
+    #[arg(long)]
+    no_rework: bool,
     /// A fault, optionally for one nest only: "2:wrong-hash". See FAULTS below.
     #[arg(long = "fault")]
     faults: Vec<String>,
@@ -121,6 +125,7 @@ async fn main() -> Result<()> {
         deflate: !args.no_deflate,
         keygen: !args.no_keygen,
         ktk_x963: !args.no_ktk_x963,
+        rework: !args.no_rework,
         max_block: args.max_block,
         slot_size: args.slot_size,
         ..Capabilities::default()

@@ -226,6 +226,15 @@ pub(super) async fn run(inner: Arc<Inner>, i: usize) {
                     cycle_ms: 0,
                 });
             }
+            Outcome::Reworked { reason } => {
+                // The same meter, blank again, stays in the nest: its next HELLO starts it over.
+                released = None;
+                inner.update_nest(i, |n| {
+                    n.state = NestState::Busy;
+                    n.progress = None;
+                    n.message = Some(reason);
+                });
+            }
             Outcome::NoRoom { reason } => {
                 inner.update_nest(i, |n| {
                     n.state = NestState::Idle;

@@ -22,12 +22,13 @@ use line_protocol::crypto::{
     KtkMethod, kcv_ec_public, ktk_derivation_data, ktk_x963_shared_info, sha256,
 };
 use line_protocol::firmware::PlanParams;
-use line_protocol::io::{HostLink, LinkError};
+use line_protocol::io::{HostLink, LinkError, TranscriptSigner};
 use line_protocol::msg::{
-    AnchorKind, CertSlot, Curve, ErrorCode, HelloAck, Identity, KeyId, KeyType, Lifecycle, Message,
-    PutKey, ResetMode, WrapAlg, iface,
+    AnchorKind, CertSlot, Curve, ErrorCode, FEATURE_REWORK, HelloAck, Identity, KeyId, KeyType,
+    Lifecycle, Message, PutKey, ResetMode, WrapAlg, iface,
 };
 use line_protocol::receipt::Receipt;
+use line_protocol::rework::ReworkToken;
 use rusqlite::params;
 
 use super::{Inner, Step, nest};
@@ -71,12 +72,21 @@ pub(super) enum Outcome {
         /// Why.
         reason: String,
     },
+    /// Returned to blank for rework (RESET 2, or a signed REWORK for a sealed meter): the same
+    /// meter, still in its nest, is provisioned again from its next HELLO.
+    Reworked {
+        /// What was done.
+        reason: String,
+    },
     /// The batch has all its meters (or no batch is open).
     NoRoom {
         /// Why.
         reason: String,
     },
 }
+
+/// The kind of a run that returned its meter to blank for rework.
+const REWORKED: &str = "meter.reworked";
 
 /// Why the run stopped.
 #[derive(Debug)]
@@ -223,6 +233,8 @@ struct Run {
     certs: Vec<IssuedCert>,
     /// The attestation challenge, drawn by the HSM.
     nonce: [u8; 16],
+    /// The channel's transcript hash (a rework token is bound to it).
+    th: [u8; 32],
     started: Instant,
 }
 
@@ -307,6 +319,7 @@ impl Ctx<'_> {
             ktk_method: None,
             certs: Vec::new(),
             nonce: [0; 16],
+            th: [0; 32],
             started: Instant::now(),
         };
         self.inner.update_nest(self.nest, |n| {
@@ -320,6 +333,10 @@ impl Ctx<'_> {
                 serial,
                 cycle_ms: run.started.elapsed().as_millis() as u64,
             },
+            Err(f) if run.meter_id.is_none() && f.kind == REWORKED => {
+                self.refuse(&run, &f).await;
+                Outcome::Reworked { reason: f.reason }
+            }
             Err(f) if run.meter_id.is_none() && f.kind == "meter.refused" => {
                 self.refuse(&run, &f).await;
                 if f.release {
@@ -574,6 +591,7 @@ impl Ctx<'_> {
         .map_err(|e| hsm_failure(Step::Channel, e))?;
         run.scratch.push(ktk.clone());
         run.ktk = Some(ktk);
+        run.th = th;
         run.ktk_method = Some(method);
         Ok(())
     }
@@ -675,11 +693,7 @@ impl Ctx<'_> {
                 ));
             }
             if ack.lifecycle == Lifecycle::Sealed {
-                return Err(Failure::new(
-                    "meter.refused",
-                    Severity::Notice,
-                    "a sealed meter cannot be reworked over the jig; send it to the rework bench",
-                ));
+                return self.rework_sealed(link, ack, run).await;
             }
             link.call(&Message::Reset {
                 mode: ResetMode::FactoryWipe,
@@ -687,9 +701,9 @@ impl Ctx<'_> {
             .await
             .map_err(|e| link_failure(Step::Check, e))?;
             return Err(Failure::new(
-                "meter.refused",
-                Severity::Info,
-                "meter wiped for rework; it will be provisioned on its next insertion",
+                REWORKED,
+                Severity::Notice,
+                "meter wiped for rework (RESET 2); provisioning it again",
             )
             .quiet());
         }
@@ -737,6 +751,113 @@ impl Ctx<'_> {
                 .await;
         }
         Ok(())
+    }
+
+    /// A sealed meter whose rework a supervisor approved: the station signs, in the HSM, a token
+    /// bound to the meter's UID, this channel and the signing certificate the cell issued to it
+    /// (line protocol 4.16); the meter checks it and returns to blank. The journal leads: the
+    /// approval is used and the token is in the audit log before REWORK goes out.
+    async fn rework_sealed(
+        &self,
+        link: &mut HostLink,
+        ack: &HelloAck,
+        run: &Run,
+    ) -> Result<(), Failure> {
+        if ack.features & FEATURE_REWORK == 0 {
+            return Err(Failure::new(
+                "meter.refused",
+                Severity::Notice,
+                "this sealed meter's bootloader cannot be reworked over the jig (it does not offer REWORK, line protocol 4.16); send it to the rework bench",
+            ));
+        }
+        let uid = run.uid.clone();
+        let issued: Option<Vec<u8>> = self
+            .inner
+            .db
+            .call(move |c| -> super::Result<Option<Vec<u8>>> {
+                Ok(rusqlite::OptionalExtension::optional(c.query_row(
+                    "SELECT c.der FROM certificates c JOIN meters m ON m.id = c.meter_id
+                     WHERE m.uid = ?1 AND c.slot = 'sign' AND c.der IS NOT NULL
+                     ORDER BY c.id DESC LIMIT 1",
+                    [&uid],
+                    |r| r.get(0),
+                ))?)
+            })
+            .await
+            .map_err(|e| db_failure(Step::Check, e))?;
+        let token = ReworkToken {
+            uid: ack.uid.clone(),
+            session: run.th,
+            cert_sha256: issued.as_deref().map(sha256).unwrap_or([0; 32]),
+        }
+        .encode();
+        let signer = self.inner.keys.transcript_signer(&self.inner.hsm);
+        let signature = signer.sign(&token).await.map_err(|e| {
+            Failure::new(
+                "hsm.error",
+                Severity::Critical,
+                format!("the HSM could not sign the rework token: {e}"),
+            )
+        })?;
+        let (token_hex, sig_hex) = (hex::encode(&token), hex::encode(&signature));
+        let uid = run.uid.clone();
+        let audit = self.inner.audit.clone();
+        let source = format!("nest {}", self.nest + 1);
+        let operator = self.operator.clone();
+        let details = serde_json::json!({
+            "uid": run.uid, "token": token_hex, "signature": sig_hex,
+            "certificate_sha256": issued.as_deref().map(|d| hex::encode(sha256(d))),
+        });
+        self.inner
+            .db
+            .call(move |c| -> super::Result<()> {
+                let tx = c.transaction()?;
+                let n = tx.execute(
+                    "UPDATE reworks SET used_at = ?1 WHERE uid = ?2 AND used_at IS NULL",
+                    params![now_ms(), uid],
+                )?;
+                records::guarded(n.min(1), &format!("the rework approval of {uid}"), "unused")?;
+                audit.append(
+                    &tx,
+                    &NewEvent::new(
+                        &source,
+                        "meter.rework_sent",
+                        Severity::Notice,
+                        &operator,
+                        details,
+                    ),
+                )?;
+                tx.commit()?;
+                Ok(())
+            })
+            .await
+            .map_err(|e| db_failure(Step::Check, e))?;
+        match link.call(&Message::Rework { token, signature }).await {
+            Ok(Message::Ack) => Err(Failure::new(
+                REWORKED,
+                Severity::Notice,
+                "sealed meter returned to blank by a signed rework token; provisioning it again",
+            )
+            .quiet()),
+            Ok(other) => Err(Failure::new(
+                "meter.failed",
+                Severity::Warning,
+                format!("REWORK answered with {}", other.name()),
+            )),
+            Err(LinkError::Refused {
+                code: ErrorCode::ReworkRefused,
+                detail,
+                ..
+            }) => Err(Failure::new(
+                "security.rework_refused",
+                Severity::Critical,
+                format!(
+                    "the meter refused the rework token ({detail}): it does not hold the certificate this cell issued to UID {}; quarantine it",
+                    run.uid
+                ),
+            )),
+            Err(e) => Err(link_failure(Step::Check, e)),
+        }
     }
 
     /// Commits the meter's record with its identity and one certificate intent per slot (with

@@ -29,6 +29,9 @@ pub struct Faults {
     pub fake_seal: bool,
     /// Stop answering from the first request of this type on.
     pub silent_at: Option<u8>,
+    /// The meter is pulled out of the nest on the first request of this type (unanswered) and
+    /// the next meter is put in at once: the station's retries reach the next meter.
+    pub swap_at: Option<u8>,
     /// A broken random generator: every key pair generated is the same one.
     pub broken_trng: bool,
     /// The first answer to a request of this type is lost on the line (the request was handled).
@@ -43,7 +46,8 @@ pub struct Faults {
     pub debug_open: bool,
 }
 
-/// Names accepted for request types in `replay:` and `silent-at:`.
+/// Names accepted for request types in `replay:`, `silent-at:`, `swap-at:` and
+/// `lose-response:`.
 pub fn request_type(name: &str) -> Option<u8> {
     Some(match name {
         "hello" => ty::HELLO,
@@ -77,6 +81,8 @@ bad-pop             certificate requests carry an invalid proof of possession
 lie-lifecycle:STATE report lifecycle STATE (blank, personalized, sealed) in HELLO
 fake-seal           answer SEAL as sealed without sealing
 silent-at:REQ       stop answering from the first REQ on
+swap-at:REQ         pull the meter out at the first REQ (unanswered); the next meter goes
+                    in at once and gets the station's retries
 broken-trng         generate the same key pair every time (a broken random generator)
 lose-response:REQ   handle the first REQ but lose its answer on the line (REQ all: the
                     first answer to each request type, in turn)
@@ -133,6 +139,7 @@ impl Faults {
             }
             "fake-seal" => self.fake_seal = true,
             "silent-at" => self.silent_at = Some(req(need(value)?)?),
+            "swap-at" => self.swap_at = Some(req(need(value)?)?),
             "broken-trng" => self.broken_trng = true,
             "lose-response" if value == Some("all") => self.lose_response_all = true,
             "lose-response" => self.lose_response = Some(req(need(value)?)?),

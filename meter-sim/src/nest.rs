@@ -125,6 +125,9 @@ fn mangle(bytes: &[u8], faults: &Faults, rng: &mut NoiseRng) -> Vec<u8> {
     out
 }
 
+/// The outcome of a meter pulled out in the middle of a request (fault `swap-at`).
+const SWAPPED: &str = "swapped";
+
 /// Reads and throws away input for `d` (an empty nest, or a rebooting meter).
 async fn discard_for(
     rd: &mut (impl AsyncReadExt + Unpin),
@@ -185,7 +188,9 @@ pub async fn run_nest(transport: Transport, cfg: NestConfig) -> io::Result<()> {
         record(&cfg, index, &uid, outcome, faulty, busy.as_micros() as u64);
         tracing::info!(nest = cfg.nest, uid = %hex::encode(&uid), outcome, "meter removed");
         index += 1;
-        discard_for(&mut rd, &mut buf, cfg.insert_delay).await?;
+        if outcome != SWAPPED {
+            discard_for(&mut rd, &mut buf, cfg.insert_delay).await?;
+        }
     }
 }
 
@@ -244,6 +249,10 @@ async fn run_meter(
                     }
                     if faults.silent_at == Some(*msg_type) {
                         silent = true;
+                    }
+                    if faults.swap_at == Some(*msg_type) {
+                        // Out before its answer leaves; the next meter is already in.
+                        return Ok(SWAPPED);
                     }
                     if faults.replay_after == Some(*msg_type) {
                         replay = true;

@@ -274,3 +274,51 @@ async fn failure_with_fault(fault: &str) -> String {
         )
         .unwrap()
 }
+
+/// A meter taken out of its nest in the middle of a request, the next one put in at once: the
+/// station's retries reach the new meter, which knows no channel. The failure names what
+/// happened (the meter was taken out, another UID answers) instead of blaming the old meter for
+/// a dropped channel, raises no security alarm, and the new meter is provisioned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_meter_swapped_during_retries_is_recognised_as_a_new_meter() {
+    for (fault, step) in [
+        ("swap-at:put-anchor", "trust anchors"),
+        ("swap-at:fw-data", "firmware"),
+    ] {
+        let cell = Cell::new(CellOptions {
+            nests: 1,
+            quantity: 1,
+            firmware_kib: 16,
+            faults: vec![(1, fault.into())],
+            ..CellOptions::default()
+        })
+        .await;
+        let (daemon, summary) = run_batch(&cell, Duration::from_secs(120)).await;
+        daemon.stop().await.unwrap();
+        assert!(summary.batch_complete, "{fault}: {summary}");
+        assert_eq!((summary.done, summary.failed), (1, 1), "{fault}: {summary}");
+        let db = cell.db();
+        let (failure, done_uid): (String, String) = db
+            .query_row(
+                "SELECT f.failure, d.uid FROM meters f, meters d WHERE f.state = 'failed' AND d.state = 'done'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(
+            failure,
+            format!(
+                "meter taken out of the nest during {step} (another meter, UID {done_uid}, answers now)"
+            ),
+            "{fault}"
+        );
+        let alarms: i64 = db
+            .query_row(
+                "SELECT count(*) FROM audit WHERE kind LIKE 'security.%'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(alarms, 0, "{fault}: a swap is no security event");
+    }
+}

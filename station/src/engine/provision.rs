@@ -96,6 +96,9 @@ struct Failure {
     severity: Severity,
     /// The channel is still up: release the meter so the operator removes it.
     release: bool,
+    /// The meter went quiet or lost the channel: ask the nest who is there before blaming it
+    /// (it may have been taken out, and the retries reached the next meter).
+    probe: bool,
 }
 
 impl Failure {
@@ -105,11 +108,17 @@ impl Failure {
             kind,
             severity,
             release: true,
+            probe: false,
         }
     }
 
     fn quiet(mut self) -> Failure {
         self.release = false;
+        self
+    }
+
+    fn probe(mut self) -> Failure {
+        self.probe = true;
         self
     }
 }
@@ -122,7 +131,8 @@ fn link_failure(step: Step, e: LinkError) -> Failure {
             Severity::Warning,
             format!("meter stopped answering during {at} ({what} unanswered after {ms} ms)"),
         )
-        .quiet(),
+        .quiet()
+        .probe(),
         LinkError::Refused { what, code, detail } => {
             let detail = if detail.is_empty() {
                 String::new()
@@ -146,7 +156,8 @@ fn link_failure(step: Step, e: LinkError) -> Failure {
                 code.describe()
             ),
         )
-        .quiet(),
+        .quiet()
+        .probe(),
         LinkError::Security(v) => {
             let kind = match v {
                 Violation::Replay { .. } => "security.replay",
@@ -348,7 +359,10 @@ impl Ctx<'_> {
                 }
                 Outcome::Refused { reason: f.reason }
             }
-            Err(f) => {
+            Err(mut f) => {
+                if f.probe {
+                    self.swapped(link, &ack.uid, run.step, &mut f).await;
+                }
                 let reason = f.reason.clone();
                 self.fail(&run, &f).await;
                 // The cell's own faults: the next meter would fail the same way.
@@ -370,6 +384,22 @@ impl Ctx<'_> {
         };
         self.cleanup(&mut run).await;
         outcome
+    }
+
+    /// A meter that went quiet or lost its channel may have been taken out, the station's
+    /// retries reaching the next meter (which knows no channel): one HELLO says who is in the
+    /// nest. Another UID means the meter was removed, and the failure says so, blaming neither
+    /// meter; the next one is started from the nest's next HELLO.
+    async fn swapped(&self, link: &mut HostLink, uid: &[u8], step: Step, f: &mut Failure) {
+        if let Ok(now) = link.hello_attempts(1).await
+            && now.uid != uid
+        {
+            f.reason = format!(
+                "meter taken out of the nest during {} (another meter, UID {}, answers now)",
+                step.word(),
+                hex::encode(&now.uid)
+            );
+        }
     }
 
     async fn batch_and_model(
@@ -1561,7 +1591,10 @@ impl Ctx<'_> {
             return Err(Failure::new(
                 "meter.failed",
                 Severity::Warning,
-                "another meter answered after the link came back",
+                format!(
+                    "meter taken out of the nest during firmware (another meter, UID {}, answers now)",
+                    hex::encode(&ack.uid)
+                ),
             )
             .quiet());
         }

@@ -185,6 +185,18 @@ async fn a_lost_answer_to_any_request_never_fails_a_meter() {
     every_meter_done(&cell, 2).await;
 }
 
+/// A one-nest cell whose batch wants one meter, the nest's first meter with `fault`.
+async fn one_meter_with_fault(fault: &str) -> Cell {
+    Cell::new(CellOptions {
+        nests: 1,
+        quantity: 1,
+        firmware_kib: 16,
+        faults: vec![(1, fault.into())],
+        ..CellOptions::default()
+    })
+    .await
+}
+
 /// Runs the batch; every one of its `quantity` meters ends done, none failed or refused.
 async fn every_meter_done(cell: &Cell, quantity: i64) {
     let (daemon, summary) = run_batch(cell, Duration::from_secs(180)).await;
@@ -255,14 +267,7 @@ async fn a_receipt_listing_more_certificates_than_issued_fails_the_meter() {
 /// A one-meter batch whose meter has `fault`: the meter fails (the next one is done); returns
 /// the failure recorded for it.
 async fn failure_with_fault(fault: &str) -> String {
-    let cell = Cell::new(CellOptions {
-        nests: 1,
-        quantity: 1,
-        firmware_kib: 16,
-        faults: vec![(1, fault.into())],
-        ..CellOptions::default()
-    })
-    .await;
+    let cell = one_meter_with_fault(fault).await;
     let (daemon, summary) = run_batch(&cell, Duration::from_secs(120)).await;
     daemon.stop().await.unwrap();
     assert_eq!(summary.failed, 1, "{summary}");
@@ -285,14 +290,7 @@ async fn a_meter_swapped_during_retries_is_recognised_as_a_new_meter() {
         ("swap-at:put-anchor", "trust anchors"),
         ("swap-at:fw-data", "firmware"),
     ] {
-        let cell = Cell::new(CellOptions {
-            nests: 1,
-            quantity: 1,
-            firmware_kib: 16,
-            faults: vec![(1, fault.into())],
-            ..CellOptions::default()
-        })
-        .await;
+        let cell = one_meter_with_fault(fault).await;
         let (daemon, summary) = run_batch(&cell, Duration::from_secs(120)).await;
         daemon.stop().await.unwrap();
         assert!(summary.batch_complete, "{fault}: {summary}");

@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod db;
 pub mod demo;
 pub mod engine;
+pub mod fuzz;
 pub mod manifest;
 pub mod records;
 pub mod run;

@@ -499,7 +499,7 @@ fn screenshot(out: Option<&str>) -> Result<(), String> {
 }
 
 /// Every fuzz target (`fuzz/fuzz_targets/<name>.rs`).
-const FUZZ_TARGETS: [&str; 9] = [
+const FUZZ_TARGETS: [&str; 13] = [
     "frame_decoder",
     "message",
     "meter_input",
@@ -509,6 +509,10 @@ const FUZZ_TARGETS: [&str; 9] = [
     "receipt",
     "station_chain",
     "csr",
+    "manifest_envelope",
+    "manifest_content",
+    "config",
+    "api_message",
 ];
 
 /// Coverage-guided fuzzing with libFuzzer on the stable toolchain: the `fuzz/` crate built with

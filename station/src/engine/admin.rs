@@ -626,7 +626,7 @@ fn customer_label(name: &str) -> String {
 
 /// A utility's key-transport certificate as the station accepts it (PEM or DER) for customer
 /// `name`: its DER, once the name and [`check_customer_certificate`] pass.
-pub(crate) fn accept_customer_certificate(name: &str, cert: &[u8]) -> Result<Vec<u8>> {
+pub fn accept_customer_certificate(name: &str, cert: &[u8]) -> Result<Vec<u8>> {
     if name.is_empty()
         || name.len() > 24
         || !name

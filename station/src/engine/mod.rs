@@ -22,7 +22,7 @@ use serde::Serialize;
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 
-pub(crate) use admin::accept_customer_certificate;
+pub use admin::accept_customer_certificate;
 pub use admin::{BatchSpec, ExportOutcome};
 pub use keys::{CELL_MARKER, CellAccess, CellKeys, open_hsm};
 use line_protocol::firmware::{PlanParams, TransferPlan};

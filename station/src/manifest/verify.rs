@@ -24,7 +24,7 @@ use line_protocol::msg::Lifecycle;
 use line_protocol::receipt::Receipt;
 
 /// The outcome of a verification.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Report {
     /// Every failure found, each naming what and where.
     pub failures: Vec<String>,
@@ -135,28 +135,25 @@ pub fn verify_file(p7m: &Path, root: &Certificate) -> Result<(Report, Option<Man
 
 /// Verifies a manifest held in memory.
 pub fn verify_bytes(bytes: &[u8], root: &Certificate) -> (Report, Option<Manifest>) {
-    let mut r = Report {
-        failures: Vec::new(),
-        meters: 0,
-        voided: 0,
-        work_order: None,
-        customer: None,
-        signer: None,
-        content_sha256: None,
-        checkpoint_seq: None,
-        anchors: Vec::new(),
-    };
+    let mut r = Report::default();
     let content = match check_envelope(bytes, root, &mut r) {
         Some(c) => c,
         None => return (r, None),
     };
+    let manifest = check_manifest(content, root, &mut r);
+    (r, manifest)
+}
+
+/// Checks the signed content of a manifest (the JSON inside the envelope): its form, and every
+/// meter, certificate, key binding and anchor in it.
+pub fn check_manifest(content: &[u8], root: &Certificate, r: &mut Report) -> Option<Manifest> {
     r.content_sha256 = Some(hex::encode(Sha256::digest(content)));
     let manifest: Manifest = match serde_json::from_slice(content) {
         Ok(m) => m,
         Err(e) => {
             r.failures
                 .push(format!("schema: the content is not a valid manifest: {e}"));
-            return (r, None);
+            return None;
         }
     };
     for e in manifest.check_form() {
@@ -173,10 +170,10 @@ pub fn verify_bytes(bytes: &[u8], root: &Certificate) -> (Report, Option<Manifes
         .collect();
     r.checkpoint_seq = Some(manifest.audit_checkpoint.seq);
     if r.failures.iter().any(|f| f.starts_with("schema:")) {
-        return (r, Some(manifest));
+        return Some(manifest);
     }
-    check_content(&manifest, root, &mut r);
-    (r, Some(manifest))
+    check_content(&manifest, root, r);
+    Some(manifest)
 }
 
 const ID_SIGNED_DATA: &str = "1.2.840.113549.1.7.2";

@@ -145,70 +145,10 @@ async fn killed_twenty_times(kryoptic: bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_crash_right_after_seal_leaves_a_meter_that_may_be_sealed_and_a_signed_token_reworks_it()
 {
-    let cell = Cell::new(CellOptions {
-        nests: 1,
-        quantity: 1,
-        firmware_kib: 16,
-        ..CellOptions::default()
-    })
-    .await;
-    let mut daemon = tokio::task::block_in_place(|| {
-        cell.spawn_stationd_with(&[("STATION_FAILPOINT", "provision.sealed")])
-    });
-    let mut child = station_run(&cell, false);
-    let t0 = Instant::now();
-    while daemon.try_wait().unwrap().is_none() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "the daemon never sealed a meter"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(
-        !daemon.wait().unwrap().success(),
-        "the daemon died at the crash point"
-    );
-    let _ = child.kill();
-    let _ = child.wait();
-    let q = |sql: &str| -> i64 { cell.db().query_row(sql, [], |r| r.get(0)).unwrap() };
-    assert_eq!(
-        q("SELECT count(*) FROM meters WHERE state = 'flashed' AND seal_sent_at IS NOT NULL"),
-        1,
-        "the journal knew SEAL was being sent"
-    );
-    // The next start fails it as a meter that may be sealed, and says so in the audit log.
-    let d = tokio::task::block_in_place(|| cell.spawn_stationd());
-    e2e::stop_stationd(d);
-    let failure: String = cell
-        .db()
-        .query_row(
-            "SELECT failure FROM meters WHERE state = 'failed'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
-    assert_eq!(
-        failure,
-        "interrupted after SEAL was sent: the meter may be sealed; take it out for rework"
-    );
-    assert_eq!(
-        q(
-            "SELECT count(*) FROM audit WHERE kind = 'station.recovery' AND json_extract(details, '$.may_have_sealed') = 1"
-        ),
-        1
-    );
-
+    let (cell, uid, old_cert) = sealed_by_a_crash().await;
     // The meter is sealed; a supervisor approves its rework; the station's next run sends it a
     // token signed in the HSM (line protocol 4.16); the meter returns to blank and is
     // provisioned again in the same nest.
-    let (uid, old_cert): (String, Vec<u8>) = cell
-        .db()
-        .query_row(
-            "SELECT m.uid, c.der FROM meters m JOIN certificates c ON c.meter_id = m.id AND c.slot = 'sign'",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap();
     let dir = cell.meter_dir(&uid);
     let state = || -> serde_json::Value {
         serde_json::from_slice(&std::fs::read(dir.join("meter.json")).unwrap()).unwrap()
@@ -269,6 +209,114 @@ async fn a_crash_right_after_seal_leaves_a_meter_that_may_be_sealed_and_a_signed
             "{kind}"
         );
     }
+    let (code, out, err) = cell.run(Some("audit"), &["audit", "verify"]);
+    assert_eq!(code, 0, "{out}{err}");
+    e2e::stop_stationd(d);
+}
+
+/// A one-meter cell whose daemon died right after the meter sealed (failpoint
+/// `provision.sealed`), restarted once: start-up recovery failed the meter as one that may be
+/// sealed. Returns the cell, the meter's UID and the signing certificate it was given.
+async fn sealed_by_a_crash() -> (Cell, String, Vec<u8>) {
+    let cell = Cell::new(CellOptions {
+        nests: 1,
+        quantity: 1,
+        firmware_kib: 16,
+        ..CellOptions::default()
+    })
+    .await;
+    let mut daemon = tokio::task::block_in_place(|| {
+        cell.spawn_stationd_with(&[("STATION_FAILPOINT", "provision.sealed")])
+    });
+    let mut child = station_run(&cell, false);
+    let t0 = Instant::now();
+    while daemon.try_wait().unwrap().is_none() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the daemon never sealed a meter"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !daemon.wait().unwrap().success(),
+        "the daemon died at the crash point"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    let q = |sql: &str| -> i64 { cell.db().query_row(sql, [], |r| r.get(0)).unwrap() };
+    assert_eq!(
+        q("SELECT count(*) FROM meters WHERE state = 'flashed' AND seal_sent_at IS NOT NULL"),
+        1,
+        "the journal knew SEAL was being sent"
+    );
+    // The next start fails it as a meter that may be sealed, and says so in the audit log.
+    let d = tokio::task::block_in_place(|| cell.spawn_stationd());
+    e2e::stop_stationd(d);
+    let failure: String = cell
+        .db()
+        .query_row(
+            "SELECT failure FROM meters WHERE state = 'failed'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        failure,
+        "interrupted after SEAL was sent: the meter may be sealed; take it out for rework"
+    );
+    assert_eq!(
+        q(
+            "SELECT count(*) FROM audit WHERE kind = 'station.recovery' AND json_extract(details, '$.may_have_sealed') = 1"
+        ),
+        1
+    );
+
+    let (uid, old_cert): (String, Vec<u8>) = cell
+        .db()
+        .query_row(
+            "SELECT m.uid, c.der FROM meters m JOIN certificates c ON c.meter_id = m.id AND c.slot = 'sign'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    (cell, uid, old_cert)
+}
+
+/// A board that holds another signing certificate than the one the cell's records name for its
+/// UID (a swapped or cloned board) refuses the token: the station raises a critical alarm, the
+/// meter stays sealed and untouched, and the line goes on with the next meter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sealed_meter_holding_another_certificate_refuses_the_rework_token() {
+    let (cell, uid, old_cert) = sealed_by_a_crash().await;
+    let dir = cell.meter_dir(&uid);
+    let mut other = old_cert.clone();
+    let last = other.len() - 1;
+    other[last] ^= 0x01;
+    std::fs::write(dir.join("cert-sign.der"), &other).unwrap();
+    let d = tokio::task::block_in_place(|| cell.spawn_stationd());
+    let (code, out, err) = cell.run(Some("super"), &["rework", &uid]);
+    assert_eq!(code, 0, "{out}{err}");
+    run_to_the_end(&cell, Duration::from_secs(120)).await;
+    let q = |sql: &str| -> i64 { cell.db().query_row(sql, [], |r| r.get(0)).unwrap() };
+    assert_eq!(
+        q("SELECT count(*) FROM audit WHERE kind = 'security.rework_refused'"),
+        1
+    );
+    assert_eq!(
+        q("SELECT count(*) FROM audit WHERE kind = 'meter.reworked'"),
+        0
+    );
+    let done: String = cell
+        .db()
+        .query_row("SELECT uid FROM meters WHERE state = 'done'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_ne!(done, uid, "the next meter completed the batch");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("meter.json")).unwrap()).unwrap();
+    assert_eq!(state["lifecycle"], "sealed");
+    assert_eq!(state["reworks"], serde_json::json!([]));
     let (code, out, err) = cell.run(Some("audit"), &["audit", "verify"]);
     assert_eq!(code, 0, "{out}{err}");
     e2e::stop_stationd(d);

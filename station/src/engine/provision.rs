@@ -885,7 +885,8 @@ impl Ctx<'_> {
                     "the meter refused the rework token ({detail}): it does not hold the certificate this cell issued to UID {}; quarantine it",
                     run.uid
                 ),
-            )),
+            )
+            .quiet()),
             Err(e) => Err(link_failure(Step::Check, e)),
         }
     }

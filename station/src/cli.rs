@@ -96,7 +96,10 @@ enum Cmd {
     /// Alarms raised by critical audit events.
     #[command(subcommand)]
     Alarm(AlarmCmd),
-    /// Allow a failed meter to be provisioned again.
+    /// Allow a failed meter to be provisioned again (supervisor): at its next insertion a
+    /// personalized meter is wiped (RESET 2); a sealed one is sent a rework token signed in the
+    /// HSM and bound to its UID, the channel and its certificate (line protocol 4.16). Either
+    /// way it is then provisioned again in the same nest. One approval, one rework.
     Rework {
         /// The meter's UID (hex).
         uid: String,

@@ -311,6 +311,16 @@ impl FirmwareSender {
     }
 }
 
+/// The largest `raw_len` a DEFLATE block may announce (section 4.12): max(`max_block`, A − 25),
+/// A being the `max_payload` the meter advertised in HELLO_ACK (25: the 9 bytes before FW_DATA's
+/// `data` and the tag). The host never cuts a block smaller than one frame's data room, so a
+/// DEFLATE block may decode to that much even when `max_block` is smaller. Raw blocks have no
+/// such limit: they are bounded by their frame.
+pub fn deflate_block_limit(max_block: u32, advertised_max_payload: usize) -> u32 {
+    let room = advertised_max_payload.saturating_sub(FW_DATA_OVERHEAD + TAG_LEN);
+    max_block.max(u32::try_from(room).unwrap_or(u32::MAX))
+}
+
 /// Meter side: which byte ranges of the image are held.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FirmwareReceiver {
@@ -320,7 +330,7 @@ pub struct FirmwareReceiver {
     pub sha256: [u8; 32],
     /// Compression allowed by FW_BEGIN.
     pub compression: bool,
-    max_block: u32,
+    max_deflate: u32,
     ranges: Vec<(u32, u32)>,
 }
 
@@ -329,8 +339,15 @@ pub struct FirmwareReceiver {
 pub const MAX_TRACKED_RANGES: usize = 64;
 
 impl FirmwareReceiver {
-    /// A receiver for an image of `size` bytes holding `[0, have)` already.
-    pub fn new(size: u32, sha256: [u8; 32], compression: bool, max_block: u32, have: u32) -> Self {
+    /// A receiver for an image of `size` bytes holding `[0, have)` already. `max_deflate` is the
+    /// largest `raw_len` of a DEFLATE block, [`deflate_block_limit`].
+    pub fn new(
+        size: u32,
+        sha256: [u8; 32],
+        compression: bool,
+        max_deflate: u32,
+        have: u32,
+    ) -> Self {
         let ranges = if have > 0 {
             vec![(0, have.min(size))]
         } else {
@@ -340,7 +357,7 @@ impl FirmwareReceiver {
             size,
             sha256,
             compression,
-            max_block,
+            max_deflate,
             ranges,
         }
     }
@@ -362,14 +379,16 @@ impl FirmwareReceiver {
         self.ranges.iter().any(|&(a, b)| a <= s && e <= b)
     }
 
-    /// Checks and decodes a block. `Ok(None)`: already held (acknowledge only).
+    /// Checks and decodes a block, in the order of section 4.12. `Ok(None)`: already held
+    /// (acknowledge only).
     pub fn decode(&self, d: &FwData) -> Result<Option<Vec<u8>>, ErrorCode> {
         let end = d
             .offset
             .checked_add(d.raw_len)
             .filter(|&e| e <= self.size && d.raw_len > 0)
             .ok_or(ErrorCode::FwOutOfRange)?;
-        if d.raw_len > self.max_block.max(limits::MAX_PAYLOAD as u32) {
+        // Only DEFLATE blocks have a decoded-size limit; a raw block is bounded by its frame.
+        if d.encoding == Encoding::Deflate && d.raw_len > self.max_deflate {
             return Err(ErrorCode::TooLarge);
         }
         if self.holds(d.offset, end) {
@@ -590,6 +609,29 @@ mod tests {
         };
         let rx2 = FirmwareReceiver::new(1000, [0; 32], true, 4096, 0);
         assert_eq!(rx2.decode(&bomb), Err(ErrorCode::FwDecompress));
+    }
+
+    #[test]
+    fn deflate_limit_is_max_block_or_one_frames_data_room() {
+        assert_eq!(deflate_block_limit(4096, 8192), 8192 - 25);
+        assert_eq!(deflate_block_limit(65536, 8192), 65536);
+        assert_eq!(deflate_block_limit(0, 2048), 2048 - 25);
+        let rx = FirmwareReceiver::new(100_000, [0; 32], false, 8167, 0);
+        let d = |raw_len: u32, encoding| FwData {
+            offset: 0,
+            raw_len,
+            encoding,
+            data: vec![0; 10],
+        };
+        assert_eq!(
+            rx.decode(&d(8168, Encoding::Deflate)),
+            Err(ErrorCode::TooLarge)
+        );
+        // Raw blocks are bounded by their frame only: here the data does not match raw_len.
+        assert_eq!(
+            rx.decode(&d(40_000, Encoding::Raw)),
+            Err(ErrorCode::Malformed)
+        );
     }
 
     #[test]

@@ -215,13 +215,20 @@ pub fn parse(raw: &[u8]) -> Result<Frame, FrameError> {
 
 /// The stream decoder: feed it any bytes, get back whole frames.
 ///
-/// It buffers at most `max_encoded` bytes of one frame. A block longer than that is discarded up
-/// to the next delimiter and counted as [`FrameError::Oversized`]; everything else that is wrong is
-/// dropped and counted too, so that noise on the line costs one frame, never the session.
+/// The limit is on the unstuffed frame, `L = max_payload + 18` bytes (sections 2 and 3.1). The
+/// decoder buffers at most `L + ceil(L / 254)` stuffed bytes of one block (no legal frame needs
+/// more); a block longer than that is discarded up to the next delimiter without being buffered.
+/// Since stuffing adds almost nothing to runs of zeros, a block within that budget may still
+/// unstuff to more than `L` bytes: it is dropped too. Both are counted as
+/// [`FrameError::Oversized`]; everything else that is wrong is dropped and counted as well, so
+/// that noise on the line costs one frame, never the session.
 #[derive(Debug)]
 pub struct FrameDecoder {
     buf: Vec<u8>,
     scratch: Vec<u8>,
+    /// `L`: the largest unstuffed frame (header, payload and CRC).
+    max_raw: usize,
+    /// The stuffed bytes `L` may take.
     max_encoded: usize,
     overflow: bool,
     stats: FrameStats,
@@ -239,10 +246,12 @@ pub enum Decoded {
 impl FrameDecoder {
     /// A decoder that accepts payloads up to `max_payload` bytes.
     pub fn new(max_payload: usize) -> Self {
+        let max_raw = HEADER_LEN + max_payload + CRC_LEN;
         FrameDecoder {
             buf: Vec::new(),
             scratch: Vec::new(),
-            max_encoded: cobs::max_encoded_len(HEADER_LEN + max_payload + CRC_LEN),
+            max_raw,
+            max_encoded: cobs::max_encoded_len(max_raw),
             overflow: false,
             stats: FrameStats::default(),
         }
@@ -250,7 +259,8 @@ impl FrameDecoder {
 
     /// Changes the payload limit (after negotiation).
     pub fn set_max_payload(&mut self, max_payload: usize) {
-        self.max_encoded = cobs::max_encoded_len(HEADER_LEN + max_payload + CRC_LEN);
+        self.max_raw = HEADER_LEN + max_payload + CRC_LEN;
+        self.max_encoded = cobs::max_encoded_len(self.max_raw);
     }
 
     /// Counters so far.
@@ -309,6 +319,9 @@ impl FrameDecoder {
         }
         let result = match cobs::decode_into(&self.buf, &mut self.scratch) {
             Err(_) => Err(FrameError::Stuffing),
+            // The limit is on the unstuffed frame; with the length check of `parse` this bounds
+            // the payload by `max_payload`.
+            Ok(()) if self.scratch.len() > self.max_raw => Err(FrameError::Oversized),
             Ok(()) => parse(&self.scratch),
         };
         self.buf.clear();

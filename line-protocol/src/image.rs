@@ -196,19 +196,31 @@ pub fn parse(image: &[u8]) -> Result<ImageInfo, ImageError> {
     if tlv_end != image.len() {
         return Err(Format("bytes after the TLV area"));
     }
+    // TLVs 0x10, 0x01 and 0x22 count only here, each at most once (section 6.4).
     let mut hash = None;
     let mut key_hash = None;
     let mut signature = None;
     walk_tlvs(&image[hashed_end + 4..tlv_end], |t, v| {
         match t {
             TLV_SHA256 => {
+                if hash.is_some() {
+                    return Err(Format("two SHA-256 TLVs"));
+                }
                 hash = Some(<[u8; 32]>::try_from(v).map_err(|_| Format("hash TLV not 32 bytes"))?);
             }
             TLV_KEYHASH => {
+                if key_hash.is_some() {
+                    return Err(Format("two key hash TLVs"));
+                }
                 key_hash =
                     Some(<[u8; 32]>::try_from(v).map_err(|_| Format("key hash TLV not 32 bytes"))?);
             }
-            TLV_ECDSA_SIG => signature = Some(v.to_vec()),
+            TLV_ECDSA_SIG => {
+                if signature.is_some() {
+                    return Err(Format("two signature TLVs"));
+                }
+                signature = Some(v.to_vec());
+            }
             _ => {}
         }
         Ok(())
@@ -230,11 +242,13 @@ pub fn parse(image: &[u8]) -> Result<ImageInfo, ImageError> {
     })
 }
 
+/// Walks the TLVs of one area, checking its structure only: every TLV lies within the area.
+/// What the types mean, and which may repeat, is the caller's business (the protected area's
+/// TLVs count through the hash alone).
 fn walk_tlvs(
     mut area: &[u8],
     mut each: impl FnMut(u16, &[u8]) -> Result<(), ImageError>,
 ) -> Result<(), ImageError> {
-    let mut seen_hash = false;
     while !area.is_empty() {
         if area.len() < 4 {
             return Err(ImageError::Format("truncated TLV"));
@@ -243,12 +257,6 @@ fn walk_tlvs(
         let len = le16(area, 2) as usize;
         if area.len() < 4 + len {
             return Err(ImageError::Format("TLV runs past its area"));
-        }
-        if t == TLV_SHA256 {
-            if seen_hash {
-                return Err(ImageError::Format("two SHA-256 TLVs"));
-            }
-            seen_hash = true;
         }
         each(t, &area[4..4 + len])?;
         area = &area[4 + len..];
@@ -267,18 +275,35 @@ pub fn key_hash(key: &PublicKey) -> [u8; 32] {
 
 /// Parses `image` and verifies its signature against `key`.
 pub fn verify(image: &[u8], key: &PublicKey) -> Result<ImageInfo, ImageError> {
+    verify_any(image, std::slice::from_ref(key)).map(|(info, _)| info)
+}
+
+/// Parses `image` and verifies its signature against any of `keys`: a meter holding several
+/// firmware verification anchors accepts an image that verifies with any of them, and a key-hash
+/// TLV names the one meant (sections 4.10 and 6.4). Returns the image and the index of the key
+/// that verified it.
+pub fn verify_any(image: &[u8], keys: &[PublicKey]) -> Result<(ImageInfo, usize), ImageError> {
     let info = parse(image)?;
-    if let Some(kh) = info.key_hash
-        && kh != key_hash(key)
-    {
+    let candidates: Vec<(usize, &PublicKey)> = keys
+        .iter()
+        .enumerate()
+        .filter(|(_, k)| info.key_hash.is_none_or(|kh| kh == key_hash(k)))
+        .collect();
+    if candidates.is_empty() && info.key_hash.is_some() {
         return Err(ImageError::WrongKey);
     }
     let sig = info.signature.as_ref().ok_or(ImageError::Unsigned)?;
     let sig = Signature::from_der(sig).map_err(|_| ImageError::BadSignature)?;
-    VerifyingKey::from(key)
-        .verify_prehash(&info.hash, &sig)
-        .map_err(|_| ImageError::BadSignature)?;
-    Ok(info)
+    let found = candidates
+        .into_iter()
+        .find(|(_, k)| {
+            VerifyingKey::from(*k)
+                .verify_prehash(&info.hash, &sig)
+                .is_ok()
+        })
+        .map(|(i, _)| i)
+        .ok_or(ImageError::BadSignature)?;
+    Ok((info, found))
 }
 
 /// The 32-byte header for an image (used by the image builder in `meter-sim`).

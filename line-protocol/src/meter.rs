@@ -18,7 +18,7 @@ use crate::crypto::{
     self, channel_signed_message, parse_p256_point, session_keys, transcript_hash,
 };
 use crate::endpoint::{Endpoint, Opened, Violation};
-use crate::firmware::FirmwareReceiver;
+use crate::firmware::{FirmwareReceiver, deflate_block_limit};
 use crate::frame::{Decoded, FrameError, FrameStats};
 use crate::host::PROTOCOL_VERSION;
 use crate::limits;
@@ -177,7 +177,8 @@ enum Phase {
         eph: SecretKey,
         compression: bool,
         ktk: crypto::KtkMethod,
-        max_block: u32,
+        /// The largest `raw_len` of a DEFLATE block (section 4.12).
+        max_deflate: u32,
     },
     Secure {
         th: [u8; 32],
@@ -185,7 +186,7 @@ enum Phase {
         station: p256::PublicKey,
         ktk: Zeroizing<[u8; 32]>,
         compression: bool,
-        max_block: u32,
+        max_deflate: u32,
         slot_size: u32,
         /// Until the first encrypted host frame: the CHANNEL_OPEN payload that opened the
         /// channel and the CHANNEL_READY frame it got, sent again, byte for byte, if the same
@@ -353,9 +354,43 @@ impl MeterSession {
             out.events.push(MeterEvent::Violation(v));
             return;
         }
+        // Step 2, the type, before the payload is decoded: an unknown type, or one the meter
+        // sends itself.
+        // REWORK is a type only for a meter that offers it (feature bit 4).
+        let offered = msg_type != ty::REWORK || app.info().features & msg::FEATURE_REWORK != 0;
+        let refused_type = if !ty::is_known(msg_type) || !offered {
+            Some((
+                ErrorCode::UnknownType,
+                format!("unknown message type 0x{msg_type:02x}"),
+            ))
+        } else if ty::sent_by_meter(msg_type) {
+            let code = if self.is_secure() {
+                ErrorCode::Unexpected
+            } else {
+                ErrorCode::NoChannel
+            };
+            Some((code, "not a host request".to_string()))
+        } else {
+            None
+        };
+        if let Some((code, detail)) = refused_type {
+            self.reply(&Message::Error { code, detail }, seq, out);
+            out.events.push(MeterEvent::Handled {
+                msg_type,
+                error: Some(code),
+            });
+            return;
+        }
+        // Step 3, the payload.
         let msg = match Message::decode(msg_type, &payload) {
             Ok(m) => m,
             Err(e) => {
+                if msg_type == ty::HELLO {
+                    // Every HELLO restarts the session, even one that does not decode: the
+                    // channel ends and the ERROR is plaintext (section 4.1).
+                    self.drop_channel();
+                    self.ep.restart_tx();
+                }
                 let detail = e.to_string();
                 self.reply(
                     &Message::Error {
@@ -461,7 +496,7 @@ impl MeterSession {
             eph,
             compression: h.features & info.features & msg::FEATURE_DEFLATE != 0,
             ktk: crypto::KtkMethod::negotiate(h.features, info.features),
-            max_block: info.max_block,
+            max_deflate: deflate_block_limit(info.max_block, usize::from(max_payload)),
         };
         Ok(())
     }
@@ -480,7 +515,7 @@ impl MeterSession {
             eph,
             compression,
             ktk: ktk_method,
-            max_block,
+            max_deflate,
         } = phase
         else {
             self.drop_channel();
@@ -511,7 +546,7 @@ impl MeterSession {
             station: leaf,
             ktk,
             compression,
-            max_block,
+            max_deflate,
             slot_size,
             repeat: None,
         };
@@ -534,7 +569,7 @@ impl MeterSession {
             station,
             ktk,
             compression,
-            max_block,
+            max_deflate,
             slot_size,
             ..
         } = &self.phase
@@ -544,8 +579,8 @@ impl MeterSession {
                 "secure channel required",
             ));
         };
-        let (th, station, compression, max_block, slot_size) =
-            (*th, *station, *compression, *max_block, *slot_size);
+        let (th, station, compression, max_deflate, slot_size) =
+            (*th, *station, *compression, *max_deflate, *slot_size);
         let sealed = app.lifecycle() == Lifecycle::Sealed;
         // SEAL too: a repeated SEAL (its answer was lost) answers as the first did.
         let allowed_when_sealed = matches!(
@@ -603,7 +638,13 @@ impl MeterSession {
                         "image does not fit the slot",
                     ));
                 }
-                if want > 1 || (want == 1 && !compression) {
+                if want > 1 {
+                    return Err(Refusal::new(
+                        ErrorCode::Malformed,
+                        "undefined compression value",
+                    ));
+                }
+                if want == 1 && !compression {
                     return Err(Refusal::new(
                         ErrorCode::Unexpected,
                         "compression not negotiated",
@@ -615,7 +656,7 @@ impl MeterSession {
                     size,
                     sha256,
                     want == 1,
-                    max_block,
+                    max_deflate,
                     have,
                 ));
                 Message::FwBeginRsp { have }
@@ -725,7 +766,15 @@ fn check_rework(
     Ok(t)
 }
 
+/// PUT_KEY's checks that need the channel (section 4.11, steps 1 to 4 for AES keys; the
+/// application checks an EC key's value, its check value and its slot).
 fn unwrap_checked(ktk: &Zeroizing<[u8; 32]>, k: &PutKey) -> Result<Zeroizing<Vec<u8>>, Refusal> {
+    if !k.key_id.takes(k.key_type) {
+        return Err(Refusal::new(
+            ErrorCode::Malformed,
+            "key type does not fit the key id",
+        ));
+    }
     let clear = crypto::unwrap_key(ktk, k.wrap, &k.wrapped)
         .ok_or_else(|| Refusal::new(ErrorCode::UnwrapFailed, "integrity check failed"))?;
     if let Some(len) = crypto::clear_key_len(k.key_type) {

@@ -63,6 +63,49 @@ pub mod ty {
     pub const REWORK: u8 = 0x2C;
     /// Failure response with an error code.
     pub const ERROR: u8 = 0x7F;
+
+    /// Is `t` a type the meter sends (M→H in the type table, ERROR included)? A meter answers
+    /// one it receives `UNEXPECTED` on a channel and `NO_CHANNEL` without one, without decoding
+    /// its payload (section 4, "Order of checks", step 2).
+    pub fn sent_by_meter(t: u8) -> bool {
+        matches!(
+            t,
+            HELLO_ACK
+                | CHANNEL_READY
+                | ACK
+                | STATUS_RSP
+                | KEYGEN_RSP
+                | FW_BEGIN_RSP
+                | FW_ACK
+                | FW_RESULT
+                | SEAL_RSP
+                | ATTEST_RSP
+                | ERROR
+        )
+    }
+
+    /// Is `t` a type this implementation knows (either direction)?
+    pub fn is_known(t: u8) -> bool {
+        sent_by_meter(t)
+            || matches!(
+                t,
+                HELLO
+                    | CHANNEL_OPEN
+                    | STATUS
+                    | IDENTITY
+                    | KEYGEN
+                    | PUT_CERT
+                    | PUT_ANCHOR
+                    | PUT_KEY
+                    | FW_BEGIN
+                    | FW_DATA
+                    | FW_END
+                    | SEAL
+                    | ATTEST
+                    | RESET
+                    | REWORK
+            )
+    }
 }
 
 macro_rules! wire_enum {
@@ -165,6 +208,19 @@ impl KeyId {
             KeyId::Kek => "kek",
             KeyId::SignPrivate => "sign-private",
             KeyId::KaPrivate => "ka-private",
+        }
+    }
+
+    /// Does this key id take keys of `key_type`? Ids 1..4 take AES keys, 0x11 and 0x12 EC
+    /// private keys; any other pairing is `MALFORMED` (section 4.11).
+    pub fn takes(self, key_type: KeyType) -> bool {
+        match self {
+            KeyId::Guek | KeyId::Gbek | KeyId::Ak | KeyId::Kek => {
+                matches!(key_type, KeyType::Aes128 | KeyType::Aes256)
+            }
+            KeyId::SignPrivate | KeyId::KaPrivate => {
+                matches!(key_type, KeyType::EcP256 | KeyType::EcP384)
+            }
         }
     }
 }
@@ -1056,7 +1112,11 @@ impl Message {
                 let eph_pub = r.array("eph_pub")?;
                 let kt_pub = r.array("kt_pub")?;
                 let n = r.u8("chain_count")? as usize;
-                if n == 0 || n > limits::MAX_CHAIN {
+                // Above the maximum is TOO_LARGE, below the minimum MALFORMED (section 4).
+                if n > limits::MAX_CHAIN {
+                    return Err(DecodeError::TooLong("chain_count"));
+                }
+                if n == 0 {
                     return Err(DecodeError::BadValue("chain_count"));
                 }
                 let mut chain = Vec::with_capacity(n);
@@ -1371,6 +1431,31 @@ mod tests {
     fn error_codes_roundtrip() {
         for c in 0..=0x100u16 {
             assert_eq!(ErrorCode::from_code(c).code(), c);
+        }
+    }
+
+    #[test]
+    fn known_types_are_the_types_the_codec_decodes() {
+        for t in 0..=255u8 {
+            let unknown = Message::decode(t, &[]) == Err(DecodeError::UnknownType(t));
+            assert_eq!(ty::is_known(t), !unknown, "type 0x{t:02x}");
+        }
+        for m in samples() {
+            let from_meter = matches!(
+                m,
+                Message::HelloAck(_)
+                    | Message::ChannelReady { .. }
+                    | Message::Ack
+                    | Message::StatusRsp(_)
+                    | Message::KeyGenRsp { .. }
+                    | Message::FwBeginRsp { .. }
+                    | Message::FwAck(_)
+                    | Message::FwResult(_)
+                    | Message::SealRsp { .. }
+                    | Message::AttestRsp { .. }
+                    | Message::Error { .. }
+            );
+            assert_eq!(ty::sent_by_meter(m.msg_type()), from_meter, "{}", m.name());
         }
     }
 

@@ -392,16 +392,7 @@ impl Pair {
             ),
             "{ev:?}"
         );
-        let mut kt_pub = [0u8; 65];
-        kt_pub.copy_from_slice(&self.kt_secret.public_key().to_sec1_bytes());
-        let draft = self
-            .host
-            .prepare_open(&mut self.rng, kt_pub, vec![STATION_DER.to_vec()])
-            .unwrap_or_else(|e| panic!("{e}"));
-        let open = self
-            .host
-            .finish_open(station_sign(&draft.to_sign))
-            .unwrap_or_else(|e| panic!("{e}"));
+        let open = self.channel_open();
         let ev = self.exchange(&open);
         assert!(
             matches!(
@@ -413,6 +404,20 @@ impl Pair {
             ),
             "{ev:?}"
         );
+    }
+
+    /// The CHANNEL_OPEN frame (HELLO already exchanged) with the pair's key-transport key and
+    /// the test station chain, signed by the test station key.
+    pub fn channel_open(&mut self) -> Vec<u8> {
+        let mut kt_pub = [0u8; 65];
+        kt_pub.copy_from_slice(&self.kt_secret.public_key().to_sec1_bytes());
+        let draft = self
+            .host
+            .prepare_open(&mut self.rng, kt_pub, vec![STATION_DER.to_vec()])
+            .unwrap_or_else(|e| panic!("{e}"));
+        self.host
+            .finish_open(station_sign(&draft.to_sign))
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// The key-transport key as the host's HSM would derive it.

@@ -18,20 +18,7 @@ fn corpus() -> Vec<Vec<u8>> {
     let out = p.meter.receive(&hello, &mut p.app, &mut p.rng);
     frames.push(out.bytes.clone());
     p.host.receive(&out.bytes);
-    let mut kt = [0u8; 65];
-    kt.copy_from_slice(&p.kt_secret.public_key().to_sec1_bytes());
-    let d = p
-        .host
-        .prepare_open(
-            &mut p.rng,
-            kt,
-            vec![line_protocol::testkit::STATION_DER.to_vec()],
-        )
-        .unwrap();
-    let open = p
-        .host
-        .finish_open(line_protocol::testkit::station_sign(&d.to_sign))
-        .unwrap();
+    let open = p.channel_open();
     frames.push(open.clone());
     let out = p.meter.receive(&open, &mut p.app, &mut p.rng);
     frames.push(out.bytes.clone());

@@ -156,6 +156,9 @@ fn a_malformed_token_is_malformed_and_a_meter_without_rework_says_so() {
     let sig = station_sign(&t);
     let (code, _) = refused(&mut p, t, sig);
     assert_eq!(code, ErrorCode::UnknownType);
+    // Without the feature the type is unknown whatever the payload.
+    let (code, _) = refused(&mut p, b"JIGW".to_vec(), station_sign(b"JIGW"));
+    assert_eq!(code, ErrorCode::UnknownType);
 }
 
 #[test]

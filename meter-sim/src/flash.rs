@@ -98,6 +98,11 @@ pub struct MeterState {
     pub anchors: Vec<(u8, u8)>,
     /// Image being received: size, SHA-256 (hex), contiguous bytes held.
     pub staging: Option<(u32, String, u32)>,
+    /// The image being received is complete and its verification failed (`FW_FORMAT`,
+    /// `FW_SIGNATURE_INVALID`, `FW_NO_ANCHOR`): STATUS `fw_state` 3 until it is activated or
+    /// discarded.
+    #[serde(default)]
+    pub staging_failed: bool,
     /// Active image SHA-256 (hex) and version.
     pub active: Option<(String, String)>,
     /// Session in which each pending key was generated (slot, transcript hash hex).
@@ -266,16 +271,21 @@ impl FlashMeter {
 
     fn sign_with(&self, slot: u8, msg: &[u8]) -> Result<Vec<u8>, Refusal> {
         use p256::ecdsa::signature::Signer;
+        // No key pair in the slot is NOT_READY (section 4.14); a key pair whose file cannot be
+        // read is a storage failure.
+        let curve = self
+            .key_pair_curve(slot)
+            .ok_or_else(|| Refusal::new(ErrorCode::NotReady, "no signing key"))?;
         let pk8 =
             fs::read(self.dir.join(format!("key-{}.pk8", slot_name(slot)))).map_err(storage)?;
-        match self.key_pair_curve(slot) {
-            Some(1) => {
+        match curve {
+            1 => {
                 use p256::pkcs8::DecodePrivateKey;
                 let k = p256::ecdsa::SigningKey::from_pkcs8_der(&pk8).map_err(storage)?;
                 let sig: p256::ecdsa::DerSignature = k.sign(msg);
                 Ok(sig.as_bytes().to_vec())
             }
-            Some(2) => {
+            2 => {
                 use p384::pkcs8::DecodePrivateKey;
                 let k = p384::ecdsa::SigningKey::from_pkcs8_der(&pk8).map_err(storage)?;
                 let sig: p384::ecdsa::DerSignature = k.sign(msg);
@@ -334,31 +344,42 @@ impl FlashMeter {
         self.dir.join("fw-staging.bin")
     }
 
+    /// FW_END steps 2 and 3: the firmware verification anchors with a P-256 key (none is
+    /// `FW_NO_ANCHOR`), then the image against any of them (section 4.10: the key-hash TLV names
+    /// the one meant).
     fn verify_image(&self, img: &[u8]) -> Result<image::ImageInfo, (ErrorCode, String)> {
-        let anchor = self
+        let mut anchors: Vec<(u8, u8)> = self
             .state
             .anchors
             .iter()
-            .find(|(k, _)| *k == AnchorKind::FirmwareVerification as u8)
-            .ok_or((
+            .filter(|(k, _)| *k == AnchorKind::FirmwareVerification as u8)
+            .copied()
+            .collect();
+        anchors.sort_unstable();
+        let mut keys = Vec::with_capacity(anchors.len());
+        for (kind, index) in anchors {
+            let der = fs::read(self.dir.join(format!("anchor-{kind}-{index}.der")))
+                .map_err(|e| (ErrorCode::Storage, e.to_string()))?;
+            // An anchor without a P-256 key counts as none.
+            if let Some(key) = Certificate::from_der(&der).ok().and_then(|c| p256_key(&c)) {
+                keys.push(key);
+            }
+        }
+        if keys.is_empty() {
+            return Err((
                 ErrorCode::FwNoAnchor,
-                "no firmware verification anchor".into(),
-            ))?;
-        let der = fs::read(
-            self.dir
-                .join(format!("anchor-{}-{}.der", anchor.0, anchor.1)),
-        )
-        .map_err(|e| (ErrorCode::Storage, e.to_string()))?;
-        let cert = Certificate::from_der(&der)
-            .map_err(|_| (ErrorCode::FwNoAnchor, "anchor unreadable".into()))?;
-        let key = p256_key(&cert).ok_or((ErrorCode::FwNoAnchor, "anchor is not P-256".into()))?;
-        image::verify(img, &key).map_err(|e| {
-            let code = match e {
-                ImageError::Format(_) => ErrorCode::FwFormat,
-                _ => ErrorCode::FwSignatureInvalid,
-            };
-            (code, e.to_string())
-        })
+                "no firmware verification anchor with a P-256 key".into(),
+            ));
+        }
+        image::verify_any(img, &keys)
+            .map(|(info, _)| info)
+            .map_err(|e| {
+                let code = match e {
+                    ImageError::Format(_) => ErrorCode::FwFormat,
+                    _ => ErrorCode::FwSignatureInvalid,
+                };
+                (code, e.to_string())
+            })
     }
 }
 
@@ -428,7 +449,12 @@ impl MeterApp for FlashMeter {
         }
         let (fw_state, fw_size, fw_have, fw_sha) = match (&self.state.active, &self.state.staging) {
             (Some((sha, _)), _) => (2, 0, 0, sha.clone()),
-            (None, Some((size, sha, have))) => (1, *size, *have, sha.clone()),
+            (None, Some((size, sha, have))) => (
+                if self.state.staging_failed { 3 } else { 1 },
+                *size,
+                *have,
+                sha.clone(),
+            ),
             _ => (0, 0, 0, String::new()),
         };
         let mut fw_sha256 = [0u8; 32];
@@ -524,6 +550,12 @@ impl MeterApp for FlashMeter {
             self.write_file(&key_file, &bytes)?;
             self.state.key_pairs.retain(|(ps, _)| *ps != s);
             self.state.key_pairs.push((s, curve as u8));
+            // The slot's key is no longer the one PUT_KEY delivered (STATUS keys bits 8, 9).
+            let delivered = match slot {
+                CertSlot::Sign => KeyId::SignPrivate as u8,
+                _ => KeyId::KaPrivate as u8,
+            };
+            self.state.secrets.retain(|id| *id != delivered);
             self.state.pending_keygen.retain(|(ps, _)| *ps != s);
             self.state.pending_keygen.push((s, session_hex));
             self.save()?;
@@ -578,6 +610,14 @@ impl MeterApp for FlashMeter {
         clear: &[u8],
         kcv: [u8; 3],
     ) -> Result<(), Refusal> {
+        // Step 1: the pairing of key id and key type (the session checks it too, before it
+        // unwraps anything).
+        if !key_id.takes(key_type) {
+            return Err(Refusal::new(
+                ErrorCode::Malformed,
+                "key type does not fit the key id",
+            ));
+        }
         // An HSM may zero-pad a PKCS#8 key to a multiple of 8 bytes before the RFC 5649 wrap:
         // take one DER element and insist that only zeros follow it.
         let clear = match key_type {
@@ -589,9 +629,12 @@ impl MeterApp for FlashMeter {
             })?,
             KeyType::Aes128 | KeyType::Aes256 => clear,
         };
-        match key_type {
+        // Steps 3 and 4 for EC keys: the clear value and its check value; the public key as DER
+        // SubjectPublicKeyInfo, as a certificate holds it.
+        let public_der = match key_type {
             KeyType::EcP256 => {
                 use p256::pkcs8::DecodePrivateKey;
+                use spki::EncodePublicKey;
                 let k = p256::SecretKey::from_pkcs8_der(clear)
                     .map_err(|_| Refusal::new(ErrorCode::UnwrapFailed, "not a P-256 PKCS#8 key"))?;
                 if kcv_ec_public(&k.public_key().to_sec1_bytes()) != kcv {
@@ -600,9 +643,11 @@ impl MeterApp for FlashMeter {
                         "key check value mismatch",
                     ));
                 }
+                Some(k.public_key().to_public_key_der().map_err(storage)?)
             }
             KeyType::EcP384 => {
                 use p384::pkcs8::DecodePrivateKey;
+                use spki::EncodePublicKey;
                 let k = p384::SecretKey::from_pkcs8_der(clear)
                     .map_err(|_| Refusal::new(ErrorCode::UnwrapFailed, "not a P-384 PKCS#8 key"))?;
                 if kcv_ec_public(&k.public_key().to_sec1_bytes()) != kcv {
@@ -611,17 +656,35 @@ impl MeterApp for FlashMeter {
                         "key check value mismatch",
                     ));
                 }
+                Some(k.public_key().to_public_key_der().map_err(storage)?)
             }
-            KeyType::Aes128 | KeyType::Aes256 => {}
-        }
+            KeyType::Aes128 | KeyType::Aes256 => None,
+        };
         let id = key_id as u8;
         match key_id {
             KeyId::SignPrivate | KeyId::KaPrivate => {
                 let slot = if key_id == KeyId::SignPrivate { 1 } else { 2 };
+                // Step 5: a certificate in the slot fixes its key; the same key again (a retried
+                // PUT_KEY) is acknowledged.
+                if self.state.certs.contains(&slot) {
+                    let cert = fs::read(self.dir.join(format!("cert-{}.der", slot_name(slot))))
+                        .map_err(storage)?;
+                    let certified = Certificate::from_der(&cert)
+                        .ok()
+                        .and_then(|c| c.tbs_certificate().subject_public_key_info().to_der().ok());
+                    if certified.as_deref() != public_der.as_ref().map(|d| d.as_bytes()) {
+                        return Err(Refusal::new(
+                            ErrorCode::Unexpected,
+                            "slot holds a certificate for another key",
+                        ));
+                    }
+                }
                 let curve = if key_type == KeyType::EcP384 { 2 } else { 1 };
                 self.write_file(&format!("key-{}.pk8", slot_name(slot)), clear)?;
                 self.state.key_pairs.retain(|(s, _)| *s != slot);
                 self.state.key_pairs.push((slot, curve));
+                // A delivered key is not one KEYGEN made in this session (section 4.8).
+                self.state.pending_keygen.retain(|(s, _)| *s != slot);
             }
             _ => self.write_file(&format!("secret-{}.bin", key_id.name()), clear)?,
         }
@@ -642,6 +705,7 @@ impl MeterApp for FlashMeter {
         let f = fs::File::create(self.staging_path()).map_err(storage)?;
         f.set_len(u64::from(size)).map_err(storage)?;
         self.state.staging = Some((size, sha_hex, 0));
+        self.state.staging_failed = false;
         self.save()?;
         Ok(0)
     }
@@ -678,17 +742,35 @@ impl MeterApp for FlashMeter {
         }
         let got = crypto::sha256(&img);
         if &got != sha256 {
+            // The bytes held are not that image: discard them, so that a later FW_BEGIN of it
+            // answers `have` 0 (section 4.12, FW_END step 1).
+            let _ = fs::remove_file(self.staging_path());
+            self.state.staging = None;
+            self.state.staging_failed = false;
+            let _ = self.save();
             return fail(ErrorCode::FwHashMismatch, got);
         }
         let info = match self.verify_image(&img) {
             Ok(i) => i,
-            Err((code, _)) => return fail(code, got),
+            Err((code, _)) => {
+                // Steps 2 and 3 keep the image (a later FW_BEGIN of it answers `have = size`)
+                // and STATUS reports it failed (fw_state 3) until it is activated or discarded.
+                if matches!(
+                    code,
+                    ErrorCode::FwFormat | ErrorCode::FwSignatureInvalid | ErrorCode::FwNoAnchor
+                ) {
+                    self.state.staging_failed = true;
+                    let _ = self.save();
+                }
+                return fail(code, got);
+            }
         };
         if self.write_file("image.bin", &img).is_err() {
             return fail(ErrorCode::Storage, got);
         }
         let _ = fs::remove_file(self.staging_path());
         self.state.staging = None;
+        self.state.staging_failed = false;
         self.state.active = Some((hex::encode(got), info.version.to_string()));
         let _ = self.save();
         let mut reported = got;
@@ -753,6 +835,9 @@ impl MeterApp for FlashMeter {
             .and_then(|(h, _)| hex::decode(h).ok())
             .and_then(|b| <[u8; 32]>::try_from(b).ok())
             .ok_or_else(|| Refusal::new(ErrorCode::NotReady, "no active firmware"))?;
+        if self.key_pair_curve(CertSlot::Sign as u8).is_none() {
+            return Err(Refusal::new(ErrorCode::NotReady, "no signing key"));
+        }
         let mut certs = Vec::new();
         let mut slots = self.state.certs.clone();
         slots.sort_unstable();

@@ -19,6 +19,10 @@ use crate::msg::{Encoding, ErrorCode, FwAck, FwData};
 /// Bytes of FW_DATA payload before the block data (offset, raw_len, encoding).
 pub const FW_DATA_OVERHEAD: usize = 9;
 
+/// Decoded bytes of the first block of a plan; each next block may be a quarter longer, up to
+/// what a frame and the meter allow.
+pub const RAMP_FIRST: usize = 1024;
+
 /// One block of the plan.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Block {
@@ -95,7 +99,15 @@ impl TransferPlan {
         let n = image.len();
         let mut blocks = Vec::new();
         let mut off = 0usize;
+        // The first blocks grow from RAMP_FIRST by a quarter each: the meter starts writing its
+        // flash after one short frame instead of a full one, and while the blocks grow each
+        // one is on the wire before the flash has written the one before, so a meter whose
+        // flash is up to 1.25 times slower than the wire is kept busy from the start (section
+        // 6.5). On a meter with fast flash the ramp costs a dozen frame headers.
+        let mut ramp = RAMP_FIRST;
         while off < n {
+            let max_data = max_data.min(ramp);
+            let max_block = max_block.min(ramp);
             let raw_take = max_data.min(n - off);
             let mut best: Option<(usize, Vec<u8>)> = None;
             if params.compress {
@@ -131,6 +143,7 @@ impl TransferPlan {
             };
             off += block.raw_len as usize;
             blocks.push(block);
+            ramp = ramp.saturating_add(ramp / 4);
         }
         Arc::new(TransferPlan {
             size: n as u32,
@@ -514,6 +527,26 @@ mod tests {
                 assert_eq!(plan.data_bytes(), image.len());
             }
         }
+    }
+
+    #[test]
+    fn the_first_blocks_grow_from_one_kib_by_a_quarter() {
+        let image: Vec<u8> = (0..200_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let p = PlanParams {
+            max_payload: 16384,
+            max_block: 65536,
+            compress: false,
+        };
+        let plan = TransferPlan::new(&image, p);
+        let lens: Vec<u32> = plan.blocks.iter().map(|b| b.raw_len).collect();
+        assert_eq!(lens[0], RAMP_FIRST as u32);
+        for w in lens.windows(2).take_while(|w| w[1] < p.max_data() as u32) {
+            assert_eq!(w[1], w[0] + w[0] / 4, "{lens:?}");
+        }
+        let full = lens.iter().filter(|&&l| l == p.max_data() as u32).count();
+        assert!(full >= lens.len() - 14, "the ramp ends at full frames: {lens:?}");
     }
 
     #[test]

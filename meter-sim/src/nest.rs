@@ -217,6 +217,7 @@ async fn run_meter(
     let mut hellos = 0u32;
     let mut lost_one = false;
     let mut lost_types = std::collections::HashSet::new();
+    let mut flash_free = Instant::now();
     loop {
         let n = rd.read(buf).await?;
         if n == 0 {
@@ -286,7 +287,11 @@ async fn run_meter(
             }
         }
         if let (Some(rate), true) = (cfg.flash_bytes_per_s, flash_bytes > 0) {
-            tokio::time::sleep(Duration::from_micros(flash_bytes * 1_000_000 / rate.max(1))).await;
+            // The flash writes at its rate from when it is free: the deadline carries over from
+            // block to block, so the timer's rounding does not add up over a transfer.
+            let write = Duration::from_micros(flash_bytes * 1_000_000 / rate.max(1));
+            flash_free = flash_free.max(Instant::now()) + write;
+            tokio::time::sleep_until(flash_free).await;
         }
         if silent {
             continue;

@@ -546,7 +546,10 @@ mod tests {
             assert_eq!(w[1], w[0] + w[0] / 4, "{lens:?}");
         }
         let full = lens.iter().filter(|&&l| l == p.max_data() as u32).count();
-        assert!(full >= lens.len() - 14, "the ramp ends at full frames: {lens:?}");
+        assert!(
+            full >= lens.len() - 14,
+            "the ramp ends at full frames: {lens:?}"
+        );
     }
 
     #[test]

@@ -20,6 +20,7 @@ use line_protocol::host::{HostConfig, HostSession};
 use line_protocol::meter::MeterSession;
 use line_protocol::msg::*;
 use line_protocol::receipt::Receipt;
+use line_protocol::rework::ReworkToken;
 use line_protocol::testkit::{MemMeter, STATION_DER, SeededRng, station_sign};
 use p256::ecdsa::signature::Signer;
 use p256::ecdsa::signature::hazmat::PrehashSigner;
@@ -100,6 +101,9 @@ fn fields(m: &Message) -> Value {
             json!({"receipt": h(receipt), "signature": h(signature)})
         }
         Message::Reset { mode } => json!({"mode": *mode as u8}),
+        Message::Rework { token, signature } => {
+            json!({"token": h(token), "signature": h(signature)})
+        }
         Message::Error { code, detail } => json!({"code": code.code(), "detail": detail}),
         other => panic!("no description for {}", other.name()),
     }
@@ -273,6 +277,13 @@ fn sample_messages() -> Vec<(&'static str, Message)> {
             "reset",
             Message::Reset {
                 mode: ResetMode::Release,
+            },
+        ),
+        (
+            "rework",
+            Message::Rework {
+                token: b"JIGW\x01".to_vec(),
+                signature: vec![0x30, 0x06, 0x02, 0x01, 0x01, 0x02, 0x01, 0x01],
             },
         ),
         (
@@ -789,6 +800,107 @@ fn check_sealing(v: &Value) {
             ..
         }
     ));
+}
+
+/// A sealed meter that offers REWORK (feature bit 4), its channel open, holding `REWORK_CERT` as
+/// its signing certificate.
+fn rework_pair() -> line_protocol::testkit::Pair {
+    let mut p = line_protocol::testkit::Pair::new(12);
+    p.app.info.features |= FEATURE_REWORK;
+    p.app.lifecycle = Lifecycle::Sealed;
+    p.app
+        .certs
+        .insert(CertSlot::Sign as u8, REWORK_CERT.to_vec());
+    p.open();
+    p
+}
+
+const REWORK_CERT: &[u8] = b"stands for the meter's signing certificate DER";
+
+/// REWORK (section 4.16): the token for the channel of a deterministic pair, its signature by the
+/// test station key, and the meter's answer to it and to each way it can be wrong.
+fn rework_vector() -> Value {
+    let p = rework_pair();
+    let th = p.host.transcript_hash().unwrap();
+    let token = ReworkToken {
+        uid: p.app.info.uid.clone(),
+        session: th,
+        cert_sha256: crypto::sha256(REWORK_CERT),
+    };
+    let sign = station_sign;
+    let good = token.encode();
+    let case = |what: &str, token: Vec<u8>, signature: Vec<u8>| {
+        let mut p = rework_pair();
+        let req = Message::Rework { token, signature };
+        let rsp = p.call(&req);
+        json!({"case": what, "request": h(&req.to_bytes()), "response_type": rsp.msg_type(), "response": h(&rsp.to_bytes()), "lifecycle_after": p.app.lifecycle.name()})
+    };
+    let with = |f: &dyn Fn(&mut ReworkToken)| {
+        let mut t = token.clone();
+        f(&mut t);
+        let b = t.encode();
+        let sig = sign(&b);
+        (b, sig)
+    };
+    let (other_uid, other_uid_sig) = with(&|t| t.uid = vec![0x5A; 12]);
+    let (other_session, other_session_sig) = with(&|t| t.session = [0x11; 32]);
+    let (other_cert, other_cert_sig) = with(&|t| t.cert_sha256 = crypto::sha256(b"another"));
+    let forged: DerSignature = Signer::sign(&SigningKey::from_slice(&[7; 32]).unwrap(), &good);
+    json!({
+        "uid": h(&token.uid),
+        "th": h(&th),
+        "station_public_key": h(&line_protocol::testkit::station_key().verifying_key().to_sec1_bytes()),
+        "signing_certificate": h(REWORK_CERT),
+        "cert_sha256": h(&token.cert_sha256),
+        "token": h(&good),
+        "signature": h(&sign(&good)),
+        "cases": [
+            case("good: the meter returns to blank", good.clone(), sign(&good)),
+            case("for another meter", other_uid, other_uid_sig),
+            case("for another channel", other_session, other_session_sig),
+            case("naming another certificate", other_cert, other_cert_sig),
+            case("signed by another key", good.clone(), forged.as_bytes().to_vec()),
+        ],
+    })
+}
+
+fn check_rework(v: &Value) {
+    let bytes = |k: &str| hex::decode(v[k].as_str().unwrap()).unwrap();
+    let token = ReworkToken::decode(&bytes("token")).unwrap();
+    assert_eq!(token.uid, bytes("uid"));
+    assert_eq!(token.session.to_vec(), bytes("th"));
+    assert_eq!(
+        token.cert_sha256,
+        crypto::sha256(&bytes("signing_certificate"))
+    );
+    let key = p256::ecdsa::VerifyingKey::from_sec1_bytes(&bytes("station_public_key")).unwrap();
+    let sig = p256::ecdsa::Signature::from_der(&bytes("signature")).unwrap();
+    p256::ecdsa::signature::Verifier::verify(&key, &bytes("token"), &sig).unwrap();
+    let cases = v["cases"].as_array().unwrap();
+    for (i, c) in cases.iter().enumerate() {
+        let rsp = Message::decode(
+            c["response_type"].as_u64().unwrap() as u8,
+            &hex::decode(c["response"].as_str().unwrap()).unwrap(),
+        )
+        .unwrap();
+        if i == 0 {
+            assert_eq!(rsp, Message::Ack);
+            assert_eq!(c["lifecycle_after"], "blank");
+        } else {
+            assert!(
+                matches!(
+                    rsp,
+                    Message::Error {
+                        code: ErrorCode::ReworkRefused,
+                        ..
+                    }
+                ),
+                "{}: {rsp:?}",
+                c["case"]
+            );
+            assert_eq!(c["lifecycle_after"], "sealed", "{}", c["case"]);
+        }
+    }
 }
 
 fn receipt_vector() -> Value {
@@ -2300,6 +2412,7 @@ fn generate() -> Value {
         "chains": chains_vector(),
         "replay_tamper": replay_tamper_vector(),
         "fw_decompress": fw_decompress_vector(),
+        "rework": rework_vector(),
     })
 }
 
@@ -2338,6 +2451,7 @@ fn vectors_decode_to_their_stated_meaning_and_do_not_drift() {
     check_channel(&file["channel_x963"]);
     assert_eq!(file["channel_x963"]["ktk_method"], "x963");
     check_sealing(&file["sealing"]);
+    check_rework(&file["rework"]);
     let r = &file["receipt"];
     let decoded = Receipt::decode(&hex::decode(r["hex"].as_str().unwrap()).unwrap()).unwrap();
     assert_eq!(h(&decoded.uid), r["uid"]);

@@ -27,6 +27,8 @@ pub struct Faults {
     pub lie_lifecycle: Option<Lifecycle>,
     /// Answer SEAL as sealed without sealing.
     pub fake_seal: bool,
+    /// A sealed meter answers every SEAL with LOCKED, a repeated one too (older bootloaders).
+    pub locked_reseal: bool,
     /// Stop answering from the first request of this type on.
     pub silent_at: Option<u8>,
     /// The meter is pulled out of the nest on the first request of this type (unanswered) and
@@ -80,6 +82,8 @@ replay:REQ          after answering REQ, send the previous frame again
 bad-pop             certificate requests carry an invalid proof of possession
 lie-lifecycle:STATE report lifecycle STATE (blank, personalized, sealed) in HELLO
 fake-seal           answer SEAL as sealed without sealing
+locked-reseal       once sealed, answer every SEAL with LOCKED, a repeated one too (older
+                    bootloaders)
 silent-at:REQ       stop answering from the first REQ on
 swap-at:REQ         pull the meter out at the first REQ (unanswered); the next meter goes
                     in at once and gets the station's retries
@@ -138,6 +142,7 @@ impl Faults {
                 })
             }
             "fake-seal" => self.fake_seal = true,
+            "locked-reseal" => self.locked_reseal = true,
             "silent-at" => self.silent_at = Some(req(need(value)?)?),
             "swap-at" => self.swap_at = Some(req(need(value)?)?),
             "broken-trng" => self.broken_trng = true,

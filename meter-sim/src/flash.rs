@@ -793,6 +793,9 @@ impl MeterApp for FlashMeter {
             return Ok((Lifecycle::Sealed, disable));
         }
         if self.true_lifecycle() == Lifecycle::Sealed {
+            if self.faults.locked_reseal {
+                return Err(Refusal::new(ErrorCode::Locked, "meter is sealed"));
+            }
             // A repeat (its answer was lost): the same answer, nothing changes.
             return if disable & !self.state.disabled == 0 {
                 Ok((Lifecycle::Sealed, self.state.disabled))

@@ -185,6 +185,24 @@ async fn a_lost_answer_to_any_request_never_fails_a_meter() {
     every_meter_done(&cell, 2).await;
 }
 
+/// An older bootloader answers a repeated SEAL with LOCKED; when its first SEAL_RSP is lost the
+/// station does not scrap the sealed meter: the signed receipt decides, and it ends done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_meter_that_answers_a_repeated_seal_with_locked_is_decided_by_its_receipt() {
+    let cell = Cell::new(CellOptions {
+        nests: 1,
+        quantity: 1,
+        firmware_kib: 16,
+        faults: vec![
+            (1, "lose-response:seal".into()),
+            (1, "locked-reseal".into()),
+        ],
+        ..CellOptions::default()
+    })
+    .await;
+    every_meter_done(&cell, 1).await;
+}
+
 /// A one-nest cell whose batch wants one meter, the nest's first meter with `fault`.
 async fn one_meter_with_fault(fault: &str) -> Cell {
     Cell::new(CellOptions {

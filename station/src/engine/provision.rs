@@ -517,28 +517,37 @@ impl Ctx<'_> {
         // that SEAL is being sent: from here on recovery knows the meter may be sealed.
         let required = run.pins.disable | iface::PROVISIONING;
         self.seal_sent(run).await?;
-        let answer = link
-            .call(&Message::Seal { disable: required })
-            .await
-            .map_err(|e| link_failure(Step::Seal, e))?;
+        let answer = match link.call(&Message::Seal { disable: required }).await {
+            // A meter that answers a repeated SEAL (its first SEAL_RSP lost) with LOCKED, as
+            // older bootloaders do: it was blank when this session began, so it sealed now. The
+            // receipt, signed with the key just certified, says how (lifecycle, interfaces).
+            Err(LinkError::Refused {
+                code: ErrorCode::Locked,
+                ..
+            }) => None,
+            answer => Some(answer.map_err(|e| link_failure(Step::Seal, e))?),
+        };
         crate::failpoint("provision.sealed");
         match answer {
-            Message::SealRsp {
+            Some(Message::SealRsp {
                 lifecycle: Lifecycle::Sealed,
                 disabled,
-            } => {
-                if disabled & required != required {
-                    return Err(Failure::new(
-                        "meter.failed",
-                        Severity::Warning,
-                        format!(
-                            "the meter sealed with interfaces still enabled: {}",
-                            iface_names(required & !disabled)
-                        ),
-                    ));
-                }
+            }) if disabled & required != required => {
+                return Err(Failure::new(
+                    "meter.failed",
+                    Severity::Warning,
+                    format!(
+                        "the meter sealed with interfaces still enabled: {}",
+                        iface_names(required & !disabled)
+                    ),
+                ));
             }
-            other => {
+            None
+            | Some(Message::SealRsp {
+                lifecycle: Lifecycle::Sealed,
+                ..
+            }) => {}
+            Some(other) => {
                 return Err(Failure::new(
                     "meter.failed",
                     Severity::Warning,

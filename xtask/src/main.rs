@@ -564,14 +564,36 @@ fn fuzz(target: Option<&str>, secs: Option<&str>) -> Result<(), String> {
         for d in [&work, &seeds] {
             std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
         }
-        eprintln!("xtask: fuzzing {t} for {secs} s");
-        run(Command::new(out.join(TRIPLE).join("release").join(t))
-            .arg(&work)
+        // libFuzzer's running commentary goes to a log file; the run's summary is printed,
+        // and the log's end too when the target fails.
+        let log_path = out.join(format!("{t}.log"));
+        let log = std::fs::File::create(&log_path)
+            .map_err(|e| format!("{}: {e}", log_path.display()))?;
+        let mut cmd = Command::new(out.join(TRIPLE).join("release").join(t));
+        cmd.arg(&work)
             .arg(&seeds)
             .arg(format!("-max_total_time={secs}"))
             .arg(format!("-artifact_prefix={}/{t}-", artifacts.display()))
             .arg("-print_final_stats=1")
-            .arg("-rss_limit_mb=2048"))?;
+            .arg("-rss_limit_mb=2048")
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log);
+        let result = run(&mut cmd);
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let shown: Vec<&str> = if result.is_ok() {
+            lines
+                .iter()
+                .filter(|l| l.starts_with("Done ") || l.starts_with("stat::"))
+                .copied()
+                .collect()
+        } else {
+            lines[lines.len().saturating_sub(60)..].to_vec()
+        };
+        for l in shown {
+            eprintln!("xtask: {t}: {l}");
+        }
+        result.map_err(|e| format!("{e}; the whole log: {}", log_path.display()))?;
     }
     Ok(())
 }

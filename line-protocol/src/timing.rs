@@ -31,6 +31,10 @@ pub fn processing_allowance_ms(msg_type: u8, size: u32) -> u64 {
         ty::KEYGEN => 10_000,
         ty::ATTEST => 3_000,
         ty::SEAL => 2_000,
+        // A factory wipe commits its erase before the ACK.
+        ty::RESET => 2_000,
+        // A signature check, then the erase committed.
+        ty::REWORK => 3_000,
         ty::FW_BEGIN => 2_000,
         // Hashing and one signature check: 1 s plus 1 ms per KiB.
         ty::FW_END => 1_000 + u64::from(size) / 1024,

@@ -165,9 +165,9 @@ fn sample_messages() -> Vec<(&'static str, Message)> {
         (
             "identity",
             Message::Identity(Identity {
-                serial: "EM3-000042".into(),
-                system_title: *b"EXM\x00\x00\x00\x00\x2A",
-                ldn: "EXM000000002A".into(),
+                serial: SERIAL.into(),
+                system_title: SYSTEM_TITLE,
+                ldn: LDN.into(),
             }),
         ),
         (
@@ -448,10 +448,29 @@ fn frame_vectors() -> Vec<Value> {
     let mut trailing_raw = Vec::new();
     line_protocol::cobs::decode_into(&trailing[..trailing.len() - 1], &mut trailing_raw).unwrap();
     v.push(json!({"name": format!("ACK answering seq 7 with seq {seq}: the raw frame ends in 0x00, so the stuffed block ends with the group 01"), "hex": h(&trailing), "raw": h(&trailing_raw)}));
+    // The COBS edge at 254: the first counter for which a 250-byte FW_DATA's raw frame has no
+    // zero after the length field's high byte (byte 13), so that 254 non-zero bytes (payload and
+    // CRC) end it. This encoder closes the final 0xFF group with an empty group 01; without it
+    // the block is just as valid.
+    let (seq, edge) = (0u32..)
+        .map(|seq| (seq, wire(ty::FW_DATA, 0, seq, 0, &[0x5A; 250])))
+        .find(|(_, w)| {
+            let mut r = Vec::new();
+            line_protocol::cobs::decode_into(&w[..w.len() - 1], &mut r).unwrap();
+            !r[r.len() - 254..].contains(&0)
+        })
+        .unwrap();
+    let mut edge_raw = Vec::new();
+    line_protocol::cobs::decode_into(&edge[..edge.len() - 1], &mut edge_raw).unwrap();
+    let without = [&edge[..edge.len() - 2], &[0u8][..]].concat();
+    v.push(json!({"name": format!("250-byte FW_DATA with seq {seq}: its raw frame ends with 254 non-zero bytes after its last zero, so the stuffed block ends with a 0xFF group; this encoder then adds the empty group 01 (`hex`), an encoder may leave it out (`without_final_01`): a receiver takes both"), "hex": h(&edge), "raw": h(&edge_raw), "without_final_01": h(&without)}));
     // A 4096-byte receiver: 4096 bytes of payload is the limit, 4097 is over it.
     let limit: Vec<u8> = (0..4097u32).map(|i| (i % 255 + 1) as u8).collect();
     v.push(json!({"name": "4096-byte payload: exactly the limit of a 4096-byte receiver", "hex": h(&wire(ty::FW_DATA, 0, 10, 0, &limit[..4096]))}));
     v.push(json!({"name": "4097-byte payload: one byte over the limit of a 4096-byte receiver", "hex": h(&wire(ty::FW_DATA, 0, 11, 0, &limit)), "error": "oversized"}));
+    // Zeros stuff one for one: within the stuffed budget, over the unstuffed limit.
+    let zeros = wire(ty::FW_DATA, 0, 12, 0, &[0u8; 4100]);
+    v.push(json!({"name": "4100-byte payload of zeros: its stuffed block (4119 bytes) is within a 4096-byte receiver's stuffed budget L + ceil(L/254) = 4131, but it unstuffs to 4118 bytes, above L = 4114", "hex": h(&zeros), "stuffed_len": zeros.len() - 1, "error": "oversized"}));
     v
 }
 
@@ -478,12 +497,35 @@ fn check_frames(vectors: &[Value]) {
         let mut out = Vec::new();
         dec.push(&bytes, &mut out);
         if let Some(raw) = vec.get("raw") {
-            // Framing-only detail: the unstuffed bytes, and COBS's last group for a trailing zero.
+            // Framing-only detail: the unstuffed bytes, and COBS's last group, 01, both for a
+            // trailing zero and after a final group of 254 non-zero bytes.
             let mut r = Vec::new();
             line_protocol::cobs::decode_into(&bytes[..bytes.len() - 1], &mut r).unwrap();
             assert_eq!(h(&r), *raw, "{name}");
-            assert_eq!(r.last(), Some(&0), "{name}");
             assert_eq!(&bytes[bytes.len() - 2..], [0x01, 0x00], "{name}");
+            match vec.get("without_final_01") {
+                None => assert_eq!(r.last(), Some(&0), "{name}"),
+                Some(alt) => {
+                    let n = r.len();
+                    assert_eq!(r[n - 255], 0, "{name}");
+                    assert!(!r[n - 254..].contains(&0), "{name}");
+                    assert_eq!(bytes[bytes.len() - 2 - 255], 0xFF, "{name}");
+                    let alt = hx(alt);
+                    assert_eq!(alt, [&bytes[..bytes.len() - 2], &[0u8][..]].concat());
+                    // The shorter form is the same frame.
+                    let (mut dec, mut got) = (FrameDecoder::new(4096), Vec::new());
+                    dec.push(&alt, &mut got);
+                    let (mut dec2, mut want) = (FrameDecoder::new(4096), Vec::new());
+                    dec2.push(&bytes, &mut want);
+                    assert_eq!(got, want, "{name}");
+                    assert_eq!(got.len(), 1, "{name}");
+                }
+            }
+        }
+        if let Some(n) = vec.get("stuffed_len") {
+            assert_eq!(bytes.len() as u64 - 1, n.as_u64().unwrap(), "{name}");
+            let l = 4096 + frame::HEADER_LEN + frame::CRC_LEN;
+            assert!(bytes.len() - 1 <= l + l.div_ceil(254), "{name}");
         }
         match vec.get("error").and_then(Value::as_str) {
             Some(err) => {
@@ -549,6 +591,9 @@ struct Live {
     meter: MeterSession,
     app: MemMeter,
     rng: SeededRng,
+    hello_frame: Vec<u8>,
+    open_frame: Vec<u8>,
+    ready_frame: Vec<u8>,
     status_frame: Vec<u8>,
     k_hm: [u8; 32],
     k_mh: [u8; 32],
@@ -627,11 +672,21 @@ fn channel_run(host_features: u8) -> (Value, Live) {
     let ktk = method.derive(&z2, &th);
     let guek = [0x0Fu8; 16];
     let wrapped = wrap_key(&ktk, WrapAlg::AesKw, &guek).unwrap();
+    let put_key = Message::PutKey(PutKey {
+        key_id: KeyId::Guek,
+        key_type: KeyType::Aes128,
+        wrap: WrapAlg::AesKw,
+        kcv: kcv_aes(&guek).unwrap(),
+        wrapped: wrapped.clone(),
+    });
     let live = Live {
         host,
         meter,
         app,
         rng: meter_rng,
+        hello_frame: hello_frame.clone(),
+        open_frame: open_frame.clone(),
+        ready_frame: ready_frame.clone(),
         status_frame: status_frame.clone(),
         k_hm: *keys.host_to_meter,
         k_mh: *keys.meter_to_host,
@@ -657,7 +712,7 @@ fn channel_run(host_features: u8) -> (Value, Live) {
         "ktk": h(&ktk[..]),
         "channel_ready_frame": h(&ready_frame),
         "status_frame": h(&status_frame), "status_frame_seq": 2,
-        "put_key": {"clear": h(&guek), "kcv": h(&kcv_aes(&guek).unwrap()), "wrap": 1, "wrapped": h(&wrapped)}
+        "put_key": {"note": "a PUT_KEY payload for this channel (not sent in it): the GUEK, AES-128, wrapped under this channel's KTK with RFC 3394", "key_id": KeyId::Guek as u8, "key_type": KeyType::Aes128 as u8, "wrap": WrapAlg::AesKw as u8, "clear": h(&guek), "kcv": h(&kcv_aes(&guek).unwrap()), "wrapped": h(&wrapped), "payload": h(&put_key.to_bytes())}
     });
     (v, live)
 }
@@ -752,6 +807,27 @@ fn check_channel(c: &Value) {
     )
     .unwrap();
     assert_eq!(unwrapped.to_vec(), clear);
+    let Message::PutKey(k) = Message::decode(
+        ty::PUT_KEY,
+        &hex::decode(pk["payload"].as_str().unwrap()).unwrap(),
+    )
+    .unwrap() else {
+        panic!("not PUT_KEY")
+    };
+    assert_eq!(
+        (
+            u64::from(k.key_id as u8),
+            u64::from(k.key_type as u8),
+            u64::from(k.wrap as u8)
+        ),
+        (
+            pk["key_id"].as_u64().unwrap(),
+            pk["key_type"].as_u64().unwrap(),
+            pk["wrap"].as_u64().unwrap()
+        )
+    );
+    assert_eq!(h(&k.kcv), pk["kcv"]);
+    assert_eq!(h(&k.wrapped), pk["wrapped"]);
 }
 
 /// SEAL on a sealed meter: a repeat answers as the first, asking for more is LOCKED. Each step is
@@ -847,6 +923,7 @@ fn rework_vector() -> Value {
     let (other_cert, other_cert_sig) = with(&|t| t.cert_sha256 = crypto::sha256(b"another"));
     let forged: DerSignature = Signer::sign(&SigningKey::from_slice(&[7; 32]).unwrap(), &good);
     json!({
+        "note": "the meter is the in-memory test meter with its state set in its memory, not provisioned over the line: sealed, feature bit 4, and `signing_certificate` as its slot 1 certificate (a stand-in byte string, not DER: PUT_CERT would refuse it; only its SHA-256 matters here). `th` is the transcript hash of a channel of that meter whose frames are not given; every case is sent on a fresh run of that same deterministic channel (the same TH), as the REWORK request payload inside it.",
         "uid": h(&token.uid),
         "th": h(&th),
         "station_public_key": h(&line_protocol::testkit::station_key().verifying_key().to_sec1_bytes()),
@@ -906,16 +983,62 @@ fn check_rework(v: &Value) {
 fn receipt_vector() -> Value {
     let r = Receipt {
         uid: vec![0xA5; 12],
-        serial: "EM3-000042".into(),
-        system_title: *b"EXM\x00\x00\x00\x00\x2A",
-        ldn: "EXM000000002A".into(),
+        serial: SERIAL.into(),
+        system_title: SYSTEM_TITLE,
+        ldn: LDN.into(),
         lifecycle: Lifecycle::Sealed,
         disabled: 3,
         fw_sha256: [0x77; 32],
-        certs: vec![(1, [0x01; 32]), (2, [0x02; 32])],
+        certs: vec![(1, [0x01; 32]), (2, [0x02; 32]), (3, [0x03; 32])],
         nonce: [0x88; 16],
     };
-    json!({"hex": h(&r.encode()), "uid": h(&r.uid), "serial": r.serial, "system_title": h(&r.system_title), "ldn": r.ldn, "lifecycle": 2, "disabled": 3, "fw_sha256": h(&r.fw_sha256), "certs": [[1, h(&[0x01; 32])], [2, h(&[0x02; 32])]], "nonce": h(&r.nonce)})
+    json!({"note": "the receipt of a meter whose model has a key-agreement key: the certificates of slots 1, 2 and 3 (section 4.14); the hashes are placeholders", "hex": h(&r.encode()), "uid": h(&r.uid), "serial": r.serial, "system_title": h(&r.system_title), "ldn": r.ldn, "lifecycle": 2, "disabled": 3, "fw_sha256": h(&r.fw_sha256), "certs": r.certs.iter().map(|(s, d)| json!([s, h(d)])).collect::<Vec<_>>(), "nonce": h(&r.nonce)})
+}
+
+/// The identity section 4.7 derives from a batch's serial prefix, the manufacturer's FLAG ID and
+/// the meter's number `n`, as the station does.
+fn derived_identity(prefix: &str, flag: &str, n: u64) -> Identity {
+    let mut system_title = [0u8; 8];
+    system_title[..3].copy_from_slice(flag.as_bytes());
+    system_title[3..].copy_from_slice(&n.to_be_bytes()[3..]);
+    Identity {
+        serial: format!("{prefix}{n:09}"),
+        system_title,
+        ldn: format!("{flag}{n:013}"),
+    }
+}
+
+fn check_receipt(r: &Value) {
+    let decoded = Receipt::decode(&hx(&r["hex"])).unwrap();
+    assert_eq!(h(&decoded.uid), r["uid"]);
+    assert_eq!(decoded.serial, r["serial"].as_str().unwrap());
+    assert_eq!(h(&decoded.system_title), r["system_title"]);
+    assert_eq!(decoded.ldn, r["ldn"].as_str().unwrap());
+    assert_eq!(
+        decoded.lifecycle as u8 as u64,
+        r["lifecycle"].as_u64().unwrap()
+    );
+    assert_eq!(u64::from(decoded.disabled), r["disabled"].as_u64().unwrap());
+    assert_eq!(h(&decoded.fw_sha256), r["fw_sha256"]);
+    let certs: Vec<Value> = decoded
+        .certs
+        .iter()
+        .map(|(s, d)| json!([s, h(d)]))
+        .collect();
+    assert_eq!(json!(certs), r["certs"]);
+    let slots: Vec<u8> = decoded.certs.iter().map(|c| c.0).collect();
+    assert_eq!(
+        slots,
+        [1, 2, 3],
+        "every certificate a meter holds, ascending"
+    );
+    assert_eq!(h(&decoded.nonce), r["nonce"]);
+    // The identity is the one section 4.7 derives for FLAG EXM, prefix EM3- and number 42.
+    let id = derived_identity("EM3-", "EXM", 42);
+    assert_eq!(
+        (decoded.serial, decoded.system_title, decoded.ldn),
+        (id.serial, id.system_title, id.ldn)
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -933,6 +1056,11 @@ const ID_KP_CODE_SIGNING: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.6
 
 /// The system title of the message vectors' IDENTITY, as a certificate subject names it.
 const SYSTEM_TITLE: [u8; 8] = *b"EXM\x00\x00\x00\x00\x2A";
+/// The serial of that identity: prefix `EM3-` and the meter's number 42 in 9 decimal digits
+/// (section 4.7).
+const SERIAL: &str = "EM3-000000042";
+/// Its logical device name: FLAG ID `EXM` and the number 42 in 13 decimal digits (section 4.7).
+const LDN: &str = "EXM0000000000042";
 
 fn hx(v: &Value) -> Vec<u8> {
     hex::decode(
@@ -1644,9 +1772,9 @@ fn attest_vector(p: &Pki) -> Value {
     let image = firmware_image(p);
     let receipt = Receipt {
         uid: vec![0xA5; 12],
-        serial: "EM3-000042".into(),
+        serial: SERIAL.into(),
         system_title: SYSTEM_TITLE,
-        ldn: "EXM000000002A".into(),
+        ldn: LDN.into(),
         lifecycle: Lifecycle::Sealed,
         disabled: iface::PROVISIONING | iface::DEBUG,
         fw_sha256: crypto::sha256(&image),
@@ -1741,7 +1869,8 @@ fn describe(bytes: &[u8], key: &[u8; 32]) -> Value {
     } else {
         f.payload.clone()
     };
-    let msg = Message::decode(f.header.msg_type, &plain).unwrap();
+    // A request may be undecodable on purpose (a MALFORMED case): its plaintext says it all.
+    let msg = Message::decode(f.header.msg_type, &plain).ok();
     let mut v = json!({
         "type": f.header.msg_type,
         "type_name": type_name(f.header.msg_type),
@@ -1751,7 +1880,7 @@ fn describe(bytes: &[u8], key: &[u8; 32]) -> Value {
         "ref": f.header.reference,
         "plaintext": h(&plain),
     });
-    if let Message::Error { code, detail } = &msg {
+    if let Some(Message::Error { code, detail }) = &msg {
         v["code"] = json!(code.code());
         v["code_name"] = json!(code_name(*code));
         v["detail"] = json!(detail);
@@ -1981,9 +2110,9 @@ fn replay_tamper_vector() -> Value {
     ]);
     let (_, mut l) = channel_run(HostConfig::default().features);
     let identity = Message::Identity(Identity {
-        serial: "EM3-000042".into(),
+        serial: SERIAL.into(),
         system_title: SYSTEM_TITLE,
-        ldn: "EXM000000002A".into(),
+        ldn: LDN.into(),
     });
     let (_, good) = l.host.request(&identity).unwrap();
     let bad = flip_payload_byte(&good, 0);
@@ -2219,7 +2348,7 @@ fn chains_vector() -> Value {
         })
         .collect();
     json!({
-        "note": "station chains (CHANNEL_OPEN certificates, leaf first, named from `certificates`) checked against the provisioning root key (provisioning-root.pub) as in section 5.1. `reason` names the failed check and the certificate index counted from the leaf (informative: every failure is BAD_CERT_CHAIN). `meter_answer` is what a meter answered a CHANNEL_OPEN with this chain, signed by `leaf_private`. station_ca_foreign has the subject, key and extensions of station_ca but is signed by foreign-root.key.pem (whose certificate has the provisioning root's name).",
+        "note": "station chains (CHANNEL_OPEN certificates, leaf first, named from `certificates`) checked against the provisioning root key (provisioning-root.pub) as in section 5.1. `reason` names the failed check and the certificate index counted from the leaf (informative: every failure is BAD_CERT_CHAIN). `meter_answer` is what a meter answered a CHANNEL_OPEN with this chain, signed by `leaf_private` over that session's transcript; the CHANNEL_OPEN frames and their transcripts are not given: a test builds its own CHANNEL_OPEN around each chain. station_ca_foreign has the serial number, subject, key, basicConstraints, keyUsage and subjectKeyIdentifier of station_ca, but its authorityKeyIdentifier names the foreign root's key and it is signed by foreign-root.key.pem (whose certificate has the provisioning root's name).",
         "ca_private": h(&s.ca_key.to_bytes()),
         "leaf_private": h(&s.leaf_key.to_bytes()),
         "leaf_public": h(&sec1(&public(&s.leaf_key))),
@@ -2266,6 +2395,30 @@ fn check_chains(v: &Value) {
     let ca_key = SigningKey::from_slice(&hx(&v["ca_private"])).unwrap();
     let ca = Certificate::from_der(&hx(&v["certificates"]["station_ca"])).unwrap();
     assert_eq!(chain::p256_key(&ca), Some(public(&ca_key)));
+    // The foreign CA differs from station_ca only in its authority key identifier and its
+    // signature.
+    let foreign = Certificate::from_der(&hx(&v["certificates"]["station_ca_foreign"])).unwrap();
+    let (t, f) = (ca.tbs_certificate(), foreign.tbs_certificate());
+    assert_eq!(t.serial_number(), f.serial_number());
+    assert_eq!(t.subject(), f.subject());
+    assert_eq!(
+        t.issuer(),
+        f.issuer(),
+        "the foreign root has the provisioning root's name"
+    );
+    assert_eq!(t.subject_public_key_info(), f.subject_public_key_info());
+    let (te, fe) = (t.extensions().unwrap(), f.extensions().unwrap());
+    assert_eq!(te.len(), fe.len());
+    for (a, b) in te.iter().zip(fe) {
+        assert_eq!(a.extn_id, b.extn_id);
+        let same = a == b;
+        assert_eq!(
+            same,
+            a.extn_id != AuthorityKeyIdentifier::OID,
+            "{}",
+            a.extn_id
+        );
+    }
     assert_eq!(cases[2]["expect"]["reason"], "signature(1)");
     assert_eq!(cases[3]["expect"]["reason"], "leaf_key_usage");
     assert_eq!(cases[4]["expect"]["reason"], "leaf_key_usage");
@@ -2340,7 +2493,9 @@ fn fw_decompress_vector() -> Value {
             match want {
                 None => {
                     assert_eq!(answer["type"], ty::FW_ACK, "{name}");
-                    json!({"name": name, "payload": h(&msg.to_bytes()), "fields": fields(&msg), "expect": "FW_ACK"})
+                    let ack = hx(&answer["plaintext"]);
+                    let fw_ack = Message::decode(ty::FW_ACK, &ack).unwrap();
+                    json!({"name": name, "payload": h(&msg.to_bytes()), "fields": fields(&msg), "expect": "FW_ACK", "fw_ack_payload": h(&ack), "fw_ack": fields(&fw_ack)})
                 }
                 Some(code) => {
                     assert_eq!(answer["code"], code.code(), "{name}");
@@ -2350,7 +2505,7 @@ fn fw_decompress_vector() -> Value {
         })
         .collect();
     json!({
-        "note": "FW_DATA payloads after the FW_BEGIN `fw_begin_payload` (size 4096, compression 1) on a channel that negotiated DEFLATE. A meter inflates with an output limit of raw_len bytes; anything but exactly raw_len bytes is ERROR FW_DECOMPRESS, ref = the data frame's seq (section 4.12).",
+        "note": "FW_DATA payloads, each on a fresh start: a new channel (the `channel` vector's, which negotiated DEFLATE), the FW_BEGIN `fw_begin_payload` (size 4096, compression 1; nothing of the image held, FW_BEGIN_RSP have 0), then that one FW_DATA, so every case has offset 0 and raw_len 1024. A meter inflates with an output limit of raw_len bytes; anything but exactly raw_len bytes is ERROR FW_DECOMPRESS, ref = the data frame's seq (section 4.12). The good case is answered FW_ACK have 1024 with no ranges (`fw_ack`).",
         "fw_begin_payload": h(&fw_begin.to_bytes()),
         "cases": cases,
     })
@@ -2374,6 +2529,13 @@ fn check_fw_decompress(v: &Value) {
             Ok(Some(bytes)) => {
                 assert_eq!(c["expect"], "FW_ACK", "{}", c["name"]);
                 assert_eq!(bytes.len(), d.raw_len as usize);
+                // What the meter acknowledges: the block held, from offset 0.
+                let mut rx = fw_receiver();
+                assert!(rx.insert(d.offset, d.raw_len));
+                let ack = Message::FwAck(rx.ack());
+                assert_eq!(h(&ack.to_bytes()), c["fw_ack_payload"]);
+                assert_eq!(fields(&ack), c["fw_ack"]);
+                assert_eq!(c["fw_ack"], json!({"have": 1024, "ranges": []}));
             }
             Ok(None) => panic!("nothing is held yet"),
             Err(e) => {
@@ -2383,6 +2545,423 @@ fn check_fw_decompress(v: &Value) {
         }
     }
     assert_eq!(cases.iter().filter(|c| c["expect"] == "ERROR").count(), 4);
+}
+
+// --- sessions: meter behaviour on the channel vector's session ---
+
+/// One step of a meter that is not the channel vector's (a fresh one): frames in plaintext.
+fn meter_step(
+    what: &str,
+    send: &[u8],
+    meter: &mut MeterSession,
+    app: &mut MemMeter,
+    rng: &mut SeededRng,
+    l: &Live,
+) -> Value {
+    let answer = meter.receive(send, app, rng).bytes;
+    step(what, send, &answer, l)
+}
+
+/// A request on the live channel and the meter's answer, as a step.
+fn call_step(what: &str, l: &mut Live, msg: &Message) -> Value {
+    let (_, send) = l.host.request(msg).unwrap();
+    let answer = l.send(&send);
+    step(what, &send, &answer, l)
+}
+
+fn sessions_vector() -> Value {
+    // A CHANNEL_OPEN repeated before the first encrypted host frame, then after it.
+    let (_, mut l) = channel_run(HostConfig::default().features);
+    let (open, status) = (l.open_frame.clone(), l.status_frame.clone());
+    let again = l.send(&open);
+    assert_eq!(again, l.ready_frame);
+    let mut repeat = vec![step(
+        "the channel vector's CHANNEL_OPEN frame again (seq 1), before any encrypted host frame: the channel vector's CHANNEL_READY frame again, byte for byte (the meter's seq 1)",
+        &open,
+        &again,
+        &l,
+    )];
+    let rsp = l.send(&status);
+    repeat.push(step(
+        "the channel vector's STATUS (seq 2): STATUS_RSP (the meter's seq 2)",
+        &status,
+        &rsp,
+        &l,
+    ));
+    let down = l.send(&open);
+    repeat.push(step(
+        "the same CHANNEL_OPEN once more, now that an encrypted host frame has arrived: plaintext on the channel, answered with a plaintext ERROR UNEXPECTED (ref 1); the channel ends",
+        &open,
+        &down,
+        &l,
+    ));
+    let (_, next) = l.host.request(&Message::Status).unwrap();
+    let after = l.send(&next);
+    repeat.push(step(
+        "the host's next STATUS (seq 3): the meter has no channel: a plaintext ERROR NO_CHANNEL",
+        &next,
+        &after,
+        &l,
+    ));
+
+    // A HELLO for versions 2 to 3 only, to a meter just powered up (it speaks version 1).
+    let (_, l) = channel_run(HostConfig::default().features);
+    let (mut meter, mut app, mut rng) = (
+        MeterSession::new(8192),
+        MemMeter::new(&[0xA5; 12]),
+        SeededRng::new(202),
+    );
+    let hello = Message::Hello(Hello {
+        version_min: 2,
+        version_max: 3,
+        nonce: [0x11; 16],
+        max_payload: 16384,
+        window: 16,
+        features: FEATURE_DEFLATE,
+    });
+    let hello = wire(ty::HELLO, 0, 0, 0, &hello.to_bytes());
+    let version = vec![
+        meter_step(
+            "HELLO (seq 0) with version_min 2, version_max 3: a plaintext ERROR UNSUPPORTED_VERSION (ref 0, the meter's seq 0); the meter stays in IDLE",
+            &hello,
+            &mut meter,
+            &mut app,
+            &mut rng,
+            &l,
+        ),
+        meter_step(
+            "the channel vector's CHANNEL_OPEN (seq 1): no HELLO was answered, so the meter is in IDLE: a plaintext ERROR UNEXPECTED (ref 1, the meter's seq 1)",
+            &l.open_frame,
+            &mut meter,
+            &mut app,
+            &mut rng,
+            &l,
+        ),
+    ];
+
+    // A CHANNEL_OPEN refused, then the same frame again (its ERROR was lost).
+    let (mut meter, mut app, mut rng) = (
+        MeterSession::new(8192),
+        MemMeter::new(&[0xA5; 12]),
+        SeededRng::new(202),
+    );
+    let open_len = one_frame(&l.open_frame).payload.len();
+    let bad_open = flip_payload_byte(&l.open_frame, open_len - 1);
+    let refused = vec![
+        meter_step(
+            "the channel vector's HELLO to a meter just powered up (the channel vector's meter): its HELLO_ACK",
+            &l.hello_frame,
+            &mut meter,
+            &mut app,
+            &mut rng,
+            &l,
+        ),
+        meter_step(
+            "the channel vector's CHANNEL_OPEN with the last byte of its signature flipped (CRC made good): a plaintext ERROR BAD_SIGNATURE; the meter returns to IDLE",
+            &bad_open,
+            &mut meter,
+            &mut app,
+            &mut rng,
+            &l,
+        ),
+        meter_step(
+            "the same frame again, as a host sends it when the ERROR was lost: the meter is in IDLE, a plaintext ERROR UNEXPECTED; the host starts over with HELLO",
+            &bad_open,
+            &mut meter,
+            &mut app,
+            &mut rng,
+            &l,
+        ),
+    ];
+
+    // The lifecycle gate: the meter sealed (set in the meter directly once the channel is up).
+    let (_, mut l) = channel_run(HostConfig::default().features);
+    l.app.lifecycle = Lifecycle::Sealed;
+    let mut locked = vec![call_step(
+        "IDENTITY (seq 3): LOCKED",
+        &mut l,
+        &Message::Identity(derived_identity("EM3-", "EXM", 42)),
+    )];
+    locked.push(call_step(
+        "KEYGEN slot 3 (seq 4): well formed, so the gate answers first: LOCKED (an unsealed meter answers MALFORMED, see keygen_repeat)",
+        &mut l,
+        &Message::KeyGen {
+            slot: CertSlot::DeviceCa,
+            curve: Curve::P256,
+        },
+    ));
+    let (_, send) = l.host.request_raw(ty::KEYGEN, vec![9, 1]).unwrap();
+    let answer = l.send(&send);
+    locked.push(step(
+        "KEYGEN with slot 9 (seq 5): the payload does not decode, which is checked before the gate: MALFORMED",
+        &send,
+        &answer,
+        &l,
+    ));
+    locked.push(call_step(
+        "RESET 2, factory wipe (seq 6): LOCKED",
+        &mut l,
+        &Message::Reset {
+            mode: ResetMode::FactoryWipe,
+        },
+    ));
+    locked.push(call_step(
+        "SEAL with the undefined bit 3 (seq 7): SEAL passes the gate, its own check answers MALFORMED",
+        &mut l,
+        &Message::Seal { disable: 0x0009 },
+    ));
+    locked.push(call_step(
+        "STATUS (seq 8): STATUS_RSP, lifecycle 2; the channel is still up after every refusal",
+        &mut l,
+        &Message::Status,
+    ));
+
+    // KEYGEN repeated within one channel session.
+    let (_, mut l) = channel_run(HostConfig::default().features);
+    let keygen = Message::KeyGen {
+        slot: CertSlot::Sign,
+        curve: Curve::P256,
+    };
+    let keygen_repeat = vec![
+        call_step("KEYGEN slot 1, P-256 (seq 3): KEYGEN_RSP", &mut l, &keygen),
+        call_step(
+            "the same KEYGEN again in the same channel session (seq 4): the same KEYGEN_RSP payload",
+            &mut l,
+            &keygen,
+        ),
+        call_step(
+            "KEYGEN slot 3 (seq 5) on this unsealed meter: MALFORMED, from KEYGEN's own check",
+            &mut l,
+            &Message::KeyGen {
+                slot: CertSlot::DeviceCa,
+                curve: Curve::P256,
+            },
+        ),
+    ];
+
+    // FW_ACK ranges.
+    let (_, mut l) = channel_run(HostConfig::default().features);
+    let image: Vec<u8> = (0..4096u32).map(|i| (i % 251 + 1) as u8).collect();
+    let block = |offset: u32, raw_len: u32| {
+        Message::FwData(FwData {
+            offset,
+            raw_len,
+            encoding: Encoding::Raw,
+            data: image[offset as usize..(offset + raw_len) as usize].to_vec(),
+        })
+    };
+    let mut fw = vec![call_step(
+        "FW_BEGIN size 4096, compression 0 (seq 3): FW_BEGIN_RSP have 0",
+        &mut l,
+        &Message::FwBegin {
+            size: 4096,
+            sha256: crypto::sha256(&image),
+            compression: 0,
+        },
+    )];
+    for (what, offset, raw_len) in [
+        (
+            "[1024, 1536) (seq 4): have 0, ranges [1024, 1536)",
+            1024,
+            512,
+        ),
+        (
+            "[2048, 2560) (seq 5): have 0, ranges [1024, 1536) and [2048, 2560)",
+            2048,
+            512,
+        ),
+        (
+            "[1536, 2048) (seq 6), adjacent to both: merged, have 0, ranges [1024, 2560)",
+            1536,
+            512,
+        ),
+        ("[0, 1024) (seq 7): have 2560, no ranges", 0, 1024),
+        (
+            "[1024, 1536) again (seq 8): already held, acknowledged as it stands: have 2560, no ranges",
+            1024,
+            512,
+        ),
+    ] {
+        fw.push(call_step(
+            &format!("FW_DATA {what}"),
+            &mut l,
+            &block(offset, raw_len),
+        ));
+    }
+    fw.push(call_step(
+        "FW_DATA with raw_len 0 (seq 9): FW_OUT_OF_RANGE",
+        &mut l,
+        &Message::FwData(FwData {
+            offset: 0,
+            raw_len: 0,
+            encoding: Encoding::Raw,
+            data: Vec::new(),
+        }),
+    ));
+    fw.push(call_step(
+        "FW_DATA [3584, 4608) (seq 10), past the end of the image: FW_OUT_OF_RANGE",
+        &mut l,
+        &Message::FwData(FwData {
+            offset: 3584,
+            raw_len: 1024,
+            encoding: Encoding::Raw,
+            data: vec![0x5A; 1024],
+        }),
+    ));
+    fw.push(call_step(
+        "FW_END (seq 11) with [2560, 4096) missing: FW_RESULT FW_INCOMPLETE, hash and version zero; the transfer goes on",
+        &mut l,
+        &Message::FwEnd,
+    ));
+    fw.push(call_step(
+        "FW_DATA [2560, 4096) (seq 12): have 4096, no ranges",
+        &mut l,
+        &block(2560, 1536),
+    ));
+
+    json!({
+        "note": "steps as in `errors`, each list from its own start. `channel_open_repeat`, `locked`, `keygen_repeat` and `fw_ack_ranges` continue the `channel` vector's session on its keys from where that vector leaves it (the meter has sent HELLO_ACK seq 0 and CHANNEL_READY seq 1; the host's seq 2 is the `channel` vector's STATUS, and a list that does not send it goes on with seq 3: gaps are allowed). `hello_refused` and `channel_open_refused` start with a meter just powered up, all in plaintext. In `locked` the meter is sealed in its memory once the channel is up (its HELLO_ACK said blank, so that the keys are the channel vector's). KEYGEN_RSP carries the test meter's placeholder request (`CSR:` and the public point), not PKCS#10: what counts is that the repeat is byte-identical. ERROR details are the reference implementation's words.",
+        "channel_open_repeat": repeat,
+        "hello_refused": version,
+        "channel_open_refused": refused,
+        "locked": locked,
+        "keygen_repeat": keygen_repeat,
+        "fw_ack_ranges": fw,
+    })
+}
+
+/// The message a step's answer carries (decrypted as `describe` left it).
+fn answer_msg(s: &Value) -> Message {
+    let a = &s["answer_is"];
+    Message::decode(a["type"].as_u64().unwrap() as u8, &hx(&a["plaintext"])).unwrap()
+}
+
+fn error_code(s: &Value) -> Option<u16> {
+    match answer_msg(s) {
+        Message::Error { code, .. } => Some(code.code()),
+        _ => None,
+    }
+}
+
+fn check_sessions(v: &Value, channel: &Value) {
+    for list in [
+        "channel_open_repeat",
+        "hello_refused",
+        "channel_open_refused",
+        "locked",
+        "keygen_repeat",
+        "fw_ack_ranges",
+    ] {
+        check_steps(&v[list], channel);
+    }
+    let encrypted = |s: &Value| s["answer_is"]["encrypted"].as_bool().unwrap();
+
+    let r = &v["channel_open_repeat"];
+    assert_eq!(r[0]["send"], channel["channel_open_frame"]);
+    assert_eq!(r[0]["answer"], channel["channel_ready_frame"]);
+    assert_eq!(r[1]["send"], channel["status_frame"]);
+    assert!(matches!(answer_msg(&r[1]), Message::StatusRsp(_)));
+    assert_eq!(r[2]["send"], channel["channel_open_frame"]);
+    assert_eq!(error_code(&r[2]), Some(ErrorCode::Unexpected.code()));
+    assert!(!encrypted(&r[2]));
+    assert_eq!(r[2]["answer_is"]["ref"], 1);
+    assert_eq!(error_code(&r[3]), Some(ErrorCode::NoChannel.code()));
+
+    let h = &v["hello_refused"];
+    let Message::Hello(hello) =
+        Message::decode(ty::HELLO, &hx(&h[0]["send_is"]["plaintext"])).unwrap()
+    else {
+        panic!("not HELLO")
+    };
+    assert!(hello.version_min > 1 && hello.version_max >= hello.version_min);
+    assert_eq!(
+        error_code(&h[0]),
+        Some(ErrorCode::UnsupportedVersion.code())
+    );
+    assert_eq!(
+        (
+            h[0]["answer_is"]["seq"].as_u64(),
+            h[0]["answer_is"]["ref"].as_u64()
+        ),
+        (Some(0), Some(0))
+    );
+    assert_eq!(h[1]["send"], channel["channel_open_frame"]);
+    assert_eq!(error_code(&h[1]), Some(ErrorCode::Unexpected.code()));
+
+    let c = &v["channel_open_refused"];
+    assert_eq!(c[0]["send"], channel["hello_frame"]);
+    assert_eq!(c[0]["answer"], channel["hello_ack_frame"]);
+    assert_eq!(error_code(&c[1]), Some(ErrorCode::BadSignature.code()));
+    assert_eq!(c[2]["send"], c[1]["send"]);
+    assert_eq!(error_code(&c[2]), Some(ErrorCode::Unexpected.code()));
+    assert!(c.as_array().unwrap()[1..].iter().all(|s| !encrypted(s)));
+
+    let l = v["locked"].as_array().unwrap();
+    let codes: Vec<Option<u16>> = l.iter().map(error_code).collect();
+    assert_eq!(
+        codes,
+        [
+            Some(0x0B),
+            Some(0x0B),
+            Some(0x01),
+            Some(0x0B),
+            Some(0x01),
+            None
+        ]
+    );
+    assert!(l.iter().all(encrypted), "the channel stays up");
+    match answer_msg(&l[5]) {
+        Message::StatusRsp(s) => assert_eq!(s.lifecycle, Lifecycle::Sealed as u8),
+        other => panic!("{other:?}"),
+    }
+
+    let k = &v["keygen_repeat"];
+    assert!(matches!(
+        answer_msg(&k[0]),
+        Message::KeyGenRsp {
+            slot: CertSlot::Sign,
+            ..
+        }
+    ));
+    assert_eq!(
+        k[0]["answer_is"]["plaintext"],
+        k[1]["answer_is"]["plaintext"]
+    );
+    assert_ne!(
+        k[0]["answer"], k[1]["answer"],
+        "another frame, the same payload"
+    );
+    assert_eq!(error_code(&k[2]), Some(ErrorCode::Malformed.code()));
+    assert!(encrypted(&k[2]));
+
+    let f = v["fw_ack_ranges"].as_array().unwrap();
+    assert_eq!(answer_msg(&f[0]), Message::FwBeginRsp { have: 0 });
+    let acks: Vec<Value> = f[1..6].iter().map(|s| fields(&answer_msg(s))).collect();
+    assert_eq!(
+        acks,
+        [
+            json!({"have": 0, "ranges": [[1024, 1536]]}),
+            json!({"have": 0, "ranges": [[1024, 1536], [2048, 2560]]}),
+            json!({"have": 0, "ranges": [[1024, 2560]]}),
+            json!({"have": 2560, "ranges": []}),
+            json!({"have": 2560, "ranges": []}),
+        ]
+    );
+    assert_eq!(error_code(&f[6]), Some(ErrorCode::FwOutOfRange.code()));
+    assert_eq!(error_code(&f[7]), Some(ErrorCode::FwOutOfRange.code()));
+    assert_eq!(
+        answer_msg(&f[8]),
+        Message::FwResult(FwResult {
+            status: ErrorCode::FwIncomplete.code(),
+            sha256: [0; 32],
+            version: [0; 8]
+        })
+    );
+    assert_eq!(
+        fields(&answer_msg(&f[9])),
+        json!({"have": 4096, "ranges": []})
+    );
+    assert!(f.iter().all(encrypted));
 }
 
 fn generate() -> Value {
@@ -2413,6 +2992,7 @@ fn generate() -> Value {
         "replay_tamper": replay_tamper_vector(),
         "fw_decompress": fw_decompress_vector(),
         "rework": rework_vector(),
+        "sessions": sessions_vector(),
     })
 }
 
@@ -2452,15 +3032,21 @@ fn vectors_decode_to_their_stated_meaning_and_do_not_drift() {
     assert_eq!(file["channel_x963"]["ktk_method"], "x963");
     check_sealing(&file["sealing"]);
     check_rework(&file["rework"]);
-    let r = &file["receipt"];
-    let decoded = Receipt::decode(&hex::decode(r["hex"].as_str().unwrap()).unwrap()).unwrap();
-    assert_eq!(h(&decoded.uid), r["uid"]);
-    assert_eq!(decoded.serial, r["serial"].as_str().unwrap());
+    check_receipt(&file["receipt"]);
+    // The IDENTITY message vector is the identity section 4.7 derives, as is its example.
+    let identity = file["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "identity")
+        .unwrap();
     assert_eq!(
-        decoded.lifecycle as u8 as u64,
-        r["lifecycle"].as_u64().unwrap()
+        identity["fields"],
+        fields(&Message::Identity(derived_identity("EM3-", "EXM", 42)))
     );
-    assert_eq!(h(&decoded.nonce), r["nonce"]);
+    let example = derived_identity("", "DMW", 100);
+    assert_eq!(h(&example.system_title), "444d570000000064");
+    assert_eq!(example.ldn, "DMW0000000000100");
 
     // Above the codec.
     let channel = &file["channel"];
@@ -2473,6 +3059,7 @@ fn vectors_decode_to_their_stated_meaning_and_do_not_drift() {
     check_chains(&file["chains"]);
     check_replay_tamper(&file["replay_tamper"], channel);
     check_fw_decompress(&file["fw_decompress"]);
+    check_sessions(&file["sessions"], channel);
 
     // Every message type of the specification has a vector.
     let mut types: Vec<u8> = file["messages"]

@@ -271,6 +271,16 @@ wire_enum!(
     }
 );
 
+/// The STATUS_RSP `keys` bit of a delivered key id: bit (id−1) for the secret keys 1..4, bit 8
+/// for 0x11 and bit 9 for 0x12 (section 4.6).
+pub fn status_key_bit(key_id: u8) -> u16 {
+    match key_id {
+        0x11 => 1 << 8,
+        0x12 => 1 << 9,
+        n => 1u16.checked_shl(u32::from(n.wrapping_sub(1))).unwrap_or(0),
+    }
+}
+
 /// Feature bit: DEFLATE-compressed firmware blocks (HELLO and HELLO_ACK).
 pub const FEATURE_DEFLATE: u8 = 0x01;
 /// Feature bit: the meter generates P-256 key pairs on chip.
@@ -1425,6 +1435,15 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn status_key_bits_follow_section_4_6() {
+        let bits: Vec<u16> = [1, 2, 3, 4, 0x11, 0x12, 0, 0x40]
+            .into_iter()
+            .map(status_key_bit)
+            .collect();
+        assert_eq!(bits, [1, 2, 4, 8, 0x100, 0x200, 0, 0]);
     }
 
     #[test]

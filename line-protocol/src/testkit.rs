@@ -199,8 +199,8 @@ impl MeterApp for MemMeter {
             keys: self
                 .secrets
                 .keys()
-                .fold(0, |a, k| a | 1 << ((k - 1) & 0x0F)),
-            anchors: self.anchors.len() as u8,
+                .fold(0, |a, &k| a | msg::status_key_bit(k)),
+            anchors: self.anchors.len().min(255) as u8,
             fw_state: if self.active.is_some() {
                 2
             } else {

@@ -439,14 +439,11 @@ impl MeterApp for FlashMeter {
     }
 
     fn status(&mut self) -> Status {
-        let mut keys = 0u16;
-        for id in &self.state.secrets {
-            keys |= match id {
-                0x11 => 1 << 8,
-                0x12 => 1 << 9,
-                n => 1 << (n - 1),
-            };
-        }
+        let keys = self
+            .state
+            .secrets
+            .iter()
+            .fold(0, |a, &id| a | msg::status_key_bit(id));
         let (fw_state, fw_size, fw_have, fw_sha) = match (&self.state.active, &self.state.staging) {
             (Some((sha, _)), _) => (2, 0, 0, sha.clone()),
             (None, Some((size, sha, have))) => (
@@ -468,7 +465,7 @@ impl MeterApp for FlashMeter {
             identity: u8::from(self.state.identity.is_some()),
             certs: self.state.certs.iter().fold(0, |a, s| a | 1 << (s - 1)),
             keys,
-            anchors: self.state.anchors.len() as u8,
+            anchors: self.state.anchors.len().min(255) as u8,
             fw_state,
             fw_size,
             fw_have,

@@ -242,10 +242,13 @@ async fn run_meter(
         for ev in &out.events {
             match ev {
                 MeterEvent::Handled { msg_type, .. } => {
+                    // The nest model of section 6.6: a CHANNEL_OPEN (whatever its answer) means
+                    // the station worked on this meter; any request but HELLO ends a run of
+                    // HELLOs.
                     if *msg_type == ty::HELLO {
                         hellos += 1;
                     } else {
-                        worked = true;
+                        worked |= *msg_type == ty::CHANNEL_OPEN;
                         hellos = 0;
                     }
                     if faults.silent_at == Some(*msg_type) {

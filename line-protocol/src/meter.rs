@@ -188,10 +188,10 @@ enum Phase {
         compression: bool,
         max_deflate: u32,
         slot_size: u32,
-        /// Until the first encrypted host frame: the CHANNEL_OPEN payload that opened the
-        /// channel and the CHANNEL_READY frame it got, sent again, byte for byte, if the same
-        /// CHANNEL_OPEN comes again (its answer was lost on the line).
-        repeat: Option<(Vec<u8>, Vec<u8>)>,
+        /// Until the first encrypted host frame: the `seq` and payload of the CHANNEL_OPEN that
+        /// opened the channel and the CHANNEL_READY frame it got, sent again, byte for byte, if
+        /// the same CHANNEL_OPEN frame comes again (its answer was lost on the line).
+        repeat: Option<(u32, Vec<u8>, Vec<u8>)>,
     },
 }
 
@@ -331,7 +331,8 @@ impl MeterSession {
                 // The host has the channel: a CHANNEL_OPEN from now on is no repeat.
                 *repeat = None;
             } else if msg_type == ty::CHANNEL_OPEN
-                && let Some((open, ready)) = repeat.as_ref()
+                && let Some((open_seq, open, ready)) = repeat.as_ref()
+                && *open_seq == seq
                 && *open == payload
             {
                 out.bytes.extend_from_slice(ready);
@@ -415,7 +416,7 @@ impl MeterSession {
                 if r.is_ok()
                     && let Phase::Secure { repeat, .. } = &mut self.phase
                 {
-                    *repeat = Some((payload.clone(), out.bytes[start..].to_vec()));
+                    *repeat = Some((seq, payload.clone(), out.bytes[start..].to_vec()));
                 }
                 r
             }

@@ -725,6 +725,33 @@ fn a_repeated_channel_open_gets_the_same_channel_ready() {
     assert!(!p.meter.is_secure());
 }
 
+/// The repeat is the same frame, `seq` included: the same CHANNEL_OPEN payload under another
+/// `seq` is no repeat, and on the open channel it ends it.
+#[test]
+fn a_channel_open_with_the_same_payload_and_another_seq_is_no_repeat() {
+    let mut p = Pair::new(32);
+    let hello = p.host.hello([5; 16]);
+    p.exchange(&hello);
+    let open = p.channel_open();
+    let first = p.meter.receive(&open, &mut p.app, &mut p.rng).bytes;
+    assert!(!first.is_empty() && p.meter.is_secure());
+    let mut dec = line_protocol::frame::FrameDecoder::new(8192);
+    let mut frames = Vec::new();
+    dec.push(&open, &mut frames);
+    let [line_protocol::frame::Decoded::Frame(f)] = &frames[..] else {
+        panic!("{frames:?}")
+    };
+    let mut other = Vec::new();
+    let header = line_protocol::frame::Header {
+        seq: f.header.seq + 1,
+        ..f.header
+    };
+    line_protocol::frame::encode(&header, &f.payload, &mut other);
+    let out = p.meter.receive(&other, &mut p.app, &mut p.rng);
+    assert_ne!(out.bytes, first, "not answered as a repeat");
+    assert!(!p.meter.is_secure(), "the channel ended");
+}
+
 /// The CHANNEL_OPEN draft with the pair's key-transport key and the test station chain (HELLO
 /// already exchanged).
 fn draft(p: &mut Pair) -> line_protocol::host::OpenDraft {

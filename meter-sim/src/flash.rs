@@ -699,6 +699,11 @@ impl MeterApp for FlashMeter {
         {
             return Ok(*have);
         }
+        // The record leads the file: the old partial image is forgotten before its bytes go, so
+        // a failed write leaves no record of bytes that are not there.
+        if self.state.staging.take().is_some() {
+            self.save()?;
+        }
         let f = fs::File::create(self.staging_path()).map_err(storage)?;
         f.set_len(u64::from(size)).map_err(storage)?;
         self.state.staging = Some((size, sha_hex, 0));

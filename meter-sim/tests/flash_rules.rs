@@ -382,3 +382,30 @@ fn attest_without_a_signing_key_is_not_ready() {
     let (receipt, sig) = m.attest(&[1; 16]).unwrap();
     assert!(!receipt.is_empty() && !sig.is_empty());
 }
+
+/// FW_BEGIN of another image forgets the old partial image before it overwrites its bytes: when
+/// the write fails (`STORAGE`), no record claims bytes that are gone, and a resume of the old image
+/// starts from 0.
+#[test]
+fn a_failed_fw_begin_leaves_no_record_of_the_image_it_destroyed() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = payload();
+    let old_sha = crypto::sha256(&old);
+    let mut m = meter(dir.path());
+    m.fw_begin(old.len() as u32, &old_sha).unwrap();
+    m.fw_write(0, &old[..1000]).unwrap();
+    m.fw_progress(1000);
+    assert_eq!(m.fw_begin(old.len() as u32, &old_sha).unwrap(), 1000);
+    // The staging area cannot be written (here: a directory where the file should be).
+    let staging = m.dir().join("fw-staging.bin");
+    std::fs::remove_file(&staging).unwrap();
+    std::fs::create_dir(&staging).unwrap();
+    let other = crypto::sha256(b"another image");
+    let e = m.fw_begin(2000, &other).unwrap_err();
+    assert_eq!(e.code, ErrorCode::Storage);
+    std::fs::remove_dir(&staging).unwrap();
+    // After a reboot the old image is not "held" any more.
+    drop(m);
+    let mut m = meter(dir.path());
+    assert_eq!(m.fw_begin(old.len() as u32, &old_sha).unwrap(), 0);
+}

@@ -15,6 +15,7 @@ pub mod demo;
 pub mod engine;
 pub mod fuzz;
 pub mod manifest;
+pub mod merkle;
 pub mod records;
 pub mod run;
 

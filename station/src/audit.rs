@@ -4,9 +4,13 @@
 //! severity, actor and details (a JSON object). Entries are chained: `hash_n = SHA-256(domain ‖
 //! hash_{n−1} ‖ entry_n)`, and each is signed by the audit key in the HSM over its sequence number
 //! and chain hash. A separately signed *head* names the newest entry, so that deleting the newest
-//! entries shows. Every `checkpoint_interval` entries, at shut-down and at every export, a
-//! checkpoint is written as a C2SP signed note (signature type 0x02, ECDSA P-256), the form a
-//! utility or an auditor can keep outside the cell.
+//! entries shows. The log is also an RFC 6962 Merkle tree whose leaves are the chain hashes
+//! (its right edge is kept in `audit_tree`, so the tree head costs O(log n) per entry). Every
+//! `checkpoint_interval` entries, at shut-down and at every export, a checkpoint is written as a
+//! C2SP signed note (signature type 0x02, ECDSA P-256) over a C2SP tlog checkpoint — the tree
+//! head, with the chain hash as an extension line — the form a utility or an auditor can keep
+//! outside the cell, and against which inclusion and consistency proofs ([`crate::merkle`])
+//! verify.
 //!
 //! An entry is appended inside the caller's transaction, so an event and the state change it
 //! records commit together or not at all. Kinds listed as critical in the configuration also raise
@@ -27,6 +31,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::db::{DbError, now_ms};
+use crate::merkle::{Frontier, Hash, leaf_hash};
 
 /// Domain of the chain hash.
 const CHAIN_DOMAIN: &[u8] = b"cell-audit-chain-v1";
@@ -199,12 +204,48 @@ pub fn note_key_id(spki_der: &[u8]) -> [u8; 4] {
     [d[0], d[1], d[2], d[3]]
 }
 
-/// The note text of a checkpoint (C2SP tlog-checkpoint layout; the "root" is the chain head).
-pub fn checkpoint_text(origin: &str, seq: i64, hash: &[u8]) -> String {
+/// The note text of a checkpoint: a C2SP tlog-checkpoint — origin, tree size (the newest entry
+/// covered), the RFC 6962 tree head over the entries' chain hashes — with one extension line, the
+/// chain hash after that entry.
+pub fn checkpoint_text(origin: &str, seq: i64, root: &[u8], chain: &[u8]) -> String {
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
     format!(
-        "{origin}\n{seq}\n{}\nchain sha256 cell-audit-chain-v1\n",
-        base64::engine::general_purpose::STANDARD.encode(hash)
+        "{origin}\n{seq}\n{}\n{CHAIN_LINE} {}\n",
+        b64(root),
+        b64(chain)
     )
+}
+
+/// The extension line of a checkpoint that names the chain hash.
+const CHAIN_LINE: &str = "chain-head";
+/// The fourth line of checkpoints written before the log was a Merkle tree, whose third line is
+/// the chain hash.
+const OLD_CHAIN_LINE: &str = "chain sha256 cell-audit-chain-v1";
+
+/// The tree of the log (RFC 6962, leaves = the entries' chain hashes) as far as entry `seq`, read
+/// from its stored right edge, or rebuilt from the entries when the edge is missing or behind
+/// (a log written before the tree existed).
+fn tree_at(c: &rusqlite::Connection, seq: i64) -> Result<Frontier, DbError> {
+    let stored: Option<(i64, Vec<u8>)> = c
+        .query_row(
+            "SELECT size, frontier FROM audit_tree WHERE id = 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    if let Some((size, bytes)) = stored
+        && size == seq
+        && let Some(f) = Frontier::from_bytes(size as u64, &bytes)
+    {
+        return Ok(f);
+    }
+    let mut f = Frontier::new();
+    let mut stmt = c.prepare("SELECT hash FROM audit WHERE seq <= ?1 ORDER BY seq")?;
+    let mut rows = stmt.query([seq])?;
+    while let Some(r) = rows.next()? {
+        f.push(leaf_hash(&r.get::<_, Vec<u8>>(0)?));
+    }
+    Ok(f)
 }
 
 impl Audit {
@@ -421,6 +462,13 @@ impl Audit {
             &prev_hash, seq, ts, &e.source, &e.kind, sev, &e.actor, &details,
         );
         let sig = self.sign(&signed_message(ENTRY_DOMAIN, seq, &hash))?;
+        let mut tree = tree_at(tx, prev_seq)?;
+        tree.push(leaf_hash(&hash));
+        tx.execute(
+            "INSERT INTO audit_tree (id, size, frontier) VALUES (1, ?1, ?2)
+             ON CONFLICT(id) DO UPDATE SET size = excluded.size, frontier = excluded.frontier",
+            params![seq, tree.to_bytes()],
+        )?;
         tx.execute(
             "INSERT INTO audit (seq, ts, source, kind, severity, actor, details, hash, sig) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![seq, ts, e.source, e.kind, sev, e.actor, details, hash.to_vec(), sig],
@@ -447,7 +495,7 @@ impl Audit {
             None
         };
         let checkpoint = if (seq as u64).is_multiple_of(self.interval) {
-            Some(self.write_checkpoint(tx, seq, &hash, "interval")?)
+            Some(self.write_checkpoint(tx, seq, &tree.root(), &hash, "interval")?)
         } else {
             None
         };
@@ -462,10 +510,11 @@ impl Audit {
         &self,
         tx: &Transaction<'_>,
         seq: i64,
+        root: &[u8],
         hash: &[u8],
         reason: &str,
     ) -> Result<i64, AuditError> {
-        let text = checkpoint_text(&self.origin, seq, hash);
+        let text = checkpoint_text(&self.origin, seq, root, hash);
         let sig = self.sign(text.as_bytes())?;
         let mut blob = note_key_id(&self.signer.spki_der()).to_vec();
         blob.extend_from_slice(&sig);
@@ -498,7 +547,8 @@ impl Audit {
             )
             .optional()?
             .unwrap_or((0, vec![0u8; 32]));
-        let id = self.write_checkpoint(tx, seq, &hash, reason)?;
+        let root = tree_at(tx, seq)?.root();
+        let id = self.write_checkpoint(tx, seq, &root, &hash, reason)?;
         let note: String = tx.query_row(
             "SELECT note FROM audit_checkpoints WHERE id = ?1",
             [id],
@@ -787,6 +837,13 @@ pub fn verify(conn: &rusqlite::Connection, key: &VerifyingKey) -> Result<Verific
             r.get::<_, String>(2)?,
         ))
     })?;
+    // The tree head after each verified entry, for the checkpoints that name one.
+    let mut tree = Frontier::new();
+    let mut heads = vec![tree.root()];
+    for (_, h) in &chain {
+        tree.push(leaf_hash(h));
+        heads.push(tree.root());
+    }
     let mut checkpoints = 0;
     for cp in cps {
         let (row_seq, row_hash, text) = cp?;
@@ -812,6 +869,15 @@ pub fn verify(conn: &rusqlite::Connection, key: &VerifyingKey) -> Result<Verific
                 format!(
                     "a checkpoint row says entry {row_seq} but its signed note says entry {seq}: the row was edited"
                 ),
+            );
+        }
+        if let Some((_, root)) = checkpoint_tree_head(&text)
+            && let Some(head) = heads.get(seq as usize)
+            && *head != root
+        {
+            note(
+                seq.max(1),
+                format!("entry {seq}: the log's tree head is not the one its checkpoint signed"),
             );
         }
         if seq == 0 {
@@ -843,16 +909,38 @@ pub fn verify(conn: &rusqlite::Connection, key: &VerifyingKey) -> Result<Verific
 /// The entry and chain hash a checkpoint note's signed text names ([`checkpoint_text`]), if it
 /// is one.
 pub fn checkpoint_values(note: &str) -> Option<(i64, Vec<u8>)> {
+    checkpoint_fields(note).map(|(seq, _, chain)| (seq, chain))
+}
+
+/// The entry and RFC 6962 tree head a checkpoint note's signed text names; `None` for a note
+/// that is no checkpoint, or one written before the log was a Merkle tree.
+pub fn checkpoint_tree_head(note: &str) -> Option<(i64, Hash)> {
+    let (seq, root, _) = checkpoint_fields(note)?;
+    Some((seq, root?))
+}
+
+/// (entry, tree head if the note has one, chain hash) of a checkpoint note, in either form.
+fn checkpoint_fields(note: &str) -> Option<(i64, Option<Hash>, Vec<u8>)> {
     let (text, _) = note.split_once("\n\n")?;
+    let b64 = |s: &str| {
+        base64::engine::general_purpose::STANDARD
+            .decode(s)
+            .ok()
+            .filter(|h| h.len() == 32)
+    };
     let mut lines = text.lines();
     let _origin = lines.next()?;
     let seq = lines.next()?.parse::<i64>().ok().filter(|s| *s >= 0)?;
-    let hash = base64::engine::general_purpose::STANDARD
-        .decode(lines.next()?)
-        .ok()
-        .filter(|h| h.len() == 32)?;
-    (lines.next()? == "chain sha256 cell-audit-chain-v1" && lines.next().is_none())
-        .then_some((seq, hash))
+    let third = b64(lines.next()?)?;
+    let fourth = lines.next()?;
+    if lines.next().is_some() {
+        return None;
+    }
+    if fourth == OLD_CHAIN_LINE {
+        return Some((seq, None, third));
+    }
+    let chain = b64(fourth.strip_prefix(CHAIN_LINE)?.strip_prefix(' ')?)?;
+    Some((seq, third.try_into().ok(), chain))
 }
 
 /// Verifies a C2SP signed note made by [`Audit::checkpoint`].
@@ -1038,6 +1126,125 @@ mod tests {
         assert_eq!(at, 5, "{why}");
         assert!(why.contains("its signed note says entry 10"), "{why}");
         assert!(checkpoint_values("not a note").is_none());
+    }
+
+    /// The chain hashes of the log's entries, read straight from the table.
+    fn leaves(db: &crate::db::Db) -> Vec<Hash> {
+        db.with(|c| {
+            let mut stmt = c.prepare("SELECT hash FROM audit ORDER BY seq").unwrap();
+            stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))
+                .unwrap()
+                .map(|h| leaf_hash(&h.unwrap()))
+                .collect()
+        })
+    }
+
+    fn notes(db: &crate::db::Db) -> Vec<String> {
+        db.with(|c| {
+            let mut stmt = c
+                .prepare("SELECT note FROM audit_checkpoints ORDER BY id")
+                .unwrap();
+            stmt.query_map([], |r| r.get(0))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect()
+        })
+    }
+
+    #[test]
+    fn a_checkpoint_is_the_rfc_6962_tree_head_and_proves_every_entry_it_covers() {
+        let (_d, db, audit, vk) = setup();
+        add(&db, &audit, 23);
+        let leaves = leaves(&db);
+        let notes = notes(&db);
+        assert_eq!(notes.len(), 4);
+        let mut previous: Option<(i64, Hash)> = None;
+        for note in &notes {
+            let (seq, head) = checkpoint_tree_head(note).unwrap();
+            let n = seq as usize;
+            assert_eq!(
+                head,
+                crate::merkle::root(&leaves[..n]),
+                "checkpoint at {seq}"
+            );
+            for (i, leaf) in leaves[..n].iter().enumerate() {
+                let proof = crate::merkle::inclusion_proof(i, &leaves[..n]).unwrap();
+                assert!(crate::merkle::verify_inclusion(
+                    leaf, i as u64, n as u64, &proof, &head
+                ));
+            }
+            // Each checkpoint extends the one before: the log was only appended to.
+            if let Some((old, old_head)) = previous {
+                let proof = crate::merkle::consistency_proof(old as usize, &leaves[..n]).unwrap();
+                assert!(crate::merkle::verify_consistency(
+                    old as u64, n as u64, &proof, &old_head, &head
+                ));
+            }
+            previous = Some((seq, head));
+        }
+        assert!(verify_db(&db, &vk).ok());
+    }
+
+    #[test]
+    fn a_checkpoint_whose_tree_head_is_not_the_logs_fails_verification() {
+        let (_d, db, audit, vk) = setup();
+        add(&db, &audit, 7);
+        db.with(|c| {
+            let tx = c.transaction().unwrap();
+            let chain: Vec<u8> = tx
+                .query_row("SELECT hash FROM audit WHERE seq = 7", [], |r| r.get(0))
+                .unwrap();
+            // Signed by the audit key, the chain hash right, the tree head another log's.
+            audit
+                .write_checkpoint(&tx, 7, &[9u8; 32], &chain, "test")
+                .unwrap();
+            tx.commit().unwrap();
+        });
+        let v = verify_db(&db, &vk);
+        let (at, why) = v
+            .first_bad
+            .clone()
+            .expect("a wrong tree head went unnoticed");
+        assert_eq!(at, 7);
+        assert!(why.contains("tree head"), "{why}");
+    }
+
+    #[test]
+    fn checkpoints_written_before_the_tree_still_verify_and_the_tree_is_built_from_the_log() {
+        let (_d, db, audit, vk) = setup();
+        add(&db, &audit, 3);
+        db.with(|c| {
+            let tx = c.transaction().unwrap();
+            let chain: Vec<u8> = tx
+                .query_row("SELECT hash FROM audit WHERE seq = 3", [], |r| r.get(0))
+                .unwrap();
+            let text = format!(
+                "cell-t/audit\n3\n{}\n{OLD_CHAIN_LINE}\n",
+                base64::engine::general_purpose::STANDARD.encode(&chain)
+            );
+            let mut blob = note_key_id(&audit.signer.spki_der()).to_vec();
+            blob.extend_from_slice(&audit.sign(text.as_bytes()).unwrap());
+            let note = format!(
+                "{text}\n\u{2014} cell-t/audit-key {}\n",
+                base64::engine::general_purpose::STANDARD.encode(blob)
+            );
+            assert_eq!(checkpoint_values(&note), Some((3, chain.clone())));
+            assert_eq!(checkpoint_tree_head(&note), None);
+            tx.execute(
+                "INSERT INTO audit_checkpoints (seq, hash, note, reason, created_at) VALUES (3, ?1, ?2, 'old', 0)",
+                params![chain, note],
+            )
+            .unwrap();
+            // A journal from before the tree: no stored edge.
+            tx.execute("DELETE FROM audit_tree", []).unwrap();
+            tx.commit().unwrap();
+        });
+        add(&db, &audit, 9);
+        let leaves = leaves(&db);
+        let (seq, head) = checkpoint_tree_head(notes(&db).last().unwrap()).unwrap();
+        assert_eq!(head, crate::merkle::root(&leaves[..seq as usize]));
+        let v = verify_db(&db, &vk);
+        assert!(v.ok(), "{v:?}");
     }
 
     #[test]

@@ -47,6 +47,68 @@ pub fn root(leaves: &[Hash]) -> Hash {
     }
 }
 
+/// The right edge of a growing tree: the heads of its perfect subtrees, largest first (one per
+/// set bit of the size). Appending a leaf and taking the tree head cost O(log n), so a log keeps
+/// its tree head current without reading its leaves again.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Frontier {
+    size: u64,
+    heads: Vec<Hash>,
+}
+
+impl Frontier {
+    /// The empty tree.
+    pub fn new() -> Self {
+        Frontier::default()
+    }
+
+    /// Leaves appended so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Appends a leaf hash.
+    pub fn push(&mut self, leaf: Hash) {
+        let mut h = leaf;
+        let mut n = self.size;
+        while n & 1 == 1 {
+            // The subtree of the same size to the left is complete: merge with it.
+            let left = self.heads.pop().unwrap_or([0; 32]);
+            h = node_hash(&left, &h);
+            n >>= 1;
+        }
+        self.heads.push(h);
+        self.size += 1;
+    }
+
+    /// The tree head (MTH) of the leaves appended so far.
+    pub fn root(&self) -> Hash {
+        let mut it = self.heads.iter().rev();
+        let Some(last) = it.next() else {
+            return Sha256::digest([]).into();
+        };
+        it.fold(*last, |r, left| node_hash(left, &r))
+    }
+
+    /// The heads, concatenated (32 bytes each), to store.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.heads.concat()
+    }
+
+    /// A frontier read back from [`Frontier::to_bytes`] for a tree of `size` leaves; `None` if
+    /// the bytes do not have one head per set bit of `size`.
+    pub fn from_bytes(size: u64, bytes: &[u8]) -> Option<Frontier> {
+        if bytes.len() != size.count_ones() as usize * 32 {
+            return None;
+        }
+        let heads = bytes
+            .chunks_exact(32)
+            .map(|c| c.try_into().unwrap_or([0; 32]))
+            .collect();
+        Some(Frontier { size, heads })
+    }
+}
+
 /// The audit path of leaf `index` in the tree of `leaves` (RFC 6962 2.1.1), leaf first.
 pub fn inclusion_proof(index: usize, leaves: &[Hash]) -> Option<Vec<Hash>> {
     if index >= leaves.len() {
@@ -221,8 +283,28 @@ mod tests {
     #[test]
     fn tree_heads_are_the_published_ones() {
         let leaves = ct_leaves();
+        let mut f = Frontier::new();
         for (n, want) in CT_ROOTS.iter().enumerate() {
             assert_eq!(root(&leaves[..n]), h(want), "size {n}");
+            assert_eq!(f.root(), h(want), "frontier at size {n}");
+            if n < leaves.len() {
+                f.push(leaves[n]);
+            }
+        }
+    }
+
+    #[test]
+    fn a_frontier_keeps_the_tree_head_of_every_size_and_survives_storage() {
+        let leaves: Vec<Hash> = (0u32..70).map(|i| leaf_hash(&i.to_be_bytes())).collect();
+        let mut f = Frontier::new();
+        for n in 0..leaves.len() {
+            assert_eq!(f.root(), root(&leaves[..n]), "size {n}");
+            let back = Frontier::from_bytes(f.size(), &f.to_bytes()).unwrap();
+            assert_eq!(back, f);
+            let mut longer = f.to_bytes();
+            longer.extend_from_slice(&[0; 32]);
+            assert!(Frontier::from_bytes(f.size(), &longer).is_none());
+            f.push(leaves[n]);
         }
     }
 

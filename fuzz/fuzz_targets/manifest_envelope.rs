@@ -3,8 +3,6 @@
 // `manifest verify` and the utility's import do; anything may be refused, nothing may panic.
 use std::sync::LazyLock;
 
-static ROOT: LazyLock<x509_cert::Certificate> = LazyLock::new(|| {
-    der::Decode::from_der(include_bytes!("../fixtures/manifest-root.der")).expect("fixture")
-});
+static ROOT: LazyLock<x509_cert::Certificate> = LazyLock::new(station::fuzz::manifest_root);
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| station::fuzz::manifest_envelope(data, &ROOT));

@@ -14,6 +14,13 @@ use crate::api::{convert, pb};
 use crate::config::Config;
 use crate::manifest::verify;
 
+/// The manufacturer root the manifest seed corpus was signed under
+/// (`fuzz/fixtures/manifest-root.der`, committed with the seeds).
+pub fn manifest_root() -> Certificate {
+    der::Decode::from_der(include_bytes!("../../fuzz/fixtures/manifest-root.der"))
+        .unwrap_or_else(|e| panic!("fuzz/fixtures/manifest-root.der, committed with the seeds, is a DER certificate: {e}"))
+}
+
 /// A signed manifest (`manifest.p7m`) checked against `root`, as `manifest verify` does.
 pub fn manifest_envelope(data: &[u8], root: &Certificate) {
     let (report, manifest) = verify::verify_bytes(data, root);

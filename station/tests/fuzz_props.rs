@@ -10,7 +10,6 @@ use std::path::PathBuf;
 use prost::Message as _;
 use station::api::pb;
 use station::fuzz;
-use x509_cert::Certificate;
 
 fn fuzz_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz")
@@ -25,11 +24,6 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
     assert!(!out.is_empty(), "no seeds in {}", dir.display());
     out.sort();
     out
-}
-
-fn root() -> Certificate {
-    der::Decode::from_der(&std::fs::read(fuzz_dir().join("fixtures/manifest-root.der")).unwrap())
-        .unwrap()
 }
 
 /// A small deterministic generator, so that a failure can be repeated.
@@ -86,7 +80,7 @@ fn run(target: &str, extra: Vec<Vec<u8>>, per_seed: usize, f: impl Fn(&[u8])) {
 
 #[test]
 fn manifests_in_their_envelope_never_panic() {
-    let root = root();
+    let root = fuzz::manifest_root();
     // The seed is a whole demo batch that verifies: every signature in it is checked on each run.
     for s in seeds("manifest_envelope") {
         let (report, _) = station::manifest::verify::verify_bytes(&s, &root);
@@ -99,7 +93,7 @@ fn manifests_in_their_envelope_never_panic() {
 
 #[test]
 fn manifest_contents_never_panic() {
-    let root = root();
+    let root = fuzz::manifest_root();
     run("manifest_content", Vec::new(), 150, |d| {
         fuzz::manifest_content(d, &root)
     });

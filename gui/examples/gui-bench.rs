@@ -106,6 +106,7 @@ fn line() -> LineView {
         hsm: true,
         hsm_detail: "bench".into(),
         database: true,
+        fleet: None,
     };
     line
 }

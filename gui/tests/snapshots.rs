@@ -148,6 +148,7 @@ fn line_state() -> AppState {
         hsm: true,
         hsm_detail: "cell-a3-hsm".into(),
         database: true,
+        fleet: None,
     };
     line.last_cycle_ms = Some(11_912);
     line.avg_cycle_ms = Some(12_340);
@@ -366,6 +367,13 @@ fn health_screen() {
         s.line.alarms.clear();
         s.line.nests.truncate(4);
         s.line.nests[2] = nest(3, NestState::Offline);
+        s.line.health.fleet = Some(station::engine::FleetHealth {
+            reachable: false,
+            backlog: 132,
+            oldest_unsent_s: Some(610),
+            leased_left: 8_400,
+            problem: Some("connection refused".into()),
+        });
         s
     });
 }

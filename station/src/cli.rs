@@ -107,6 +107,10 @@ enum Cmd {
     /// The audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// The factory registry: every station's records in one PostgreSQL database (auditors,
+    /// supervisors, account managers; its administrator for `init` and `enrol`). Talks to the
+    /// registry directly, over TLS with the client certificate of --registry.
+    Fleet(FleetArgs),
     /// Export a closed batch's signed manifest (manifest.json and manifest.p7m).
     Export {
         /// Batch id.
@@ -387,8 +391,9 @@ struct OpenBatchArgs {
     /// Meters to produce.
     #[arg(long)]
     quantity: i64,
-    /// Serial number range FIRST-LAST (failed meters use numbers too: leave room).
-    #[arg(long)]
+    /// Serial number range FIRST-LAST (failed meters use numbers too: leave room). Leave it out
+    /// on a station with a factory registry: its numbers come from the registry's leases.
+    #[arg(long, default_value = "0-999999999")]
     serials: String,
     /// Serial number prefix.
     #[arg(long, default_value = "")]
@@ -414,6 +419,281 @@ enum AlarmCmd {
         /// Alarm id.
         id: i64,
     },
+}
+
+#[derive(Args, Debug)]
+struct FleetArgs {
+    /// The registry connection: a TOML file with host, port, database, user (the CN of the
+    /// client certificate), server_ca, cert and key. Without it, the `[fleet]` section of the
+    /// station configuration, as the station itself.
+    #[arg(long, env = "STATION_REGISTRY")]
+    registry: Option<PathBuf>,
+    #[command(subcommand)]
+    command: FleetCmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum FleetCmd {
+    /// Per station: the last checkpoint verified here (signature against the audit certificate
+    /// recorded at enrolment, tree head, consistency with the one before), gaps in what it sent,
+    /// refused checkpoints and the registry's alarms. Exits non-zero when anything is wrong.
+    Audit,
+    /// Meters per batch across stations.
+    Batches,
+    /// Yield per station (or per station and nest).
+    Yield {
+        /// One line per nest.
+        #[arg(long)]
+        by_nest: bool,
+    },
+    /// Where a serial number, system title or UID was provisioned, and by whom.
+    Find {
+        /// Serial number, system title (hex) or UID (hex).
+        what: String,
+    },
+    /// The registry's administrator: create the registry's schema in an empty database and
+    /// open the number space of a manufacturer (FLAG ID).
+    Init {
+        /// The manufacturer's FLAG ID.
+        #[arg(long)]
+        flag: String,
+        /// The first number to lease.
+        #[arg(long, default_value_t = 1)]
+        first: i64,
+    },
+    /// The registry's administrator: enrol a station (its role, which logs in with a client
+    /// certificate whose CN is the station id, and its audit-signer certificate).
+    Enrol {
+        /// The station id (as in its configuration).
+        station: String,
+        /// The manufacturer's FLAG ID it provisions under.
+        #[arg(long)]
+        flag: String,
+        /// The station's audit-signer certificate (PEM), as the station's PKI issued it.
+        #[arg(long)]
+        audit_cert: PathBuf,
+    },
+}
+
+/// A registry connection file (`station fleet --registry FILE`).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegistryFile {
+    host: String,
+    #[serde(default = "default_registry_port")]
+    port: u16,
+    #[serde(default = "default_registry_database")]
+    database: String,
+    user: String,
+    server_ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+fn default_registry_port() -> u16 {
+    5432
+}
+
+fn default_registry_database() -> String {
+    "registry".into()
+}
+
+fn registry_endpoint(cli: &Cli, a: &FleetArgs) -> Result<crate::fleet::Endpoint> {
+    if let Some(path) = &a.registry {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the registry file {}", path.display()))?;
+        let f: RegistryFile = toml::from_str(&text)
+            .map_err(|e| anyhow!("{}: {}", path.display(), e.message().trim()))?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let resolve = |p: &PathBuf| {
+            if p.is_absolute() {
+                p.clone()
+            } else {
+                base.join(p)
+            }
+        };
+        return Ok(crate::fleet::Endpoint {
+            host: f.host,
+            port: f.port,
+            database: f.database,
+            user: f.user,
+            server_ca: resolve(&f.server_ca),
+            cert: resolve(&f.cert),
+            key: resolve(&f.key),
+        });
+    }
+    let cfg = Config::load(&cli.config).map_err(|e| {
+        anyhow!("{e}; name the registry with --registry FILE (or STATION_REGISTRY)")
+    })?;
+    let f = cfg.fleet.as_ref().ok_or_else(|| {
+        anyhow!(
+            "{} has no [fleet] section; name the registry with --registry FILE",
+            cli.config.display()
+        )
+    })?;
+    Ok(crate::fleet::Endpoint::station(&cfg.station_id, f))
+}
+
+async fn fleet(cli: &Cli, a: &FleetArgs) -> Result<ExitCode> {
+    use crate::fleet;
+    let ep = registry_endpoint(cli, a)?;
+    let client = fleet::connect(&ep).await?;
+    let percent = |done: i64, failed: i64| {
+        if done + failed == 0 {
+            "-".to_string()
+        } else {
+            format!("{:.1} %", 100.0 * done as f64 / (done + failed) as f64)
+        }
+    };
+    match &a.command {
+        FleetCmd::Audit => {
+            let report = fleet::audit(&client).await?;
+            let ok = report.iter().all(fleet::StationAudit::ok);
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for s in &report {
+                    println!("{}: {}", s.station, if s.ok() { "OK" } else { "PROBLEMS" });
+                    println!(
+                        "  records {} (newest {}), checkpoints {} accepted, {} refused",
+                        s.records,
+                        s.last_seq
+                            .map(|q| q.to_string())
+                            .unwrap_or_else(|| "-".into()),
+                        s.checkpoints,
+                        s.refused
+                    );
+                    match &s.last_verified {
+                        Some((size, root, at)) => println!(
+                            "  last verified checkpoint: {size} entries, root {root}, received {at}"
+                        ),
+                        None => println!("  no checkpoint verified yet"),
+                    }
+                    for (first, last) in &s.gaps {
+                        println!("  gap: records {first} to {last} never arrived");
+                    }
+                    for f in &s.failures {
+                        println!("  FAILED: {f}");
+                    }
+                    for (kind, seq, message, at) in &s.alarms {
+                        let seq = seq.map(|q| format!(" (record {q})")).unwrap_or_default();
+                        println!("  ALARM {kind}{seq} at {at}: {message}");
+                    }
+                }
+                if report.is_empty() {
+                    println!("no station is enrolled");
+                }
+            }
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        FleetCmd::Batches => {
+            let rows = fleet::batches(&client).await?;
+            if cli.json {
+                let v: Vec<_> = rows
+                    .iter()
+                    .map(|(wo, st, d, f)| serde_json::json!({"work_order": wo, "station": st, "done": d, "failed": f}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{:<20} {:<20} {:>8} {:>8} {:>8}",
+                    "work order", "station", "done", "failed", "yield"
+                );
+                for (wo, st, d, f) in &rows {
+                    println!("{wo:<20} {st:<20} {d:>8} {f:>8} {:>8}", percent(*d, *f));
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        FleetCmd::Yield { by_nest } => {
+            let rows = fleet::yields(&client, *by_nest).await?;
+            if cli.json {
+                let v: Vec<_> = rows
+                    .iter()
+                    .map(|(st, n, d, f)| serde_json::json!({"station": st, "nest": n, "done": d, "failed": f}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{:<20} {:>5} {:>8} {:>8} {:>8}",
+                    "station", "nest", "done", "failed", "yield"
+                );
+                for (st, n, d, f) in &rows {
+                    let n = n.map(|n| n.to_string()).unwrap_or_else(|| "all".into());
+                    println!("{st:<20} {n:>5} {d:>8} {f:>8} {:>8}", percent(*d, *f));
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        FleetCmd::Find { what } => {
+            let rows = fleet::find(&client, what).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else if rows.is_empty() {
+                println!(
+                    "{what}: no meter with this serial number, system title or UID has reached the registry"
+                );
+            } else {
+                for r in &rows {
+                    println!(
+                        "{} {}: station {}, work order {}, nest {}, serial {}, system title {}, operator {}, finished {}{}",
+                        r.uid,
+                        r.state,
+                        r.station,
+                        r.work_order.as_deref().unwrap_or("-"),
+                        r.nest.map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
+                        r.serial.as_deref().unwrap_or("-"),
+                        r.system_title.as_deref().unwrap_or("-"),
+                        r.operator.as_deref().unwrap_or("-"),
+                        r.finished_at.as_deref().unwrap_or("-"),
+                        r.failure
+                            .as_deref()
+                            .map(|f| format!(" ({f})"))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+            Ok(if rows.is_empty() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        FleetCmd::Init { flag, first } => {
+            if flag.len() != 3 || !flag.chars().all(|c| c.is_ascii_uppercase()) {
+                bail!("--flag takes the manufacturer's FLAG ID: three upper-case letters");
+            }
+            fleet::migrate(&client).await?;
+            fleet::add_number_space(&client, flag, *first, fleet::LAST_NUMBER).await?;
+            println!(
+                "the registry is ready: numbers {first}..{} of {flag} to lease",
+                fleet::LAST_NUMBER
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        FleetCmd::Enrol {
+            station,
+            flag,
+            audit_cert,
+        } => {
+            if !crate::config::is_registry_name(station) {
+                bail!(
+                    "a station id in the registry is 1..63 lower-case letters, digits, '-' or '_'"
+                );
+            }
+            let pem = std::fs::read_to_string(audit_cert)
+                .with_context(|| format!("cannot read {}", audit_cert.display()))?;
+            fleet::enrol(&client, station, flag, &pem).await?;
+            println!(
+                "station {station} enrolled: it logs in with a client certificate whose CN is {station}"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -785,6 +1065,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             .await?
         }
         Cmd::Manifest(m) => return manifest(&cli, m),
+        Cmd::Fleet(a) => return fleet(&cli, a).await,
         Cmd::Init { admin } => {
             let client = connect(&cli).await?;
             let pin = new_pin(admin)?;

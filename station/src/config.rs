@@ -48,6 +48,33 @@ pub struct Config {
     pub access: AccessSettings,
     /// The service API of `stationd`.
     pub api: ApiSettings,
+    /// The factory registry; a station without one stands alone.
+    pub fleet: Option<FleetSettings>,
+}
+
+/// The factory registry (PostgreSQL) this station pushes its records to and leases numbers from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetSettings {
+    /// Registry host name or address.
+    pub host: String,
+    /// Its port.
+    pub port: u16,
+    /// The database.
+    pub database: String,
+    /// The registry server's CA certificate (PEM): the server's certificate must chain to it.
+    pub server_ca: PathBuf,
+    /// This station's client certificate (PEM; its CN is the station id, the registry role).
+    pub cert: PathBuf,
+    /// Its private key (PEM PKCS#8), an owner-only file.
+    pub key: PathBuf,
+    /// Numbers per lease: enough for the longest WAN outage the plant plans for.
+    pub lease_block: u32,
+    /// A new lease is taken when fewer numbers than this are left.
+    pub lease_low_water: u32,
+    /// Seconds between pushes while there is nothing new (a new record pushes at once).
+    pub push_interval_s: u64,
+    /// Records per push.
+    pub push_batch: u32,
 }
 
 /// Where `stationd` serves its API.
@@ -241,6 +268,7 @@ pub const DEFAULT_CRITICAL: &[&str] = &[
     "audit.recovered",
     "hsm.unavailable",
     "station.halted",
+    "fleet.registry_alarm",
 ];
 
 #[derive(Deserialize)]
@@ -262,6 +290,43 @@ struct RawConfig {
     access: RawAccess,
     #[serde(default)]
     api: RawApi,
+    fleet: Option<RawFleet>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFleet {
+    host: Spanned<String>,
+    #[serde(default = "default_pg_port")]
+    port: u16,
+    #[serde(default = "default_registry_db")]
+    database: String,
+    server_ca: String,
+    cert: String,
+    key: String,
+    #[serde(default = "default_lease_block")]
+    lease_block: Spanned<u32>,
+    lease_low_water: Option<Spanned<u32>>,
+    #[serde(default = "default_push_interval")]
+    push_interval_s: Spanned<u64>,
+    #[serde(default = "default_push_batch")]
+    push_batch: Spanned<u32>,
+}
+
+fn default_pg_port() -> u16 {
+    5432
+}
+fn default_registry_db() -> String {
+    "registry".into()
+}
+fn default_lease_block() -> Spanned<u32> {
+    Spanned::new(0..0, 10_000)
+}
+fn default_push_interval() -> Spanned<u64> {
+    Spanned::new(0..0, 5)
+}
+fn default_push_batch() -> Spanned<u32> {
+    Spanned::new(0..0, 500)
 }
 
 #[derive(Deserialize)]
@@ -319,6 +384,16 @@ struct RawHsm {
     kryoptic_conf: Option<String>,
     #[serde(default = "yes")]
     trusted_wrap: bool,
+}
+
+/// A name the registry accepts as a station's role: what `fleet.stations` checks.
+pub fn is_registry_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'_')
 }
 
 fn default_pool() -> Spanned<u32> {
@@ -730,6 +805,63 @@ impl Config {
             export_dir: resolve(raw.api.export_dir.get_ref()),
             tls,
         };
+        let fleet = match &raw.fleet {
+            None => None,
+            Some(f) => {
+                if !is_registry_name(&station_id) {
+                    return cx.err(
+                        raw.station_id.span(),
+                        "with a [fleet] registry, station_id is the station's registry role: 1..63 lower-case letters, digits, '-' or '_', starting with a letter or digit",
+                    );
+                }
+                if f.host.get_ref().trim().is_empty() {
+                    return cx.err(f.host.span(), "fleet.host must name the registry server");
+                }
+                let block = *f.lease_block.get_ref();
+                if !(1..=10_000_000).contains(&block) {
+                    return cx.err(
+                        f.lease_block.span(),
+                        "fleet.lease_block must be between 1 and 10000000",
+                    );
+                }
+                let low = match &f.lease_low_water {
+                    None => block.div_ceil(2),
+                    Some(l) if *l.get_ref() <= block => *l.get_ref(),
+                    Some(l) => {
+                        return cx.err(
+                            l.span(),
+                            "fleet.lease_low_water must not exceed fleet.lease_block",
+                        );
+                    }
+                };
+                let interval = *f.push_interval_s.get_ref();
+                if !(1..=3600).contains(&interval) {
+                    return cx.err(
+                        f.push_interval_s.span(),
+                        "fleet.push_interval_s must be between 1 and 3600",
+                    );
+                }
+                let batch = *f.push_batch.get_ref();
+                if !(1..=5000).contains(&batch) {
+                    return cx.err(
+                        f.push_batch.span(),
+                        "fleet.push_batch must be between 1 and 5000",
+                    );
+                }
+                Some(FleetSettings {
+                    host: f.host.get_ref().trim().to_string(),
+                    port: f.port,
+                    database: f.database.clone(),
+                    server_ca: resolve(&f.server_ca),
+                    cert: resolve(&f.cert),
+                    key: resolve(&f.key),
+                    lease_block: block,
+                    lease_low_water: low,
+                    push_interval_s: interval,
+                    push_batch: batch,
+                })
+            }
+        };
         Ok(Config {
             path: path.to_path_buf(),
             station_id,
@@ -761,6 +893,7 @@ impl Config {
             },
             access,
             api,
+            fleet,
         })
     }
 

@@ -32,6 +32,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("schema/005_oaep_label.sql"),
     include_str!("schema/006_seal_sent.sql"),
     include_str!("schema/007_audit_tree.sql"),
+    include_str!("schema/008_outbox.sql"),
 ];
 
 /// Why the journal cannot be used.

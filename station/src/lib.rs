@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod db;
 pub mod demo;
 pub mod engine;
+pub mod fleet;
 pub mod fuzz;
 pub mod manifest;
 pub mod merkle;

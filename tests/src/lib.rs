@@ -10,6 +10,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test harness: failures are test failures
 
+pub mod registry;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -65,6 +67,11 @@ pub struct CellOptions {
     pub meter_window: Option<u8>,
     /// The emulated meters' firmware slot, bytes, if not the default.
     pub meter_slot_size: Option<u32>,
+    /// The station id (default `e2e-cell`).
+    pub station_id: Option<String>,
+    /// The cell has a factory registry (`extra_config` holds its `[fleet]` section): the batch
+    /// is opened without a serial range, its numbers come from leases.
+    pub leased_numbers: bool,
 }
 
 impl Default for CellOptions {
@@ -86,6 +93,8 @@ impl Default for CellOptions {
             meters_without_x963: false,
             meter_window: None,
             meter_slot_size: None,
+            station_id: None,
+            leased_numbers: false,
         }
     }
 }
@@ -243,8 +252,9 @@ impl Cell {
 
         // Configuration.
         let mut t = format!(
-            "station_id = \"e2e-cell\"\ndatabase = \"station.db\"\n\n[manufacturer]\nname = \"{}\"\nflag_id = \"DMW\"\n\n\
+            "station_id = \"{}\"\ndatabase = \"station.db\"\n\n[manufacturer]\nname = \"{}\"\nflag_id = \"DMW\"\n\n\
              [hsm]\nmodule = \"{}\"\ntoken = \"{}\"\npin = {{ file = \"hsm-pin\" }}\n{module_conf}pool_size = 4\n\n[line]\nlatency_ms = 2\npoll_ms = 50\n\n",
+            opts.station_id.as_deref().unwrap_or("e2e-cell"),
             hsm::pki::DEMO_ORGANIZATION,
             token.module.display(),
             token.label,
@@ -333,8 +343,12 @@ impl Cell {
                         customer: "utility".into(),
                         quantity: opts.quantity,
                         serial_prefix: "E2E".into(),
-                        serial_first: 1000,
-                        serial_last: 1000 + opts.quantity * 10 + 50,
+                        serial_first: if opts.leased_numbers { 0 } else { 1000 },
+                        serial_last: if opts.leased_numbers {
+                            station::fleet::LAST_NUMBER
+                        } else {
+                            1000 + opts.quantity * 10 + 50
+                        },
                     }),
                 )
                 .await

@@ -75,6 +75,14 @@ pub(super) fn show(ui: &mut Ui, line: &LineView) {
             "the journal cannot be written: the line cannot record meters"
         },
     );
+    if let Some(f) = &h.fleet {
+        let (state, more) = registry_detail(f);
+        row(ui, f.reachable, "Registry", &state);
+        ui.horizontal(|ui| {
+            ui.add_space(138.0);
+            ui.label(more);
+        });
+    }
     ui.add_space(8.0);
     ui.heading("Jig ports");
     {
@@ -94,6 +102,37 @@ pub(super) fn show(ui: &mut Ui, line: &LineView) {
                 row(ui, status, &format!("Port of {}", n.name), &detail);
             }
         }
+    }
+}
+
+/// The registry lines: whether it is reached; then the backlog with its oldest record's age and
+/// the numbers left in the leases. An unreachable registry never stops the line; running out of
+/// numbers does.
+fn registry_detail(f: &station::engine::FleetHealth) -> (String, String) {
+    let backlog = match (f.backlog, f.oldest_unsent_s) {
+        (0, _) => "every record sent".to_string(),
+        (n, Some(age)) => format!("{n} records waiting, the oldest {}", age_words(age)),
+        (n, None) => format!("{n} records waiting"),
+    };
+    let state = if f.reachable {
+        "reached".to_string()
+    } else {
+        format!(
+            "cannot be reached ({}): the line goes on",
+            f.problem.as_deref().unwrap_or("no answer")
+        )
+    };
+    (
+        state,
+        format!("{backlog} · {} leased numbers left", f.leased_left),
+    )
+}
+
+fn age_words(s: u64) -> String {
+    match s {
+        0..=119 => format!("{s} s old"),
+        120..=7199 => format!("{} min old", s / 60),
+        _ => format!("{} h old", s / 3600),
     }
 }
 

@@ -331,6 +331,13 @@ impl From<Health> for pb::Health {
             hsm: h.hsm,
             hsm_detail: h.hsm_detail,
             database: h.database,
+            fleet: h.fleet.map(|f| pb::FleetHealth {
+                reachable: f.reachable,
+                backlog: f.backlog,
+                oldest_unsent_s: f.oldest_unsent_s,
+                leased_left: f.leased_left,
+                problem: f.problem,
+            }),
         }
     }
 }
@@ -341,6 +348,13 @@ impl From<pb::Health> for Health {
             hsm: h.hsm,
             hsm_detail: h.hsm_detail,
             database: h.database,
+            fleet: h.fleet.map(|f| crate::engine::FleetHealth {
+                reachable: f.reachable,
+                backlog: f.backlog,
+                oldest_unsent_s: f.oldest_unsent_s,
+                leased_left: f.leased_left,
+                problem: f.problem,
+            }),
         }
     }
 }
@@ -412,6 +426,9 @@ impl From<Event> for pb::Event {
 }
 
 /// One message of the event stream, as a client reads it.
+// A snapshot comes once per stream (and after a client fell behind): boxing it would save
+// nothing worth an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Update {
     /// The whole line (first, and after the client fell behind).
@@ -505,6 +522,13 @@ mod tests {
                 hsm: false,
                 hsm_detail: "cell".into(),
                 database: true,
+                fleet: Some(crate::engine::FleetHealth {
+                    reachable: false,
+                    backlog: 12,
+                    oldest_unsent_s: Some(75),
+                    leased_left: 900,
+                    problem: Some("the registry at db:5432/registry cannot be reached".into()),
+                }),
             }),
             Event::MeterFinished {
                 nest: 2,

@@ -765,6 +765,12 @@ async fn open_batch(inner: &Arc<Inner>, who: &str, spec: BatchSpec) -> Result<re
             "serial prefixes are up to 16 letters, digits or '-'".into(),
         ));
     }
+    let leased = inner.cfg.fleet.is_some();
+    if leased && (spec.serial_first != 0 || spec.serial_last != crate::fleet::LAST_NUMBER) {
+        return Err(Error::Invalid(
+            "this station has a factory registry: its numbers come from the registry's leases, not from a batch range; open the batch without --serials".into(),
+        ));
+    }
     let s2 = spec.clone();
     let (firmware, customer) = inner
         .db
@@ -785,7 +791,7 @@ async fn open_batch(inner: &Arc<Inner>, who: &str, spec: BatchSpec) -> Result<re
                     }
                     // System titles are the FLAG ID and the number alone: two batches may
                     // not share numbers, whatever their prefixes.
-                    if b.serial_first <= s2.serial_last && s2.serial_first <= b.serial_last {
+                    if !leased && b.serial_first <= s2.serial_last && s2.serial_first <= b.serial_last {
                         return Err(Error::Conflict(format!(
                             "serial numbers {}..{} overlap batch {} ({}{}..{}{}): a meter's system title is the FLAG ID and its number without the prefix, so batches may not share numbers; choose numbers after {}",
                             s2.serial_first,
@@ -916,7 +922,11 @@ async fn open_batch(inner: &Arc<Inner>, who: &str, spec: BatchSpec) -> Result<re
                 &ev(&src, "batch.opened", Severity::Notice, &who, serde_json::json!({
                     "batch": id, "work_order": nb.work_order, "model": nb.model, "firmware": firmware.sha256,
                     "firmware_version": firmware.version, "customer": customer.name, "quantity": nb.quantity,
-                    "serials": format!("{}{:09}..{}{:09}", nb.serial_prefix, nb.serial_first, nb.serial_prefix, nb.serial_last),
+                    "serials": if leased {
+                        format!("{}: numbers from the registry's leases", nb.serial_prefix)
+                    } else {
+                        format!("{}{:09}..{}{:09}", nb.serial_prefix, nb.serial_first, nb.serial_prefix, nb.serial_last)
+                    },
                     "transport_key": nb.transport_key, "oaep": oaep, "oaep_label": nb.oaep_label,
                     "anchors": anchors_listed, "anchors_sha256": anchors_sha256,
                     "disable": disable, "disable_names": super::provision::iface_names(disable),

@@ -10,6 +10,7 @@ mod admin;
 pub mod hsm_check;
 pub mod keys;
 pub mod nest;
+mod outbox;
 mod provision;
 mod recovery;
 
@@ -210,6 +211,23 @@ pub struct Health {
     pub hsm_detail: String,
     /// Journal writable.
     pub database: bool,
+    /// The factory registry, when the station has one.
+    pub fleet: Option<FleetHealth>,
+}
+
+/// The station's link to the factory registry.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, Default)]
+pub struct FleetHealth {
+    /// The last attempt reached it.
+    pub reachable: bool,
+    /// Records not yet acknowledged.
+    pub backlog: u64,
+    /// Age of the oldest of them, seconds.
+    pub oldest_unsent_s: Option<u64>,
+    /// Numbers left in the station's leases.
+    pub leased_left: u64,
+    /// Why the last attempt failed, or what the registry refused.
+    pub problem: Option<String>,
 }
 
 /// The line at a glance.
@@ -599,6 +617,8 @@ pub(crate) struct Inner {
     stop: watch::Sender<bool>,
     plans: Mutex<HashMap<(String, PlanParams), Arc<TransferPlan>>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Wakes the registry task (a meter drew a leased number).
+    pub(crate) fleet_wake: tokio::sync::Notify,
 }
 
 /// The engine. Cheap to clone.
@@ -669,6 +689,7 @@ impl Engine {
                     hsm: true,
                     hsm_detail: hsm.token().label.clone(),
                     database: true,
+                    fleet: None,
                 },
             }),
             cfg,
@@ -685,6 +706,7 @@ impl Engine {
             stop: watch::channel(false).0,
             plans: Mutex::new(HashMap::new()),
             tasks: Mutex::new(Vec::new()),
+            fleet_wake: tokio::sync::Notify::new(),
         });
         let engine = Engine { inner };
         engine.startup_events(&access).await?;
@@ -861,6 +883,10 @@ impl Engine {
         }
         let inner = Arc::clone(&self.inner);
         tasks.push(tokio::spawn(watchdog(inner)));
+        if let Some(f) = self.inner.cfg.fleet.clone() {
+            let inner = Arc::clone(&self.inner);
+            tasks.push(tokio::spawn(outbox::run(inner, f)));
+        }
     }
 
     /// Logs a user in (audited either way).
@@ -1573,6 +1599,18 @@ impl Inner {
         lock(&self.state).cycles.push(ms);
     }
 
+    /// Replaces the registry part of the health.
+    pub(crate) fn set_fleet_health(&self, f: FleetHealth) {
+        let h = {
+            let st = lock(&self.state);
+            Health {
+                fleet: Some(f),
+                ..st.health.clone()
+            }
+        };
+        self.set_health(h);
+    }
+
     pub(crate) fn set_health(&self, h: Health) {
         let changed = {
             let mut st = lock(&self.state);
@@ -1669,11 +1707,15 @@ async fn watchdog(inner: Arc<Inner>) {
                 .await
                 .unwrap_or(false)
         };
-        let was_ok = lock(&inner.state).health.hsm;
+        let (was_ok, fleet) = {
+            let st = lock(&inner.state);
+            (st.health.hsm, st.health.fleet.clone())
+        };
         inner.set_health(Health {
             hsm: hsm_ok,
             hsm_detail: inner.hsm.token().label.clone(),
             database: db_ok,
+            fleet,
         });
         if was_ok && !hsm_ok {
             inner

@@ -49,6 +49,8 @@ fn reused_key(why: &str) -> Failure {
 
 /// The start of the reason when the next serial number is already another batch's.
 const NUMBER_TAKEN: &str = "the batch's next number is taken";
+/// The start of the reason the line stops when the station's leased numbers are used up.
+const LEASES_USED_UP: &str = "no leased number is left";
 
 /// How a meter left the nest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -913,6 +915,7 @@ impl Ctx<'_> {
         let nest = self.nest as i64 + 1;
         let operator = self.operator.clone();
         let flag = self.inner.cfg.manufacturer.flag_id.clone();
+        let leased = self.inner.cfg.fleet.is_some();
         let planned: Vec<(&'static str, String)> = slots
             .iter()
             .zip(&serials)
@@ -932,9 +935,20 @@ impl Ctx<'_> {
                 if live >= quantity {
                     return Ok(Err("the batch has all its meters".into()));
                 }
-                if next > last {
-                    return Ok(Err(format!("the batch has used its whole serial range (last {last}); open a new batch")));
-                }
+                // With a factory registry, numbers come from the station's leases only.
+                let next = if leased {
+                    match crate::fleet::draw(&tx)? {
+                        Some(n) => n,
+                        None => return Ok(Err(format!(
+                            "{LEASES_USED_UP}: the station has used every number the factory registry leased to it and has no new block (is the registry reachable? see Health); the line stops before a meter gets a number outside a lease"
+                        ))),
+                    }
+                } else {
+                    if next > last {
+                        return Ok(Err(format!("the batch has used its whole serial range (last {last}); open a new batch")));
+                    }
+                    next
+                };
                 let serial = format!("{prefix}{next:09}");
                 let mut title = [0u8; 8];
                 title[..3].copy_from_slice(flag.as_bytes());
@@ -973,7 +987,9 @@ impl Ctx<'_> {
                     )?;
                     intents.push(tx.last_insert_rowid());
                 }
-                tx.execute("UPDATE batches SET next_serial = next_serial + 1 WHERE id = ?1", [batch_id])?;
+                if !leased {
+                    tx.execute("UPDATE batches SET next_serial = next_serial + 1 WHERE id = ?1", [batch_id])?;
+                }
                 tx.commit()?;
                 Ok(Ok(((id, serial, next, title, ldn), intents)))
             })
@@ -982,7 +998,7 @@ impl Ctx<'_> {
         let ((id, serial, _no, title, ldn), ids) = r.map_err(|reason| {
             let (kind, sev) = if reason.contains("another nest") {
                 ("meter.duplicate_uid", Severity::Critical)
-            } else if reason.starts_with(NUMBER_TAKEN) {
+            } else if reason.starts_with(NUMBER_TAKEN) || reason.starts_with(LEASES_USED_UP) {
                 // Every following meter would draw the same number: the cell's fault, not the
                 // meter's; the line stops with the reason.
                 ("station.error", Severity::Critical)
@@ -991,6 +1007,9 @@ impl Ctx<'_> {
             };
             Failure::new(kind, sev, reason)
         })?;
+        if self.inner.cfg.fleet.is_some() {
+            self.inner.fleet_wake.notify_one();
+        }
         run.meter_id = Some(id);
         run.serial = Some(serial.clone());
         run.identity = Some(Identity {

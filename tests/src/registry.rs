@@ -150,7 +150,7 @@ pub fn openssl_issue(dir: &Path, ca: &str, name: &str, cn: &str, ext: &str) {
 }
 
 /// Serves a registry server (the `e2e-registry` binary): see the module documentation.
-pub fn serve(dir: Option<PathBuf>) {
+pub fn serve(dir: Option<PathBuf>, durable: bool) {
     let (dir, owned) = match dir {
         Some(d) => (d, false),
         None => {
@@ -198,9 +198,16 @@ pub fn serve(dir: Option<PathBuf>) {
     let conf = format!(
         "listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{sock}'\n\
          ssl = on\nssl_cert_file = '{d}/server.pem'\nssl_key_file = '{d}/server-key.pem'\nssl_ca_file = '{d}/client-cas.pem'\n\
-         fsync = off\nfull_page_writes = off\nmax_connections = 300\nshared_buffers = 64MB\n\
+         {durability}max_connections = 300\nshared_buffers = 64MB\n\
          log_min_messages = warning\nlog_connections = off\n",
         sock = dir.join("sock").display(),
+        // Tests trade durability against a machine crash for speed (a killed server still
+        // loses nothing: commits wait for the WAL write); the benchmark measures a durable one.
+        durability = if durable {
+            ""
+        } else {
+            "fsync = off\nfull_page_writes = off\n"
+        },
         d = dir.display(),
     );
     let mut f = std::fs::OpenOptions::new()
@@ -341,7 +348,7 @@ impl std::fmt::Debug for Registry {
 pub fn registry_exe() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap();
-    let dir = if dir.ends_with("deps") {
+    let dir = if dir.ends_with("deps") || dir.ends_with("examples") {
         dir.parent().unwrap()
     } else {
         dir
@@ -352,7 +359,17 @@ pub fn registry_exe() -> PathBuf {
 impl Registry {
     /// A server of this test's own (one it may kill).
     pub fn private() -> Registry {
+        Registry::spawn(false)
+    }
+
+    /// A server of its own that syncs its WAL to disk as a production registry does.
+    pub fn private_durable() -> Registry {
+        Registry::spawn(true)
+    }
+
+    fn spawn(durable: bool) -> Registry {
         let mut child = Command::new(registry_exe())
+            .args(durable.then_some("--durable"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -22,7 +22,7 @@ commands:
                         tests, the HSM tests again under plain `cargo test`, and every
                         fuzz target for 30 s — what CI runs
   bench <what>          print benchmark figures as JSON lines; <what> is one of:
-                        link, hsm, station, manifest, api, gui, all
+                        link, hsm, station, manifest, api, gui, fleet, all
   screenshot [OUT.png]  start the touch console in demo mode under Xvfb and save a picture
   fuzz [TARGET|all] [SECS]
                         fuzz one target (or all) with libFuzzer on stable for SECS s
@@ -46,6 +46,8 @@ const BASE_PACKAGES: &[&str] = &[
     "libssl-dev",
     "libclang-dev",
     "pkg-config",
+    // The factory registry's server (PostgreSQL) and psql, for its tests and benchmark.
+    "postgresql",
 ];
 
 /// Debian packages the console's tests and screenshot need (software rendering, a display).
@@ -392,6 +394,8 @@ fn test() -> Result<(), String> {
         "-D",
         "warnings",
     ]))?;
+    // One registry server (PostgreSQL) for the whole run; each test makes a database in it.
+    let registry = Registry::start()?;
     let mut nextest = cargo();
     nextest.args([
         "nextest",
@@ -405,7 +409,9 @@ fn test() -> Result<(), String> {
         nextest.args(["--profile", "ci"]);
     }
     with_tool_env(&mut nextest, &imgtool);
+    nextest.env("CELL_REGISTRY_DIR", &registry.dir);
     run(&mut nextest)?;
+    drop(registry);
     let mut doc = cargo();
     doc.args(["test", "--workspace", "--doc", "--locked"]);
     with_tool_env(&mut doc, &imgtool);
@@ -418,6 +424,56 @@ fn test() -> Result<(), String> {
     run(&mut plain)?;
     // Every parser of outside input under libFuzzer, for a bounded time each.
     fuzz(Some("all"), Some(FUZZ_SECS_IN_TEST))
+}
+
+/// The tests' registry server: the `e2e-registry` binary of the test package, which serves a
+/// PostgreSQL cluster in a directory of its own until its standard input closes (when this is
+/// dropped, or when xtask ends however it ends).
+struct Registry {
+    child: std::process::Child,
+    dir: String,
+}
+
+impl Registry {
+    fn start() -> Result<Registry, String> {
+        use std::io::BufRead;
+        run(cargo().args([
+            "build",
+            "--locked",
+            "--quiet",
+            "-p",
+            "e2e",
+            "--bin",
+            "e2e-registry",
+        ]))?;
+        let exe = target_dir().join("debug").join("e2e-registry");
+        let mut child = Command::new(&exe)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
+        let out = child.stdout.take().ok_or("e2e-registry: no output")?;
+        let mut lines = std::io::BufReader::new(out).lines();
+        match lines.next() {
+            Some(Ok(l)) if l.starts_with("ready ") => {
+                let dir = l.trim_start_matches("ready ").to_string();
+                eprintln!("xtask: the registry server for this run is in {dir}");
+                Ok(Registry { child, dir })
+            }
+            other => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(format!("the registry server did not start: {other:?}"))
+            }
+        }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
 }
 
 /// Seconds each fuzz target runs in `cargo xtask test`.
@@ -439,7 +495,7 @@ fn demo(args: &[String]) -> Result<(), String> {
 
 fn bench(what: &str) -> Result<(), String> {
     let imgtool = deps(what == "gui" || what == "all")?;
-    let all = ["link", "hsm", "station", "manifest", "api", "gui"];
+    let all = ["link", "hsm", "station", "manifest", "api", "gui", "fleet"];
     let list: Vec<&str> = if what == "all" {
         all.to_vec()
     } else {
@@ -453,9 +509,23 @@ fn bench(what: &str) -> Result<(), String> {
             "manifest" => ("station", "manifest-bench"),
             "api" => ("station", "api-bench"),
             "gui" => ("gui", "gui-bench"),
+            "fleet" => {
+                // Its registry server, beside the benchmark's binary.
+                run(cargo().args([
+                    "build",
+                    "--release",
+                    "--locked",
+                    "--quiet",
+                    "-p",
+                    "e2e",
+                    "--bin",
+                    "e2e-registry",
+                ]))?;
+                ("e2e", "fleet-bench")
+            }
             other => {
                 return Err(format!(
-                    "unknown benchmark {other:?}: link, hsm, station, manifest, api, gui or all"
+                    "unknown benchmark {other:?}: link, hsm, station, manifest, api, gui, fleet or all"
                 ));
             }
         };

@@ -935,6 +935,40 @@ suite = 1
     }
 
     #[test]
+    fn a_fleet_section_is_read_with_its_defaults_and_checked() {
+        let fleet = "\n[fleet]\nhost = \"registry.plant\"\nserver_ca = \"reg/ca.pem\"\ncert = \"reg/c.pem\"\nkey = \"reg/k.pem\"\nlease_block = 1000\n";
+        let c = parse(&format!("{EXAMPLE}{fleet}")).unwrap();
+        let f = c.fleet.unwrap();
+        assert_eq!((f.port, f.database.as_str()), (5432, "registry"));
+        assert_eq!((f.lease_block, f.lease_low_water), (1000, 500));
+        assert_eq!(f.cert, PathBuf::from("/cell/reg/c.pem"));
+        assert!(parse(EXAMPLE).unwrap().fleet.is_none());
+        let cases = [
+            (
+                format!("{EXAMPLE}{fleet}").replace("cell-01\"\ndatabase", "Cell.01\"\ndatabase"),
+                "registry role",
+            ),
+            (
+                format!("{EXAMPLE}{fleet}lease_low_water = 1001\n"),
+                "must not exceed fleet.lease_block",
+            ),
+            (
+                format!("{EXAMPLE}{fleet}").replace("lease_block = 1000", "lease_block = 0"),
+                "between 1 and 10000000",
+            ),
+            (format!("{EXAMPLE}{fleet}push_batch = 0\n"), "push_batch"),
+            (
+                format!("{EXAMPLE}{fleet}password = \"x\"\n"),
+                "unknown field",
+            ),
+        ];
+        for (text, reason) in cases {
+            let e = parse(&text).unwrap_err();
+            assert!(e.reason.contains(reason), "{e}");
+        }
+    }
+
+    #[test]
     fn example_parses_with_defaults_and_resolved_paths() {
         let c = parse(EXAMPLE).unwrap();
         assert_eq!(c.database, PathBuf::from("/cell/station.db"));

@@ -33,6 +33,52 @@ fn the_example_configuration_is_valid_for_both() {
     station_parse(&text).unwrap();
 }
 
+/// The example with its `[fleet]` section switched on (the commented lines from `# [fleet]` on).
+fn with_fleet(example: &str) -> String {
+    let mut on = false;
+    example
+        .lines()
+        .map(|l| {
+            on |= l == "# [fleet]";
+            match l.strip_prefix("# ") {
+                Some(rest) if on => rest,
+                _ => l,
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn the_example_with_a_registry_is_valid_for_both() {
+    let text =
+        with_fleet(&std::fs::read_to_string(schemas().join("station.example.toml")).unwrap());
+    assert!(text.contains("\n[fleet]\nhost = "), "{text}");
+    python_validate(&text).unwrap();
+    let cfg = station_parse(&text);
+    assert!(cfg.is_ok(), "{cfg:?}");
+    for (what, bad) in [
+        (
+            "no host",
+            text.replace("host = \"registry.plant.example\"\n", ""),
+        ),
+        (
+            "a password",
+            text.replace(
+                "lease_block = 10000",
+                "lease_block = 10000\npassword = \"x\"",
+            ),
+        ),
+        (
+            "an empty lease",
+            text.replace("lease_block = 10000", "lease_block = 0"),
+        ),
+    ] {
+        assert!(python_validate(&bad).is_err(), "the schema takes {what}");
+        assert!(station_parse(&bad).is_err(), "the station takes {what}");
+    }
+}
+
 #[test]
 fn bad_configurations_are_refused_by_both() {
     let good = std::fs::read_to_string(schemas().join("station.example.toml")).unwrap();

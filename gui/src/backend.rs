@@ -247,6 +247,7 @@ fn read_only(cmd: &Command) -> bool {
             | Command::BatchStatus { .. }
             | Command::AuditTail { .. }
             | Command::AuditVerify
+            | Command::FleetView { .. }
     )
 }
 
@@ -269,6 +270,7 @@ pub fn describe(cmd: &Command) -> String {
         Command::ListAlarms => "list alarms".into(),
         Command::AuditVerify => "verify audit log".into(),
         Command::AuditTail { .. } => "read audit log".into(),
+        Command::FleetView { .. } => crate::state::FLEET_VIEW.into(),
         _ => "command".into(),
     }
 }

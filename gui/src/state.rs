@@ -207,6 +207,8 @@ pub enum Tab {
     Audit,
     /// HSM, ports, database.
     Health,
+    /// The factory across cells, from the registry (supervisors, officers, auditors).
+    Fleet,
 }
 
 impl Tab {
@@ -217,6 +219,7 @@ impl Tab {
             Tab::Batch => "Batch and rework",
             Tab::Audit => "Audit",
             Tab::Health => "Health",
+            Tab::Fleet => "Factory",
         }
     }
 }
@@ -305,6 +308,24 @@ impl SeverityFilter {
     }
 }
 
+/// What the factory screen's command is called in replies.
+pub const FLEET_VIEW: &str = "view the factory";
+
+/// The factory screen.
+#[derive(Debug, Default)]
+pub struct FleetPage {
+    /// The view was asked for (cleared to ask again).
+    pub requested: bool,
+    /// What the registry answered.
+    pub view: Option<station::fleet::FleetView>,
+    /// Why it could not answer.
+    pub error: Option<String>,
+    /// The serial number, system title or UID typed in the search box.
+    pub find: String,
+    /// What the shown matches were found for.
+    pub found_for: Option<String>,
+}
+
 /// The audit screen.
 #[derive(Debug, Default)]
 pub struct AuditView {
@@ -380,6 +401,8 @@ pub struct AppState {
     pub batch: BatchForm,
     /// The audit screen.
     pub audit: AuditView,
+    /// The factory screen.
+    pub fleet: FleetPage,
     /// Recently failed meters.
     pub failed: VecDeque<FailedMeter>,
     /// The daemon ends a session after this long without a command (known after log-in).
@@ -409,6 +432,7 @@ impl AppState {
             pending: 0,
             ack: None,
             audit: AuditView::default(),
+            fleet: FleetPage::default(),
             failed: VecDeque::new(),
             idle_timeout: None,
         }
@@ -451,6 +475,10 @@ impl AppState {
         }
         if self.may(Action::ViewAudit) {
             t.push(Tab::Audit);
+        }
+        // Only a station with a registry has a factory to show.
+        if self.may(Action::ViewFleet) && self.line.health.fleet.is_some() {
+            t.push(Tab::Fleet);
         }
         t.push(Tab::Health);
         t
@@ -606,6 +634,10 @@ impl AppState {
                 self.audit.verification = Some(v);
             }
             Reply::Alarms(a) => self.line.alarms = a,
+            Reply::Fleet(v) => {
+                self.fleet.error = None;
+                self.fleet.view = Some(v);
+            }
             Reply::Batch(b) => {
                 let open = b.state == "open";
                 self.notice = Some(Notice::good(format!(
@@ -645,6 +677,9 @@ impl AppState {
                 if what == "verify audit log" {
                     self.audit.verification_error = Some(f.message.clone());
                 }
+                if what == FLEET_VIEW {
+                    self.fleet.error = Some(f.message.clone());
+                }
                 self.notice = Some(Notice::bad(format!("{what} refused: {}", f.message)));
             }
         }
@@ -662,6 +697,7 @@ impl AppState {
         self.batch.confirm_close = false;
         self.batch.requested = false;
         self.audit = AuditView::default();
+        self.fleet = FleetPage::default();
         self.ack = None;
     }
 
@@ -718,6 +754,41 @@ mod tests {
         let mut line = AppState::empty_line("cell");
         line.nests = vec![nest(1, NestState::Idle), nest(2, NestState::Idle)];
         AppState::new(line, vec!["EM-300".into()], "DMW".into(), false)
+    }
+
+    #[test]
+    fn the_factory_screen_is_offered_with_a_registry_to_roles_that_may_see_it() {
+        let mut s = state();
+        s.user = Some(SignedIn {
+            name: "super".into(),
+            role: Role::Supervisor,
+        });
+        assert!(!s.tabs().contains(&Tab::Fleet), "no registry, no factory");
+        s.line.health.fleet = Some(station::engine::FleetHealth::default());
+        assert!(s.tabs().contains(&Tab::Fleet));
+        s.user = Some(SignedIn {
+            name: "oper".into(),
+            role: Role::Operator,
+        });
+        assert!(!s.tabs().contains(&Tab::Fleet));
+        // The registry's refusal shows on the screen; a later answer replaces it.
+        s.apply(UiEvent::Replied {
+            what: FLEET_VIEW.into(),
+            result: Err(Failure::from_error(&station::Error::Unavailable(
+                "the registry at db:5432/registry cannot be reached".into(),
+            ))),
+        });
+        assert!(
+            s.fleet
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains("cannot be reached"))
+        );
+        s.apply(UiEvent::Replied {
+            what: FLEET_VIEW.into(),
+            result: Ok(Reply::Fleet(station::fleet::FleetView::default())),
+        });
+        assert!(s.fleet.error.is_none() && s.fleet.view.is_some());
     }
 
     #[test]

@@ -405,3 +405,54 @@ fn a_line_the_station_stopped_says_why() {
     assert!(h.query_by_label("Start line").is_some());
     snap("line-halted", halted);
 }
+
+#[test]
+fn supervisor_sees_the_factory() {
+    snap("fleet", || {
+        let mut s = line_state();
+        s.user = Some(SignedIn {
+            name: "super".into(),
+            role: Role::Supervisor,
+        });
+        s.line.alarms.clear();
+        s.line.health.fleet = Some(station::engine::FleetHealth {
+            reachable: true,
+            leased_left: 6_200,
+            ..Default::default()
+        });
+        s.tab = Tab::Fleet;
+        s.fleet.requested = true;
+        s.fleet.find = "DMW000004217".into();
+        s.fleet.found_for = Some("DMW000004217".into());
+        let row = |st: &str, nest: i32, done: i64, failed: i64| {
+            (st.to_string(), Some(nest), done, failed)
+        };
+        s.fleet.view = Some(station::fleet::FleetView {
+            batches: vec![
+                ("WO-2211".into(), "cell-a3".into(), 1_184, 16),
+                ("WO-2211".into(), "cell-b1".into(), 1_171, 29),
+                ("WO-2212".into(), "cell-c2".into(), 640, 8),
+            ],
+            yields: vec![
+                row("cell-a3", 1, 297, 3),
+                row("cell-a3", 2, 296, 4),
+                row("cell-b1", 1, 298, 2),
+                row("cell-b1", 2, 279, 21),
+                row("cell-c2", 1, 320, 4),
+            ],
+            found: vec![station::fleet::Found {
+                station: "cell-b1".into(),
+                work_order: Some("WO-2211".into()),
+                nest: Some(2),
+                uid: "3A91C0FFEE0042".into(),
+                state: "done".into(),
+                serial: Some("DMW000004217".into()),
+                system_title: Some("444D570000001079".into()),
+                operator: Some("oper".into()),
+                finished_at: Some("2026-11-29 14:02:11+00".into()),
+                failure: None,
+            }],
+        });
+        s
+    });
+}

@@ -319,6 +319,37 @@ BEGIN
         RETURNING id, leases.first, leases.last;
 END $$;
 
+-- The fleet view, for supervisors at any cell's console (through their station) and for
+-- fleet_reader: counts per batch and per nest, and where one meter was provisioned. A station
+-- role reads nothing else of other stations; these look up one exact serial, system title or
+-- UID, and never list meters.
+CREATE FUNCTION fleet.view_batches()
+RETURNS TABLE (work_order text, station text, done bigint, failed bigint)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = fleet, pg_temp AS $$
+    SELECT coalesce(m.work_order, '?'), m.station,
+           count(*) FILTER (WHERE m.state = 'done'), count(*) FILTER (WHERE m.state = 'failed')
+      FROM fleet.meters m GROUP BY 1, 2 ORDER BY 1, 2
+$$;
+
+CREATE FUNCTION fleet.view_yield()
+RETURNS TABLE (station text, nest int, done bigint, failed bigint)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = fleet, pg_temp AS $$
+    SELECT m.station, m.nest,
+           count(*) FILTER (WHERE m.state = 'done'), count(*) FILTER (WHERE m.state = 'failed')
+      FROM fleet.meters m GROUP BY 1, 2 ORDER BY 1, 2
+$$;
+
+CREATE FUNCTION fleet.view_find(what text)
+RETURNS TABLE (station text, work_order text, nest int, uid text, state text, serial text,
+               system_title text, operator text, finished_at text, failure text)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = fleet, pg_temp AS $$
+    SELECT m.station, m.work_order, m.nest, m.uid, m.state, m.serial, m.system_title, m.operator,
+           m.finished_at::text, m.failure
+      FROM fleet.meters m
+     WHERE m.serial = what OR upper(m.uid) = upper(what) OR upper(m.system_title) = upper(what)
+     ORDER BY m.finished_at
+$$;
+
 -- Row-level security: a station sees and writes its own rows only.
 ALTER TABLE fleet.records ENABLE ROW LEVEL SECURITY;
 CREATE POLICY records_own ON fleet.records TO fleet_station
@@ -338,6 +369,8 @@ GRANT USAGE ON SCHEMA fleet TO fleet_station, fleet_reader;
 GRANT SELECT, INSERT ON fleet.records TO fleet_station;
 GRANT SELECT ON fleet.leases, fleet.alarms TO fleet_station;
 GRANT EXECUTE ON FUNCTION fleet.take_lease(text, bigint) TO fleet_station;
+GRANT EXECUTE ON FUNCTION fleet.view_batches(), fleet.view_yield(), fleet.view_find(text)
+    TO fleet_station, fleet_reader;
 GRANT SELECT ON ALL TABLES IN SCHEMA fleet TO fleet_reader;
 
 -- Enrols a station (run by the registry's administrator): its role, which logs in with a client

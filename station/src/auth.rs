@@ -107,6 +107,8 @@ pub enum Action {
     ExportAudit,
     /// Resume a frozen audit log.
     RecoverAudit,
+    /// See the factory's production across cells (the registry).
+    ViewFleet,
 }
 
 impl Action {
@@ -130,6 +132,7 @@ impl Action {
             Action::VerifyAudit => "verify the audit log",
             Action::ExportAudit => "export the audit log",
             Action::RecoverAudit => "resume a frozen audit log",
+            Action::ViewFleet => "view the factory's production",
         }
     }
 }
@@ -164,6 +167,10 @@ pub const PERMISSIONS: &[(Action, &[Role])] = &[
     (Action::VerifyAudit, &[Role::SecurityOfficer, Role::Auditor]),
     (Action::ExportAudit, &[Role::Auditor, Role::SecurityOfficer]),
     (Action::RecoverAudit, &[Role::SecurityOfficer]),
+    (
+        Action::ViewFleet,
+        &[Role::Supervisor, Role::SecurityOfficer, Role::Auditor],
+    ),
 ];
 
 /// May `role` perform `action`?

@@ -762,39 +762,42 @@ pub async fn audit(client: &Client) -> Result<Vec<StationAudit>, FleetError> {
 /// Meters per batch across stations: (work order, station, done, failed).
 pub async fn batches(client: &Client) -> Result<Vec<(String, String, i64, i64)>, FleetError> {
     Ok(client
-        .query(
-            "SELECT coalesce(work_order, '?'), station, count(*) FILTER (WHERE state = 'done'), count(*) FILTER (WHERE state = 'failed')
-               FROM fleet.meters GROUP BY 1, 2 ORDER BY 1, 2",
-            &[],
-        )
+        .query("SELECT * FROM fleet.view_batches()", &[])
         .await?
         .into_iter()
         .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
         .collect())
 }
 
-/// Yield per station, or per station and nest: (station, nest, done, failed).
+/// Yield per station and nest: (station, nest, done, failed); `by_nest` false sums the nests.
 pub async fn yields(
     client: &Client,
     by_nest: bool,
 ) -> Result<Vec<(String, Option<i32>, i64, i64)>, FleetError> {
-    let sql = if by_nest {
-        "SELECT station, nest, count(*) FILTER (WHERE state = 'done'), count(*) FILTER (WHERE state = 'failed')
-           FROM fleet.meters GROUP BY 1, 2 ORDER BY 1, 2"
-    } else {
-        "SELECT station, NULL::int, count(*) FILTER (WHERE state = 'done'), count(*) FILTER (WHERE state = 'failed')
-           FROM fleet.meters GROUP BY 1 ORDER BY 1"
-    };
-    Ok(client
-        .query(sql, &[])
+    let rows: Vec<(String, Option<i32>, i64, i64)> = client
+        .query("SELECT * FROM fleet.view_yield()", &[])
         .await?
         .into_iter()
         .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-        .collect())
+        .collect();
+    if by_nest {
+        return Ok(rows);
+    }
+    let mut out: Vec<(String, Option<i32>, i64, i64)> = Vec::new();
+    for (station, _, done, failed) in rows {
+        match out.last_mut() {
+            Some(last) if last.0 == station => {
+                last.2 += done;
+                last.3 += failed;
+            }
+            _ => out.push((station, None, done, failed)),
+        }
+    }
+    Ok(out)
 }
 
 /// Where a meter was provisioned and by whom.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Found {
     /// Station.
     pub station: String,
@@ -821,12 +824,7 @@ pub struct Found {
 /// Every record of a serial number, system title or UID, across stations.
 pub async fn find(client: &Client, what: &str) -> Result<Vec<Found>, FleetError> {
     Ok(client
-        .query(
-            "SELECT station, work_order, nest, uid, state, serial, system_title, operator, finished_at::text, failure
-               FROM fleet.meters WHERE serial = $1 OR upper(uid) = upper($1) OR upper(system_title) = upper($1)
-              ORDER BY finished_at",
-            &[&what],
-        )
+        .query("SELECT * FROM fleet.view_find($1)", &[&what])
         .await?
         .into_iter()
         .map(|r| Found {
@@ -842,4 +840,29 @@ pub async fn find(client: &Client, what: &str) -> Result<Vec<Found>, FleetError>
             failure: r.get(9),
         })
         .collect())
+}
+
+/// The factory at a glance, as a console shows it: meters per batch and station, yield per
+/// station and nest, and the meters that match `find`.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct FleetView {
+    /// (work order, station, done, failed).
+    pub batches: Vec<(String, String, i64, i64)>,
+    /// (station, nest, done, failed).
+    pub yields: Vec<(String, Option<i32>, i64, i64)>,
+    /// What `find` matched.
+    pub found: Vec<Found>,
+}
+
+/// Reads the [`FleetView`] (one connection, three queries).
+pub async fn view(ep: &Endpoint, find_what: Option<&str>) -> Result<FleetView, FleetError> {
+    let client = connect(ep).await?;
+    Ok(FleetView {
+        batches: batches(&client).await?,
+        yields: yields(&client, true).await?,
+        found: match find_what {
+            Some(w) if !w.trim().is_empty() => find(&client, w.trim()).await?,
+            _ => Vec::new(),
+        },
+    })
 }

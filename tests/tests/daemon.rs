@@ -168,6 +168,7 @@ const CALLS: &[(&str, Option<Action>)] = &[
     ("FetchExport", Some(Action::ExportManifest)),
     ("ListAlarms", Some(Action::ViewLine)),
     ("AckAlarm", Some(Action::AckAlarm)),
+    ("FleetView", Some(Action::ViewFleet)),
     ("ImportFirmware", Some(Action::ImportFirmware)),
     ("ListFirmware", Some(Action::ViewLine)),
     ("ImportCustomer", Some(Action::ImportCustomer)),
@@ -278,6 +279,10 @@ async fn call(
         "ListAlarms" => c.list_alarms(with(e(), token)).await.map(drop),
         "AckAlarm" => c
             .ack_alarm(with(pb::AlarmRequest { id: 9999 }, token))
+            .await
+            .map(drop),
+        "FleetView" => c
+            .fleet_view(with(pb::FleetViewRequest { find: None }, token))
             .await
             .map(drop),
         "ImportFirmware" => c

@@ -337,6 +337,86 @@ async fn three_stations_share_one_registry_and_no_number_is_issued_twice() {
     for fc in &cells {
         assert!(registry_alarms(&reg, &fc.id).await.is_empty());
     }
+    // A supervisor at any cell's console sees the whole factory through its station (counts,
+    // and one meter looked up); an operator does not.
+    let (serial, uid): (String, String) = cells[2]
+        .cell
+        .db()
+        .query_row(
+            "SELECT serial, uid FROM meters WHERE state = 'done' LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    let client = cells[0].cell.client().await;
+    let sup = cells[0].cell.login(&client, "super").await;
+    let view = match client
+        .execute(
+            &sup,
+            station::Command::FleetView {
+                find: Some(serial.clone()),
+            },
+        )
+        .await
+        .unwrap()
+    {
+        station::Reply::Fleet(v) => v,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        view.batches.iter().map(|b| b.2).sum::<i64>(),
+        15,
+        "{view:?}"
+    );
+    assert_eq!(
+        view.batches
+            .iter()
+            .map(|b| b.1.clone())
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
+        3
+    );
+    assert_eq!(view.yields.iter().map(|y| y.2).sum::<i64>(), 15);
+    assert_eq!(view.found.len(), 1);
+    assert_eq!(
+        (view.found[0].station.as_str(), view.found[0].uid.as_str()),
+        (cells[2].id.as_str(), uid.as_str())
+    );
+    let oper = cells[0].cell.login(&client, "oper").await;
+    let e = client
+        .execute(&oper, station::Command::FleetView { find: None })
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("not allowed") || e.to_string().contains("may not"),
+        "{e}"
+    );
+    // The station's own role reads only the view's functions: not another station's records.
+    let own = |f: &str| cells[0].cell.path(&format!("registry/{}{f}", cells[0].id));
+    let c0 = station::fleet::connect(&reg.endpoint(&cells[0].id, &own(".pem"), &own("-key.pem")))
+        .await
+        .unwrap();
+    for sql in [
+        "SELECT count(*) FROM fleet.meters",
+        "SELECT count(*) FROM fleet.checkpoints",
+    ] {
+        let e = c0.query_one(sql, &[]).await.unwrap_err();
+        assert!(
+            station::fleet::pg_message(&e).contains("permission denied"),
+            "{sql}: {e}"
+        );
+    }
+    let n: i64 = c0
+        .query_one("SELECT count(*) FROM fleet.records", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        n,
+        q(&cells[0].cell.db(), "SELECT count(*) FROM outbox"),
+        "its own records only"
+    );
+    drop(client);
     for d in daemons {
         d.stop().await.unwrap();
     }
@@ -373,15 +453,6 @@ async fn three_stations_share_one_registry_and_no_number_is_issued_twice() {
     assert_eq!(code, 0);
     assert!(out.contains(&cells[1].id), "{out}");
     // Where was a given serial provisioned, and by whom?
-    let (serial, uid): (String, String) = cells[2]
-        .cell
-        .db()
-        .query_row(
-            "SELECT serial, uid FROM meters WHERE state = 'done' LIMIT 1",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap();
     let (code, out, _) = fleet(&["find", &serial]);
     assert_eq!(code, 0);
     assert!(

@@ -6,6 +6,7 @@
 
 mod audit;
 mod batch;
+mod fleet;
 mod health;
 mod line;
 mod login;
@@ -80,6 +81,7 @@ pub fn view(ui: &mut Ui, s: &mut AppState) -> Vec<UiCommand> {
                             Tab::Batch => batch::show(ui, s, &mut out),
                             Tab::Audit => audit::show(ui, s, &mut out),
                             Tab::Health => health::show(ui, &s.line),
+                            Tab::Fleet => fleet::show(ui, s, &mut out),
                         }
                     }
                 });
@@ -182,11 +184,25 @@ fn header(ui: &mut Ui, s: &mut AppState, out: &mut Vec<UiCommand>) {
                     out.push(UiCommand::Logout);
                 }
                 let role = user.role.as_str().replace('_', " ");
-                ui.label(
-                    RichText::new(format!("{} ({role})", user.name))
-                        .size(22.0)
-                        .strong(),
-                );
+                let text = format!("{} ({role})", user.name);
+                // Where the screens leave too little room (five tabs on a 1024-point screen),
+                // the name alone: the role shows in which screens there are.
+                let room = ui.available_width();
+                let wide = ui
+                    .painter()
+                    .layout_no_wrap(
+                        text.clone(),
+                        egui::FontId::proportional(22.0),
+                        colour::ON_LIGHT,
+                    )
+                    .size()
+                    .x;
+                let shown = if wide + 8.0 <= room {
+                    text
+                } else {
+                    user.name.clone()
+                };
+                ui.label(RichText::new(shown).size(22.0).strong());
             } else {
                 ui.label(RichText::new("Not logged in").size(22.0).strong());
             }

@@ -499,6 +499,12 @@ impl Client {
                         .ok_or_else(|| unexpected("AuditExport"))?,
                 }
             }
+            Command::FleetView { find } => Reply::Fleet(
+                rpc.fleet_view(with_session(s, pb::FleetViewRequest { find }))
+                    .await?
+                    .into_inner()
+                    .into(),
+            ),
             Command::ListAlarms => Reply::Alarms(
                 rpc.list_alarms(r(e))
                     .await?

@@ -359,6 +359,82 @@ impl From<pb::Health> for Health {
     }
 }
 
+impl From<crate::fleet::FleetView> for pb::FleetViewReply {
+    fn from(v: crate::fleet::FleetView) -> Self {
+        pb::FleetViewReply {
+            batches: v
+                .batches
+                .into_iter()
+                .map(|(work_order, station, done, failed)| pb::FleetBatch {
+                    work_order,
+                    station,
+                    done,
+                    failed,
+                })
+                .collect(),
+            yields: v
+                .yields
+                .into_iter()
+                .map(|(station, nest, done, failed)| pb::FleetYield {
+                    station,
+                    nest,
+                    done,
+                    failed,
+                })
+                .collect(),
+            found: v
+                .found
+                .into_iter()
+                .map(|f| pb::FleetMeter {
+                    station: f.station,
+                    work_order: f.work_order,
+                    nest: f.nest,
+                    uid: f.uid,
+                    state: f.state,
+                    serial: f.serial,
+                    system_title: f.system_title,
+                    operator: f.operator,
+                    finished_at: f.finished_at,
+                    failure: f.failure,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<pb::FleetViewReply> for crate::fleet::FleetView {
+    fn from(v: pb::FleetViewReply) -> Self {
+        crate::fleet::FleetView {
+            batches: v
+                .batches
+                .into_iter()
+                .map(|b| (b.work_order, b.station, b.done, b.failed))
+                .collect(),
+            yields: v
+                .yields
+                .into_iter()
+                .map(|y| (y.station, y.nest, y.done, y.failed))
+                .collect(),
+            found: v
+                .found
+                .into_iter()
+                .map(|f| crate::fleet::Found {
+                    station: f.station,
+                    work_order: f.work_order,
+                    nest: f.nest,
+                    uid: f.uid,
+                    state: f.state,
+                    serial: f.serial,
+                    system_title: f.system_title,
+                    operator: f.operator,
+                    finished_at: f.finished_at,
+                    failure: f.failure,
+                })
+                .collect(),
+        }
+    }
+}
+
 impl From<LineView> for pb::LineView {
     fn from(l: LineView) -> Self {
         pb::LineView {

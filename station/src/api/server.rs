@@ -203,6 +203,7 @@ pub fn status(e: &Error) -> Status {
         Error::NotFound(_) => (Code::NotFound, "not-found"),
         Error::Conflict(_) => (Code::FailedPrecondition, "conflict"),
         Error::Setup(_) => (Code::FailedPrecondition, "setup"),
+        Error::Unavailable(_) => (Code::Unavailable, "unavailable"),
     };
     refusal(code, reason, &e.to_string())
 }
@@ -698,6 +699,20 @@ impl Station for Service {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+    }
+
+    async fn fleet_view(
+        &self,
+        req: Request<pb::FleetViewRequest>,
+    ) -> Result<Response<pb::FleetViewReply>, Status> {
+        let find = req.get_ref().find.clone();
+        match self
+            .run(&req, "FleetView", Command::FleetView { find })
+            .await?
+        {
+            Reply::Fleet(v) => Ok(Response::new(v.into())),
+            _ => Err(unexpected("FleetView")),
+        }
     }
 
     async fn list_alarms(

@@ -321,6 +321,25 @@ pub(super) async fn execute(engine: &Engine, user: &User, cmd: Command) -> Resul
                 .call(|c| records::list_customers(c).map_err(Error::from))
                 .await?,
         )),
+        Command::FleetView { find } => {
+            let Some(f) = engine.config().fleet.as_ref() else {
+                return Err(Error::Conflict(
+                    "this station has no factory registry (a [fleet] section in its configuration)"
+                        .into(),
+                ));
+            };
+            let ep = crate::fleet::Endpoint::station(&engine.config().station_id, f);
+            let view = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                crate::fleet::view(&ep, find.as_deref()),
+            )
+            .await
+            .map_err(|_| {
+                Error::Unavailable("the factory registry did not answer within 10 s".into())
+            })?
+            .map_err(|e| Error::Unavailable(e.to_string()))?;
+            Ok(Reply::Fleet(view))
+        }
         Command::ListAlarms => Ok(Reply::Alarms(
             inner
                 .db

@@ -63,6 +63,9 @@ pub enum Error {
     /// The cell is not set up.
     #[error("{0}")]
     Setup(String),
+    /// A service the cell relies on off the line (the factory registry) cannot be used now.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl From<rusqlite::Error> for Error {
@@ -401,6 +404,12 @@ pub enum Command {
     AuditExport,
     /// Unacknowledged alarms.
     ListAlarms,
+    /// The factory at a glance, from the registry: meters per batch and station, yield per
+    /// station and nest, and where a serial number, system title or UID was provisioned.
+    FleetView {
+        /// A serial number, system title or UID to look up.
+        find: Option<String>,
+    },
     /// HSM information.
     HsmInfo,
     /// The HSM's known-answer self-test, every finding.
@@ -473,6 +482,7 @@ impl Command {
             | Command::ListFirmware
             | Command::ListCustomers
             | Command::ListAlarms => Action::ViewLine,
+            Command::FleetView { .. } => Action::ViewFleet,
             Command::AuditVerify => Action::VerifyAudit,
             Command::AuditTail { .. } | Command::AuditSince { .. } => Action::ViewAudit,
             Command::AuditExport => Action::ExportAudit,
@@ -509,6 +519,7 @@ impl Command {
             Command::AuditTail { .. } | Command::AuditSince { .. } => "read audit log",
             Command::AuditExport => "export audit log",
             Command::ListAlarms => "list alarms",
+            Command::FleetView { .. } => "view the factory",
             Command::HsmInfo => "hsm info",
             Command::HsmCheck => "hsm check",
             Command::Export { .. } => "export manifest",
@@ -528,6 +539,8 @@ impl Command {
 pub enum Reply {
     /// Done, nothing to show.
     Done,
+    /// The factory, from the registry.
+    Fleet(crate::fleet::FleetView),
     /// A batch.
     Batch(BatchRow),
     /// Batches.

@@ -475,52 +475,11 @@ enum FleetCmd {
     },
 }
 
-/// A registry connection file (`station fleet --registry FILE`).
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RegistryFile {
-    host: String,
-    #[serde(default = "default_registry_port")]
-    port: u16,
-    #[serde(default = "default_registry_database")]
-    database: String,
-    user: String,
-    server_ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
-}
-
-fn default_registry_port() -> u16 {
-    5432
-}
-
-fn default_registry_database() -> String {
-    "registry".into()
-}
-
 fn registry_endpoint(cli: &Cli, a: &FleetArgs) -> Result<crate::fleet::Endpoint> {
     if let Some(path) = &a.registry {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read the registry file {}", path.display()))?;
-        let f: RegistryFile = toml::from_str(&text)
-            .map_err(|e| anyhow!("{}: {}", path.display(), e.message().trim()))?;
-        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let resolve = |p: &PathBuf| {
-            if p.is_absolute() {
-                p.clone()
-            } else {
-                base.join(p)
-            }
-        };
-        return Ok(crate::fleet::Endpoint {
-            host: f.host,
-            port: f.port,
-            database: f.database,
-            user: f.user,
-            server_ca: resolve(&f.server_ca),
-            cert: resolve(&f.cert),
-            key: resolve(&f.key),
-        });
+        return crate::fleet::Endpoint::parse(path, &text).map_err(|e| anyhow!(e));
     }
     let cfg = Config::load(&cli.config).map_err(|e| {
         anyhow!("{e}; name the registry with --registry FILE (or STATION_REGISTRY)")

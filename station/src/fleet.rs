@@ -119,6 +119,42 @@ impl Endpoint {
         }
     }
 
+    /// A registry connection file (`station fleet --registry FILE`): TOML with `host`, `port`
+    /// (5432), `database` (`registry`), `user` (the CN of the client certificate), `server_ca`,
+    /// `cert` and `key`; relative paths are taken from the file's directory.
+    pub fn parse(path: &Path, text: &str) -> Result<Endpoint, String> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct File {
+            host: String,
+            port: Option<u16>,
+            database: Option<String>,
+            user: String,
+            server_ca: std::path::PathBuf,
+            cert: std::path::PathBuf,
+            key: std::path::PathBuf,
+        }
+        let f: File = toml::from_str(text)
+            .map_err(|e| format!("{}: {}", path.display(), e.message().trim()))?;
+        if f.host.trim().is_empty() || f.user.trim().is_empty() {
+            return Err(format!(
+                "{}: host and user must not be empty",
+                path.display()
+            ));
+        }
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let resolve = |p: std::path::PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        Ok(Endpoint {
+            host: f.host,
+            port: f.port.unwrap_or(5432),
+            database: f.database.unwrap_or_else(|| "registry".into()),
+            user: f.user,
+            server_ca: resolve(f.server_ca),
+            cert: resolve(f.cert),
+            key: resolve(f.key),
+        })
+    }
+
     fn at(&self) -> String {
         format!("{}:{}/{}", self.host, self.port, self.database)
     }
@@ -623,7 +659,7 @@ impl StationAudit {
 }
 
 /// The audit-signer's key of an enrolled station, from the certificate recorded at enrolment.
-fn audit_key(pem: &str) -> Result<(p256::ecdsa::VerifyingKey, [u8; 4]), String> {
+pub(crate) fn audit_key(pem: &str) -> Result<(p256::ecdsa::VerifyingKey, [u8; 4]), String> {
     use der::{DecodePem, Encode};
     let cert = x509_cert::Certificate::from_pem(pem.as_bytes())
         .map_err(|e| format!("the enrolled audit certificate cannot be read: {e}"))?;

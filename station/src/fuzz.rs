@@ -1,6 +1,8 @@
 //! Fuzzing entry points for what the station reads from outside: a manifest (the signed
-//! envelope, and the JSON inside it), the configuration file, and the service API's messages
-//! (requests the daemon takes apart itself, and the replies and events a console reads). Each
+//! envelope, and the JSON inside it), the configuration file, the service API's messages
+//! (requests the daemon takes apart itself, and the replies and events a console reads), and
+//! what the factory registry hands back (checkpoint notes, enrolled certificates, the factory
+//! view) with the registry connection file. Each
 //! `fuzz/` target is a one-line wrapper over one of these, and the test suite runs them over the
 //! seed corpora and mutations of them. Every function must return normally for every input: a
 //! panic is a bug.
@@ -95,6 +97,45 @@ pub fn api_message(data: &[u8]) {
         _ => {
             if let Ok(m) = pb::Verification::decode(bytes) {
                 let _ = crate::audit::Verification::from(m);
+            }
+        }
+    }
+}
+
+/// What comes back from the factory registry, or tells how to reach it: the first byte picks
+/// it. A checkpoint note as `station fleet audit` reads it (tree head, chain values, signature
+/// against a fixed key), an enrolled audit certificate (PEM), a registry connection file, a
+/// `FleetViewReply` as the console converts it.
+pub fn registry_answer(data: &[u8]) {
+    let Some((&which, bytes)) = data.split_first() else {
+        return;
+    };
+    let text = String::from_utf8_lossy(bytes);
+    match which % 4 {
+        0 => {
+            let head = crate::audit::checkpoint_tree_head(&text);
+            let values = crate::audit::checkpoint_values(&text);
+            if let Some((seq, _)) = head {
+                assert_eq!(values.map(|v| v.0), Some(seq), "one note, one entry number");
+            }
+            let key = p256::ecdsa::SigningKey::from_slice(&[7u8; 32])
+                .unwrap_or_else(|e| panic!("a constant scalar in range is a key: {e}"));
+            let _ = crate::audit::verify_note(&text, key.verifying_key(), &[0, 0, 0, 0]);
+        }
+        1 => {
+            let _ = crate::fleet::audit_key(&text);
+        }
+        2 => {
+            let _ = crate::fleet::Endpoint::parse(Path::new("/etc/station/registry.toml"), &text);
+        }
+        _ => {
+            if let Ok(m) = pb::FleetViewReply::decode(bytes) {
+                let v = crate::fleet::FleetView::from(m.clone());
+                assert_eq!(
+                    pb::FleetViewReply::from(v),
+                    m,
+                    "the view converts both ways"
+                );
             }
         }
     }

@@ -136,3 +136,37 @@ fn api_messages_never_panic() {
     ];
     run("api_message", extra, 300, fuzz::api_message);
 }
+
+#[test]
+fn registry_answers_never_panic() {
+    // A factory view as the registry answers it, besides the text seeds.
+    let view = pb::FleetViewReply {
+        batches: vec![pb::FleetBatch {
+            work_order: "WO-1".into(),
+            station: "cell-01".into(),
+            done: 12,
+            failed: 1,
+        }],
+        yields: vec![pb::FleetYield {
+            station: "cell-01".into(),
+            nest: Some(2),
+            done: 12,
+            failed: 1,
+        }],
+        found: vec![pb::FleetMeter {
+            station: "cell-01".into(),
+            uid: "AA".into(),
+            state: "done".into(),
+            serial: Some("X000000001".into()),
+            ..Default::default()
+        }],
+    };
+    let extra = vec![[vec![3u8], view.encode_to_vec()].concat()];
+    // The note seed reads as a checkpoint, so the mutations start from one.
+    let note = seeds("registry_answer")
+        .into_iter()
+        .find(|s| s.first() == Some(&0))
+        .unwrap();
+    assert!(station::audit::checkpoint_tree_head(&String::from_utf8_lossy(&note[1..])).is_some());
+    run("registry_answer", extra, 400, fuzz::registry_answer);
+}

@@ -579,7 +579,7 @@ fn screenshot(out: Option<&str>) -> Result<(), String> {
 }
 
 /// Every fuzz target (`fuzz/fuzz_targets/<name>.rs`).
-const FUZZ_TARGETS: [&str; 13] = [
+const FUZZ_TARGETS: [&str; 14] = [
     "frame_decoder",
     "message",
     "meter_input",
@@ -593,6 +593,7 @@ const FUZZ_TARGETS: [&str; 13] = [
     "manifest_content",
     "config",
     "api_message",
+    "registry_answer",
 ];
 
 /// Coverage-guided fuzzing with libFuzzer on the stable toolchain: the `fuzz/` crate built with

@@ -902,3 +902,118 @@ pub async fn view(ep: &Endpoint, find_what: Option<&str>) -> Result<FleetView, F
         },
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn journal() -> (tempfile::TempDir, crate::db::Db) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::db::Db::open(&dir.path().join("j.db")).unwrap();
+        (dir, db)
+    }
+
+    /// A batch and one meter in it, sealed: what finishing it needs.
+    fn sealed_meter(c: &rusqlite::Connection, n: i64) -> i64 {
+        if n == 1 {
+            c.execute_batch(
+                "INSERT INTO firmware (sha256, version, size, image, signer_key_hash, imported_at, imported_by) VALUES ('f', '1', 1, x'00', 'k', 0, 'o');
+                 INSERT INTO customers (name, cert_der, fingerprint, imported_at, imported_by) VALUES ('u', x'00', 'fp', 0, 'o');
+                 INSERT INTO batches (work_order, model, firmware_id, customer_id, quantity, serial_prefix, serial_first, serial_last, next_serial, state, transport_key, transport_wrapped, transport_kcv, oaep_hash, opened_at, opened_by)
+                 VALUES ('WO-1', 'M', 1, 1, 10, 'S', 0, 999999999, 0, 'open', 'tk', x'00', 'kcv', 'sha256', 0, 's');",
+            )
+            .unwrap();
+        }
+        c.execute(
+            "INSERT INTO meters (batch_id, uid, nest, state, serial, serial_no, system_title, operator, started_at) VALUES (1, ?1, 1, 'sealed', ?2, ?3, ?4, 'oper', 0)",
+            params![format!("{n:02X}"), format!("S{n:09}"), n, format!("{n:016X}")],
+        )
+        .unwrap();
+        c.last_insert_rowid()
+    }
+
+    #[test]
+    fn a_finished_meter_and_its_outbox_record_commit_together_or_not_at_all() {
+        let (_d, db) = journal();
+        db.with(|c| {
+            let batch_rows = pending(c, 100).unwrap().len();
+            assert_eq!(batch_rows, 0, "the batch is opened below");
+            let id = sealed_meter(c, 1);
+            assert_eq!(pending(c, 100).unwrap().len(), 1, "the batch's record");
+            // Rolled back: no meter change, no record.
+            let tx = c.transaction().unwrap();
+            tx.execute("UPDATE meters SET state = 'done' WHERE id = ?1", [id])
+                .unwrap();
+            drop(tx);
+            assert_eq!(pending(c, 100).unwrap().len(), 1);
+            c.execute(
+                "UPDATE meters SET state = 'done', finished_at = 5 WHERE id = ?1",
+                [id],
+            )
+            .unwrap();
+            let recs = pending(c, 100).unwrap();
+            assert_eq!(recs.len(), 2);
+            let m: serde_json::Value = serde_json::from_str(&recs[1].body).unwrap();
+            assert_eq!(
+                (recs[1].kind.as_str(), m["uid"].as_str()),
+                ("meter", Some("01"))
+            );
+            assert_eq!(m["work_order"], "WO-1");
+            // Acknowledged, the backlog is empty; a registry that lost them gets them again.
+            ack(c, recs[1].seq).unwrap();
+            assert_eq!(backlog(c).unwrap().0, 0);
+            assert!(rewind(c, recs[0].seq).unwrap());
+            assert!(!rewind(c, recs[1].seq).unwrap(), "never forwards");
+            assert_eq!(pending(c, 100).unwrap(), recs[1..].to_vec());
+        });
+    }
+
+    #[test]
+    fn numbers_come_from_leases_in_order_and_an_overlapping_grant_is_refused() {
+        let (_d, db) = journal();
+        db.with(|c| {
+            let (req, n) = lease_request(c, 3).unwrap();
+            assert_eq!(n, 3);
+            // Asked again before an answer: the same request.
+            assert_eq!(lease_request(c, 3).unwrap().0, req);
+            assert_eq!(leased_left(c).unwrap(), 0);
+            assert_eq!(lease_granted(c, &req, 1, 101, 103).unwrap(), Ok(()));
+            let (req2, _) = lease_request(c, 3).unwrap();
+            assert_ne!(req2, req);
+            // A registry that forgot the first block grants part of it again.
+            let why = lease_granted(c, &req2, 2, 102, 104).unwrap().unwrap_err();
+            assert!(why.contains("overlap") && why.contains("101..103"), "{why}");
+            assert_eq!(leased_left(c).unwrap(), 3, "the refused block is not used");
+            assert_eq!(lease_granted(c, &req2, 2, 201, 202).unwrap(), Ok(()));
+            let tx = c.transaction().unwrap();
+            let drawn: Vec<Option<i64>> = (0..6).map(|_| draw(&tx).unwrap()).collect();
+            tx.commit().unwrap();
+            assert_eq!(
+                drawn,
+                vec![Some(101), Some(102), Some(103), Some(201), Some(202), None]
+            );
+            assert_eq!(leased_left(c).unwrap(), 0);
+        });
+    }
+
+    #[test]
+    fn a_registry_file_is_read_with_its_defaults_and_nothing_unknown() {
+        let p = Path::new("/etc/station/registry.toml");
+        let e = Endpoint::parse(
+            p,
+            "host = \"db\"\nuser = \"aud\"\nserver_ca = \"ca.pem\"\ncert = \"/k/c.pem\"\nkey = \"k.pem\"\n",
+        )
+        .unwrap();
+        assert_eq!((e.port, e.database.as_str()), (5432, "registry"));
+        assert_eq!(e.server_ca, Path::new("/etc/station/ca.pem"));
+        assert_eq!(e.cert, Path::new("/k/c.pem"));
+        for bad in [
+            "host = \"db\"\nuser = \"aud\"\nserver_ca = \"a\"\ncert = \"b\"\nkey = \"c\"\npassword = \"x\"\n",
+            "host = \"\"\nuser = \"aud\"\nserver_ca = \"a\"\ncert = \"b\"\nkey = \"c\"\n",
+            "host = \"db\"\nserver_ca = \"a\"\ncert = \"b\"\nkey = \"c\"\n",
+        ] {
+            let e = Endpoint::parse(p, bad).unwrap_err();
+            assert!(e.starts_with("/etc/station/registry.toml: "), "{e}");
+        }
+    }
+}

@@ -931,3 +931,103 @@ async fn the_registry_checks_consistency_proofs_as_rfc_9162_does() {
     }
     let _: &ServerInfo = &reg.info;
 }
+
+/// The registry's own trigger decides what continues a station's log: checkpoint records
+/// written straight into the registry (as its administrator, past row-level security) with real
+/// tree heads and proofs. A tree that extends the last accepted one is accepted; one that does
+/// not, a smaller one, or a proof from another size is refused with an alarm naming the last good
+/// checkpoint; a sequence number used again is dropped, with an alarm when the body differs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_accepts_only_checkpoints_that_extend_the_last_one() {
+    use base64::Engine as _;
+    let reg = RegistryDb::new(&Registry::shared(), FLAG).await;
+    let admin = reg.admin().await;
+    let station = station_id("cp");
+    let b64 = |h: &[u8]| base64::engine::general_purpose::STANDARD.encode(h);
+    let tree = |tag: u8, n: u8| -> Vec<[u8; 32]> {
+        (0..n)
+            .map(|i| station::merkle::leaf_hash(&[if i >= 3 { tag } else { 0 }, i]))
+            .collect()
+    };
+    let (a, b) = (tree(1, 12), tree(2, 12));
+    let push = async |seq: i64, leaves: &[[u8; 32]], size: usize, from: usize| {
+        let root = station::merkle::root(&leaves[..size]);
+        let proof: Vec<Vec<u8>> = if from > 0 && from < size {
+            station::merkle::consistency_proof(from, &leaves[..size])
+                .unwrap()
+                .iter()
+                .map(|h| h.to_vec())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let body = serde_json::json!({
+            "checkpoint_id": seq, "tree_size": size, "root": b64(&root), "proof_from": from,
+            "note": format!("{station}\n{size}\n{}\n", b64(&root)),
+        })
+        .to_string();
+        admin
+            .execute(
+                "INSERT INTO fleet.records (station, seq, kind, body, proof) VALUES ($1, $2, 'checkpoint', $3, $4)",
+                &[&station, &seq, &body, &proof],
+            )
+            .await
+            .unwrap();
+    };
+    let verdict = async |seq: i64| -> String {
+        admin
+            .query_one(
+                "SELECT verdict FROM fleet.records WHERE station = $1 AND seq = $2",
+                &[&station, &seq],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    };
+    push(1, &a, 6, 0).await;
+    push(2, &a, 10, 6).await;
+    assert_eq!(
+        (verdict(1).await, verdict(2).await),
+        ("accepted".into(), "accepted".into())
+    );
+    // Another history from entry 4 on, with a proof that is right for it.
+    push(3, &b, 12, 10).await;
+    // A smaller tree; a proof from an older checkpoint than the last good one.
+    push(4, &a, 8, 6).await;
+    push(5, &a, 12, 6).await;
+    for seq in 3..=5 {
+        assert_eq!(verdict(seq).await, "refused", "record {seq}");
+    }
+    // The same history, extended: accepted.
+    push(6, &a, 12, 10).await;
+    assert_eq!(verdict(6).await, "accepted");
+    let alarms = registry_alarms(&reg, &station).await;
+    assert_eq!(alarms.len(), 3, "{alarms:?}");
+    let good = b64(&station::merkle::root(&a[..10]));
+    for (kind, message) in &alarms {
+        assert_eq!(kind, "checkpoint_refused");
+        assert!(
+            message.contains(&station)
+                && message.contains(&format!("last good checkpoint: 10 entries, root {good}")),
+            "{message}"
+        );
+    }
+    // A record sent again: the same body changes nothing, another body is an alarm.
+    push(6, &a, 12, 10).await;
+    assert_eq!(registry_alarms(&reg, &station).await.len(), 3);
+    push(6, &b, 12, 10).await;
+    let alarms = registry_alarms(&reg, &station).await;
+    assert_eq!(alarms.len(), 4);
+    assert!(
+        alarms[3].1.contains("differs from the one received"),
+        "{:?}",
+        alarms[3]
+    );
+    let accepted = one(
+        &admin,
+        "SELECT count(*) FROM fleet.checkpoints WHERE station = $1",
+        &[&station],
+    )
+    .await;
+    assert_eq!(accepted, 3);
+}

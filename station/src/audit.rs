@@ -495,7 +495,7 @@ impl Audit {
             None
         };
         let checkpoint = if (seq as u64).is_multiple_of(self.interval) {
-            Some(self.write_checkpoint(tx, seq, &tree.root(), &hash, "interval")?)
+            Some(self.write_checkpoint(tx, seq, &tree, &hash, "interval")?)
         } else {
             None
         };
@@ -510,11 +510,11 @@ impl Audit {
         &self,
         tx: &Transaction<'_>,
         seq: i64,
-        root: &[u8],
+        tree: &Frontier,
         hash: &[u8],
         reason: &str,
     ) -> Result<i64, AuditError> {
-        let text = checkpoint_text(&self.origin, seq, root, hash);
+        let text = checkpoint_text(&self.origin, seq, &tree.root(), hash);
         let sig = self.sign(text.as_bytes())?;
         let mut blob = note_key_id(&self.signer.spki_der()).to_vec();
         blob.extend_from_slice(&sig);
@@ -524,8 +524,8 @@ impl Audit {
             base64::engine::general_purpose::STANDARD.encode(blob)
         );
         tx.execute(
-            "INSERT INTO audit_checkpoints (seq, hash, note, reason, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![seq, hash.to_vec(), note, reason, now_ms()],
+            "INSERT INTO audit_checkpoints (seq, hash, note, reason, created_at, frontier) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![seq, hash.to_vec(), note, reason, now_ms(), tree.to_bytes()],
         )?;
         Ok(tx.last_insert_rowid())
     }
@@ -547,8 +547,8 @@ impl Audit {
             )
             .optional()?
             .unwrap_or((0, vec![0u8; 32]));
-        let root = tree_at(tx, seq)?.root();
-        let id = self.write_checkpoint(tx, seq, &root, &hash, reason)?;
+        let tree = tree_at(tx, seq)?;
+        let id = self.write_checkpoint(tx, seq, &tree, &hash, reason)?;
         let note: String = tx.query_row(
             "SELECT note FROM audit_checkpoints WHERE id = ?1",
             [id],
@@ -1195,8 +1195,12 @@ mod tests {
                 .query_row("SELECT hash FROM audit WHERE seq = 7", [], |r| r.get(0))
                 .unwrap();
             // Signed by the audit key, the chain hash right, the tree head another log's.
+            let mut other = Frontier::new();
+            for i in 0u8..7 {
+                other.push(leaf_hash(&[i]));
+            }
             audit
-                .write_checkpoint(&tx, 7, &[9u8; 32], &chain, "test")
+                .write_checkpoint(&tx, 7, &other, &chain, "test")
                 .unwrap();
             tx.commit().unwrap();
         });

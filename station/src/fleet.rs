@@ -373,37 +373,62 @@ fn checkpoint_record(
         .to_string();
     let (size, root) = crate::audit::checkpoint_tree_head(&note)
         .ok_or_else(|| bad("the note has no tree head"))?;
-    // The checkpoint before it with a tree head (an older form has none: no proof then).
+    // The checkpoint before it with a tree head (an older form has none: no proof then), and
+    // its tree's right edge when it was kept.
     let mut from = 0i64;
+    let mut edge: Option<merkle::Frontier> = None;
     {
-        let mut stmt =
-            conn.prepare("SELECT note FROM audit_checkpoints WHERE id < ?1 ORDER BY id DESC")?;
+        let mut stmt = conn.prepare(
+            "SELECT note, frontier FROM audit_checkpoints WHERE id < ?1 ORDER BY id DESC",
+        )?;
         let mut rows = stmt.query([id])?;
         while let Some(r) = rows.next()? {
             let n: String = r.get(0)?;
             if let Some((s, _)) = crate::audit::checkpoint_tree_head(&n) {
                 if s > 0 && s <= size {
                     from = s;
+                    edge = r
+                        .get::<_, Option<Vec<u8>>>(1)?
+                        .and_then(|b| merkle::Frontier::from_bytes(s as u64, &b));
                 }
                 break;
             }
         }
     }
     let proof = if from > 0 && from < size {
-        if leaves.as_ref().is_none_or(|l| (l.len() as i64) < size) {
-            let mut stmt = conn.prepare("SELECT hash FROM audit ORDER BY seq")?;
-            // The tree's leaves are the entries' chain hashes, hashed as RFC 6962 leaves.
-            let all: Vec<Hash> = stmt
-                .query_map([], |r| r.get::<_, Vec<u8>>(0))?
-                .map(|h| h.map(|h| merkle::leaf_hash(&h)))
-                .collect::<Result<_, _>>()?;
-            *leaves = Some(all);
-        }
-        let all = leaves.as_deref().unwrap_or(&[]);
-        let upto = all
-            .get(..size as usize)
-            .ok_or_else(|| bad("the log is shorter than its checkpoint"))?;
-        merkle::consistency_proof(from as usize, upto)
+        let hashes = match &edge {
+            // From the old right edge and the entries since: as long as what was appended.
+            Some(edge) => {
+                let mut stmt = conn
+                    .prepare("SELECT hash FROM audit WHERE seq > ?1 AND seq <= ?2 ORDER BY seq")?;
+                let appended: Vec<Hash> = stmt
+                    .query_map([from, size], |r| r.get::<_, Vec<u8>>(0))?
+                    .map(|h| h.map(|h| merkle::leaf_hash(&h)))
+                    .collect::<Result<_, _>>()?;
+                if appended.len() as i64 != size - from {
+                    return Err(bad("entries are missing between two checkpoints"));
+                }
+                merkle::consistency_proof_extending(edge, &appended)
+            }
+            // A checkpoint written before the edges were kept: from the whole log.
+            None => {
+                if leaves.as_ref().is_none_or(|l| (l.len() as i64) < size) {
+                    let mut stmt = conn.prepare("SELECT hash FROM audit ORDER BY seq")?;
+                    // The tree's leaves are the entries' chain hashes, hashed as RFC 6962 leaves.
+                    let all: Vec<Hash> = stmt
+                        .query_map([], |r| r.get::<_, Vec<u8>>(0))?
+                        .map(|h| h.map(|h| merkle::leaf_hash(&h)))
+                        .collect::<Result<_, _>>()?;
+                    *leaves = Some(all);
+                }
+                let all = leaves.as_deref().unwrap_or(&[]);
+                let upto = all
+                    .get(..size as usize)
+                    .ok_or_else(|| bad("the log is shorter than its checkpoint"))?;
+                merkle::consistency_proof(from as usize, upto)
+            }
+        };
+        hashes
             .ok_or_else(|| bad("no consistency proof"))?
             .into_iter()
             .map(|h| h.to_vec())

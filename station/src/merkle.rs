@@ -163,6 +163,69 @@ fn subproof(m: usize, d: &[Hash], complete: bool, out: &mut Vec<Hash>) {
     }
 }
 
+/// The consistency proof from the tree whose right edge is `old` to that tree with `appended`
+/// added (RFC 6962 2.1.2), computed from the old tree's right edge and the new leaves alone: every
+/// node of such a proof is either one of the old tree's perfect subtrees on its right edge, or a
+/// subtree of the new leaves. So a log proves its checkpoints consistent in time linear in what was
+/// appended between them, whatever its size. The same proof as [`consistency_proof`].
+pub fn consistency_proof_extending(old: &Frontier, appended: &[Hash]) -> Option<Vec<Hash>> {
+    let m = usize::try_from(old.size).ok()?;
+    if m == 0 {
+        return None;
+    }
+    // The old tree's perfect subtrees as leaf ranges, largest (leftmost) first.
+    let mut edges = Vec::with_capacity(old.heads.len());
+    let mut start = 0usize;
+    for (bit, head) in (0..usize::BITS)
+        .rev()
+        .filter(|b| m >> b & 1 == 1)
+        .zip(&old.heads)
+    {
+        edges.push((start, start + (1 << bit), *head));
+        start += 1 << bit;
+    }
+    let mth = |lo: usize, hi: usize| -> Option<Hash> {
+        if hi <= m {
+            edges
+                .iter()
+                .find(|(a, b, _)| *a == lo && *b == hi)
+                .map(|(_, _, h)| *h)
+        } else if lo >= m {
+            Some(root(appended.get(lo - m..hi - m)?))
+        } else {
+            None
+        }
+    };
+    fn sub(
+        m: usize,
+        lo: usize,
+        hi: usize,
+        complete: bool,
+        mth: &dyn Fn(usize, usize) -> Option<Hash>,
+        out: &mut Vec<Hash>,
+    ) -> Option<()> {
+        let n = hi - lo;
+        if m - lo == n {
+            if !complete {
+                out.push(mth(lo, hi)?);
+            }
+            return Some(());
+        }
+        let k = split(n);
+        if m - lo <= k {
+            sub(m, lo, lo + k, complete, mth, out)?;
+            out.push(mth(lo + k, hi)?);
+        } else {
+            sub(m, lo + k, hi, false, mth, out)?;
+            out.push(mth(lo, lo + k)?);
+        }
+        Some(())
+    }
+    let mut proof = Vec::new();
+    sub(m, 0, m + appended.len(), true, &mth, &mut proof)?;
+    Some(proof)
+}
+
 /// Does `proof` show that `leaf` is leaf `index` of the tree of `size` leaves whose head is
 /// `root`? (The verification of RFC 9162 2.1.3.2.)
 pub fn verify_inclusion(leaf: &Hash, index: u64, size: u64, proof: &[Hash], root: &Hash) -> bool {
@@ -245,6 +308,28 @@ pub fn verify_consistency(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_proof_from_the_old_right_edge_and_the_new_leaves_is_the_full_proof() {
+        let leaves: Vec<Hash> = (0u8..40).map(|i| leaf_hash(&[i])).collect();
+        for n in 1..=leaves.len() {
+            let mut old = Frontier::new();
+            for m in 1..=n {
+                old.push(leaves[m - 1]);
+                let full = consistency_proof(m, &leaves[..n]).unwrap();
+                let edge = consistency_proof_extending(&old, &leaves[m..n]).unwrap();
+                assert_eq!(edge, full, "{m} -> {n}");
+                assert!(verify_consistency(
+                    m as u64,
+                    n as u64,
+                    &edge,
+                    &old.root(),
+                    &root(&leaves[..n])
+                ));
+            }
+        }
+        assert!(consistency_proof_extending(&Frontier::new(), &leaves).is_none());
+    }
 
     fn h(s: &str) -> Hash {
         hex::decode(s).unwrap().try_into().unwrap()

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use e2e::registry::{Registry, RegistryDb, openssl_issue};
 use rusqlite::params;
+use sha2::Digest as _;
 
 /// Meters per hour of one 16-nest station in the `station` benchmark (README).
 const STATION_16_NESTS_PER_HOUR: f64 = 103_764.0;
@@ -257,6 +258,56 @@ async fn bench() {
             "trigger_ms_per_meter": round(trigger_ms), "push_ms_per_record": round(push_ms_per_record),
             "total_ms_per_meter": round(trigger_ms + push_ms_per_record),
             "goal_ms": 1.0, "meets_goal": trigger_ms + push_ms_per_record <= 1.0,
+        })
+    );
+
+    // A checkpoint's record on a station whose log is long: its consistency proof from the
+    // previous checkpoint's kept right edge and the entries since, against the whole log.
+    let (entries, gap) = (300_000i64, 1_000i64);
+    let db = journal(&dir.path().join("long-log.db"), 1, 0);
+    db.with(|c| {
+        let tx = c.transaction().unwrap();
+        let mut tree = station::merkle::Frontier::new();
+        for seq in 1..=entries {
+            let chain = sha2::Sha256::digest(seq.to_be_bytes()).to_vec();
+            tx.execute(
+                "INSERT INTO audit (seq, ts, source, kind, severity, actor, details, hash, sig) VALUES (?1, 0, 'b', 'k', 'info', 'a', '{}', ?2, x'00')",
+                params![seq, chain],
+            )
+            .unwrap();
+            tree.push(station::merkle::leaf_hash(&chain));
+            if seq == entries - gap || seq == entries {
+                let note = format!(
+                    "{}\n\u{2014} bench AAAA\n",
+                    station::audit::checkpoint_text("bench", seq, &tree.root(), &chain)
+                );
+                tx.execute(
+                    "INSERT INTO audit_checkpoints (seq, hash, note, reason, created_at, frontier) VALUES (?1, ?2, ?3, 'interval', 0, ?4)",
+                    params![seq, chain, note, tree.to_bytes()],
+                )
+                .unwrap();
+            }
+        }
+        tx.commit().unwrap();
+    });
+    let time_record = |db: &station::db::Db| {
+        let t = Instant::now();
+        let recs = db.with(|c| station::fleet::pending(c, 10)).unwrap();
+        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        let cp = recs.iter().rfind(|r| r.kind == "checkpoint").unwrap();
+        assert!(!cp.proof.as_ref().unwrap().is_empty());
+        ms
+    };
+    let from_edge = (0..5).map(|_| time_record(&db)).fold(f64::MAX, f64::min);
+    db.with(|c| c.execute("UPDATE audit_checkpoints SET frontier = NULL", []))
+        .unwrap();
+    let whole_log = (0..2).map(|_| time_record(&db)).fold(f64::MAX, f64::min);
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "fleet", "case": "checkpoint_record", "log_entries": entries,
+            "entries_since_previous": gap, "ms_from_kept_edge": round(from_edge),
+            "ms_from_whole_log": round(whole_log),
         })
     );
     drop(server);

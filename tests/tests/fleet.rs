@@ -596,6 +596,7 @@ async fn a_lease_used_up_while_the_registry_is_down_stops_the_line_before_a_numb
         q(&db, "SELECT count(*) FROM leases WHERE state = 'granted'") > 0
     })
     .await;
+    let before_kill = q(&db, "SELECT max(seq) FROM audit");
     server.kill();
     let client = fc.cell.client().await;
     let oper = fc.cell.login(&client, "oper").await;
@@ -619,6 +620,16 @@ async fn a_lease_used_up_while_the_registry_is_down_stops_the_line_before_a_numb
     );
     assert_eq!(numbers_in_journal_leases(&fc).len(), 3);
     assert_eq!(q(&db, "SELECT count(*) FROM leases"), 1);
+    // The station said it was running out before it stopped, or as it did.
+    let low = format!(
+        "SELECT count(*) FROM audit WHERE kind = 'fleet.leases_low' AND seq > {before_kill}"
+    );
+    wait_for(
+        "the warning of leases running out",
+        Duration::from_secs(40),
+        || q(&db, &low) == 1,
+    )
+    .await;
     // The registry back: a new block, and the line runs to the end of the batch.
     server.start();
     wait_for("a second lease", Duration::from_secs(40), || {

@@ -24,6 +24,7 @@ pub(crate) async fn run(inner: Arc<Inner>, f: FleetSettings) {
     let mut client: Option<Client> = None;
     let mut failures: u32 = 0;
     let mut down = false;
+    let mut warned_low = false;
     loop {
         let outcome = cycle(&inner, &f, &ep, &mut client).await;
         let problem = match &outcome {
@@ -38,6 +39,7 @@ pub(crate) async fn run(inner: Arc<Inner>, f: FleetSettings) {
                     .await;
                 }
                 down = false;
+                warned_low = false;
                 failures = 0;
                 None
             }
@@ -57,6 +59,21 @@ pub(crate) async fn run(inner: Arc<Inner>, f: FleetSettings) {
                     .await;
                 }
                 down = true;
+                // Running low with no way to a new lease: say so before the line stops.
+                let left = inner.db.call(|c| fleet::leased_left(c)).await.unwrap_or(0);
+                if !warned_low && left < i64::from(f.lease_low_water) {
+                    warned_low = true;
+                    note(
+                        &inner,
+                        "fleet.leases_low",
+                        Severity::Warning,
+                        serde_json::json!({
+                            "message": format!("{left} leased numbers left and the registry cannot be reached: the line stops when they are used"),
+                            "left": left,
+                        }),
+                    )
+                    .await;
+                }
                 let w = why.clone();
                 let _ = inner.db.call(move |c| fleet::push_failed(c, &w)).await;
                 Some(why)

@@ -104,6 +104,10 @@ BEGIN
     ), CAST(strftime('%s', 'now') AS INTEGER) * 1000);
 END;
 
+-- Each checkpoint keeps its tree's right edge (merkle::Frontier), so that the consistency proof
+-- to the next one is computed from it and the entries in between only.
+ALTER TABLE audit_checkpoints ADD COLUMN frontier BLOB;
+
 -- The tree size of a checkpoint is its entry number; the pusher adds the consistency proof from
 -- the checkpoint before it (deterministic, computed from the log when sent).
 CREATE TRIGGER outbox_checkpoint AFTER INSERT ON audit_checkpoints

@@ -990,6 +990,35 @@ mod tests {
             assert!(rewind(c, recs[0].seq).unwrap());
             assert!(!rewind(c, recs[1].seq).unwrap(), "never forwards");
             assert_eq!(pending(c, 100).unwrap(), recs[1..].to_vec());
+            // A voided certificate and an export are records too.
+            let id2 = sealed_meter(c, 2);
+            c.execute(
+                "INSERT INTO certificates (meter_id, slot, state, serial, created_at, updated_at) VALUES (?1, 'sign', 'intent', 'c2', 0, 0)",
+                [id2],
+            )
+            .unwrap();
+            c.execute(
+                "UPDATE certificates SET state = 'voided', void_reason = 'meter failed' WHERE serial = 'c2'",
+                [],
+            )
+            .unwrap();
+            c.execute_batch(
+                "INSERT INTO audit_checkpoints (seq, hash, note, reason, created_at) VALUES (0, x'00', 'n', 'export', 0);
+                 INSERT INTO exports (batch_id, out_dir, manifest_sha256, checkpoint_id, created_at, created_by) VALUES (1, '/x', 'ab', 1, 0, 'so');",
+            )
+            .unwrap();
+            let kinds: Vec<String> = c
+                .prepare("SELECT kind FROM outbox ORDER BY seq")
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert_eq!(kinds, ["batch", "meter", "void", "checkpoint", "export"]);
+            let void: String = c
+                .query_row("SELECT body FROM outbox WHERE kind = 'void'", [], |r| r.get(0))
+                .unwrap();
+            assert!(void.contains("meter failed") && void.contains("\"c2\""), "{void}");
         });
     }
 

@@ -1042,3 +1042,51 @@ async fn the_registry_accepts_only_checkpoints_that_extend_the_last_one() {
     .await;
     assert_eq!(accepted, 3);
 }
+
+/// The registry's unique constraints are the last line of defence: a number arriving from a
+/// second station (or twice from one) is an alarm naming both, and the push still succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_number_issued_twice_is_an_alarm_not_a_failed_push() {
+    let reg = RegistryDb::new(&Registry::shared(), FLAG).await;
+    let admin = reg.admin().await;
+    let (a, b) = (station_id("dupa"), station_id("dupb"));
+    let meter = |id: i64, uid: &str, serial_no: i64| {
+        serde_json::json!({
+            "meter_id": id, "work_order": "WO-1", "uid": uid, "nest": 1, "state": "done",
+            "serial": format!("E2E{serial_no:09}"), "serial_no": serial_no,
+            "system_title": format!("444D57{serial_no:010X}"), "operator": "oper",
+            "started_at": 0, "finished_at": 1,
+        })
+        .to_string()
+    };
+    for (station, seq, body) in [
+        (&a, 1i64, meter(1, "AA01", 500)),
+        (&b, 1, meter(1, "BB01", 501)),
+        (&b, 2, meter(2, "BB02", 500)),
+    ] {
+        admin
+            .execute(
+                "INSERT INTO fleet.records (station, seq, kind, body) VALUES ($1, $2, 'meter', $3)",
+                &[station, &seq, &body],
+            )
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        one(&admin, "SELECT count(*) FROM fleet.records", &[]).await,
+        3,
+        "every record is kept"
+    );
+    assert_eq!(
+        one(&admin, "SELECT count(*) FROM fleet.meters", &[]).await,
+        2
+    );
+    let alarms = registry_alarms(&reg, &b).await;
+    assert_eq!(alarms.len(), 1, "{alarms:?}");
+    let (kind, message) = &alarms[0];
+    assert_eq!(kind, "duplicate_number");
+    assert!(
+        message.contains(&b) && message.contains(&a) && message.contains("E2E000000500"),
+        "{message}"
+    );
+}

@@ -50,6 +50,19 @@ pub struct Config {
     pub api: ApiSettings,
     /// The factory registry; a station without one stands alone.
     pub fleet: Option<FleetSettings>,
+    /// The line's PLC over Modbus TCP; off when absent.
+    pub plc: Option<PlcSettings>,
+}
+
+/// The Modbus TCP server a PLC or handler drives the nests through (schemas/plc-modbus.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlcSettings {
+    /// Address and port to serve on, e.g. `10.20.0.5:502`.
+    pub listen: std::net::SocketAddr,
+    /// The only addresses a connection is taken from (Modbus has no authentication).
+    pub allow: Vec<std::net::IpAddr>,
+    /// A nest starts a meter only on the PLC's START (else on its own, the PLC only watching).
+    pub plc_starts: bool,
 }
 
 /// The factory registry (PostgreSQL) this station pushes its records to and leases numbers from.
@@ -291,6 +304,20 @@ struct RawConfig {
     #[serde(default)]
     api: RawApi,
     fleet: Option<RawFleet>,
+    plc: Option<RawPlc>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlc {
+    listen: Spanned<String>,
+    allow: Spanned<Vec<String>>,
+    #[serde(default = "default_plc_start")]
+    start: Spanned<String>,
+}
+
+fn default_plc_start() -> Spanned<String> {
+    Spanned::new(0..0, "plc".into())
 }
 
 #[derive(Deserialize)]
@@ -862,6 +889,50 @@ impl Config {
                 })
             }
         };
+        let plc = match &raw.plc {
+            None => None,
+            Some(p) => {
+                let Ok(listen) = p.listen.get_ref().parse::<std::net::SocketAddr>() else {
+                    return cx.err(
+                        p.listen.span(),
+                        "plc.listen must be an address and port, e.g. \"10.20.0.5:502\"",
+                    );
+                };
+                let mut allow = Vec::new();
+                for a in p.allow.get_ref() {
+                    match a.parse::<std::net::IpAddr>() {
+                        Ok(ip) => allow.push(ip),
+                        Err(_) => {
+                            return cx.err(
+                                p.allow.span(),
+                                format!("plc.allow: {a:?} is not an IP address"),
+                            );
+                        }
+                    }
+                }
+                if allow.is_empty() {
+                    return cx.err(
+                        p.allow.span(),
+                        "plc.allow must name the PLC's address (Modbus has no log-in: only these addresses may connect)",
+                    );
+                }
+                let plc_starts = match p.start.get_ref().as_str() {
+                    "plc" => true,
+                    "auto" => false,
+                    _ => {
+                        return cx.err(
+                            p.start.span(),
+                            "plc.start must be \"plc\" (a nest waits for the PLC's START) or \"auto\"",
+                        );
+                    }
+                };
+                Some(PlcSettings {
+                    listen,
+                    allow,
+                    plc_starts,
+                })
+            }
+        };
         Ok(Config {
             path: path.to_path_buf(),
             station_id,
@@ -894,6 +965,7 @@ impl Config {
             access,
             api,
             fleet,
+            plc,
         })
     }
 

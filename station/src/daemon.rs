@@ -32,6 +32,7 @@ pub struct Daemon {
     servers: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
     socket: PathBuf,
     tls_addr: Option<std::net::SocketAddr>,
+    plc_addr: Option<std::net::SocketAddr>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -165,13 +166,39 @@ impl Daemon {
                     }),
             ));
         }
-        tracing::info!(socket = %api.socket.display(), tls = ?tls_addr, "serving the station API");
+        let mut plc_addr = None;
+        if let (Some(plc), Some(table)) = (engine.config().plc.clone(), engine.plc()) {
+            let listener = tokio::net::TcpListener::bind(plc.listen)
+                .await
+                .with_context(|| format!("cannot listen for the PLC on {}", plc.listen))?;
+            plc_addr = Some(listener.local_addr()?);
+            let mut stop = rx.clone();
+            let e2 = engine.clone();
+            let rt = tokio::runtime::Handle::current();
+            let refused = move |addr| {
+                tracing::warn!(%addr, "a Modbus connection from an address not in plc.allow was refused");
+                let e = e2.clone();
+                rt.spawn(async move { e.plc_refused(addr).await });
+            };
+            tokio::spawn(async move {
+                let stopped = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                if let Err(e) =
+                    crate::plc::serve(listener, table, plc.allow, refused, stopped).await
+                {
+                    tracing::error!(error = %e, "the PLC's Modbus server stopped");
+                }
+            });
+        }
+        tracing::info!(socket = %api.socket.display(), tls = ?tls_addr, plc = ?plc_addr, "serving the station API");
         Ok(Daemon {
             engine,
             shutdown,
             servers,
             socket: api.socket.clone(),
             tls_addr,
+            plc_addr,
         })
     }
 
@@ -188,6 +215,11 @@ impl Daemon {
     /// The TLS listener's address, when there is one.
     pub fn tls_addr(&self) -> Option<std::net::SocketAddr> {
         self.tls_addr
+    }
+
+    /// The PLC's Modbus listener's address, when there is one.
+    pub fn plc_addr(&self) -> Option<std::net::SocketAddr> {
+        self.plc_addr
     }
 
     /// Stops serving, stops the line cleanly (the shut-down event and checkpoint) and gives

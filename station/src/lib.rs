@@ -17,6 +17,7 @@ pub mod fleet;
 pub mod fuzz;
 pub mod manifest;
 pub mod merkle;
+pub mod plc;
 pub mod records;
 pub mod run;
 

@@ -33,15 +33,16 @@ fn the_example_configuration_is_valid_for_both() {
     station_parse(&text).unwrap();
 }
 
-/// The example with its `[fleet]` section switched on (the commented lines from `# [fleet]` on).
+/// The example with its `[plc]` and `[fleet]` sections switched on (the commented settings from
+/// `# [plc]` on).
 fn with_fleet(example: &str) -> String {
     let mut on = false;
     example
         .lines()
         .map(|l| {
-            on |= l == "# [fleet]";
+            on |= l == "# [plc]";
             match l.strip_prefix("# ") {
-                Some(rest) if on => rest,
+                Some(rest) if on && (rest.starts_with('[') || rest.contains(" = ")) => rest,
                 _ => l,
             }
         })
@@ -54,6 +55,7 @@ fn the_example_with_a_registry_is_valid_for_both() {
     let text =
         with_fleet(&std::fs::read_to_string(schemas().join("station.example.toml")).unwrap());
     assert!(text.contains("\n[fleet]\nhost = "), "{text}");
+    assert!(text.contains("\n[plc]\nlisten = "), "{text}");
     python_validate(&text).unwrap();
     let cfg = station_parse(&text);
     assert!(cfg.is_ok(), "{cfg:?}");
@@ -72,6 +74,14 @@ fn the_example_with_a_registry_is_valid_for_both() {
         (
             "an empty lease",
             text.replace("lease_block = 10000", "lease_block = 0"),
+        ),
+        (
+            "a PLC from anywhere",
+            text.replace("allow = [\"10.20.0.10\"]", "allow = []"),
+        ),
+        (
+            "a PLC that starts the line",
+            text.replace("start = \"plc\"", "start = \"line\""),
         ),
     ] {
         assert!(python_validate(&bad).is_err(), "the schema takes {what}");

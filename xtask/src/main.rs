@@ -76,6 +76,8 @@ const JSONSCHEMA: &str = "jsonschema>=4.18,<5";
 /// A gRPC client we did not write, with the protobuf compiler that makes its stubs from
 /// `schemas/station.proto` at test time.
 const GRPCIO: [&str; 2] = ["grpcio>=1.60,<2", "grpcio-tools>=1.60,<2"];
+/// A Modbus client we did not write: the tests play the line's PLC with it.
+const PYMODBUS: &str = "pymodbus>=3.6,<4";
 
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
@@ -220,7 +222,7 @@ fn ensure_packages(pkgs: &[&str]) -> Result<(), String> {
     run(&mut apt(&args))
 }
 
-/// `imgtool`, `jsonschema`, `grpcio` and `grpcio-tools` in a virtual environment under
+/// `imgtool`, `jsonschema`, `grpcio`, `grpcio-tools` and `pymodbus` in a virtual environment under
 /// `target/xtask/venv`; returns the imgtool path (the environment's python is next to it).
 fn ensure_imgtool() -> Result<PathBuf, String> {
     let venv = target_dir().join("xtask").join("venv");
@@ -228,7 +230,7 @@ fn ensure_imgtool() -> Result<PathBuf, String> {
     let imgtool = bin.join("imgtool");
     let has_jsonschema = || {
         Command::new(bin.join("python3"))
-            .args(["-c", "import jsonschema, grpc, grpc_tools"])
+            .args(["-c", "import jsonschema, grpc, grpc_tools, pymodbus"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
@@ -239,7 +241,7 @@ fn ensure_imgtool() -> Result<PathBuf, String> {
         return Ok(imgtool);
     }
     eprintln!(
-        "xtask: installing {IMGTOOL}, {JSONSCHEMA} and {} from PyPI into {}",
+        "xtask: installing {IMGTOOL}, {JSONSCHEMA}, {PYMODBUS} and {} from PyPI into {}",
         GRPCIO.join(", "),
         venv.display()
     );
@@ -255,6 +257,7 @@ fn ensure_imgtool() -> Result<PathBuf, String> {
             JSONSCHEMA,
             GRPCIO[0],
             GRPCIO[1],
+            PYMODBUS,
         ])
         .stdin(Stdio::null()))?;
     if imgtool.exists() && has_jsonschema() {

@@ -632,6 +632,8 @@ pub(crate) struct Inner {
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Wakes the registry task (a meter drew a leased number).
     pub(crate) fleet_wake: tokio::sync::Notify,
+    /// The PLC's handshake per nest, when a PLC drives the line (`[plc]`).
+    pub(crate) plc: Option<Arc<crate::plc::PlcTable>>,
 }
 
 /// The engine. Cheap to clone.
@@ -669,6 +671,7 @@ impl Engine {
             cfg.audit.critical.clone(),
         );
         let (events, _) = broadcast::channel(4096);
+        let cfg_plc_nests = cfg.plc.as_ref().map(|_| cfg.nests.len());
         let nests = cfg
             .nests
             .iter()
@@ -720,6 +723,7 @@ impl Engine {
             plans: Mutex::new(HashMap::new()),
             tasks: Mutex::new(Vec::new()),
             fleet_wake: tokio::sync::Notify::new(),
+            plc: cfg_plc_nests.map(|n| Arc::new(crate::plc::PlcTable::new(n))),
         });
         let engine = Engine { inner };
         engine.startup_events(&access).await?;
@@ -738,6 +742,24 @@ impl Engine {
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.inner.cfg
+    }
+
+    /// The PLC's handshake table, when a PLC drives the line.
+    pub fn plc(&self) -> Option<Arc<crate::plc::PlcTable>> {
+        self.inner.plc.clone()
+    }
+
+    /// Records a Modbus connection refused for its address (Modbus has no log-in).
+    pub async fn plc_refused(&self, addr: std::net::SocketAddr) {
+        self.inner
+            .record_or_keep(NewEvent::new(
+                &self.inner.source,
+                "plc.refused",
+                Severity::Warning,
+                "system",
+                serde_json::json!({"message": format!("a Modbus connection from {addr} was refused: not a PLC address of plc.allow"), "peer": addr.to_string()}),
+            ))
+            .await;
     }
 
     async fn startup_events(&self, access: &CellAccess) -> Result<()> {
@@ -1445,6 +1467,9 @@ impl Inner {
             }
             st.halted.clone()
         };
+        if let Some(p) = &self.plc {
+            p.set_running(running);
+        }
         self.emit(Event::Line { running, halted });
         self.bump();
     }
@@ -1598,6 +1623,9 @@ impl Inner {
             match st.nests.get_mut(i) {
                 Some(n) => {
                     f(n);
+                    if let Some(p) = &self.plc {
+                        p.show(i, &n.state, n.progress);
+                    }
                     Some(n.clone())
                 }
                 None => None,

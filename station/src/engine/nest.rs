@@ -13,9 +13,57 @@ use line_protocol::timing::LinkTiming;
 
 use super::provision::{Ctx, Outcome};
 use super::{Event, Inner, NestState};
+use crate::plc::{Handshake, PlcTable};
 
 /// How long an empty nest waits for an answer to one HELLO.
 const PROBE_ATTEMPTS: u32 = 1;
+
+/// After the PLC's START, how long a nest waits for a meter to answer before it reports FAIL.
+const PLC_NO_METER: Duration = Duration::from_secs(10);
+
+/// The PLC's side of a nest before a meter may start: `true` when the nest may go on (START is
+/// held, BUSY shown); otherwise it waits (for START, or for START to drop after a result).
+async fn plc_gate(
+    inner: &Inner,
+    plc: &PlcTable,
+    i: usize,
+    wake: &mut tokio::sync::watch::Receiver<u64>,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+    since: &mut Option<std::time::Instant>,
+) -> bool {
+    let start = plc.start(i);
+    match plc.handshake(i) {
+        Handshake::Busy => return true,
+        Handshake::Ready if start => {
+            plc.set(i, Handshake::Busy);
+            *since = Some(std::time::Instant::now());
+            return true;
+        }
+        Handshake::Result { .. } if !start => {
+            // The PLC has taken the result: the nest is ready for the next START.
+            plc.set(i, Handshake::Ready);
+            inner.update_nest(i, |n| {
+                n.message = Some("waiting for the PLC's START".into())
+            });
+        }
+        Handshake::Ready => {
+            inner.update_nest(i, |n| {
+                if n.state != NestState::Pass && n.state != NestState::Fail {
+                    n.state = NestState::Idle;
+                }
+                n.message = Some("waiting for the PLC's START".into());
+            });
+        }
+        Handshake::Result { .. } => {}
+    }
+    tokio::select! {
+        _ = plc.changed() => {}
+        _ = tokio::time::sleep(Duration::from_millis(inner.cfg.line.poll_ms)) => {}
+        _ = wake.changed() => {}
+        _ = stop.changed() => {}
+    }
+    false
+}
 
 /// Opens the nest's port.
 pub(super) async fn connect(inner: &Inner, i: usize) -> Result<HostLink, String> {
@@ -65,6 +113,12 @@ pub(super) async fn run(inner: Arc<Inner>, i: usize) {
     let mut link: Option<HostLink> = None;
     // The UID this nest released last: until it leaves, the same meter is not started again.
     let mut released: Option<Vec<u8>> = None;
+    // With a PLC that starts the nests: its handshake, and when it last said START.
+    let plc = inner
+        .plc
+        .clone()
+        .filter(|_| inner.cfg.plc.as_ref().is_some_and(|p| p.plc_starts));
+    let mut started_at: Option<std::time::Instant> = None;
     loop {
         if inner.stopping() {
             return;
@@ -103,10 +157,27 @@ pub(super) async fn run(inner: Arc<Inner>, i: usize) {
             }
         }
         let Some(l) = link.as_mut() else { continue };
+        if let Some(p) = &plc
+            && !plc_gate(&inner, p, i, &mut wake, &mut stop, &mut started_at).await
+        {
+            continue;
+        }
         let ack = match l.hello_attempts(PROBE_ATTEMPTS).await {
             Ok(ack) => ack,
             Err(LinkError::Timeout { .. }) => {
                 released = None;
+                if let Some(p) = &plc
+                    && started_at.is_some_and(|t| t.elapsed() > PLC_NO_METER)
+                {
+                    // START with nothing in the nest: the PLC hears FAIL, the operator why.
+                    p.set(i, Handshake::Result { pass: false });
+                    inner.update_nest(i, |n| {
+                        n.state = NestState::Fail;
+                        n.message =
+                            Some("the PLC said START but no meter answered in the nest".into());
+                    });
+                    continue;
+                }
                 inner.update_nest(i, |n| {
                     if n.state != NestState::Pass && n.state != NestState::Fail {
                         n.state = NestState::Idle;
@@ -145,6 +216,15 @@ pub(super) async fn run(inner: Arc<Inner>, i: usize) {
             }
         };
         if released.as_deref() == Some(ack.uid.as_slice()) {
+            if let Some(p) = &plc {
+                // START for a meter this nest has finished: it was not taken out.
+                p.set(i, Handshake::Result { pass: false });
+                inner.update_nest(i, |n| {
+                    n.state = NestState::Fail;
+                    n.message = Some("the finished meter is still in the nest: take it out".into());
+                });
+                continue;
+            }
             inner.update_nest(i, |n| n.message = Some("remove the finished meter".into()));
             sleep_or_wake(
                 &mut wake,
@@ -170,6 +250,14 @@ pub(super) async fn run(inner: Arc<Inner>, i: usize) {
         let outcome = ctx.provision(l, ack).await;
         if l.is_closed() {
             link = None;
+        }
+        if let Some(p) = &plc {
+            match &outcome {
+                Outcome::Done { .. } => p.set(i, Handshake::Result { pass: true }),
+                // The same meter starts over in the nest: still BUSY.
+                Outcome::Reworked { .. } => {}
+                _ => p.set(i, Handshake::Result { pass: false }),
+            }
         }
         match outcome {
             Outcome::Done { serial, cycle_ms } => {

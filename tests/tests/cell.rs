@@ -143,10 +143,18 @@ async fn every_fault_in_its_own_nest_while_the_others_succeed() {
         "meter.unknown_lifecycle",
         "security.attestation_failed",
         "meter.failed",
-        "firmware.rejected",
     ] {
         assert!(kinds.contains_key(k), "no {k} in the audit log: {kinds:?}");
     }
+    // One firmware mismatch, one alarm (nest 1's faulted meter).
+    let nest1: Vec<String> = db
+        .prepare("SELECT kind FROM alarms WHERE nest = 1")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(nest1, ["security.firmware_mismatch"]);
     let alarms: Vec<String> = db
         .prepare("SELECT kind FROM alarms")
         .unwrap()

@@ -1545,8 +1545,8 @@ impl Ctx<'_> {
                         ));
                     }
                     if r.sha256 != plan.sha256 {
-                        self.firmware_rejected(run, "meter reported another image hash")
-                            .await;
+                        // One event, one alarm: the security failure says it all (a separate
+                        // `firmware.rejected` would raise a second alarm for the same meter).
                         return Err(Failure::new(
                             "security.firmware_mismatch",
                             Severity::Critical,

@@ -263,6 +263,7 @@ pub fn describe(cmd: &Command) -> String {
         Command::OpenBatch(spec) => format!("open batch {}", spec.work_order),
         Command::CloseBatch { .. } => "close batch".into(),
         Command::Rework { uid } => format!("rework {uid}"),
+        Command::ReprintLabel { serial } => format!("reprint the label of {serial}"),
         Command::AckAlarm { id } => format!("acknowledge alarm {id}"),
         Command::ListFirmware => "list firmware".into(),
         Command::ListCustomers => "list customers".into(),

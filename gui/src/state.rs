@@ -283,6 +283,8 @@ pub struct BatchForm {
     pub confirm_close: bool,
     /// Serial fields were filled from the batches list.
     pub prefilled: bool,
+    /// The serial number whose label is to be printed again.
+    pub reprint: String,
 }
 
 /// Severity filter of the audit screen.

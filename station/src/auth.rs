@@ -109,6 +109,8 @@ pub enum Action {
     RecoverAudit,
     /// See the factory's production across cells (the registry).
     ViewFleet,
+    /// Print a meter's rating-plate label again.
+    ReprintLabel,
 }
 
 impl Action {
@@ -133,6 +135,7 @@ impl Action {
             Action::ExportAudit => "export the audit log",
             Action::RecoverAudit => "resume a frozen audit log",
             Action::ViewFleet => "view the factory's production",
+            Action::ReprintLabel => "reprint a label",
         }
     }
 }
@@ -171,6 +174,7 @@ pub const PERMISSIONS: &[(Action, &[Role])] = &[
         Action::ViewFleet,
         &[Role::Supervisor, Role::SecurityOfficer, Role::Auditor],
     ),
+    (Action::ReprintLabel, &[Role::Supervisor]),
 ];
 
 /// May `role` perform `action`?

@@ -52,6 +52,17 @@ pub struct Config {
     pub fleet: Option<FleetSettings>,
     /// The line's PLC over Modbus TCP; off when absent.
     pub plc: Option<PlcSettings>,
+    /// The rating-plate label printer; no labels when absent.
+    pub labels: Option<LabelSettings>,
+}
+
+/// The label printer (ZPL II over raw TCP), printing one label per done meter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LabelSettings {
+    /// The printer's address and port (raw printing, usually 9100).
+    pub printer: std::net::SocketAddr,
+    /// How long one label may take to send.
+    pub timeout_ms: u64,
 }
 
 /// The Modbus TCP server a PLC or handler drives the nests through (schemas/plc-modbus.md).
@@ -305,6 +316,19 @@ struct RawConfig {
     api: RawApi,
     fleet: Option<RawFleet>,
     plc: Option<RawPlc>,
+    labels: Option<RawLabels>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLabels {
+    printer: Spanned<String>,
+    #[serde(default = "default_label_timeout")]
+    timeout_ms: Spanned<u64>,
+}
+
+fn default_label_timeout() -> Spanned<u64> {
+    Spanned::new(0..0, 3000)
 }
 
 #[derive(Deserialize)]
@@ -933,6 +957,28 @@ impl Config {
                 })
             }
         };
+        let labels = match &raw.labels {
+            None => None,
+            Some(l) => {
+                let Ok(printer) = l.printer.get_ref().parse::<std::net::SocketAddr>() else {
+                    return cx.err(
+                        l.printer.span(),
+                        "labels.printer must be the printer's address and port, e.g. \"10.20.0.30:9100\"",
+                    );
+                };
+                let t = *l.timeout_ms.get_ref();
+                if !(100..=60_000).contains(&t) {
+                    return cx.err(
+                        l.timeout_ms.span(),
+                        "labels.timeout_ms must be between 100 and 60000",
+                    );
+                }
+                Some(LabelSettings {
+                    printer,
+                    timeout_ms: t,
+                })
+            }
+        };
         Ok(Config {
             path: path.to_path_buf(),
             station_id,
@@ -966,6 +1012,7 @@ impl Config {
             api,
             fleet,
             plc,
+            labels,
         })
     }
 

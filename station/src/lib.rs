@@ -15,6 +15,7 @@ pub mod demo;
 pub mod engine;
 pub mod fleet;
 pub mod fuzz;
+pub mod labels;
 pub mod manifest;
 pub mod merkle;
 pub mod plc;

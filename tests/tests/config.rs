@@ -56,6 +56,7 @@ fn the_example_with_a_registry_is_valid_for_both() {
         with_fleet(&std::fs::read_to_string(schemas().join("station.example.toml")).unwrap());
     assert!(text.contains("\n[fleet]\nhost = "), "{text}");
     assert!(text.contains("\n[plc]\nlisten = "), "{text}");
+    assert!(text.contains("\n[labels]\nprinter = "), "{text}");
     python_validate(&text).unwrap();
     let cfg = station_parse(&text);
     assert!(cfg.is_ok(), "{cfg:?}");
@@ -74,6 +75,10 @@ fn the_example_with_a_registry_is_valid_for_both() {
         (
             "an empty lease",
             text.replace("lease_block = 10000", "lease_block = 0"),
+        ),
+        (
+            "a printer without a port",
+            text.replace("printer = \"10.20.0.30:9100\"", "printer = \"10.20.0.30\""),
         ),
         (
             "a PLC from anywhere",

@@ -164,6 +164,7 @@ const CALLS: &[(&str, Option<Action>)] = &[
     ("ListBatches", Some(Action::ViewLine)),
     ("BatchStatus", Some(Action::ViewLine)),
     ("Rework", Some(Action::Rework)),
+    ("ReprintLabel", Some(Action::ReprintLabel)),
     ("ExportManifest", Some(Action::ExportManifest)),
     ("FetchExport", Some(Action::ExportManifest)),
     ("ListAlarms", Some(Action::ViewLine)),
@@ -266,6 +267,10 @@ async fn call(
             .map(drop),
         "Rework" => c
             .rework(with(pb::ReworkRequest { uid: "00".into() }, token))
+            .await
+            .map(drop),
+        "ReprintLabel" => c
+            .reprint_label(with(pb::ReprintLabelRequest { serial: "X".into() }, token))
             .await
             .map(drop),
         "ExportManifest" => c

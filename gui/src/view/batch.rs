@@ -70,6 +70,8 @@ pub(super) fn show(ui: &mut Ui, s: &mut AppState, out: &mut Vec<UiCommand>) {
             }
         }
         rework(&mut cols[1], s, out);
+        cols[1].add_space(12.0);
+        reprint(&mut cols[1], s, out);
     });
 }
 
@@ -149,6 +151,22 @@ fn open_form(ui: &mut Ui, s: &mut AppState, out: &mut Vec<UiCommand>) {
     {
         out.push(UiCommand::Run(Command::OpenBatch(spec)));
     }
+}
+
+/// A done meter's label printed again (supervisor; the daemon audits it).
+fn reprint(ui: &mut Ui, s: &mut AppState, out: &mut Vec<UiCommand>) {
+    if !s.may(Action::ReprintLabel) {
+        return;
+    }
+    ui.heading("Labels");
+    ui.horizontal_wrapped(|ui| {
+        widgets::field(ui, "Serial number", &mut s.batch.reprint, 260.0);
+        let serial = s.batch.reprint.trim().to_string();
+        if widgets::button(ui, "Reprint label", Kind::Normal, 0.0).clicked() && !serial.is_empty() {
+            out.push(UiCommand::Run(Command::ReprintLabel { serial }));
+            s.batch.reprint.clear();
+        }
+    });
 }
 
 fn rework(ui: &mut Ui, s: &mut AppState, out: &mut Vec<UiCommand>) {

@@ -499,6 +499,11 @@ impl Client {
                         .ok_or_else(|| unexpected("AuditExport"))?,
                 }
             }
+            Command::ReprintLabel { serial } => {
+                rpc.reprint_label(with_session(s, pb::ReprintLabelRequest { serial }))
+                    .await?;
+                Reply::Done
+            }
             Command::FleetView { find } => Reply::Fleet(
                 rpc.fleet_view(with_session(s, pb::FleetViewRequest { find }))
                     .await?

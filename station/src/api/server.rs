@@ -701,6 +701,16 @@ impl Station for Service {
         Ok(Response::new(Box::pin(ReceiverStream::new(out))))
     }
 
+    async fn reprint_label(
+        &self,
+        req: Request<pb::ReprintLabelRequest>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        let serial = req.get_ref().serial.clone();
+        self.run(&req, "ReprintLabel", Command::ReprintLabel { serial })
+            .await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
     async fn fleet_view(
         &self,
         req: Request<pb::FleetViewRequest>,

@@ -321,6 +321,62 @@ pub(super) async fn execute(engine: &Engine, user: &User, cmd: Command) -> Resul
                 .call(|c| records::list_customers(c).map_err(Error::from))
                 .await?,
         )),
+        Command::ReprintLabel { serial } => {
+            if engine.config().labels.is_none() {
+                return Err(Error::Conflict(
+                    "this cell prints no labels (no [labels] printer in its configuration)".into(),
+                ));
+            }
+            let inner = engine.inner();
+            let (s2, who, src, a) = (
+                serial.clone(),
+                user.name.clone(),
+                inner.source.clone(),
+                inner.audit.clone(),
+            );
+            let found = inner
+                .db
+                .call(move |c| -> Result<bool> {
+                    let tx = c.transaction()?;
+                    let done: Option<i64> = tx
+                        .query_row(
+                            "SELECT id FROM meters WHERE serial = ?1 AND state = 'done'",
+                            [&s2],
+                            |r| r.get(0),
+                        )
+                        .map(Some)
+                        .or_else(|e| match e {
+                            rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                            e => Err(e),
+                        })?;
+                    if done.is_none() {
+                        return Ok(false);
+                    }
+                    a.append(
+                        &tx,
+                        &ev(
+                            &src,
+                            "label.reprinted",
+                            Severity::Notice,
+                            &who,
+                            serde_json::json!({
+                                "message": format!("{who} had the label of {s2} printed again"),
+                                "serial": s2,
+                            }),
+                        ),
+                    )?;
+                    tx.commit()?;
+                    Ok(true)
+                })
+                .await?;
+            if !found {
+                return Err(Error::NotFound(format!(
+                    "no done meter has serial number {serial}"
+                )));
+            }
+            inner.queue_label(&serial);
+            Ok(Reply::Done)
+        }
         Command::FleetView { find } => {
             let Some(f) = engine.config().fleet.as_ref() else {
                 return Err(Error::Conflict(

@@ -404,6 +404,11 @@ pub enum Command {
     AuditExport,
     /// Unacknowledged alarms.
     ListAlarms,
+    /// Print a done meter's rating-plate label again (audited).
+    ReprintLabel {
+        /// Its serial number.
+        serial: String,
+    },
     /// The factory at a glance, from the registry: meters per batch and station, yield per
     /// station and nest, and where a serial number, system title or UID was provisioned.
     FleetView {
@@ -483,6 +488,7 @@ impl Command {
             | Command::ListCustomers
             | Command::ListAlarms => Action::ViewLine,
             Command::FleetView { .. } => Action::ViewFleet,
+            Command::ReprintLabel { .. } => Action::ReprintLabel,
             Command::AuditVerify => Action::VerifyAudit,
             Command::AuditTail { .. } | Command::AuditSince { .. } => Action::ViewAudit,
             Command::AuditExport => Action::ExportAudit,
@@ -520,6 +526,7 @@ impl Command {
             Command::AuditExport => "export audit log",
             Command::ListAlarms => "list alarms",
             Command::FleetView { .. } => "view the factory",
+            Command::ReprintLabel { .. } => "reprint a label",
             Command::HsmInfo => "hsm info",
             Command::HsmCheck => "hsm check",
             Command::Export { .. } => "export manifest",
@@ -634,6 +641,8 @@ pub(crate) struct Inner {
     pub(crate) fleet_wake: tokio::sync::Notify,
     /// The PLC's handshake per nest, when a PLC drives the line (`[plc]`).
     pub(crate) plc: Option<Arc<crate::plc::PlcTable>>,
+    /// Serial numbers whose labels are to be printed (`[labels]`; the printing task's queue).
+    pub(crate) labels: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<String>>,
 }
 
 /// The engine. Cheap to clone.
@@ -724,6 +733,7 @@ impl Engine {
             tasks: Mutex::new(Vec::new()),
             fleet_wake: tokio::sync::Notify::new(),
             plc: cfg_plc_nests.map(|n| Arc::new(crate::plc::PlcTable::new(n))),
+            labels: std::sync::OnceLock::new(),
         });
         let engine = Engine { inner };
         engine.startup_events(&access).await?;
@@ -921,6 +931,13 @@ impl Engine {
         if let Some(f) = self.inner.cfg.fleet.clone() {
             let inner = Arc::clone(&self.inner);
             tasks.push(tokio::spawn(outbox::run(inner, f)));
+        }
+        if let Some(l) = self.inner.cfg.labels.clone() {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            if self.inner.labels.set(tx).is_ok() {
+                let inner = Arc::clone(&self.inner);
+                tasks.push(tokio::spawn(print_labels(inner, l, rx)));
+            }
         }
     }
 
@@ -1640,6 +1657,13 @@ impl Inner {
         lock(&self.state).cycles.push(ms);
     }
 
+    /// Queues the label of the done meter `serial` (when the cell prints labels).
+    pub(crate) fn queue_label(&self, serial: &str) {
+        if let Some(q) = self.labels.get() {
+            let _ = q.send(serial.to_string());
+        }
+    }
+
     /// Replaces the registry part of the health.
     pub(crate) fn set_fleet_health(&self, f: FleetHealth) {
         let h = {
@@ -1729,6 +1753,68 @@ impl Inner {
 }
 
 /// Health checks and clock-change detection, every few seconds.
+/// Prints the labels queued by serial number, one at a time, in order; a label that cannot be
+/// printed is audited (`label.failed`) and the line goes on.
+async fn print_labels(
+    inner: Arc<Inner>,
+    cfg: crate::config::LabelSettings,
+    mut queue: tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    let mut stop = inner.stop_rx();
+    loop {
+        let serial = tokio::select! {
+            s = queue.recv() => match s { Some(s) => s, None => return },
+            _ = stop.changed() => return,
+        };
+        let manufacturer = inner.cfg.manufacturer.name.clone();
+        let s2 = serial.clone();
+        let row = inner
+            .db
+            .call(
+                move |c| -> Result<Option<(String, Option<String>)>, DbError> {
+                    Ok(c.query_row(
+                        "SELECT system_title, ldn FROM meters WHERE serial = ?1 AND state = 'done'",
+                        [&s2],
+                        |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?)),
+                    )
+                    .map(Some)
+                    .or_else(|e| match e {
+                        rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                        e => Err(e),
+                    })?)
+                },
+            )
+            .await;
+        let Ok(Some((system_title, ldn))) = row else {
+            tracing::warn!(%serial, "no done meter with this serial: no label");
+            continue;
+        };
+        let label = crate::labels::Label {
+            manufacturer,
+            serial: serial.clone(),
+            system_title: system_title.to_uppercase(),
+            ldn: ldn.unwrap_or_default(),
+        };
+        let timeout = Duration::from_millis(cfg.timeout_ms);
+        if let Err(e) = crate::labels::print(cfg.printer, &label.zpl(), timeout).await {
+            tracing::warn!(%serial, error = %e, "the label could not be printed");
+            inner
+                .record_or_keep(NewEvent::new(
+                    &inner.source,
+                    "label.failed",
+                    Severity::Warning,
+                    "system",
+                    serde_json::json!({
+                        "message": format!("the label of {serial} could not be printed on {}: {e}; print it again from the console when the printer is back", cfg.printer),
+                        "serial": serial,
+                        "printer": cfg.printer.to_string(),
+                    }),
+                ))
+                .await;
+        }
+    }
+}
+
 async fn watchdog(inner: Arc<Inner>) {
     let mut stop = inner.stop_rx();
     let mut last_wall = now_ms();

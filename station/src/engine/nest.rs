@@ -263,6 +263,7 @@ pub(super) async fn run(inner: Arc<Inner>, i: usize) {
             Outcome::Done { serial, cycle_ms } => {
                 released = Some(uid.clone());
                 inner.add_cycle(cycle_ms);
+                inner.queue_label(&serial);
                 inner.update_nest(i, |n| {
                     n.state = NestState::Pass;
                     n.step = None;

@@ -136,39 +136,20 @@ async fn one_label_per_done_meter_and_reprints_are_a_supervisors() {
     // printed.
     let client = cell.client().await;
     let (serial, _) = done.iter().next().unwrap();
+    let reprint = async |who: &station::Session, serial: String| {
+        client
+            .execute(who, station::Command::ReprintLabel { serial })
+            .await
+    };
     let oper = cell.login(&client, "oper").await;
-    let e = client
-        .execute(
-            &oper,
-            station::Command::ReprintLabel {
-                serial: serial.clone(),
-            },
-        )
-        .await
-        .unwrap_err();
+    let e = reprint(&oper, serial.clone()).await.unwrap_err();
     assert!(
         e.to_string().contains("not allowed") || e.to_string().contains("may not"),
         "{e}"
     );
     let sup = cell.login(&client, "super").await;
-    client
-        .execute(
-            &sup,
-            station::Command::ReprintLabel {
-                serial: serial.clone(),
-            },
-        )
-        .await
-        .unwrap();
-    let e = client
-        .execute(
-            &sup,
-            station::Command::ReprintLabel {
-                serial: "E2E999999999".into(),
-            },
-        )
-        .await
-        .unwrap_err();
+    reprint(&sup, serial.clone()).await.unwrap();
+    let e = reprint(&sup, "E2E999999999".into()).await.unwrap_err();
     assert!(e.to_string().contains("no done meter"), "{e}");
     let labels = wait_labels(&got, 5).await;
     assert_eq!(labels.len(), 5);
@@ -188,15 +169,7 @@ async fn one_label_per_done_meter_and_reprints_are_a_supervisors() {
     // The printer gone: the failure is audited, nothing stops.
     task.abort();
     let _ = task.await;
-    client
-        .execute(
-            &sup,
-            station::Command::ReprintLabel {
-                serial: serial.clone(),
-            },
-        )
-        .await
-        .unwrap();
+    reprint(&sup, serial.clone()).await.unwrap();
     let t = Instant::now();
     while db
         .query_row(

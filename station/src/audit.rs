@@ -996,6 +996,74 @@ pub struct Alarm {
     pub raised_at: String,
 }
 
+impl Alarm {
+    /// The alarm in words an operator acts on: where, what happened and what to do (the
+    /// technical kind and message stay in [`Alarm::kind`] and [`Alarm::message`] for the detail
+    /// view and the audit log).
+    pub fn in_words(&self) -> String {
+        let what = match self.kind.as_str() {
+            "security.firmware_mismatch" => {
+                "the meter's firmware check failed — take it out for rework"
+            }
+            "security.replay" => {
+                "the meter's messages came replayed or out of order — take it out and tell the security officer"
+            }
+            "security.tamper" => {
+                "the meter's messages were changed on the way — take it out and tell the security officer"
+            }
+            "security.downgrade" => {
+                "the meter asked for weaker security — take it out and tell the security officer"
+            }
+            "security.bad_certificate_request" => {
+                "the meter's certificate request was refused — take it out for rework"
+            }
+            "security.attestation_failed" => {
+                "the meter's final check failed — take it out for rework"
+            }
+            "security.reused_key" => {
+                "the meter reused a key — take it out and tell the security officer"
+            }
+            "security.protocol_violation" => {
+                "the meter did not follow the protocol — take it out for rework"
+            }
+            "security.rework_refused" => {
+                "the meter refused the rework — put it aside for the rework bench"
+            }
+            "meter.duplicate_uid" => {
+                "this meter was provisioned before — take it out and give it to the supervisor"
+            }
+            "meter.unknown_lifecycle" => {
+                "the meter is in a state it should not be in — take it out for rework"
+            }
+            "auth.lockout" => "a user is locked out after wrong PINs",
+            "firmware.rejected" => "a firmware release was refused",
+            "audit.verification_failed" => {
+                "the audit log does not verify — call the security officer"
+            }
+            "audit.recovered" => {
+                "the audit log was resumed after a fault — the security officer reviews it"
+            }
+            "hsm.unavailable" => {
+                "the HSM does not answer — the line cannot go on; call the security officer"
+            }
+            "station.halted" => "the station stopped the line — the line screen says why",
+            "fleet.registry_alarm" => {
+                "the factory registry found a problem with this station's records — call the supervisor"
+            }
+            _ => self.message.as_str(),
+        };
+        match self.nest {
+            Some(n) => format!("Nest {n}: {what}"),
+            None => {
+                let mut c = what.chars();
+                c.next()
+                    .map(|f| f.to_uppercase().chain(c).collect())
+                    .unwrap_or_default()
+            }
+        }
+    }
+}
+
 /// A software signer for tests and tools.
 pub struct SoftSigner(pub p256::ecdsa::SigningKey);
 
@@ -1183,6 +1251,29 @@ mod tests {
             previous = Some((seq, head));
         }
         assert!(verify_db(&db, &vk).ok());
+    }
+
+    #[test]
+    fn an_alarm_reads_as_what_to_do_and_keeps_its_kind() {
+        let a = Alarm {
+            id: 1,
+            audit_seq: 9,
+            kind: "security.firmware_mismatch".into(),
+            message: "meter reported image hash 00 but was sent 01".into(),
+            nest: Some(2),
+            raised_at: String::new(),
+        };
+        assert_eq!(
+            a.in_words(),
+            "Nest 2: the meter's firmware check failed — take it out for rework"
+        );
+        let b = Alarm {
+            kind: "station.error".into(),
+            message: "the disk is full".into(),
+            nest: None,
+            ..a
+        };
+        assert_eq!(b.in_words(), "The disk is full");
     }
 
     #[test]

@@ -967,7 +967,8 @@ fn print(cli: &Cli, reply: &Reply) -> Result<()> {
                 println!("no open alarms");
             }
             for a in a {
-                println!("{:>4}  {}  {:<28} {}", a.id, a.raised_at, a.kind, a.message);
+                println!("{:>4}  {}  {}", a.id, a.raised_at, a.in_words());
+                println!("      {}: {}", a.kind, a.message);
             }
         }
         Reply::Text(t) => println!("{t}"),

@@ -119,16 +119,26 @@ fn alarm_banner(ui: &mut Ui, s: &mut AppState) {
                     notice: None,
                 });
             }
-            let nest = a.nest.map(|n| format!(" (nest {n})")).unwrap_or_default();
-            ui.add(
-                egui::Label::new(
-                    RichText::new(format!("{}{nest}: {}", a.kind, a.message))
-                        .size(22.0)
-                        .strong()
-                        .color(colour::ON_DARK),
-                )
-                .wrap(),
-            );
+            // What to do, in words; the technical kind and message under it, smaller.
+            ui.vertical(|ui| {
+                ui.add(
+                    egui::Label::new(
+                        RichText::new(a.in_words())
+                            .size(22.0)
+                            .strong()
+                            .color(colour::ON_DARK),
+                    )
+                    .wrap(),
+                );
+                ui.add(
+                    egui::Label::new(
+                        RichText::new(format!("{}: {}", a.kind, a.message))
+                            .size(15.0)
+                            .color(colour::ON_DARK),
+                    )
+                    .wrap(),
+                );
+            });
         });
     }
     let more = s.line.alarms.len().saturating_sub(BANNER_ALARMS);

@@ -203,6 +203,19 @@ pub struct NestSettings {
     pub port: String,
     /// Baud rate.
     pub baud: u32,
+    /// The nest's nameplate scanner (a serial device sending one code per line) and its baud
+    /// rate, for models whose serials are scanned.
+    pub scanner: Option<(String, u32)>,
+}
+
+/// Where a meter's serial number comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SerialSource {
+    /// The station assigns the next number of the batch (or of its leases).
+    #[default]
+    Assign,
+    /// The nameplate was printed before the cell: its scanned code is the serial number.
+    Scan,
 }
 
 /// How a model gets its key pairs.
@@ -232,6 +245,8 @@ pub struct ModelSettings {
     /// The interfaces a meter must have disabled once sealed (line-protocol `iface` bits; the
     /// provisioning interface always among them).
     pub disable: u16,
+    /// Where its serial numbers come from.
+    pub serial_source: SerialSource,
 }
 
 impl ModelSettings {
@@ -478,6 +493,13 @@ struct RawNest {
     port: Spanned<String>,
     #[serde(default = "default_baud")]
     baud: Spanned<u32>,
+    scanner: Option<Spanned<String>>,
+    #[serde(default = "default_scanner_baud")]
+    scanner_baud: u32,
+}
+
+fn default_scanner_baud() -> u32 {
+    9600
 }
 
 fn default_baud() -> Spanned<u32> {
@@ -497,6 +519,7 @@ struct RawModel {
     anchors: Vec<String>,
     not_after: Option<Spanned<String>>,
     disable: Option<Spanned<Vec<String>>>,
+    serial_source: Option<Spanned<String>>,
 }
 
 fn default_keygen() -> Spanned<String> {
@@ -701,10 +724,19 @@ impl Config {
             if !(300..=12_000_000).contains(&baud) {
                 return cx.err(n.baud.span(), "baud must be between 300 and 12000000");
             }
+            if let Some(sc) = &n.scanner
+                && sc.get_ref().trim().is_empty()
+            {
+                return cx.err(sc.span(), "scanner must name the scanner's serial device");
+            }
             nests.push(NestSettings {
                 name: n.name.get_ref().clone(),
                 port: n.port.get_ref().clone(),
                 baud,
+                scanner: n
+                    .scanner
+                    .as_ref()
+                    .map(|sc| (sc.get_ref().clone(), n.scanner_baud)),
             });
         }
         let mut models = Vec::new();
@@ -770,7 +802,33 @@ impl Config {
                     }
                 }
             }
+            let serial_source = match m
+                .serial_source
+                .as_ref()
+                .map(|x| (x.get_ref().as_str(), x.span()))
+            {
+                None | Some(("assign", _)) => SerialSource::Assign,
+                Some(("scan", span)) => {
+                    if raw.fleet.is_some() {
+                        return cx.err(
+                            span,
+                            "serial_source = \"scan\" with a factory registry is not supported yet: the registry leases the numbers",
+                        );
+                    }
+                    if let Some(n) = nests.iter().find(|n| n.scanner.is_none()) {
+                        return cx.err(
+                            span,
+                            format!("serial_source = \"scan\": nest {} has no scanner (scanner = \"/dev/...\" in its [[nests]])", n.name),
+                        );
+                    }
+                    SerialSource::Scan
+                }
+                Some((_, span)) => {
+                    return cx.err(span, "serial_source must be \"assign\" or \"scan\"");
+                }
+            };
             models.push(ModelSettings {
+                serial_source,
                 disable,
                 name: m.name.get_ref().clone(),
                 suite: *m.suite.get_ref(),
@@ -1051,6 +1109,24 @@ suite = 1
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("/cell/station.toml"), text)
+    }
+
+    #[test]
+    fn scanned_serials_need_a_scanner_in_every_nest_and_no_registry() {
+        let scan = EXAMPLE.replace("suite = 1", "suite = 1\nserial_source = \"scan\"");
+        let e = parse(&scan).unwrap_err();
+        assert!(e.reason.contains("nest N1 has no scanner"), "{e}");
+        let with_scanner =
+            scan.replace("baud = 921600", "baud = 921600\nscanner = \"/dev/ttyACM0\"");
+        let c = parse(&with_scanner).unwrap();
+        assert_eq!(c.models[0].serial_source, SerialSource::Scan);
+        assert_eq!(c.nests[0].scanner, Some(("/dev/ttyACM0".into(), 9600)));
+        let fleet = "\n[fleet]\nhost = \"r\"\nserver_ca = \"a\"\ncert = \"b\"\nkey = \"c\"\n";
+        let e = parse(&format!("{with_scanner}{fleet}")).unwrap_err();
+        assert!(e.reason.contains("not supported yet"), "{e}");
+        let e = parse(&EXAMPLE.replace("suite = 1", "suite = 1\nserial_source = \"guess\""))
+            .unwrap_err();
+        assert!(e.reason.contains("\"assign\" or \"scan\""), "{e}");
     }
 
     #[test]

@@ -72,6 +72,9 @@ pub struct CellOptions {
     /// The cell has a factory registry (`extra_config` holds its `[fleet]` section): the batch
     /// is opened without a serial range, its numbers come from leases.
     pub leased_numbers: bool,
+    /// Each nest has a nameplate scanner on a pseudo-terminal (the test writes the codes to
+    /// [`Cell::scanners`]) and the model's serials are scanned.
+    pub scanners: bool,
 }
 
 impl Default for CellOptions {
@@ -95,6 +98,7 @@ impl Default for CellOptions {
             meter_slot_size: None,
             station_id: None,
             leased_numbers: false,
+            scanners: false,
         }
     }
 }
@@ -110,6 +114,8 @@ pub struct Cell {
     pub firmware_sha: String,
     pub batch_id: Option<i64>,
     pub softhsm_conf: PathBuf,
+    /// The nests' scanners, the side a test writes codes to (with `CellOptions::scanners`).
+    pub scanners: tokio::sync::Mutex<Vec<line_protocol::io::Transport>>,
     _lines: Vec<line_protocol::io::PtySlave>,
 }
 
@@ -259,14 +265,27 @@ impl Cell {
             token.module.display(),
             token.label,
         );
+        let mut scanners = Vec::new();
         for (i, p) in ports.iter().enumerate() {
             t.push_str(&format!(
-                "[[nests]]\nname = \"N{}\"\nport = \"{p}\"\nbaud = {}\n\n",
+                "[[nests]]\nname = \"N{}\"\nport = \"{p}\"\nbaud = {}\n",
                 i + 1,
                 opts.baud
             ));
+            if opts.scanners {
+                let (writer, slave, path) = line_protocol::io::pty_pair().unwrap();
+                lines.push(slave);
+                scanners.push(writer);
+                t.push_str(&format!("scanner = \"{path}\"\n"));
+            }
+            t.push('\n');
         }
-        t.push_str(&format!("[[models]]\nname = \"{MODEL}\"\nsuite = 1\nkeygen = \"meter\"\nkey_agreement = {}\nanchors = [\"utility.pem\"]\n{}\n[audit]\ncheckpoint_interval = 25\n", opts.key_agreement, opts.model_extra));
+        let model_extra = if opts.scanners {
+            format!("{}serial_source = \"scan\"\n", opts.model_extra)
+        } else {
+            opts.model_extra.clone()
+        };
+        t.push_str(&format!("[[models]]\nname = \"{MODEL}\"\nsuite = 1\nkeygen = \"meter\"\nkey_agreement = {}\nanchors = [\"utility.pem\"]\n{}\n[audit]\ncheckpoint_interval = 25\n", opts.key_agreement, model_extra));
         t.push_str(&opts.extra_config);
         let config = d.join("station.toml");
         std::fs::write(&config, t).unwrap();
@@ -281,6 +300,7 @@ impl Cell {
             firmware_sha,
             batch_id: None,
             softhsm_conf,
+            scanners: tokio::sync::Mutex::new(scanners),
             _lines: lines,
         };
         // Users, imports, batch: through the daemon, as a cell is set up.

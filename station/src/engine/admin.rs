@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use hsm::KeyRole;
-use rusqlite::params;
+use rusqlite::{OptionalExtension as _, params};
 use serde::Serialize;
 
 use super::{Command, Engine, Error, Event, Inner, Reply, Result, recovery};
@@ -344,11 +344,7 @@ pub(super) async fn execute(engine: &Engine, user: &User, cmd: Command) -> Resul
                             [&s2],
                             |r| r.get(0),
                         )
-                        .map(Some)
-                        .or_else(|e| match e {
-                            rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                            e => Err(e),
-                        })?;
+                        .optional()?;
                     if done.is_none() {
                         return Ok(false);
                     }

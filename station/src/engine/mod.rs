@@ -19,6 +19,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rusqlite::OptionalExtension as _;
 use serde::Serialize;
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
@@ -643,6 +644,8 @@ pub(crate) struct Inner {
     pub(crate) plc: Option<Arc<crate::plc::PlcTable>>,
     /// Serial numbers whose labels are to be printed (`[labels]`; the printing task's queue).
     pub(crate) labels: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<String>>,
+    /// Per nest: the codes its nameplate scanner read, oldest first (nests with a scanner).
+    pub(crate) scans: Vec<tokio::sync::Mutex<Option<tokio::sync::mpsc::Receiver<String>>>>,
 }
 
 /// The engine. Cheap to clone.
@@ -681,6 +684,7 @@ impl Engine {
         );
         let (events, _) = broadcast::channel(4096);
         let cfg_plc_nests = cfg.plc.as_ref().map(|_| cfg.nests.len());
+        let cfg_nest_count = cfg.nests.len();
         let nests = cfg
             .nests
             .iter()
@@ -734,6 +738,9 @@ impl Engine {
             fleet_wake: tokio::sync::Notify::new(),
             plc: cfg_plc_nests.map(|n| Arc::new(crate::plc::PlcTable::new(n))),
             labels: std::sync::OnceLock::new(),
+            scans: (0..cfg_nest_count)
+                .map(|_| tokio::sync::Mutex::new(None))
+                .collect(),
         });
         let engine = Engine { inner };
         engine.startup_events(&access).await?;
@@ -931,6 +938,18 @@ impl Engine {
         if let Some(f) = self.inner.cfg.fleet.clone() {
             let inner = Arc::clone(&self.inner);
             tasks.push(tokio::spawn(outbox::run(inner, f)));
+        }
+        for (i, n) in self.inner.cfg.nests.iter().enumerate() {
+            if let Some((path, baud)) = n.scanner.clone() {
+                let (tx, rx) = tokio::sync::mpsc::channel(SCANS_KEPT);
+                if let Some(slot) = self.inner.scans.get(i)
+                    && let Ok(mut slot) = slot.try_lock()
+                {
+                    *slot = Some(rx);
+                }
+                let inner = Arc::clone(&self.inner);
+                tasks.push(tokio::spawn(read_scanner(inner, path, baud, tx)));
+            }
         }
         if let Some(l) = self.inner.cfg.labels.clone() {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -1753,6 +1772,69 @@ impl Inner {
 }
 
 /// Health checks and clock-change detection, every few seconds.
+/// Codes a nest's scanner may have read ahead of its meter; more are dropped (with a warning).
+const SCANS_KEPT: usize = 4;
+/// The longest code a scanner line may carry; a longer line is kept cut, so that it is refused
+/// as no serial number.
+const SCAN_MAX: usize = 64;
+
+/// Reads one nest's nameplate scanner: a serial device sending one code per line (CR or LF).
+/// Reopens the device when it goes away.
+async fn read_scanner(
+    inner: Arc<Inner>,
+    path: String,
+    baud: u32,
+    tx: tokio::sync::mpsc::Sender<String>,
+) {
+    use tokio::io::AsyncReadExt;
+    let mut stop = inner.stop_rx();
+    loop {
+        let addr = match line_protocol::io::PortAddr::parse(&path) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(%path, error = %e, "the scanner's address cannot be used");
+                return;
+            }
+        };
+        let mut port = match line_protocol::io::open(&addr, baud).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(%path, error = %e, "the scanner cannot be opened; trying again");
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => continue,
+                }
+            }
+        };
+        let mut line: Vec<u8> = Vec::new();
+        let mut buf = [0u8; 256];
+        loop {
+            let n = tokio::select! {
+                _ = stop.changed() => return,
+                r = port.read(&mut buf) => match r {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                },
+            };
+            for &b in &buf[..n] {
+                if b == b'\r' || b == b'\n' {
+                    let code = String::from_utf8_lossy(&line).trim().to_string();
+                    line.clear();
+                    if !code.is_empty() && tx.try_send(code).is_err() {
+                        tracing::warn!(%path, "scans are coming faster than meters: one was dropped");
+                    }
+                } else if line.len() < SCAN_MAX {
+                    line.push(b);
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
 /// Prints the labels queued by serial number, one at a time, in order; a label that cannot be
 /// printed is audited (`label.failed`) and the line goes on.
 async fn print_labels(
@@ -1777,11 +1859,7 @@ async fn print_labels(
                         [&s2],
                         |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?)),
                     )
-                    .map(Some)
-                    .or_else(|e| match e {
-                        rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                        e => Err(e),
-                    })?)
+                    .optional()?)
                 },
             )
             .await;

@@ -29,7 +29,7 @@ use line_protocol::msg::{
 };
 use line_protocol::receipt::Receipt;
 use line_protocol::rework::ReworkToken;
-use rusqlite::params;
+use rusqlite::{OptionalExtension as _, params};
 
 use super::{Inner, Step, nest};
 use crate::audit::{NewEvent, Severity};
@@ -49,6 +49,8 @@ fn reused_key(why: &str) -> Failure {
 
 /// The start of the reason when the next serial number is already another batch's.
 const NUMBER_TAKEN: &str = "the batch's next number is taken";
+/// How long a nest waits for its meter's nameplate to be scanned.
+const SCAN_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// The start of the reason the line stops when the station's leased numbers are used up.
 const LEASES_USED_UP: &str = "no leased number is left";
 
@@ -902,6 +904,36 @@ impl Ctx<'_> {
         }
     }
 
+    /// The code the nest's scanner reads off the meter's nameplate: the next one it read, waiting
+    /// up to [`SCAN_WAIT`] for it.
+    async fn nameplate(&self, run: &Run) -> Result<String, Failure> {
+        let refused = |why: String| Failure::new("meter.refused", Severity::Notice, why);
+        let Some(slot) = self.inner.scans.get(self.nest) else {
+            return Err(refused("this nest has no scanner for nameplates".into()));
+        };
+        let mut slot = slot.lock().await;
+        let Some(rx) = slot.as_mut() else {
+            return Err(refused(
+                "this nest has no scanner for nameplates (scanner = ... in its [[nests]])".into(),
+            ));
+        };
+        self.inner.update_nest(self.nest, |n| {
+            n.message = Some("scan the meter's nameplate".into())
+        });
+        match tokio::time::timeout(SCAN_WAIT, rx.recv()).await {
+            Ok(Some(code)) => {
+                self.inner.update_nest(self.nest, |n| n.message = None);
+                Ok(code)
+            }
+            Ok(None) => Err(refused("the nest's scanner is gone".into())),
+            Err(_) => Err(refused(format!(
+                "no nameplate was scanned within {} s for meter {}: scan it when the meter is in the nest",
+                SCAN_WAIT.as_secs(),
+                run.uid
+            ))),
+        }
+    }
+
     /// Commits the meter's record with its identity and one certificate intent per slot (with
     /// the serial drawn for it); returns the intents' ids.
     async fn assign(
@@ -916,6 +948,12 @@ impl Ctx<'_> {
         let operator = self.operator.clone();
         let flag = self.inner.cfg.manufacturer.flag_id.clone();
         let leased = self.inner.cfg.fleet.is_some();
+        // A nameplate printed before the cell: its scanned code is the serial number.
+        let scanned = if run.model.serial_source == crate::config::SerialSource::Scan {
+            Some(self.nameplate(run).await?)
+        } else {
+            None
+        };
         let planned: Vec<(&'static str, String)> = slots
             .iter()
             .zip(&serials)
@@ -935,8 +973,41 @@ impl Ctx<'_> {
                 if live >= quantity {
                     return Ok(Err("the batch has all its meters".into()));
                 }
-                // With a factory registry, numbers come from the station's leases only.
-                let next = if leased {
+                // A scanned nameplate: its number, if it is one of this batch's and unused.
+                let next = if let Some(code) = &scanned {
+                    let (first, serial_last): (i64, i64) = tx.query_row(
+                        "SELECT serial_first, serial_last FROM batches WHERE id = ?1",
+                        [batch_id],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )?;
+                    let number = code
+                        .strip_prefix(prefix.as_str())
+                        .filter(|d| d.len() == 9 && d.bytes().all(|b| b.is_ascii_digit()))
+                        .and_then(|d| d.parse::<i64>().ok());
+                    let Some(number) = number else {
+                        return Ok(Err(format!(
+                            "the scanned code {code:?} is not a serial number of this batch (\"{prefix}\" and nine digits): scan the meter's nameplate again"
+                        )));
+                    };
+                    if number < first || number > serial_last {
+                        return Ok(Err(format!(
+                            "the scanned serial {code} is outside this batch's range {prefix}{first:09} to {prefix}{serial_last:09}: is the meter in the right batch?"
+                        )));
+                    }
+                    let holder: Option<String> = tx
+                        .query_row(
+                            "SELECT uid FROM meters WHERE serial = ?1",
+                            [code],
+                            |r| r.get(0),
+                        )
+                        .optional()?;
+                    if let Some(other) = holder {
+                        return Ok(Err(format!(
+                            "the scanned serial {code} is already on meter {other}: two nameplates carry the same number — keep this meter apart"
+                        )));
+                    }
+                    number
+                } else if leased {
                     match crate::fleet::draw(&tx)? {
                         Some(n) => n,
                         None => return Ok(Err(format!(
@@ -987,7 +1058,7 @@ impl Ctx<'_> {
                     )?;
                     intents.push(tx.last_insert_rowid());
                 }
-                if !leased {
+                if !leased && scanned.is_none() {
                     tx.execute("UPDATE batches SET next_serial = next_serial + 1 WHERE id = ?1", [batch_id])?;
                 }
                 tx.commit()?;

@@ -178,12 +178,16 @@ async fn every_fault_in_its_own_nest_while_the_others_succeed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_second_meter_with_a_provisioned_uid_is_refused_and_alarmed() {
-    // Two nests whose emulators make the same UIDs: every UID shows up twice.
+    // Two nests whose emulators make the same UIDs: every UID shows up twice. A slow line (the
+    // firmware takes seconds) so that each UID is in both nests at once however busy the
+    // machine is: the second nest meets it while the first provisions it.
     let cell = Cell::new(CellOptions {
         nests: 2,
         quantity: 4,
         seeds: vec![Some(77), Some(77)],
         emulator_numbers: vec![1, 1],
+        baud: 115_200,
+        firmware_kib: 48,
         ..CellOptions::default()
     })
     .await;

@@ -621,6 +621,32 @@ pub async fn registry_acked(client: &Client) -> Result<i64, FleetError> {
         .get(0))
 }
 
+/// The highest number this station's meter records in the registry carry (0 if none).
+pub async fn registry_highest_number(client: &Client) -> Result<i64, FleetError> {
+    Ok(client
+        .query_one(
+            "SELECT coalesce(max((body::jsonb ->> 'serial_no')::bigint), 0) FROM fleet.records
+              WHERE station = current_user AND kind = 'meter'",
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
+/// Moves the leases' cursors past `used`, the highest number the registry holds from this
+/// station: numbers are drawn in order, so every number up to it was issued. A journal put back
+/// from an old backup has its cursors behind what it issued since; it would issue those numbers
+/// again. Returns the numbers skipped.
+pub fn skip_used_numbers(conn: &rusqlite::Connection, used: i64) -> Result<i64, DbError> {
+    let before = leased_left(conn)?;
+    conn.execute(
+        "UPDATE leases SET next = min(last + 1, ?1 + 1)
+          WHERE state = 'granted' AND first <= ?1 AND next <= ?1",
+        [used],
+    )?;
+    Ok(before - leased_left(conn)?)
+}
+
 /// Moves the acknowledged mark back to `seq` (see [`registry_acked`]); returns whether it moved.
 pub fn rewind(conn: &rusqlite::Connection, seq: i64) -> Result<bool, DbError> {
     Ok(conn.execute(
@@ -1047,6 +1073,13 @@ mod tests {
                 vec![Some(101), Some(102), Some(103), Some(201), Some(202), None]
             );
             assert_eq!(leased_left(c).unwrap(), 0);
+            // A journal put back from a backup, its cursors behind what the registry saw issued.
+            c.execute_batch("UPDATE leases SET next = first").unwrap();
+            assert_eq!(skip_used_numbers(c, 102).unwrap(), 2);
+            assert_eq!(skip_used_numbers(c, 102).unwrap(), 0, "once");
+            let tx = c.transaction().unwrap();
+            assert_eq!(draw(&tx).unwrap(), Some(103));
+            assert_eq!(draw(&tx).unwrap(), Some(201));
         });
     }
 

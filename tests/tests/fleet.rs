@@ -109,6 +109,36 @@ async fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
     }
 }
 
+/// Closes the cell's first batch and opens `work_order` (two meters, numbers from the leases).
+async fn next_batch(
+    fc: &FleetCell,
+    client: &station::api::client::Client,
+    sup: &station::Session,
+    work_order: &str,
+) {
+    let id = fc.cell.batch_id.unwrap();
+    client
+        .execute(sup, station::Command::CloseBatch { id })
+        .await
+        .unwrap();
+    client
+        .execute(
+            sup,
+            station::Command::OpenBatch(station::engine::BatchSpec {
+                work_order: work_order.into(),
+                model: e2e::MODEL.into(),
+                firmware: fc.cell.firmware_sha.clone(),
+                customer: "utility".into(),
+                quantity: 2,
+                serial_prefix: "E2E".into(),
+                serial_first: 0,
+                serial_last: station::fleet::LAST_NUMBER,
+            }),
+        )
+        .await
+        .unwrap();
+}
+
 /// Waits until the daemon's health screen shows the registry as `ok` says.
 async fn health_shows(d: &Daemon, what: &str, ok: impl Fn(&station::engine::FleetHealth) -> bool) {
     let engine = d.engine().clone();
@@ -673,31 +703,7 @@ async fn a_journal_restored_from_an_old_backup_is_refused_by_the_registry() {
     let daemon = fc.cell.daemon().await;
     let client = fc.cell.client().await;
     let sup = fc.cell.login(&client, "super").await;
-    client
-        .execute(
-            &sup,
-            station::Command::CloseBatch {
-                id: fc.cell.batch_id.unwrap(),
-            },
-        )
-        .await
-        .unwrap();
-    client
-        .execute(
-            &sup,
-            station::Command::OpenBatch(station::engine::BatchSpec {
-                work_order: "WO-E2E-2".into(),
-                model: e2e::MODEL.into(),
-                firmware: fc.cell.firmware_sha.clone(),
-                customer: "utility".into(),
-                quantity: 2,
-                serial_prefix: "E2E".into(),
-                serial_first: 0,
-                serial_last: station::fleet::LAST_NUMBER,
-            }),
-        )
-        .await
-        .unwrap();
+    next_batch(&fc, &client, &sup, "WO-E2E-2").await;
     let oper = fc.cell.login(&client, "oper").await;
     let s = station::run::run_line(&client, &oper, false, true)
         .await
@@ -773,6 +779,52 @@ async fn a_journal_restored_from_an_old_backup_is_refused_by_the_registry() {
     let after = station::fleet::audit(&admin).await.unwrap();
     assert!(!after[0].ok());
     assert_eq!(after[0].last_verified, Some(good));
+
+    // The restored journal's leases were behind the numbers it had issued since the backup: they
+    // were moved past what the registry saw, and the next batch issues no number twice.
+    let highest = one(
+        &admin,
+        "SELECT max((body::jsonb ->> 'serial_no')::bigint) FROM fleet.records WHERE station = $1 AND kind = 'meter'",
+        &[&fc.id],
+    )
+    .await;
+    let behind = format!(
+        "SELECT count(*) FROM leases WHERE state = 'granted' AND first <= {highest} AND next <= {highest}"
+    );
+    wait_for(
+        "the leases moved past the registry's numbers",
+        Duration::from_secs(20),
+        || q(&db, &behind) == 0,
+    )
+    .await;
+    let client = fc.cell.client().await;
+    let sup = fc.cell.login(&client, "super").await;
+    next_batch(&fc, &client, &sup, "WO-E2E-3").await;
+    let oper = fc.cell.login(&client, "oper").await;
+    let s = station::run::run_line(&client, &oper, false, true)
+        .await
+        .unwrap();
+    assert!(s.batch_complete, "{s:?}");
+    let lowest_new = q(
+        &db,
+        "SELECT min(m.serial_no) FROM meters m JOIN batches b ON b.id = m.batch_id WHERE b.work_order = 'WO-E2E-3'",
+    );
+    assert!(lowest_new > highest, "{lowest_new} <= {highest}");
+    wait_for("the skip audited", Duration::from_secs(20), || {
+        q(
+            &db,
+            "SELECT count(*) FROM audit WHERE kind = 'fleet.numbers_skipped'",
+        ) == 1
+    })
+    .await;
+    drained(&fc.cell, Duration::from_secs(30)).await;
+    let duplicates = one(
+        &admin,
+        "SELECT count(*) FROM fleet.alarms WHERE station = $1 AND kind = 'duplicate_number'",
+        &[&fc.id],
+    )
+    .await;
+    assert_eq!(duplicates, 0, "no number issued twice after the restore");
     daemon.stop().await.unwrap();
 }
 

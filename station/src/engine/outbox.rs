@@ -165,6 +165,31 @@ async fn cycle(
             );
             note(inner, "fleet.resent", Severity::Warning, serde_json::json!({"message": format!("the registry holds this station's records up to {have} only, fewer than it had acknowledged: they are sent again"), "registry_has": have})).await;
         }
+        // What the registry saw issued was issued: a journal put back from a backup must not
+        // issue those numbers again.
+        let used = fleet::registry_highest_number(&c).await?;
+        let skipped = inner
+            .db
+            .call(move |db| fleet::skip_used_numbers(db, used))
+            .await?;
+        if skipped > 0 {
+            tracing::warn!(
+                skipped,
+                used,
+                "the leases were behind the numbers the registry saw issued"
+            );
+            note(
+                inner,
+                "fleet.numbers_skipped",
+                Severity::Warning,
+                serde_json::json!({
+                    "message": format!("the registry holds meters of this station up to number {used}, beyond the journal's leases: {skipped} numbers are skipped so that none is issued twice (was the journal put back from a backup?)"),
+                    "registry_highest": used,
+                    "skipped": skipped,
+                }),
+            )
+            .await;
+        }
         *client = Some(c);
     }
     let Some(c) = client.as_mut() else {

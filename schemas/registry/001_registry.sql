@@ -114,6 +114,7 @@ CREATE TABLE fleet.checkpoints (
     received_at     timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (station, seq)
 );
+CREATE INDEX checkpoints_head ON fleet.checkpoints (station, tree_size DESC, seq DESC);
 
 CREATE TABLE fleet.alarms (
     id              bigserial PRIMARY KEY,
@@ -213,10 +214,10 @@ DECLARE
     why text;
 BEGIN
     NEW.digest := sha256(convert_to(NEW.body, 'UTF8'));
-    SELECT * INTO last FROM fleet.checkpoints WHERE station = NEW.station ORDER BY tree_size DESC, seq DESC LIMIT 1;
     SELECT digest, received_at INTO old_digest, old_at FROM fleet.records WHERE station = NEW.station AND seq = NEW.seq;
     IF FOUND THEN
         IF old_digest <> NEW.digest THEN
+            SELECT * INTO last FROM fleet.checkpoints WHERE station = NEW.station ORDER BY tree_size DESC, seq DESC LIMIT 1;
             INSERT INTO fleet.alarms (station, kind, seq, message) VALUES (NEW.station,
                 CASE WHEN NEW.kind = 'checkpoint' THEN 'checkpoint_refused' ELSE 'divergence' END, NEW.seq,
                 format('station %s sent a %s record %s that differs from the one received at %s: its journal does not continue what it sent before (restored from an old backup?); last good checkpoint: %s',
@@ -227,6 +228,7 @@ BEGIN
         RETURN NULL;
     END IF;
     IF NEW.kind = 'checkpoint' THEN
+        SELECT * INTO last FROM fleet.checkpoints WHERE station = NEW.station ORDER BY tree_size DESC, seq DESC LIMIT 1;
         size := (NEW.body::jsonb ->> 'tree_size')::bigint;
         root := decode(NEW.body::jsonb ->> 'root', 'base64');
         from_size := (NEW.body::jsonb ->> 'proof_from')::bigint;

@@ -248,6 +248,7 @@ fn read_only(cmd: &Command) -> bool {
             | Command::AuditTail { .. }
             | Command::AuditVerify
             | Command::FleetView { .. }
+            | Command::ShiftView { .. }
     )
 }
 
@@ -272,6 +273,7 @@ pub fn describe(cmd: &Command) -> String {
         Command::AuditVerify => "verify audit log".into(),
         Command::AuditTail { .. } => "read audit log".into(),
         Command::FleetView { .. } => crate::state::FLEET_VIEW.into(),
+        Command::ShiftView { .. } => crate::state::SHIFT_VIEW.into(),
         _ => "command".into(),
     }
 }

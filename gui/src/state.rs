@@ -209,6 +209,8 @@ pub enum Tab {
     Health,
     /// The factory across cells, from the registry (supervisors, officers, auditors).
     Fleet,
+    /// The shift's dashboards: yield per nest and step, failure reasons, cycle time.
+    Shift,
 }
 
 impl Tab {
@@ -220,6 +222,7 @@ impl Tab {
             Tab::Audit => "Audit",
             Tab::Health => "Health",
             Tab::Fleet => "Factory",
+            Tab::Shift => "Shift",
         }
     }
 }
@@ -313,6 +316,26 @@ impl SeverityFilter {
 /// What the factory screen's command is called in replies.
 pub const FLEET_VIEW: &str = "view the factory";
 
+/// What the shift screen's command is called in replies.
+pub const SHIFT_VIEW: &str = "view the shift";
+
+/// How many hours the shift screen looks back.
+pub const SHIFT_HOURS: u32 = 8;
+
+/// The shift screen.
+#[derive(Debug, Default)]
+pub struct ShiftPage {
+    /// The view was asked for (cleared to ask again).
+    pub requested: bool,
+    /// What the station answered.
+    pub view: Option<station::shift::ShiftView>,
+    /// Why it could not.
+    pub error: Option<String>,
+    /// Meters finished since the view was read (it is read again when the supervisor asks:
+    /// reading it on a timer would keep an unattended session alive).
+    pub finished_since: u32,
+}
+
 /// The factory screen.
 #[derive(Debug, Default)]
 pub struct FleetPage {
@@ -405,6 +428,8 @@ pub struct AppState {
     pub audit: AuditView,
     /// The factory screen.
     pub fleet: FleetPage,
+    /// The shift screen.
+    pub shift: ShiftPage,
     /// Recently failed meters.
     pub failed: VecDeque<FailedMeter>,
     /// The daemon ends a session after this long without a command (known after log-in).
@@ -435,6 +460,7 @@ impl AppState {
             ack: None,
             audit: AuditView::default(),
             fleet: FleetPage::default(),
+            shift: ShiftPage::default(),
             failed: VecDeque::new(),
             idle_timeout: None,
         }
@@ -481,6 +507,9 @@ impl AppState {
         // Only a station with a registry has a factory to show.
         if self.may(Action::ViewFleet) && self.line.health.fleet.is_some() {
             t.push(Tab::Fleet);
+        }
+        if self.may(Action::ViewShift) {
+            t.push(Tab::Shift);
         }
         t.push(Tab::Health);
         t
@@ -580,6 +609,7 @@ impl AppState {
                 reason,
                 cycle_ms,
             } => {
+                self.shift.finished_since = self.shift.finished_since.saturating_add(1);
                 if ok {
                     self.line.last_cycle_ms = Some(cycle_ms);
                 } else {
@@ -640,6 +670,11 @@ impl AppState {
                 self.fleet.error = None;
                 self.fleet.view = Some(v);
             }
+            Reply::Shift(v) => {
+                self.shift.error = None;
+                self.shift.view = Some(v);
+                self.shift.finished_since = 0;
+            }
             Reply::Batch(b) => {
                 let open = b.state == "open";
                 self.notice = Some(Notice::good(format!(
@@ -682,6 +717,9 @@ impl AppState {
                 if what == FLEET_VIEW {
                     self.fleet.error = Some(f.message.clone());
                 }
+                if what == SHIFT_VIEW {
+                    self.shift.error = Some(f.message.clone());
+                }
                 self.notice = Some(Notice::bad(format!("{what} refused: {}", f.message)));
             }
         }
@@ -700,6 +738,7 @@ impl AppState {
         self.batch.requested = false;
         self.audit = AuditView::default();
         self.fleet = FleetPage::default();
+        self.shift = ShiftPage::default();
         self.ack = None;
     }
 

@@ -407,6 +407,38 @@ fn a_line_the_station_stopped_says_why() {
 }
 
 #[test]
+fn supervisor_sees_the_shift() {
+    let shift = || {
+        let mut s = line_state();
+        s.user = Some(SignedIn {
+            name: "super".into(),
+            role: Role::Supervisor,
+        });
+        s.line.alarms.clear();
+        s.tab = Tab::Shift;
+        s.shift.requested = true;
+        s.shift.finished_since = 12;
+        // Eight nests over eight hours, nest 3's contacts wearing out.
+        s.shift.view = Some(station::shift::sample(8, 4_000, Some(3), 1_796_000_000_000));
+        s
+    };
+    let h = console(shift(), SIZES[0].1);
+    assert!(
+        h.query_by_label_contains("Nest 3 fails").is_some(),
+        "the worn nest is named above the dashboards"
+    );
+    assert!(
+        h.query_by_label_contains("meter stopped answering")
+            .is_some()
+    );
+    assert!(
+        h.query_by_label_contains("12 meters finished since")
+            .is_some()
+    );
+    snap("shift", shift);
+}
+
+#[test]
 fn supervisor_sees_the_factory() {
     snap("fleet", || {
         let mut s = line_state();

@@ -109,6 +109,8 @@ pub enum Action {
     RecoverAudit,
     /// See the factory's production across cells (the registry).
     ViewFleet,
+    /// See the shift's dashboards (yield per nest and step, failure reasons, cycle time).
+    ViewShift,
     /// Print a meter's rating-plate label again.
     ReprintLabel,
 }
@@ -135,6 +137,7 @@ impl Action {
             Action::ExportAudit => "export the audit log",
             Action::RecoverAudit => "resume a frozen audit log",
             Action::ViewFleet => "view the factory's production",
+            Action::ViewShift => "view the shift's dashboards",
             Action::ReprintLabel => "reprint a label",
         }
     }
@@ -172,6 +175,10 @@ pub const PERMISSIONS: &[(Action, &[Role])] = &[
     (Action::RecoverAudit, &[Role::SecurityOfficer]),
     (
         Action::ViewFleet,
+        &[Role::Supervisor, Role::SecurityOfficer, Role::Auditor],
+    ),
+    (
+        Action::ViewShift,
         &[Role::Supervisor, Role::SecurityOfficer, Role::Auditor],
     ),
     (Action::ReprintLabel, &[Role::Supervisor]),

@@ -33,6 +33,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("schema/006_seal_sent.sql"),
     include_str!("schema/007_audit_tree.sql"),
     include_str!("schema/008_outbox.sql"),
+    include_str!("schema/009_fail_step.sql"),
 ];
 
 /// Why the journal cannot be used.
@@ -488,7 +489,7 @@ mod tests {
             ));
             // Failing a failed meter again keeps its first reason.
             let tx = c.transaction().unwrap();
-            crate::records::fail_meter(&tx, 1, "second reason", 5).unwrap();
+            crate::records::fail_meter(&tx, 1, "second reason", None, 5).unwrap();
             tx.commit().unwrap();
             // The transitions the engine makes still work.
             c.execute("UPDATE meters SET state = 'done' WHERE id = 3", [])

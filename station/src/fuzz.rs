@@ -105,7 +105,7 @@ pub fn api_message(data: &[u8]) {
 /// What comes back from the factory registry, or tells how to reach it: the first byte picks
 /// it. A checkpoint note as `station fleet audit` reads it (tree head, chain values, signature
 /// against a fixed key), an enrolled audit certificate (PEM), a registry connection file, a
-/// `FleetViewReply` as the console converts it.
+/// `FleetViewReply` or a `ShiftViewReply` as the console converts it.
 pub fn registry_answer(data: &[u8]) {
     let Some((&which, bytes)) = data.split_first() else {
         return;
@@ -135,6 +135,16 @@ pub fn registry_answer(data: &[u8]) {
                     pb::FleetViewReply::from(v),
                     m,
                     "the view converts both ways"
+                );
+            }
+            // The dashboards' reply: whatever arrives converts without panicking, and once
+            // converted it converts both ways.
+            if let Ok(m) = pb::ShiftViewReply::decode(bytes) {
+                let v = crate::shift::ShiftView::from(m);
+                assert_eq!(
+                    crate::shift::ShiftView::from(pb::ShiftViewReply::from(v.clone())),
+                    v,
+                    "the shift view converts both ways"
                 );
             }
         }

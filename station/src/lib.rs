@@ -21,6 +21,7 @@ pub mod merkle;
 pub mod plc;
 pub mod records;
 pub mod run;
+pub mod shift;
 
 pub use engine::{Command, Engine, Error, Event, LineView, OpenOptions, Reply, Session};
 

@@ -543,19 +543,20 @@ pub fn certificates_of(conn: &Connection, meter_id: i64) -> Result<Vec<CertRow>,
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-/// Fails a meter: state, reason, certificates voided, wrapped keys deleted (securely).
+/// Fails a meter: state, reason (and the step it failed at, when known), certificates voided, wrapped keys deleted (securely).
 /// Returns (certificates voided, keys deleted).
 pub fn fail_meter(
     tx: &Transaction<'_>,
     meter_id: i64,
     reason: &str,
+    step: Option<&str>,
     now: i64,
 ) -> Result<(usize, usize), DbError> {
     // A done meter stays done and a failed one keeps its first reason (the journal's triggers
     // refuse both changes too).
     tx.execute(
-        "UPDATE meters SET state = 'failed', failure = ?1, finished_at = ?2 WHERE id = ?3 AND state NOT IN ('done', 'failed')",
-        params![reason, now, meter_id],
+        "UPDATE meters SET state = 'failed', failure = ?1, finished_at = ?2, fail_step = ?4 WHERE id = ?3 AND state NOT IN ('done', 'failed')",
+        params![reason, now, meter_id, step],
     )?;
     let voided = tx.execute(
         "UPDATE certificates SET state = 'voided', void_reason = ?1, updated_at = ?2 WHERE meter_id = ?3 AND state IN ('intent', 'issued')",

@@ -171,6 +171,80 @@ async fn every_fault_in_its_own_nest_while_the_others_succeed() {
     ] {
         assert!(alarms.iter().any(|a| a == k), "no alarm {k}: {alarms:?}");
     }
+    // The supervisor's dashboards say what the journal says: per nest, per step and in all.
+    let client = cell.client().await;
+    let sup = cell.login(&client, "super").await;
+    let view = match client
+        .execute(&sup, station::Command::ShiftView { hours: 1 })
+        .await
+        .unwrap()
+    {
+        station::Reply::Shift(v) => v,
+        other => panic!("{other:?}"),
+    };
+    let sql = |q: &str| -> Vec<(i64, String, i64)> {
+        db.prepare(q)
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect()
+    };
+    let by_state = sql(
+        "SELECT nest, state, count(*) FROM meters WHERE state IN ('done', 'failed') GROUP BY nest, state",
+    );
+    assert!(!by_state.is_empty());
+    for (nest, state, n) in &by_state {
+        let v = &view.nests[*nest as usize - 1];
+        let shown = if state == "done" { v.done } else { v.failed };
+        assert_eq!(i64::from(shown), *n, "nest {nest} {state}: {view:?}");
+    }
+    assert_eq!(view.nests.len(), 11);
+    let by_step = sql(
+        "SELECT nest, fail_step, count(*) FROM meters WHERE state = 'failed' GROUP BY nest, fail_step",
+    );
+    for (nest, step, n) in &by_step {
+        let i = view
+            .steps
+            .iter()
+            .position(|s| s == step)
+            .unwrap_or_else(|| panic!("step {step}"));
+        assert_eq!(
+            i64::from(view.nests[*nest as usize - 1].failed_at[i]),
+            *n,
+            "nest {nest} at {step}"
+        );
+    }
+    let failed: i64 = by_state
+        .iter()
+        .filter(|r| r.1 == "failed")
+        .map(|r| r.2)
+        .sum();
+    assert_eq!(
+        i64::from(view.causes.iter().map(|c| c.1).sum::<u32>()),
+        failed
+    );
+    assert!(
+        view.causes
+            .iter()
+            .any(|c| c.0 == "meter reported image hash"),
+        "{:?}",
+        view.causes
+    );
+    let done: i64 = by_state.iter().filter(|r| r.1 == "done").map(|r| r.2).sum();
+    assert_eq!(
+        i64::from(view.cycle.iter().map(|c| c.meters).sum::<u32>()),
+        done
+    );
+    assert!(view.floor_ms.is_some_and(|f| f > 0), "{:?}", view.floor_ms);
+    // An operator does not see the dashboards.
+    let oper = cell.login(&client, "oper").await;
+    assert!(
+        client
+            .execute(&oper, station::Command::ShiftView { hours: 1 })
+            .await
+            .is_err()
+    );
     let (code, out, err) = cell.run(Some("audit"), &["audit", "verify"]);
     assert_eq!(code, 0, "{out}{err}");
     daemon.stop().await.unwrap();

@@ -170,6 +170,7 @@ const CALLS: &[(&str, Option<Action>)] = &[
     ("ListAlarms", Some(Action::ViewLine)),
     ("AckAlarm", Some(Action::AckAlarm)),
     ("FleetView", Some(Action::ViewFleet)),
+    ("ShiftView", Some(Action::ViewShift)),
     ("ImportFirmware", Some(Action::ImportFirmware)),
     ("ListFirmware", Some(Action::ViewLine)),
     ("ImportCustomer", Some(Action::ImportCustomer)),
@@ -288,6 +289,10 @@ async fn call(
             .map(drop),
         "FleetView" => c
             .fleet_view(with(pb::FleetViewRequest { find: None }, token))
+            .await
+            .map(drop),
+        "ShiftView" => c
+            .shift_view(with(pb::ShiftViewRequest { hours: 8 }, token))
             .await
             .map(drop),
         "ImportFirmware" => c

@@ -10,6 +10,7 @@ mod fleet;
 mod health;
 mod line;
 mod login;
+mod shift;
 pub mod widgets;
 
 use eframe::egui::{self, RichText, Ui};
@@ -82,6 +83,7 @@ pub fn view(ui: &mut Ui, s: &mut AppState) -> Vec<UiCommand> {
                             Tab::Audit => audit::show(ui, s, &mut out),
                             Tab::Health => health::show(ui, &s.line),
                             Tab::Fleet => fleet::show(ui, s, &mut out),
+                            Tab::Shift => shift::show(ui, s, &mut out),
                         }
                     }
                 });

@@ -510,6 +510,12 @@ impl Client {
                     .into_inner()
                     .into(),
             ),
+            Command::ShiftView { hours } => Reply::Shift(
+                rpc.shift_view(with_session(s, pb::ShiftViewRequest { hours }))
+                    .await?
+                    .into_inner()
+                    .into(),
+            ),
             Command::ListAlarms => Reply::Alarms(
                 rpc.list_alarms(r(e))
                     .await?

@@ -435,6 +435,100 @@ impl From<pb::FleetViewReply> for crate::fleet::FleetView {
     }
 }
 
+impl From<crate::shift::ShiftView> for pb::ShiftViewReply {
+    fn from(v: crate::shift::ShiftView) -> Self {
+        pb::ShiftViewReply {
+            since_ms: v.since_ms,
+            until_ms: v.until_ms,
+            bin_ms: v.bin_ms,
+            steps: v.steps,
+            nests: v
+                .nests
+                .into_iter()
+                .map(|n| pb::ShiftNest {
+                    nest: n.nest,
+                    done: n.done,
+                    failed: n.failed,
+                    failed_at: n.failed_at,
+                    done_per_bin: n.bins.iter().map(|b| b.0).collect(),
+                    failed_per_bin: n.bins.iter().map(|b| b.1).collect(),
+                    flag: n.flag,
+                })
+                .collect(),
+            causes: v
+                .causes
+                .into_iter()
+                .map(|(cause, meters)| pb::ShiftCause { cause, meters })
+                .collect(),
+            cycle: v
+                .cycle
+                .into_iter()
+                .map(|c| pb::ShiftCycle {
+                    at_ms: c.at_ms,
+                    meters: c.meters,
+                    min_ms: c.min_ms,
+                    median_ms: c.median_ms,
+                    p90_ms: c.p90_ms,
+                })
+                .collect(),
+            floor_ms: v.floor_ms,
+        }
+    }
+}
+
+/// The console draws what arrives: a nest's per-step and per-bin lists are cut or padded to the
+/// reply's own steps and bins, so that a malformed reply cannot index out of range.
+impl From<pb::ShiftViewReply> for crate::shift::ShiftView {
+    fn from(v: pb::ShiftViewReply) -> Self {
+        let bins = v
+            .nests
+            .iter()
+            .map(|n| n.done_per_bin.len())
+            .max()
+            .unwrap_or(0)
+            .min(crate::shift::MAX_BINS);
+        let steps = v.steps.len().min(crate::shift::MAX_BINS);
+        let fit = |mut l: Vec<u32>, n: usize| {
+            l.resize(n, 0);
+            l
+        };
+        crate::shift::ShiftView {
+            since_ms: v.since_ms,
+            until_ms: v.until_ms,
+            bin_ms: v.bin_ms,
+            steps: v.steps.into_iter().take(steps).collect(),
+            nests: v
+                .nests
+                .into_iter()
+                .map(|n| crate::shift::NestShift {
+                    nest: n.nest,
+                    done: n.done,
+                    failed: n.failed,
+                    failed_at: fit(n.failed_at, steps),
+                    bins: fit(n.done_per_bin, bins)
+                        .into_iter()
+                        .zip(fit(n.failed_per_bin, bins))
+                        .collect(),
+                    flag: n.flag,
+                })
+                .collect(),
+            causes: v.causes.into_iter().map(|c| (c.cause, c.meters)).collect(),
+            cycle: v
+                .cycle
+                .into_iter()
+                .map(|c| crate::shift::CycleBin {
+                    at_ms: c.at_ms,
+                    meters: c.meters,
+                    min_ms: c.min_ms,
+                    median_ms: c.median_ms,
+                    p90_ms: c.p90_ms,
+                })
+                .collect(),
+            floor_ms: v.floor_ms,
+        }
+    }
+}
+
 impl From<LineView> for pb::LineView {
     fn from(l: LineView) -> Self {
         pb::LineView {

@@ -725,6 +725,20 @@ impl Station for Service {
         }
     }
 
+    async fn shift_view(
+        &self,
+        req: Request<pb::ShiftViewRequest>,
+    ) -> Result<Response<pb::ShiftViewReply>, Status> {
+        let hours = req.get_ref().hours;
+        match self
+            .run(&req, "ShiftView", Command::ShiftView { hours })
+            .await?
+        {
+            Reply::Shift(v) => Ok(Response::new(v.into())),
+            _ => Err(unexpected("ShiftView")),
+        }
+    }
+
     async fn list_alarms(
         &self,
         req: Request<pb::Empty>,

@@ -392,6 +392,22 @@ pub(super) async fn execute(engine: &Engine, user: &User, cmd: Command) -> Resul
             .map_err(|e| Error::Unavailable(e.to_string()))?;
             Ok(Reply::Fleet(view))
         }
+        Command::ShiftView { hours } => {
+            if !(1..=24).contains(&hours) {
+                return Err(Error::Invalid(format!(
+                    "a shift view covers 1 to 24 hours, not {hours}"
+                )));
+            }
+            let bauds: Vec<u32> = engine.config().nests.iter().map(|n| n.baud).collect();
+            let until = now_ms();
+            let since = until - i64::from(hours) * 3_600_000;
+            Ok(Reply::Shift(
+                inner
+                    .db
+                    .call(move |c| crate::shift::read(c, since, until, &bauds).map_err(Error::from))
+                    .await?,
+            ))
+        }
         Command::ListAlarms => Ok(Reply::Alarms(
             inner
                 .db

@@ -416,6 +416,12 @@ pub enum Command {
         /// A serial number, system title or UID to look up.
         find: Option<String>,
     },
+    /// The shift at a glance for the dashboards: the meters finished in the last `hours` hours,
+    /// aggregated per nest, step, reason and time.
+    ShiftView {
+        /// How far back (1 to 24 hours).
+        hours: u32,
+    },
     /// HSM information.
     HsmInfo,
     /// The HSM's known-answer self-test, every finding.
@@ -489,6 +495,7 @@ impl Command {
             | Command::ListCustomers
             | Command::ListAlarms => Action::ViewLine,
             Command::FleetView { .. } => Action::ViewFleet,
+            Command::ShiftView { .. } => Action::ViewShift,
             Command::ReprintLabel { .. } => Action::ReprintLabel,
             Command::AuditVerify => Action::VerifyAudit,
             Command::AuditTail { .. } | Command::AuditSince { .. } => Action::ViewAudit,
@@ -527,6 +534,7 @@ impl Command {
             Command::AuditExport => "export audit log",
             Command::ListAlarms => "list alarms",
             Command::FleetView { .. } => "view the factory",
+            Command::ShiftView { .. } => "view the shift",
             Command::ReprintLabel { .. } => "reprint a label",
             Command::HsmInfo => "hsm info",
             Command::HsmCheck => "hsm check",
@@ -549,6 +557,8 @@ pub enum Reply {
     Done,
     /// The factory, from the registry.
     Fleet(crate::fleet::FleetView),
+    /// The shift, for the dashboards.
+    Shift(crate::shift::ShiftView),
     /// A batch.
     Batch(BatchRow),
     /// Batches.

@@ -1945,7 +1945,7 @@ impl Ctx<'_> {
             .call(move |c| -> super::Result<Option<i64>> {
                 let tx = c.transaction()?;
                 let (voided, keys) = match id {
-                    Some(id) => records::fail_meter(&tx, id, &reason, now_ms())?,
+                    Some(id) => records::fail_meter(&tx, id, &reason, Some(step.word()), now_ms())?,
                     None => (0, 0),
                 };
                 let details = serde_json::json!({

@@ -70,7 +70,7 @@ async fn fail_in_flight(inner: &Arc<Inner>, only: Option<Vec<i64>>) -> Result<us
                 } else {
                     "interrupted"
                 };
-                let (v, k) = records::fail_meter(&tx, m.id, reason, now)?;
+                let (v, k) = records::fail_meter(&tx, m.id, reason, None, now)?;
                 voided += v;
                 keys += k;
                 meters.push(serde_json::json!({"uid": m.uid, "serial": m.serial, "nest": m.nest, "step": m.state, "may_have_sealed": sealed}));

@@ -1,6 +1,11 @@
-//! `cargo xtask bench gui`: how long the console takes to draw the line view of 16 nests that
-//! all change every frame, and how much CPU it uses while nothing changes. Prints one JSON line:
-//! `{"nests": 16, "frame_ms_p50": F, "frame_ms_p99": F, "idle_cpu_percent": F}`.
+//! `cargo xtask bench gui`: how long the console takes to draw a screen that changes every
+//! frame, and how much CPU it uses while nothing changes. Two screens, one JSON line each:
+//! `{"screen": "line", "nests": 16, "frame_ms_p50": F, "frame_ms_p99": F, "idle_cpu_percent": F}`
+//! - `line`: the line view of 16 nests that all change every frame (an operator);
+//! - `shift`: the supervisor's dashboards over a shift of 10 000 meters on 16 nests (one of them
+//!   flagged), with a meter finishing every frame.
+//!
+//! `GUI_BENCH_SCREEN=line|shift` runs one of them.
 //!
 //! It runs the real console (theme, view, glow renderer) in a real window; without a display it
 //! starts itself again under `xvfb-run`, so the figures are those of Mesa's software renderer.
@@ -20,7 +25,7 @@ use std::time::{Duration, Instant};
 use eframe::egui;
 use gui::ConsoleApp;
 use gui::backend::CommandSink;
-use gui::state::{AppState, SignedIn, UiCommand, UiEvent};
+use gui::state::{AppState, SignedIn, Tab, UiCommand, UiEvent};
 use gui::theme::Touch;
 use station::auth::Role;
 use station::engine::{Health, NestState, NestView, Step};
@@ -33,6 +38,9 @@ const FRAMES: usize = 600;
 const IDLE: Duration = Duration::from_secs(6);
 const SIZE: [f32; 2] = [1920.0, 1080.0];
 const CHILD: &str = "GUI_BENCH_UNDER_XVFB";
+const SCREEN: &str = "GUI_BENCH_SCREEN";
+/// The meters of the shift the dashboards show.
+const SHIFT_METERS: u32 = 10_000;
 
 struct Nowhere;
 
@@ -163,11 +171,19 @@ impl eframe::App for Bench {
                 r.frames.push(now - last);
             }
             self.last = Some(now);
-            // Every nest changes every frame.
+            // Every nest changes every frame, and a meter finishes.
             for n in 1..=NESTS {
                 self.app
                     .apply(UiEvent::Engine(Event::Nest(nest(n, self.frame))));
             }
+            self.app.apply(UiEvent::Engine(Event::MeterFinished {
+                nest: 1 + (self.frame as u32 % NESTS),
+                uid: format!("0451{:08x}", self.frame),
+                serial: Some(format!("DMW{:09}", self.frame)),
+                ok: true,
+                reason: None,
+                cycle_ms: 5_300,
+            }));
             self.frame += 1;
             ctx.request_repaint();
         } else if !self.idle_started {
@@ -213,36 +229,53 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)].as_secs_f64() * 1000.0
 }
 
-/// Without a display, run again under a virtual one.
-fn under_xvfb() -> Option<ExitCode> {
-    if std::env::var_os("DISPLAY").is_some() || std::env::var_os(CHILD).is_some() {
+/// Runs every screen in a process of its own (each a fresh window), under a virtual display
+/// when there is none; `None` when this process is to run one screen itself.
+fn children() -> Option<ExitCode> {
+    if std::env::var_os(SCREEN).is_some()
+        && (std::env::var_os("DISPLAY").is_some() || std::env::var_os(CHILD).is_some())
+    {
         return None;
     }
-    let exe = std::env::current_exe().ok()?;
-    let [w, h] = size();
-    let screen = format!("-screen 0 {w}x{h}x24");
-    let status = Command::new("xvfb-run")
-        .args(["-a", "-s", &screen])
-        .arg(exe)
-        .env(CHILD, "1")
-        .status();
-    Some(match status {
-        Ok(s) if s.success() => ExitCode::SUCCESS,
-        Ok(s) => {
-            eprintln!("gui-bench: the run under xvfb-run failed ({s})");
-            ExitCode::FAILURE
+    let Ok(exe) = std::env::current_exe() else {
+        eprintln!("gui-bench: cannot find its own executable");
+        return Some(ExitCode::FAILURE);
+    };
+    let screens = match std::env::var(SCREEN) {
+        Ok(one) => vec![one],
+        Err(_) => vec!["line".to_string(), "shift".to_string()],
+    };
+    for screen in screens {
+        let mut c = if std::env::var_os("DISPLAY").is_some() {
+            Command::new(&exe)
+        } else {
+            let [w, h] = size();
+            let mut c = Command::new("xvfb-run");
+            c.args(["-a", "-s", &format!("-screen 0 {w}x{h}x24")])
+                .arg(&exe)
+                .env(CHILD, "1");
+            c
+        };
+        match c.env(SCREEN, &screen).status() {
+            Ok(s) if s.success() => {}
+            Ok(s) => {
+                eprintln!("gui-bench: the {screen} run failed ({s})");
+                return Some(ExitCode::FAILURE);
+            }
+            Err(e) => {
+                eprintln!("gui-bench: cannot start the {screen} run ({e}); install xvfb");
+                return Some(ExitCode::FAILURE);
+            }
         }
-        Err(e) => {
-            eprintln!("gui-bench: no display and cannot start xvfb-run ({e}); install xvfb");
-            ExitCode::FAILURE
-        }
-    })
+    }
+    Some(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
-    if let Some(code) = under_xvfb() {
+    if let Some(code) = children() {
         return code;
     }
+    let shift = std::env::var(SCREEN).is_ok_and(|s| s == "shift");
     let results = Arc::new(Mutex::new(Results::default()));
     let r2 = Arc::clone(&results);
     let native = eframe::NativeOptions {
@@ -265,10 +298,25 @@ fn main() -> ExitCode {
         Box::new(move |cc| {
             let (_tx, events) = mpsc::channel();
             let mut state = AppState::new(line(), vec!["EM-300".into()], "DMW".into(), false);
-            state.apply(UiEvent::LoggedIn(SignedIn {
-                name: "oper".into(),
-                role: Role::Operator,
-            }));
+            if shift {
+                state.apply(UiEvent::LoggedIn(SignedIn {
+                    name: "super".into(),
+                    role: Role::Supervisor,
+                }));
+                state.tab = Tab::Shift;
+                state.shift.requested = true;
+                state.shift.view = Some(station::shift::sample(
+                    NESTS,
+                    SHIFT_METERS,
+                    Some(5),
+                    1_796_000_000_000,
+                ));
+            } else {
+                state.apply(UiEvent::LoggedIn(SignedIn {
+                    name: "oper".into(),
+                    role: Role::Operator,
+                }));
+            }
             let app = ConsoleApp::with_parts(
                 &cc.egui_ctx,
                 state,
@@ -311,8 +359,11 @@ fn main() -> ExitCode {
         );
         return ExitCode::FAILURE;
     }
+    let [w, h] = size();
     println!(
-        "{{\"nests\": {NESTS}, \"frame_ms_p50\": {:.2}, \"frame_ms_p99\": {:.2}, \"idle_cpu_percent\": {:.2}}}",
+        "{{\"screen\": \"{}\", \"size\": \"{w}x{h}\", \"nests\": {NESTS}, \"shift_meters\": {}, \"frame_ms_p50\": {:.2}, \"frame_ms_p99\": {:.2}, \"idle_cpu_percent\": {:.2}}}",
+        if shift { "shift" } else { "line" },
+        if shift { SHIFT_METERS } else { 0 },
         percentile(&frames, 0.50),
         percentile(&frames, 0.99),
         r.idle_cpu_percent.unwrap_or(f64::NAN)

@@ -127,7 +127,13 @@ fn plot(id: &str, h: f32, legend: Option<Corner>) -> Plot<'static> {
         .allow_scroll(false)
         .allow_boxed_zoom(false)
         .allow_double_click_reset(false)
-        .show_crosshair(false);
+        .show_crosshair(false)
+        // The page colour shows through: a filled plot area is a full-size layer per plot for
+        // the software rasteriser.
+        .show_background(false)
+        // Fewer, wider-spaced grid lines: easier to read, and each line costs the software
+        // rasteriser a full-height (or full-width) stroke.
+        .grid_spacing(egui::Rangef::new(24.0, 200.0));
     match legend {
         Some(corner) => p.legend(Legend::default().position(corner)),
         None => p,

@@ -282,7 +282,7 @@ pub fn issue_with_serial(
     params.serial_number = Some(rcgen::SerialNumber::from_slice(serial));
     let subject = SubjectKey {
         point,
-        curve: profile.curve,
+        algorithm: rcgen_algorithm(profile.curve),
     };
     let issuer = ca.rcgen_issuer(session);
     let cert = params
@@ -315,8 +315,12 @@ pub struct TlsProfile {
     pub organization: String,
     /// Client or server.
     pub usage: TlsUsage,
-    /// The key's uncompressed P-256 point.
-    pub point: Vec<u8>,
+    /// The subject's key.
+    pub key: TlsKey,
+    /// An OPC UA application instance certificate: the application URI (a URI subject
+    /// alternative name), the key usages OPC 10000-6 §6.2.2 asks for, and both clientAuth and
+    /// serverAuth.
+    pub application_uri: Option<String>,
     /// Validity in days from now.
     pub days: u32,
     /// Server certificates: DNS names.
@@ -325,7 +329,48 @@ pub struct TlsProfile {
     pub ip_addresses: Vec<std::net::IpAddr>,
 }
 
-/// Issues a TLS certificate for the cell's service API under `ca`.
+/// The public key a TLS or OPC UA certificate is issued for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsKey {
+    /// An uncompressed P-256 point (the service API's TLS).
+    P256(Vec<u8>),
+    /// An RSA public key, PKCS#1 `RSAPublicKey` DER, 2048 to 4096 bits with exponent 65537
+    /// (OPC UA's Basic256Sha256 and Aes256-Sha256-RsaPss security policies need RSA).
+    Rsa(Vec<u8>),
+}
+
+impl TlsKey {
+    /// The key as it goes into the certificate's subjectPublicKey, checked.
+    fn checked(&self) -> Result<SubjectKey> {
+        match self {
+            TlsKey::P256(point) => {
+                Curve::P256.check_point(point)?;
+                Ok(SubjectKey {
+                    point: point.clone(),
+                    algorithm: rcgen_algorithm(Curve::P256),
+                })
+            }
+            TlsKey::Rsa(der) => {
+                use der::Decode;
+                let k = pkcs1::RsaPublicKey::<der::asn1::UintRef<'_>>::from_der(der)
+                    .map_err(|_| Error::Profile("the RSA public key is not PKCS#1 DER".into()))?;
+                let bits = k.modulus.as_bytes().len() * 8;
+                if !(2048..=4096).contains(&bits) || k.public_exponent.as_bytes() != [1, 0, 1] {
+                    return Err(Error::Profile(format!(
+                        "an RSA key must have 2048 to 4096 bits and the exponent 65537 (this one has {bits} bits)"
+                    )));
+                }
+                Ok(SubjectKey {
+                    point: der.clone(),
+                    algorithm: &rcgen::PKCS_RSA_SHA256,
+                })
+            }
+        }
+    }
+}
+
+/// Issues a TLS certificate for the cell's service API, or an OPC UA application instance
+/// certificate, under `ca`.
 pub fn issue_tls_certificate(
     session: &HsmSession<'_>,
     ca: &Issuer,
@@ -346,7 +391,7 @@ pub fn issue_tls_certificate(
     if !(1..=825).contains(&profile.days) {
         return Err(Error::Profile("validity must be 1 to 825 days".into()));
     }
-    Curve::P256.check_point(&profile.point)?;
+    let subject = profile.key.checked()?;
     let mut dn = rcgen::DistinguishedName::new();
     dn.push(
         DnType::OrganizationName,
@@ -363,6 +408,23 @@ pub fn issue_tls_certificate(
         TlsUsage::Client => rcgen::ExtendedKeyUsagePurpose::ClientAuth,
         TlsUsage::Server => rcgen::ExtendedKeyUsagePurpose::ServerAuth,
     }];
+    if let Some(uri) = &profile.application_uri {
+        let uri = rcgen::string::Ia5String::try_from(uri.trim())
+            .ok()
+            .filter(|u| u.as_str().contains(':') && u.as_str().len() <= 256)
+            .ok_or_else(|| Error::Profile(format!("{uri:?} is not an application URI")))?;
+        params.subject_alt_names.push(rcgen::SanType::URI(uri));
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::DigitalSignature,
+            rcgen::KeyUsagePurpose::ContentCommitment,
+            rcgen::KeyUsagePurpose::KeyEncipherment,
+            rcgen::KeyUsagePurpose::DataEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+    }
     if profile.usage == TlsUsage::Server {
         for d in &profile.dns_names {
             let d = rcgen::string::Ia5String::try_from(d.as_str())
@@ -374,7 +436,11 @@ pub fn issue_tls_certificate(
                 .subject_alt_names
                 .push(rcgen::SanType::IpAddress(*ip));
         }
-        if params.subject_alt_names.is_empty() {
+        if !params
+            .subject_alt_names
+            .iter()
+            .any(|n| matches!(n, rcgen::SanType::DnsName(_) | rcgen::SanType::IpAddress(_)))
+        {
             return Err(Error::Profile(
                 "a server certificate needs the DNS names or IP addresses clients connect to"
                     .into(),
@@ -382,13 +448,9 @@ pub fn issue_tls_certificate(
         }
     }
     params.use_authority_key_identifier_extension = true;
-    params.key_identifier_method = rcgen::KeyIdMethod::PreSpecified(key_identifier(&profile.point));
+    params.key_identifier_method = rcgen::KeyIdMethod::PreSpecified(key_identifier(&subject.point));
     let serial = random_serial(session)?;
     params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
-    let subject = SubjectKey {
-        point: profile.point.clone(),
-        curve: Curve::P256,
-    };
     let issuer = ca.rcgen_issuer(session);
     let cert = params
         .signed_by(&subject, &issuer)
@@ -529,8 +591,9 @@ pub fn end_of_time() -> OffsetDateTime {
 
 /// The subject's public key, for rcgen.
 struct SubjectKey {
+    /// The subjectPublicKey's bits: an EC point or a PKCS#1 RSA public key.
     point: Vec<u8>,
-    curve: Curve,
+    algorithm: &'static rcgen::SignatureAlgorithm,
 }
 
 impl rcgen::PublicKeyData for SubjectKey {
@@ -539,7 +602,7 @@ impl rcgen::PublicKeyData for SubjectKey {
     }
 
     fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
-        rcgen_algorithm(self.curve)
+        self.algorithm
     }
 }
 
@@ -710,6 +773,12 @@ pub(crate) fn parse_and_verify(
     parse_and_verify_with(der, issuer_curve, |msg, sig| {
         Ok(verify_ecdsa(issuer_curve, issuer_point, msg, sig))
     })
+}
+
+/// Checks that `der` is a certificate `ca` signed (the signature only: names, validity and
+/// extensions are the caller's to check).
+pub fn verify_issued_by(der: &[u8], ca: &Issuer) -> Result<IssuedCertificate> {
+    parse_and_verify(der, ca.key.curve, &ca.key.point)
 }
 
 /// [`parse_and_verify`] with the signature check done by `verify(tbs, sig_der)`.

@@ -31,7 +31,8 @@ mod sync;
 pub mod testkit;
 
 pub use cert::{
-    IssuedCertificate, Issuer, MeterKeyUsage, MeterProfile, TlsProfile, TlsUsage, Verification,
+    IssuedCertificate, Issuer, MeterKeyUsage, MeterProfile, TlsKey, TlsProfile, TlsUsage,
+    Verification,
 };
 pub use config::{HsmConfig, PinSource, SOFTHSM_MODULE};
 pub use error::{CertError, CsrError, Error, Result, ckr_name};

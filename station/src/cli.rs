@@ -285,6 +285,38 @@ enum PkiCmd {
         #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..=825))]
         days: u32,
     },
+    /// Have the cell's device CA issue an OPC UA application instance certificate (RSA, the
+    /// application URI in its subject alternative name): for stationd's OPC UA server (server)
+    /// or for a client application (client) an officer then lists in opcua.trusted_clients.
+    /// Makes an RSA key pair here (NAME-key.pem, owner-only) unless --public-key names the
+    /// client's own; writes NAME.pem and ca.pem into --out.
+    OpcuaCert {
+        /// server (stationd's OPC UA server) or client (an MES, SCADA or HMI application).
+        #[arg(long)]
+        usage: String,
+        /// The application's name (the certificate's CN).
+        #[arg(long)]
+        name: String,
+        /// Its application URI (opcua.application_uri for the server).
+        #[arg(long)]
+        uri: String,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// The application's own RSA public key (PEM or DER SubjectPublicKeyInfo), when it
+        /// keeps its private key itself.
+        #[arg(long = "public-key")]
+        public_key: Option<PathBuf>,
+        /// Server certificates: a DNS name clients connect to (repeatable).
+        #[arg(long = "dns")]
+        dns: Vec<String>,
+        /// Server certificates: an IP address clients connect to (repeatable).
+        #[arg(long = "ip")]
+        ip: Vec<std::net::IpAddr>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..=825))]
+        days: u32,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -1383,6 +1415,85 @@ async fn pki(cli: &Cli, p: &PkiCmd) -> Result<ExitCode> {
             let r = one(cli, cmd).await?;
             print(cli, &r)?;
         }
+        PkiCmd::OpcuaCert {
+            usage,
+            name,
+            uri,
+            out,
+            public_key,
+            dns,
+            ip,
+            days,
+        } => {
+            let usage = match usage.as_str() {
+                "client" => hsm::TlsUsage::Client,
+                "server" => hsm::TlsUsage::Server,
+                other => bail!("unknown usage {other:?}: client or server"),
+            };
+            let key_path = out.join(format!("{name}-key.pem"));
+            let (spki, key) = match public_key {
+                Some(p) => {
+                    let bytes =
+                        std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
+                    let der = if bytes.starts_with(b"-----BEGIN") {
+                        let text = String::from_utf8_lossy(&bytes);
+                        let (label, der) = der::pem::decode_vec(text.as_bytes())
+                            .map_err(|e| anyhow!("{} is not PEM: {e}", p.display()))?;
+                        if label != "PUBLIC KEY" {
+                            bail!("{} holds a {label}, not a PUBLIC KEY", p.display());
+                        }
+                        der
+                    } else {
+                        bytes
+                    };
+                    (der, None)
+                }
+                None => {
+                    if key_path.exists() {
+                        bail!(
+                            "{} exists; choose another --out or --name",
+                            key_path.display()
+                        );
+                    }
+                    eprintln!("making a 2048-bit RSA key pair…");
+                    let key = rsa::RsaPrivateKey::new(&mut line_protocol::io::system_rng(), 2048)
+                        .map_err(|e| anyhow!("cannot make an RSA key: {e}"))?;
+                    let spki = rsa::pkcs8::EncodePublicKey::to_public_key_der(&key.to_public_key())
+                        .map_err(|e| anyhow!("cannot encode the public key: {e}"))?;
+                    (spki.as_bytes().to_vec(), Some(key))
+                }
+            };
+            let cmd = Command::IssueTls {
+                name: name.clone(),
+                usage,
+                spki_der: spki,
+                application_uri: Some(uri.clone()),
+                days: *days,
+                dns_names: dns.clone(),
+                ip_addresses: ip.clone(),
+            };
+            let key_pem = key
+                .map(|k| {
+                    rsa::pkcs8::EncodePrivateKey::to_pkcs8_pem(&k, rsa::pkcs8::LineEnding::LF)
+                        .map_err(|e| anyhow!("cannot encode the private key: {e}"))
+                })
+                .transpose()?;
+            issue_and_write(cli, cmd, out, name, key_pem.as_deref().map(String::as_str)).await?;
+            println!(
+                "OPC UA {} certificate for {name} ({uri}) written to {}: {name}.pem{}, ca.pem (the cell's device CA)",
+                if usage == hsm::TlsUsage::Client {
+                    "client"
+                } else {
+                    "server"
+                },
+                out.display(),
+                if public_key.is_none() {
+                    format!(", {name}-key.pem (owner-only)")
+                } else {
+                    String::new()
+                },
+            );
+        }
         PkiCmd::TlsCert {
             usage,
             name,
@@ -1412,23 +1523,15 @@ async fn pki(cli: &Cli, p: &PkiCmd) -> Result<ExitCode> {
                 name: name.clone(),
                 usage,
                 spki_der: spki.as_bytes().to_vec(),
+                application_uri: None,
                 days: *days,
                 dns_names: dns.clone(),
                 ip_addresses: ip.clone(),
             };
-            let Reply::Text(pems) = one(cli, cmd).await? else {
-                bail!("the daemon answered the request unexpectedly");
-            };
-            let end = "-----END CERTIFICATE-----\n";
-            let split = pems.find(end).map(|i| i + end.len()).unwrap_or(pems.len());
-            let (leaf, ca) = pems.split_at(split);
-            crate::daemon::private_dir(out)?;
             let key_pem =
                 p256::pkcs8::EncodePrivateKey::to_pkcs8_pem(&key, p256::pkcs8::LineEnding::LF)
                     .map_err(|e| anyhow!("cannot encode the private key: {e}"))?;
-            crate::demo::write_secret(&key_path, key_pem.trim_end())?;
-            std::fs::write(out.join(format!("{name}.pem")), leaf)?;
-            std::fs::write(out.join("ca.pem"), ca)?;
+            issue_and_write(cli, cmd, out, name, Some(&key_pem)).await?;
             println!(
                 "{} certificate for {name} written to {}: {name}.pem, {name}-key.pem (owner-only), ca.pem (the cell's device CA)",
                 if usage == hsm::TlsUsage::Client {
@@ -1621,4 +1724,28 @@ async fn pki_local(cli: &Cli, p: &PkiCmd) -> Result<ExitCode> {
         _ => {}
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Has the daemon issue a certificate (`cmd`, an `IssueTls`) and writes NAME.pem, ca.pem (the
+/// device CA) and, when the key was made here, NAME-key.pem (owner-only) into `out`.
+async fn issue_and_write(
+    cli: &Cli,
+    cmd: Command,
+    out: &Path,
+    name: &str,
+    key_pem: Option<&str>,
+) -> Result<()> {
+    let Reply::Text(pems) = one(cli, cmd).await? else {
+        bail!("the daemon answered the request unexpectedly");
+    };
+    let end = "-----END CERTIFICATE-----\n";
+    let split = pems.find(end).map(|i| i + end.len()).unwrap_or(pems.len());
+    let (leaf, ca) = pems.split_at(split);
+    crate::daemon::private_dir(out)?;
+    if let Some(k) = key_pem {
+        crate::demo::write_secret(&out.join(format!("{name}-key.pem")), k.trim_end())?;
+    }
+    std::fs::write(out.join(format!("{name}.pem")), leaf)?;
+    std::fs::write(out.join("ca.pem"), ca)?;
+    Ok(())
 }

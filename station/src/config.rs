@@ -54,6 +54,27 @@ pub struct Config {
     pub plc: Option<PlcSettings>,
     /// The rating-plate label printer; no labels when absent.
     pub labels: Option<LabelSettings>,
+    /// The OPC UA server for the line's MES and SCADA; off when absent.
+    pub opcua: Option<OpcUaSettings>,
+}
+
+/// The OPC UA server (schemas/opcua.md): only signed and encrypted channels, only users of this
+/// station, only client applications whose certificates the cell's device CA issued and that
+/// are listed in `trusted_clients`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpcUaSettings {
+    /// Address and port to serve on, e.g. `10.20.0.5:4840`.
+    pub listen: std::net::SocketAddr,
+    /// The server's application URI; its certificate names it.
+    pub application_uri: String,
+    /// The server's application instance certificate (PEM or DER), issued by the device CA
+    /// (`station pki opcua-cert`).
+    pub certificate: PathBuf,
+    /// Its RSA private key (PEM), an owner-only file.
+    pub key: PathBuf,
+    /// A directory of the client applications' certificates (one PEM or DER file each) that
+    /// may connect; each must have been issued by the device CA.
+    pub trusted_clients: PathBuf,
 }
 
 /// The label printer (ZPL II over raw TCP), printing one label per done meter.
@@ -332,6 +353,17 @@ struct RawConfig {
     fleet: Option<RawFleet>,
     plc: Option<RawPlc>,
     labels: Option<RawLabels>,
+    opcua: Option<RawOpcUa>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOpcUa {
+    listen: Spanned<String>,
+    application_uri: Option<Spanned<String>>,
+    certificate: String,
+    key: String,
+    trusted_clients: String,
 }
 
 #[derive(Deserialize)]
@@ -1037,6 +1069,37 @@ impl Config {
                 })
             }
         };
+        let opcua = match &raw.opcua {
+            None => None,
+            Some(o) => {
+                let Ok(listen) = o.listen.get_ref().parse::<std::net::SocketAddr>() else {
+                    return cx.err(
+                        o.listen.span(),
+                        "opcua.listen must be an address and port, e.g. \"10.20.0.5:4840\"",
+                    );
+                };
+                let application_uri = match &o.application_uri {
+                    Some(u) => {
+                        let v = u.get_ref().trim();
+                        if !v.contains(':') || v.len() > 256 || !v.is_ascii() || v.contains(' ') {
+                            return cx.err(
+                                u.span(),
+                                "opcua.application_uri must be a URI, e.g. \"urn:acme:cell-a3\"",
+                            );
+                        }
+                        v.to_string()
+                    }
+                    None => format!("urn:smart-meter-cell:{station_id}"),
+                };
+                Some(OpcUaSettings {
+                    listen,
+                    application_uri,
+                    certificate: resolve(&o.certificate),
+                    key: resolve(&o.key),
+                    trusted_clients: resolve(&o.trusted_clients),
+                })
+            }
+        };
         Ok(Config {
             path: path.to_path_buf(),
             station_id,
@@ -1071,6 +1134,7 @@ impl Config {
             fleet,
             plc,
             labels,
+            opcua,
         })
     }
 

@@ -33,6 +33,7 @@ pub struct Daemon {
     socket: PathBuf,
     tls_addr: Option<std::net::SocketAddr>,
     plc_addr: Option<std::net::SocketAddr>,
+    opcua_addr: Option<std::net::SocketAddr>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -191,7 +192,21 @@ impl Daemon {
                 }
             });
         }
-        tracing::info!(socket = %api.socket.display(), tls = ?tls_addr, plc = ?plc_addr, "serving the station API");
+        let mut opcua_addr = None;
+        if let Some(o) = engine.config().opcua.clone() {
+            // The library's certificate store lives beside the journal, owner-only.
+            let pki = engine
+                .config()
+                .database
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join("opcua-pki");
+            let server = crate::opcua::start(engine.clone(), &o, pki, rx.clone())
+                .await
+                .context("the OPC UA server cannot start (opcua in the configuration)")?;
+            opcua_addr = Some(server.addr);
+        }
+        tracing::info!(socket = %api.socket.display(), tls = ?tls_addr, plc = ?plc_addr, opcua = ?opcua_addr, "serving the station API");
         Ok(Daemon {
             engine,
             shutdown,
@@ -199,6 +214,7 @@ impl Daemon {
             socket: api.socket.clone(),
             tls_addr,
             plc_addr,
+            opcua_addr,
         })
     }
 
@@ -215,6 +231,11 @@ impl Daemon {
     /// The TLS listener's address, when there is one.
     pub fn tls_addr(&self) -> Option<std::net::SocketAddr> {
         self.tls_addr
+    }
+
+    /// The OPC UA server's address, when there is one.
+    pub fn opcua_addr(&self) -> Option<std::net::SocketAddr> {
+        self.opcua_addr
     }
 
     /// The PLC's Modbus listener's address, when there is one.

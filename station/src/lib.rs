@@ -18,6 +18,7 @@ pub mod fuzz;
 pub mod labels;
 pub mod manifest;
 pub mod merkle;
+pub mod opcua;
 pub mod plc;
 pub mod records;
 pub mod run;

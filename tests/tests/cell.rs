@@ -175,7 +175,7 @@ async fn every_fault_in_its_own_nest_while_the_others_succeed() {
     let client = cell.client().await;
     let sup = cell.login(&client, "super").await;
     let view = match client
-        .execute(&sup, station::Command::ShiftView { hours: 1 })
+        .execute(&sup, Command::ShiftView { hours: 1 })
         .await
         .unwrap()
     {
@@ -241,7 +241,7 @@ async fn every_fault_in_its_own_nest_while_the_others_succeed() {
     let oper = cell.login(&client, "oper").await;
     assert!(
         client
-            .execute(&oper, station::Command::ShiftView { hours: 1 })
+            .execute(&oper, Command::ShiftView { hours: 1 })
             .await
             .is_err()
     );

@@ -401,6 +401,7 @@ async fn call(
                     days: 30,
                     dns_names: vec![],
                     ip_addresses: vec![],
+                    application_uri: None,
                 },
                 token,
             ))

@@ -78,6 +78,8 @@ const JSONSCHEMA: &str = "jsonschema>=4.18,<5";
 const GRPCIO: [&str; 2] = ["grpcio>=1.60,<2", "grpcio-tools>=1.60,<2"];
 /// A Modbus client we did not write: the tests play the line's PLC with it.
 const PYMODBUS: &str = "pymodbus>=3.6,<4";
+/// An OPC UA client we did not write: the tests play the MES with it.
+const ASYNCUA: &str = "asyncua>=1.1,<2";
 
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
@@ -222,7 +224,7 @@ fn ensure_packages(pkgs: &[&str]) -> Result<(), String> {
     run(&mut apt(&args))
 }
 
-/// `imgtool`, `jsonschema`, `grpcio`, `grpcio-tools` and `pymodbus` in a virtual environment under
+/// `imgtool`, `jsonschema`, `grpcio`, `grpcio-tools`, `pymodbus` and `asyncua` in a virtual environment under
 /// `target/xtask/venv`; returns the imgtool path (the environment's python is next to it).
 fn ensure_imgtool() -> Result<PathBuf, String> {
     let venv = target_dir().join("xtask").join("venv");
@@ -230,7 +232,10 @@ fn ensure_imgtool() -> Result<PathBuf, String> {
     let imgtool = bin.join("imgtool");
     let has_jsonschema = || {
         Command::new(bin.join("python3"))
-            .args(["-c", "import jsonschema, grpc, grpc_tools, pymodbus"])
+            .args([
+                "-c",
+                "import jsonschema, grpc, grpc_tools, pymodbus, asyncua",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
@@ -241,7 +246,7 @@ fn ensure_imgtool() -> Result<PathBuf, String> {
         return Ok(imgtool);
     }
     eprintln!(
-        "xtask: installing {IMGTOOL}, {JSONSCHEMA}, {PYMODBUS} and {} from PyPI into {}",
+        "xtask: installing {IMGTOOL}, {JSONSCHEMA}, {PYMODBUS}, {ASYNCUA} and {} from PyPI into {}",
         GRPCIO.join(", "),
         venv.display()
     );
@@ -258,6 +263,7 @@ fn ensure_imgtool() -> Result<PathBuf, String> {
             GRPCIO[0],
             GRPCIO[1],
             PYMODBUS,
+            ASYNCUA,
         ])
         .stdin(Stdio::null()))?;
     if imgtool.exists() && has_jsonschema() {

@@ -1037,6 +1037,7 @@ impl Station for Service {
             name: m.name,
             usage,
             spki_der: m.public_key,
+            application_uri: m.application_uri,
             days: m.days,
             dns_names: m.dns_names,
             ip_addresses,

@@ -529,16 +529,18 @@ pub(super) async fn execute(engine: &Engine, user: &User, cmd: Command) -> Resul
             name,
             usage,
             spki_der,
+            application_uri,
             days,
             dns_names,
             ip_addresses,
         } => {
-            let point = p256_point(&spki_der)?;
+            let key = tls_key(&spki_der, application_uri.is_some())?;
             let profile = hsm::TlsProfile {
                 name: name.clone(),
                 organization: inner.cfg.manufacturer.name.clone(),
                 usage,
-                point,
+                key,
+                application_uri: application_uri.clone(),
                 days,
                 dns_names,
                 ip_addresses,
@@ -555,7 +557,7 @@ pub(super) async fn execute(engine: &Engine, user: &User, cmd: Command) -> Resul
                     Severity::Notice,
                     &who,
                     serde_json::json!({"name": name, "usage": format!("{usage:?}").to_lowercase(),
-                        "serial": issued.serial_hex(), "fingerprint": issued.fingerprint_hex(), "days": days}),
+                        "application_uri": application_uri, "serial": issued.serial_hex(), "fingerprint": issued.fingerprint_hex(), "days": days}),
                 ))
                 .await?;
             // The certificate, then the device CA it chains to (what a console checks the
@@ -1160,13 +1162,28 @@ async fn close_batch(inner: &Arc<Inner>, who: &str, id: i64) -> Result<records::
 }
 
 /// The P-256 point of a SubjectPublicKeyInfo (DER), refused for anything else.
-fn p256_point(spki_der: &[u8]) -> Result<Vec<u8>> {
+/// The key of a certificate request: P-256 for the service API's TLS; RSA for an OPC UA
+/// application (`opc_ua`), whose security policies need it.
+fn tls_key(spki_der: &[u8], opc_ua: bool) -> Result<hsm::TlsKey> {
     use der::Decode;
     let spki = spki::SubjectPublicKeyInfoRef::from_der(spki_der)
         .map_err(|_| Error::Invalid("the public key is not a DER SubjectPublicKeyInfo".into()))?;
+    if opc_ua {
+        const RSA: der::asn1::ObjectIdentifier =
+            der::asn1::ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.1");
+        if spki.algorithm.oid != RSA {
+            return Err(Error::Invalid(
+                "an OPC UA application certificate needs an RSA key (2048 to 4096 bits)".into(),
+            ));
+        }
+        let bits = spki.subject_public_key.as_bytes().ok_or_else(|| {
+            Error::Invalid("the RSA public key is not a whole number of bytes".into())
+        })?;
+        return Ok(hsm::TlsKey::Rsa(bits.to_vec()));
+    }
     let key = p256::PublicKey::try_from(spki)
         .map_err(|_| Error::Invalid("the public key must be an EC P-256 key".into()))?;
-    Ok(key.to_sec1_bytes().to_vec())
+    Ok(hsm::TlsKey::P256(key.to_sec1_bytes().to_vec()))
 }
 
 /// What a utility's key-transport certificate must be: an end-entity certificate valid now,

@@ -462,8 +462,11 @@ pub enum Command {
         name: String,
         /// Client or server.
         usage: hsm::TlsUsage,
-        /// The key's P-256 SubjectPublicKeyInfo, DER.
+        /// The key's SubjectPublicKeyInfo, DER: P-256 for the service API, RSA (2048 to 4096
+        /// bits) for OPC UA.
         spki_der: Vec<u8>,
+        /// An OPC UA application instance certificate for this application URI.
+        application_uri: Option<String>,
         /// Validity in days.
         days: u32,
         /// Server certificates: DNS names.

@@ -57,8 +57,11 @@ pub const DI_NS: &str = "http://opcfoundation.org/UA/DI/";
 
 /// The `Machines` folder's numeric id in the Machinery namespace.
 const MACHINES_FOLDER: u32 = 1001;
-/// OPC UA sessions remembered at once (the oldest is forgotten first; its client logs in again).
+/// OPC UA sessions at once (the server's limit; the station sessions behind them are
+/// remembered for as many).
 const MAX_SESSIONS: usize = 64;
+/// How often subscriptions are served, and the shortest publishing interval granted, ms.
+const PUBLISH_MS: u64 = 10;
 
 /// An alarm of the cell, as an OPC UA event (a subtype of BaseEventType).
 #[derive(opcua::Event)]
@@ -110,7 +113,15 @@ pub async fn start(
         engine: engine.clone(),
         sessions: Mutex::new(Sessions::default()),
     });
+    // Nest states reach subscribers within a few tens of milliseconds: subscriptions are served
+    // every 10 ms and may publish that often (the library's default is 100 ms for both).
+    let mut limits = opcua::server::Limits::default();
+    limits.subscriptions.min_publishing_interval_ms = PUBLISH_MS as f64;
+    limits.subscriptions.min_sampling_interval_ms = PUBLISH_MS as f64;
+    limits.max_sessions = MAX_SESSIONS;
     let (server, handle) = ServerBuilder::new()
+        .limits(limits)
+        .subscription_poll_interval_ms(PUBLISH_MS)
         .build_info(BuildInfo {
             product_uri: "urn:smart-meter-cell".into(),
             manufacturer_name: ident.manufacturer.as_str().into(),

@@ -522,6 +522,75 @@ impl Cell {
     }
 }
 
+/// A client application of the OPC UA server: its name, its own public key (PEM) when it keeps
+/// its key itself (else the station tool makes one, NAME-key.pem), and whether an officer lists
+/// it in `opcua.trusted_clients`.
+pub type OpcUaClient<'a> = (&'a str, Option<&'a Path>, bool);
+
+/// Switches the cell's OPC UA server on (schemas/opcua.md) as an officer would, the daemon
+/// stopped before and after: the device CA issues the server's certificate (its key made by the
+/// station tool) and one per client; the listed clients go into `opcua.trusted_clients`; the
+/// server listens on a free loopback port. `dir` gets every client's NAME.pem (and NAME-key.pem
+/// when made here) and the server's certificate as server.pem.
+pub async fn enable_opcua(cell: &Cell, dir: &Path, clients: &[OpcUaClient<'_>]) {
+    let daemon = cell.daemon().await;
+    let issue = |args: &[&str]| {
+        let mut a = vec!["pki", "opcua-cert"];
+        a.extend_from_slice(args);
+        let (code, out, err) = cell.run(Some("officer"), &a);
+        assert_eq!(code, 0, "{out}{err}");
+    };
+    let station = Config::load(&cell.config).unwrap().station_id;
+    let server_dir = cell.path("opcua");
+    let (sd, dd) = (server_dir.to_str().unwrap(), dir.to_str().unwrap());
+    let uri = format!("urn:smart-meter-cell:{station}");
+    issue(&[
+        "--usage",
+        "server",
+        "--name",
+        "server",
+        "--uri",
+        &uri,
+        "--ip",
+        "127.0.0.1",
+        "--out",
+        sd,
+    ]);
+    let listed = cell.path("opcua-clients");
+    std::fs::create_dir_all(&listed).unwrap();
+    for (name, public_key, trusted) in clients {
+        let mut args = vec![
+            "--usage",
+            "client",
+            "--name",
+            name,
+            "--uri",
+            "urn:test:mes",
+            "--out",
+            dd,
+        ];
+        let pk = public_key.map(|p| p.to_str().unwrap().to_string());
+        if let Some(p) = &pk {
+            args.extend_from_slice(&["--public-key", p]);
+        }
+        issue(&args);
+        if *trusted {
+            std::fs::copy(
+                dir.join(format!("{name}.pem")),
+                listed.join(format!("{name}.pem")),
+            )
+            .unwrap();
+        }
+    }
+    daemon.stop().await.unwrap();
+    std::fs::copy(server_dir.join("server.pem"), dir.join("server.pem")).unwrap();
+    let mut config = std::fs::read_to_string(&cell.config).unwrap();
+    config.push_str(
+        "\n[opcua]\nlisten = \"127.0.0.1:0\"\ncertificate = \"opcua/server.pem\"\nkey = \"opcua/server-key.pem\"\ntrusted_clients = \"opcua-clients\"\n",
+    );
+    std::fs::write(&cell.config, config).unwrap();
+}
+
 /// Makes, with `openssl`, a self-signed P-256 certificate for a fresh key of its own (written
 /// beside `out` as `<out>.key`): `subject` as openssl takes it, `exts` as `-addext` values, PEM
 /// or DER by `out`'s extension. What someone with a shell makes to stand in for a real anchor.

@@ -184,53 +184,30 @@ async fn an_opc_ua_client_browses_subscribes_and_runs_a_batch_and_is_refused_whe
     python(&["keygen", &ds], &script);
 
     // The officer has the device CA issue the server's certificate (a key made by the station
-    // tool) and the MES's (for the MES's own key), and one more that will not be listed.
-    let daemon = cell.daemon().await;
-    let server_dir = cell.path("opcua");
+    // tool), the MES's (for the MES's own key), and one more that is not listed.
+    let pubkey = d.join("mes-pub.pem");
+    e2e::enable_opcua(
+        &cell,
+        &d,
+        &[("mes", Some(&pubkey), true), ("other", None, false)],
+    )
+    .await;
     let station_uri = "urn:smart-meter-cell:e2e-cell";
-    let issue = |args: &[&str]| {
-        let mut a = vec!["pki", "opcua-cert"];
-        a.extend_from_slice(args);
-        let (code, out, err) = cell.run(Some("officer"), &a);
-        assert_eq!(code, 0, "{out}{err}");
-    };
-    let sd = server_dir.to_str().unwrap();
-    issue(&[
-        "--usage",
-        "server",
-        "--name",
-        "server",
-        "--uri",
-        station_uri,
-        "--ip",
-        "127.0.0.1",
-        "--out",
-        sd,
-    ]);
-    let pubkey = format!("{ds}/mes-pub.pem");
-    issue(&[
-        "--usage",
-        "client",
-        "--name",
-        "mes",
-        "--uri",
-        "urn:test:mes",
-        "--public-key",
-        &pubkey,
-        "--out",
-        &ds,
-    ]);
-    issue(&[
-        "--usage",
-        "client",
-        "--name",
-        "other",
-        "--uri",
-        "urn:test:mes",
-        "--out",
-        &ds,
-    ]);
-    // An RSA key is refused for the service API's TLS, a P-256 key for OPC UA.
+    let clients = cell.path("opcua-clients");
+    let daemon = cell.daemon().await;
+    let addr = daemon.opcua_addr().expect("the OPC UA server listens");
+    let url = format!("opc.tcp://127.0.0.1:{}/", addr.port());
+    let pins =
+        serde_json::json!({"super": cell.pins["super"], "oper": cell.pins["oper"]}).to_string();
+    let fw = cell.firmware_sha.clone();
+    let (s2, d2) = (script.clone(), ds.clone());
+    let out =
+        tokio::task::spawn_blocking(move || python(&["run", &url, &d2, &pins, &fw, "4"], &s2))
+            .await
+            .unwrap();
+    let seen: serde_json::Value =
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    // A certificate is not a public key; a P-256 key is refused for OPC UA.
     let (code, _, err) = cell.run(
         Some("officer"),
         &[
@@ -248,32 +225,34 @@ async fn an_opc_ua_client_browses_subscribes_and_runs_a_batch_and_is_refused_whe
             &ds,
         ],
     );
-    assert_ne!(code, 0, "a certificate is not a public key: {err}");
-    daemon.stop().await.unwrap();
-    std::fs::copy(server_dir.join("server.pem"), d.join("server.pem")).unwrap();
-
-    // Only the MES is listed.
-    let clients = cell.path("opcua-clients");
-    std::fs::create_dir_all(&clients).unwrap();
-    std::fs::copy(d.join("mes.pem"), clients.join("mes.pem")).unwrap();
-    let mut config = std::fs::read_to_string(&cell.config).unwrap();
-    config.push_str(&format!(
-        "\n[opcua]\nlisten = \"127.0.0.1:0\"\napplication_uri = \"{station_uri}\"\ncertificate = \"opcua/server.pem\"\nkey = \"opcua/server-key.pem\"\ntrusted_clients = \"opcua-clients\"\n"
-    ));
-    std::fs::write(&cell.config, &config).unwrap();
-    let daemon = cell.daemon().await;
-    let addr = daemon.opcua_addr().expect("the OPC UA server listens");
-    let url = format!("opc.tcp://127.0.0.1:{}/", addr.port());
-    let pins =
-        serde_json::json!({"super": cell.pins["super"], "oper": cell.pins["oper"]}).to_string();
-    let fw = cell.firmware_sha.clone();
-    let (s2, d2) = (script.clone(), ds.clone());
-    let out =
-        tokio::task::spawn_blocking(move || python(&["run", &url, &d2, &pins, &fw, "4"], &s2))
-            .await
-            .unwrap();
-    let seen: serde_json::Value =
-        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_ne!(code, 0, "{err}");
+    // An independent verifier: openssl checks the server's certificate against the device CA.
+    let out = std::process::Command::new("openssl")
+        .args(["verify", "-partial_chain", "-CAfile"])
+        .arg(cell.path("opcua/ca.pem"))
+        .arg(d.join("server.pem"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in"])
+        .arg(d.join("server.pem"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    for want in [
+        "URI:urn:smart-meter-cell:e2e-cell",
+        "IP Address:127.0.0.1",
+        "rsaEncryption",
+        "Digital Signature, Non Repudiation, Key Encipherment, Data Encipherment",
+        "TLS Web Server Authentication, TLS Web Client Authentication",
+    ] {
+        assert!(text.contains(want), "{want}: {text}");
+    }
 
     // The machine after OPC 40001-1: in Machines, identified, its nests.
     assert_eq!(seen["machines"], serde_json::json!(["e2e-cell"]), "{seen}");

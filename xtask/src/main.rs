@@ -22,7 +22,8 @@ commands:
                         tests, the HSM tests again under plain `cargo test`, and every
                         fuzz target for 30 s — what CI runs
   bench <what>          print benchmark figures as JSON lines; <what> is one of:
-                        link, hsm, station, manifest, api, gui, fleet, all
+                        link, hsm, station, manifest, api, gui (the console's
+                        screens and the OPC UA server's latency), opcua, fleet, all
   screenshot [OUT.png]  start the touch console in demo mode under Xvfb and save a picture
   fuzz [TARGET|all] [SECS]
                         fuzz one target (or all) with libFuzzer on stable for SECS s
@@ -504,11 +505,14 @@ fn demo(args: &[String]) -> Result<(), String> {
 
 fn bench(what: &str) -> Result<(), String> {
     let imgtool = deps(what == "gui" || what == "all")?;
-    let all = ["link", "hsm", "station", "manifest", "api", "gui", "fleet"];
-    let list: Vec<&str> = if what == "all" {
-        all.to_vec()
-    } else {
-        vec![what]
+    let all = [
+        "link", "hsm", "station", "manifest", "api", "gui", "opcua", "fleet",
+    ];
+    let list: Vec<&str> = match what {
+        "all" => all.to_vec(),
+        // The floor's figures: the console's dashboards and the OPC UA server's latency.
+        "gui" => vec!["gui", "opcua"],
+        _ => vec![what],
     };
     for w in list {
         let (pkg, example) = match w {
@@ -518,6 +522,20 @@ fn bench(what: &str) -> Result<(), String> {
             "manifest" => ("station", "manifest-bench"),
             "api" => ("station", "api-bench"),
             "gui" => ("gui", "gui-bench"),
+            // The OPC UA server's part of the floor's figures, measured after the console's.
+            "opcua" => {
+                // The station tool the cell's set-up runs, beside the benchmark's binary.
+                run(cargo().args([
+                    "build",
+                    "--release",
+                    "--locked",
+                    "--quiet",
+                    "-p",
+                    "e2e",
+                    "--bins",
+                ]))?;
+                ("e2e", "opcua-bench")
+            }
             "fleet" => {
                 // Its registry server, beside the benchmark's binary.
                 run(cargo().args([
@@ -534,7 +552,7 @@ fn bench(what: &str) -> Result<(), String> {
             }
             other => {
                 return Err(format!(
-                    "unknown benchmark {other:?}: link, hsm, station, manifest, api, gui, fleet or all"
+                    "unknown benchmark {other:?}: link, hsm, station, manifest, api, gui, opcua, fleet or all"
                 ));
             }
         };

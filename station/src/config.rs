@@ -841,12 +841,6 @@ impl Config {
             {
                 None | Some(("assign", _)) => SerialSource::Assign,
                 Some(("scan", span)) => {
-                    if raw.fleet.is_some() {
-                        return cx.err(
-                            span,
-                            "serial_source = \"scan\" with a factory registry is not supported yet: the registry leases the numbers",
-                        );
-                    }
                     if let Some(n) = nests.iter().find(|n| n.scanner.is_none()) {
                         return cx.err(
                             span,
@@ -1176,7 +1170,7 @@ suite = 1
     }
 
     #[test]
-    fn scanned_serials_need_a_scanner_in_every_nest_and_no_registry() {
+    fn scanned_serials_need_a_scanner_in_every_nest() {
         let scan = EXAMPLE.replace("suite = 1", "suite = 1\nserial_source = \"scan\"");
         let e = parse(&scan).unwrap_err();
         assert!(e.reason.contains("nest N1 has no scanner"), "{e}");
@@ -1185,9 +1179,10 @@ suite = 1
         let c = parse(&with_scanner).unwrap();
         assert_eq!(c.models[0].serial_source, SerialSource::Scan);
         assert_eq!(c.nests[0].scanner, Some(("/dev/ttyACM0".into(), 9600)));
+        // With a registry too: scanned numbers are checked against it (not leased).
         let fleet = "\n[fleet]\nhost = \"r\"\nserver_ca = \"a\"\ncert = \"b\"\nkey = \"c\"\n";
-        let e = parse(&format!("{with_scanner}{fleet}")).unwrap_err();
-        assert!(e.reason.contains("not supported yet"), "{e}");
+        let c = parse(&format!("{with_scanner}{fleet}")).unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.fleet.is_some() && c.models[0].serial_source == SerialSource::Scan);
         let e = parse(&EXAMPLE.replace("suite = 1", "suite = 1\nserial_source = \"guess\""))
             .unwrap_err();
         assert!(e.reason.contains("\"assign\" or \"scan\""), "{e}");

@@ -1142,3 +1142,98 @@ async fn a_number_issued_twice_is_an_alarm_not_a_failed_push() {
         "{message}"
     );
 }
+
+/// A station's daemon with its line started by the operator.
+async fn start_line(fc: &FleetCell) -> Daemon {
+    let d = fc.cell.daemon().await;
+    let client = fc.cell.client().await;
+    let oper = fc.cell.login(&client, "oper").await;
+    client
+        .execute(&oper, station::Command::StartLine)
+        .await
+        .unwrap();
+    d
+}
+
+/// Scans `code` into nest 1 once the nest asks for it.
+async fn scan_nameplate(fc: &FleetCell, d: &Daemon, code: &str) {
+    use tokio::io::AsyncWriteExt;
+    let engine = d.engine().clone();
+    wait_for(
+        "the nest to ask for the nameplate",
+        Duration::from_secs(30),
+        || engine.snapshot().nests[0].message.as_deref() == Some("scan the meter's nameplate"),
+    )
+    .await;
+    fc.cell.scanners.lock().await[0]
+        .write_all(format!("{code}\r").as_bytes())
+        .await
+        .unwrap();
+}
+
+/// Nameplates printed before the cells, and a factory registry: a serial that one station
+/// provisioned is refused at another (its nameplate was printed twice, or the meter was taken to a
+/// second cell), named with the station that has it; a fresh serial goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_scanned_serial_another_station_provisioned_is_refused_by_the_registry_check() {
+    let reg = RegistryDb::new(&Registry::shared(), FLAG).await;
+    let opts = || CellOptions {
+        nests: 1,
+        quantity: 2,
+        firmware_kib: 8,
+        scanners: true,
+        ..CellOptions::default()
+    };
+    let a = fleet_cell(&reg, "scana", opts(), 100, 10).await;
+    let b = fleet_cell(&reg, "scanb", opts(), 100, 10).await;
+    let da = start_line(&a).await;
+    scan_nameplate(&a, &da, "E2E000000777").await;
+    let dba = a.cell.db();
+    wait_for("station A's meter", Duration::from_secs(60), || {
+        q(&dba, "SELECT count(*) FROM meters WHERE state = 'done'") == 1
+    })
+    .await;
+    drained(&a.cell, Duration::from_secs(60)).await;
+    let db_ = b.cell.db();
+    let db_b = start_line(&b).await;
+    scan_nameplate(&b, &db_b, "E2E000000777").await;
+    wait_for("the refusal", Duration::from_secs(30), || {
+        q(
+            &db_,
+            "SELECT count(*) FROM audit WHERE kind = 'meter.refused'",
+        ) == 1
+    })
+    .await;
+    let why: String = db_
+        .query_row(
+            "SELECT details FROM audit WHERE kind = 'meter.refused'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        why.contains("already provisioned at station") && why.contains(&a.id),
+        "{why}"
+    );
+    assert_eq!(
+        q(&db_, "SELECT count(*) FROM meters"),
+        0,
+        "no record for the refused meter"
+    );
+    // A serial no station has goes through.
+    scan_nameplate(&b, &db_b, "E2E000000778").await;
+    wait_for("station B's meter", Duration::from_secs(60), || {
+        q(&db_, "SELECT count(*) FROM meters WHERE state = 'done'") == 1
+    })
+    .await;
+    assert_eq!(
+        q(
+            &db_,
+            "SELECT count(*) FROM audit WHERE kind = 'fleet.scan_unchecked'"
+        ),
+        0,
+        "the registry answered every check"
+    );
+    db_b.stop().await.unwrap();
+    da.stop().await.unwrap();
+}

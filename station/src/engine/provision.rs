@@ -51,6 +51,8 @@ fn reused_key(why: &str) -> Failure {
 const NUMBER_TAKEN: &str = "the batch's next number is taken";
 /// How long a nest waits for its meter's nameplate to be scanned.
 const SCAN_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a scanned serial's check against the factory registry may take.
+const REGISTRY_CHECK: std::time::Duration = std::time::Duration::from_secs(3);
 /// The start of the reason the line stops when the station's leased numbers are used up.
 const LEASES_USED_UP: &str = "no leased number is left";
 
@@ -934,6 +936,71 @@ impl Ctx<'_> {
         }
     }
 
+    /// With a factory registry, a scanned serial must not have been provisioned at any station
+    /// (two nameplates printed with one number, or a meter taken to a second cell). A registry
+    /// that does not answer within [`REGISTRY_CHECK`] does not stop the line (a WAN outage never
+    /// does): the meter goes on, `fleet.scan_unchecked` is audited, and the registry's own
+    /// duplicate-number alarm is the check when the record arrives.
+    async fn registry_check(&self, code: &str) -> Result<(), Failure> {
+        let Some(f) = self.inner.cfg.fleet.as_ref() else {
+            return Ok(());
+        };
+        let ep = crate::fleet::Endpoint::station(&self.inner.cfg.station_id, f);
+        let code2 = code.to_string();
+        let found = tokio::time::timeout(REGISTRY_CHECK, async move {
+            let client = crate::fleet::connect(&ep).await?;
+            crate::fleet::find(&client, &code2).await
+        })
+        .await;
+        match found {
+            Ok(Ok(found)) => {
+                if let Some(m) = found
+                    .iter()
+                    .find(|m| m.state == "done" && m.serial.as_deref() == Some(code))
+                {
+                    return Err(Failure::new(
+                        "meter.refused",
+                        Severity::Notice,
+                        format!(
+                            "the scanned serial {code} was already provisioned at station {} (work order {}, meter {}) according to the factory registry: two nameplates carry the same number — keep this meter apart",
+                            m.station,
+                            m.work_order.as_deref().unwrap_or("-"),
+                            m.uid
+                        ),
+                    ));
+                }
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                self.scan_unchecked(code, &e.to_string()).await;
+                Ok(())
+            }
+            Err(_) => {
+                self.scan_unchecked(
+                    code,
+                    &format!("no answer within {} s", REGISTRY_CHECK.as_secs()),
+                )
+                .await;
+                Ok(())
+            }
+        }
+    }
+
+    async fn scan_unchecked(&self, code: &str, why: &str) {
+        self.inner
+            .record_or_keep(NewEvent {
+                nest: Some(self.nest as u32 + 1),
+                ..NewEvent::new(
+                    &self.inner.source,
+                    "fleet.scan_unchecked",
+                    Severity::Warning,
+                    &self.operator,
+                    serde_json::json!({"message": format!("the scanned serial {code} could not be checked against the factory registry ({why}); the registry checks it when the record arrives"), "serial": code}),
+                )
+            })
+            .await;
+    }
+
     /// Commits the meter's record with its identity and one certificate intent per slot (with
     /// the serial drawn for it); returns the intents' ids.
     async fn assign(
@@ -950,7 +1017,9 @@ impl Ctx<'_> {
         let leased = self.inner.cfg.fleet.is_some();
         // A nameplate printed before the cell: its scanned code is the serial number.
         let scanned = if run.model.serial_source == crate::config::SerialSource::Scan {
-            Some(self.nameplate(run).await?)
+            let code = self.nameplate(run).await?;
+            self.registry_check(&code).await?;
+            Some(code)
         } else {
             None
         };

@@ -883,7 +883,7 @@ async fn drive(cell: &DemoCell, args: &DemoArgs) -> Result<()> {
         Reply::Export(e) => e,
         _ => bail!("export answered unexpectedly"),
     };
-    for f in ["manifest.json", "manifest.p7m"] {
+    for f in ["manifest.json", "manifest.p7m", crate::manifest::pskc::FILE] {
         std::fs::copy(out.join(f), dir.join(f))?;
     }
     println!(

@@ -1895,3 +1895,111 @@ async fn a_token_unfit_for_a_cell_is_refused_at_start_with_every_finding() {
         );
     }
 }
+
+/// The utility's side of the PSKC container, with tools we did not write: `cryptography`
+/// unwraps the transport key from the manifest with the utility's RSA key (RSA-OAEP), and
+/// `python-pskc` opens `keys.pskc` with it. Prints every key's id, device serial and check value,
+/// or the error opening it gave.
+const PSKC_READER: &str = r#"
+import base64, json, sys
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from pskc import PSKC
+
+manifest, pskc_file, key_file = sys.argv[1], sys.argv[2], sys.argv[3]
+m = json.load(open(manifest))
+tk = m["transport_key"]
+h = {"sha1": hashes.SHA1, "sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512}[tk["oaep_hash"].replace("-", "").lower()]
+priv = serialization.load_pem_private_key(open(key_file, "rb").read(), None)
+transport = priv.decrypt(base64.b64decode(tk["wrapped"]), padding.OAEP(mgf=padding.MGF1(h()), algorithm=h(), label=None))
+def kcv(k):
+    e = Cipher(algorithms.AES(k), modes.ECB()).encryptor()
+    return (e.update(bytes(16)) + e.finalize())[:3].hex()
+p = PSKC(pskc_file)
+out = {"key_name": p.encryption.key_name, "keys": []}
+p.encryption.key = transport
+try:
+    for k in p.keys:
+        out["keys"].append([k.id, k.serial, k.manufacturer, k.model, kcv(k.secret)])
+except Exception as e:
+    out["error"] = type(e).__name__ + ": " + str(e)
+print(json.dumps(out))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn python_pskc_opens_the_pskc_export_and_a_flipped_byte_fails_there_and_in_verify() {
+    let (cell, dir) = exported(2).await;
+    let m = manifest(&dir);
+    let pskc = &m["pskc"];
+    assert_eq!(pskc["file"], "keys.pskc", "{pskc}");
+    let script = cell.path("pskc_reader.py");
+    std::fs::write(&script, PSKC_READER).unwrap();
+    let python = std::env::var("CELL_PYTHON").unwrap_or_else(|_| "python3".into());
+    let read = |file: &Path| -> Value {
+        let out = Command::new(&python)
+            .arg(&script)
+            .arg(dir.join("manifest.json"))
+            .arg(file)
+            .arg(cell.path("utility-key.pem"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "the PSKC reader failed (python-pskc missing? run through `cargo xtask test`): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let seen = read(&dir.join("keys.pskc"));
+    assert!(seen.get("error").is_none(), "{seen}");
+    assert_eq!(seen["key_name"], pskc["transport_key_name"]);
+    // Every key of every meter, its check value the manifest's.
+    let mut want = Vec::new();
+    for meter in meters(&m) {
+        for k in meter["keys"].as_array().unwrap() {
+            want.push(serde_json::json!([
+                format!(
+                    "{}:{}",
+                    text(meter, "system_title"),
+                    k["id"].as_str().unwrap()
+                ),
+                text(meter, "serial"),
+                text(&m["manufacturer"], "name"),
+                text(meter, "model"),
+                k["kcv"],
+            ]));
+        }
+    }
+    assert_eq!(want.len(), 2 * KEY_IDS.len());
+    assert_eq!(seen["keys"], Value::Array(want), "{seen}");
+    // The manifest's verification checks the container's hash.
+    let root = cell.path("root-ca.pem");
+    let (code, out) = verify(&cell, &dir.join("manifest.p7m"), &root);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("keys.pskc: its SHA-256 matches the manifest"),
+        "{out}"
+    );
+
+    // One byte of one wrapped key changed: python-pskc's unwrap fails its integrity check, and
+    // the manifest's verification names the container.
+    let text_ = std::fs::read_to_string(dir.join("keys.pskc")).unwrap();
+    let at = text_.find("<xenc:CipherValue>").unwrap() + "<xenc:CipherValue>".len() + 4;
+    let mut bytes = text_.into_bytes();
+    bytes[at] = if bytes[at] == b'A' { b'B' } else { b'A' };
+    std::fs::write(dir.join("keys.pskc"), &bytes).unwrap();
+    let seen = read(&dir.join("keys.pskc"));
+    assert!(
+        seen["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("Decryption")),
+        "{seen}"
+    );
+    let (code, out) = verify(&cell, &dir.join("manifest.p7m"), &root);
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("keys.pskc has SHA-256") && out.contains("was changed"),
+        "{out}"
+    );
+}

@@ -81,6 +81,8 @@ const GRPCIO: [&str; 2] = ["grpcio>=1.60,<2", "grpcio-tools>=1.60,<2"];
 const PYMODBUS: &str = "pymodbus>=3.6,<4";
 /// An OPC UA client we did not write: the tests play the MES with it.
 const ASYNCUA: &str = "asyncua>=1.1,<2";
+/// A PSKC (RFC 6030) reader we did not write: the tests open the key container with it.
+const PSKC: &str = "python-pskc>=1.2,<2";
 
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
@@ -225,7 +227,7 @@ fn ensure_packages(pkgs: &[&str]) -> Result<(), String> {
     run(&mut apt(&args))
 }
 
-/// `imgtool`, `jsonschema`, `grpcio`, `grpcio-tools`, `pymodbus` and `asyncua` in a virtual environment under
+/// `imgtool`, `jsonschema`, `grpcio`, `grpcio-tools`, `pymodbus`, `asyncua` and `python-pskc` in a virtual environment under
 /// `target/xtask/venv`; returns the imgtool path (the environment's python is next to it).
 fn ensure_imgtool() -> Result<PathBuf, String> {
     let venv = target_dir().join("xtask").join("venv");
@@ -235,7 +237,7 @@ fn ensure_imgtool() -> Result<PathBuf, String> {
         Command::new(bin.join("python3"))
             .args([
                 "-c",
-                "import jsonschema, grpc, grpc_tools, pymodbus, asyncua",
+                "import jsonschema, grpc, grpc_tools, pymodbus, asyncua, pskc",
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -247,7 +249,7 @@ fn ensure_imgtool() -> Result<PathBuf, String> {
         return Ok(imgtool);
     }
     eprintln!(
-        "xtask: installing {IMGTOOL}, {JSONSCHEMA}, {PYMODBUS}, {ASYNCUA} and {} from PyPI into {}",
+        "xtask: installing {IMGTOOL}, {JSONSCHEMA}, {PYMODBUS}, {ASYNCUA}, {PSKC} and {} from PyPI into {}",
         GRPCIO.join(", "),
         venv.display()
     );
@@ -265,6 +267,7 @@ fn ensure_imgtool() -> Result<PathBuf, String> {
             GRPCIO[1],
             PYMODBUS,
             ASYNCUA,
+            PSKC,
         ])
         .stdin(Stdio::null()))?;
     if imgtool.exists() && has_jsonschema() {

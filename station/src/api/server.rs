@@ -667,6 +667,13 @@ impl Station for Service {
                 };
                 let data = match data {
                     Ok(d) => d,
+                    // An export made before the PSKC container existed.
+                    Err(e)
+                        if name == crate::manifest::pskc::FILE
+                            && e.kind() == std::io::ErrorKind::NotFound =>
+                    {
+                        continue;
+                    }
                     Err(e) => {
                         let _ = tx
                             .send(Err(Status::not_found(format!("{name} of the export: {e}"))))

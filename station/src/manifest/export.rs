@@ -464,13 +464,6 @@ pub(crate) async fn export(
     let db = inner.db.clone();
     let (digest, content_len, meters, voided_n) =
         tokio::task::spawn_blocking(move || -> Result<([u8; 32], u64, usize, usize)> {
-            let file = File::create(&json_tmp2).map_err(|e| io(&json_tmp2, e))?;
-            let mut w = Hashing {
-                inner: BufWriter::with_capacity(1 << 20, file),
-                hash: Sha256::new(),
-                written: 0,
-            };
-            let wio = |e| io(&json_tmp2, e);
             let (
                 format,
                 version,
@@ -484,6 +477,42 @@ pub(crate) async fn export(
                 tk,
                 ca,
             ) = head;
+            // The keys as PSKC first: the manifest names the container's hash.
+            let pskc = db.with(|c| -> Result<PskcFile> {
+                let path = json_tmp2.with_file_name(super::pskc::FILE);
+                let file = File::create(&path).map_err(|e| io(&path, e))?;
+                let mut w = Hashing {
+                    inner: BufWriter::with_capacity(1 << 20, file),
+                    hash: Sha256::new(),
+                    written: 0,
+                };
+                let pio = |e| io(&path, e);
+                let name = super::pskc::transport_key_name(&batch.work_order, &tk.kcv);
+                super::pskc::begin(&mut w, &mid, &name).map_err(pio)?;
+                for m in meter_pages(c, batch_id2, receipt_alg) {
+                    super::pskc::meter(&mut w, &manufacturer.name, &m?).map_err(pio)?;
+                }
+                super::pskc::end(&mut w).map_err(pio)?;
+                w.flush().map_err(pio)?;
+                let digest = w.hash.finalize();
+                let file = w
+                    .inner
+                    .into_inner()
+                    .map_err(|e| io(&path, e.into_error()))?;
+                file.sync_all().map_err(pio)?;
+                Ok(PskcFile {
+                    file: super::pskc::FILE.into(),
+                    sha256: hex::encode(digest),
+                    transport_key_name: name,
+                })
+            })?;
+            let file = File::create(&json_tmp2).map_err(|e| io(&json_tmp2, e))?;
+            let mut w = Hashing {
+                inner: BufWriter::with_capacity(1 << 20, file),
+                hash: Sha256::new(),
+                written: 0,
+            };
+            let wio = |e| io(&json_tmp2, e);
             w.write_all(b"{\n").map_err(wio)?;
             field(&mut w, "format", &format, false).map_err(wio)?;
             field(&mut w, "version", &version, false).map_err(wio)?;
@@ -495,6 +524,7 @@ pub(crate) async fn export(
             field(&mut w, "firmware", &firmware, false).map_err(wio)?;
             field(&mut w, "customer", &customer, false).map_err(wio)?;
             field(&mut w, "transport_key", &tk, false).map_err(wio)?;
+            field(&mut w, "pskc", &pskc, false).map_err(wio)?;
             field(&mut w, "device_ca", &ca, false).map_err(wio)?;
             if !anchors.is_empty() {
                 field(&mut w, "trust_anchors", &anchors, false).map_err(wio)?;

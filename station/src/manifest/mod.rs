@@ -11,6 +11,7 @@ mod der;
 pub(crate) mod export;
 pub mod import;
 pub mod model;
+pub mod pskc;
 pub mod verify;
 
 pub use export::resign;

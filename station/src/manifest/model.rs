@@ -37,6 +37,10 @@ pub struct Manifest {
     pub customer: CustomerInfo,
     /// The batch transport key, wrapped for the utility.
     pub transport_key: TransportKey,
+    /// The same keys as a PSKC container (RFC 6030) beside the manifest, for a utility's HSM
+    /// import tools. Absent in manifests of earlier exports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pskc: Option<PskcFile>,
     /// The CA that issued the meter certificates.
     pub device_ca: DeviceCa,
     /// The trust anchors every meter of the batch received, pinned when the batch opened, in
@@ -49,6 +53,18 @@ pub struct Manifest {
     pub voided_certificates: Vec<VoidedCertificate>,
     /// The audit checkpoint that covers the batch.
     pub audit_checkpoint: AuditCheckpoint,
+}
+
+/// The PSKC container of the batch's keys (`keys.pskc`, [`super::pskc`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PskcFile {
+    /// Its file name, beside the manifest.
+    pub file: String,
+    /// SHA-256 of the file, hex: the manifest's signature covers the container through it.
+    pub sha256: String,
+    /// What the container calls the transport key (`ds:KeyName`).
+    pub transport_key_name: String,
 }
 
 /// The station.

@@ -44,6 +44,9 @@ pub struct Report {
     pub checkpoint_seq: Option<i64>,
     /// The trust anchors every meter received: "kind index sha256 subject".
     pub anchors: Vec<String>,
+    /// The PSKC container the manifest names: checked against its SHA-256 when it lies beside
+    /// the manifest (a mismatch is a failure), or why it was not checked.
+    pub pskc: Option<String>,
 }
 
 impl Report {
@@ -81,6 +84,9 @@ impl std::fmt::Display for Report {
         )?;
         if let Some(s) = &self.signer {
             writeln!(f, "  signed by {s}")?;
+        }
+        if let Some(p) = &self.pskc {
+            writeln!(f, "  PSKC container {p}")?;
         }
         if !self.anchors.is_empty() {
             writeln!(
@@ -130,7 +136,53 @@ pub fn verify_file(p7m: &Path, root: &Certificate) -> Result<(Report, Option<Man
         ));
     }
     let bytes = std::fs::read(p7m).map_err(|e| format!("cannot read {}: {e}", p7m.display()))?;
-    Ok(verify_bytes(&bytes, root))
+    let (mut r, manifest) = verify_bytes(&bytes, root);
+    if let Some(p) = manifest.as_ref().and_then(|m| m.pskc.as_ref()) {
+        check_pskc(p7m, p, &mut r);
+    }
+    Ok((r, manifest))
+}
+
+/// The PSKC container beside `p7m` has the SHA-256 the (signed) manifest names.
+fn check_pskc(p7m: &Path, p: &PskcFile, r: &mut Report) {
+    let plain =
+        !p.file.is_empty() && !p.file.contains(['/', '\\']) && p.file != "." && p.file != "..";
+    if !plain {
+        r.failures.push(format!(
+            "pskc: the file name {:?} is not a plain name",
+            p.file
+        ));
+        return;
+    }
+    let path = p7m.with_file_name(&p.file);
+    let hashed = std::fs::File::open(&path).and_then(|mut f| {
+        use std::io::Read;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        Ok(hex::encode(h.finalize()))
+    });
+    match hashed {
+        Ok(h) if h == p.sha256 => {
+            r.pskc = Some(format!("{}: its SHA-256 matches the manifest", p.file));
+        }
+        Ok(h) => r.failures.push(format!(
+            "pskc: {} has SHA-256 {h}, the manifest names {}: the container was changed",
+            p.file, p.sha256
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            r.pskc = Some(format!("{}: not beside the manifest, not checked", p.file));
+        }
+        Err(e) => r
+            .failures
+            .push(format!("pskc: cannot read {}: {e}", path.display())),
+    }
 }
 
 /// Verifies a manifest held in memory.

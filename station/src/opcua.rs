@@ -179,6 +179,7 @@ pub async fn start(
         .get_of_type::<InMemoryNodeManager<CellNodes>>()
         .ok_or_else(|| anyhow!("the cell's OPC UA node manager is missing"))?;
     tokio::spawn(follow(engine, handle.clone(), nm, stop.clone()));
+    tokio::spawn(prune_rejected(pki_dir.join("rejected"), stop.clone()));
     let h2 = handle.clone();
     tokio::spawn(async move {
         let _ = stop.wait_for(|s| *s).await;
@@ -314,6 +315,50 @@ fn prepare_pki(pki: &Path, clients: &Path, ca: &hsm::Issuer, own: &[u8]) -> Resu
     }
     tracing::info!(clients = n, "OPC UA client applications trusted");
     Ok(())
+}
+
+/// The library keeps every certificate it refused in `rejected/` for an officer to look at; any
+/// client on the network can present a new one at every attempt. At most this many are kept, the
+/// newest, so that refused connections cannot fill the disk the journal lives on.
+pub const REJECTED_KEPT: usize = 32;
+
+/// Keeps `rejected/` to [`REJECTED_KEPT`] files, looking every second.
+async fn prune_rejected(dir: PathBuf, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let d = dir.clone();
+        let _ = tokio::task::spawn_blocking(move || prune(&d, REJECTED_KEPT)).await;
+    }
+}
+
+/// Removes all but the `keep` newest files of `dir`; returns how many it removed.
+fn prune(dir: &Path, keep: usize) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut files: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let m = e.metadata().ok()?;
+            m.is_file()
+                .then(|| (m.modified().unwrap_or(std::time::UNIX_EPOCH), e.path()))
+        })
+        .collect();
+    if files.len() <= keep {
+        return 0;
+    }
+    files.sort_by_key(|f| std::cmp::Reverse(f.0));
+    let mut removed = 0;
+    for (_, p) in files.into_iter().skip(keep) {
+        if std::fs::remove_file(&p).is_ok() {
+            removed += 1;
+        }
+    }
+    tracing::warn!(removed, "refused OPC UA client certificates pruned");
+    removed
 }
 
 /// Station sessions of the OPC UA sessions: the token the library hands back with every request
@@ -1074,4 +1119,34 @@ fn raise(handle: &ServerHandle, ns: u16, a: &crate::audit::Alarm) {
     handle
         .subscriptions()
         .notify_events([(&ev as &dyn UaEvent, &cell)].into_iter());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pruning_keeps_the_newest_refused_certificates() {
+        let d = tempfile::tempdir().unwrap();
+        for i in 0..40 {
+            let p = d.path().join(format!("c{i:02}.der"));
+            std::fs::write(&p, [i as u8]).unwrap();
+            let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000 + i);
+            std::fs::File::options()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
+        }
+        assert_eq!(prune(d.path(), 32), 8);
+        assert_eq!(prune(d.path(), 32), 0);
+        let mut left: Vec<String> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left.first().map(String::as_str), Some("c08.der"));
+        assert_eq!(left.len(), 32);
+    }
 }

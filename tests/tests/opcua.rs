@@ -88,8 +88,11 @@ async def run(url, d, pins, firmware, quantity):
     out["identification"] = ident
     item = await cell.get_child([f"{mi}:MachineryItemState", "0:CurrentState"])
     out["item_state_before"] = (await item.read_value()).Text
-    nests = await (await cell.get_child([f"{ns}:Nests"])).get_children()
-    out["nests"] = [(await n.read_browse_name()).Name for n in nests]
+    # Browse order is the server's to choose: sort the nests by number.
+    named = [((await n.read_browse_name()).Name, n) for n in await (await cell.get_child([f"{ns}:Nests"])).get_children()]
+    named.sort(key=lambda x: int(x[0][len("Nest"):]))
+    nests = [n for _, n in named]
+    out["nests"] = [name for name, _ in named]
     states = [await n.get_child([f"{ns}:State"]) for n in nests]
     seen = Seen({s.nodeid.to_string(): i + 1 for i, s in enumerate(states)})
     sub = await sup.create_subscription(20, seen)
@@ -143,8 +146,31 @@ async def run(url, d, pins, firmware, quantity):
     await c.disconnect()
     print(json.dumps(out))
 
+async def flood(url, d, n):
+    # A stranger on the network presenting a new self-signed certificate at every attempt.
+    refused = 0
+    for i in range(n):
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"stranger-{i}")])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier("urn:test:mes")]), critical=False)
+            .sign(key, hashes.SHA256()))
+        open(f"{d}/s.pem", "wb").write(cert.public_bytes(serialization.Encoding.PEM))
+        open(f"{d}/s-key.pem", "wb").write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        if await refused_(connect(url, d, cert="s.pem", key="s-key.pem")):
+            refused += 1
+    print(json.dumps({"refused": refused}))
+
+async def refused_(coro):
+    return await refused(coro) is not None
+
 if sys.argv[1] == "keygen":
     keygen(sys.argv[2])
+elif sys.argv[1] == "flood":
+    asyncio.run(flood(sys.argv[2], sys.argv[3], int(sys.argv[4])))
 else:
     asyncio.run(run(sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), sys.argv[5], int(sys.argv[6])))
 "#;
@@ -339,6 +365,27 @@ async fn an_opc_ua_client_browses_subscribes_and_runs_a_batch_and_is_refused_whe
             >= 1
     );
     assert!(q("SELECT count(*) FROM audit WHERE kind = 'auth.forbidden' AND actor = 'oper'") >= 1);
+    daemon.stop().await.unwrap();
+
+    // Refused certificates are kept for the officer, but only the newest few: a stranger
+    // presenting a new certificate at every attempt cannot fill the journal's disk.
+    let rejected = cell.path("opcua-pki/rejected");
+    let daemon = cell.daemon().await;
+    let addr = daemon.opcua_addr().unwrap();
+    let url = format!("opc.tcp://127.0.0.1:{}/", addr.port());
+    let (s3, d3) = (script.clone(), ds.clone());
+    let n = station::opcua::REJECTED_KEPT + 8;
+    let out =
+        tokio::task::spawn_blocking(move || python(&["flood", &url, &d3, &n.to_string()], &s3))
+            .await
+            .unwrap();
+    assert!(out.contains(&format!("\"refused\": {n}")), "{out}");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let kept = std::fs::read_dir(&rejected).unwrap().count();
+    assert!(
+        (1..=station::opcua::REJECTED_KEPT).contains(&kept),
+        "{kept} refused certificates kept"
+    );
     daemon.stop().await.unwrap();
 
     // A client certificate the device CA did not issue, listed by mistake: the daemon does not

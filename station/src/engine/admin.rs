@@ -401,12 +401,21 @@ pub(super) async fn execute(engine: &Engine, user: &User, cmd: Command) -> Resul
             let bauds: Vec<u32> = engine.config().nests.iter().map(|n| n.baud).collect();
             let until = now_ms();
             let since = until - i64::from(hours) * 3_600_000;
-            Ok(Reply::Shift(
-                inner
-                    .db
-                    .call(move |c| crate::shift::read(c, since, until, &bauds).map_err(Error::from))
-                    .await?,
-            ))
+            // A long shift takes a while to read: on a read-only connection of its own (the
+            // journal is in WAL mode), not on the one the line writes through.
+            let path = engine.config().database.clone();
+            let view = tokio::task::spawn_blocking(move || -> Result<_> {
+                let c = rusqlite::Connection::open_with_flags(
+                    &path,
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+                        | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )
+                .map_err(crate::db::DbError::from)?;
+                Ok(crate::shift::read(&c, since, until, &bauds)?)
+            })
+            .await
+            .map_err(|e| Error::Invalid(format!("the shift could not be read: {e}")))??;
+            Ok(Reply::Shift(view))
         }
         Command::ListAlarms => Ok(Reply::Alarms(
             inner

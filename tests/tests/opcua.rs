@@ -28,20 +28,27 @@ MACHINERY_NS = "http://opcfoundation.org/UA/Machinery/"
 DI_NS = "http://opcfoundation.org/UA/DI/"
 SAE = ua.MessageSecurityMode.SignAndEncrypt
 
-def keygen(d):
-    # The client application's own key (the cell never sees it) and a self-signed certificate
-    # for the same URI: what a rogue application would present.
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    open(f"{d}/mes-key.pem", "wb").write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    open(f"{d}/mes-pub.pem", "wb").write(key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mes")])
+def pem_key(key):
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+def self_signed(key, cn):
+    # A certificate for the MES's application URI that no one but its holder vouches for.
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
         .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=30))
         .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier("urn:test:mes")]), critical=False)
         .sign(key, hashes.SHA256()))
-    open(f"{d}/rogue.pem", "wb").write(cert.public_bytes(serialization.Encoding.PEM))
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+def keygen(d):
+    # The client application's own key (the cell never sees it) and a self-signed certificate
+    # for the same URI: what a rogue application would present.
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    open(f"{d}/mes-key.pem", "wb").write(pem_key(key))
+    open(f"{d}/mes-pub.pem", "wb").write(key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    open(f"{d}/rogue.pem", "wb").write(self_signed(key, "mes"))
 
 async def connect(url, d, user=None, pin=None, cert="mes.pem", key="mes-key.pem", secure=True, policy=SecurityPolicyBasic256Sha256):
     c = Client(url, timeout=10)
@@ -151,15 +158,8 @@ async def flood(url, d, n):
     refused = 0
     for i in range(n):
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"stranger-{i}")])
-        now = datetime.datetime.now(datetime.timezone.utc)
-        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier("urn:test:mes")]), critical=False)
-            .sign(key, hashes.SHA256()))
-        open(f"{d}/s.pem", "wb").write(cert.public_bytes(serialization.Encoding.PEM))
-        open(f"{d}/s-key.pem", "wb").write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        open(f"{d}/s.pem", "wb").write(self_signed(key, f"stranger-{i}"))
+        open(f"{d}/s-key.pem", "wb").write(pem_key(key))
         if await refused_(connect(url, d, cert="s.pem", key="s-key.pem")):
             refused += 1
     print(json.dumps({"refused": refused}))

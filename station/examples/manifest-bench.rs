@@ -1,14 +1,17 @@
 //! Manifest export and verification at scale (`cargo xtask bench manifest`). Prints one JSON
 //! object per line, for batches of 1 000 and 20 000 meters:
 //!
-//! `{"meters": N, "export_s": F, "verify_s": F, "peak_rss_bytes": B, "manifest_bytes": B}`
+//! `{"meters": N, "export_s": F, "verify_s": F, "peak_rss_bytes": B, "manifest_bytes": B,
+//! "pskc_bytes": B}`
 //!
 //! - `export_s`: `Command::Export` of the closed batch through the engine (journal to
 //!   `manifest.json` and `manifest.p7m` signed in the HSM), in a process of its own;
 //! - `verify_s`: `station::manifest::verify::verify_file` of that `manifest.p7m` against the
 //!   root, in a process of its own — everything a utility checks;
 //! - `peak_rss_bytes`: the larger peak resident set (VmHWM) of those two processes;
-//! - `manifest_bytes`: the size of `manifest.p7m`.
+//! - `manifest_bytes`: the size of `manifest.p7m`;
+//! - `pskc_bytes`: the size of `keys.pskc`, the PSKC container the export writes too (its time
+//!   is part of `export_s`).
 //!
 //! Goals: 20 000 meters exported in at most 20 s and verified in at most 10 s, with peak memory
 //! under four times the manifest's size.
@@ -106,6 +109,9 @@ fn bench(n: usize) {
     let verify = child("verify", &dir);
     let p7m = dir.join("export/manifest.p7m");
     let manifest_bytes = std::fs::metadata(&p7m).unwrap().len();
+    let pskc_bytes = std::fs::metadata(dir.join("export/keys.pskc"))
+        .unwrap()
+        .len();
     let (export_rss, verify_rss) = (
         export["peak_rss_bytes"].as_u64().unwrap(),
         verify["peak_rss_bytes"].as_u64().unwrap(),
@@ -126,6 +132,7 @@ fn bench(n: usize) {
             "verify_s": round(verify["s"].as_f64().unwrap()),
             "peak_rss_bytes": export_rss.max(verify_rss),
             "manifest_bytes": manifest_bytes,
+            "pskc_bytes": pskc_bytes,
         })
     );
 }
@@ -334,6 +341,7 @@ async fn make_meters(
         })
         .collect();
     let ca = engine.keys().device_ca.clone();
+    let ca_der = ca.cert_der.clone();
     let manufacturer = engine.config().manufacturer.name.clone();
     let label = transport_label.to_string();
     let jobs: Vec<(usize, [u8; 8], [Vec<u8>; 2])> = meters
@@ -430,12 +438,15 @@ async fn make_meters(
                     lifecycle: line_protocol::msg::Lifecycle::Sealed,
                     disabled: line_protocol::msg::iface::ALL,
                     fw_sha256: fw_sha,
+                    // The meter's certificates and the device CA's (slot 3), as a meter reports
+                    // them.
                     certs: certs
                         .iter()
                         .enumerate()
                         .map(|(i, (_, _, der, _))| {
                             (i as u8 + 1, line_protocol::crypto::sha256(der))
                         })
+                        .chain([(3, line_protocol::crypto::sha256(&ca_der))])
                         .collect(),
                     nonce,
                 }

@@ -1425,11 +1425,7 @@ async fn pki(cli: &Cli, p: &PkiCmd) -> Result<ExitCode> {
             ip,
             days,
         } => {
-            let usage = match usage.as_str() {
-                "client" => hsm::TlsUsage::Client,
-                "server" => hsm::TlsUsage::Server,
-                other => bail!("unknown usage {other:?}: client or server"),
-            };
+            let usage = tls_usage(usage)?;
             let key_path = out.join(format!("{name}-key.pem"));
             let (spki, key) = match public_key {
                 Some(p) => {
@@ -1502,11 +1498,7 @@ async fn pki(cli: &Cli, p: &PkiCmd) -> Result<ExitCode> {
             ip,
             days,
         } => {
-            let usage = match usage.as_str() {
-                "client" => hsm::TlsUsage::Client,
-                "server" => hsm::TlsUsage::Server,
-                other => bail!("unknown usage {other:?}: client or server"),
-            };
+            let usage = tls_usage(usage)?;
             let key_path = out.join(format!("{name}-key.pem"));
             if key_path.exists() {
                 bail!(
@@ -1748,4 +1740,13 @@ async fn issue_and_write(
     std::fs::write(out.join(format!("{name}.pem")), leaf)?;
     std::fs::write(out.join("ca.pem"), ca)?;
     Ok(())
+}
+
+/// `--usage client|server` of a TLS or OPC UA certificate.
+fn tls_usage(usage: &str) -> Result<hsm::TlsUsage> {
+    Ok(match usage {
+        "client" => hsm::TlsUsage::Client,
+        "server" => hsm::TlsUsage::Server,
+        other => bail!("unknown usage {other:?}: client or server"),
+    })
 }

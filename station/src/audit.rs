@@ -650,73 +650,115 @@ pub fn verify_offline(
     root: &x509_cert::Certificate,
     audit_cert: Option<Vec<u8>>,
 ) -> Result<OfflineVerification, String> {
-    let tmp = tempdir_private().map_err(|e| format!("cannot make a temporary directory: {e}"))?;
-    let copy = tmp.join("journal.db");
-    std::fs::copy(journal, &copy)
-        .map_err(|e| format!("cannot read the journal {}: {e}", journal.display()))?;
-    // Committed entries may still sit in the WAL beside it.
-    let mut wal = journal.as_os_str().to_os_string();
-    wal.push("-wal");
-    let wal = std::path::PathBuf::from(wal);
-    if wal.exists() {
-        std::fs::copy(&wal, tmp.join("journal.db-wal"))
-            .map_err(|e| format!("cannot read {}: {e}", wal.display()))?;
-    }
-    let result = (|| {
-        let conn = rusqlite::Connection::open(&copy)
-            .map_err(|e| format!("{} is not a readable journal: {e}", journal.display()))?;
-        let app: i32 = conn
-            .query_row("PRAGMA application_id", [], |r| r.get(0))
-            .map_err(|e| format!("{} is not a readable journal: {e}", journal.display()))?;
-        if app != crate::db::APPLICATION_ID {
-            return Err(format!("{} is not a station journal", journal.display()));
-        }
-        let der = match audit_cert {
-            Some(d) => d,
-            None => conn
-                .query_row(
-                    "SELECT der FROM cell_certificates WHERE label = 'audit-signer'",
-                    [],
-                    |r| r.get::<_, Vec<u8>>(0),
-                )
-                .map_err(|_| {
-                    "the journal records no audit certificate; pass --audit-cert FILE".to_string()
-                })?,
+    let copy = JournalCopy::of(journal)?;
+    let (key, subject) = offline_key(&copy.conn, root, audit_cert)?;
+    let verification = verify(&copy.conn, &key).map_err(|e| e.to_string())?;
+    Ok(OfflineVerification {
+        verification,
+        audit_certificate: subject,
+    })
+}
+
+/// A private copy of a journal (with its WAL), open for reading; removed when dropped. The
+/// original is never opened by SQLite, so nothing is written to it.
+#[derive(Debug)]
+pub struct JournalCopy {
+    /// The copy, open.
+    pub conn: rusqlite::Connection,
+    dir: std::path::PathBuf,
+}
+
+impl JournalCopy {
+    /// Copies `journal` (and its `-wal` file) into a new owner-only temporary directory and
+    /// opens the copy, refusing a file that is not a station journal.
+    pub fn of(journal: &std::path::Path) -> Result<JournalCopy, String> {
+        let dir =
+            tempdir_private().map_err(|e| format!("cannot make a temporary directory: {e}"))?;
+        let open = || -> Result<rusqlite::Connection, String> {
+            let copy = dir.join("journal.db");
+            std::fs::copy(journal, &copy)
+                .map_err(|e| format!("cannot read the journal {}: {e}", journal.display()))?;
+            // Committed entries may still sit in the WAL beside it.
+            let mut wal = journal.as_os_str().to_os_string();
+            wal.push("-wal");
+            let wal = std::path::PathBuf::from(wal);
+            if wal.exists() {
+                std::fs::copy(&wal, dir.join("journal.db-wal"))
+                    .map_err(|e| format!("cannot read {}: {e}", wal.display()))?;
+            }
+            let conn = rusqlite::Connection::open(&copy)
+                .map_err(|e| format!("{} is not a readable journal: {e}", journal.display()))?;
+            let app: i32 = conn
+                .query_row("PRAGMA application_id", [], |r| r.get(0))
+                .map_err(|e| format!("{} is not a readable journal: {e}", journal.display()))?;
+            if app != crate::db::APPLICATION_ID {
+                return Err(format!("{} is not a station journal", journal.display()));
+            }
+            Ok(conn)
         };
-        let (cert, _) = crate::engine::keys::parse_cert(&der)?;
-        // Issued by the root itself (no intermediate is taken from the copy, which anyone could
-        // have edited), and no CA: a key under the device CA — a meter's — never qualifies.
-        crate::manifest::verify::chain_to_root(&cert, &[], root).map_err(|e| {
-            format!("the audit certificate does not chain to the given manufacturer root: {e}")
-        })?;
-        let is_ca = cert
-            .tbs_certificate()
-            .get_extension::<x509_cert::ext::pkix::BasicConstraints>()
-            .ok()
-            .flatten()
-            .is_some_and(|(_, bc)| bc.ca);
-        if is_ca {
-            return Err(format!(
-                "{} is a CA certificate, not the audit signer's",
-                cert.tbs_certificate().subject()
-            ));
+        match open() {
+            Ok(conn) => Ok(JournalCopy { conn, dir }),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(e)
+            }
         }
-        let point = cert
-            .tbs_certificate()
-            .subject_public_key_info()
-            .subject_public_key
-            .as_bytes()
-            .ok_or("the audit certificate's key cannot be read")?;
-        let key = VerifyingKey::from_sec1_bytes(point)
-            .map_err(|_| "the audit certificate's key is not a P-256 key".to_string())?;
-        let verification = verify(&conn, &key).map_err(|e| e.to_string())?;
-        Ok(OfflineVerification {
-            verification,
-            audit_certificate: cert.tbs_certificate().subject().to_string(),
-        })
-    })();
-    let _ = std::fs::remove_dir_all(&tmp);
-    result
+    }
+}
+
+impl Drop for JournalCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The audit key of a copied journal, as an auditor trusts it: from the audit signer's
+/// certificate (given, or as the journal recorded it), which must be issued by `root` itself and
+/// be no CA. Returns the key and the certificate's subject.
+pub fn offline_key(
+    conn: &rusqlite::Connection,
+    root: &x509_cert::Certificate,
+    audit_cert: Option<Vec<u8>>,
+) -> Result<(VerifyingKey, String), String> {
+    let der = match audit_cert {
+        Some(d) => d,
+        None => conn
+            .query_row(
+                "SELECT der FROM cell_certificates WHERE label = 'audit-signer'",
+                [],
+                |r| r.get::<_, Vec<u8>>(0),
+            )
+            .map_err(|_| {
+                "the journal records no audit certificate; pass --audit-cert FILE".to_string()
+            })?,
+    };
+    let (cert, _) = crate::engine::keys::parse_cert(&der)?;
+    // Issued by the root itself (no intermediate is taken from the copy, which anyone could
+    // have edited), and no CA: a key under the device CA — a meter's — never qualifies.
+    crate::manifest::verify::chain_to_root(&cert, &[], root).map_err(|e| {
+        format!("the audit certificate does not chain to the given manufacturer root: {e}")
+    })?;
+    let is_ca = cert
+        .tbs_certificate()
+        .get_extension::<x509_cert::ext::pkix::BasicConstraints>()
+        .ok()
+        .flatten()
+        .is_some_and(|(_, bc)| bc.ca);
+    if is_ca {
+        return Err(format!(
+            "{} is a CA certificate, not the audit signer's",
+            cert.tbs_certificate().subject()
+        ));
+    }
+    let point = cert
+        .tbs_certificate()
+        .subject_public_key_info()
+        .subject_public_key
+        .as_bytes()
+        .ok_or("the audit certificate's key cannot be read")?;
+    let key = VerifyingKey::from_sec1_bytes(point)
+        .map_err(|_| "the audit certificate's key is not a P-256 key".to_string())?;
+    Ok((key, cert.tbs_certificate().subject().to_string()))
 }
 
 /// A new owner-only directory under the system's temporary directory.

@@ -123,6 +123,11 @@ enum Cmd {
     /// The utility's side: verify a manifest, import its keys.
     #[command(subcommand)]
     Manifest(ManifestCmd),
+    /// A batch's evidence report for an auditor: report.html (and report.pdf with --pdf), made
+    /// from a copy of the journal with the manufacturer root as the only trust, as `audit verify
+    /// --offline` does. Exits 2 when the audit log fails verification, 3 when a check of the
+    /// batch fails; the report is written either way and says so on its first page.
+    Report(ReportArgs),
     /// A whole batch on emulated meters with a software HSM, ending in a verified manifest.
     Demo(crate::demo::DemoArgs),
 }
@@ -717,6 +722,33 @@ enum AuditCmd {
 }
 
 #[derive(Args, Debug)]
+struct ReportArgs {
+    /// The batch: its work order, or its id.
+    #[arg(long)]
+    batch: String,
+    /// The journal (a copy will do, with its -wal file beside it; default: the configuration's
+    /// `database`). It is copied and read, never written.
+    #[arg(long)]
+    journal: Option<PathBuf>,
+    /// The manufacturer's root certificate (PEM or DER): the audit signer's certificate must be
+    /// issued by it.
+    #[arg(long)]
+    root: PathBuf,
+    /// The audit signer's certificate (default: as the journal recorded it).
+    #[arg(long)]
+    audit_cert: Option<PathBuf>,
+    /// Directory to write report.html (and report.pdf) into; made if missing.
+    #[arg(long)]
+    out: PathBuf,
+    /// Also print report.pdf from the HTML with headless Chromium.
+    #[arg(long)]
+    pdf: bool,
+    /// The Chromium to print with.
+    #[arg(long, env = "STATION_CHROMIUM", default_value = "chromium")]
+    chromium: PathBuf,
+}
+
+#[derive(Args, Debug)]
 struct AuditVerifyArgs {
     /// Verify a copy of a journal here, without the daemon or the HSM (an auditor's check):
     /// the audit certificate must chain to --root.
@@ -1057,6 +1089,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             .await?
         }
         Cmd::Manifest(m) => return manifest(&cli, m),
+        Cmd::Report(a) => return report(&cli, a),
         Cmd::Fleet(a) => return fleet(&cli, a).await,
         Cmd::Init { admin } => {
             let client = connect(&cli).await?;
@@ -1335,6 +1368,87 @@ fn audit_offline(cli: &Cli, a: &AuditVerifyArgs) -> Result<ExitCode> {
     } else {
         ExitCode::from(2)
     })
+}
+
+fn report(cli: &Cli, a: &ReportArgs) -> Result<ExitCode> {
+    // The configuration, when there is one, names the journal and the lines' speeds (for the
+    // theoretical minimum cycle); an auditor with only a copied journal needs neither.
+    let cfg = Config::load(&cli.config).ok();
+    let journal = match (&a.journal, &cfg) {
+        (Some(j), _) => j.clone(),
+        (None, Some(c)) => c.database.clone(),
+        (None, None) => bail!(
+            "no --journal given and no configuration at {} to find it",
+            cli.config.display()
+        ),
+    };
+    let root = crate::manifest::verify::read_cert(&a.root).map_err(anyhow::Error::msg)?;
+    let cert = match &a.audit_cert {
+        Some(p) => Some(std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?),
+        None => None,
+    };
+    let copy = crate::audit::JournalCopy::of(&journal).map_err(anyhow::Error::msg)?;
+    let (key, signer) =
+        crate::audit::offline_key(&copy.conn, &root, cert).map_err(anyhow::Error::msg)?;
+    let batch = crate::report::find_batch(&copy.conn, &a.batch)?.ok_or_else(|| {
+        anyhow!(
+            "the journal has no batch {:?} (give its work order or id)",
+            a.batch
+        )
+    })?;
+    // The log's origin, as its checkpoints name it, is "<station id>/audit".
+    let station_id: String = copy
+        .conn
+        .query_row(
+            "SELECT note FROM audit_checkpoints ORDER BY id DESC LIMIT 1",
+            [],
+            |r| r.get::<_, String>(0),
+        )
+        .ok()
+        .and_then(|n| n.lines().next()?.strip_suffix("/audit").map(str::to_string))
+        .or_else(|| cfg.as_ref().map(|c| c.station_id.clone()))
+        .unwrap_or_else(|| "unknown station".into());
+    let ctx = crate::report::Context {
+        station_id,
+        bauds: cfg
+            .as_ref()
+            .map(|c| c.nests.iter().map(|n| n.baud).collect())
+            .unwrap_or_default(),
+        audit_key: key,
+        audit_signer: signer,
+        pending_export: None,
+        now_ms: crate::db::now_ms(),
+    };
+    let r = crate::report::gather(&copy.conn, batch, &ctx)?;
+    drop(copy);
+    let html = crate::report::html::render(&r);
+    std::fs::create_dir_all(&a.out).with_context(|| format!("cannot make {}", a.out.display()))?;
+    let path = a.out.join("report.html");
+    crate::report::write_file(&path, html.as_bytes())?;
+    println!("report written to {}", path.display());
+    if a.pdf {
+        let pdf = a.out.join("report.pdf");
+        crate::report::print_pdf(&a.chromium, &path, &pdf).map_err(anyhow::Error::msg)?;
+        println!("PDF written to {}", pdf.display());
+    }
+    let failed: Vec<&str> = r
+        .requirements
+        .iter()
+        .filter(|q| q.verdict == crate::report::Verdict::Failed)
+        .map(|q| q.requirement.id.as_str())
+        .collect();
+    if let Some((seq, why)) = &r.audit.first_bad {
+        eprintln!("station: the audit log fails verification at entry {seq}: {why}");
+        return Ok(ExitCode::from(2));
+    }
+    if !failed.is_empty() {
+        eprintln!(
+            "station: checks of the batch fail for {}: see the report's first page",
+            failed.join(", ")
+        );
+        return Ok(ExitCode::from(3));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn curve_of(curve: &str) -> Result<hsm::Curve> {

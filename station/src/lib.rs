@@ -21,6 +21,7 @@ pub mod merkle;
 pub mod opcua;
 pub mod plc;
 pub mod records;
+pub mod report;
 pub mod run;
 pub mod shift;
 

@@ -7,7 +7,7 @@
 //! hundred numbers whatever the length of the shift: a shift of 100 000 meters is as cheap to
 //! draw as one of ten.
 
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension};
 use serde::Serialize;
 
 use crate::db::DbError;
@@ -169,13 +169,28 @@ pub fn read(
 
 /// The theoretical minimum cycle of the newest batch's firmware at the fastest line.
 fn floor(c: &Connection, bauds: &[u32]) -> Result<Option<u32>, DbError> {
+    let newest: Option<i64> = c
+        .query_row(
+            "SELECT firmware_id FROM batches ORDER BY id DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    match newest {
+        Some(id) => floor_of(c, id, bauds),
+        None => Ok(None),
+    }
+}
+
+/// The theoretical minimum cycle of firmware release `firmware_id` at the fastest of `bauds`,
+/// ms: its wire time, 10 bits a byte, deflated when that is smaller.
+pub fn floor_of(c: &Connection, firmware_id: i64, bauds: &[u32]) -> Result<Option<u32>, DbError> {
     let Some(baud) = bauds.iter().copied().max().filter(|b| *b > 0) else {
         return Ok(None);
     };
     let image: Option<(String, Vec<u8>)> = match c.query_row(
-        "SELECT f.sha256, f.image FROM batches b JOIN firmware f ON f.id = b.firmware_id
-          ORDER BY b.id DESC LIMIT 1",
-        [],
+        "SELECT sha256, image FROM firmware WHERE id = ?1",
+        [firmware_id],
         |r| Ok((r.get(0)?, r.get(1)?)),
     ) {
         Ok(v) => Some(v),

@@ -49,6 +49,14 @@ const BASE_PACKAGES: &[&str] = &[
     "pkg-config",
     // The factory registry's server (PostgreSQL) and psql, for its tests and benchmark.
     "postgresql",
+    // `station report --pdf` prints with Chromium; the tests read the PDF with poppler's
+    // pdftotext, render the report with Chromium and compare pictures with ImageMagick.
+    "chromium",
+    "poppler-utils",
+    "fonts-dejavu-core",
+    "imagemagick",
+    // Moves a daemon's wall clock in the time-change test.
+    "faketime",
 ];
 
 /// Debian packages the console's tests and screenshot need (software rendering, a display).

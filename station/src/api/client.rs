@@ -660,8 +660,13 @@ impl Client {
         let names_pskc = files
             .iter()
             .any(|(n, d)| n == "manifest.json" && d.windows(8).any(|w| w == b"\"pskc\": "));
-        let wanted = EXPORT_FILES.len() - usize::from(!names_pskc);
-        if written.len() != wanted {
+        let required = EXPORT_FILES
+            .iter()
+            .filter(|f| **f != "report.html" && (names_pskc || **f != "keys.pskc"));
+        let complete = required
+            .clone()
+            .all(|f| written.iter().any(|p| p.ends_with(f)));
+        if !complete {
             return Err(ClientError::new(
                 Code::DataLoss,
                 "the export arrived incomplete; fetch it again",

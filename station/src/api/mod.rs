@@ -17,9 +17,16 @@ pub mod client;
 pub mod convert;
 pub mod server;
 
-/// The files of an export, in the order `FetchExport` delivers them. The last, the PSKC
-/// container, is missing from exports made before there was one (their manifests do not name it).
-pub const EXPORT_FILES: [&str; 4] = ["manifest.json", "manifest.p7m", "voided.crl", "keys.pskc"];
+/// The files of an export, in the order `FetchExport` delivers them. The last two, the PSKC
+/// container and the evidence report, are missing from exports made before there were such
+/// (their manifests do not name a container).
+pub const EXPORT_FILES: [&str; 5] = [
+    "manifest.json",
+    "manifest.p7m",
+    "voided.crl",
+    "keys.pskc",
+    "report.html",
+];
 
 /// The response metadata key that says why a call was refused, for clients that branch on it:
 /// `no-session`, `expired`, `bad-credentials`, `locked`, `disabled`, `forbidden`, `invalid`,

@@ -667,9 +667,9 @@ impl Station for Service {
                 };
                 let data = match data {
                     Ok(d) => d,
-                    // An export made before the PSKC container existed.
+                    // An export made before the PSKC container or the report existed.
                     Err(e)
-                        if name == crate::manifest::pskc::FILE
+                        if (name == crate::manifest::pskc::FILE || name == "report.html")
                             && e.kind() == std::io::ErrorKind::NotFound =>
                     {
                         continue;

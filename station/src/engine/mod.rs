@@ -1975,6 +1975,12 @@ pub(crate) async fn self_test(inner: &Arc<Inner>) -> Result<hsm_check::Report> {
         .failures()
         .map(|f| serde_json::json!({"check": f.check, "detail": f.detail}))
         .collect();
+    // Every finding, with what the token read back: the evidence report shows it.
+    let findings: Vec<serde_json::Value> = report
+        .findings
+        .iter()
+        .map(|f| serde_json::json!({"check": f.check, "ok": f.ok, "detail": f.detail}))
+        .collect();
     inner
         .record(NewEvent::new(
             &inner.source,
@@ -1990,6 +1996,7 @@ pub(crate) async fn self_test(inner: &Arc<Inner>) -> Result<hsm_check::Report> {
                 "checks": report.findings.len(),
                 "ms": u64::try_from(report.elapsed.as_millis()).unwrap_or(u64::MAX),
                 "failures": failures,
+                "findings": findings,
             }),
         ))
         .await?;

@@ -577,11 +577,45 @@ pub(crate) async fn export(
             .and_then(|f| f.sync_all())
             .map_err(|e| io(f, e))?;
     }
+    // 4. The evidence report, from the journal as it now stands (this export's checkpoint in
+    //    it), on a read-only connection of its own: verifying a long log takes a while, and the
+    //    line may be writing.
+    let ctx = crate::report::Context {
+        station_id: inner.cfg.station_id.clone(),
+        bauds: inner.cfg.nests.iter().map(|n| n.baud).collect(),
+        audit_key: inner.keys.audit_verifying_key()?,
+        audit_signer: crate::engine::keys::parse_cert(&inner.keys.audit_cert)
+            .map(|(c, _)| c.tbs_certificate().subject().to_string())
+            .unwrap_or_else(|_| "the station's audit signer".into()),
+        pending_export: Some((
+            hex::encode(digest),
+            cp_id,
+            out_dir.display().to_string(),
+            who.to_string(),
+        )),
+        now_ms: now_ms(),
+    };
+    let (path, report_path) = (inner.cfg.database.clone(), staging.join("report.html"));
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        let c = Connection::open_with_flags(
+            &path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(crate::db::DbError::from)?;
+        let report = crate::report::gather(&c, batch_id, &ctx)
+            .map_err(|e| Error::Invalid(format!("the evidence report: {e}")))?;
+        write_synced(
+            &report_path,
+            crate::report::html::render(&report).as_bytes(),
+        )
+    })
+    .await
+    .map_err(|e| Error::Invalid(format!("the evidence report: {e}")))??;
     crate::failpoint("export.staged");
     publish(&staging, &out_dir)?;
     crate::failpoint("export.published");
 
-    // 4. The record.
+    // 5. The record.
     let audit = inner.audit.clone();
     let (src, actor, dir_s) = (
         inner.source.clone(),

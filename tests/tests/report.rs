@@ -1,0 +1,688 @@
+//! The batch evidence report, read as an auditor reads it: made from the journal by `station
+//! report` (and written into every export), its numbers checked against SQL over the journal,
+//! printed to PDF and rendered to a picture by Debian's Chromium, and read back with poppler's
+//! `pdftotext` — programs we did not write. A tampered audit log must be named on the first
+//! page. The requirement map behind the report must name only tests that exist.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use e2e::{Cell, CellOptions, run_batch};
+use station::report::{BatchReport, Verdict, html::data_of};
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The text of the PDF's first page, as poppler's `pdftotext` reads it.
+fn first_page(pdf: &Path) -> String {
+    let out = std::process::Command::new("pdftotext")
+        .args(["-f", "1", "-l", "1", "-layout", s(pdf), "-"])
+        .output()
+        .expect("pdftotext (poppler-utils) runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `station report` for `batch` into `out`, with the PDF: (exit code, output, the report's data,
+/// its HTML).
+fn report(cell: &Cell, batch: &str, out: &Path) -> (i32, String, BatchReport, String) {
+    let root = cell.path("root-ca.pem");
+    let (code, o, e) = cell.run(
+        None,
+        &[
+            "report",
+            "--batch",
+            batch,
+            "--root",
+            s(&root),
+            "--out",
+            s(out),
+            "--pdf",
+        ],
+    );
+    let html = std::fs::read_to_string(out.join("report.html"))
+        .unwrap_or_else(|err| panic!("no report.html ({err}): {o}{e}"));
+    let data = data_of(&html).expect("the report carries its data");
+    (code, format!("{o}{e}"), data, html)
+}
+
+fn acknowledge_every_alarm(cell: &Cell) {
+    let ids: Vec<i64> = {
+        let db = cell.db();
+        let mut st = db
+            .prepare("SELECT id FROM alarms WHERE acked_at IS NULL ORDER BY id")
+            .unwrap();
+        st.query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    for id in ids {
+        let (code, out, err) = cell.run(Some("super"), &["alarm", "ack", &id.to_string()]);
+        assert_eq!(code, 0, "alarm ack {id}: {out}{err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_reports_numbers_are_what_sql_says_of_a_batch_with_failures_voids_and_alarms() {
+    // Nest 1's first meter reports a firmware it was not given (a critical alarm, a failure
+    // after its certificate was issued: a void); nest 2's goes silent while it takes its
+    // certificate (a failure, a void); nest 3 runs clean.
+    let cell = Cell::new(CellOptions {
+        nests: 3,
+        quantity: 9,
+        firmware_kib: 16,
+        faults: vec![(1, "wrong-hash".into()), (2, "silent-at:put-cert".into())],
+        ..CellOptions::default()
+    })
+    .await;
+    let batch = cell.batch_id.unwrap();
+    let (daemon, summary) = run_batch(&cell, Duration::from_secs(300)).await;
+    assert!(summary.batch_complete, "{summary}");
+    assert!(summary.failed >= 2, "{summary}");
+    // One alarm is acknowledged now; the report made before the others are must say so.
+    let id = batch.to_string();
+    let (code, out, err) = cell.run(Some("super"), &["batch", "close", &id]);
+    assert_eq!(code, 0, "batch close: {out}{err}");
+    let open_alarms: i64 = cell
+        .db()
+        .query_row(
+            "SELECT count(*) FROM alarms WHERE acked_at IS NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(open_alarms >= 1, "the firmware mismatch raised an alarm");
+    let early = cell.path("early-report");
+    let (code, out, data, _) = report(&cell, &id, &early);
+    assert_eq!(
+        code, 3,
+        "an unexported batch with open alarms fails its checks: {out}"
+    );
+    let check =
+        |r: &BatchReport, name: &str| r.checks.iter().find(|c| c.name == name).unwrap().clone();
+    assert!(!check(&data, "alarms-acknowledged").ok);
+    assert!(!check(&data, "checkpoints").ok, "not exported yet");
+    let alarms_row = data
+        .requirements
+        .iter()
+        .find(|q| q.requirement.id == "SM-CG-A.alarms")
+        .unwrap();
+    assert_eq!(alarms_row.verdict, Verdict::Failed, "{alarms_row:?}");
+
+    acknowledge_every_alarm(&cell);
+    let dir = cell.path("export");
+    let (code, out, err) = cell.run(
+        Some("officer"),
+        &["export", "--batch", &id, "--out", s(&dir)],
+    );
+    assert_eq!(code, 0, "export: {out}{err}");
+    daemon.stop().await.unwrap();
+
+    // The auditor's report, on demand, from the journal the configuration names.
+    let out_dir = cell.path("report");
+    let (code, out, r, html) = report(&cell, &id, &out_dir);
+    assert_eq!(code, 0, "{out}");
+    assert!(r.audit.ok(), "{:?}", r.audit);
+    for q in &r.requirements {
+        if q.requirement.applies {
+            assert_eq!(q.verdict, Verdict::Met, "{}: {}", q.requirement.id, q.why);
+        } else {
+            assert_eq!(q.verdict, Verdict::NotApplicable);
+        }
+    }
+    assert!(r.checks.iter().all(|c| c.ok), "{:?}", r.checks);
+
+    // Every number against SQL over the journal.
+    let db = cell.db();
+    let q = |sql: &str| -> i64 { db.query_row(sql, [batch], |r| r.get(0)).unwrap() };
+    let c = &r.counts;
+    assert_eq!(
+        c.meters_done,
+        q("SELECT count(*) FROM meters WHERE batch_id = ?1 AND state = 'done'")
+    );
+    assert_eq!(
+        c.meters_failed,
+        q("SELECT count(*) FROM meters WHERE batch_id = ?1 AND state = 'failed'")
+    );
+    assert_eq!(c.meters_done, 9);
+    assert!(c.meters_failed >= 2);
+    let certs = |state: &str| {
+        q(&format!(
+            "SELECT count(*) FROM certificates c JOIN meters m ON m.id = c.meter_id WHERE m.batch_id = ?1 AND c.state = '{state}'"
+        ))
+    };
+    assert_eq!(c.certificates_delivered, certs("delivered"));
+    assert_eq!(c.certificates_voided, certs("voided"));
+    assert!(
+        c.certificates_voided >= 2,
+        "both failures left a void: {c:?}"
+    );
+    assert_eq!(
+        c.wrapped_keys,
+        q(
+            "SELECT count(*) FROM wrapped_keys k JOIN meters m ON m.id = k.meter_id WHERE m.batch_id = ?1 AND m.state = 'done'"
+        )
+    );
+    // Obsolete data: a failed meter keeps no wrapped key.
+    assert_eq!(
+        q(
+            "SELECT count(*) FROM wrapped_keys k JOIN meters m ON m.id = k.meter_id WHERE m.batch_id = ?1 AND m.state = 'failed'"
+        ),
+        0
+    );
+    // Per nest.
+    let mut st = db
+        .prepare("SELECT nest, sum(state = 'done'), sum(state = 'failed') FROM meters WHERE batch_id = ?1 GROUP BY nest ORDER BY nest")
+        .unwrap();
+    let nests: Vec<(i64, i64, i64)> = st
+        .query_map([batch], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        r.nests
+            .iter()
+            .map(|n| (n.nest, n.done, n.failed))
+            .collect::<Vec<_>>(),
+        nests
+    );
+    // Failures by reason and by step.
+    let mut st = db
+        .prepare("SELECT failure, fail_step FROM meters WHERE batch_id = ?1 AND state = 'failed'")
+        .unwrap();
+    let mut reasons: BTreeMap<String, i64> = BTreeMap::new();
+    let mut steps: BTreeMap<String, i64> = BTreeMap::new();
+    for row in st
+        .query_map([batch], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
+        })
+        .unwrap()
+    {
+        let (reason, step) = row.unwrap();
+        *reasons.entry(station::shift::cause(&reason)).or_default() += 1;
+        *steps
+            .entry(step.unwrap_or_else(|| "unknown".into()))
+            .or_default() += 1;
+    }
+    let got: BTreeMap<String, i64> = r
+        .failures_by_reason
+        .iter()
+        .map(|t| (t.label.clone(), t.count))
+        .collect();
+    assert_eq!(got, reasons);
+    let got: BTreeMap<String, i64> = r
+        .failures_by_step
+        .iter()
+        .map(|t| (t.label.clone(), t.count))
+        .collect();
+    assert_eq!(got, steps);
+    assert!(
+        html.contains("firmware"),
+        "the firmware failure is in words"
+    );
+    // Meters per hour add up; cycle times are the journal's.
+    assert_eq!(
+        r.per_hour.iter().map(|h| h.done + h.failed).sum::<i64>(),
+        q(
+            "SELECT count(*) FROM meters WHERE batch_id = ?1 AND state IN ('done', 'failed') AND finished_at IS NOT NULL"
+        )
+    );
+    let mut st = db
+        .prepare("SELECT finished_at - started_at FROM meters WHERE batch_id = ?1 AND state = 'done' ORDER BY 1")
+        .unwrap();
+    let cycles: Vec<i64> = st
+        .query_map([batch], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(r.cycle.meters, cycles.len() as i64);
+    assert_eq!(r.cycle.min_ms, cycles[0]);
+    assert_eq!(r.cycle.max_ms, *cycles.last().unwrap());
+    assert_eq!(
+        r.cycle.median_ms,
+        cycles[((cycles.len() - 1) as f64 * 0.5).round() as usize]
+    );
+    assert_eq!(
+        r.cycle.histogram.iter().map(|b| b.2).sum::<i64>(),
+        cycles.len() as i64
+    );
+    let floor = r
+        .cycle
+        .floor_ms
+        .expect("the configuration gives the lines' speeds");
+    assert!(
+        floor > 0 && floor <= r.cycle.min_ms,
+        "{floor} vs {}",
+        r.cycle.min_ms
+    );
+    // Voided certificates, each with its reason.
+    let mut st = db
+        .prepare("SELECT c.serial, c.void_reason FROM certificates c JOIN meters m ON m.id = c.meter_id WHERE m.batch_id = ?1 AND c.state = 'voided' ORDER BY c.id")
+        .unwrap();
+    let voids: Vec<(String, String)> = st
+        .query_map([batch], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        r.voided
+            .iter()
+            .map(|v| (v.serial.clone(), v.reason.clone()))
+            .collect::<Vec<_>>(),
+        voids
+    );
+    for (serial, _) in &voids {
+        assert!(html.contains(serial.as_str()), "void {serial} is listed");
+    }
+    // Alarms, and how long each took to acknowledge.
+    let (from, to) = r.batch.window_ms;
+    let mut st = db
+        .prepare("SELECT id, kind, acked_at - raised_at FROM alarms WHERE raised_at BETWEEN ?1 AND ?2 ORDER BY id")
+        .unwrap();
+    let alarms: Vec<(i64, String, Option<i64>)> = st
+        .query_map([from, to], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(!alarms.is_empty());
+    assert_eq!(
+        r.alarms
+            .iter()
+            .map(|a| (
+                a.id,
+                a.kind.clone(),
+                a.ack_s.map(|x| (x * 1000.0).round() as i64)
+            ))
+            .collect::<Vec<_>>(),
+        alarms
+    );
+    assert!(alarms.iter().any(|a| a.1 == "security.firmware_mismatch"));
+    // Audit entries per kind in the window.
+    let mut st = db
+        .prepare("SELECT kind, count(*) FROM audit WHERE ts BETWEEN ?1 AND ?2 GROUP BY kind")
+        .unwrap();
+    let kinds: BTreeMap<String, i64> = st
+        .query_map([from, to], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let got: BTreeMap<String, i64> = r
+        .audit_kinds
+        .iter()
+        .map(|(k, e)| (k.clone(), e.count))
+        .collect();
+    assert_eq!(got, kinds);
+    assert!(
+        kinds["meter.failed"] >= 2 && kinds["alarm.acknowledged"] >= 1,
+        "{kinds:?}"
+    );
+    assert_eq!(
+        r.audit.entries,
+        db.query_row("SELECT count(*) FROM audit", [], |r| r.get::<_, i64>(0))
+            .unwrap()
+    );
+    // The chain: the export's checkpoint, signed, equal to the log, and the entry naming it.
+    let (sha, cp_seq): (String, i64) = db
+        .query_row(
+            "SELECT e.manifest_sha256, c.seq FROM exports e JOIN audit_checkpoints c ON c.id = e.checkpoint_id WHERE e.batch_id = ?1",
+            [batch],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(r.exports.len(), 1);
+    let e = &r.exports[0];
+    assert_eq!(
+        (e.manifest_sha256.as_str(), e.checkpoint_seq),
+        (sha.as_str(), cp_seq)
+    );
+    assert!(e.signature_ok && e.chain_ok);
+    let exported: i64 = db
+        .query_row("SELECT seq FROM audit WHERE kind = 'manifest.exported' AND json_extract(details, '$.manifest_sha256') = ?1", [&sha], |r| r.get(0))
+        .unwrap();
+    assert_eq!(e.exported_entry, Some(exported));
+    // The firmware every meter done reported.
+    assert_eq!(r.firmware.meters_matching, c.meters_done);
+    assert_eq!(r.firmware.sha256, db.query_row("SELECT f.sha256 FROM batches b JOIN firmware f ON f.id = b.firmware_id WHERE b.id = ?1", [batch], |r| r.get::<_, String>(0)).unwrap());
+    // The HSM's self-test, with what it read back.
+    let t = r
+        .hsm_self_tests
+        .last()
+        .expect("a self-test at the daemon's start");
+    assert!(t.passed && t.findings.len() as i64 == t.checks, "{t:?}");
+
+    // The page shows what the data says.
+    for (id, value) in [
+        ("meters-done", c.meters_done.to_string()),
+        ("meters-failed", c.meters_failed.to_string()),
+        ("certificates-voided", c.certificates_voided.to_string()),
+    ] {
+        assert!(
+            html.contains(&format!("id=\"{id}\">{value}<")),
+            "{id} = {value}"
+        );
+    }
+    let page = first_page(&out_dir.join("report.pdf"));
+    assert!(page.contains("The audit log verifies"), "{page}");
+    assert!(page.contains(&r.batch.work_order), "{page}");
+
+    // The report written into the export says the same of the batch.
+    let at_export = data_of(&std::fs::read_to_string(dir.join("report.html")).unwrap()).unwrap();
+    assert_eq!(at_export.counts, r.counts);
+    assert_eq!(at_export.voided, r.voided);
+    assert!(at_export.audit.ok());
+    assert_eq!(at_export.exports.len(), 1);
+    assert!(at_export.exports[0].signature_ok && at_export.exports[0].chain_ok);
+    assert_eq!(at_export.exports[0].manifest_sha256, sha);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tampered_audit_log_is_named_on_the_reports_first_page() {
+    let cell = Cell::new(CellOptions {
+        nests: 2,
+        quantity: 2,
+        ..CellOptions::default()
+    })
+    .await;
+    let batch = cell.batch_id.unwrap().to_string();
+    let (daemon, summary) = run_batch(&cell, Duration::from_secs(300)).await;
+    assert!(summary.batch_complete, "{summary}");
+    let (code, out, err) = cell.run(Some("super"), &["batch", "close", &batch]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = cell.run(
+        Some("officer"),
+        &[
+            "export",
+            "--batch",
+            &batch,
+            "--out",
+            s(&cell.path("export")),
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    daemon.stop().await.unwrap();
+    // Start-up and shut-down are in the log.
+    let kinds = |k: &str| -> i64 {
+        cell.db()
+            .query_row("SELECT count(*) FROM audit WHERE kind = ?1", [k], |r| {
+                r.get(0)
+            })
+            .unwrap()
+    };
+    assert!(kinds("station.start") >= 1 && kinds("station.stop") >= 1);
+
+    let (code, out, clean, _) = report(&cell, &batch, &cell.path("clean"));
+    assert_eq!(code, 0, "{out}");
+    assert!(clean.audit.ok());
+
+    // Someone with a shell edits one entry of the batch: who provisioned a meter.
+    let seq: i64 = cell
+        .db()
+        .query_row(
+            "SELECT min(seq) FROM audit WHERE kind = 'meter.provisioned'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    cell.db()
+        .execute("UPDATE audit SET actor = 'mallory' WHERE seq = ?1", [seq])
+        .unwrap();
+    let out_dir = cell.path("tampered");
+    let (code, out, r, html) = report(&cell, &batch, &out_dir);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains(&format!("entry {seq}")), "{out}");
+    assert_eq!(r.audit.first_bad.as_ref().map(|b| b.0), Some(seq));
+    for q in r.requirements.iter().filter(|q| q.requirement.applies) {
+        assert_eq!(q.verdict, Verdict::NotShown, "{}", q.requirement.id);
+    }
+    // First thing on the page, and on the PDF's first page.
+    let banner = html.find("THE AUDIT LOG FAILED VERIFICATION").unwrap();
+    assert!(banner < html.find("Checks of this batch").unwrap());
+    let page = first_page(&out_dir.join("report.pdf"));
+    let flat = page.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(
+        flat.contains(&format!("THE AUDIT LOG FAILED VERIFICATION at entry {seq}")),
+        "{page}"
+    );
+}
+
+/// ImageMagick's count of pixels that differ by more than a few percent.
+fn differing_pixels(a: &Path, b: &Path) -> u64 {
+    let out = std::process::Command::new("compare")
+        .args(["-metric", "AE", "-fuzz", "6%", s(a), s(b), "null:"])
+        .output()
+        .expect("ImageMagick's compare runs");
+    let text = String::from_utf8_lossy(&out.stderr);
+    let n = text.split_whitespace().next().unwrap_or("");
+    n.parse::<f64>()
+        .unwrap_or_else(|_| panic!("compare said {text:?}")) as u64
+}
+
+#[test]
+fn chromium_renders_the_sample_report_as_its_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let html = dir.path().join("report.html");
+    std::fs::write(
+        &html,
+        station::report::html::render(&station::report::sample()),
+    )
+    .unwrap();
+    let shot = dir.path().join("report.png");
+    let mut cmd = std::process::Command::new("chromium");
+    cmd.args([
+        "--headless",
+        "--disable-gpu",
+        "--no-first-run",
+        "--hide-scrollbars",
+        "--force-device-scale-factor=1",
+        "--window-size=900,1300",
+    ])
+    .arg(format!(
+        "--user-data-dir={}",
+        dir.path().join("profile").display()
+    ))
+    .arg(format!("--screenshot={}", shot.display()));
+    if std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+    {
+        cmd.arg("--no-sandbox");
+    }
+    let out = cmd
+        .arg(format!("file://{}", html.display()))
+        .output()
+        .expect("Debian's chromium runs");
+    assert!(
+        out.status.success() && shot.exists(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let snapshot = repo().join("tests/snapshots/report.png");
+    if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
+        std::fs::create_dir_all(snapshot.parent().unwrap()).unwrap();
+        std::fs::copy(&shot, &snapshot).unwrap();
+        return;
+    }
+    assert!(
+        snapshot.exists(),
+        "no snapshot at {}: run with UPDATE_SNAPSHOTS=1 and look at it",
+        snapshot.display()
+    );
+    let diff = differing_pixels(&shot, &snapshot);
+    // Font hinting may move a few edge pixels; a changed word or bar moves thousands.
+    assert!(
+        diff <= 900,
+        "{diff} pixels differ from {} (the new picture: {})",
+        snapshot.display(),
+        shot.display()
+    );
+    // A changed figure is caught: the same page with one number changed differs.
+    let mut changed = station::report::sample();
+    changed.counts.meters_failed += 1;
+    changed.audit.first_bad = Some((17, "its hash does not chain".into()));
+    std::fs::write(&html, station::report::html::render(&changed)).unwrap();
+    let shot2 = dir.path().join("changed.png");
+    let mut cmd2 = std::process::Command::new("chromium");
+    cmd2.args(cmd.get_args().filter(|a| {
+        !a.to_string_lossy().starts_with("--screenshot")
+            && !a.to_string_lossy().starts_with("file://")
+    }))
+    .arg(format!("--screenshot={}", shot2.display()))
+    .arg(format!("file://{}", html.display()));
+    assert!(cmd2.output().unwrap().status.success());
+    assert!(differing_pixels(&shot2, &snapshot) > 5_000);
+}
+
+/// Every `FILE::NAME` of the requirement map is a test in that file; every place it names
+/// exists; every audit kind it names is one the station writes; and it covers each seed list.
+#[test]
+fn the_requirement_map_names_only_tests_that_exist() {
+    let map = station::report::requirements::map().unwrap();
+    let root = repo();
+    let mut missing = Vec::new();
+    let sources: String = [
+        "station/src",
+        "station/src/engine",
+        "station/src/manifest",
+        "station/src/api",
+    ]
+    .iter()
+    .flat_map(|d| std::fs::read_dir(root.join(d)).unwrap())
+    .map(|e| e.unwrap().path())
+    .filter(|p| p.extension().is_some_and(|x| x == "rs"))
+    .map(|p| std::fs::read_to_string(p).unwrap())
+    .collect();
+    for r in &map.requirements {
+        for t in &r.tests {
+            let (file, name) = t.split_once("::").unwrap();
+            let text = std::fs::read_to_string(root.join(file)).unwrap_or_default();
+            // The function, with a test attribute in the lines above it.
+            let found = text.find(&format!("fn {name}(")).is_some_and(|at| {
+                let before = &text[..at];
+                let head: Vec<&str> = before.lines().rev().take(4).collect();
+                head.iter()
+                    .any(|l| l.contains("#[test]") || l.contains("#[tokio::test"))
+            });
+            if !found {
+                missing.push(format!("{}: no test {t}", r.id));
+            }
+        }
+        for w in &r.places {
+            if !root.join(w).exists() {
+                missing.push(format!("{}: no file {w}", r.id));
+            }
+        }
+        for k in &r.audit {
+            if !sources.contains(&format!("\"{k}\"")) {
+                missing.push(format!("{}: the station never writes audit kind {k}", r.id));
+            }
+        }
+    }
+    assert!(missing.is_empty(), "{}", missing.join("\n"));
+    // Each letter of SM-CG A–I, the Annex A events DESIGN.md §8 lists, and NEMA SG-AMI 1's four
+    // concerns have a row.
+    let ids: Vec<&str> = map.requirements.iter().map(|r| r.id.as_str()).collect();
+    for letter in ["A", "B", "C", "D", "E", "F", "G", "H", "I"] {
+        assert!(
+            ids.iter()
+                .any(|i| i.starts_with(&format!("SM-CG-{letter}."))),
+            "SM-CG {letter}"
+        );
+    }
+    for event in [
+        "authentication",
+        "firmware",
+        "time",
+        "start-stop",
+        "errors",
+        "keys-and-parameters",
+        "access-rights",
+        "attacks",
+    ] {
+        assert!(
+            ids.contains(&format!("SM-CG-AnnexA.{event}").as_str()),
+            "Annex A {event}"
+        );
+    }
+    for item in ["logging", "integrity", "trusted-source", "authorisation"] {
+        assert!(
+            ids.contains(&format!("NEMA-SG-AMI-1.{item}").as_str()),
+            "NEMA {item}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_clock_jump_under_the_daemon_is_audited() {
+    // libfaketime moves the daemon's wall clock (and only it: the monotonic clock runs on) by
+    // the offset in a file it reads at every call.
+    let lib = [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists())
+    .expect("libfaketime (Debian's faketime package) is installed");
+    let cell = Cell::new(CellOptions {
+        nests: 1,
+        quantity: 1,
+        ..CellOptions::default()
+    })
+    .await;
+    let offset = cell.path("faketime-offset");
+    std::fs::write(&offset, "+0\n").unwrap();
+    let mut child = cell.spawn_stationd_with(&[
+        ("LD_PRELOAD", lib),
+        ("FAKETIME_TIMESTAMP_FILE", s(&offset)),
+        ("FAKETIME_NO_CACHE", "1"),
+        ("DONT_FAKE_MONOTONIC", "1"),
+    ]);
+    let jumps = || -> i64 {
+        cell.db()
+            .query_row(
+                "SELECT count(*) FROM audit WHERE kind = 'time.changed'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(jumps(), 0, "a steady clock is no change");
+    std::fs::write(&offset, "+3600\n").unwrap();
+    let mut seen = 0;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        seen = jumps();
+        if seen > 0 {
+            break;
+        }
+    }
+    let _ = std::process::Command::new("kill")
+        .arg(child.id().to_string())
+        .status();
+    let _ = child.wait();
+    assert_eq!(seen, 1, "the jump is audited once");
+    let jump: i64 = cell
+        .db()
+        .query_row(
+            "SELECT json_extract(details, '$.jump_ms') FROM audit WHERE kind = 'time.changed'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!((3_590_000..=3_610_000).contains(&jump), "{jump}");
+}

@@ -771,6 +771,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         d = dir.display()
     );
     println!(
+        "  station --config {d}/station.toml report --root {d}/root-ca.pem --batch 1 --out {d}/report --pdf",
+        d = dir.display()
+    );
+    println!(
         "  openssl cms -verify -binary -inform DER -purpose any -in {d}/manifest.p7m -CAfile {d}/root-ca.pem -out /dev/null   (the chain only: the recipe in docs/utility.md also checks the signer's role)",
         d = dir.display()
     );
@@ -883,7 +887,12 @@ async fn drive(cell: &DemoCell, args: &DemoArgs) -> Result<()> {
         Reply::Export(e) => e,
         _ => bail!("export answered unexpectedly"),
     };
-    for f in ["manifest.json", "manifest.p7m", crate::manifest::pskc::FILE] {
+    for f in [
+        "manifest.json",
+        "manifest.p7m",
+        crate::manifest::pskc::FILE,
+        "report.html",
+    ] {
         std::fs::copy(out.join(f), dir.join(f))?;
     }
     println!(
@@ -891,6 +900,10 @@ async fn drive(cell: &DemoCell, args: &DemoArgs) -> Result<()> {
         exported.meters,
         exported.voided,
         exported.checkpoint_seq,
+        dir.display()
+    );
+    println!(
+        "evidence report for the auditor: {}/report.html",
         dir.display()
     );
     let root =

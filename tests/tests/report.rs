@@ -311,12 +311,27 @@ async fn the_reports_numbers_are_what_sql_says_of_a_batch_with_failures_voids_an
         alarms
     );
     assert!(alarms.iter().any(|a| a.1 == "security.firmware_mismatch"));
-    // Audit entries per kind in the window.
+    // Audit entries per kind: the window's, the firmware's import and the self-test before it.
     let mut st = db
-        .prepare("SELECT kind, count(*) FROM audit WHERE ts BETWEEN ?1 AND ?2 GROUP BY kind")
+        .prepare(
+            "SELECT kind, count(*) FROM audit WHERE ts BETWEEN ?1 AND ?2
+                OR seq = (SELECT max(seq) FROM audit WHERE kind = 'hsm.self_test' AND ts < ?1)
+                OR seq = (SELECT max(seq) FROM audit WHERE kind = 'firmware.imported' AND ts <= ?1
+                          AND json_extract(details, '$.sha256') = ?3)
+              GROUP BY kind",
+        )
+        .unwrap();
+    let fw: String = db
+        .query_row(
+            "SELECT f.sha256 FROM batches b JOIN firmware f ON f.id = b.firmware_id WHERE b.id = ?1",
+            [batch],
+            |r| r.get(0),
+        )
         .unwrap();
     let kinds: BTreeMap<String, i64> = st
-        .query_map([from, to], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_map(rusqlite::params![from, to, fw], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
@@ -330,6 +345,7 @@ async fn the_reports_numbers_are_what_sql_says_of_a_batch_with_failures_voids_an
         kinds["meter.failed"] >= 2 && kinds["alarm.acknowledged"] >= 1,
         "{kinds:?}"
     );
+    assert_eq!(kinds.get("firmware.imported"), Some(&1), "{kinds:?}");
     assert_eq!(
         r.audit.entries,
         db.query_row("SELECT count(*) FROM audit", [], |r| r.get::<_, i64>(0))

@@ -61,6 +61,24 @@ fn fmt_ms(ms: i64) -> String {
     }
 }
 
+/// The top of an axis that shows `max` in four even steps of 1, 2 or 5 × 10ⁿ.
+fn nice_top(max: f64) -> f64 {
+    let raw = (max / 4.0).max(1e-9);
+    let mag = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * mag)
+        .find(|st| *st >= raw)
+        .unwrap_or(10.0 * mag);
+    // Counts come in whole numbers.
+    let step = if max >= 4.0 {
+        step.max(1.0).round()
+    } else {
+        step.max(0.25)
+    };
+    step * 4.0
+}
+
 /// A bar chart: one bar (or stack of two) per label.
 fn bars(
     title: &str,
@@ -70,14 +88,16 @@ fn bars(
 ) -> String {
     let (w, h, left, bottom, top) = (700.0, 190.0, 46.0, 34.0, 14.0);
     let mut s = String::new();
-    let max = rows
-        .iter()
-        .map(|r| r.1 + r.2)
-        .chain(mark.map(|m| m.0))
-        .fold(0.0f64, f64::max)
-        .max(1.0);
+    let max = nice_top(
+        rows.iter()
+            .map(|r| r.1 + r.2)
+            .chain(mark.map(|m| m.0))
+            .fold(0.0f64, f64::max)
+            .max(1.0),
+    );
     let n = rows.len().max(1) as f64;
-    let bw = (w - left - 8.0) / n;
+    // Few bars stay narrow, from the left.
+    let bw = ((w - left - 8.0) / n).min(56.0);
     let _ = write!(
         s,
         "<svg class=\"chart\" role=\"img\" aria-label=\"{}\" viewBox=\"0 0 {w} {h}\" width=\"100%\">",
@@ -93,11 +113,7 @@ fn bars(
             w - 4.0,
             left - 3.0,
             y + 3.0,
-            if max >= 10.0 {
-                format!("{v:.0}")
-            } else {
-                format!("{v:.1}")
-            }
+            (v * 100.0).round() / 100.0
         );
     }
     let every = (rows.len() / 16).max(1);
@@ -146,24 +162,20 @@ fn bars(
             esc(what)
         );
     }
-    let _ = write!(
-        s,
-        "<rect x=\"{left}\" y=\"{}\" width=\"9\" height=\"9\" fill=\"#3d7bbf\"/><text x=\"{}\" y=\"{}\">{}</text>",
-        h - 12.0,
-        left + 12.0,
-        h - 4.0,
-        esc(two.0)
-    );
-    if !two.1.is_empty() {
+    let mut x = left;
+    for (label, colour) in [(two.0, "#3d7bbf"), (two.1, "#d84a3a")] {
+        if label.is_empty() {
+            continue;
+        }
         let _ = write!(
             s,
-            "<rect x=\"{}\" y=\"{}\" width=\"9\" height=\"9\" fill=\"#d84a3a\"/><text x=\"{}\" y=\"{}\">{}</text>",
-            left + 120.0,
+            "<rect x=\"{x}\" y=\"{}\" width=\"9\" height=\"9\" fill=\"{colour}\"/><text x=\"{}\" y=\"{}\">{}</text>",
             h - 12.0,
-            left + 132.0,
+            x + 12.0,
             h - 4.0,
-            esc(two.1)
+            esc(label)
         );
+        x += 180.0;
     }
     s.push_str("</svg>");
     s
@@ -178,7 +190,7 @@ fn histogram(r: &BatchReport) -> String {
     let (w, h, left, bottom, top) = (700.0, 190.0, 46.0, 34.0, 14.0);
     let lo = c.histogram[0].0 as f64;
     let hi = c.histogram[c.histogram.len() - 1].1 as f64;
-    let max = c.histogram.iter().map(|b| b.2).max().unwrap_or(1).max(1) as f64;
+    let max = nice_top(c.histogram.iter().map(|b| b.2).max().unwrap_or(1).max(1) as f64);
     let plot_w = w - left - 8.0;
     let plot_h = h - bottom - top;
     let x_of = |ms: f64| left + plot_w * (ms - lo) / (hi - lo).max(1.0);
@@ -214,12 +226,21 @@ fn histogram(r: &BatchReport) -> String {
     }
     for i in 0..=4 {
         let ms = lo + (hi - lo) * f64::from(i) / 4.0;
+        let anchor = match i {
+            0 => "start",
+            4 => "end",
+            _ => "middle",
+        };
         let _ = write!(
             s,
-            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>",
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"{anchor}\">{}</text>",
             x_of(ms),
             h - bottom + 12.0,
-            fmt_ms(ms as i64)
+            if hi - lo < 2_000.0 {
+                format!("{:.2} s", ms / 1000.0)
+            } else {
+                fmt_ms(ms as i64)
+            }
         );
     }
     if let Some(f) = c.floor_ms {
@@ -554,12 +575,18 @@ pub fn render(r: &BatchReport) -> String {
         let rows: Vec<(String, f64, f64)> = r
             .alarms
             .iter()
-            .map(|a| (format!("#{}", a.id), a.ack_s.unwrap_or(0.0), 0.0))
+            .map(|a| match a.ack_s {
+                Some(x) => (format!("#{}", a.id), x, 0.0),
+                None => (format!("#{}", a.id), 0.0, a.open_s.unwrap_or(0.0)),
+            })
             .collect();
         s.push_str(&bars(
             "seconds until acknowledged",
             &rows,
-            ("seconds until acknowledged", ""),
+            (
+                "seconds until acknowledged",
+                "not acknowledged: seconds open",
+            ),
             None,
         ));
         s.push_str("<table><tr><th>#</th><th>raised</th><th>alarm</th><th>acknowledged</th><th class=\"n\">after</th></tr>");

@@ -16,6 +16,22 @@
 //! Goals: 20 000 meters exported in at most 20 s and verified in at most 10 s, with peak memory
 //! under four times the manifest's size.
 //!
+//! With `report` first (`cargo xtask bench report`), the journal also gets the audit entries the
+//! line writes for each meter (signed by the audit key in the HSM), and the batch evidence
+//! report is timed as `station report` makes it, in a process of its own: copy the journal,
+//! verify the whole audit log, gather, render, write. One line per size:
+//!
+//! `{"meters": N, "audit_entries": N, "export_s": F, "export_peak_rss_bytes": B,
+//! "pskc_bytes": B, "manifest_bytes": B, "report_s": F, "report_peak_rss_bytes": B,
+//! "report_rss_growth_bytes": B, "report_bytes": B}`
+//!
+//! - `export_s`: the whole export, which writes the PSKC container, the manifest, the CRL and
+//!   `report.html` (so it bounds the PSKC export's time);
+//! - `report_rss_growth_bytes`: the report's peak resident set less the process's before it
+//!   began (the binary, the runtime and SQLite's page cache are not the report's).
+//!
+//! Goals: the report of 20 000 meters in at most 10 s, the PSKC export in at most 5 s.
+//!
 //! Running 20 000 meters through the jig would take hours, so the batch is made directly in the
 //! journal — with real content, so that export and verification do all their real work: a
 //! SoftHSM token with the demo PKI, a signed firmware release, a customer and a batch as a cell
@@ -51,6 +67,20 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("export") => child_export(Path::new(&args[1])),
         Some("verify") => child_verify(Path::new(&args[1])),
+        Some("report-child") => child_report(Path::new(&args[1])),
+        Some("report") => {
+            let sizes: Vec<usize> = if args.len() == 1 {
+                SIZES.to_vec()
+            } else {
+                args[1..]
+                    .iter()
+                    .map(|a| a.parse().expect("meter counts"))
+                    .collect()
+            };
+            for n in sizes {
+                bench_report(n);
+            }
+        }
         _ => {
             let sizes: Vec<usize> = if args.is_empty() {
                 SIZES.to_vec()
@@ -100,7 +130,7 @@ fn bench(n: usize) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
     let t0 = Instant::now();
-    runtime().block_on(make_cell(&dir, n));
+    runtime().block_on(make_cell(&dir, n, false));
     eprintln!(
         "manifest-bench: {n} meters made in the journal in {:.1} s",
         t0.elapsed().as_secs_f64()
@@ -135,6 +165,87 @@ fn bench(n: usize) {
             "pskc_bytes": pskc_bytes,
         })
     );
+}
+
+fn bench_report(n: usize) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let t0 = Instant::now();
+    runtime().block_on(make_cell(&dir, n, true));
+    eprintln!(
+        "report-bench: {n} meters and their audit entries made in the journal in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let export = child("export", &dir);
+    let report = child("report-child", &dir);
+    let size = |f: &str| std::fs::metadata(dir.join(f)).unwrap().len();
+    let (pskc_bytes, report_bytes) = (size("export/keys.pskc"), size("report/report.html"));
+    eprintln!(
+        "report-bench: {n} meters, {} audit entries: export (PSKC, manifest, report) {:.2} s, report {:.2} s (peak RSS {:.1} MiB, {:.1} MiB of it the report's), report.html {:.0} KiB",
+        report["entries"],
+        export["s"].as_f64().unwrap(),
+        report["s"].as_f64().unwrap(),
+        report["peak_rss_bytes"].as_u64().unwrap() as f64 / 1048576.0,
+        report["growth_bytes"].as_u64().unwrap() as f64 / 1048576.0,
+        report_bytes as f64 / 1024.0
+    );
+    println!(
+        "{}",
+        serde_json::json!({
+            "meters": n,
+            "audit_entries": report["entries"],
+            "export_s": round(export["s"].as_f64().unwrap()),
+            "export_peak_rss_bytes": export["peak_rss_bytes"],
+            "pskc_bytes": pskc_bytes,
+            "manifest_bytes": size("export/manifest.p7m"),
+            "report_s": round(report["s"].as_f64().unwrap()),
+            "report_peak_rss_bytes": report["peak_rss_bytes"],
+            "report_rss_growth_bytes": report["growth_bytes"],
+            "report_bytes": report_bytes,
+        })
+    );
+}
+
+/// Child: the evidence report of batch 1, as `station report` makes it from the journal.
+fn child_report(dir: &Path) {
+    let before = current_rss();
+    let root = station::manifest::verify::read_cert(&dir.join("pki/root-ca.pem")).unwrap();
+    let cfg = Config::load(&dir.join("station.toml")).unwrap();
+    let t0 = Instant::now();
+    let copy = station::audit::JournalCopy::of(&cfg.database).unwrap();
+    let (key, signer) = station::audit::offline_key(&copy.conn, &root, None).unwrap();
+    let ctx = station::report::Context {
+        station_id: cfg.station_id.clone(),
+        bauds: cfg.nests.iter().map(|n| n.baud).collect(),
+        audit_key: key,
+        audit_signer: signer,
+        pending_export: None,
+        now_ms: station::db::now_ms(),
+    };
+    let r = station::report::gather(&copy.conn, 1, &ctx).unwrap();
+    drop(copy);
+    let html = station::report::html::render(&r);
+    std::fs::create_dir_all(dir.join("report")).unwrap();
+    station::report::write_file(&dir.join("report/report.html"), html.as_bytes()).unwrap();
+    let s = t0.elapsed().as_secs_f64();
+    assert!(r.audit.ok(), "{:?}", r.audit);
+    assert_eq!(r.exports.len(), 1);
+    let peak = peak_rss();
+    println!(
+        "{}",
+        serde_json::json!({"s": s, "peak_rss_bytes": peak, "growth_bytes": peak.saturating_sub(before), "entries": r.audit.entries})
+    );
+}
+
+/// Resident set of this process now, bytes (VmRSS).
+fn current_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        * 1024
 }
 
 fn round(x: f64) -> f64 {
@@ -198,7 +309,7 @@ fn child_verify(dir: &Path) {
 }
 
 /// A cell with a closed batch of `n` done meters (and one failed in 200) in its journal.
-async fn make_cell(dir: &Path, n: usize) {
+async fn make_cell(dir: &Path, n: usize, audit: bool) {
     let common::BenchCell { pki, conf_head } = common::bench_cell(dir, "mbench", MODEL).await;
     std::fs::write(dir.join("station.toml"), conf_head).unwrap();
 
@@ -270,14 +381,14 @@ async fn make_cell(dir: &Path, n: usize) {
     for chunk in numbers.chunks(CHUNK) {
         while jobs.len() >= 4 {
             let rows: Vec<MeterRows> = jobs.join_next().await.unwrap().unwrap();
-            store(&engine, batch.id, rows).await;
+            store(&engine, batch.id, rows, audit).await;
         }
         let (engine2, label) = (engine.clone(), batch.transport_key.clone());
         let numbers = chunk.to_vec();
         jobs.spawn(async move { make_meters(&engine2, &label, &numbers, failed, fw_sha).await });
     }
     while let Some(rows) = jobs.join_next().await {
-        store(&engine, batch.id, rows.unwrap()).await;
+        store(&engine, batch.id, rows.unwrap(), audit).await;
     }
     engine
         .db()
@@ -475,7 +586,7 @@ async fn make_meters(
 
 /// Writes meters as the provisioning pipeline leaves them: done (certificates delivered, keys
 /// wrapped, receipt kept) or failed (certificate voided, no keys).
-async fn store(engine: &Engine, batch: i64, rows: Vec<MeterRows>) {
+async fn store(engine: &Engine, batch: i64, rows: Vec<MeterRows>, audit: bool) {
     let fw: String = engine
         .db()
         .with(|c| {
@@ -486,12 +597,32 @@ async fn store(engine: &Engine, batch: i64, rows: Vec<MeterRows>) {
             )
         })
         .unwrap();
+    let log = engine.audit_log().clone();
     engine
         .db()
         .with(move |c| -> rusqlite::Result<()> {
             let tx = c.transaction()?;
             let now = station::db::now_ms();
             for m in rows {
+                if audit {
+                    // The entry the line writes for the meter's outcome, signed by the audit key.
+                    let (kind, severity) = if m.done {
+                        ("meter.provisioned", station::audit::Severity::Info)
+                    } else {
+                        ("meter.failed", station::audit::Severity::Warning)
+                    };
+                    log.append(
+                        &tx,
+                        &station::audit::NewEvent::new(
+                            "bench",
+                            kind,
+                            severity,
+                            "oper",
+                            serde_json::json!({"uid": m.uid, "serial": serial_of(m.number), "nest": m.number % 4 + 1}),
+                        ),
+                    )
+                    .unwrap();
+                }
                 let nest = (m.number % 4 + 1) as i64;
                 tx.execute(
                     "INSERT INTO meters (batch_id, uid, nest, state, serial, serial_no, system_title, ldn, fw_sha256, receipt, receipt_sig, failure, operator, started_at, finished_at)

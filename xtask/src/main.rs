@@ -22,8 +22,10 @@ commands:
                         tests, the HSM tests again under plain `cargo test`, and every
                         fuzz target for 30 s — what CI runs
   bench <what>          print benchmark figures as JSON lines; <what> is one of:
-                        link, hsm, station, manifest, api, gui (the console's
-                        screens and the OPC UA server's latency), opcua, fleet, all
+                        link, hsm, station, manifest, report (the evidence report
+                        and the PSKC export of 20 000 meters), api, gui (the
+                        console's screens and the OPC UA server's latency), opcua,
+                        fleet, all
   screenshot [OUT.png]  start the touch console in demo mode under Xvfb and save a picture
   fuzz [TARGET|all] [SECS]
                         fuzz one target (or all) with libFuzzer on stable for SECS s
@@ -517,7 +519,7 @@ fn demo(args: &[String]) -> Result<(), String> {
 fn bench(what: &str) -> Result<(), String> {
     let imgtool = deps(what == "gui" || what == "all")?;
     let all = [
-        "link", "hsm", "station", "manifest", "api", "gui", "opcua", "fleet",
+        "link", "hsm", "station", "manifest", "report", "api", "gui", "opcua", "fleet",
     ];
     let list: Vec<&str> = match what {
         "all" => all.to_vec(),
@@ -530,7 +532,7 @@ fn bench(what: &str) -> Result<(), String> {
             "link" => ("meter-sim", "link-bench"),
             "hsm" => ("hsm", "hsm-bench"),
             "station" => ("station", "station-bench"),
-            "manifest" => ("station", "manifest-bench"),
+            "manifest" | "report" => ("station", "manifest-bench"),
             "api" => ("station", "api-bench"),
             "gui" => ("gui", "gui-bench"),
             // The OPC UA server's part of the floor's figures, measured after the console's.
@@ -563,7 +565,7 @@ fn bench(what: &str) -> Result<(), String> {
             }
             other => {
                 return Err(format!(
-                    "unknown benchmark {other:?}: link, hsm, station, manifest, api, gui, opcua, fleet or all"
+                    "unknown benchmark {other:?}: link, hsm, station, manifest, report, api, gui, opcua, fleet or all"
                 ));
             }
         };
@@ -578,6 +580,10 @@ fn bench(what: &str) -> Result<(), String> {
             "--example",
             example,
         ]);
+        // The report's benchmark is the manifest's, with the audit entries and the report.
+        if w == "report" {
+            c.arg("--").arg("report");
+        }
         with_tool_env(&mut c, &imgtool);
         if w == "gui" {
             c.env("XTASK_GUI_BENCH", "1");

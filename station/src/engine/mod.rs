@@ -1382,6 +1382,12 @@ impl Engine {
     pub fn keys(&self) -> &CellKeys {
         &self.inner.keys
     }
+
+    /// The audit log's writer, for benchmarks that fill a journal the way the line does.
+    #[doc(hidden)]
+    pub fn audit_log(&self) -> &Audit {
+        &self.inner.audit
+    }
 }
 
 impl Inner {

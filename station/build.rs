@@ -55,7 +55,7 @@ fn requirement_problems(text: &str) -> Vec<String> {
             match k {
                 "id" => id = v.trim_matches('"').to_string(),
                 "applies" => applies = Some(v == "true"),
-                "reason" => reason = v.trim_matches('"').trim().len() > 0,
+                "reason" => reason = !v.trim_matches('"').trim().is_empty(),
                 "tests" => {
                     tests += v.matches("::").count();
                     in_tests = !v.contains(']');

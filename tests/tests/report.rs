@@ -4,6 +4,8 @@
 //! `pdftotext` — programs we did not write. A tampered audit log must be named on the first
 //! page. The requirement map behind the report must name only tests that exist.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

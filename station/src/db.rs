@@ -34,6 +34,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("schema/007_audit_tree.sql"),
     include_str!("schema/008_outbox.sql"),
     include_str!("schema/009_fail_step.sql"),
+    include_str!("schema/010_line_baud.sql"),
 ];
 
 /// Why the journal cannot be used.

@@ -302,6 +302,8 @@ pub struct NewBatch {
     pub oaep_hash: String,
     /// The OAEP label the transport key was wrapped with (the work order), if any.
     pub oaep_label: Option<String>,
+    /// The fastest line's speed, baud, when the batch opened.
+    pub line_baud: Option<u32>,
 }
 
 /// Inserts a batch.
@@ -313,10 +315,10 @@ pub fn insert_batch(
 ) -> Result<i64, DbError> {
     tx.execute(
         "INSERT INTO batches (work_order, model, firmware_id, customer_id, quantity, serial_prefix, serial_first, serial_last,
-            next_serial, state, transport_key, transport_wrapped, transport_kcv, oaep_hash, opened_at, opened_by, oaep_label)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?7, 'open', ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+            next_serial, state, transport_key, transport_wrapped, transport_kcv, oaep_hash, opened_at, opened_by, oaep_label, line_baud)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?7, 'open', ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
         params![b.work_order, b.model, b.firmware_id, b.customer_id, b.quantity, b.serial_prefix, b.serial_first, b.serial_last,
-            b.transport_key, b.transport_wrapped, b.transport_kcv, b.oaep_hash, now, by, b.oaep_label],
+            b.transport_key, b.transport_wrapped, b.transport_kcv, b.oaep_hash, now, by, b.oaep_label, b.line_baud],
     )?;
     Ok(tx.last_insert_rowid())
 }

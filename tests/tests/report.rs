@@ -397,6 +397,42 @@ async fn the_reports_numbers_are_what_sql_says_of_a_batch_with_failures_voids_an
     assert!(page.contains("The audit log verifies"), "{page}");
     assert!(page.contains(&r.batch.work_order), "{page}");
 
+    // An auditor with nothing but a copy of the journal and the root gets the same report: the
+    // line speed the batch recorded gives the theoretical minimum without the configuration.
+    let copy = cell.path("auditor");
+    std::fs::create_dir_all(&copy).unwrap();
+    std::fs::copy(cell.path("station.db"), copy.join("station.db")).unwrap();
+    let _ = std::fs::copy(cell.path("station.db-wal"), copy.join("station.db-wal"));
+    let out = std::process::Command::new(e2e::station_exe())
+        .args([
+            "--config",
+            s(&copy.join("no-such.toml")),
+            "report",
+            "--batch",
+            &id,
+        ])
+        .args([
+            "--journal",
+            s(&copy.join("station.db")),
+            "--root",
+            s(&cell.path("root-ca.pem")),
+        ])
+        .args(["--out", s(&copy.join("report"))])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let alone =
+        data_of(&std::fs::read_to_string(copy.join("report/report.html")).unwrap()).unwrap();
+    assert_eq!(alone.counts, r.counts);
+    assert_eq!(alone.cycle, r.cycle);
+    assert_eq!(alone.station_id, r.station_id);
+    assert_eq!(alone.requirements, r.requirements);
+
     // The report written into the export says the same of the batch.
     let at_export = data_of(&std::fs::read_to_string(dir.join("report.html")).unwrap()).unwrap();
     assert_eq!(at_export.counts, r.counts);

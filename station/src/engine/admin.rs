@@ -996,6 +996,7 @@ async fn open_batch(inner: &Arc<Inner>, who: &str, spec: BatchSpec) -> Result<re
         transport_kcv: hex::encode(kcv),
         oaep_hash: oaep.clone(),
         oaep_label: oaep_label.clone(),
+        line_baud: inner.cfg.nests.iter().map(|n| n.baud).max(),
     };
     let a = inner.audit.clone();
     let src = inner.source.clone();

@@ -441,7 +441,8 @@ pub struct RequirementRow {
 pub struct Context {
     /// The station.
     pub station_id: String,
-    /// The nests' line speeds, if known (for the theoretical minimum cycle).
+    /// The nests' line speeds, if known, for the theoretical minimum cycle of a batch whose
+    /// journal row does not record its line speed (batches opened before schema version 10).
     pub bauds: Vec<u32>,
     /// The audit key.
     pub audit_key: VerifyingKey,
@@ -513,11 +514,29 @@ pub fn gather(c: &Connection, batch_id: i64, ctx: &Context) -> Result<BatchRepor
             ))
         },
     )?;
+    // The newest export ends the window: its record, or the audit entry that records it (written
+    // in the same transaction, a millisecond later at times).
     let last_export: Option<i64> = c.query_row(
-        "SELECT MAX(created_at) FROM exports WHERE batch_id = ?1",
+        "SELECT MAX(t) FROM (
+            SELECT MAX(created_at) AS t FROM exports WHERE batch_id = ?1
+            UNION ALL
+            SELECT MAX(ts) FROM audit WHERE kind = 'manifest.exported'
+               AND json_extract(details, '$.batch') = (SELECT work_order FROM batches WHERE id = ?1))",
         [batch_id],
         |r| r.get(0),
     )?;
+    // Likewise the closing: its row's time, or its audit entry's.
+    let closed_ms = match closed_ms {
+        Some(t) => c
+            .query_row(
+                "SELECT MAX(ts) FROM audit WHERE kind = 'batch.closed'
+                    AND json_extract(details, '$.batch') = ?1",
+                [batch_id],
+                |r| r.get::<_, Option<i64>>(0),
+            )?
+            .map_or(Some(t), |e| Some(e.max(t))),
+        None => None,
+    };
     let end_ms = if ctx.pending_export.is_some() {
         ctx.now_ms
     } else {
@@ -816,7 +835,14 @@ pub fn gather(c: &Connection, batch_id: i64, ctx: &Context) -> Result<BatchRepor
             })
         },
     )?;
-    let floor_ms = crate::shift::floor_of(c, fw_id, &ctx.bauds)?.map(i64::from);
+    // The speed the batch recorded when it opened; the configuration's for older batches.
+    let recorded: Option<u32> = c.query_row(
+        "SELECT line_baud FROM batches WHERE id = ?1",
+        [batch_id],
+        |r| r.get(0),
+    )?;
+    let bauds = recorded.map_or_else(|| ctx.bauds.clone(), |b| vec![b]);
+    let floor_ms = crate::shift::floor_of(c, fw_id, &bauds)?.map(i64::from);
     let cycle = cycle_stats(cycles, floor_ms);
 
     let permissions = crate::auth::PERMISSIONS

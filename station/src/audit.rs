@@ -814,13 +814,39 @@ pub fn verify(conn: &rusqlite::Connection, key: &VerifyingKey) -> Result<Verific
             first_bad = Some((seq, why));
         }
     };
+    // The signed head and the checkpoints name the entries whose chain hash and tree head are
+    // compared below: only those are kept from the pass over the log, so that verifying a log of
+    // millions of entries holds a few hashes, not all of them.
+    let head: Option<(i64, Vec<u8>, Vec<u8>)> = conn
+        .query_row(
+            "SELECT seq, hash, signature FROM audit_head WHERE id = 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    let cps: Vec<(i64, Vec<u8>, String)> = {
+        let mut stmt = conn.prepare("SELECT seq, hash, note FROM audit_checkpoints ORDER BY id")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    let mut wanted: BTreeSet<i64> = cps
+        .iter()
+        .flat_map(|(row_seq, _, text)| {
+            [Some(*row_seq), checkpoint_values(text).map(|(seq, _)| seq)]
+        })
+        .flatten()
+        .collect();
+    wanted.extend(head.as_ref().map(|h| h.0));
     let mut stmt = conn.prepare(
         "SELECT seq, ts, source, kind, severity, actor, details, hash, sig FROM audit ORDER BY seq",
     )?;
     let mut rows = stmt.query([])?;
     let mut prev_seq = 0i64;
     let mut prev_hash = vec![0u8; 32];
-    let mut chain: Vec<(i64, Vec<u8>)> = Vec::new();
+    // For each wanted entry that verified: its chain hash and the tree head after it.
+    let mut tree = Frontier::new();
+    let mut kept: std::collections::BTreeMap<i64, (Vec<u8>, Hash)> = Default::default();
+    kept.insert(0, (Vec::new(), tree.root()));
     let mut broken = false;
     // The entries' signatures are checked in batches on every core (they are most of the work);
     // the chain, in order, as the rows come.
@@ -866,7 +892,10 @@ pub fn verify(conn: &rusqlite::Connection, key: &VerifyingKey) -> Result<Verific
         if unsigned.len() >= SIGNATURE_BATCH {
             check_signatures(&mut unsigned);
         }
-        chain.push((seq, hash.clone()));
+        tree.push(leaf_hash(&hash));
+        if wanted.contains(&seq) {
+            kept.insert(seq, (hash.clone(), tree.root()));
+        }
         prev_seq = seq;
         prev_hash = hash;
     }
@@ -878,17 +907,11 @@ pub fn verify(conn: &rusqlite::Connection, key: &VerifyingKey) -> Result<Verific
             format!("entry {seq} is not signed by the audit key (rewritten)"),
         );
         broken = true;
-        chain.retain(|(s, _)| *s < seq);
+        kept.retain(|s, _| *s < seq);
         prev_seq = prev_seq.min(seq - 1);
     }
     let entries = prev_seq;
-    let head: Option<(i64, Vec<u8>, Vec<u8>)> = conn
-        .query_row(
-            "SELECT seq, hash, signature FROM audit_head WHERE id = 1",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
-        .optional()?;
+    let chain_at = |seq: i64| kept.get(&seq).filter(|_| seq > 0).map(|(h, _)| h);
     match head {
         None if entries > 0 => note(1, "the signed head of the log is missing".into()),
         None => {}
@@ -906,7 +929,7 @@ pub fn verify(conn: &rusqlite::Connection, key: &VerifyingKey) -> Result<Verific
                         entries + 1
                     ),
                 );
-            } else if let Some((_, h)) = chain.iter().find(|(s, _)| *s == hseq) {
+            } else if let Some(h) = chain_at(hseq) {
                 if *h != hhash {
                     note(hseq, format!("entry {hseq} does not match the signed head"));
                 }
@@ -923,24 +946,8 @@ pub fn verify(conn: &rusqlite::Connection, key: &VerifyingKey) -> Result<Verific
         .map(|d| d.as_bytes().to_vec())
         .unwrap_or_default();
     let key_id = note_key_id(&spki);
-    let mut stmt = conn.prepare("SELECT seq, hash, note FROM audit_checkpoints ORDER BY id")?;
-    let cps = stmt.query_map([], |r| {
-        Ok((
-            r.get::<_, i64>(0)?,
-            r.get::<_, Vec<u8>>(1)?,
-            r.get::<_, String>(2)?,
-        ))
-    })?;
-    // The tree head after each verified entry, for the checkpoints that name one.
-    let mut tree = Frontier::new();
-    let mut heads = vec![tree.root()];
-    for (_, h) in &chain {
-        tree.push(leaf_hash(h));
-        heads.push(tree.root());
-    }
     let mut checkpoints = 0;
-    for cp in cps {
-        let (row_seq, row_hash, text) = cp?;
+    for (row_seq, row_hash, text) in cps {
         checkpoints += 1;
         if !verify_note(&text, key, &key_id) {
             note(
@@ -966,7 +973,7 @@ pub fn verify(conn: &rusqlite::Connection, key: &VerifyingKey) -> Result<Verific
             );
         }
         if let Some((_, root)) = checkpoint_tree_head(&text)
-            && let Some(head) = heads.get(seq as usize)
+            && let Some((_, head)) = kept.get(&seq)
             && *head != root
         {
             note(
@@ -977,8 +984,8 @@ pub fn verify(conn: &rusqlite::Connection, key: &VerifyingKey) -> Result<Verific
         if seq == 0 {
             continue;
         }
-        match chain.iter().find(|(s, _)| *s == seq) {
-            Some((_, h)) if *h == hash => {}
+        match chain_at(seq) {
+            Some(h) if *h == hash => {}
             Some(_) => note(
                 seq,
                 format!("entry {seq} does not match its signed checkpoint"),

@@ -788,6 +788,76 @@ mod tests {
         assert_eq!(data_of(&html).unwrap(), r);
     }
 
+    /// What a rogue board or a hostile journal could put into the text the report shows: a
+    /// meter's refusal detail ends up in a failure reason, an alarm and a void's reason.
+    #[test]
+    fn hostile_text_in_every_field_never_becomes_markup() {
+        let pieces = [
+            "<x-evil>",
+            "</script>",
+            "<!--",
+            "-->",
+            "\"",
+            "'",
+            "&amp;",
+            "&",
+            "<",
+            ">",
+            "]]>",
+            "\u{2028}",
+            "</style><x-evil onload=1>",
+            "<svg onload=x>",
+            "é",
+            "\\",
+            "\n",
+        ];
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (seed >> 33) as usize
+        };
+        for _ in 0..200 {
+            let mut text = || -> String {
+                (0..1 + next() % 6)
+                    .map(|_| pieces[next() % pieces.len()])
+                    .collect()
+            };
+            let mut r = super::super::sample();
+            r.batch.work_order = text();
+            r.batch.customer = text();
+            r.station_id = text();
+            r.failures_by_reason[0].label = text();
+            r.failures_by_step[0].label = text();
+            r.alarms[0].words = text();
+            r.alarms[0].kind = text();
+            r.voided[0].reason = text();
+            r.voided[0].meter_serial = Some(text());
+            r.exports[0].checkpoint_text = text();
+            r.exports[0].out_dir = text();
+            r.hsm_self_tests[0].findings[0].2 = text();
+            r.checks[0].detail = text();
+            r.requirements[0].requirement.text = text();
+            r.requirements[0].why = text();
+            r.audit_kinds.insert(
+                text(),
+                crate::report::KindEvidence {
+                    count: 1,
+                    examples: vec![(1, text(), text(), text())],
+                },
+            );
+            let html = render(&r);
+            assert!(!html.contains("<x-evil"), "{html}");
+            assert!(!html.contains("<svg onload"));
+            assert!(!html.contains("<!--"));
+            assert_eq!(html.matches("<script").count(), 1);
+            assert_eq!(html.matches("</script>").count(), 1);
+            assert_eq!(html.matches("</style>").count(), 1);
+            assert_eq!(data_of(&html).as_ref(), Some(&r));
+        }
+    }
+
     #[test]
     fn a_failed_log_is_the_first_thing_on_the_page() {
         let mut r = super::super::sample();

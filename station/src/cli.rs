@@ -1439,16 +1439,14 @@ fn report(cli: &Cli, a: &ReportArgs) -> Result<ExitCode> {
         .collect();
     if let Some((seq, why)) = &r.audit.first_bad {
         eprintln!("station: the audit log fails verification at entry {seq}: {why}");
-        return Ok(ExitCode::from(2));
-    }
-    if !failed.is_empty() {
+    } else if !failed.is_empty() {
         eprintln!(
             "station: checks of the batch fail for {}: see the report's first page",
             failed.join(", ")
         );
-        return Ok(ExitCode::from(3));
     }
-    Ok(ExitCode::SUCCESS)
+    // The code the report's first page names.
+    Ok(ExitCode::from(crate::report::html::exit_code(&r)))
 }
 
 fn curve_of(curve: &str) -> Result<hsm::Curve> {

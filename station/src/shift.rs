@@ -207,7 +207,7 @@ pub fn floor_of(c: &Connection, firmware_id: i64, bauds: &[u32]) -> Result<Optio
 
 /// The bytes of an image on the wire at best: its deflated size when smaller (remembered per
 /// image, deflating a large image takes a while).
-fn wire_bytes(sha: &str, image: &[u8]) -> usize {
+pub(crate) fn wire_bytes(sha: &str, image: &[u8]) -> usize {
     static LAST: std::sync::Mutex<Option<(String, usize)>> = std::sync::Mutex::new(None);
     let mut last = LAST
         .lock()

@@ -641,7 +641,12 @@ fn the_requirement_map_names_only_tests_that_exist() {
             }
         }
         for k in &r.audit {
-            if !sources.contains(&format!("\"{k}\"")) {
+            // As a string the station writes, not a fail point's name.
+            let quoted = format!("\"{k}\"");
+            let written = sources
+                .match_indices(&quoted)
+                .any(|(at, _)| !sources[..at].trim_end().ends_with("failpoint("));
+            if !written {
                 missing.push(format!("{}: the station never writes audit kind {k}", r.id));
             }
         }

@@ -57,7 +57,18 @@ fn fmt_ms(ms: i64) -> String {
     if ms >= 60_000 {
         format!("{}:{:02} min", ms / 60_000, (ms % 60_000) / 1000)
     } else {
-        format!("{:.1} s", ms as f64 / 1000.0)
+        format!("{:.2} s", ms as f64 / 1000.0)
+    }
+}
+
+/// What `station report` exits with for this report: 2 when the log fails, 3 when a check fails.
+pub fn exit_code(r: &BatchReport) -> u8 {
+    if !r.audit.ok() {
+        2
+    } else if r.requirements.iter().any(|q| q.verdict == Verdict::Failed) {
+        3
+    } else {
+        0
     }
 }
 
@@ -302,6 +313,24 @@ pub fn render(r: &BatchReport) -> String {
             esc(&r.audit.verified_with)
         );
     }
+    let count = |v: Verdict| r.requirements.iter().filter(|q| q.verdict == v).count();
+    let checks_ok = r.checks.iter().filter(|c| c.ok).count();
+    let _ = write!(
+        s,
+        "<p id=\"overall\" class=\"{}\">Overall: {checks_ok} of {} checks of this batch hold; of {} requirements {} met, {} FAILED, {} not shown, {} do not apply. <code>station report</code> exits {}.</p>",
+        if exit_code(r) == 0 {
+            "v-met"
+        } else {
+            "v-failed"
+        },
+        r.checks.len(),
+        r.requirements.len(),
+        count(Verdict::Met),
+        count(Verdict::Failed),
+        count(Verdict::NotShown),
+        count(Verdict::NotApplicable),
+        exit_code(r)
+    );
     let b = &r.batch;
     let _ = write!(
         s,
@@ -349,8 +378,8 @@ pub fn render(r: &BatchReport) -> String {
         ),
         (
             "alarms",
-            "alarms (acknowledged)",
-            format!("{} ({})", c.alarms, c.alarms_acknowledged),
+            "alarms raised / acknowledged",
+            format!("{} / {}", c.alarms, c.alarms_acknowledged),
         ),
         (
             "certificates-delivered",
@@ -401,6 +430,11 @@ pub fn render(r: &BatchReport) -> String {
 
     // The requirement table.
     s.push_str("<h2>Requirements and their evidence</h2><p class=\"small\">Each requirement of the seed documents as the cell's requirement map (<code>schemas/requirements.toml</code>) holds it: how the cell meets it, where that lives, the tests of this build that prove it, and this batch's audit entries of the kinds that evidence it.</p>");
+    let _ = write!(
+        s,
+        "<p class=\"small\">Requirement map SHA-256 <code id=\"map-sha256\">{}</code>.</p>",
+        esc(&r.map_sha256)
+    );
     for (name, d) in &r.documents {
         let _ = write!(
             s,
@@ -492,7 +526,7 @@ pub fn render(r: &BatchReport) -> String {
     }
     let _ = write!(
         s,
-        "<h3>Cycle time</h3><p>{} meters done: shortest <span id=\"cycle-min\">{}</span>, median {}, 90th percentile {}, longest {}; theoretical minimum {}.</p>",
+        "<h3>Cycle time</h3><p>Cycle time is a meter's time from its start in the nest to its release. {} meters done: shortest <span id=\"cycle-min\">{}</span>, median {}, 90th percentile {}, longest {}; theoretical minimum {}.</p>",
         r.cycle.meters,
         fmt_ms(r.cycle.min_ms),
         fmt_ms(r.cycle.median_ms),
@@ -501,8 +535,14 @@ pub fn render(r: &BatchReport) -> String {
         r.cycle
             .floor_ms
             .map(|f| format!(
-                "<span id=\"cycle-floor\">{}</span> (the firmware's wire time at the fastest line, 10 bits a byte)",
-                fmt_ms(f)
+                "<span id=\"cycle-floor\">{}</span> (the firmware's wire time at the fastest line, 10 bits a byte{})",
+                fmt_ms(f),
+                r.cycle
+                    .floor_from
+                    .map(|(baud, bytes)| format!(
+                        ": {bytes} bytes on the wire (the image deflated, when that is smaller) at {baud} baud"
+                    ))
+                    .unwrap_or_default()
             ))
             .unwrap_or_else(|| "unknown (the lines' speeds were not given)".into())
     );
@@ -603,7 +643,11 @@ pub fn render(r: &BatchReport) -> String {
                     (Some(t), Some(by)) => format!("{} by {}", esc(t), esc(by)),
                     _ => "<span class=\"v-failed\">NOT ACKNOWLEDGED</span>".into(),
                 },
-                a.ack_s.map(|x| format!("{x:.0} s")).unwrap_or_default()
+                match (a.ack_s, a.open_s) {
+                    (Some(x), _) => format!("{x:.0} s"),
+                    (None, Some(x)) => format!("open {x:.0} s when this report was made"),
+                    _ => String::new(),
+                }
             );
         }
         s.push_str("</table>");

@@ -93,6 +93,8 @@ pub struct BatchReport {
     pub requirements: Vec<RequirementRow>,
     /// The seed documents.
     pub documents: BTreeMap<String, requirements::Document>,
+    /// SHA-256 of the requirement map this report was made with (hex).
+    pub map_sha256: String,
     /// The permission table: action → roles.
     pub permissions: Vec<(String, Vec<String>)>,
 }
@@ -242,6 +244,9 @@ pub struct CycleStats {
     pub floor_ms: Option<i64>,
     /// Histogram: (from ms, to ms, meters).
     pub histogram: Vec<(i64, i64, i64)>,
+    /// What the theoretical minimum was computed from: (line speed, baud; the image's bytes on
+    /// the wire, deflated when that is smaller).
+    pub floor_from: Option<(u32, u64)>,
 }
 
 /// One alarm.
@@ -843,7 +848,17 @@ pub fn gather(c: &Connection, batch_id: i64, ctx: &Context) -> Result<BatchRepor
     )?;
     let bauds = recorded.map_or_else(|| ctx.bauds.clone(), |b| vec![b]);
     let floor_ms = crate::shift::floor_of(c, fw_id, &bauds)?.map(i64::from);
-    let cycle = cycle_stats(cycles, floor_ms);
+    let mut cycle = cycle_stats(cycles, floor_ms);
+    if floor_ms.is_some()
+        && let Some(baud) = bauds.iter().copied().max()
+    {
+        let (sha, image): (String, Vec<u8>) = c.query_row(
+            "SELECT sha256, image FROM firmware WHERE id = ?1",
+            [fw_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        cycle.floor_from = Some((baud, crate::shift::wire_bytes(&sha, &image) as u64));
+    }
 
     let permissions = crate::auth::PERMISSIONS
         .iter()
@@ -876,6 +891,7 @@ pub fn gather(c: &Connection, batch_id: i64, ctx: &Context) -> Result<BatchRepor
         checks: Vec::new(),
         requirements: Vec::new(),
         documents: BTreeMap::new(),
+        map_sha256: String::new(),
         permissions,
     };
     report.checks = Check::ALL.iter().map(|c| check(&report, *c)).collect();
@@ -886,6 +902,7 @@ pub fn gather(c: &Connection, batch_id: i64, ctx: &Context) -> Result<BatchRepor
         .map(|r| judge(&report, r))
         .collect();
     report.documents = map.documents;
+    report.map_sha256 = requirements::map_sha256();
     Ok(report)
 }
 
@@ -966,6 +983,7 @@ fn cycle_stats(mut cycles: Vec<i64>, floor_ms: Option<i64>) -> CycleStats {
         max_ms: max,
         floor_ms,
         histogram,
+        floor_from: None,
     }
 }
 
@@ -1053,7 +1071,22 @@ fn check(r: &BatchReport, c: Check) -> CheckResult {
                 if r.hsm_self_tests.is_empty() {
                     "no HSM self-test recorded before or during the batch".into()
                 } else {
-                    format!("{} self-test(s), {} failed", r.hsm_self_tests.len(), failed)
+                    let token = r
+                        .hsm_self_tests
+                        .iter()
+                        .rev()
+                        .flat_map(|t| t.findings.iter())
+                        .find(|f| f.0 == "token")
+                        .map(|f| {
+                            let first = f.2.split(';').next().unwrap_or("");
+                            format!("; the token: {first}")
+                        })
+                        .unwrap_or_default();
+                    format!(
+                        "{} self-test(s), {} failed{token}",
+                        r.hsm_self_tests.len(),
+                        failed
+                    )
                 },
             )
         }
@@ -1101,10 +1134,16 @@ fn judge(r: &BatchReport, q: requirements::Requirement) -> RequirementRow {
             .collect();
         if failed.is_empty() {
             let seen: i64 = evidence.iter().map(|(_, n)| n).sum();
+            let batch = if q.checks.is_empty() {
+                "by design: no check of this batch bears on it".to_string()
+            } else {
+                format!("its checks of this batch hold ({})", q.checks.join(", "))
+            };
             (
                 Verdict::Met,
                 format!(
-                    "{} test(s) of this build prove it; {} audit entr{} of its kinds in this batch",
+                    "{}; {} named test(s); {} audit entr{} of its kinds in this batch",
+                    batch,
                     q.tests.len(),
                     seen,
                     if seen == 1 { "y" } else { "ies" }
@@ -1441,6 +1480,8 @@ pub fn sample() -> BatchReport {
         checks: Vec::new(),
         requirements: Vec::new(),
         documents: BTreeMap::new(),
+        // Fixed, so that the sample's picture does not change with the map's every edit.
+        map_sha256: "5a3e".repeat(16),
         permissions: crate::auth::PERMISSIONS
             .iter()
             .map(|(a, roles)| {

@@ -105,6 +105,11 @@ pub fn problems(map: &Map) -> Vec<String> {
     out
 }
 
+/// SHA-256 of the map compiled into the station (hex): which map a report was made with.
+pub fn map_sha256() -> String {
+    hex::encode(line_protocol::crypto::sha256(MAP_TOML.as_bytes()))
+}
+
 /// The map compiled into the station.
 pub fn map() -> Result<Map, String> {
     let map: Map =

@@ -706,9 +706,12 @@ pub fn render(r: &BatchReport) -> String {
             } else {
                 "DIFFERS FROM THE STORED ENTRY'S"
             },
-            e.exported_entry
-                .map(|s| format!("<code>manifest.exported</code> at entry {s}"))
-                .unwrap_or_else(|| "written with this report (the export under way)".into())
+            match (e.exported_entry, &e.exported_kind) {
+                (Some(s), Some(kind)) => format!("<code>{}</code> at entry {s}", esc(kind)),
+                _ if e.pending => "written with this report (the export under way)".into(),
+                _ =>
+                    "<span class=\"v-failed\">NO ENTRY of the log records this export</span>".into(),
+            }
         );
     }
 
@@ -900,6 +903,20 @@ mod tests {
             assert_eq!(html.matches("</style>").count(), 1);
             assert_eq!(data_of(&html).as_ref(), Some(&r));
         }
+    }
+
+    #[test]
+    fn an_export_no_entry_records_fails_its_check_and_says_so() {
+        let mut r = super::super::sample();
+        assert!(render(&r).contains("<code>manifest.exported</code> at entry 2430"));
+        r.exports[0].exported_entry = None;
+        r.exports[0].exported_kind = None;
+        let check = super::super::check(&r, super::super::Check::Checkpoints);
+        assert!(!check.ok, "{check:?}");
+        assert!(render(&r).contains("NO ENTRY of the log records this export"));
+        r.exports[0].pending = true;
+        assert!(super::super::check(&r, super::super::Check::Checkpoints).ok);
+        assert!(render(&r).contains("the export under way"));
     }
 
     #[test]

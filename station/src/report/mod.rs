@@ -310,6 +310,11 @@ pub struct ExportChain {
     pub chain_ok: bool,
     /// The `manifest.exported` entry that names this manifest's hash, if any.
     pub exported_entry: Option<i64>,
+    /// That entry's kind: `manifest.exported`, or `manifest.export_recovered` for an export the
+    /// station found complete and recorded at its next start.
+    pub exported_kind: Option<String>,
+    /// The export under way as this report is written into it (not yet recorded).
+    pub pending: bool,
 }
 
 /// One HSM self-test.
@@ -526,7 +531,10 @@ pub fn gather(c: &Connection, batch_id: i64, ctx: &Context) -> Result<BatchRepor
             SELECT MAX(created_at) AS t FROM exports WHERE batch_id = ?1
             UNION ALL
             SELECT MAX(ts) FROM audit WHERE kind = 'manifest.exported'
-               AND json_extract(details, '$.batch') = (SELECT work_order FROM batches WHERE id = ?1))",
+               AND json_extract(details, '$.batch') = (SELECT work_order FROM batches WHERE id = ?1)
+            UNION ALL
+            SELECT MAX(ts) FROM audit WHERE kind = 'manifest.export_recovered'
+               AND json_extract(details, '$.batch_id') = ?1)",
         [batch_id],
         |r| r.get(0),
     )?;
@@ -715,7 +723,7 @@ pub fn gather(c: &Connection, batch_id: i64, ctx: &Context) -> Result<BatchRepor
     // self-tests (the newest before the window too).
     let mut audit_kinds: BTreeMap<String, KindEvidence> = BTreeMap::new();
     let mut hsm_self_tests = Vec::new();
-    let mut exported_entries: Vec<(i64, String)> = Vec::new();
+    let mut exported_entries: Vec<(i64, String, String)> = Vec::new();
     {
         let before: Option<i64> = c
             .query_row(
@@ -753,8 +761,8 @@ pub fn gather(c: &Connection, batch_id: i64, ctx: &Context) -> Result<BatchRepor
             if kind == "hsm.self_test" {
                 hsm_self_tests.push(self_test(seq, ts, &details));
             }
-            if kind == "manifest.exported" {
-                exported_entries.push((seq, details.clone()));
+            if kind == "manifest.exported" || kind == "manifest.export_recovered" {
+                exported_entries.push((seq, kind.clone(), details.clone()));
             }
             let e = audit_kinds.entry(kind).or_default();
             e.count += 1;
@@ -775,20 +783,20 @@ pub fn gather(c: &Connection, batch_id: i64, ctx: &Context) -> Result<BatchRepor
             "SELECT e.out_dir, e.manifest_sha256, e.created_at, e.created_by, e.checkpoint_id
                FROM exports e WHERE e.batch_id = ?1 ORDER BY e.id",
         )?;
-        let mut list: Vec<(String, String, i64, String, i64)> = st
+        let mut list: Vec<(String, String, i64, String, i64, bool)> = st
             .query_map([batch_id], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, false))
             })?
             .collect::<Result<_, _>>()?;
         if let Some((sha, cp, dir, by)) = &ctx.pending_export {
-            list.push((dir.clone(), sha.clone(), ctx.now_ms, by.clone(), *cp));
+            list.push((dir.clone(), sha.clone(), ctx.now_ms, by.clone(), *cp, true));
         }
         let key_id = audit::note_key_id(
             &p256::pkcs8::EncodePublicKey::to_public_key_der(&ctx.audit_key)
                 .map(|d| d.as_bytes().to_vec())
                 .unwrap_or_default(),
         );
-        for (out_dir, sha, at, by, cp) in list {
+        for (out_dir, sha, at, by, cp, pending) in list {
             let (seq, note): (i64, String) = c.query_row(
                 "SELECT seq, note FROM audit_checkpoints WHERE id = ?1",
                 [cp],
@@ -800,15 +808,12 @@ pub fn gather(c: &Connection, batch_id: i64, ctx: &Context) -> Result<BatchRepor
                 .optional()?;
             let chain_ok = audit::checkpoint_values(&note)
                 .is_some_and(|(s, h)| s == seq && stored.as_deref() == Some(h.as_slice()));
-            let exported_entry = exported_entries
-                .iter()
-                .find(|(_, d)| {
-                    serde_json::from_str::<serde_json::Value>(d)
-                        .ok()
-                        .and_then(|v| v.get("manifest_sha256")?.as_str().map(|s| s == sha))
-                        .unwrap_or(false)
-                })
-                .map(|(s, _)| *s);
+            let entry = exported_entries.iter().find(|(_, _, d)| {
+                serde_json::from_str::<serde_json::Value>(d)
+                    .ok()
+                    .and_then(|v| v.get("manifest_sha256")?.as_str().map(|s| s == sha))
+                    .unwrap_or(false)
+            });
             exports.push(ExportChain {
                 out_dir,
                 manifest_sha256: sha,
@@ -818,7 +823,9 @@ pub fn gather(c: &Connection, batch_id: i64, ctx: &Context) -> Result<BatchRepor
                 checkpoint_text: note.split("\n\n").next().unwrap_or("").to_string(),
                 signature_ok,
                 chain_ok,
-                exported_entry,
+                exported_entry: entry.map(|e| e.0),
+                exported_kind: entry.map(|e| e.1.clone()),
+                pending,
             });
         }
     }
@@ -1008,12 +1015,18 @@ fn check(r: &BatchReport, c: Check) -> CheckResult {
                     .iter()
                     .filter(|e| !e.signature_ok || !e.chain_ok)
                     .count();
+                let unrecorded = r
+                    .exports
+                    .iter()
+                    .filter(|e| !e.pending && e.exported_entry.is_none())
+                    .count();
                 (
-                    bad == 0,
+                    bad == 0 && unrecorded == 0,
                     format!(
-                        "{} export checkpoint(s), {} with a signature that verifies and the chain hash of its entry",
+                        "{} export checkpoint(s), {} with a signature that verifies and the chain hash of its entry; {} export(s) no audit entry records",
                         r.exports.len(),
-                        r.exports.len() - bad
+                        r.exports.len() - bad,
+                        unrecorded
                     ),
                 )
             }
@@ -1457,6 +1470,8 @@ pub fn sample() -> BatchReport {
             signature_ok: true,
             chain_ok: true,
             exported_entry: Some(2_430),
+            exported_kind: Some("manifest.exported".into()),
+            pending: false,
         }],
         hsm_self_tests: vec![SelfTest {
             seq: 3,

@@ -1423,7 +1423,7 @@ fn report(cli: &Cli, a: &ReportArgs) -> Result<ExitCode> {
     drop(copy);
     let html = crate::report::html::render(&r);
     std::fs::create_dir_all(&a.out).with_context(|| format!("cannot make {}", a.out.display()))?;
-    let path = a.out.join("report.html");
+    let path = a.out.join(crate::report::FILE);
     crate::report::write_file(&path, html.as_bytes())?;
     println!("report written to {}", path.display());
     if a.pdf {

@@ -891,7 +891,7 @@ async fn drive(cell: &DemoCell, args: &DemoArgs) -> Result<()> {
         "manifest.json",
         "manifest.p7m",
         crate::manifest::pskc::FILE,
-        "report.html",
+        crate::report::FILE,
     ] {
         std::fs::copy(out.join(f), dir.join(f))?;
     }

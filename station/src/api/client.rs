@@ -660,11 +660,11 @@ impl Client {
         let names_pskc = files
             .iter()
             .any(|(n, d)| n == "manifest.json" && d.windows(8).any(|w| w == b"\"pskc\": "));
-        let required = EXPORT_FILES
+        let complete = EXPORT_FILES
             .iter()
-            .filter(|f| **f != "report.html" && (names_pskc || **f != "keys.pskc"));
-        let complete = required
-            .clone()
+            .filter(|f| {
+                **f != crate::report::FILE && (names_pskc || **f != crate::manifest::pskc::FILE)
+            })
             .all(|f| written.iter().any(|p| p.ends_with(f)));
         if !complete {
             return Err(ClientError::new(

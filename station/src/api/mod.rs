@@ -25,7 +25,7 @@ pub const EXPORT_FILES: [&str; 5] = [
     "manifest.p7m",
     "voided.crl",
     "keys.pskc",
-    "report.html",
+    crate::report::FILE,
 ];
 
 /// The response metadata key that says why a call was refused, for clients that branch on it:

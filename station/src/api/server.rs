@@ -669,7 +669,7 @@ impl Station for Service {
                     Ok(d) => d,
                     // An export made before the PSKC container or the report existed.
                     Err(e)
-                        if (name == crate::manifest::pskc::FILE || name == "report.html")
+                        if (name == crate::manifest::pskc::FILE || name == crate::report::FILE)
                             && e.kind() == std::io::ErrorKind::NotFound =>
                     {
                         continue;

@@ -595,7 +595,10 @@ pub(crate) async fn export(
         )),
         now_ms: now_ms(),
     };
-    let (path, report_path) = (inner.cfg.database.clone(), staging.join("report.html"));
+    let (path, report_path) = (
+        inner.cfg.database.clone(),
+        staging.join(crate::report::FILE),
+    );
     tokio::task::spawn_blocking(move || -> Result<()> {
         let c = Connection::open_with_flags(
             &path,

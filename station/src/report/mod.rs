@@ -41,6 +41,9 @@ pub enum ReportError {
     Map(String),
 }
 
+/// The report's file name, in an export and in `station report`'s output directory.
+pub const FILE: &str = "report.html";
+
 /// How many example entries the report shows per audit kind.
 pub const EXAMPLES: usize = 2;
 /// The longest an example's details are shown, in characters.

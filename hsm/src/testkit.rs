@@ -202,9 +202,10 @@ pub fn quirks_module(quirks: &str) -> Result<PathBuf> {
         Some(p) => PathBuf::from(p),
         None => build_quirks()?,
     };
-    let dir = std::env::temp_dir()
-        .join("hsm-testkit-quirks")
-        .join(std::process::id().to_string());
+    let base = std::env::temp_dir().join("hsm-testkit-quirks");
+    static SWEPT: OnceLock<()> = OnceLock::new();
+    SWEPT.get_or_init(|| remove_dead_dirs(&base));
+    let dir = base.join(std::process::id().to_string());
     std::fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
     let copy = dir.join(format!("quirks-{quirks}.so"));
     if !copy.exists() {

@@ -46,6 +46,8 @@ pub struct Config {
     pub audit: AuditSettings,
     /// Users, PINs, sessions.
     pub access: AccessSettings,
+    /// How long obsolete data is kept.
+    pub retention: RetentionSettings,
     /// The service API of `stationd`.
     pub api: ApiSettings,
     /// The factory registry; a station without one stands alone.
@@ -310,6 +312,14 @@ pub struct AccessSettings {
     pub min_pin_length: usize,
 }
 
+/// How long the journal keeps what it no longer needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionSettings {
+    /// Days after a batch's newest export before its wrapped keys are deleted, from the journal
+    /// and from the export's files.
+    pub wrapped_keys_days: u32,
+}
+
 /// The critical kinds when the configuration names none.
 pub const DEFAULT_CRITICAL: &[&str] = &[
     "security.replay",
@@ -348,6 +358,8 @@ struct RawConfig {
     audit: RawAudit,
     #[serde(default)]
     access: RawAccess,
+    #[serde(default)]
+    retention: RawRetention,
     #[serde(default)]
     api: RawApi,
     fleet: Option<RawFleet>,
@@ -596,6 +608,20 @@ impl Default for RawAccess {
             session_idle_minutes: Spanned::new(0..0, 15),
             session_max_hours: Spanned::new(0..0, 12),
             min_pin_length: Spanned::new(0..0, 6),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawRetention {
+    wrapped_keys_days: Spanned<u32>,
+}
+
+impl Default for RawRetention {
+    fn default() -> Self {
+        RawRetention {
+            wrapped_keys_days: Spanned::new(0..0, 90),
         }
     }
 }
@@ -906,6 +932,15 @@ impl Config {
                 "access.min_pin_length must be between 4 and 64",
             );
         }
+        let retention = RetentionSettings {
+            wrapped_keys_days: *raw.retention.wrapped_keys_days.get_ref(),
+        };
+        if !(1..=3650).contains(&retention.wrapped_keys_days) {
+            return cx.err(
+                raw.retention.wrapped_keys_days.span(),
+                "retention.wrapped_keys_days must be between 1 and 3650",
+            );
+        }
         if raw.api.socket.get_ref().trim().is_empty() {
             return cx.err(raw.api.socket.span(), "api.socket must name a file");
         }
@@ -1124,6 +1159,7 @@ impl Config {
                 critical,
             },
             access,
+            retention,
             api,
             fleet,
             plc,
@@ -1278,6 +1314,13 @@ suite = 1
                 "invalid type",
             ),
         ];
+        let retention = format!("{EXAMPLE}\n[retention]\nwrapped_keys_days = 0\n");
+        let e = parse(&retention).unwrap_err();
+        assert_eq!(e.line, retention.lines().count(), "{e}");
+        assert!(e.reason.contains("between 1 and 3650"), "{e}");
+        let kept = format!("{EXAMPLE}\n[retention]\nwrapped_keys_days = 30\n");
+        assert_eq!(parse(&kept).unwrap().retention.wrapped_keys_days, 30);
+        assert_eq!(parse(EXAMPLE).unwrap().retention.wrapped_keys_days, 90);
         for (text, line, reason) in cases {
             let e = parse(&text).unwrap_err();
             assert_eq!(e.line, line, "{e}");

@@ -35,6 +35,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("schema/008_outbox.sql"),
     include_str!("schema/009_fail_step.sql"),
     include_str!("schema/010_line_baud.sql"),
+    include_str!("schema/011_key_retention.sql"),
 ];
 
 /// Why the journal cannot be used.

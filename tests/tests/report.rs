@@ -685,10 +685,9 @@ fn the_requirement_map_names_only_tests_that_exist() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_clock_jump_under_the_daemon_is_audited() {
-    // libfaketime moves the daemon's wall clock (and only it: the monotonic clock runs on) by
-    // the offset in a file it reads at every call.
+/// The cell's daemon with Debian's libfaketime preloaded: its wall clock (and only it: the
+/// monotonic clock runs on) is moved by the offset in `offset`, which it reads at every call.
+fn stationd_faked(cell: &Cell, offset: &Path) -> Stopped {
     let lib = [
         "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
         "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
@@ -696,6 +695,225 @@ async fn a_clock_jump_under_the_daemon_is_audited() {
     .into_iter()
     .find(|p| Path::new(p).exists())
     .expect("libfaketime (Debian's faketime package) is installed");
+    Stopped(cell.spawn_stationd_with(&[
+        ("LD_PRELOAD", lib),
+        ("FAKETIME_TIMESTAMP_FILE", s(offset)),
+        ("FAKETIME_NO_CACHE", "1"),
+        ("DONT_FAKE_MONOTONIC", "1"),
+    ]))
+}
+
+/// A daemon stopped (SIGTERM, then waited for) when dropped, a failed assertion included.
+struct Stopped(std::process::Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .arg(self.0.id().to_string())
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+/// The audit entries of `kind` in the cell's journal.
+fn audit_count(cell: &Cell, kind: &str) -> i64 {
+    cell.db()
+        .query_row("SELECT count(*) FROM audit WHERE kind = ?1", [kind], |r| {
+            r.get(0)
+        })
+        .unwrap()
+}
+
+/// Whether `needle` occurs in `hay`.
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The journal's bytes as they lie on disk: the database file and its write-ahead log.
+fn journal_bytes(cell: &Cell) -> Vec<u8> {
+    let mut bytes = std::fs::read(cell.path("station.db")).unwrap();
+    if let Ok(wal) = std::fs::read(cell.path("station.db-wal")) {
+        bytes.extend(wal);
+    }
+    bytes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wrapped_keys_leave_the_journal_and_the_exports_once_their_retention_has_passed() {
+    use base64::Engine as _;
+    let cell = Cell::new(CellOptions {
+        nests: 2,
+        quantity: 4,
+        ..CellOptions::default()
+    })
+    .await;
+    let batch = cell.batch_id.unwrap();
+    let id = batch.to_string();
+    let (daemon, summary) = run_batch(&cell, Duration::from_secs(300)).await;
+    assert!(summary.batch_complete, "{summary}");
+    let (code, out, err) = cell.run(Some("super"), &["batch", "close", &id]);
+    assert_eq!(code, 0, "batch close: {out}{err}");
+    // Two exports: both hold the keys, both lose them.
+    for n in 1..=2 {
+        let dir = cell.path(&format!("fetched-{n}"));
+        let (code, out, err) = cell.run(
+            Some("officer"),
+            &["export", "--batch", &id, "--out", s(&dir)],
+        );
+        assert_eq!(code, 0, "export: {out}{err}");
+    }
+    daemon.stop().await.unwrap();
+
+    let db = cell.db();
+    let blobs: Vec<Vec<u8>> = {
+        let mut st = db
+            .prepare("SELECT k.wrapped FROM wrapped_keys k JOIN meters m ON m.id = k.meter_id WHERE m.batch_id = ?1")
+            .unwrap();
+        st.query_map([batch], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    assert!(
+        blobs.len() >= 4,
+        "every meter done has its keys: {}",
+        blobs.len()
+    );
+    let dirs: Vec<PathBuf> = {
+        let mut st = db
+            .prepare("SELECT out_dir FROM exports WHERE batch_id = ?1 ORDER BY id")
+            .unwrap();
+        st.query_map([batch], |r| r.get::<_, String>(0))
+            .unwrap()
+            .map(|d| PathBuf::from(d.unwrap()))
+            .collect()
+    };
+    assert_eq!(dirs.len(), 2);
+    // Before: the keys lie in the journal's bytes and in each export's files, where this test
+    // can find them (so that not finding them later means something).
+    let bytes = journal_bytes(&cell);
+    assert!(
+        blobs.iter().any(|b| contains(&bytes, b)),
+        "the journal holds wrapped keys"
+    );
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&blobs[0]);
+    for d in &dirs {
+        let manifest = std::fs::read(d.join("manifest.json")).unwrap();
+        assert!(
+            contains(&manifest, b64.as_bytes()),
+            "{} carries a key",
+            d.display()
+        );
+        assert!(d.join("keys.pskc").exists());
+    }
+    // A done meter's keys cannot be deleted before their time, whatever statement tries.
+    let refused = db
+        .execute(
+            "DELETE FROM wrapped_keys WHERE meter_id IN (SELECT id FROM meters WHERE batch_id = ?1)",
+            [batch],
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("retention"), "{refused}");
+    drop(db);
+
+    let offset = cell.path("faketime-offset");
+    let faked = |days: i64| {
+        std::fs::write(&offset, format!("+{}\n", days * 86_400)).unwrap();
+        stationd_faked(&cell, &offset)
+    };
+    let keys_left = || -> i64 {
+        cell.db()
+            .query_row(
+                "SELECT count(*) FROM wrapped_keys k JOIN meters m ON m.id = k.meter_id WHERE m.batch_id = ?1",
+                [batch],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    let purges = || audit_count(&cell, "keys.purged");
+
+    // 89 days on (the retention is 90): the daemon starts, sweeps, and keeps everything.
+    let child = faked(89);
+    assert_eq!(purges(), 0);
+    assert_eq!(keys_left(), blobs.len() as i64);
+    assert!(dirs[0].join("manifest.json").exists());
+    drop(child);
+
+    // 91 days on: the start-up sweep deletes them.
+    let child = faked(91);
+    assert_eq!(purges(), 1, "one entry for the batch");
+    assert_eq!(keys_left(), 0);
+    let (details, purged_at): (String, Option<i64>) = cell
+        .db()
+        .query_row(
+            "SELECT a.details, b.keys_purged_at FROM audit a, batches b WHERE a.kind = 'keys.purged' AND b.id = ?1",
+            [batch],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert!(purged_at.is_some());
+    let details: serde_json::Value = serde_json::from_str(&details).unwrap();
+    assert_eq!(details["batch"], batch);
+    assert_eq!(details["keys"], blobs.len());
+    assert_eq!(details["retention_days"], 90);
+    assert_eq!(details["export_dirs"].as_array().unwrap().len(), 2);
+    // Not one wrapped key is left in the journal's bytes: the rows' pages were overwritten and
+    // the write-ahead log, which held older images of them, was emptied.
+    let bytes = journal_bytes(&cell);
+    for b in &blobs {
+        assert!(
+            !contains(&bytes, b),
+            "a wrapped key survives in the journal's bytes"
+        );
+    }
+    // The exports keep their CRL and report; the files with keys are gone.
+    for d in &dirs {
+        for f in ["manifest.json", "manifest.p7m", "keys.pskc"] {
+            assert!(!d.join(f).exists(), "{}/{f} is gone", d.display());
+        }
+        assert!(d.join("voided.crl").exists());
+        assert!(d.join("report.html").exists());
+    }
+    // Exporting again, or fetching the old export, is refused in words.
+    let (code, out, err) = cell.run(
+        Some("officer"),
+        &["export", "--batch", &id, "--out", s(&cell.path("again"))],
+    );
+    assert_ne!(code, 0, "{out}");
+    assert!(err.contains("retention period"), "{err}");
+    let client = cell.client().await;
+    let session = cell.login(&client, "officer").await;
+    let fetch = client
+        .fetch_export(&session, batch, &cell.path("fetch-again"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(fetch.contains("retention period"), "{fetch}");
+    drop(child);
+
+    // The auditor's report still verifies, and says what was deleted and when.
+    let (code, out, r, html) = report(&cell, &id, &cell.path("report"));
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(r.counts.keys_purged, blobs.len() as i64);
+    assert!(r.counts.keys_purged_at.is_some());
+    assert_eq!(r.audit_kinds.get("keys.purged").map(|k| k.count), Some(1));
+    let row = r
+        .requirements
+        .iter()
+        .find(|q| q.requirement.id == "SM-CG-F.obsolete-data")
+        .unwrap();
+    assert_eq!(row.verdict, Verdict::Met, "{}", row.why);
+    assert!(
+        html.contains("deleted"),
+        "the page says the keys were deleted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_clock_jump_under_the_daemon_is_audited() {
+    // libfaketime moves the daemon's wall clock (and only it: the monotonic clock runs on) by
+    // the offset in a file it reads at every call.
     let cell = Cell::new(CellOptions {
         nests: 1,
         quantity: 1,
@@ -704,21 +922,8 @@ async fn a_clock_jump_under_the_daemon_is_audited() {
     .await;
     let offset = cell.path("faketime-offset");
     std::fs::write(&offset, "+0\n").unwrap();
-    let mut child = cell.spawn_stationd_with(&[
-        ("LD_PRELOAD", lib),
-        ("FAKETIME_TIMESTAMP_FILE", s(&offset)),
-        ("FAKETIME_NO_CACHE", "1"),
-        ("DONT_FAKE_MONOTONIC", "1"),
-    ]);
-    let jumps = || -> i64 {
-        cell.db()
-            .query_row(
-                "SELECT count(*) FROM audit WHERE kind = 'time.changed'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap()
-    };
+    let child = stationd_faked(&cell, &offset);
+    let jumps = || audit_count(&cell, "time.changed");
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(jumps(), 0, "a steady clock is no change");
     std::fs::write(&offset, "+3600\n").unwrap();
@@ -730,10 +935,7 @@ async fn a_clock_jump_under_the_daemon_is_audited() {
             break;
         }
     }
-    let _ = std::process::Command::new("kill")
-        .arg(child.id().to_string())
-        .status();
-    let _ = child.wait();
+    drop(child);
     assert_eq!(seen, 1, "the jump is audited once");
     let jump: i64 = cell
         .db()

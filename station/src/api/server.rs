@@ -386,19 +386,24 @@ fn curve_of(name: &str) -> Result<hsm::Curve, Status> {
 
 /// The newest export directory of a batch, checked to lie under the daemon's export directory.
 async fn export_dir_of(engine: &Engine, root: &Path, batch: i64) -> Result<PathBuf, Status> {
-    let dir: Option<String> = engine
+    let (dir, purged): (Option<String>, Option<String>) = engine
         .db()
-        .call(move |c| -> crate::engine::Result<Option<String>> {
+        .call(move |c| -> crate::engine::Result<_> {
             use rusqlite::OptionalExtension;
-            Ok(c.query_row(
-                "SELECT out_dir FROM exports WHERE batch_id = ?1 ORDER BY id DESC LIMIT 1",
-                [batch],
-                |r| r.get(0),
-            )
-            .optional()?)
+            let dir = c
+                .query_row(
+                    "SELECT out_dir FROM exports WHERE batch_id = ?1 ORDER BY id DESC LIMIT 1",
+                    [batch],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok((dir, crate::engine::retention::purged_reason(c, batch)?))
         })
         .await
         .map_err(|e| status(&e))?;
+    if let Some(why) = purged {
+        return Err(status(&Error::Conflict(why)));
+    }
     let Some(dir) = dir else {
         return Err(Status::not_found(format!(
             "batch {batch} has not been exported; export it first"

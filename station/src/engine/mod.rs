@@ -13,6 +13,7 @@ pub mod nest;
 mod outbox;
 mod provision;
 mod recovery;
+pub(crate) mod retention;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -857,6 +858,14 @@ impl Engine {
         }
         let recovered = recovery::recover(&inner).await?;
         crate::manifest::export::recover_exports(&inner).await?;
+        // Wrapped keys past their retention go now, and then every hour (`spawn_tasks`).
+        let purged = match retention::sweep(&inner).await {
+            Ok(p) => p.len(),
+            Err(e) => {
+                tracing::warn!(error = %e, "the retention sweep failed; it runs again within the hour");
+                0
+            }
+        };
         let station = inner.cfg.station_id.clone();
         let token = inner.hsm.token().label.clone();
         let mechanisms = match inner.hsm.mechanisms().rsa_oaep {
@@ -875,6 +884,7 @@ impl Engine {
                     "token": token,
                     "oaep": mechanisms,
                     "recovered_meters": recovered,
+                    "batches_purged": purged,
                 }),
             ))
             .await?;
@@ -948,6 +958,8 @@ impl Engine {
         }
         let inner = Arc::clone(&self.inner);
         tasks.push(tokio::spawn(watchdog(inner)));
+        let inner = Arc::clone(&self.inner);
+        tasks.push(tokio::spawn(retention::run(inner)));
         if let Some(f) = self.inner.cfg.fleet.clone() {
             let inner = Arc::clone(&self.inner);
             tasks.push(tokio::spawn(outbox::run(inner, f)));

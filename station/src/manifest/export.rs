@@ -261,6 +261,15 @@ pub(crate) async fn export(
             batch.work_order
         )));
     }
+    if let Some(why) = inner
+        .db
+        .call(move |c| crate::engine::retention::purged_reason(c, batch_id))
+        .await?
+    {
+        return Err(Error::Conflict(format!(
+            "{why}: it cannot be exported again"
+        )));
+    }
     // The export appears whole or not at all: its files are written into a staging directory
     // beside `out_dir`, which is renamed into place once everything is written.
     let (out_dir, staging) = staging_for(&out_dir)?;

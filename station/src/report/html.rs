@@ -389,7 +389,11 @@ pub fn render(r: &BatchReport) -> String {
         (
             "wrapped-keys",
             "keys delivered wrapped",
-            c.wrapped_keys.to_string(),
+            if c.keys_purged_at.is_some() {
+                format!("{} held · {} deleted", c.wrapped_keys, c.keys_purged)
+            } else {
+                c.wrapped_keys.to_string()
+            },
         ),
         (
             "cycle-median",

@@ -138,6 +138,10 @@ fn target_dir() -> PathBuf {
 fn cargo() -> Command {
     let mut c = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     c.current_dir(root());
+    // A clean clone builds once: incremental caches only cost CI disk space (gigabytes).
+    if env::var("CI").is_ok_and(|v| v == "true") {
+        c.env("CARGO_INCREMENTAL", "0");
+    }
     c
 }
 

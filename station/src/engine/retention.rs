@@ -4,7 +4,8 @@
 //! - **From the journal**, in one transaction per batch: the rows are deleted with
 //!   `secure_delete` (their pages overwritten), the batch records the time, and a `keys.purged`
 //!   entry says how many keys went and which export directories held them. The write-ahead log
-//!   is then checkpointed and truncated, so that no older page image of a key survives in it.
+//!   is then checkpointed and truncated, so that no older page image of a key survives in it
+//!   (and again at every later sweep, in case a reader kept it from being emptied).
 //! - **From the export directories**: the files that carry the keys (`manifest.json`,
 //!   `manifest.p7m`, the PSKC container) are overwritten with zeros, synced, then removed. The
 //!   CRL and the evidence report stay. Symbolic links are removed, never followed. Every sweep
@@ -149,25 +150,48 @@ pub(crate) async fn sweep(inner: &Arc<Inner>) -> Result<Vec<Purged>> {
         tracing::info!(batch = %work_order, keys, "wrapped keys deleted after the retention period");
         purged.push(Purged { work_order, keys });
     }
-    if !purged.is_empty() {
-        // Older page images of the deleted rows may still be in the write-ahead log: copy it
-        // into the database (whose pages secure_delete zeroed) and empty it.
-        inner
+    // Once any batch is purged, every sweep empties the log: one that a reader kept from being
+    // emptied right after a purge is emptied by a later sweep.
+    let any_purged = !purged.is_empty()
+        || inner
             .db
-            .call(|c| -> Result<()> {
-                let busy: i64 = c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
-                if busy != 0 {
-                    return Err(Error::Conflict(
-                        "the journal's write-ahead log could not be emptied: a reader held it"
-                            .into(),
-                    ));
-                }
-                Ok(())
+            .call(|c| -> Result<bool> {
+                Ok(c.query_row(
+                    "SELECT EXISTS (SELECT 1 FROM batches WHERE keys_purged_at IS NOT NULL)",
+                    [],
+                    |r| r.get(0),
+                )?)
             })
             .await?;
-    }
+    let emptied = if any_purged {
+        empty_wal(inner).await
+    } else {
+        Ok(())
+    };
     remove_key_files(inner).await?;
+    emptied?;
     Ok(purged)
+}
+
+/// Copies the write-ahead log into the database (whose pages `secure_delete` zeroed) and empties
+/// it: older page images of deleted rows may still be in it. A reader holding the log (an
+/// export's report) is waited for by the journal's busy timeout, three times over.
+async fn empty_wal(inner: &Arc<Inner>) -> Result<()> {
+    for _ in 0..3 {
+        let busy = inner
+            .db
+            .call(|c| -> Result<i64> {
+                Ok(c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?)
+            })
+            .await?;
+        if busy == 0 {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    Err(Error::Conflict(
+        "the journal's write-ahead log could not be emptied: a reader kept holding it".into(),
+    ))
 }
 
 /// Removes the key files of every purged batch's exports, and audits what could not be removed.

@@ -659,8 +659,11 @@ pub fn verify_offline(
     })
 }
 
-/// A private copy of a journal (with its WAL), open for reading; removed when dropped. The
-/// original is never opened by SQLite, so nothing is written to it.
+/// A private copy of a journal, open for reading; removed when dropped. The copy is one
+/// consistent state of the journal, even of one a running daemon writes: SQLite makes it
+/// (`VACUUM INTO`) inside a read transaction on a read-only connection, so nothing is written to
+/// the original. (Copying the file and its write-ahead log byte for byte is not safe: a
+/// checkpoint moving pages into the file during the copy tears it.)
 #[derive(Debug)]
 pub struct JournalCopy {
     /// The copy, open.
@@ -669,32 +672,45 @@ pub struct JournalCopy {
 }
 
 impl JournalCopy {
-    /// Copies `journal` (and its `-wal` file) into a new owner-only temporary directory and
-    /// opens the copy, refusing a file that is not a station journal.
+    /// Copies `journal` (with what its write-ahead log holds) into a new owner-only temporary
+    /// directory and opens the copy, refusing a file that is not a station journal.
     pub fn of(journal: &std::path::Path) -> Result<JournalCopy, String> {
+        use rusqlite::OpenFlags;
         let dir =
             tempdir_private().map_err(|e| format!("cannot make a temporary directory: {e}"))?;
+        let unreadable =
+            |e: rusqlite::Error| format!("{} is not a readable journal: {e}", journal.display());
         let open = || -> Result<rusqlite::Connection, String> {
-            let copy = dir.join("journal.db");
-            std::fs::copy(journal, &copy)
+            // SQLite would make an empty database of a missing file's name.
+            std::fs::metadata(journal)
                 .map_err(|e| format!("cannot read the journal {}: {e}", journal.display()))?;
-            // Committed entries may still sit in the WAL beside it.
-            let mut wal = journal.as_os_str().to_os_string();
-            wal.push("-wal");
-            let wal = std::path::PathBuf::from(wal);
-            if wal.exists() {
-                std::fs::copy(&wal, dir.join("journal.db-wal"))
-                    .map_err(|e| format!("cannot read {}: {e}", wal.display()))?;
-            }
-            let conn = rusqlite::Connection::open(&copy)
-                .map_err(|e| format!("{} is not a readable journal: {e}", journal.display()))?;
-            let app: i32 = conn
+            let original = rusqlite::Connection::open_with_flags(
+                journal,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .map_err(unreadable)?;
+            original
+                .busy_timeout(std::time::Duration::from_secs(10))
+                .map_err(unreadable)?;
+            let app: i32 = original
                 .query_row("PRAGMA application_id", [], |r| r.get(0))
-                .map_err(|e| format!("{} is not a readable journal: {e}", journal.display()))?;
+                .map_err(unreadable)?;
             if app != crate::db::APPLICATION_ID {
                 return Err(format!("{} is not a station journal", journal.display()));
             }
-            Ok(conn)
+            let copy = dir.join("journal.db");
+            let target = copy
+                .to_str()
+                .ok_or("the temporary directory's name is not UTF-8")?;
+            original
+                .execute("VACUUM INTO ?1", [target])
+                .map_err(|e| format!("cannot copy the journal {}: {e}", journal.display()))?;
+            drop(original);
+            rusqlite::Connection::open_with_flags(
+                &copy,
+                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .map_err(unreadable)
         };
         match open() {
             Ok(conn) => Ok(JournalCopy { conn, dir }),
@@ -1517,5 +1533,85 @@ mod tests {
                 "{what}: {v:?}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod copy_tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// An auditor copies the journal of a running daemon: the line commits, and the journal
+    /// checkpoints its write-ahead log into the file, while the copy is taken. Every copy must be
+    /// one consistent state of the journal.
+    #[test]
+    fn a_copy_of_a_journal_being_written_is_one_whole_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("station.db");
+        let db = crate::db::Db::open(&path).unwrap();
+        db.with(|c| {
+            c.execute_batch(
+                "PRAGMA wal_autocheckpoint = 1;
+                 CREATE TABLE copy_probe (n INTEGER PRIMARY KEY, a BLOB NOT NULL, b BLOB NOT NULL);",
+            )
+            .unwrap()
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (db, stop) = (db.clone(), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                // Each row's two halves are written in one transaction: a copy that holds one
+                // without the other, or fails to open, is torn. The oldest rows go as new ones
+                // come, so the file's pages are reused and every commit is checkpointed into it.
+                let mut commits = 0i64;
+                while !stop.load(Ordering::Relaxed) {
+                    db.with(|c| {
+                        let tx = c.transaction().unwrap();
+                        tx.execute(
+                            "INSERT INTO copy_probe (a, b) VALUES (randomblob(1500), randomblob(1500))",
+                            [],
+                        )
+                        .unwrap();
+                        let n = tx.last_insert_rowid();
+                        tx.execute("UPDATE copy_probe SET b = a WHERE n = ?1", [n])
+                            .unwrap();
+                        tx.execute("DELETE FROM copy_probe WHERE n <= ?1", [n - 300])
+                            .unwrap();
+                        tx.commit().unwrap();
+                    });
+                    commits += 1;
+                }
+                commits
+            })
+        };
+        let mut problems = Vec::new();
+        for i in 0..300 {
+            match JournalCopy::of(&path) {
+                Ok(copy) => {
+                    let check: Result<String, _> =
+                        copy.conn
+                            .query_row("PRAGMA integrity_check", [], |r| r.get(0));
+                    let torn: Result<i64, _> = copy.conn.query_row(
+                        "SELECT count(*) FROM copy_probe WHERE a != b",
+                        [],
+                        |r| r.get(0),
+                    );
+                    match (check, torn) {
+                        (Ok(ok), Ok(0)) if ok == "ok" => {}
+                        other => problems.push(format!("copy {i}: {other:?}")),
+                    }
+                }
+                Err(e) => problems.push(format!("copy {i}: {e}")),
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let commits = writer.join().unwrap();
+        assert!(commits > 50, "the writer kept writing: {commits} commits");
+        assert!(
+            problems.is_empty(),
+            "{} torn copies: {problems:?}",
+            problems.len()
+        );
     }
 }

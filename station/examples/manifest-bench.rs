@@ -221,6 +221,7 @@ fn child_report(dir: &Path) {
         audit_signer: signer,
         pending_export: None,
         now_ms: station::db::now_ms(),
+        anchored: false,
     };
     let r = station::report::gather(&copy.conn, 1, &ctx).unwrap();
     drop(copy);

@@ -616,6 +616,9 @@ pub struct Verification {
     pub checkpoints: i64,
     /// The first bad sequence number and what is wrong with it.
     pub first_bad: Option<(i64, String)>,
+    /// Entries whose own signatures were checked: all of them, or with [`verify_anchored`] those
+    /// after the newest signed checkpoint or head.
+    pub signatures_checked: i64,
 }
 
 impl Verification {
@@ -822,8 +825,36 @@ fn first_badly_signed(key: &VerifyingKey, batch: &[(i64, Vec<u8>, Vec<u8>)]) -> 
     })
 }
 
-/// Checks the whole log against the audit public key.
+/// Checks the whole log against the audit public key: every entry's place in the hash chain and
+/// the Merkle tree, every entry's own signature, the signed head and every signed checkpoint.
 pub fn verify(conn: &rusqlite::Connection, key: &VerifyingKey) -> Result<Verification, DbError> {
+    verify_with(conn, key, false)
+}
+
+/// Like [`verify`], but an entry's own signature is checked only when no signed checkpoint or
+/// signed head covers it: a checkpoint whose signature verifies names the chain hash of its
+/// entry, which the chain recomputed from the entries must equal, and that hash commits to every
+/// entry before it. This is what an export's report uses, so that its time does not grow with
+/// the signatures of a year's log. What it does not see is a covered entry's signature bytes
+/// replaced while its content stands; [`verify`] does. When anything fails, the log is checked
+/// again as [`verify`] does, so that the first bad entry is named the same way.
+pub fn verify_anchored(
+    conn: &rusqlite::Connection,
+    key: &VerifyingKey,
+) -> Result<Verification, DbError> {
+    let quick = verify_with(conn, key, true)?;
+    if quick.ok() {
+        Ok(quick)
+    } else {
+        verify(conn, key)
+    }
+}
+
+fn verify_with(
+    conn: &rusqlite::Connection,
+    key: &VerifyingKey,
+    anchored: bool,
+) -> Result<Verification, DbError> {
     let mut first_bad: Option<(i64, String)> = None;
     let mut note = |seq: i64, why: String| {
         if first_bad.as_ref().is_none_or(|(s, _)| seq < *s) {
@@ -853,6 +884,29 @@ pub fn verify(conn: &rusqlite::Connection, key: &VerifyingKey) -> Result<Verific
         .flatten()
         .collect();
     wanted.extend(head.as_ref().map(|h| h.0));
+    let spki = spki::EncodePublicKey::to_public_key_der(key)
+        .map(|d| d.as_bytes().to_vec())
+        .unwrap_or_default();
+    let key_id = note_key_id(&spki);
+    // The newest entry a validly signed head or checkpoint names: with `anchored`, entries up to
+    // it are authenticated by the chain hash compared there below (any difference fails the
+    // log), not by their own signatures.
+    let covered = if anchored {
+        let by_head = head
+            .as_ref()
+            .filter(|(seq, hash, sig)| sig_ok(key, &signed_message(HEAD_DOMAIN, *seq, hash), sig))
+            .map_or(0, |h| h.0);
+        let by_checkpoint = cps
+            .iter()
+            .filter(|(_, _, text)| verify_note(text, key, &key_id))
+            .filter_map(|(_, _, text)| checkpoint_values(text).map(|(seq, _)| seq))
+            .max()
+            .unwrap_or(0);
+        by_head.max(by_checkpoint)
+    } else {
+        0
+    };
+    let mut signatures_checked = 0i64;
     let mut stmt = conn.prepare(
         "SELECT seq, ts, source, kind, severity, actor, details, hash, sig FROM audit ORDER BY seq",
     )?;
@@ -904,9 +958,12 @@ pub fn verify(conn: &rusqlite::Connection, key: &VerifyingKey) -> Result<Verific
             broken = true;
             continue;
         }
-        unsigned.push((seq, signed_message(ENTRY_DOMAIN, seq, &hash), sig));
-        if unsigned.len() >= SIGNATURE_BATCH {
-            check_signatures(&mut unsigned);
+        if seq > covered {
+            unsigned.push((seq, signed_message(ENTRY_DOMAIN, seq, &hash), sig));
+            signatures_checked += 1;
+            if unsigned.len() >= SIGNATURE_BATCH {
+                check_signatures(&mut unsigned);
+            }
         }
         tree.push(leaf_hash(&hash));
         if wanted.contains(&seq) {
@@ -958,10 +1015,6 @@ pub fn verify(conn: &rusqlite::Connection, key: &VerifyingKey) -> Result<Verific
             }
         }
     }
-    let spki = spki::EncodePublicKey::to_public_key_der(key)
-        .map(|d| d.as_bytes().to_vec())
-        .unwrap_or_default();
-    let key_id = note_key_id(&spki);
     let mut checkpoints = 0;
     for (row_seq, row_hash, text) in cps {
         checkpoints += 1;
@@ -1020,6 +1073,7 @@ pub fn verify(conn: &rusqlite::Connection, key: &VerifyingKey) -> Result<Verific
         entries,
         checkpoints,
         first_bad,
+        signatures_checked,
     })
 }
 
@@ -1532,7 +1586,85 @@ mod tests {
                 Some(bad),
                 "{what}: {v:?}"
             );
+            // An export's quicker check finds it too, and names it the same way.
+            let quick = db.with(|c| verify_anchored(c, &vk).unwrap());
+            assert_eq!(quick.first_bad, v.first_bad, "{what}");
         }
+    }
+
+    #[test]
+    fn anchored_verification_checks_only_the_signatures_no_checkpoint_covers() {
+        let (_d, db, audit, vk) = setup();
+        add(&db, &audit, 12);
+        let full = verify_db(&db, &vk);
+        assert!(full.ok(), "{full:?}");
+        assert_eq!(full.signatures_checked, 12);
+        let covered = db.with(|c| {
+            c.query_row("SELECT max(seq) FROM audit_checkpoints", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .unwrap()
+        });
+        let head = db.with(|c| {
+            c.query_row("SELECT seq FROM audit_head", [], |r| r.get::<_, i64>(0))
+                .optional()
+                .unwrap()
+        });
+        let covered = covered.max(head.unwrap_or(0));
+        assert!(covered > 0 && covered <= 12);
+        let quick = db.with(|c| verify_anchored(c, &vk).unwrap());
+        assert!(quick.ok(), "{quick:?}");
+        assert_eq!(quick.entries, 12);
+        assert_eq!(quick.signatures_checked, 12 - covered);
+
+        // Entries added without the key behind a head put back from an older copy: they lie
+        // after the newest anchor, so their signatures are checked, and the log fails as the
+        // full check says.
+        let saved: (i64, Vec<u8>, Vec<u8>) = db.with(|c| {
+            c.query_row("SELECT seq, hash, signature FROM audit_head", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .unwrap()
+        });
+        add(&db, &audit, 2);
+        db.with(|c| {
+            let (prev, ts, s, k, sev, a): (Vec<u8>, i64, String, String, String, String) = c
+                .query_row(
+                    "SELECT p.hash, e.ts, e.source, e.kind, e.severity, e.actor FROM audit e, audit p WHERE e.seq = 14 AND p.seq = 13",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+                )
+                .unwrap();
+            let h = chain_hash(&prev, 14, ts, &s, &k, &sev, &a, "{\"i\":99}");
+            c.execute(
+                "UPDATE audit SET details = '{\"i\":99}', hash = ?1 WHERE seq = 14",
+                params![h.to_vec()],
+            )
+            .unwrap();
+            c.execute(
+                "UPDATE audit_head SET seq = ?1, hash = ?2, signature = ?3",
+                params![saved.0, saved.1, saved.2],
+            )
+            .unwrap();
+        });
+        let full = verify_db(&db, &vk);
+        assert!(!full.ok());
+        let quick = db.with(|c| verify_anchored(c, &vk).unwrap());
+        assert_eq!(quick.first_bad, full.first_bad);
+
+        // What it does not see: a covered entry's signature bytes replaced while its content
+        // stands (the content is still bound by the signed chain). The full check names it.
+        let (_d, db, audit, vk) = setup();
+        add(&db, &audit, 12);
+        db.with(|c| {
+            c.execute(
+                "UPDATE audit SET sig = x'3006020101020101' WHERE seq = 2",
+                [],
+            )
+            .unwrap()
+        });
+        assert!(db.with(|c| verify_anchored(c, &vk).unwrap()).ok());
+        assert_eq!(verify_db(&db, &vk).first_bad.map(|b| b.0), Some(2));
     }
 }
 

@@ -1418,6 +1418,7 @@ fn report(cli: &Cli, a: &ReportArgs) -> Result<ExitCode> {
         audit_signer: signer,
         pending_export: None,
         now_ms: crate::db::now_ms(),
+        anchored: false,
     };
     let r = crate::report::gather(&copy.conn, batch, &ctx)?;
     drop(copy);

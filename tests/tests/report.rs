@@ -438,6 +438,14 @@ async fn the_reports_numbers_are_what_sql_says_of_a_batch_with_failures_voids_an
     assert_eq!(at_export.counts, r.counts);
     assert_eq!(at_export.voided, r.voided);
     assert!(at_export.audit.ok());
+    // At export the signed head covers the log: the entries are checked through its chain hash,
+    // not one signature each; the auditor's report checks every signature.
+    assert_eq!(r.audit.signatures_checked, r.audit.entries);
+    assert!(
+        at_export.audit.signatures_checked < at_export.audit.entries,
+        "{:?}",
+        at_export.audit
+    );
     assert_eq!(at_export.exports.len(), 1);
     assert!(at_export.exports[0].signature_ok && at_export.exports[0].chain_ok);
     assert_eq!(at_export.exports[0].manifest_sha256, sha);

@@ -217,6 +217,7 @@ impl From<Verification> for pb::Verification {
             checkpoints: v.checkpoints,
             first_bad_seq: seq,
             first_bad_reason: reason,
+            signatures_checked: v.signatures_checked,
         }
     }
 }
@@ -229,6 +230,7 @@ impl From<pb::Verification> for Verification {
             first_bad: v
                 .first_bad_seq
                 .map(|s| (s, v.first_bad_reason.unwrap_or_default())),
+            signatures_checked: v.signatures_checked,
         }
     }
 }

@@ -603,6 +603,7 @@ pub(crate) async fn export(
             who.to_string(),
         )),
         now_ms: now_ms(),
+        anchored: true,
     };
     let (path, report_path) = (
         inner.cfg.database.clone(),

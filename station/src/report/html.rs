@@ -307,10 +307,18 @@ pub fn render(r: &BatchReport) -> String {
     } else {
         let _ = write!(
             s,
-            "<div class=\"banner ok\" id=\"audit-verdict\" data-ok=\"true\">The audit log verifies: {} entries and {} signed checkpoints checked with the key of {}.</div>",
+            "<div class=\"banner ok\" id=\"audit-verdict\" data-ok=\"true\">The audit log verifies: {} entries and {} signed checkpoints checked with the key of {}{}.</div>",
             r.audit.entries,
             r.audit.checkpoints,
-            esc(&r.audit.verified_with)
+            esc(&r.audit.verified_with),
+            if r.audit.signatures_checked < r.audit.entries {
+                format!(
+                    "; the newest {} entries by their own signatures, the others through the signed checkpoint whose chain hash covers them (<code>station report</code> checks every signature)",
+                    r.audit.signatures_checked
+                )
+            } else {
+                String::new()
+            }
         );
     }
     let count = |v: Verdict| r.requirements.iter().filter(|q| q.verdict == v).count();

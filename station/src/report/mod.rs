@@ -113,6 +113,10 @@ pub struct AuditStatus {
     pub first_bad: Option<(i64, String)>,
     /// Whose key verified it.
     pub verified_with: String,
+    /// Entries whose own signatures were checked: all, or (at export) those after the newest
+    /// signed checkpoint; the others are covered by its signature over the chain.
+    #[serde(default)]
+    pub signatures_checked: i64,
 }
 
 impl AuditStatus {
@@ -473,6 +477,10 @@ pub struct Context {
     pub pending_export: Option<(String, i64, String, String)>,
     /// The time of the report, Unix ms.
     pub now_ms: i64,
+    /// Check entries' own signatures only where no signed checkpoint or head covers them
+    /// ([`audit::verify_anchored`]): an export's report, whose time must not grow with the
+    /// signatures of a year's log. An auditor's `station report` checks them all.
+    pub anchored: bool,
 }
 
 /// Finds a batch by its id or its work order.
@@ -498,12 +506,17 @@ fn count(c: &Connection, sql: &str, p: impl rusqlite::Params) -> Result<i64, Rep
 
 /// Computes the report of batch `batch_id` from the journal and the audit log (verified first).
 pub fn gather(c: &Connection, batch_id: i64, ctx: &Context) -> Result<BatchReport, ReportError> {
-    let v: Verification = audit::verify(c, &ctx.audit_key)?;
+    let v: Verification = if ctx.anchored {
+        audit::verify_anchored(c, &ctx.audit_key)?
+    } else {
+        audit::verify(c, &ctx.audit_key)?
+    };
     let audit_status = AuditStatus {
         entries: v.entries,
         checkpoints: v.checkpoints,
         first_bad: v.first_bad.clone(),
         verified_with: ctx.audit_signer.clone(),
+        signatures_checked: v.signatures_checked,
     };
 
     let (batch, fw_id, opened_ms, closed_ms) = c.query_row(
@@ -1369,6 +1382,7 @@ pub fn sample() -> BatchReport {
             checkpoints: 3,
             first_bad: None,
             verified_with: "CN=cell-07 audit signer".into(),
+            signatures_checked: 2_431,
         },
         batch: BatchInfo {
             id: 12,

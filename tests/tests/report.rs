@@ -449,6 +449,34 @@ async fn the_reports_numbers_are_what_sql_says_of_a_batch_with_failures_voids_an
     assert_eq!(at_export.exports.len(), 1);
     assert!(at_export.exports[0].signature_ok && at_export.exports[0].chain_ok);
     assert_eq!(at_export.exports[0].manifest_sha256, sha);
+
+    // The checkpoint is printed as signed, and the CRL number is the one OpenSSL reads from the
+    // export's CRL.
+    let (note, cp_id): (String, i64) = db
+        .query_row(
+            "SELECT c.note, c.id FROM exports e JOIN audit_checkpoints c ON c.id = e.checkpoint_id WHERE e.batch_id = ?1",
+            [batch],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(r.exports[0].checkpoint_text, note);
+    assert!(
+        html.contains(note.lines().last().unwrap()),
+        "the signature line is printed"
+    );
+    assert_eq!(r.exports[0].crl_number, cp_id);
+    let crl = std::process::Command::new("openssl")
+        .args(["crl", "-inform", "DER", "-noout", "-crlnumber", "-in"])
+        .arg(dir.join("voided.crl"))
+        .output()
+        .unwrap();
+    let crl = String::from_utf8_lossy(&crl.stdout).to_string();
+    let number = crl
+        .trim()
+        .strip_prefix("crlNumber=")
+        .map(|n| n.trim_start_matches("0x"))
+        .and_then(|n| i64::from_str_radix(n, 16).ok());
+    assert_eq!(number, Some(cp_id), "{crl}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

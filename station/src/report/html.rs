@@ -687,7 +687,7 @@ pub fn render(r: &BatchReport) -> String {
         }
         s.push_str("</table>");
     }
-    s.push_str("<h2>From the manifest back to the audit log</h2><p>Each export names an audit checkpoint: a note signed by the audit key over the log's size, its RFC 6962 tree head and its chain hash. The note's signature is verified with the audit key, its chain hash compared with the stored entry's, and the entry that recorded the export found by the manifest's hash.</p>");
+    s.push_str("<h2>From the manifest back to the audit log</h2><p>Each export names an audit checkpoint: a note signed by the audit key over the log's size, its RFC 6962 tree head and its chain hash. The note's signature is verified with the audit key, its chain hash compared with the stored entry's, and the entry that recorded the export found by the manifest's hash. The note is printed whole, its signature line included, for any C2SP note verifier.</p>");
     if r.exports.is_empty() {
         s.push_str("<p class=\"v-failed\">The batch has not been exported.</p>");
     }
@@ -699,6 +699,7 @@ pub fn render(r: &BatchReport) -> String {
              <tr><th>checkpoint</th><td>entry {}<pre class=\"mono\">{}</pre></td></tr>\
              <tr><th>signature</th><td class=\"{}\">{}</td></tr>\
              <tr><th>chain hash</th><td class=\"{}\">{}</td></tr>\
+             <tr><th>CRL</th><td><code>voided.crl</code> number {}</td></tr>\
              <tr><th>export entry</th><td>{}</td></tr></table>",
             esc(&e.manifest_sha256),
             esc(&e.at),
@@ -718,6 +719,7 @@ pub fn render(r: &BatchReport) -> String {
             } else {
                 "DIFFERS FROM THE STORED ENTRY'S"
             },
+            e.crl_number,
             match (e.exported_entry, &e.exported_kind) {
                 (Some(s), Some(kind)) => format!("<code>{}</code> at entry {s}", esc(kind)),
                 _ if e.pending => "written with this report (the export under way)".into(),

@@ -316,8 +316,13 @@ pub struct ExportChain {
     pub by: String,
     /// The checkpoint's entry.
     pub checkpoint_seq: i64,
-    /// The checkpoint note's first lines (origin, size, hashes).
+    /// The checkpoint note whole, as signed (C2SP signed-note form: origin, size, tree head,
+    /// chain hash, a blank line, the signature line), for checking it with any note verifier
+    /// and the audit key.
     pub checkpoint_text: String,
+    /// The number of the CRL the export carries (`voided.crl`): the checkpoint's row id.
+    #[serde(default)]
+    pub crl_number: i64,
     /// The note's signature verified with the audit key.
     pub signature_ok: bool,
     /// The note's chain hash is the stored entry's.
@@ -859,7 +864,8 @@ pub fn gather(c: &Connection, batch_id: i64, ctx: &Context) -> Result<BatchRepor
                 at: rfc3339(at),
                 by,
                 checkpoint_seq: seq,
-                checkpoint_text: note.split("\n\n").next().unwrap_or("").to_string(),
+                checkpoint_text: note.clone(),
+                crl_number: cp,
                 signature_ok,
                 chain_ok,
                 exported_entry: entry.map(|e| e.0),
@@ -1515,6 +1521,7 @@ pub fn sample() -> BatchReport {
             by: "officer".into(),
             checkpoint_seq: 2_429,
             checkpoint_text: "cell-07/audit\n2429\nq83v...\n".into(),
+            crl_number: 31,
             signature_ok: true,
             chain_ok: true,
             exported_entry: Some(2_430),

@@ -211,6 +211,37 @@ async fn a_crash_right_after_seal_leaves_a_meter_that_may_be_sealed_and_a_signed
     }
     let (code, out, err) = cell.run(Some("audit"), &["audit", "verify"]);
     assert_eq!(code, 0, "{out}{err}");
+    // The evidence report, made from the journal while the daemon runs, says what became of the
+    // failed record: the same meter, provisioned again after the supervisor's approval.
+    let out_dir = cell.path("report");
+    let root = cell.path("root-ca.pem");
+    let (_, out, err) = cell.run(
+        None,
+        &[
+            "report",
+            "--batch",
+            &cell.batch_id.unwrap().to_string(),
+            "--root",
+            root.to_str().unwrap(),
+            "--out",
+            out_dir.to_str().unwrap(),
+        ],
+    );
+    let html = std::fs::read_to_string(out_dir.join("report.html"))
+        .unwrap_or_else(|e| panic!("no report ({e}): {out}{err}"));
+    let report = station::report::html::data_of(&html).unwrap();
+    assert!(report.audit.ok(), "{:?}", report.audit);
+    assert_eq!(report.failed_meters.len(), 1, "{:?}", report.failed_meters);
+    let failed = &report.failed_meters[0];
+    assert_eq!(failed.uid, uid);
+    assert!(failed.recovered, "{failed:?}");
+    assert!(
+        failed
+            .fate
+            .starts_with("provisioned again after a rework approved by super at ")
+            && failed.fate.ends_with(": done"),
+        "{failed:?}"
+    );
     e2e::stop_stationd(d);
 }
 

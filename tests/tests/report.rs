@@ -290,6 +290,33 @@ async fn the_reports_numbers_are_what_sql_says_of_a_batch_with_failures_voids_an
     for (serial, _) in &voids {
         assert!(html.contains(serial.as_str()), "void {serial} is listed");
     }
+    // Failed meters, each with what became of it: a later record of its UID, or none.
+    let mut st = db
+        .prepare(
+            "SELECT m.uid, m.nest, COALESCE(m.fail_step, 'unknown'),
+                    (SELECT l.state FROM meters l WHERE l.uid = m.uid AND l.id > m.id ORDER BY l.id LIMIT 1)
+               FROM meters m WHERE m.batch_id = ?1 AND m.state = 'failed' ORDER BY m.id",
+        )
+        .unwrap();
+    let failed: Vec<(String, i64, String, Option<String>)> = st
+        .query_map([batch], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(r.failed_meters.len(), failed.len());
+    for (f, (uid, nest, step, later)) in r.failed_meters.iter().zip(&failed) {
+        assert_eq!((&f.uid, f.nest, &f.step), (uid, *nest, step));
+        match later {
+            Some(state) => {
+                assert!(f.fate.starts_with("provisioned again"), "{f:?}");
+                assert_eq!(f.recovered, state == "done");
+            }
+            None => assert!(f.fate.starts_with("not provisioned again"), "{f:?}"),
+        }
+        assert!(html.contains(uid.as_str()));
+    }
     // Alarms, and how long each took to acknowledge.
     let (from, to) = r.batch.window_ms;
     let mut st = db

@@ -687,6 +687,30 @@ pub fn render(r: &BatchReport) -> String {
         }
         s.push_str("</table>");
     }
+    let recovered = r.failed_meters.iter().filter(|f| f.recovered).count();
+    let _ = write!(
+        s,
+        "<h2>Failed meters, and what became of them</h2><p>{} meter record(s) of this batch failed; {recovered} of those meters were provisioned again and are done. A failed meter's keys were deleted and its certificates voided when it failed; it enters the line again only with a supervisor's rework approval.</p>",
+        r.failed_meters.len()
+    );
+    if !r.failed_meters.is_empty() {
+        s.push_str("<table id=\"failed-meters\"><tr><th>meter</th><th>nest</th><th>step</th><th>reason</th><th>when</th><th>what became of it</th></tr>");
+        for f in &r.failed_meters {
+            let _ = write!(
+                s,
+                "<tr><td>{}<br><span class=\"mono\">{}</span></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"{}\">{}</td></tr>",
+                esc(f.serial.as_deref().unwrap_or("(no number yet)")),
+                esc(&f.uid),
+                f.nest,
+                esc(&f.step),
+                esc(&f.reason),
+                esc(&f.at),
+                if f.recovered { "v-met" } else { "" },
+                esc(&f.fate)
+            );
+        }
+        s.push_str("</table>");
+    }
     s.push_str("<h2>From the manifest back to the audit log</h2><p>Each export names an audit checkpoint: a note signed by the audit key over the log's size, its RFC 6962 tree head and its chain hash. The note's signature is verified with the audit key, its chain hash compared with the stored entry's, and the entry that recorded the export found by the manifest's hash. The note is printed whole, its signature line included, for any C2SP note verifier.</p>");
     if r.exports.is_empty() {
         s.push_str("<p class=\"v-failed\">The batch has not been exported.</p>");
@@ -895,6 +919,9 @@ mod tests {
             r.alarms[0].kind = text();
             r.voided[0].reason = text();
             r.voided[0].meter_serial = Some(text());
+            r.failed_meters[0].reason = text();
+            r.failed_meters[0].fate = text();
+            r.failed_meters[0].serial = Some(text());
             r.exports[0].checkpoint_text = text();
             r.exports[0].out_dir = text();
             r.hsm_self_tests[0].findings[0].2 = text();

@@ -82,6 +82,9 @@ pub struct BatchReport {
     pub alarms: Vec<AlarmRow>,
     /// Every voided certificate of the batch.
     pub voided: Vec<VoidRow>,
+    /// Every failed meter record of the batch, with what became of the meter.
+    #[serde(default)]
+    pub failed_meters: Vec<FailedMeter>,
     /// Each export of the batch, chained to the audit log.
     pub exports: Vec<ExportChain>,
     /// The HSM self-tests up to the batch's end (the newest before it opened, and every one
@@ -303,6 +306,28 @@ pub struct VoidRow {
     pub at: String,
 }
 
+/// A failed meter record and what became of the meter.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FailedMeter {
+    /// The meter's UID.
+    pub uid: String,
+    /// Its serial number, if it had been given one.
+    pub serial: Option<String>,
+    /// The nest.
+    pub nest: i64,
+    /// The step it failed at.
+    pub step: String,
+    /// Why.
+    pub reason: String,
+    /// When.
+    pub at: String,
+    /// What became of it: provisioned again (with that record's serial and state), a rework
+    /// approved and not yet used, or nothing yet.
+    pub fate: String,
+    /// Whether the meter was provisioned again and is now done.
+    pub recovered: bool,
+}
+
 /// An export of the batch, chained to the audit log.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ExportChain {
@@ -486,6 +511,80 @@ pub struct Context {
     /// ([`audit::verify_anchored`]): an export's report, whose time must not grow with the
     /// signatures of a year's log. An auditor's `station report` checks them all.
     pub anchored: bool,
+}
+
+/// The batch's failed meter records, each with what became of the meter: the next record of
+/// the same UID (in any batch), and the supervisor's rework approval that let it back in.
+fn failed_meters(c: &Connection, batch_id: i64) -> Result<Vec<FailedMeter>, ReportError> {
+    let mut st = c.prepare(
+        "SELECT id, uid, serial, nest, COALESCE(fail_step, 'unknown'), COALESCE(failure, ''), COALESCE(finished_at, started_at)
+           FROM meters WHERE batch_id = ?1 AND state = 'failed' ORDER BY id",
+    )?;
+    // (record id, failed at ms, the row without its fate yet).
+    let rows: Vec<(i64, i64, FailedMeter)> = st
+        .query_map([batch_id], |r| {
+            let at: i64 = r.get(6)?;
+            Ok((
+                r.get(0)?,
+                at,
+                FailedMeter {
+                    uid: r.get(1)?,
+                    serial: r.get(2)?,
+                    nest: r.get(3)?,
+                    step: r.get(4)?,
+                    reason: r.get(5)?,
+                    at: rfc3339(at),
+                    fate: String::new(),
+                    recovered: false,
+                },
+            ))
+        })?
+        .collect::<Result<_, _>>()?;
+    let mut next = c.prepare(
+        "SELECT m.serial, m.state, b.work_order FROM meters m JOIN batches b ON b.id = m.batch_id
+          WHERE m.uid = ?1 AND m.id > ?2 ORDER BY m.id LIMIT 1",
+    )?;
+    let mut rework = c.prepare(
+        "SELECT approved_by, approved_at FROM reworks
+          WHERE uid = ?1 AND approved_at >= ?2 ORDER BY id LIMIT 1",
+    )?;
+    let mut out = Vec::with_capacity(rows.len());
+    for (id, at, mut f) in rows {
+        let later: Option<(Option<String>, String, String)> = next
+            .query_row(params![f.uid, id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .optional()?;
+        let approved: Option<String> = rework
+            .query_row(params![f.uid, at], |r| {
+                Ok(format!(
+                    "rework approved by {} at {}",
+                    r.get::<_, String>(0)?,
+                    rfc3339(r.get(1)?)
+                ))
+            })
+            .optional()?;
+        (f.fate, f.recovered) = match (later, approved) {
+            (Some((s, state, wo)), approved) => (
+                format!(
+                    "provisioned again{} as {} in batch {wo}: {state}",
+                    approved
+                        .map(|a| format!(" after a {a}"))
+                        .unwrap_or_default(),
+                    s.unwrap_or_else(|| "(no number yet)".into()),
+                ),
+                state == "done",
+            ),
+            (None, Some(a)) => (format!("{a}; not provisioned again yet"), false),
+            (None, None) => (
+                "not provisioned again: scrapped, or awaiting a supervisor's rework approval"
+                    .into(),
+                false,
+            ),
+        };
+        out.push(f);
+    }
+    Ok(out)
 }
 
 /// Finds a batch by its id or its work order.
@@ -690,6 +789,8 @@ pub fn gather(c: &Connection, batch_id: i64, ctx: &Context) -> Result<BatchRepor
           WHERE m.batch_id = ?1 AND m.state = 'done' AND (k.binding IS NULL OR k.binding = '')",
         [batch_id],
     )?;
+
+    let failed_meters = failed_meters(c, batch_id)?;
 
     // Keys deleted after the retention period, as the log records it.
     let purge: Option<(i64, i64, i64)> = c
@@ -937,6 +1038,7 @@ pub fn gather(c: &Connection, batch_id: i64, ctx: &Context) -> Result<BatchRepor
         cycle,
         alarms,
         voided,
+        failed_meters,
         exports,
         hsm_self_tests,
         audit_kinds,
@@ -1514,6 +1616,16 @@ pub fn sample() -> BatchReport {
                 at: rfc3339(t0 + 7_200_000),
             },
         ],
+        failed_meters: vec![FailedMeter {
+            uid: "00112233445566778899aabb".into(),
+            serial: Some("EM3-00001207".into()),
+            nest: 3,
+            step: "firmware".into(),
+            reason: "the meter did not answer".into(),
+            at: rfc3339(t0 + 7_200_000),
+            fate: "provisioned again after a rework approved by super at 2026-04-12T08:10:00Z as EM3-00001290 in batch WO-2026-0412: done".into(),
+            recovered: true,
+        }],
         exports: vec![ExportChain {
             out_dir: "/var/lib/station/exports/WO-2026-0412".into(),
             manifest_sha256: "c0de".repeat(16),

@@ -903,7 +903,12 @@ async fn wrapped_keys_leave_the_journal_and_the_exports_once_their_retention_has
     assert!(dirs[0].join("manifest.json").exists());
     drop(child);
 
-    // 91 days on: the start-up sweep deletes them.
+    // 91 days on: the start-up sweep deletes them. One key file cannot be removed (a directory
+    // stands in its place): that is audited, and the rest goes regardless.
+    let stuck = dirs[1].join("keys.pskc");
+    std::fs::remove_file(&stuck).unwrap();
+    std::fs::create_dir(&stuck).unwrap();
+    std::fs::write(stuck.join("inside"), b"x").unwrap();
     let child = faked(91);
     assert_eq!(purges(), 1, "one entry for the batch");
     assert_eq!(keys_left(), 0);
@@ -933,11 +938,26 @@ async fn wrapped_keys_leave_the_journal_and_the_exports_once_their_retention_has
     // The exports keep their CRL and report; the files with keys are gone.
     for d in &dirs {
         for f in ["manifest.json", "manifest.p7m", "keys.pskc"] {
-            assert!(!d.join(f).exists(), "{}/{f} is gone", d.display());
+            let path = d.join(f);
+            assert!(
+                path == stuck || !path.exists(),
+                "{} is gone",
+                path.display()
+            );
         }
         assert!(d.join("voided.crl").exists());
         assert!(d.join("report.html").exists());
     }
+    assert_eq!(audit_count(&cell, "keys.purge_incomplete"), 1);
+    let incomplete: String = cell
+        .db()
+        .query_row(
+            "SELECT json_extract(details, '$.path') FROM audit WHERE kind = 'keys.purge_incomplete'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(Path::new(&incomplete), stuck);
     // Exporting again, or fetching the old export, is refused in words.
     let (code, out, err) = cell.run(
         Some("officer"),
@@ -953,6 +973,15 @@ async fn wrapped_keys_leave_the_journal_and_the_exports_once_their_retention_has
         .unwrap_err()
         .to_string();
     assert!(fetch.contains("retention period"), "{fetch}");
+    drop(child);
+
+    // Once it can be, the next sweep removes it, and purges nothing twice.
+    std::fs::remove_dir_all(&stuck).unwrap();
+    std::fs::write(&stuck, b"a key file left behind").unwrap();
+    let child = faked(92);
+    assert!(!stuck.exists());
+    assert_eq!(audit_count(&cell, "keys.purge_incomplete"), 1);
+    assert_eq!(purges(), 1);
     drop(child);
 
     // The auditor's report still verifies, and says what was deleted and when.

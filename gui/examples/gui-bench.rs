@@ -108,6 +108,8 @@ fn line() -> LineView {
         opened_by: "super".into(),
         closed_at: None,
         closed_by: None,
+        exported_at: None,
+        keys_deleted_at: None,
     });
     line.nests = (1..=NESTS).map(|n| nest(n, 0)).collect();
     line.health = Health {

@@ -930,6 +930,8 @@ mod tests {
             opened_by: String::new(),
             closed_at: None,
             closed_by: None,
+            exported_at: None,
+            keys_deleted_at: None,
         };
         s.apply(UiEvent::Replied {
             what: "list batches".into(),

@@ -100,6 +100,8 @@ fn batch() -> BatchRow {
         opened_by: "super".into(),
         closed_at: None,
         closed_by: None,
+        exported_at: None,
+        keys_deleted_at: None,
     }
 }
 
@@ -310,6 +312,7 @@ fn auditor_reads_the_verified_audit_log() {
             entries: 912,
             checkpoints: 18,
             first_bad: None,
+            signatures_checked: 912,
         });
         let kinds = [
             ("auth.success", "info", "oper", json!({"role": "operator"})),

@@ -1065,6 +1065,15 @@ fn print_batch(b: &crate::records::BatchRow) {
         "  serials {}{:09}..{}{:09}, next {}",
         b.serial_prefix, b.serial_first, b.serial_prefix, b.serial_last, b.next_serial
     );
+    match (&b.exported_at, &b.keys_deleted_at) {
+        (_, Some(deleted)) => println!(
+            "  wrapped keys deleted at {deleted}, the retention period after its last export: it cannot be exported again"
+        ),
+        (Some(exported), None) => println!(
+            "  last exported at {exported}; its wrapped keys are deleted once [retention] wrapped_keys_days have passed since"
+        ),
+        (None, None) => println!("  not exported yet"),
+    }
 }
 
 async fn dispatch(cli: Cli) -> Result<ExitCode> {

@@ -90,6 +90,10 @@ pub struct BatchRow {
     pub closed_at: Option<String>,
     /// By.
     pub closed_by: Option<String>,
+    /// Its newest export.
+    pub exported_at: Option<String>,
+    /// When its wrapped keys were deleted, the retention period after its newest export.
+    pub keys_deleted_at: Option<String>,
 }
 
 impl BatchRow {
@@ -217,7 +221,8 @@ const BATCH_SELECT: &str = "SELECT b.id, b.work_order, b.model, b.firmware_id, f
     (SELECT count(*) FROM meters m WHERE m.batch_id = b.id AND m.state = 'done'),
     (SELECT count(*) FROM meters m WHERE m.batch_id = b.id AND m.state = 'failed'),
     (SELECT count(*) FROM meters m WHERE m.batch_id = b.id AND m.state NOT IN ('done', 'failed')),
-    b.opened_at, b.opened_by, b.closed_at, b.closed_by
+    b.opened_at, b.opened_by, b.closed_at, b.closed_by,
+    (SELECT max(e.created_at) FROM exports e WHERE e.batch_id = b.id), b.keys_purged_at
     FROM batches b JOIN firmware f ON f.id = b.firmware_id JOIN customers c ON c.id = b.customer_id";
 
 fn batch_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<BatchRow> {
@@ -245,6 +250,8 @@ fn batch_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<BatchRow> {
         opened_by: r.get(20)?,
         closed_at: r.get::<_, Option<i64>>(21)?.map(rfc3339),
         closed_by: r.get(22)?,
+        exported_at: r.get::<_, Option<i64>>(23)?.map(rfc3339),
+        keys_deleted_at: r.get::<_, Option<i64>>(24)?.map(rfc3339),
     })
 }
 

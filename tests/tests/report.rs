@@ -898,6 +898,9 @@ async fn wrapped_keys_leave_the_journal_and_the_exports_once_their_retention_has
 
     // 89 days on (the retention is 90): the daemon starts, sweeps, and keeps everything.
     let child = faked(89);
+    let (code, out, err) = cell.run(Some("super"), &["batch", "status", &id]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("last exported at "), "{out}");
     assert_eq!(purges(), 0);
     assert_eq!(keys_left(), blobs.len() as i64);
     assert!(dirs[0].join("manifest.json").exists());
@@ -973,6 +976,9 @@ async fn wrapped_keys_leave_the_journal_and_the_exports_once_their_retention_has
         .unwrap_err()
         .to_string();
     assert!(fetch.contains("retention period"), "{fetch}");
+    let (code, out, err) = cell.run(Some("super"), &["batch", "status", &id]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("wrapped keys deleted at "), "{out}");
     drop(child);
 
     // Once it can be, the next sweep removes it, and purges nothing twice.

@@ -38,6 +38,8 @@ impl From<BatchRow> for pb::Batch {
             opened_by: b.opened_by,
             closed_at: b.closed_at,
             closed_by: b.closed_by,
+            exported_at: b.exported_at,
+            keys_deleted_at: b.keys_deleted_at,
         }
     }
 }
@@ -68,6 +70,8 @@ impl From<pb::Batch> for BatchRow {
             opened_by: b.opened_by,
             closed_at: b.closed_at,
             closed_by: b.closed_by,
+            exported_at: b.exported_at,
+            keys_deleted_at: b.keys_deleted_at,
         }
     }
 }

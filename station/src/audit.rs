@@ -1221,6 +1221,9 @@ impl Alarm {
             "fleet.registry_alarm" => {
                 "the factory registry found a problem with this station's records — call the supervisor"
             }
+            "keys.purge_incomplete" => {
+                "a file with meter keys past their retention could not be removed — call the security officer"
+            }
             _ => self.message.as_str(),
         };
         match self.nest {

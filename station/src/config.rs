@@ -339,6 +339,7 @@ pub const DEFAULT_CRITICAL: &[&str] = &[
     "hsm.unavailable",
     "station.halted",
     "fleet.registry_alarm",
+    "keys.purge_incomplete",
 ];
 
 #[derive(Deserialize)]

@@ -961,6 +961,16 @@ async fn wrapped_keys_leave_the_journal_and_the_exports_once_their_retention_has
         )
         .unwrap();
     assert_eq!(Path::new(&incomplete), stuck);
+    // It is an alarm someone must acknowledge, in words that say whom to call.
+    let alarm = cell
+        .db()
+        .query_row(
+            "SELECT count(*) FROM alarms WHERE kind = 'keys.purge_incomplete' AND acked_at IS NULL",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap();
+    assert_eq!(alarm, 1);
     // Exporting again, or fetching the old export, is refused in words.
     let (code, out, err) = cell.run(
         Some("officer"),
